@@ -1,0 +1,45 @@
+# musiclib: every target installs what it needs into .venv on first use.
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+ROOT ?= data/demo
+ARGS ?=
+STAMP := $(VENV)/.installed
+
+.PHONY: setup test lint demo demo-catalog pretrain embed tune tag clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q -ra
+
+lint: $(STAMP)
+	$(PY) -m ruff check musiclib jobs tests bench
+	$(PY) -m ruff format --check musiclib jobs tests bench
+
+demo-catalog: $(STAMP)
+	$(PY) jobs/make_demo_catalog.py --root $(ROOT) $(ARGS)
+
+pretrain: $(STAMP)
+	$(PY) jobs/pretrain.py --root $(ROOT) $(ARGS)
+
+embed: $(STAMP)
+	$(PY) jobs/embed.py --root $(ROOT) $(ARGS)
+
+tune: $(STAMP)
+	$(PY) jobs/tune_probes.py --root $(ROOT) $(ARGS)
+
+tag: $(STAMP)
+	$(PY) jobs/write_tags.py --root $(ROOT) $(ARGS)
+
+# The whole pipeline on the embedded default (local Ray, local files, the generated demo catalog).
+demo: demo-catalog
+
+clean:
+	rm -rf $(ROOT)

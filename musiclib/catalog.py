@@ -1,0 +1,191 @@
+"""The catalog schema: one Parquet table of tracks, its validation, tag vocabulary and streaming reads.
+
+Columns: ``track_id`` (string, unique), ``audio_uri`` (string: absolute URI, or a path relative to the
+catalog's folder), ``duration_s`` (float, optional), ``tags`` (list of strings, the human labels; empty
+when unlabeled), ``split`` (``train``/``valid``/``test`` or null), and any free metadata columns.
+A catalog URI names a Parquet file or a folder of Parquet files.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from musiclib import storage
+
+SPLITS = ("train", "valid", "test")
+REQUIRED = ("track_id", "audio_uri", "tags", "split")
+
+SCHEMA = pa.schema(
+    [
+        pa.field("track_id", pa.string(), nullable=False),
+        pa.field("audio_uri", pa.string(), nullable=False),
+        pa.field("duration_s", pa.float64()),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("split", pa.string()),
+    ]
+)
+
+
+class CatalogError(ValueError):
+    """The catalog breaks the schema; the message lists every problem found (up to a limit)."""
+
+
+def dataset(uri: str) -> pads.Dataset:
+    """A lazy pyarrow dataset over the catalog: one Parquet file, or every ``*.parquet`` under a folder."""
+    fs, path = storage.arrow_filesystem(uri)
+    try:
+        kind = fs.get_file_info(path).type
+        if kind == pafs.FileType.NotFound:
+            raise CatalogError(f"catalog not found: {uri}")
+        if kind == pafs.FileType.Directory:
+            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            path = sorted(i.path for i in infos if i.is_file and i.path.endswith(".parquet"))
+            if not path:
+                raise CatalogError(f"no Parquet files in catalog folder {uri}")
+        return pads.dataset(path, filesystem=fs, format="parquet")
+    except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
+        raise CatalogError(f"cannot open catalog {uri}: {exc}") from exc
+
+
+def base_dir(uri: str) -> str:
+    """Folder that relative ``audio_uri`` values are resolved against."""
+    fs, path = storage.filesystem(uri)
+    return uri if fs.isdir(path) else storage.parent(uri)
+
+
+def iter_batches(
+    uri: str, columns: list[str] | None = None, batch_size: int = 65536
+) -> Iterator[pa.RecordBatch]:
+    """Stream the catalog in record batches; memory stays bounded whatever the catalog size."""
+    yield from dataset(uri).to_batches(columns=columns, batch_size=batch_size)
+
+
+def read(uri: str, columns: list[str] | None = None) -> pa.Table:
+    """Read the whole catalog (or some columns). For small catalogs and tests; jobs stream instead."""
+    return dataset(uri).to_table(columns=columns)
+
+
+def write(table: pa.Table, uri: str) -> None:
+    """Write a catalog as one Parquet file, atomically (readers see the old file or the new one)."""
+    table = conform(table)
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+
+
+def conform(table: pa.Table) -> pa.Table:
+    """Cast the known columns to the schema's types, keeping extra metadata columns as they are."""
+    missing = [c for c in REQUIRED if c not in table.column_names]
+    if missing:
+        raise CatalogError(f"catalog lacks required column(s): {', '.join(missing)}")
+    if "duration_s" not in table.column_names:
+        table = table.append_column("duration_s", pa.nulls(len(table), pa.float64()))
+    for f in SCHEMA:
+        i = table.column_names.index(f.name)
+        if table.schema.field(f.name).type != f.type:
+            try:
+                table = table.set_column(i, f.name, table.column(f.name).cast(f.type))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise CatalogError(f"column {f.name!r} cannot be read as {f.type}: {exc}") from exc
+    extra = [c for c in table.column_names if c not in SCHEMA.names]
+    return table.select(SCHEMA.names + extra)
+
+
+def _bad_uri(uri: str | None) -> str | None:
+    if uri is None or not uri.strip():
+        return "empty"
+    try:
+        storage.split_uri(uri)
+    except storage.StorageError as exc:
+        return str(exc)
+    return None
+
+
+def validate(uri_or_table: str | pa.Table, vocabulary: set[str] | None = None, max_errors: int = 20) -> int:
+    """Check the whole catalog, streaming; raise CatalogError listing every problem, else return the row count.
+
+    Checks: required columns and types, unique non-empty track ids, well-formed audio URIs, known splits,
+    and, when ``vocabulary`` is given, tags inside it.
+    """
+    if isinstance(uri_or_table, pa.Table):
+        batches: Iterator[pa.RecordBatch] = iter(conform(uri_or_table).to_batches())
+    else:
+        names = dataset(uri_or_table).schema.names
+        missing = [c for c in REQUIRED if c not in names]
+        if missing:
+            raise CatalogError(f"catalog {uri_or_table} lacks required column(s): {', '.join(missing)}")
+        batches = (
+            conform(pa.Table.from_batches([b]))
+            for b in iter_batches(uri_or_table, columns=[c for c in SCHEMA.names if c in names])
+        )
+    errors: list[str] = []
+    seen: set[str] = set()
+    n = 0
+    for batch in batches:
+        cols = batch.to_pydict()
+        for tid, auri, tags, split in zip(cols["track_id"], cols["audio_uri"], cols["tags"], cols["split"]):
+            n += 1
+            if len(errors) >= max_errors:
+                continue
+            if not tid:
+                errors.append(f"row {n - 1}: empty track_id")
+            elif tid in seen:
+                errors.append(f"row {n - 1}: duplicate track_id {tid!r}")
+            else:
+                seen.add(tid)
+            if reason := _bad_uri(auri):
+                errors.append(f"track {tid!r}: bad audio_uri {auri!r}: {reason}")
+            if split is not None and split not in SPLITS:
+                errors.append(f"track {tid!r}: unknown split {split!r} (expected one of {SPLITS} or null)")
+            if vocabulary is not None:
+                unknown = sorted(set(tags or []) - vocabulary)
+                if unknown:
+                    errors.append(f"track {tid!r}: tag(s) outside the vocabulary: {', '.join(unknown)}")
+    if errors:
+        more = " (first errors only)" if len(errors) >= max_errors else ""
+        raise CatalogError(f"{len(errors)} catalog problem(s){more}:\n  " + "\n  ".join(errors))
+    return n
+
+
+@dataclass
+class Vocabulary:
+    """Tags with their label counts, most frequent first; head tags are the most frequent ones."""
+
+    counts: dict[str, int]
+    head: list[str]
+    tail: list[str]
+
+    @property
+    def tags(self) -> list[str]:
+        return list(self.counts)
+
+
+def vocabulary(
+    uri_or_table: str | pa.Table, split: str | None = "train", head_fraction: float = 0.2
+) -> Vocabulary:
+    """Count tags over labeled tracks (of one split, or all when ``split`` is None), streaming.
+
+    The head is the top ``head_fraction`` of tags by label count (at least one tag); the rest is the
+    long tail, where few-shot probes matter most.
+    """
+    counter: Counter[str] = Counter()
+    if isinstance(uri_or_table, pa.Table):
+        batches = iter(uri_or_table.select(["tags", "split"]).to_batches())
+    else:
+        batches = iter_batches(uri_or_table, columns=["tags", "split"])
+    for batch in batches:
+        cols = batch.to_pydict()
+        for tags, s in zip(cols["tags"], cols["split"]):
+            if split is None or s == split:
+                counter.update(set(tags or []))
+    ordered = dict(sorted(counter.items(), key=lambda kv: (-kv[1], kv[0])))
+    names = list(ordered)
+    n_head = max(1, round(head_fraction * len(names))) if names else 0
+    return Vocabulary(counts=ordered, head=names[:n_head], tail=names[n_head:])

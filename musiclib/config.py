@@ -1,0 +1,129 @@
+"""Dataclass configs with command-line overrides: ``--field value`` or ``field=value``, checked before work starts."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import typing
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+DEFAULT_ROOT = os.environ.get("MUSICLIB_ROOT", "data/demo")
+
+
+class ConfigError(ValueError):
+    """A config field is unknown, of the wrong type, or out of range."""
+
+
+def _convert(name: str, raw: str, hint: Any) -> Any:
+    origin = typing.get_origin(hint)
+    args = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if raw.lower() in ("none", "null", ""):
+            return None
+        return _convert(name, raw, args[0])
+    if origin in (list, tuple):
+        items = [s for s in raw.split(",") if s != ""]
+        vals = [_convert(name, s, args[0] if args else str) for s in items]
+        return tuple(vals) if origin is tuple else vals
+    try:
+        if hint is bool:
+            if raw.lower() in ("1", "true", "yes", "on"):
+                return True
+            if raw.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint in (int, float, str):
+            return hint(raw)
+    except ValueError as exc:
+        raise ConfigError(f"--{name}: cannot read {raw!r} as {hint.__name__}") from exc
+    raise ConfigError(f"--{name}: unsupported field type {hint}")
+
+
+def parse(cls: type[T], argv: list[str] | None = None) -> T:
+    """Build ``cls`` from its defaults and ``argv`` overrides, then run its ``validate()`` if it has one.
+
+    ``--help`` prints the fields with their defaults and exits.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    if "--help" in argv or "-h" in argv:
+        print(f"{cls.__name__}: {(cls.__doc__ or '').strip()}")
+        for f in fields.values():
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            print(f"  --{f.name.replace('_', '-')} {hints[f.name]} (default {default!r})")
+        raise SystemExit(0)
+    values: dict[str, Any] = {}
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--"):
+            key, eq, raw = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ConfigError(f"{arg} needs a value")
+                raw = argv[i + 1]
+                i += 1
+        elif "=" in arg:
+            key, _, raw = arg.partition("=")
+        else:
+            raise ConfigError(f"unexpected argument {arg!r}: use --field value or field=value")
+        key = key.replace("-", "_")
+        if key not in fields:
+            raise ConfigError(
+                f"unknown option --{key} for {cls.__name__}; known: {', '.join(sorted(fields))}"
+            )
+        values[key] = _convert(key, raw, hints[key])
+        i += 1
+    cfg = cls(**values)
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def as_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where each job reads and writes under one root URI (local folder or ``s3://bucket/prefix``)."""
+
+    root: str
+
+    def _at(self, *parts: str) -> str:
+        from musiclib import storage
+
+        return storage.join(self.root, *parts)
+
+    @property
+    def catalog(self) -> str:
+        return self._at("catalog", "tracks.parquet")
+
+    @property
+    def models(self) -> str:
+        return self._at("models")
+
+    @property
+    def shards(self) -> str:
+        return self._at("shards")
+
+    @property
+    def runs(self) -> str:
+        return self._at("runs")
+
+    @property
+    def embeddings(self) -> str:
+        return self._at("embeddings")
+
+    @property
+    def probes(self) -> str:
+        return self._at("probes")
+
+    @property
+    def tags(self) -> str:
+        return self._at("tags")

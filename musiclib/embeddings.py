@@ -1,0 +1,45 @@
+"""The embeddings table: schema of the shards the embed job writes, and how later jobs read them.
+
+``<root>/embeddings/<model_id>/`` is a versioned dataset (see ``storage``); the latest committed manifest
+lists every Parquet file of the current, complete embedding set. One row per catalog track:
+``track_id``, ``embedding`` (fixed-size list of float32; null when ``error`` is set), ``n_chunks``,
+``duration_s``, ``model_id``, ``error`` (the decode failure reason, null when fine).
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from musiclib import storage
+
+
+def schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("track_id", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            pa.field("n_chunks", pa.int32()),
+            pa.field("duration_s", pa.float64()),
+            pa.field("model_id", pa.string()),
+            pa.field("error", pa.string()),
+        ]
+    )
+
+
+def dataset_uri(embeddings_root: str, model_id: str) -> str:
+    return storage.join(embeddings_root, model_id)
+
+
+def files(embeddings_root: str, model_id: str) -> list[str]:
+    """URIs of the Parquet files of the latest committed embedding set of a model."""
+    return storage.read_latest_manifest(dataset_uri(embeddings_root, model_id)).file_uris()
+
+
+def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) -> pa.Table:
+    """The latest committed embeddings of a model as one table (probes fit on these; jobs stream instead)."""
+    uris = files(embeddings_root, model_id)
+    if not uris:
+        raise storage.StorageError(f"embeddings of {model_id} under {embeddings_root} hold no files")
+    fs, _ = storage.arrow_filesystem(uris[0])
+    return pq.ParquetDataset([storage.split_uri(u)[1] for u in uris], filesystem=fs).read(columns=columns)

@@ -1,0 +1,160 @@
+"""SampleCNN raw-waveform encoder and projection head (CLMR / SemiSupCon), and their safe export.
+
+The encoder maps 59,535 samples (2.7 s at 22,050 Hz) to a 512-d embedding (``512 * width`` for narrow
+variants); the projection head maps it to the 128-d space where the contrastive loss lives. Downstream
+jobs use the encoder output, never the projection. Exported models are safetensors plus a JSON card,
+so loading one never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+from torch import nn
+
+from musiclib import storage
+from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE
+
+CHANNELS = (128, 128, 128, 256, 256, 256, 256, 256, 256, 512)  # stem, then the nine blocks' outputs
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """Architecture of a SampleCNN; ``width`` scales every channel count (0.25 for CPU demos)."""
+
+    width: float = 1.0
+    proj_dim: int = 128
+    sample_rate: int = SAMPLE_RATE
+    chunk_samples: int = CHUNK_SAMPLES
+
+    def channels(self) -> list[int]:
+        return [max(8, round(c * self.width)) for c in CHANNELS]
+
+    @property
+    def embed_dim(self) -> int:
+        return self.channels()[-1]
+
+
+def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> list[nn.Module]:
+    return [nn.Conv1d(c_in, c_out, 3, stride=stride, padding=padding), nn.BatchNorm1d(c_out), nn.ReLU()]
+
+
+class SampleCNN(nn.Module):
+    """Stem conv (stride 3), nine [conv, BN, ReLU, max-pool 3] blocks, a last conv; flattened to the embedding."""
+
+    def __init__(self, config: EncoderConfig = EncoderConfig()):
+        super().__init__()
+        self.config = config
+        ch = config.channels()
+        layers = _conv_bn_relu(1, ch[0], stride=3, padding=0)
+        for c_in, c_out in zip(ch[:-1], ch[1:]):
+            layers += [*_conv_bn_relu(c_in, c_out), nn.MaxPool1d(3)]
+        layers += _conv_bn_relu(ch[-1], ch[-1])
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[B, T]`` or ``[B, 1, T]`` waveforms to ``[B, embed_dim]`` embeddings."""
+        if x.dim() == 2:
+            x = x.unsqueeze(1)
+        return self.net(x).flatten(1)
+
+
+class ProjectionHead(nn.Module):
+    """Linear (no bias), ReLU, Linear (no bias): the space the contrastive loss compares in."""
+
+    def __init__(self, dim: int, out_dim: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(dim, dim, bias=False), nn.ReLU(), nn.Linear(dim, out_dim, bias=False)
+        )
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.net(h)
+
+
+class ContrastiveModel(nn.Module):
+    """Encoder plus projection head, as trained by pretraining."""
+
+    def __init__(self, config: EncoderConfig = EncoderConfig()):
+        super().__init__()
+        self.config = config
+        self.encoder = SampleCNN(config)
+        self.projector = ProjectionHead(config.embed_dim, config.proj_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.projector(self.encoder(x))
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- export
+
+
+def _weights_digest(state: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:12]
+
+
+def export_encoder(encoder: SampleCNN, models_root: str, card: dict[str, Any] | None = None) -> str:
+    """Write ``<models_root>/<model_id>/{encoder.safetensors,card.json}`` and return the model id.
+
+    The id is ``samplecnn-w<width>-<digest of the weights>``: the same weights always get the same id.
+    The card holds the architecture, the code version and whatever the caller adds (data, labels, metrics).
+    """
+    state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
+    model_id = f"samplecnn-w{encoder.config.width:g}-{_weights_digest(state)}"
+    root = storage.join(models_root, model_id)
+    storage.write_bytes(storage.join(root, "encoder.safetensors"), st_save(state))
+    full_card = {
+        "model_id": model_id,
+        "architecture": "SampleCNN",
+        "config": asdict(encoder.config),
+        "parameters": count_parameters(encoder),
+        "code_version": storage.code_version(),
+        **(card or {}),
+    }
+    storage.write_bytes(
+        storage.join(root, "card.json"), json.dumps(full_card, indent=2, default=str).encode()
+    )
+    return model_id
+
+
+def load_encoder(
+    models_root: str, model_id: str, device: str | torch.device = "cpu"
+) -> tuple[SampleCNN, dict]:
+    """Load an exported encoder in eval mode and its card; safetensors only, nothing is unpickled."""
+    root = storage.join(models_root, model_id)
+    try:
+        card = json.loads(storage.read_bytes(storage.join(root, "card.json")))
+        state = st_load(storage.read_bytes(storage.join(root, "encoder.safetensors")))
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"no exported model {model_id!r} under {models_root}: {exc}") from exc
+    encoder = SampleCNN(EncoderConfig(**card["config"]))
+    encoder.load_state_dict(state)
+    return encoder.to(device).eval(), card
+
+
+def set_latest_model(models_root: str, model_id: str) -> None:
+    """Point ``<models_root>/_latest.json`` at an exported model (after its files are written)."""
+    storage.write_json(storage.join(models_root, "_latest.json"), {"model_id": model_id})
+
+
+def latest_model(models_root: str) -> str:
+    """The model id ``_latest.json`` points at; a clear error when nothing was exported yet."""
+    uri = storage.join(models_root, "_latest.json")
+    if not storage.exists(uri):
+        raise storage.StorageError(
+            f"no exported model under {models_root}: run pretrain first or pass --model-id"
+        )
+    return storage.read_json(uri)["model_id"]

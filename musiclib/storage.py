@@ -1,0 +1,401 @@
+"""One storage layer for local paths and S3: URIs, filesystems, atomic writes and versioned datasets.
+
+Every path in musiclib is a URI: a plain path or ``file://...`` on the embedded default, ``s3://bucket/key``
+on a cluster. S3 settings come only from the standard AWS variables (``AWS_ENDPOINT_URL``,
+``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``), so one job runs
+unchanged against AWS, MinIO or a moto server. Credentials are never logged or written anywhere.
+
+A *dataset* is a folder of versions. A version's data files are written first; its manifest
+(``_manifests/<version>.json``: files, row counts, checksums, config, code version) is written last, and
+only versions with a manifest exist for readers. ``_latest`` points at the newest complete version and
+moves only after that version's manifest is in place.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import posixpath
+import uuid
+from dataclasses import asdict, dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import fsspec
+import pyarrow.fs as pafs
+
+SCHEMES = ("", "file", "s3")
+MANIFEST_DIR = "_manifests"
+LATEST = "_latest"
+
+
+class StorageError(RuntimeError):
+    """A URI is malformed, an object is missing, or storage cannot be reached."""
+
+
+# --------------------------------------------------------------------------- URIs
+
+
+def split_uri(uri: str) -> tuple[str, str]:
+    """Return ``(scheme, path)``: scheme is ``"file"`` or ``"s3"``; path is absolute local or ``bucket/key``."""
+    if not isinstance(uri, str) or not uri.strip():
+        raise StorageError(f"empty or non-string URI: {uri!r}")
+    parsed = urlparse(uri)
+    scheme = parsed.scheme.lower()
+    if len(scheme) == 1:  # a Windows drive letter is not a scheme
+        scheme = ""
+    if scheme not in SCHEMES:
+        raise StorageError(
+            f"unsupported URI scheme {scheme!r} in {uri!r}: use a local path, file:// or s3://"
+        )
+    if scheme == "s3":
+        if not parsed.netloc:
+            raise StorageError(f"S3 URI without a bucket: {uri!r}")
+        return "s3", (parsed.netloc + parsed.path).rstrip("/")
+    path = parsed.path if scheme == "file" else uri
+    return "file", os.path.abspath(os.path.expanduser(path))
+
+
+def normalize_uri(uri: str) -> str:
+    """Canonical form: ``s3://bucket/key`` or an absolute local path."""
+    scheme, path = split_uri(uri)
+    return f"s3://{path}" if scheme == "s3" else path
+
+
+def is_s3(uri: str) -> bool:
+    return split_uri(uri)[0] == "s3"
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path parts onto a URI with ``/`` (local paths use the OS separator)."""
+    scheme, path = split_uri(uri)
+    if scheme == "s3":
+        return "s3://" + posixpath.join(path, *[p.strip("/") for p in parts])
+    return os.path.join(path, *parts)
+
+
+def resolve(base_dir: str, uri: str) -> str:
+    """Resolve ``uri`` against ``base_dir`` when it is relative (catalogs may hold relative audio paths)."""
+    parsed = urlparse(uri)
+    if parsed.scheme and len(parsed.scheme) > 1 or os.path.isabs(uri):
+        return normalize_uri(uri)
+    return join(base_dir, uri)
+
+
+def parent(uri: str) -> str:
+    scheme, path = split_uri(uri)
+    return ("s3://" + posixpath.dirname(path)) if scheme == "s3" else os.path.dirname(path)
+
+
+# --------------------------------------------------------------------------- filesystems
+
+
+def s3_settings() -> dict[str, Any]:
+    """S3 settings from the standard AWS variables; values are passed on, never printed."""
+    env = os.environ
+    return {
+        "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
+        "key": env.get("AWS_ACCESS_KEY_ID") or None,
+        "secret": env.get("AWS_SECRET_ACCESS_KEY") or None,
+        "token": env.get("AWS_SESSION_TOKEN") or None,
+        "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+    }
+
+
+@lru_cache(maxsize=8)
+def _fsspec_s3(endpoint_url, key, secret, token, region) -> fsspec.AbstractFileSystem:
+    client_kwargs: dict[str, Any] = {}
+    if endpoint_url:
+        client_kwargs["endpoint_url"] = endpoint_url
+    if region:
+        client_kwargs["region_name"] = region
+    return fsspec.filesystem(
+        "s3",
+        key=key,
+        secret=secret,
+        token=token,
+        client_kwargs=client_kwargs,
+        skip_instance_cache=True,
+        use_listings_cache=False,
+    )
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """An fsspec filesystem and the path inside it, for Python I/O on any URI."""
+    scheme, path = split_uri(uri)
+    if scheme == "s3":
+        s = s3_settings()
+        return _fsspec_s3(s["endpoint_url"], s["key"], s["secret"], s["token"], s["region"]), path
+    return fsspec.filesystem("file"), path
+
+
+def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
+    """A pyarrow filesystem and the path inside it, for Parquet and Ray Data."""
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        return pafs.LocalFileSystem(), path
+    s = s3_settings()
+    kwargs: dict[str, Any] = {}
+    if s["endpoint_url"]:
+        parsed = urlparse(s["endpoint_url"])
+        kwargs["endpoint_override"] = parsed.netloc or parsed.path
+        kwargs["scheme"] = parsed.scheme or "https"
+    if s["key"]:
+        kwargs.update(access_key=s["key"], secret_key=s["secret"], session_token=s["token"])
+    kwargs["region"] = s["region"] or "us-east-1"
+    return pafs.S3FileSystem(**kwargs), path
+
+
+# --------------------------------------------------------------------------- object I/O
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    try:
+        return fs.exists(path)
+    except Exception as exc:  # network, permissions
+        raise StorageError(f"cannot reach {uri}: {type(exc).__name__}: {exc}") from exc
+
+
+def open_input(uri: str, block_size: int = 1 << 20):
+    """Open an object for reading with seek support (S3 reads ranges, never the whole object up front)."""
+    fs, path = filesystem(uri)
+    try:
+        if fs.protocol == "file" or "file" in fs.protocol:
+            return open(path, "rb")
+        return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
+    except FileNotFoundError as exc:
+        raise StorageError(f"object not found: {uri}") from exc
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    try:
+        return fs.cat_file(path)
+    except FileNotFoundError as exc:
+        raise StorageError(f"object not found: {uri}") from exc
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    """Write an object atomically: readers see the old content or the new, never a partial one.
+
+    Locally the bytes go to a temporary sibling that is renamed over the target; an S3 PUT is atomic.
+    """
+    scheme, path = split_uri(uri)
+    if scheme == "s3":
+        fs, _ = filesystem(uri)
+        fs.pipe_file(path, data)
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_bytes(uri, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def makedirs(uri: str) -> None:
+    scheme, path = split_uri(uri)
+    if scheme == "file":
+        Path(path).mkdir(parents=True, exist_ok=True)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Files directly or recursively under a prefix, as URIs, sorted (empty when the prefix is absent)."""
+    fs, path = filesystem(uri)
+    scheme, _ = split_uri(uri)
+    try:
+        found = fs.find(path)
+    except FileNotFoundError:
+        return []
+    prefix = "s3://" if scheme == "s3" else ""
+    return sorted(prefix + p for p in found if p.endswith(suffix))
+
+
+def delete(uri: str, recursive: bool = False) -> None:
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def file_checksum(uri: str) -> str:
+    """sha256 of an object's bytes, streamed."""
+    h = hashlib.sha256()
+    with open_input(uri) as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- code version
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """``<package version>+<sha256 of musiclib's sources>``: identical code gives an identical id anywhere."""
+    from musiclib import __version__
+
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode())
+        h.update(p.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+# --------------------------------------------------------------------------- versioned datasets
+
+
+@dataclass
+class FileEntry:
+    path: str  # relative to the dataset root
+    rows: int
+    sha256: str
+    bytes: int
+
+
+@dataclass
+class Manifest:
+    """What a committed version holds. Written last; its presence is the commit."""
+
+    dataset: str
+    version: str
+    files: list[FileEntry]
+    config: dict[str, Any] = field(default_factory=dict)
+    code_version: str = ""
+    created_at: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def file_uris(self) -> list[str]:
+        return [join(self.dataset, f.path) for f in self.files]
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> Manifest:
+        files = [FileEntry(**f) for f in obj.pop("files")]
+        return cls(files=files, **obj)
+
+
+def manifest_uri(dataset: str, version: str) -> str:
+    return join(dataset, MANIFEST_DIR, f"{version}.json")
+
+
+def version_uri(dataset: str, version: str) -> str:
+    """Folder where a version's data files live (relative paths in the manifest start here)."""
+    return join(dataset, version)
+
+
+def _check_version(version: str) -> None:
+    if not version or "/" in version or version.startswith(("_", ".")):
+        raise StorageError(f"bad version id {version!r}: use letters, digits, '-', '_' and '.'")
+
+
+def read_manifest(dataset: str, version: str) -> Manifest | None:
+    """The committed manifest of a version, or None when that version was never committed."""
+    uri = manifest_uri(dataset, version)
+    if not exists(uri):
+        return None
+    return Manifest.from_json(read_json(uri))
+
+
+def publish(
+    dataset: str,
+    version: str,
+    files: list[str],
+    rows: list[int],
+    config: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+    move_latest: bool = True,
+) -> Manifest:
+    """Commit a version whose data files are already written: checksum them, write the manifest, move latest.
+
+    ``files`` are URIs under the dataset root. Publishing a version that is already committed with the
+    same files is a no-op that returns the existing manifest (idempotent re-runs).
+    """
+    _check_version(version)
+    dataset = normalize_uri(dataset)
+    existing = read_manifest(dataset, version)
+    entries = []
+    root_path = split_uri(dataset)[1]
+    for uri, n in zip(files, rows, strict=True):
+        path = split_uri(uri)[1]
+        if not path.startswith(root_path + "/") and not path.startswith(root_path + os.sep):
+            raise StorageError(f"{uri} is not under dataset {dataset}")
+        rel = path[len(root_path) + 1 :].replace(os.sep, "/")
+        fs, p = filesystem(uri)
+        entries.append(FileEntry(path=rel, rows=int(n), sha256=file_checksum(uri), bytes=int(fs.size(p))))
+    if existing is not None:
+        if sorted(e.sha256 for e in existing.files) == sorted(e.sha256 for e in entries):
+            if move_latest:
+                set_latest(dataset, version)
+            return existing
+        raise StorageError(f"version {version} of {dataset} is already committed with different data")
+    manifest = Manifest(
+        dataset=dataset,
+        version=version,
+        files=entries,
+        config=config or {},
+        code_version=code_version(),
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        extra=extra or {},
+    )
+    body = asdict(manifest)
+    write_json(manifest_uri(dataset, version), body)
+    if move_latest:
+        set_latest(dataset, version)
+    return manifest
+
+
+def set_latest(dataset: str, version: str) -> None:
+    if read_manifest(dataset, version) is None:
+        raise StorageError(f"cannot point latest at uncommitted version {version} of {dataset}")
+    write_json(join(dataset, LATEST), {"version": version})
+
+
+def latest_version(dataset: str) -> str | None:
+    """The version ``_latest`` points at, or None for a dataset with no committed version."""
+    uri = join(dataset, LATEST)
+    if not exists(uri):
+        return None
+    return read_json(uri)["version"]
+
+
+def committed_versions(dataset: str) -> list[str]:
+    return sorted(Path(u).stem for u in list_files(join(dataset, MANIFEST_DIR), ".json"))
+
+
+def read_latest_manifest(dataset: str) -> Manifest:
+    version = latest_version(dataset)
+    if version is None:
+        raise StorageError(f"no committed version under {dataset}")
+    manifest = read_manifest(dataset, version)
+    if manifest is None:
+        raise StorageError(f"{dataset}/_latest points at {version}, which has no manifest")
+    return manifest
+
+
+def verify(manifest: Manifest) -> list[str]:
+    """Problems with a committed version's files (missing or changed); empty when intact."""
+    problems = []
+    for entry, uri in zip(manifest.files, manifest.file_uris(), strict=True):
+        if not exists(uri):
+            problems.append(f"missing: {uri}")
+        elif file_checksum(uri) != entry.sha256:
+            problems.append(f"checksum mismatch: {uri}")
+    return problems

@@ -1,0 +1,55 @@
+"""Dataclass configs with CLI overrides fail fast and clearly on wrong input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+
+from musiclib import config
+
+
+@dataclass
+class Demo:
+    """A toy config."""
+
+    root: str = "data/demo"
+    steps: int = 10
+    lr: float = 1e-4
+    gpu: bool = False
+    budgets: tuple[int, ...] = (1, 5)
+    model_id: str | None = None
+
+    def validate(self) -> None:
+        if self.steps <= 0:
+            raise config.ConfigError("steps must be positive")
+
+
+def test_overrides_in_both_spellings():
+    cfg = config.parse(
+        Demo, ["--steps", "5", "lr=0.01", "--gpu=true", "--budgets", "1,2,20", "--model-id", "m1"]
+    )
+    assert (cfg.steps, cfg.lr, cfg.gpu, cfg.budgets, cfg.model_id) == (5, 0.01, True, (1, 2, 20), "m1")
+    assert config.parse(Demo, []).model_id is None
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--stepz", "3"], "unknown option --stepz"),
+        (["--steps", "many"], "cannot read 'many' as int"),
+        (["--gpu", "maybe"], "cannot read 'maybe' as bool"),
+        (["--steps", "0"], "steps must be positive"),
+        (["--steps"], "needs a value"),
+        (["stray"], "unexpected argument"),
+    ],
+)
+def test_bad_values_fail_with_a_clear_message(argv, message):
+    with pytest.raises(config.ConfigError, match=message):
+        config.parse(Demo, argv)
+
+
+def test_layout_places_each_dataset_under_the_root():
+    layout = config.Layout("s3://bucket/lib")
+    assert layout.catalog == "s3://bucket/lib/catalog/tracks.parquet"
+    assert layout.embeddings == "s3://bucket/lib/embeddings" and layout.tags == "s3://bucket/lib/tags"

@@ -1,0 +1,52 @@
+"""SampleCNN shapes and parameter count; export and safe load of an encoder."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from musiclib import models, storage
+from musiclib.audio import CHUNK_SAMPLES
+
+
+def test_samplecnn_matches_clmr_size_and_shapes():
+    enc = models.SampleCNN()
+    assert models.count_parameters(enc) == pytest.approx(2.37e6, rel=0.005)
+    assert enc(torch.zeros(2, CHUNK_SAMPLES)).shape == (2, 512)
+    head = models.ProjectionHead(512, 128)
+    assert all(m.bias is None for m in head.net if isinstance(m, torch.nn.Linear))
+    assert models.ContrastiveModel()(torch.zeros(3, 1, CHUNK_SAMPLES)).shape == (3, 128)
+
+
+def test_narrow_variant():
+    cfg = models.EncoderConfig(width=0.25)
+    enc = models.SampleCNN(cfg)
+    assert cfg.embed_dim == 128 and enc(torch.zeros(2, CHUNK_SAMPLES)).shape == (2, 128)
+    assert models.count_parameters(enc) < models.count_parameters(models.SampleCNN()) / 10
+
+
+def test_export_and_load_round_trip(tmp_path):
+    torch.manual_seed(0)
+    enc = models.SampleCNN(models.EncoderConfig(width=0.125)).eval()
+    root = str(tmp_path / "models")
+    model_id = models.export_encoder(enc, root, card={"data": "unit test"})
+    assert model_id == models.export_encoder(enc, root)  # same weights, same id
+    models.set_latest_model(root, model_id)
+    assert models.latest_model(root) == model_id
+    loaded, card = models.load_encoder(root, model_id)
+    assert card["config"]["width"] == 0.125 and card["architecture"] == "SampleCNN"
+    x = torch.randn(2, CHUNK_SAMPLES)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), enc(x))
+    raw = storage.read_bytes(storage.join(root, model_id, "encoder.safetensors"))
+    assert not raw.startswith(b"\x80")  # safetensors, not a pickle
+    assert json.loads(storage.read_bytes(storage.join(root, model_id, "card.json")))["model_id"] == model_id
+
+
+def test_missing_model_is_a_clear_error(tmp_path):
+    with pytest.raises(storage.StorageError, match="run pretrain first"):
+        models.latest_model(str(tmp_path))
+    with pytest.raises(storage.StorageError, match="no exported model"):
+        models.load_encoder(str(tmp_path), "samplecnn-w1-000000000000")

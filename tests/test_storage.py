@@ -1,0 +1,143 @@
+"""The storage layer on local disk and on S3 over HTTP (moto): URIs, atomic writes, versioned publish."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from musiclib import storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_root") + "/store"
+
+
+def test_uri_parsing():
+    assert storage.split_uri("s3://bucket/a/b/") == ("s3", "bucket/a/b")
+    assert storage.split_uri("file:///tmp/x") == ("file", "/tmp/x")
+    assert storage.split_uri("rel/path")[1] == os.path.abspath("rel/path")
+    assert storage.join("s3://b/p", "x", "y.parquet") == "s3://b/p/x/y.parquet"
+    assert storage.resolve("s3://b/cat", "audio/a.flac") == "s3://b/cat/audio/a.flac"
+    assert storage.resolve("s3://b/cat", "s3://other/a.flac") == "s3://other/a.flac"
+    assert storage.resolve("/data/cat", "/abs/a.flac") == "/abs/a.flac"
+    for bad in ["", "gs://bucket/x", "s3://", "http://host/x"]:
+        with pytest.raises(storage.StorageError):
+            storage.split_uri(bad)
+
+
+def test_s3_settings_come_from_standard_variables(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIDEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-value")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.delenv("AWS_REGION", raising=False)
+    s = storage.s3_settings()
+    assert s["endpoint_url"] == "http://127.0.0.1:9" and s["region"] == "eu-west-1"
+    fs, path = storage.arrow_filesystem("s3://bucket/key")
+    assert path == "bucket/key" and fs.region == "eu-west-1"
+    assert "secret-value" not in repr(fs) and "secret-value" not in str(storage.filesystem("s3://b/k")[0])
+
+
+def test_bytes_json_list_delete(root):
+    storage.write_bytes(storage.join(root, "a", "x.bin"), b"hello")
+    storage.write_json(storage.join(root, "a", "y.json"), {"k": 1})
+    assert storage.read_bytes(storage.join(root, "a", "x.bin")) == b"hello"
+    assert storage.read_json(storage.join(root, "a", "y.json")) == {"k": 1}
+    assert [u.rsplit("/", 1)[-1] for u in storage.list_files(storage.join(root, "a"))] == ["x.bin", "y.json"]
+    assert storage.list_files(storage.join(root, "absent")) == []
+    storage.delete(storage.join(root, "a"), recursive=True)
+    assert not storage.exists(storage.join(root, "a", "x.bin"))
+    with pytest.raises(storage.StorageError, match="not found"):
+        storage.read_bytes(storage.join(root, "a", "x.bin"))
+
+
+def test_local_write_is_atomic_and_leaves_no_temp_files(tmp_path):
+    target = tmp_path / "t.bin"
+    storage.write_bytes(str(target), b"old")
+    storage.write_bytes(str(target), b"new")
+    assert target.read_bytes() == b"new"
+    assert sorted(os.listdir(tmp_path)) == ["t.bin"]
+
+
+def _write_part(dataset: str, version: str, name: str, n: int) -> str:
+    uri = storage.join(storage.version_uri(dataset, version), name)
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table({"i": list(range(n))}), sink)
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+    return uri
+
+
+def test_publish_commits_a_version_and_moves_latest(root):
+    ds = storage.join(root, "ds")
+    assert storage.latest_version(ds) is None
+    files = [_write_part(ds, "v1", "part-0.parquet", 3), _write_part(ds, "v1", "part-1.parquet", 4)]
+    m = storage.publish(ds, "v1", files, [3, 4], config={"lr": 0.1})
+    assert storage.latest_version(ds) == "v1" and m.rows == 7
+    read = storage.read_latest_manifest(ds)
+    assert read.config == {"lr": 0.1} and read.code_version == storage.code_version()
+    assert [f.path for f in read.files] == ["v1/part-0.parquet", "v1/part-1.parquet"]
+    assert storage.verify(read) == []
+    assert storage.committed_versions(ds) == ["v1"]
+
+
+def test_publish_same_run_id_is_idempotent(root):
+    ds = storage.join(root, "ds")
+    files = [_write_part(ds, "run-a", "p.parquet", 5)]
+    first = storage.publish(ds, "run-a", files, [5])
+    again = storage.publish(ds, "run-a", files, [5])
+    assert again.created_at == first.created_at and storage.committed_versions(ds) == ["run-a"]
+    _write_part(ds, "run-a", "p.parquet", 6)  # different data under a committed id
+    with pytest.raises(storage.StorageError, match="already committed"):
+        storage.publish(ds, "run-a", files, [6])
+
+
+def test_crash_between_data_and_manifest_leaves_old_version_readable(root):
+    ds = storage.join(root, "ds")
+    storage.publish(ds, "v1", [_write_part(ds, "v1", "p.parquet", 2)], [2])
+    _write_part(ds, "v2", "p.parquet", 9)  # the job dies here: data written, no manifest
+    assert storage.latest_version(ds) == "v1"
+    assert storage.read_manifest(ds, "v2") is None
+    assert storage.committed_versions(ds) == ["v1"]
+    with pytest.raises(storage.StorageError, match="uncommitted"):
+        storage.set_latest(ds, "v2")
+
+
+def test_verify_finds_changed_and_missing_files(root):
+    ds = storage.join(root, "ds")
+    uri = _write_part(ds, "v1", "p.parquet", 2)
+    m = storage.publish(ds, "v1", [uri], [2])
+    storage.write_bytes(uri, b"tampered")
+    assert "checksum" in storage.verify(m)[0]
+    storage.delete(uri)
+    assert "missing" in storage.verify(m)[0]
+
+
+def test_publish_rejects_files_outside_the_dataset(root):
+    ds = storage.join(root, "ds")
+    stray = storage.join(root, "elsewhere.parquet")
+    storage.write_bytes(stray, b"x")
+    with pytest.raises(storage.StorageError, match="not under"):
+        storage.publish(ds, "v1", [stray], [1])
+    with pytest.raises(storage.StorageError, match="bad version"):
+        storage.publish(ds, "_bad", [], [])
+
+
+def test_arrow_filesystem_reads_what_fsspec_wrote(root):
+    uri = _write_part(storage.join(root, "ds"), "v1", "p.parquet", 4)
+    fs, path = storage.arrow_filesystem(uri)
+    assert pq.read_table(path, filesystem=fs).num_rows == 4
+
+
+def test_unreachable_s3_gives_a_clear_error(monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(storage.StorageError, match="cannot reach"):
+        storage.exists("s3://bucket/key")
