@@ -8,6 +8,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup test lint demo demo-catalog pretrain embed tune tag clean
 
+-include cluster/cluster.mk
+
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
