@@ -366,7 +366,11 @@ OPUS_RATES = (48000, 24000, 16000, 12000, 8000)
 
 
 def encode(x: np.ndarray, sr: int, ext: str, bitrate: int = 128_000) -> bytes:
-    """Encode float audio ``[samples]`` or ``[channels, samples]`` into a file of format ``ext`` (see FORMATS)."""
+    """Encode float audio ``[samples]`` or ``[channels, samples]`` as format ``ext`` (see FORMATS).
+
+    FFmpeg's output is bit-exact (same audio, same bytes); Ogg Vorbis comes from libsndfile, whose Ogg
+    stream serial number is random, so only its decoded samples repeat.
+    """
     container_format, codec, sample_fmt = FORMATS[ext]
     x = np.atleast_2d(np.asarray(x, dtype=np.float32))
     if codec == "libvorbis":
@@ -377,12 +381,14 @@ def encode(x: np.ndarray, sr: int, ext: str, bitrate: int = 128_000) -> bytes:
         return buf.getvalue()
     layout = "mono" if x.shape[0] == 1 else "stereo"
     buf = io.BytesIO()
-    with av.open(buf, mode="w", format=container_format) as out:
+    with av.open(buf, mode="w", format=container_format, options={"fflags": "+bitexact"}) as out:
         if codec == "libopus" and sr not in OPUS_RATES:
             raise ValueError(f"Opus encodes at {OPUS_RATES} Hz, not {sr}")
         stream = out.add_stream(codec, rate=sr, layout=layout)
         if ext not in ("wav", "flac"):
             stream.bit_rate = bitrate
+        if codec == "libmp3lame":
+            stream.codec_context.options = {"compression_level": "7"}  # LAME -q7: twice as fast, same bitrate
         planar = sample_fmt.endswith("p")
         data = np.clip(x, -1.0, 1.0)
         if sample_fmt.startswith("s16"):
