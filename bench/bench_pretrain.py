@@ -1,0 +1,77 @@
+"""Pretraining step throughput: the Ray Train job against a plain single-process loop, in one run.
+
+    python bench/bench_pretrain.py --root data/demo --width 0.25 --num-workers 2 --batch-size 16 --steps 40
+
+Both sides run ``musiclib.pretraining.fit`` on the same model, global batch and training shards; the plain
+loop gets as many torch threads as the Ray job has CPUs in total. Each side trains ``--steps`` steps and is
+timed over the second half (the first half warms up). Prints clips/s of both, their ratio and the share
+of step time spent waiting for a batch, as one JSON line at the end.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from musiclib.config import Layout, parse
+from musiclib.pretraining import PretrainConfig, build, committed_shards, fit, load_training_data, plan_labels
+
+
+def _job():
+    """``jobs/pretrain.py`` as a module (jobs are scripts, not a package)."""
+    path = Path(__file__).resolve().parents[1] / "jobs" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("pretrain_job", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def plain_loop(cfg: PretrainConfig) -> dict[str, float]:
+    """The single-process baseline: same data, model and ``fit``; no Ray, no DDP."""
+    torch.set_num_threads(cfg.num_workers * cfg.cpus_per_worker)
+    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    uris = committed_shards(Layout(cfg.root).shards)
+    data = load_training_data(uris, plan_labels(uris, cfg.p_s, cfg.seed))
+    model, optimizer, augment = build(cfg, device)
+    windows: list[dict[str, float]] = []
+    fit(model, optimizer, augment, data, cfg, device, 0, lambda step, m, due: windows.append(m))
+    return windows[-1]
+
+
+def main(argv: list[str]) -> dict[str, float]:
+    cfg = parse(PretrainConfig, argv)
+    run = f"bench-{int(time.time())}"
+    cfg = PretrainConfig(
+        **{**vars(cfg), "run_name": run, "log_every": cfg.steps // 2, "checkpoint_every": cfg.steps}
+    )
+    job = _job()
+    ray.init(num_cpus=cfg.num_workers * cfg.cpus_per_worker + 1, include_dashboard=False)
+    try:
+        job.prepare_shards(cfg, Layout(cfg.root))
+        ray_metrics = job.train(cfg, Layout(cfg.root)).metrics
+    finally:
+        ray.shutdown()
+    plain = plain_loop(cfg)
+    result = {
+        "ray_clips_per_s": ray_metrics["clips_per_s"],
+        "plain_clips_per_s": plain["clips_per_s"],
+        "ratio": ray_metrics["clips_per_s"] / plain["clips_per_s"],
+        "ray_data_wait": ray_metrics["data_wait"],
+        "plain_data_wait": plain["data_wait"],
+        "workers": cfg.num_workers,
+        "batch_size": cfg.batch_size,
+        "width": cfg.width,
+        "measured_steps": cfg.steps - cfg.steps // 2,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

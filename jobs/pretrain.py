@@ -1,0 +1,178 @@
+"""pretrain: SemiSupCon contrastive pretraining of a SampleCNN on Ray Train, resumable, multi-worker.
+
+    python jobs/pretrain.py --root data/demo --width 0.25 --num-workers 2 --steps 300
+
+1. Check the config (seconds, before Ray starts).
+2. Prepare training shards with Ray Data: the catalog's train tracks decoded and resampled once into
+   int16 shards under ``<root>/shards``; tracks already in committed shards are skipped, bad ones counted.
+3. Train with a Ray Train ``TorchTrainer`` (DDP, projections gathered from every worker), checkpointing
+   every ``--checkpoint-every`` steps to ``<root>/runs/<run-name>``. Running the same command again
+   resumes from the latest checkpoint; failed workers are retried from it (``--max-failures``).
+4. Export the encoder to ``<root>/models/<model_id>`` with a JSON card and point ``_latest`` at it.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+from typing import Any
+
+import pyarrow.compute as pc
+import ray
+import ray.train
+import torch
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer, prepare_model
+
+from musiclib import catalog, models, storage
+from musiclib.config import Layout, parse
+from musiclib.pretraining import (
+    PretrainConfig,
+    build,
+    checkpoint_state,
+    committed_shards,
+    distributed,
+    fit,
+    load_checkpoint,
+    load_training_data,
+    plan_labels,
+    plan_shards,
+    prepare_shard,
+    progress_line,
+    read_shard_columns,
+    restore,
+    save_checkpoint,
+    shard_report,
+)
+
+
+def prepare_shards(cfg: PretrainConfig, layout: Layout) -> dict[str, Any]:
+    """Decode the train split into committed shards with Ray Data (one task per shard); return counts."""
+    table = catalog.read(layout.catalog, columns=["track_id", "audio_uri", "tags", "split"])
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    if len(train) == 0:
+        raise SystemExit(f"pretrain: the catalog {layout.catalog} has no tracks in the train split")
+    done = set(
+        read_shard_columns(committed_shards(layout.shards), ["track_id"]).column("track_id").to_pylist()
+    )
+    groups = plan_shards(train, done, cfg.shard_tracks)
+    print(
+        f"pretrain: {len(train)} train tracks, {len(done)} already in shards, {len(groups)} shard(s) to prepare"
+    )
+    if groups:
+        kwargs = {
+            "shards_uri": layout.shards,
+            "base_dir": catalog.base_dir(layout.catalog),
+            "max_seconds": cfg.max_track_seconds,
+            "segment_seconds": cfg.segment_seconds,
+        }
+        ds = ray.data.from_items(groups, override_num_blocks=len(groups))
+        ds.map(lambda group: prepare_shard(group, **kwargs)).take_all()
+    report = shard_report(committed_shards(layout.shards))
+    print(f"pretrain: shards ready: {report}")
+    if report["usable"] == 0:
+        raise SystemExit("pretrain: no usable training track in the shards (see the counts above)")
+    return report
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    """What each Ray Train worker runs: load its share of the shards, resume if asked, train, checkpoint."""
+    cfg = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    rank, world = distributed()
+    device = ray.train.torch.get_device()
+    shard_uris = committed_shards(Layout(cfg.root).shards)
+    data = load_training_data(shard_uris, plan_labels(shard_uris, cfg.p_s, cfg.seed), rank, world)
+    model, optimizer, augment = build(cfg, device)
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            start = restore(model, optimizer, load_checkpoint(directory))
+    if rank == 0:
+        print(f"pretrain: worker 0 of {world}: {len(data)} tracks in memory, starting at step {start}")
+    ddp_model = prepare_model(model)
+
+    def report(step: int, metrics: dict[str, float], checkpoint_due: bool) -> None:
+        metrics = {**metrics, "start_step": start}
+        if rank == 0:
+            print("pretrain: " + progress_line(metrics, cfg.steps), flush=True)
+        if not checkpoint_due:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            if rank == 0:
+                save_checkpoint(checkpoint_state(model, optimizer, step, cfg), directory)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
+
+    fit(ddp_model, optimizer, augment, data, cfg, device, start, report)
+
+
+def train(cfg: PretrainConfig, layout: Layout) -> ray.train.Result:
+    """Run (or resume) the Ray Train job named ``cfg.run_name`` under ``<root>/runs``."""
+    fs, path = storage.arrow_filesystem(layout.runs)
+    storage.makedirs(layout.runs)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=cfg.as_dict(),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker={"CPU": cfg.cpus_per_worker},
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=path,
+            storage_filesystem=fs,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+        ),
+    )
+    return trainer.fit()
+
+
+def export(cfg: PretrainConfig, layout: Layout, result: ray.train.Result, shards: dict[str, Any]) -> str:
+    """Export the final encoder with its card (config, data, labels used, final metrics); return its id."""
+    with result.checkpoint.as_directory() as directory:
+        state = load_checkpoint(directory)
+    model = models.ContrastiveModel(cfg.encoder_config())
+    model.load_state_dict(state["model"])
+    labels = plan_labels(committed_shards(layout.shards), cfg.p_s, cfg.seed)
+    card = {
+        "run": cfg.run_name,
+        "steps": state["step"],
+        "pretrain_config": cfg.as_dict(),
+        "data": {"catalog": layout.catalog, "shards_uri": layout.shards, **shards},
+        "labels": {
+            "p_s": cfg.p_s,
+            "b_s": cfg.b_s,
+            "labeled_tracks_in_catalog": labels.labeled_in_catalog,
+            "labeled_tracks_used": labels.labeled_used,
+            "tags_used": len(labels.vocabulary),
+        },
+        "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
+    }
+    model_id = models.export_encoder(model.encoder, layout.models, card)
+    models.set_latest_model(layout.models, model_id)
+    return model_id
+
+
+def main(argv: list[str] | None = None) -> str:
+    cfg = parse(PretrainConfig, argv)
+    layout = Layout(cfg.root)
+    torch.manual_seed(cfg.seed)
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(include_dashboard=False)
+    try:
+        shards = prepare_shards(cfg, layout)
+        result = train(cfg, layout)
+        model_id = export(cfg, layout, result, shards)
+    finally:
+        if started_here:
+            ray.shutdown()
+    print(f"pretrain: exported {model_id} to {layout.models}")
+    return model_id
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,74 @@
+"""SemiSupCon: the semi-supervised contrastive loss (Guinot, Quinton, Fazekas, ISMIR 2024) and its targets.
+
+Let z be the projections of all views in a batch, s_ij = cos(z_i, z_j) / tau and P the target matrix with a
+zero diagonal. For each anchor i
+
+    l_i = [ sum_{j != i} P_ij * -log( exp(s_ij) / sum_{k != i} exp(s_ik) ) ] / max(sum_{j != i} P_ij, 1)
+
+and the loss is the mean of l_i over anchors. P_ij is 1 for two views of the same clip; two labeled clips
+are positives when they share at least ``threshold`` tags, or, in the weighted mode, by their Dice overlap
+(capped at 1 together with the same-clip term). Unlabeled clips have only their own views as positives,
+so with no labels in the batch the loss is exactly NT-Xent (SimCLR / CLMR).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def target_matrix(
+    clip_ids: torch.Tensor, labels: torch.Tensor, threshold: int = 1, weighted: bool = False
+) -> torch.Tensor:
+    """The positives matrix P ``[N, N]`` for N views, with a zero diagonal.
+
+    ``clip_ids`` ``[N]`` says which clip each view comes from; ``labels`` ``[N, V]`` is the multi-hot tag
+    vector of each view's clip, all zeros for an unlabeled clip (which then has only its own views as
+    positives, since it shares no tag with anything).
+    """
+    labels = labels.to(torch.float64)
+    same_clip = (clip_ids[:, None] == clip_ids[None, :]).to(torch.float64)
+    shared = labels @ labels.T  # number of tags two clips have in common
+    if weighted:
+        sizes = labels.sum(dim=1)
+        denom = (sizes[:, None] + sizes[None, :]).clamp_min(1.0)
+        label_term = 2.0 * shared / denom
+    else:
+        label_term = (shared >= threshold).to(torch.float64)  # threshold >= 1, so unlabeled rows get 0
+    targets = (same_clip + label_term).clamp_max(1.0)
+    targets.fill_diagonal_(0.0)
+    return targets
+
+
+def semisupcon_anchor_losses(
+    z: torch.Tensor, targets: torch.Tensor, tau: float = 0.1, anchors: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-anchor loss l_i for the rows ``anchors`` of the batch (all rows when None).
+
+    ``z`` ``[N, d]`` holds every view the anchors contrast against (the global batch with several workers),
+    ``targets`` the full ``[N, N]`` P. Only the anchors' rows of the similarity matrix are computed, so each
+    worker pays for its own anchors. The log-softmax is a log-sum-exp, stable for any tau.
+    """
+    n = z.shape[0]
+    rows = torch.arange(n, device=z.device) if anchors is None else anchors
+    zn = F.normalize(z, dim=1)
+    sim = zn[rows] @ zn.T / tau  # [A, N]
+    self_mask = rows[:, None] == torch.arange(n, device=z.device)[None, :]
+    sim = sim.masked_fill(self_mask, float("-inf"))
+    log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
+    log_prob = log_prob.masked_fill(self_mask, 0.0)  # the diagonal has P = 0; avoid 0 * -inf
+    p = targets[rows].to(log_prob.dtype)
+    return -(p * log_prob).sum(dim=1) / p.sum(dim=1).clamp_min(1.0)
+
+
+def semisupcon_loss(
+    z: torch.Tensor,
+    clip_ids: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float = 0.1,
+    threshold: int = 1,
+    weighted: bool = False,
+) -> torch.Tensor:
+    """The SemiSupCon loss of one batch (mean over all anchors); see the module docstring."""
+    targets = target_matrix(clip_ids, labels, threshold, weighted)
+    return semisupcon_anchor_losses(z, targets, tau).mean()

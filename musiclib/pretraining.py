@@ -1,0 +1,674 @@
+"""SemiSupCon pretraining without Ray: config, training shards, batches of views, the step and the loop.
+
+Read top to bottom:
+1. ``PretrainConfig``: every knob, checked by ``validate()`` before a cluster is busy.
+2. Shards: training tracks decoded and resampled once into Parquet shards of 22,050 Hz mono int16 audio
+   (``prepare_shard``), each shard committed as its own version of the ``shards`` dataset, so an
+   interrupted preparation resumes by skipping tracks already in committed shards.
+3. Labels and batches: ``p_s`` picks which labeled tracks keep their tags; a batch holds a fraction
+   ``b_s`` of labeled clips; each clip gives two views (adjacent chunks or independent crops).
+4. The step: augment, encode, gather projections from every worker (gradients flow back through the
+   gather), SemiSupCon loss over the global batch, Adam.
+5. ``fit``: the loop both the Ray Train job and the plain single-process benchmark run, with a background
+   batch sampler so the accelerator never waits on numpy, and checkpoints of plain tensors and values.
+
+The shard reader keeps a worker's share of the audio in memory as int16 (a 30 s track is 1.3 MB), so
+sampling a window is a slice, never a decode.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import math
+import queue
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from musiclib import audio, storage
+from musiclib.augment import AugmentConfig, ViewAugment
+from musiclib.config import DEFAULT_ROOT, ConfigError
+from musiclib.losses import semisupcon_anchor_losses, target_matrix
+from musiclib.models import ContrastiveModel, EncoderConfig
+
+VIEW_MODES = ("adjacent", "crops")
+CHECKPOINT_FILE = "state.pt"
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class PretrainConfig(AugmentConfig):
+    """SemiSupCon pretraining of a SampleCNN on the catalog's train split (augmentation fields inherited)."""
+
+    root: str = DEFAULT_ROOT
+    run_name: str = "pretrain"
+    width: float = 1.0  # channel multiplier of the SampleCNN; 0.25 trains on CPU in minutes
+    num_workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: int = 1
+    batch_size: int = 96  # clips per step over all workers; each clip gives two views
+    steps: int = 10000
+    lr: float = 1e-4
+    warmup: int = 0  # linear warm-up steps
+    cosine: bool = False  # cosine decay to zero after the warm-up
+    tau: float = 0.1
+    label_threshold: int = 1  # two labeled clips are positives when they share at least this many tags
+    weighted: bool = False  # Dice-weighted positives instead of the threshold
+    b_s: float = 0.5  # fraction of labeled clips in a batch
+    p_s: float = 1.0  # fraction of the catalog's labeled tracks whose labels are used
+    # "adjacent": two adjacent 2.7 s chunks of a random 5.4 s window; "crops": two independent random crops
+    views: str = "adjacent"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    max_failures: int = 3  # worker failures retried from the latest checkpoint (-1: without limit)
+    log_every: int = 20
+    seed: int = 0
+    shard_tracks: int = 32  # tracks per preparation shard
+    max_track_seconds: float = 30.0  # longer tracks keep evenly spread segments totalling about this
+    segment_seconds: float = 10.0  # length of each segment read from a long track
+    prefetch: int = 4  # batches sampled ahead by the background thread
+
+    def validate(self) -> None:
+        """Fail in seconds with a clear message, before Ray or any decoding starts."""
+        problems = []
+        if not self.root:
+            problems.append("--root is empty")
+        if not 0.0 < self.width <= 4.0:
+            problems.append(f"--width {self.width} must be in (0, 4]")
+        if self.num_workers < 1 or self.cpus_per_worker < 1:
+            problems.append("--num-workers and --cpus-per-worker must be >= 1")
+        if self.batch_size < 2 * self.num_workers or self.batch_size % self.num_workers:
+            problems.append(
+                f"--batch-size {self.batch_size} must be a multiple of --num-workers {self.num_workers} "
+                "with at least 2 clips per worker"
+            )
+        if self.steps < 1 or self.lr <= 0 or self.tau <= 0:
+            problems.append("--steps must be >= 1, --lr and --tau > 0")
+        if not 0 <= self.warmup < self.steps:
+            problems.append(f"--warmup {self.warmup} must be in [0, steps)")
+        if self.label_threshold < 1:
+            problems.append("--label-threshold must be >= 1")
+        if not (0.0 <= self.b_s <= 1.0 and 0.0 <= self.p_s <= 1.0):
+            problems.append(f"--b-s {self.b_s} and --p-s {self.p_s} must be in [0, 1]")
+        if self.views not in VIEW_MODES:
+            problems.append(f"--views {self.views!r} must be one of {VIEW_MODES}")
+        if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
+            problems.append("--checkpoint-every, --keep-checkpoints and --log-every must be >= 1")
+        if self.max_failures < -1:
+            problems.append("--max-failures must be >= -1")
+        if self.shard_tracks < 1 or self.prefetch < 1:
+            problems.append("--shard-tracks and --prefetch must be >= 1")
+        if self.segment_seconds < 2 * audio.CHUNK_SECONDS or self.max_track_seconds < self.segment_seconds:
+            problems.append(
+                f"need 2 * {audio.CHUNK_SECONDS} <= --segment-seconds <= --max-track-seconds "
+                f"(got {self.segment_seconds}, {self.max_track_seconds})"
+            )
+        try:
+            AugmentConfig.validate(self)
+        except ValueError as exc:
+            problems.append(str(exc))
+        if problems:
+            raise ConfigError("invalid pretrain config:\n  " + "\n  ".join(problems))
+
+    def augment_config(self) -> AugmentConfig:
+        return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
+
+    def encoder_config(self) -> EncoderConfig:
+        return EncoderConfig(width=self.width)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Plain values only (tuples become lists), safe in a ``weights_only`` checkpoint and a JSON card."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+# --------------------------------------------------------------------------- shards: preparation
+
+SHARD_SCHEMA = pa.schema(
+    [
+        pa.field("track_id", pa.string(), nullable=False),
+        pa.field("tags", pa.list_(pa.string())),
+        pa.field("audio", pa.binary()),  # int16 little-endian samples at 22,050 Hz; empty for a bad track
+        pa.field("segment_samples", pa.int64()),  # audio is whole segments of this length (views stay inside)
+        pa.field("error", pa.string()),  # null for a good track, else "<reason>: <message>"
+    ]
+)
+
+
+def decode_for_training(uri: str, max_seconds: float, segment_seconds: float) -> tuple[np.ndarray, int]:
+    """A track as int16 samples and its segment length.
+
+    A track up to ``max_seconds`` long is decoded whole (one segment). A longer one is read as evenly spread
+    segments of ``segment_seconds``, by seeking, so an hours-long file costs a few window decodes.
+    """
+    header = audio.info(uri)
+    if header.duration_s is None or header.duration_s <= max_seconds:
+        x = audio.load(uri)
+        audio.check_signal(x, uri, audio.CHUNK_SAMPLES)
+        return audio.to_int16(x), len(x)
+    n = max(1, int(max_seconds // segment_seconds))
+    last = max(0.0, header.duration_s - segment_seconds - 1.0)  # keep clear of a header that overstates
+    windows = audio.read_windows(uri, list(np.linspace(0.0, last, n)), segment_seconds)
+    audio.check_signal(windows.reshape(-1), uri, audio.CHUNK_SAMPLES)
+    return audio.to_int16(windows.reshape(-1)), windows.shape[1]
+
+
+def shard_version(track_ids: list[str]) -> str:
+    """A shard's version id, from its tracks: the same tracks always give the same shard."""
+    return "part-" + hashlib.sha256("\n".join(sorted(track_ids)).encode()).hexdigest()[:16]
+
+
+def prepare_shard(
+    tracks: dict[str, list], shards_uri: str, base_dir: str, max_seconds: float, segment_seconds: float
+) -> dict[str, Any]:
+    """Decode a group of catalog rows into one shard and commit it; return a summary of what happened.
+
+    ``tracks`` has the catalog columns ``track_id``, ``audio_uri`` and ``tags``. A track that cannot be
+    used is kept as a row with its reason (so a re-run does not retry it) and counted, never fatal.
+    """
+    rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
+    for tid, uri, tags in zip(tracks["track_id"], tracks["audio_uri"], tracks["tags"], strict=True):
+        try:
+            x, segment = decode_for_training(storage.resolve(base_dir, uri), max_seconds, segment_seconds)
+            data, error = x.astype("<i2").tobytes(), None
+        except audio.AudioError as exc:
+            data, segment, error = b"", 0, str(exc)
+        except Exception as exc:  # anything else a broken file or object store throws: record it, go on
+            data, segment, error = b"", 0, f"corrupt: {type(exc).__name__}: {exc}"
+        tags = [str(t) for t in (tags if tags is not None else [])]  # Ray Data may hand numpy arrays
+        for name, value in zip(SHARD_SCHEMA.names, (str(tid), tags, data, segment, error), strict=True):
+            rows[name].append(value)
+    version = shard_version(rows["track_id"])
+    file_uri = storage.join(storage.version_uri(shards_uri, version), "shard.parquet")
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.table(rows, schema=SHARD_SCHEMA), sink)
+    storage.write_bytes(file_uri, sink.getvalue().to_pybytes())
+    bad = Counter(e.split(":", 1)[0] for e in rows["error"] if e)
+    storage.publish(
+        shards_uri,
+        version,
+        [file_uri],
+        [len(rows["track_id"])],
+        config={
+            "sample_rate": audio.SAMPLE_RATE,
+            "max_seconds": max_seconds,
+            "segment_seconds": segment_seconds,
+        },
+        extra={"ok": len(rows["track_id"]) - sum(bad.values()), "bad": dict(bad)},
+        move_latest=False,
+    )
+    return {"version": version, "tracks": len(rows["track_id"]), "bad": sum(bad.values())}
+
+
+def committed_shards(shards_uri: str) -> list[str]:
+    """URIs of every committed shard file (uncommitted leftovers of a killed run are ignored)."""
+    uris = []
+    for version in storage.committed_versions(shards_uri):
+        manifest = storage.read_manifest(shards_uri, version)
+        if manifest is not None:
+            uris += manifest.file_uris()
+    return uris
+
+
+def read_shard_columns(uris: list[str], columns: list[str]) -> pa.Table:
+    """Some columns of the given shards as one table (column projection: metadata reads skip the audio)."""
+    tables = []
+    for uri in uris:
+        fs, path = storage.arrow_filesystem(uri)
+        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
+    return pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table().select(columns)
+
+
+def plan_shards(train: pa.Table, done: set[str], shard_tracks: int) -> list[dict[str, list]]:
+    """Groups of catalog rows still to prepare (tracks already in committed shards are skipped)."""
+    todo = [
+        row
+        for row in train.select(["track_id", "audio_uri", "tags"]).to_pylist()
+        if row["track_id"] not in done
+    ]
+    groups = [todo[i : i + shard_tracks] for i in range(0, len(todo), shard_tracks)]
+    return [{k: [r[k] for r in g] for k in ("track_id", "audio_uri", "tags")} for g in groups]
+
+
+def shard_report(uris: list[str]) -> dict[str, Any]:
+    """Track counts of committed shards: usable tracks, and bad ones by reason."""
+    errors = read_shard_columns(uris, ["error"]).column("error").to_pylist()
+    bad = Counter(e.split(":", 1)[0] for e in errors if e)
+    return {
+        "shards": len(uris),
+        "tracks": len(errors),
+        "usable": len(errors) - sum(bad.values()),
+        "bad": dict(bad),
+    }
+
+
+# --------------------------------------------------------------------------- labels
+
+
+def _unit_hash(seed: int, key: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
+
+
+def select_labels(track_ids: list[str], tags: list[list[str]], p_s: float, seed: int) -> dict[str, list[str]]:
+    """Tags kept for training: exactly ``round(p_s * n_labeled)`` labeled tracks keep theirs.
+
+    The choice is a seeded hash order, so every worker computes the same subset without talking, and a
+    smaller ``p_s`` keeps a subset of what a larger one keeps (label budgets are nested).
+    """
+    labeled = sorted((_unit_hash(seed, t), t) for t, g in zip(track_ids, tags, strict=True) if g)
+    kept = {t for _, t in labeled[: round(p_s * len(labeled))]}
+    return {t: sorted(set(g)) if t in kept else [] for t, g in zip(track_ids, tags, strict=True)}
+
+
+@dataclass
+class LabelPlan:
+    """Which tracks keep which tags, the tag vocabulary, and the counts a model card reports."""
+
+    kept: dict[str, list[str]]
+    vocabulary: list[str]
+    labeled_in_catalog: int
+
+    @property
+    def labeled_used(self) -> int:
+        return sum(1 for g in self.kept.values() if g)
+
+
+def plan_labels(shard_uris: list[str], p_s: float, seed: int) -> LabelPlan:
+    """The label plan over every usable track in the shards (reads only the small metadata columns)."""
+    meta = read_shard_columns(shard_uris, ["track_id", "tags", "error"]).to_pydict()
+    usable = [
+        (t, g or []) for t, g, e in zip(meta["track_id"], meta["tags"], meta["error"], strict=True) if not e
+    ]
+    kept = select_labels([t for t, _ in usable], [g for _, g in usable], p_s, seed)
+    vocabulary = sorted({tag for g in kept.values() for tag in g})
+    return LabelPlan(kept, vocabulary, labeled_in_catalog=sum(1 for _, g in usable if g))
+
+
+# --------------------------------------------------------------------------- training data and batches
+
+
+@dataclass
+class TrainingData:
+    """A worker's share of the training audio in memory: int16 samples, segments and multi-hot labels."""
+
+    samples: np.ndarray  # all tracks' int16 audio, concatenated
+    offsets: np.ndarray  # [n + 1] start of each track in ``samples``
+    segments: np.ndarray  # [n] segment length of each track
+    labels: np.ndarray  # [n, V] float32 multi-hot; all zeros for an unlabeled track
+
+    @cached_property
+    def labeled(self) -> np.ndarray:
+        return np.flatnonzero(self.labels.sum(axis=1) > 0)
+
+    @cached_property
+    def unlabeled(self) -> np.ndarray:
+        return np.flatnonzero(self.labels.sum(axis=1) == 0)
+
+    def __len__(self) -> int:
+        return len(self.segments)
+
+
+def load_training_data(shard_uris: list[str], plan: LabelPlan, rank: int = 0, world: int = 1) -> TrainingData:
+    """Load worker ``rank``'s share: a contiguous block of ``1/world`` of the usable tracks.
+
+    Blocks are cut over usable tracks (not shards), so workers get equal shares however the bad tracks
+    fall, and each worker reads the audio of only the shards its block touches.
+    """
+    usable = [
+        (uri, row)
+        for uri in shard_uris
+        for row, error in enumerate(read_shard_columns([uri], ["error"]).column("error").to_pylist())
+        if not error
+    ]
+    mine = np.array_split(np.arange(len(usable)), world)[rank]
+    if len(mine) == 0:
+        raise ValueError(
+            f"worker {rank} of {world}: only {len(usable)} usable training track(s) in the shards"
+        )
+    rows_by_shard: dict[str, list[int]] = {}
+    for i in mine:
+        uri, row = usable[i]
+        rows_by_shard.setdefault(uri, []).append(row)
+    table = pa.concat_tables(
+        read_shard_columns([uri], list(SHARD_SCHEMA.names)).take(rows) for uri, rows in rows_by_shard.items()
+    )
+    chunks = [np.frombuffer(b, dtype="<i2") for b in table.column("audio").to_pylist()]
+    column = {tag: i for i, tag in enumerate(plan.vocabulary)}
+    labels = np.zeros((len(chunks), len(plan.vocabulary)), np.float32)
+    for row, tid in enumerate(table.column("track_id").to_pylist()):
+        labels[row, [column[t] for t in plan.kept.get(tid, [])]] = 1.0
+    return TrainingData(
+        samples=np.concatenate(chunks).astype(np.int16),
+        offsets=np.concatenate([[0], np.cumsum([len(c) for c in chunks])]),
+        segments=np.asarray(table.column("segment_samples").to_pylist(), np.int64),
+        labels=labels,
+    )
+
+
+def compose_batch(data: TrainingData, n_clips: int, b_s: float, rng: np.random.Generator) -> np.ndarray:
+    """Track indices of a batch: ``round(b_s * n_clips)`` labeled clips, the rest unlabeled.
+
+    When one pool is empty the batch is filled from the other (``p_s = 0`` trains self-supervised). Clips are
+    distinct within a batch while the pool is large enough.
+    """
+    labeled, unlabeled = data.labeled, data.unlabeled
+    n_lab = round(b_s * n_clips)
+    if len(labeled) == 0:
+        n_lab = 0
+    elif len(unlabeled) == 0:
+        n_lab = n_clips
+
+    def draw(pool: np.ndarray, k: int) -> np.ndarray:
+        return rng.choice(pool, size=k, replace=k > len(pool)) if k else np.zeros(0, np.int64)
+
+    return np.concatenate([draw(labeled, n_lab), draw(unlabeled, n_clips - n_lab)])
+
+
+def view_starts(n_samples: int, segment: int, mode: str, rng: np.random.Generator) -> tuple[int, int]:
+    """Start samples of a clip's two views inside one random segment of a track.
+
+    ``adjacent``: two adjacent non-overlapping chunks of a random 5.4 s window (SemiSupCon); ``crops``: two
+    independent random crops (CLMR). A segment too short for two adjacent chunks falls back to crops.
+    """
+    chunk = audio.CHUNK_SAMPLES
+    base = int(rng.integers(0, n_samples // segment)) * segment
+    if mode == "adjacent" and segment >= 2 * chunk:
+        first = base + audio.random_window(segment, 2 * chunk, rng)
+        return first, first + chunk
+    return base + audio.random_window(segment, chunk, rng), base + audio.random_window(segment, chunk, rng)
+
+
+@dataclass
+class Batch:
+    """Views ``[2B, T]`` (all first views, then all second views) and the clips' labels ``[B, V]``."""
+
+    views: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def n_clips(self) -> int:
+        return self.labels.shape[0]
+
+
+def sample_batch(data: TrainingData, n_clips: int, b_s: float, mode: str, rng: np.random.Generator) -> Batch:
+    """Compose a batch and cut its views from memory (a slice per view, no decoding)."""
+    idx = compose_batch(data, n_clips, b_s, rng)
+    chunk = audio.CHUNK_SAMPLES
+    views = np.empty((2, n_clips, chunk), np.int16)
+    for k, i in enumerate(idx):
+        lo, hi = data.offsets[i], data.offsets[i + 1]
+        a, b = view_starts(int(hi - lo), int(data.segments[i]), mode, rng)
+        views[0, k] = data.samples[lo + a : lo + a + chunk]
+        views[1, k] = data.samples[lo + b : lo + b + chunk]
+    x = torch.from_numpy(views.reshape(2 * n_clips, chunk)).float().div_(32767.0)
+    return Batch(views=x, labels=torch.from_numpy(data.labels[idx]))
+
+
+def batches(
+    data: TrainingData, n_clips: int, b_s: float, mode: str, seed: list[int], depth: int, pin: bool = False
+) -> Iterator[Batch]:
+    """An endless stream of batches sampled by a background thread, ``depth`` ahead of the consumer."""
+    q: queue.Queue[Batch] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        rng = np.random.default_rng(seed)
+        while not stop.is_set():
+            batch = sample_batch(data, n_clips, b_s, mode, rng)
+            if pin:
+                batch = Batch(batch.views.pin_memory(), batch.labels.pin_memory())
+            while not stop.is_set():
+                with contextlib.suppress(queue.Full):
+                    q.put(batch, timeout=0.1)
+                    break
+
+    thread = threading.Thread(target=produce, daemon=True, name="batch-sampler")
+    thread.start()
+    try:
+        while True:
+            yield q.get()
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
+# --------------------------------------------------------------------------- gathering across workers
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """All-gather along dim 0 whose backward sums every worker's gradient and returns this worker's slice.
+
+    Worker r's loss depends on every worker's projections, so the gradient of z_r is the sum over workers
+    of d(loss_q)/d(z_r); an all-reduce of the full gradient gives it (gloo and NCCL alike).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+
+
+def distributed() -> tuple[int, int]:
+    """``(rank, world size)``; ``(0, 1)`` without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def gather(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` from all workers (rank order), with gradients flowing back to each worker."""
+    return _GatherWithGrad.apply(x) if distributed()[1] > 1 else x
+
+
+def gather_constant(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate a tensor that needs no gradient (labels, clip ids) from all workers."""
+    if distributed()[1] == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def global_loss(
+    z: torch.Tensor, labels: torch.Tensor, tau: float, threshold: int, weighted: bool
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SemiSupCon over the global batch for this worker's anchors.
+
+    ``z`` ``[2B, d]`` holds this worker's views (first views, then second views) and ``labels`` ``[B, V]``
+    its clips' labels. Returns the mean loss of the local anchors (what this worker backpropagates: with
+    DDP averaging gradients, the update is that of the global mean), the per-anchor losses, and which
+    anchors are labeled. The mean over workers of the returned loss is the loss of the global batch.
+    """
+    rank, _ = distributed()
+    n_views, n_clips = z.shape[0], labels.shape[0]
+    clip_ids = torch.arange(n_clips, device=z.device).repeat(2) + rank * n_clips
+    view_labels = labels.repeat(2, 1)
+    z_all = gather(z)
+    targets = target_matrix(gather_constant(clip_ids), gather_constant(view_labels), threshold, weighted)
+    anchors = torch.arange(n_views, device=z.device) + rank * n_views
+    per_anchor = semisupcon_anchor_losses(z_all, targets, tau, anchors)
+    return per_anchor.mean(), per_anchor.detach(), view_labels.sum(dim=1) > 0
+
+
+def train_step(
+    model: nn.Module,
+    augment: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: Batch,
+    cfg: PretrainConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    """One optimisation step; returns ``[loss, labeled sum, labeled count, unlabeled sum, unlabeled count]``.
+
+    The sums are detached, for logging, and are all-reduced across workers by the caller when it logs.
+    bf16 autocast runs the encoder on GPU; the loss is computed in float32.
+    """
+    x = augment(batch.views.to(device, non_blocking=True))
+    labels = batch.labels.to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        z = model(x)
+    loss, per_anchor, is_labeled = global_loss(z.float(), labels, cfg.tau, cfg.label_threshold, cfg.weighted)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    lab, unl = per_anchor[is_labeled], per_anchor[~is_labeled]
+    return torch.stack(
+        [loss.detach(), lab.sum(), lab.new_tensor(len(lab)), unl.sum(), unl.new_tensor(len(unl))]
+    )
+
+
+def learning_rate(step: int, cfg: PretrainConfig) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to zero at ``steps``."""
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    if not cfg.cosine:
+        return cfg.lr
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def build(
+    cfg: PretrainConfig, device: torch.device
+) -> tuple[ContrastiveModel, torch.optim.Optimizer, ViewAugment]:
+    """Model, Adam and the augmentation chain, seeded so every worker starts from the same weights."""
+    torch.manual_seed(cfg.seed)
+    model = ContrastiveModel(cfg.encoder_config()).to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return model, optimizer, ViewAugment(cfg.augment_config()).to(device)
+
+
+def checkpoint_state(
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, cfg: PretrainConfig
+) -> dict:
+    """Everything a resume needs, as tensors and plain values only (safe for ``weights_only`` loading)."""
+    return {
+        "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "optimizer": optimizer.state_dict(),
+        "step": int(step),
+        "config": cfg.as_dict(),
+        "code_version": storage.code_version(),
+    }
+
+
+def save_checkpoint(state: dict, directory: str) -> None:
+    """Write ``state`` into a local checkpoint directory."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    storage.write_bytes(storage.join(directory, CHECKPOINT_FILE), buffer.getvalue())
+
+
+def load_checkpoint(directory: str) -> dict:
+    """Read a checkpoint written by ``save_checkpoint``; only tensors and plain values are unpickled."""
+    return torch.load(
+        io.BytesIO(storage.read_bytes(storage.join(directory, CHECKPOINT_FILE))), weights_only=True
+    )
+
+
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> int:
+    """Load model and optimizer state; return the step to continue from."""
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+# --------------------------------------------------------------------------- the loop
+
+Report = Callable[[int, dict[str, float], bool], None]
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    augment: nn.Module,
+    data: TrainingData,
+    cfg: PretrainConfig,
+    device: torch.device,
+    start_step: int = 0,
+    report: Report | None = None,
+) -> dict[str, float]:
+    """Train from ``start_step`` to ``cfg.steps``; call ``report(step, metrics, checkpoint_due)`` every log.
+
+    ``model`` may be wrapped in DDP. Metrics are averaged over the steps since the last report and over
+    workers: total / labeled / unlabeled loss, learning rate, clips/s of the whole job, and the share of
+    step time this worker waited for a batch. Returns the last metrics.
+    """
+    rank, world = distributed()
+    n_clips = cfg.batch_size // world
+    seed = [cfg.seed, rank, start_step]  # a resumed run draws new batches, not the first ones again
+    stream = batches(data, n_clips, cfg.b_s, cfg.views, seed, cfg.prefetch, pin=device.type == "cuda")
+    model.train()
+    sums = torch.zeros(5, device=device)
+    wait = steps_done = 0
+    metrics: dict[str, float] = {}
+    t0 = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        t_wait = time.perf_counter()
+        batch = next(stream)
+        wait += time.perf_counter() - t_wait
+        lr = learning_rate(step, cfg)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        sums += train_step(model, augment, optimizer, batch, cfg, device)
+        steps_done += 1
+        done = step + 1
+        checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        if done % cfg.log_every == 0 or checkpoint_due:
+            if world > 1:
+                dist.all_reduce(sums)
+            s = sums.tolist()
+            elapsed = time.perf_counter() - t0
+            metrics = {
+                "step": done,
+                "loss": s[0] / (steps_done * world),
+                "loss_labeled": s[1] / s[2] if s[2] else float("nan"),
+                "loss_unlabeled": s[3] / s[4] if s[4] else float("nan"),
+                "lr": lr,
+                "clips_per_s": steps_done * cfg.batch_size / elapsed,
+                "data_wait": wait / elapsed,
+            }
+            if report is not None:
+                report(done, metrics, checkpoint_due)
+            sums.zero_()
+            wait = steps_done = 0
+            t0 = time.perf_counter()
+    stream.close()
+    return metrics
+
+
+def progress_line(metrics: dict[str, float], total_steps: int) -> str:
+    """One regular progress line for the logs."""
+    m = metrics
+    return (
+        f"step {m['step']}/{total_steps} | loss {m['loss']:.4f} (labeled {m['loss_labeled']:.4f}, "
+        f"unlabeled {m['loss_unlabeled']:.4f}) | lr {m['lr']:.2e} | {m['clips_per_s']:.1f} clips/s | "
+        f"data wait {100 * m['data_wait']:.1f}%"
+    )

@@ -1,0 +1,288 @@
+"""Pretraining pieces without Ray (config, shards, labels, batches, gather, checkpoints) and a short Ray run."""
+
+from __future__ import annotations
+
+import importlib.util
+import io
+import socket
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from musiclib import audio, catalog, storage
+from musiclib.config import ConfigError, Layout, parse
+from musiclib.pretraining import (
+    PretrainConfig,
+    TrainingData,
+    build,
+    checkpoint_state,
+    committed_shards,
+    compose_batch,
+    fit,
+    global_loss,
+    learning_rate,
+    load_checkpoint,
+    load_training_data,
+    plan_labels,
+    plan_shards,
+    prepare_shard,
+    read_shard_columns,
+    restore,
+    sample_batch,
+    save_checkpoint,
+    select_labels,
+    shard_report,
+)
+
+SR = audio.SAMPLE_RATE
+CHUNK = audio.CHUNK_SAMPLES
+
+
+def write_wav(path: Path, x: np.ndarray, sr: int = 44100) -> None:
+    """A mono 16-bit WAV written with PyAV."""
+    import av
+
+    with av.open(str(path), "w", format="wav") as out:
+        stream = out.add_stream("pcm_s16le", rate=sr, layout="mono")
+        frame = av.AudioFrame.from_ndarray(audio.to_int16(x)[None, :], format="s16", layout="mono")
+        frame.sample_rate = sr
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            out.mux(packet)
+
+
+@pytest.fixture
+def tiny_catalog(tmp_path: Path, sine) -> str:
+    """Six train tracks (one 40 s long, one missing, one silent) and a test-split track."""
+    folder = tmp_path / "catalog"
+    (folder / "audio").mkdir(parents=True)
+    rows = []
+    for i, (seconds, tags) in enumerate([(7, ["rock"]), (8, ["rock", "calm"]), (7, []), (40, ["jazz"])]):
+        write_wav(folder / "audio" / f"t{i}.wav", sine(220.0 * (i + 1), seconds))
+        rows.append((f"t{i}", f"audio/t{i}.wav", tags, "train"))
+    write_wav(folder / "audio" / "silent.wav", np.zeros(7 * 44100, np.float32))
+    rows += [("gone", "audio/gone.wav", [], "train"), ("quiet", "audio/silent.wav", ["calm"], "train")]
+    rows.append(("held", "audio/t0.wav", ["rock"], "test"))
+    table = pa.table(
+        {k: [r[i] for r in rows] for i, k in enumerate(["track_id", "audio_uri", "tags", "split"])}
+    )
+    uri = str(folder / "tracks.parquet")
+    catalog.write(table, uri)
+    return uri
+
+
+# --------------------------------------------------------------------------- config
+
+
+def test_config_rejects_bad_values_with_clear_messages():
+    with pytest.raises(ConfigError) as err:
+        parse(PretrainConfig, ["--batch-size", "7", "--num-workers", "2", "--b-s", "1.5", "--views", "pairs"])
+    message = str(err.value)
+    assert "--batch-size 7" in message and "--b-s 1.5" in message and "--views 'pairs'" in message
+    with pytest.raises(ConfigError, match="p_noise"):
+        parse(PretrainConfig, ["--p-noise", "2"])
+    cfg = parse(PretrainConfig, ["--gain-db", "-6,3", "--width", "0.25"])
+    assert cfg.augment_config().gain_db == (-6.0, 3.0) and cfg.encoder_config().width == 0.25
+
+
+def test_learning_rate_warmup_and_cosine():
+    cfg = PretrainConfig(steps=100, warmup=10, cosine=True, lr=1e-3)
+    assert learning_rate(0, cfg) == pytest.approx(1e-4)
+    assert learning_rate(9, cfg) == pytest.approx(1e-3)
+    assert learning_rate(55, cfg) == pytest.approx(5e-4)
+    assert learning_rate(100, cfg) == pytest.approx(0.0, abs=1e-12)
+    assert learning_rate(50, PretrainConfig(steps=100)) == 1e-4
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def test_prepare_shards_records_bad_tracks_caps_long_ones_and_resumes(tiny_catalog, tmp_path):
+    shards = str(tmp_path / "shards")
+    table = catalog.read(tiny_catalog)
+    train = table.filter(pa.compute.equal(table.column("split"), "train"))
+    base = catalog.base_dir(tiny_catalog)
+    groups = plan_shards(train, set(), shard_tracks=4)
+    assert [len(g["track_id"]) for g in groups] == [4, 2]
+    prepare_shard(groups[0], shards, base, max_seconds=20.0, segment_seconds=10.0)
+    # a re-run skips the tracks of the committed shard; an uncommitted leftover file is ignored
+    storage.write_bytes(str(tmp_path / "shards" / "part-leftover" / "shard.parquet"), b"partial")
+    done = set(read_shard_columns(committed_shards(shards), ["track_id"]).column("track_id").to_pylist())
+    remaining = plan_shards(train, done, shard_tracks=4)
+    assert [g["track_id"] for g in remaining] == [["gone", "quiet"]]
+    prepare_shard(remaining[0], shards, base, max_seconds=20.0, segment_seconds=10.0)
+    report = shard_report(committed_shards(shards))
+    assert report == {"shards": 2, "tracks": 6, "usable": 4, "bad": {"missing": 1, "silent": 1}}
+    rows = read_shard_columns(committed_shards(shards), ["track_id", "audio", "segment_samples"]).to_pylist()
+    by_id = {r["track_id"]: r for r in rows}
+    assert by_id["t3"]["segment_samples"] == 10 * SR  # 40 s track: two evenly spread 10 s segments
+    assert len(by_id["t3"]["audio"]) == 2 * 2 * 10 * SR
+    assert by_id["t0"]["segment_samples"] == 7 * SR and len(by_id["t0"]["audio"]) == 2 * 7 * SR
+
+
+# --------------------------------------------------------------------------- labels and batches
+
+
+def test_select_labels_uses_exactly_p_s_of_labeled_tracks_nested():
+    ids = [f"t{i}" for i in range(200)]
+    tags = [["a"] if i % 2 else [] for i in range(200)]
+    half = select_labels(ids, tags, p_s=0.5, seed=1)
+    quarter = select_labels(ids, tags, p_s=0.25, seed=1)
+    assert sum(bool(g) for g in half.values()) == 50
+    assert sum(bool(g) for g in quarter.values()) == 25
+    assert {t for t, g in quarter.items() if g} <= {t for t, g in half.items() if g}
+    assert not any(select_labels(ids, tags, p_s=0.0, seed=1).values())
+
+
+def fake_data(n_labeled: int, n_unlabeled: int, seconds: float = 6.0) -> TrainingData:
+    """Tracks whose samples count up (sample value = index mod 2^15), so views reveal where they came from."""
+    n = n_labeled + n_unlabeled
+    length = int(seconds * SR)
+    samples = (np.arange(n * length) % 32768).astype(np.int16)
+    labels = np.zeros((n, 3), np.float32)
+    labels[:n_labeled, 0] = 1.0
+    return TrainingData(samples, np.arange(n + 1) * length, np.full(n, length), labels)
+
+
+def test_batch_composition_honours_b_s():
+    data = fake_data(40, 60)
+    rng = np.random.default_rng(0)
+    for b_s, n_lab in [(0.5, 8), (0.25, 4), (0.0, 0), (1.0, 16)]:
+        idx = compose_batch(data, 16, b_s, rng)
+        assert len(idx) == 16 and len(set(idx.tolist())) == 16
+        assert int((data.labels[idx, 0] > 0).sum()) == n_lab
+    only_unlabeled = fake_data(0, 10)
+    assert (only_unlabeled.labels[compose_batch(only_unlabeled, 8, 0.5, rng)] == 0).all()
+
+
+def test_plan_and_load_training_data_split_across_workers(tiny_catalog, tmp_path):
+    shards = str(tmp_path / "shards")
+    table = catalog.read(tiny_catalog)
+    train = table.filter(pa.compute.equal(table.column("split"), "train"))
+    for group in plan_shards(train, set(), shard_tracks=2):
+        prepare_shard(group, shards, catalog.base_dir(tiny_catalog), 20.0, 10.0)
+    uris = committed_shards(shards)
+    plan = plan_labels(uris, p_s=1.0, seed=0)
+    assert plan.vocabulary == ["calm", "jazz", "rock"] and plan.labeled_in_catalog == 3 == plan.labeled_used
+    parts = [load_training_data(uris, plan, rank, 2) for rank in range(2)]
+    assert sum(len(p) for p in parts) == 4  # the usable tracks, each on exactly one worker
+    assert sum(int(p.labels.sum()) for p in parts) == 4  # rock, rock+calm, jazz
+    assert plan_labels(uris, p_s=0.0, seed=0).labeled_used == 0
+
+
+@pytest.mark.parametrize("mode", ["adjacent", "crops"])
+def test_views_are_cut_from_one_track(mode):
+    data = fake_data(2, 2)
+    batch = sample_batch(data, 4, 0.5, mode, np.random.default_rng(0))
+    assert batch.views.shape == (8, CHUNK) and batch.labels.shape == (4, 3)
+    first = torch.round(batch.views[:4, 0] * 32767).long()
+    second = torch.round(batch.views[4:, 0] * 32767).long()
+    if mode == "adjacent":
+        assert torch.all((second - first) % 32768 == CHUNK % 32768)
+    steps = torch.round(batch.views[:, 1:] * 32767).long() - torch.round(batch.views[:, :-1] * 32767).long()
+    assert torch.all((steps % 32768) == 1)  # each view is one contiguous slice
+
+
+# --------------------------------------------------------------------------- gather across workers
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _gather_setup() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A small float64 model and a batch of 6 clips (12 views) with some labels, identical everywhere."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+    x = torch.randn(2, 6, 5, dtype=torch.float64)  # [view, clip, feature]
+    labels = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 1], [0, 0], [1, 0]], dtype=torch.float64)
+    return model, x, labels
+
+
+def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    model, x, labels = _gather_setup()
+    n = x.shape[1] // world
+    local = slice(rank * n, (rank + 1) * n)
+    loss, _, _ = global_loss(model(x[:, local].reshape(2 * n, -1)), labels[local], 0.1, 1, False)
+    loss.backward()
+    dist.all_reduce(loss.detach())
+    grads = [p.grad for p in model.parameters()]
+    for g in grads:
+        dist.all_reduce(g)
+    if rank == 0:
+        torch.save({"loss": loss.detach() / world, "grads": [g / world for g in grads]}, out)
+    dist.destroy_process_group()
+
+
+def test_global_gather_matches_one_worker_on_the_whole_batch(tmp_path):
+    out = str(tmp_path / "two_workers.pt")
+    mp.spawn(_gather_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    two = torch.load(out, weights_only=True)
+    model, x, labels = _gather_setup()
+    loss, _, _ = global_loss(model(x.reshape(12, -1)), labels, 0.1, 1, False)
+    loss.backward()
+    torch.testing.assert_close(two["loss"], loss.detach())
+    for got, param in zip(two["grads"], model.parameters(), strict=True):
+        torch.testing.assert_close(got, param.grad)
+
+
+# --------------------------------------------------------------------------- checkpoints and the loop
+
+
+def test_checkpoint_round_trip_is_weights_only(tmp_path):
+    cfg = PretrainConfig(width=0.0625, steps=2, batch_size=4, p_pitch=0.0, log_every=1, checkpoint_every=2)
+    model, optimizer, augment = build(cfg, torch.device("cpu"))
+    seen = []
+    fit(model, optimizer, augment, fake_data(4, 4), cfg, torch.device("cpu"), 0, lambda *a: seen.append(a))
+    assert [(s, due) for s, _, due in seen] == [(1, False), (2, True)]
+    assert np.isfinite(seen[-1][1]["loss"]) and 0.0 <= seen[-1][1]["data_wait"] < 1.0
+    save_checkpoint(checkpoint_state(model, optimizer, 2, cfg), str(tmp_path))
+    state = torch.load(io.BytesIO((tmp_path / "state.pt").read_bytes()), weights_only=True)
+    assert state["step"] == 2 and state["config"]["width"] == 0.0625 and state["code_version"]
+    fresh, fresh_opt, _ = build(PretrainConfig(width=0.0625, seed=1), torch.device("cpu"))
+    assert restore(fresh, fresh_opt, load_checkpoint(str(tmp_path))) == 2
+    for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+# --------------------------------------------------------------------------- the Ray job
+
+
+def _load_job():
+    path = Path(__file__).resolve().parents[1] / "jobs" / "pretrain.py"
+    spec = importlib.util.spec_from_file_location("pretrain_job", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_two_worker_run_checkpoints_and_resumes_at_the_saved_step(tiny_catalog, tmp_path):
+    import ray
+
+    job = _load_job()
+    root = str(tmp_path)
+    argv = ["--root", root, "--width", "0.0625", "--num-workers", "2", "--batch-size", "4"]
+    argv += ["--checkpoint-every", "2", "--log-every", "1", "--p-pitch", "0", "--shard-tracks", "2"]
+    ray.init(num_cpus=4, include_dashboard=False)
+    try:
+        layout = Layout(root)
+        job.prepare_shards(parse(PretrainConfig, argv), layout)
+        first = job.train(parse(PretrainConfig, [*argv, "--steps", "2"]), layout)
+        assert first.metrics["step"] == 2 and first.metrics["start_step"] == 0
+        assert load_checkpoint(first.checkpoint.path)["step"] == 2
+        model_id = job.main([*argv, "--steps", "4"])  # the same run name: resumes from step 2
+    finally:
+        ray.shutdown()
+    card = storage.read_json(storage.join(layout.models, model_id, "card.json"))
+    assert card["steps"] == 4 and card["metrics"]["start_step"] == 2
+    assert card["data"]["usable"] == 4 and card["data"]["bad"] == {"missing": 1, "silent": 1}
+    assert card["labels"]["labeled_tracks_used"] == 3
+    assert storage.read_json(storage.join(layout.models, "_latest.json"))["model_id"] == model_id
