@@ -322,16 +322,19 @@ def publish(
     config: dict[str, Any] | None = None,
     extra: dict[str, Any] | None = None,
     move_latest: bool = True,
+    carried: list[FileEntry] | None = None,
 ) -> Manifest:
     """Commit a version whose data files are already written: checksum them, write the manifest, move latest.
 
-    ``files`` are URIs under the dataset root. Publishing a version that is already committed with the
-    same files is a no-op that returns the existing manifest (idempotent re-runs).
+    ``files`` are URIs under the dataset root. ``carried`` are entries of an earlier committed manifest
+    that the new version keeps as they are (not read again: an incremental version of millions of rows
+    checksums only its new files). Publishing a version that is already committed with the same files
+    is a no-op that returns the existing manifest (idempotent re-runs).
     """
     _check_version(version)
     dataset = normalize_uri(dataset)
     existing = read_manifest(dataset, version)
-    entries = []
+    entries = list(carried or [])
     root_path = split_uri(dataset)[1]
     for uri, n in zip(files, rows, strict=True):
         path = split_uri(uri)[1]

@@ -1,0 +1,163 @@
+"""Benchmark of the embed job: tracks/s against the plain loop and the decode floor, and peak memory by catalog size.
+
+    python bench/bench_embed.py --root /tmp/bench_embed --distinct 100 --sizes 1000,10000
+
+One run, on the same files and model: (1) the decode-only floor (``decode_batch`` in one process),
+(2) the plain single-process loop (decode, chunk, forward: ``embedding.embed_catalog``), (3) the Ray Data
+job (``jobs/embed.py``'s ``run`` on a local Ray, once cold and then measured warm), each as tracks/s and
+as ratios. Then the job on each
+catalog size with the summed proportional set size (PSS) of the driver and every process it started
+(Ray's GCS, raylet, workers), sampled every 0.25 s, to show memory does not grow with the catalog.
+Bigger catalogs reuse the ``distinct`` demo audio files under new track ids.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from jobs import embed as job  # noqa: E402
+from musiclib import catalog, demo, embedding, models, storage  # noqa: E402
+from musiclib.config import Layout, parse  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    """Sizes and model of the embed benchmark."""
+
+    root: str = "/tmp/bench_embed"
+    distinct: int = 100  # distinct demo audio files
+    seconds: float = 6.0  # length of each demo track
+    sizes: tuple[int, ...] = (1000, 10000)  # catalog sizes for the memory runs
+    throughput_tracks: int = 1000  # catalog size for the throughput comparison
+    width: float = 0.25  # SampleCNN width (1.0 is the full model)
+    batch_size: int = 16
+    actors: int = 1
+
+
+def make_audio(cfg: BenchConfig) -> pa.Table:
+    """The demo catalog of ``distinct`` tracks (made once), with absolute audio URIs."""
+    base = storage.join(cfg.root, "audio")
+    uri = Layout(base).catalog
+    if not storage.exists(uri):
+        demo.make_catalog(base, n_tracks=cfg.distinct, min_seconds=cfg.seconds, max_seconds=cfg.seconds)
+    table = catalog.read(uri, columns=["track_id", "audio_uri", "tags", "split"])
+    folder = catalog.base_dir(uri)
+    uris = [storage.resolve(folder, u) for u in table.column("audio_uri").to_pylist()]
+    return table.set_column(1, "audio_uri", pa.array(uris))
+
+
+def make_root(cfg: BenchConfig, audio: pa.Table, n: int) -> str:
+    """A root whose catalog holds ``n`` tracks cycling over the distinct files, and the benchmark's model."""
+    root = storage.join(cfg.root, f"catalog-{n}")
+    reps = audio.take([i % len(audio) for i in range(n)])
+    table = reps.set_column(0, "track_id", pa.array([f"t{i:08d}" for i in range(n)]))
+    catalog.write(table, Layout(root).catalog)
+    storage.delete(Layout(root).embeddings, recursive=True)
+    torch.manual_seed(0)
+    encoder = models.SampleCNN(models.EncoderConfig(width=cfg.width))
+    models.set_latest_model(Layout(root).models, models.export_encoder(encoder, Layout(root).models))
+    return root
+
+
+def ray_pss_bytes() -> int:
+    """Summed PSS of this process and all its descendants (Ray's daemons and workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    total, todo = 0, [os.getpid()]
+    while todo:
+        pid = todo.pop()
+        todo += children.get(pid, [])
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
+        except (OSError, StopIteration):
+            continue
+    return total
+
+
+class PeakMemory:
+    """Samples ``ray_pss_bytes`` in a thread while in a ``with`` block; ``peak`` is the largest sample."""
+
+    def __enter__(self) -> PeakMemory:
+        self.peak = ray_pss_bytes()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.25):
+            self.peak = max(self.peak, ray_pss_bytes())
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def decode_floor(catalog_uri: str, batch_size: int) -> float:
+    """Tracks/s of decoding alone, in one process: what no embedding loop on one core can beat."""
+    start = time.perf_counter()
+    n = 0
+    base = catalog.base_dir(catalog_uri)
+    for batch in catalog.iter_batches(catalog_uri, columns=["track_id", "audio_uri"], batch_size=batch_size):
+        n += len(embedding.decode_batch(pa.Table.from_batches([batch]), base))
+    return n / (time.perf_counter() - start)
+
+
+def run_job(root: str, cfg: BenchConfig) -> tuple[embedding.Summary, int]:
+    """The Ray job on a root, from a clean embeddings folder; its summary and the peak memory while it ran."""
+    storage.delete(Layout(root).embeddings, recursive=True)
+    with PeakMemory() as memory:
+        summary = job.run(job.EmbedConfig(root=root, batch_size=cfg.batch_size, actors=cfg.actors))
+    return summary, memory.peak
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse(BenchConfig, argv)
+    print(f"cores {os.cpu_count()}, torch threads {torch.get_num_threads()}, config {cfg}")
+    audio = make_audio(cfg)
+    roots = {n: make_root(cfg, audio, n) for n in sorted({cfg.throughput_tracks, *cfg.sizes})}
+    small = roots[cfg.throughput_tracks]
+    catalog_uri = Layout(small).catalog
+    model_id = models.latest_model(Layout(small).models)
+    encoder, _ = models.load_encoder(Layout(small).models, model_id)
+
+    floor = decode_floor(catalog_uri, cfg.batch_size)
+    print(f"decode-only floor (1 process): {floor:.1f} tracks/s")
+    _, plain = embedding.embed_catalog(catalog_uri, encoder, model_id, batch_size=cfg.batch_size)
+    plain_rate = plain.tracks / plain.wall_s
+    print(f"plain loop: {plain}")
+    job.init_ray(job.EmbedConfig(root=small))
+    cold, _ = run_job(small, cfg)
+    print(f"ray job, cold (starts the workers, loads the model): {cold}")
+    ray_summary, _ = run_job(small, cfg)
+    ray_rate = ray_summary.tracks / ray_summary.wall_s
+    print(f"ray job, warm: {ray_summary}")
+    print(
+        f"RATIOS ray/plain {ray_rate / plain_rate:.2f}x, ray/decode-floor {ray_rate / floor:.2f}x, "
+        f"plain/decode-floor {plain_rate / floor:.2f}x"
+    )
+    for n in cfg.sizes:
+        summary, peak = run_job(roots[n], cfg)
+        print(f"MEMORY {n} tracks: peak PSS of all Ray processes {peak / 2**20:.0f} MiB; {summary}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,260 @@
+"""embed: Ray Data backfill of track embeddings across the catalog.
+
+    python jobs/embed.py --root data/demo [--model-id ID] [--only-new true] [--batch-size 16] ...
+
+Streams the catalog's rows (``track_id``, ``audio_uri``) → decodes each track into up to ``max_chunks``
+int16 chunks in CPU tasks → runs the encoder on an actor pool (one GPU per actor when the cluster has
+GPUs) → writes Parquet shards in the embeddings schema → publishes them as a new version of
+``<root>/embeddings/<model_id>/`` (``storage.publish``: manifest last, then ``_latest``).
+
+Resume. A run records its version in ``_pending.json`` and writes with Ray Data job-level checkpointing
+keyed by ``track_id``, so a killed run started again continues the same version: tracks already written
+are filtered out at read time, and a shard whose write was cut short is removed, never duplicated.
+By default (``--only-new true``) a run embeds only the catalog tracks absent from the latest committed
+embeddings (an anti-join on ``track_id``) and publishes them together with the latest version's files,
+so re-running a finished job recomputes nothing and publishes nothing. ``--only-new false`` recomputes
+every track into a new version (a new encoder export gets its own model id, so this is rarely needed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import os
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray
+import ray.data
+from ray.data.checkpoint import CheckpointConfig
+
+from musiclib import catalog, embedding, embeddings, models, storage
+from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
+
+PENDING = "_pending.json"
+CHECKPOINTS = "_checkpoints"
+AWS_VARIABLES = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+
+@dataclass
+class EmbedConfig:
+    """Embed every catalog track with an exported encoder and publish the embeddings."""
+
+    root: str = DEFAULT_ROOT
+    catalog: str = ""  # default: <root>/catalog/tracks.parquet
+    model_id: str = ""  # default: the latest exported model under <root>/models
+    only_new: bool = True  # embed only tracks absent from the latest embeddings; false: recompute all
+    max_chunks: int = 64  # chunks of 2.7 s per track, spread evenly over it
+    batch_size: int = 16  # tracks per decode task batch and per encoder call
+    chunk_batch: int = 64  # chunks per encoder forward
+    decode_cpus: float = 1.0  # CPUs per decode task
+    actors: int = 1  # most encoder actors
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    shard_rows: int = 10000  # fewest rows per output Parquet file
+    ray_address: str = ""  # empty: start a local Ray
+
+    @property
+    def catalog_uri(self) -> str:
+        return self.catalog or Layout(self.root).catalog
+
+    def validate(self) -> None:
+        """Fail fast, before Ray starts: bad numbers, unreachable storage, a missing catalog or model."""
+        for name in ("max_chunks", "batch_size", "chunk_batch", "actors", "shard_rows"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.decode_cpus <= 0 or self.cpus_per_actor < 0:
+            raise ConfigError("--decode-cpus must be positive and --cpus-per-actor not negative")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            raise ConfigError(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
+        try:
+            if not storage.exists(self.catalog_uri):
+                raise ConfigError(f"catalog not found: {self.catalog_uri}")
+            models_root = Layout(self.root).models
+            model_id = self.model_id or models.latest_model(models_root)
+            if not storage.exists(storage.join(models_root, model_id, "encoder.safetensors")):
+                raise ConfigError(f"no exported model {model_id!r} under {models_root}")
+        except storage.StorageError as exc:
+            raise ConfigError(str(exc)) from exc
+
+
+# --------------------------------------------------------------------------- Ray
+
+
+def init_ray(cfg: EmbedConfig) -> None:
+    """Join the cluster at ``ray_address``, or start a new local one with spare CPU slots for checkpointing.
+
+    The local default never attaches to another Ray that happens to run on the machine.
+
+    The AWS variables go to the workers through the runtime env (values are passed on, never printed).
+    """
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in AWS_VARIABLES if k in os.environ}
+    local_cpus = None if cfg.ray_address else max(4, os.cpu_count() or 1)
+    ray.init(
+        address=cfg.ray_address or "local",
+        num_cpus=local_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": env},
+    )
+
+
+class EncoderActor:
+    """Holds the encoder on its device and embeds batches of decoded tracks."""
+
+    def __init__(self, models_root: str, model_id: str, chunk_batch: int, device: str):
+        self.encoder, _ = models.load_encoder(models_root, model_id, device)
+        self.model_id = model_id
+        self.chunk_batch = chunk_batch
+        self.device = device
+
+    def __call__(self, decoded: pa.Table) -> pa.Table:
+        return embedding.embed_batch(self.encoder, decoded, self.model_id, self.chunk_batch, self.device)
+
+
+def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
+    """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming.
+
+    Blocks of ``batch_size`` tracks are the unit of work: a catalog row group of a million rows becomes
+    many small decode tasks, and the re-blocking between decode and encode keeps them separate operators
+    (Ray would otherwise fuse the decoding into the encoder actors, starving the accelerator).
+    """
+    fs, path = storage.arrow_filesystem(cfg.catalog_uri)
+    rows = ray.data.read_parquet(path, filesystem=fs).select_columns(["track_id", "audio_uri"])
+    if len(skip):
+        rows = rows.map_batches(embedding.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
+    decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+        embedding.decode_batch,
+        fn_kwargs={"base_dir": catalog.base_dir(cfg.catalog_uri), "max_chunks": cfg.max_chunks},
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.decode_cpus,
+    )
+    gpus = cfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    return decoded.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+        EncoderActor,
+        fn_constructor_kwargs={
+            "models_root": Layout(cfg.root).models,
+            "model_id": model_id,
+            "chunk_batch": cfg.chunk_batch,
+            "device": "cuda" if gpus > 0 else "cpu",
+        },
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        num_cpus=cfg.cpus_per_actor,
+        num_gpus=gpus,
+    )
+
+
+@contextlib.contextmanager
+def checkpointing(checkpoint_dir: str) -> Iterator[None]:
+    """Ray Data job-level checkpointing keyed by ``track_id`` for the datasets created inside the block.
+
+    A dataset takes the checkpoint config when it is created, so the pipeline is built inside the block.
+    The checkpoint is kept after success: it is deleted only once the version is published, so a run
+    killed between the last write and the publish does not write its tracks a second time.
+    """
+    fs, path = storage.arrow_filesystem(checkpoint_dir)
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.checkpoint_config
+    ctx.checkpoint_config = CheckpointConfig(
+        id_column="track_id", checkpoint_path=path, delete_checkpoint_on_success=False, override_filesystem=fs
+    )
+    try:
+        yield
+    finally:
+        ctx.checkpoint_config = previous
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def begin_version(dataset: str, only_new: bool) -> str:
+    """The version this run writes: the unfinished one of a killed run in the same mode, else a new one."""
+    marker = storage.join(dataset, PENDING)
+    if storage.exists(marker):
+        pending = storage.read_json(marker)
+        if pending["only_new"] == only_new and storage.read_manifest(dataset, pending["version"]) is None:
+            print(f"resuming unfinished version {pending['version']}")
+            return pending["version"]
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    version = f"v{stamp}-{uuid.uuid4().hex[:6]}"
+    storage.write_json(marker, {"version": version, "only_new": only_new})
+    return version
+
+
+def carried_files(dataset: str, only_new: bool) -> list[storage.FileEntry]:
+    """Files of the latest committed version that the new version keeps (``--only-new`` only)."""
+    if not only_new or storage.latest_version(dataset) is None:
+        return []
+    return storage.read_latest_manifest(dataset).files
+
+
+def row_counts(files: list[str]) -> list[int]:
+    """Rows of each Parquet file, from its footer."""
+    counts = []
+    for uri in files:
+        fs, path = storage.arrow_filesystem(uri)
+        with fs.open_input_file(path) as f:
+            counts.append(pq.read_metadata(f).num_rows)
+    return counts
+
+
+# --------------------------------------------------------------------------- the job
+
+
+def run(cfg: EmbedConfig) -> embedding.Summary:
+    """Embed the catalog (or its new tracks), publish the version, and return the summary of the version's new rows."""
+    start = time.perf_counter()
+    layout = Layout(cfg.root)
+    model_id = cfg.model_id or models.latest_model(layout.models)
+    dataset = embeddings.dataset_uri(layout.embeddings, model_id)
+    version = begin_version(dataset, cfg.only_new)
+    out_dir = storage.version_uri(dataset, version)
+    checkpoint_dir = storage.join(dataset, CHECKPOINTS, version)
+    kept = carried_files(dataset, cfg.only_new)
+    fs, out_path = storage.arrow_filesystem(out_dir)
+    with checkpointing(checkpoint_dir):
+        ds = build_pipeline(
+            cfg, model_id, embedding.written_ids([storage.join(dataset, f.path) for f in kept])
+        )
+        ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
+    new = storage.list_files(out_dir, ".parquet")
+    if new or not kept:
+        config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
+        manifest = storage.publish(dataset, version, new, row_counts(new), config=config, carried=kept)
+        print(f"published {dataset} version {version}: {manifest.rows} rows in {len(manifest.files)} files")
+    else:
+        print(f"{dataset} is up to date: every catalog track has an embedding; nothing published")
+    storage.delete(checkpoint_dir, recursive=True)
+    storage.delete(storage.join(dataset, PENDING))
+    return embedding.summarize(new, time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse(EmbedConfig, argv)
+    init_ray(cfg)
+    summary = run(cfg)
+    print(f"embed: {summary}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

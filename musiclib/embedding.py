@@ -1,0 +1,235 @@
+"""Embedding a catalog with an encoder: decode tracks to int16 chunks, average chunk embeddings, build rows.
+
+The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU machines call them directly:
+
+1. ``decode_batch``: catalog rows (``track_id``, ``audio_uri``) to up to N chunks per track as int16
+   (half the bytes of float32 between tasks), or the reason the track cannot be used.
+2. ``embed_batch``: the encoder on every chunk of a batch of decoded tracks, in fixed-size forward batches,
+   averaged per track into one row of the embeddings table (``musiclib.embeddings.schema``).
+3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array.
+4. ``embed_catalog``: the plain single-process loop (decode, chunk, forward), the reference the tests compare
+   the job against and the baseline the benchmark measures it by.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import av
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from musiclib import audio, catalog, embeddings, storage
+from musiclib.models import SampleCNN
+
+DECODED_SCHEMA = pa.schema(
+    [
+        pa.field("track_id", pa.string(), nullable=False),
+        pa.field("chunks", pa.large_list(pa.int16())),  # n_chunks * CHUNK_SAMPLES samples, row-major
+        pa.field("n_chunks", pa.int32()),
+        pa.field("duration_s", pa.float64()),
+        pa.field("error", pa.string()),
+    ]
+)
+
+
+# --------------------------------------------------------------------------- decoding
+
+
+def decode_track(uri: str | None, max_chunks: int = 64) -> tuple[np.ndarray | None, float | None, str | None]:
+    """One track to ``(int16 chunks [n, CHUNK_SAMPLES], duration_s, None)`` or ``(None, None, reason)``.
+
+    Every way a track can be unusable becomes a reason from ``audio.REASONS``: the decoder's own
+    ``AudioError``, a missing or unreachable object (``missing``), and FFmpeg failures the decoder did not
+    classify (``corrupt``), so one bad file never stops a job over millions.
+    """
+    if not uri:
+        return None, None, "missing"
+    try:
+        chunks, duration = audio.load_chunks(uri, max_chunks=max_chunks)
+    except audio.AudioError as exc:
+        return None, None, exc.reason
+    except storage.StorageError:
+        return None, None, "missing"
+    except (av.error.FFmpegError, OSError, ValueError):
+        return None, None, "corrupt"
+    if len(chunks) == 0:
+        return None, None, "too_short"
+    return audio.to_int16(chunks), duration, None
+
+
+def decode_batch(rows: pa.Table, base_dir: str, max_chunks: int = 64) -> pa.Table:
+    """Catalog rows to ``DECODED_SCHEMA`` rows, one per input row, in the same order.
+
+    Relative ``audio_uri`` values are resolved against the catalog's folder ``base_dir``.
+    """
+    ids = rows.column("track_id").to_pylist()
+    uris = rows.column("audio_uri").to_pylist()
+    out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
+    for track_id, uri in zip(ids, uris, strict=True):
+        chunks, duration, error = decode_track(storage.resolve(base_dir, uri) if uri else None, max_chunks)
+        out["track_id"].append(track_id)
+        out["chunks"].append(None if chunks is None else chunks.reshape(-1))
+        out["n_chunks"].append(0 if chunks is None else len(chunks))
+        out["duration_s"].append(duration)
+        out["error"].append(error)
+    return pa.table(out, schema=DECODED_SCHEMA)
+
+
+# --------------------------------------------------------------------------- the encoder
+
+
+def forward_chunks(
+    encoder: SampleCNN, chunks: np.ndarray, chunk_batch: int = 64, device: str | torch.device = "cpu"
+) -> np.ndarray:
+    """Encoder outputs of int16 chunks ``[n, samples]`` as float32 ``[n, dim]``, ``chunk_batch`` chunks per forward.
+
+    Fixed-size forward batches keep the accelerator's memory bounded whatever the tracks' lengths.
+    """
+    outputs = []
+    with torch.inference_mode():
+        for lo in range(0, len(chunks), chunk_batch):
+            x = torch.from_numpy(audio.from_int16(chunks[lo : lo + chunk_batch])).to(device)
+            outputs.append(encoder(x).float().cpu().numpy())
+    return np.concatenate(outputs) if outputs else np.zeros((0, encoder.config.embed_dim), np.float32)
+
+
+def embed_batch(
+    encoder: SampleCNN,
+    decoded: pa.Table,
+    model_id: str,
+    chunk_batch: int = 64,
+    device: str | torch.device = "cpu",
+) -> pa.Table:
+    """Decoded rows to embeddings-table rows: the mean of each track's chunk embeddings, null when ``error`` is set.
+
+    All chunks of the batch go through the encoder together (tracks are short compared with a forward
+    batch), then each track's rows of the output are averaged.
+    """
+    samples = audio.CHUNK_SAMPLES
+    n_chunks = decoded.column("n_chunks").to_numpy(zero_copy_only=False).astype(np.int64)
+    ok = ~decoded.column("error").is_valid().to_numpy(zero_copy_only=False)
+    flat = decoded.column("chunks").filter(pa.array(ok)).combine_chunks()
+    all_chunks = flat.flatten().to_numpy(zero_copy_only=False).reshape(-1, samples) if len(flat) else None
+    dim = encoder.config.embed_dim
+    means = np.zeros((len(decoded), dim), np.float32)
+    if all_chunks is not None:
+        outputs = forward_chunks(encoder, all_chunks, chunk_batch, device)
+        bounds = np.concatenate([[0], np.cumsum(n_chunks[ok])])
+        per_track = np.add.reduceat(outputs, bounds[:-1], axis=0) / n_chunks[ok][:, None]
+        means[ok] = per_track
+    flat_values = pa.array(means.reshape(-1), pa.float32())
+    embedding = pa.FixedSizeListArray.from_arrays(flat_values, dim, mask=pa.array(~ok))
+    return pa.table(
+        {
+            "track_id": decoded.column("track_id"),
+            "embedding": embedding,
+            "n_chunks": decoded.column("n_chunks"),
+            "duration_s": decoded.column("duration_s"),
+            "model_id": pa.array([model_id] * len(decoded), pa.string()),
+            "error": decoded.column("error"),
+        },
+        schema=embeddings.schema(dim),
+    )
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def written_ids(files: list[str]) -> np.ndarray:
+    """Sorted track ids of embedding files, reading only their ``track_id`` column (streams file by file)."""
+    parts = []
+    for uri in files:
+        fs, path = storage.arrow_filesystem(uri)
+        parts.append(pq.read_table(path, columns=["track_id"], filesystem=fs).column("track_id"))
+    if not parts:
+        return np.array([], dtype=object)
+    return np.sort(pa.chunked_array(parts, pa.string()).to_numpy())
+
+
+def drop_written(rows: pa.Table, written: np.ndarray) -> pa.Table:
+    """Rows whose ``track_id`` is not in the sorted array ``written``: an anti-join by binary search.
+
+    O(rows * log(written)) per batch with no per-batch hash table, so skipping millions of embedded
+    tracks costs each batch a few microseconds per row.
+    """
+    if len(written) == 0 or len(rows) == 0:
+        return rows
+    ids = rows.column("track_id").to_numpy(zero_copy_only=False)
+    pos = np.minimum(np.searchsorted(written, ids), len(written) - 1)
+    return rows.filter(pa.array(written[pos] != ids))
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@dataclass
+class Summary:
+    """What a run embedded: tracks, audio hours, errors per reason, and the rates over the wall time."""
+
+    tracks: int = 0
+    audio_s: float = 0.0
+    errors: Counter[str] = field(default_factory=Counter)
+    wall_s: float = 0.0
+
+    def add(self, table: pa.Table) -> None:
+        """Count a table of embeddings rows (only ``duration_s`` and ``error`` are read)."""
+        self.tracks += len(table)
+        self.audio_s += float(
+            np.nansum(table.column("duration_s").to_numpy(zero_copy_only=False).astype(float))
+        )
+        self.errors.update(e for e in table.column("error").to_pylist() if e is not None)
+
+    def __str__(self) -> str:
+        hours = self.audio_s / 3600
+        wall = max(self.wall_s, 1e-9)
+        errors = ", ".join(f"{k}={v}" for k, v in sorted(self.errors.items())) or "none"
+        return (
+            f"{self.tracks} tracks, {hours:.2f} audio hours in {self.wall_s:.1f} s: "
+            f"{self.tracks / wall:.1f} tracks/s, {hours / wall:.4f} audio-hours/s; "
+            f"errors {sum(self.errors.values())} ({errors})"
+        )
+
+
+def summarize(files: list[str], wall_s: float) -> Summary:
+    """The summary of embedding files, reading two small columns file by file."""
+    summary = Summary(wall_s=wall_s)
+    for uri in files:
+        fs, path = storage.arrow_filesystem(uri)
+        summary.add(pq.read_table(path, columns=["duration_s", "error"], filesystem=fs))
+    return summary
+
+
+# --------------------------------------------------------------------------- the plain loop
+
+
+def iter_embedded(
+    catalog_uri: str,
+    encoder: SampleCNN,
+    model_id: str,
+    batch_size: int = 16,
+    max_chunks: int = 64,
+    chunk_batch: int = 64,
+    device: str | torch.device = "cpu",
+) -> Iterator[pa.Table]:
+    """Embeddings rows of a catalog, ``batch_size`` tracks at a time, in one process: decode, chunk, forward."""
+    base = catalog.base_dir(catalog_uri)
+    for batch in catalog.iter_batches(catalog_uri, columns=["track_id", "audio_uri"], batch_size=batch_size):
+        decoded = decode_batch(pa.Table.from_batches([batch]), base, max_chunks)
+        yield embed_batch(encoder, decoded, model_id, chunk_batch, device)
+
+
+def embed_catalog(catalog_uri: str, encoder: SampleCNN, model_id: str, **kwargs) -> tuple[pa.Table, Summary]:
+    """The whole catalog's embeddings as one table, and its summary (``kwargs`` as for ``iter_embedded``)."""
+    start = time.perf_counter()
+    tables = list(iter_embedded(catalog_uri, encoder, model_id, **kwargs))
+    table = pa.concat_tables(tables) if tables else embeddings.schema(encoder.config.embed_dim).empty_table()
+    summary = Summary()
+    summary.add(table)
+    summary.wall_s = time.perf_counter() - start
+    return table, summary

@@ -1,0 +1,228 @@
+"""The embed job: every track exactly once, the right reasons for bad ones, the encoder's numbers, resume."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import torch
+
+from musiclib import audio, catalog, demo, embedding, embeddings, models, storage
+from musiclib.config import Layout
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from jobs import embed as job  # noqa: E402
+
+S3_VARIABLES = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
+
+
+# --------------------------------------------------------------------------- fixtures
+
+
+def make_root(root: str, n_good: int = 8, faults: bool = True) -> str:
+    """The demo catalog (short tracks in mixed formats, plus one track per decoder fault) and a narrow encoder."""
+    demo.make_catalog(root, n_tracks=n_good, faults=faults, min_seconds=3.0, max_seconds=9.0, workers=1)
+    torch.manual_seed(0)
+    encoder = models.SampleCNN(models.EncoderConfig(width=0.25))
+    model_id = models.export_encoder(encoder, Layout(root).models, {"note": "random init for tests"})
+    models.set_latest_model(Layout(root).models, model_id)
+    return model_id
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(s3_endpoint):
+    """One local Ray for the module; its workers see the moto server through the AWS variables."""
+    import ray
+
+    env = {"AWS_ENDPOINT_URL": s3_endpoint, **S3_VARIABLES}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+        yield
+        ray.shutdown()
+
+
+def config(root: str, **overrides) -> job.EmbedConfig:
+    return job.EmbedConfig(root=root, batch_size=3, shard_rows=1, **overrides)
+
+
+def check_complete(root: str, model_id: str) -> pa.Table:
+    """The latest embeddings hold every catalog track exactly once with the reason the catalog expects."""
+    out = embeddings.read(Layout(root).embeddings, model_id)
+    cat = catalog.read(Layout(root).catalog, columns=["track_id", "fault"])
+    ids = out.column("track_id").to_pylist()
+    assert len(ids) == len(set(ids)), "duplicate tracks"
+    assert sorted(ids) == sorted(cat.column("track_id").to_pylist())
+    expected = dict(zip(cat.column("track_id").to_pylist(), cat.column("fault").to_pylist()))
+    got = dict(zip(ids, out.column("error").to_pylist()))
+    assert got == expected
+    assert out.schema.field("embedding").type == pa.list_(pa.float32(), 128)
+    return out.sort_by("track_id")
+
+
+def reference(root: str, model_id: str) -> dict[str, np.ndarray]:
+    """Direct encoder call on each good track's chunks, averaged in float64."""
+    encoder, _ = models.load_encoder(Layout(root).models, model_id)
+    base = catalog.base_dir(Layout(root).catalog)
+    cat = catalog.read(Layout(root).catalog, columns=["track_id", "audio_uri", "fault"]).to_pylist()
+    ref = {}
+    with torch.inference_mode():
+        for row in cat:
+            if row["fault"] is None:
+                chunks, _ = audio.load_chunks(storage.resolve(base, row["audio_uri"]))
+                x = torch.from_numpy(audio.from_int16(audio.to_int16(chunks)))
+                ref[row["track_id"]] = encoder(x).double().mean(0).numpy()
+    return ref
+
+
+def assert_matches_reference(out: pa.Table, ref: dict[str, np.ndarray]) -> None:
+    for row in out.to_pylist():
+        if row["error"] is None:
+            np.testing.assert_allclose(row["embedding"], ref[row["track_id"]], rtol=1e-4, atol=1e-5)
+            assert row["n_chunks"] >= 1 and row["duration_s"] > 2.7
+        else:
+            assert row["embedding"] is None
+
+
+# --------------------------------------------------------------------------- pure pieces
+
+
+def test_decode_and_embed_batch_match_the_encoder(tmp_path):
+    root = str(tmp_path)
+    model_id = make_root(root)
+    table, summary = embedding.embed_catalog(
+        Layout(root).catalog, models.load_encoder(Layout(root).models, model_id)[0], model_id, batch_size=5
+    )
+    cat = catalog.read(Layout(root).catalog, columns=["track_id", "fault"])
+    assert table.column("track_id").to_pylist() == cat.column("track_id").to_pylist()
+    assert table.column("error").to_pylist() == cat.column("fault").to_pylist()
+    assert_matches_reference(table, reference(root, model_id))
+    assert summary.tracks == len(cat) and sum(summary.errors.values()) == 6
+    assert summary.errors["missing"] == 1 and "6 (corrupt=1, empty=1" in str(summary)
+
+
+def test_forward_chunks_is_independent_of_chunk_batch():
+    torch.manual_seed(1)
+    encoder = models.SampleCNN(models.EncoderConfig(width=0.25)).eval()
+    chunks = audio.to_int16(np.random.default_rng(0).uniform(-0.5, 0.5, (5, audio.CHUNK_SAMPLES)))
+    a = embedding.forward_chunks(encoder, chunks, chunk_batch=2)
+    b = embedding.forward_chunks(encoder, chunks, chunk_batch=64)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert a.shape == (5, 128) and a.dtype == np.float32
+
+
+def test_drop_written_is_an_anti_join():
+    rows = pa.table({"track_id": ["d", "a", "x", "b", "z"], "audio_uri": ["u"] * 5})
+    written = np.sort(np.array(["a", "b", "c", "z"], dtype=object))
+    assert embedding.drop_written(rows, written).column("track_id").to_pylist() == ["d", "x"]
+    assert embedding.drop_written(rows, np.array([], dtype=object)).num_rows == 5
+
+
+def test_config_fails_fast(tmp_path):
+    from musiclib.config import ConfigError, parse
+
+    with pytest.raises(ConfigError, match="batch-size"):
+        parse(job.EmbedConfig, ["--root", str(tmp_path), "--batch-size", "0"])
+    with pytest.raises(ConfigError, match="catalog not found"):
+        parse(job.EmbedConfig, ["--root", str(tmp_path)])
+    make_root(str(tmp_path), n_good=1, faults=False)
+    with pytest.raises(ConfigError, match="no exported model"):
+        parse(job.EmbedConfig, ["--root", str(tmp_path), "--model-id", "nope"])
+    assert parse(job.EmbedConfig, ["--root", str(tmp_path)]).model_id == ""
+
+
+# --------------------------------------------------------------------------- the Ray job
+
+
+@pytest.mark.slow
+def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, capsys):
+    root = str(tmp_path)
+    model_id = make_root(root)
+    summary = job.run(config(root))
+    out = check_complete(root, model_id)
+    assert_matches_reference(out, reference(root, model_id))
+    assert summary.tracks == 14 and summary.errors["truncated"] == 1
+    manifest = storage.read_latest_manifest(embeddings.dataset_uri(Layout(root).embeddings, model_id))
+    assert len(manifest.files) > 1 and manifest.config["model_id"] == model_id
+    assert not storage.exists(storage.join(manifest.dataset, job.PENDING))
+
+
+@pytest.mark.slow
+def test_job_on_s3(s3_root, ray_cluster):
+    model_id = make_root(s3_root, n_good=4)
+    job.run(config(s3_root))
+    out = check_complete(s3_root, model_id)
+    assert_matches_reference(out, reference(s3_root, model_id))
+
+
+@pytest.mark.slow
+def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ray_cluster):
+    root = str(tmp_path)
+    model_id = make_root(root)
+    job.run(config(root))
+    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    first = storage.read_latest_manifest(dataset)
+    lost, kept = first.files[0], first.files[1:]
+    storage.delete(storage.join(dataset, lost.path))
+    storage.publish(
+        dataset, "v0-lost-one", [storage.join(dataset, f.path) for f in kept], [f.rows for f in kept]
+    )
+
+    summary = job.run(config(root, only_new=True))
+    check_complete(root, model_id)
+    final = storage.read_latest_manifest(dataset)
+    assert {(f.path, f.sha256) for f in kept} <= {(f.path, f.sha256) for f in final.files}
+    assert summary.tracks == lost.rows
+    assert job.run(config(root, only_new=True)).tracks == 0
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluster):
+    root = str(tmp_path)
+    model_id = make_root(root, n_good=24)
+    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    cmd = [
+        sys.executable,
+        str(REPO / "jobs" / "embed.py"),
+        f"--root={root}",
+        "--batch-size=2",
+        "--shard-rows=1",
+    ]
+    log = open(tmp_path / "killed-run.log", "wb")
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    checkpoints = storage.join(dataset, job.CHECKPOINTS)
+    deadline = time.monotonic() + 480
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            committed = [u for u in storage.list_files(checkpoints, ".parquet") if ".pending." not in u]
+            if len(committed) >= 2:
+                break
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
+    assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed-run.log").read_text()[-3000:]
+    assert storage.latest_version(dataset) is None, "the run finished before it could be killed"
+    version = storage.read_json(storage.join(dataset, job.PENDING))["version"]
+    before = {u: storage.file_checksum(u) for u in storage.list_files(storage.version_uri(dataset, version))}
+    assert before, "no shard was written before the kill"
+
+    summary = job.run(config(root))
+    out = check_complete(root, model_id)
+    assert storage.latest_version(dataset) == version
+    after = {u: storage.file_checksum(u) for u in storage.list_files(storage.version_uri(dataset, version))}
+    survivors = {u for u in before if after.get(u) == before[u]}
+    assert survivors, "every shard written before the kill was rewritten"
+    assert len(out) == 30 and summary.tracks == 30
