@@ -1,0 +1,279 @@
+"""Few-shot support sets for multi-label data: how many labels a budget of k per tag really buys.
+
+A budget k asks for at least k positive tracks per tag from the training pool. Tracks are drawn greedily
+and each drawn track counts toward every tag it carries, so co-occurring tags do not waste labels. A drawn
+track is a negative for every tag it does not carry. Budget ``None`` ("all") uses the whole pool.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from musiclib import catalog, embeddings, metrics, probes
+
+BUDGETS: tuple[int | None, ...] = (1, 2, 5, 10, 20, 50, 100, None)
+
+
+def parse_budget(raw: str | int | None) -> int | None:
+    """``"all"``/None to None, else a positive integer; a clear error for anything else."""
+    if raw is None or (isinstance(raw, str) and raw.strip().lower() == "all"):
+        return None
+    try:
+        k = int(raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"bad label budget {raw!r}: use a positive integer or 'all'") from exc
+    if k < 1:
+        raise ValueError(f"bad label budget {raw!r}: use a positive integer or 'all'")
+    return k
+
+
+def budget_name(budget: int | None) -> str:
+    return "all" if budget is None else str(budget)
+
+
+def label_matrix(tag_lists: Sequence[Sequence[str] | None], tags: Sequence[str]) -> np.ndarray:
+    """``[n_tracks, n_tags]`` boolean matrix from per-track tag lists; tags outside ``tags`` are ignored."""
+    column = {t: j for j, t in enumerate(tags)}
+    y = np.zeros((len(tag_lists), len(tags)), dtype=bool)
+    for i, track_tags in enumerate(tag_lists):
+        for t in track_tags or ():
+            j = column.get(t)
+            if j is not None:
+                y[i, j] = True
+    return y
+
+
+def sample_support(y: np.ndarray, budget: int | None, seed: int) -> np.ndarray:
+    """Row indices of a support set with at least ``budget`` positives per tag whenever the pool has them.
+
+    Tags are served rarest first (their positives are the scarce ones, and drawing them often covers
+    frequent tags for free); within a tag, positives are drawn in a seeded random order. Sorted indices.
+    """
+    n, n_tags = y.shape
+    if budget is None:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(n)
+    chosen = np.zeros(n, dtype=bool)
+    counts = np.zeros(n_tags, dtype=np.int64)
+    pool = y.sum(axis=0)
+    for j in np.argsort(pool, kind="stable"):
+        need = min(budget, int(pool[j])) - counts[j]
+        if need <= 0:
+            continue
+        candidates = order[y[order, j] & ~chosen[order]][:need]
+        chosen[candidates] = True
+        counts += y[candidates].sum(axis=0)
+    return np.flatnonzero(chosen)
+
+
+def support_sets(y: np.ndarray, budget: int | None, repetitions: int, seed: int) -> list[np.ndarray]:
+    """``repetitions`` independent support sets (seeds ``seed``, ``seed + 1``, ...); one set for ``all``."""
+    if budget is None:
+        return [sample_support(y, None, seed)]
+    return [sample_support(y, budget, seed + r) for r in range(repetitions)]
+
+
+# --------------------------------------------------------------------------- the protocol on a catalog
+
+
+@dataclass
+class ProbeData:
+    """Embeddings and human labels of one model, split for the few-shot protocol; plain arrays only.
+
+    ``train`` is the labeled training pool support sets are drawn from; ``valid`` and ``test`` hold the
+    labeled tracks of those splits. ``excluded`` maps track ids to why they cannot be used (embedding
+    error, no embedding); ``head``/``tail`` split tags by training-label count.
+    """
+
+    tags: list[str]
+    head: list[str]
+    tail: list[str]
+    train_counts: dict[str, int]
+    x: dict[str, np.ndarray]
+    y: dict[str, np.ndarray]
+    track_ids: dict[str, list[str]]
+    model_id: str
+    excluded: dict[str, str] = field(default_factory=dict)
+
+
+def prepare(
+    catalog_table: pa.Table, embeddings: pa.Table, model_id: str, head_fraction: float = 0.2
+) -> ProbeData:
+    """Join human labels (catalog ``tags``) with embeddings on ``track_id``; only labeled tracks are kept.
+
+    Rows whose embedding carries an error, and labeled tracks without an embedding, are excluded and
+    recorded with the reason. The vocabulary is the tags of the usable labeled training tracks.
+    """
+    cat = catalog_table.select(["track_id", "tags", "split"]).to_pydict()
+    emb = embeddings.select(["track_id", "embedding", "error"]).to_pydict()
+    excluded: dict[str, str] = {}
+    vectors: dict[str, list[float]] = {}
+    for tid, vec, err in zip(emb["track_id"], emb["embedding"], emb["error"], strict=True):
+        if err is not None or vec is None:
+            excluded[tid] = f"embedding error: {err or 'no vector'}"
+        else:
+            vectors[tid] = vec
+    rows: dict[str, list[tuple[str, list[str]]]] = {s: [] for s in ("train", "valid", "test")}
+    for tid, tags, split in zip(cat["track_id"], cat["tags"], cat["split"], strict=True):
+        if not tags or split not in rows:
+            continue
+        if tid in vectors:
+            rows[split].append((tid, list(tags)))
+        elif tid not in excluded:
+            excluded[tid] = "no embedding"
+    train = pa.table({"tags": [t for _, t in rows["train"]], "split": ["train"] * len(rows["train"])})
+    vocab = catalog.vocabulary(train, split="train", head_fraction=head_fraction)
+    dim = len(next(iter(vectors.values()))) if vectors else 0
+    x, y, ids = {}, {}, {}
+    for split, items in rows.items():
+        ids[split] = [tid for tid, _ in items]
+        x[split] = np.array([vectors[tid] for tid in ids[split]], dtype=np.float32).reshape(len(items), dim)
+        y[split] = label_matrix([t for _, t in items], vocab.tags)
+    return ProbeData(vocab.tags, vocab.head, vocab.tail, vocab.counts, x, y, ids, model_id, excluded)
+
+
+def trial_key(config: dict[str, Any]) -> str:
+    """A stable, readable id of one sweep configuration (budget, probe, normalisation, hyperparameters)."""
+    params = ",".join(f"{k}={config[k]}" for k in sorted(config) if k not in ("budget", "probe", "norm"))
+    return f"{config['budget']}-{config['probe']}-{config['norm']}" + (f"-{params}" if params else "")
+
+
+def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: int) -> list[dict[str, Any]]:
+    """Evaluate one configuration over all tags and all repetitions; one row per (repetition, tag).
+
+    ``config`` holds ``budget`` ("all" or an integer), ``probe``, ``norm`` and the probe's hyperparameters.
+    Each repetition draws a support set from the training pool, fits the probe for every tag at once,
+    and scores the test split. Rows carry the fit time so the sweep can measure its own overhead.
+    """
+    budget = parse_budget(config["budget"])
+    params = {k: v for k, v in config.items() if k not in ("budget", "probe", "norm")}
+    group = {t: "head" for t in data.head} | {t: "tail" for t in data.tail}
+    rows = []
+    for rep, support in enumerate(support_sets(data.y["train"], budget, repetitions, seed)):
+        start = time.perf_counter()
+        x, y = data.x["train"][support], data.y["train"][support]
+        probe = probes.fit(
+            config["probe"], x, y, data.tags, norm=config["norm"], params=params, seed=seed + rep
+        )
+        result = metrics.evaluate(data.y["test"], probe.apply(data.x["test"]), data.tags)
+        seconds = time.perf_counter() - start
+        for j, tag in enumerate(data.tags):
+            rows.append(
+                {
+                    "trial": trial_key(config),
+                    "budget": budget_name(budget),
+                    "probe": config["probe"],
+                    "norm": config["norm"],
+                    "params": ",".join(f"{k}={params[k]}" for k in sorted(params)),
+                    "rep": rep,
+                    "tag": tag,
+                    "group": group[tag],
+                    "n_support": len(support),
+                    "n_support_pos": int(y[:, j].sum()),
+                    "n_test_pos": int(result.n_pos[j]),
+                    "roc_auc": float(result.roc_auc[j]),
+                    "ap": float(result.ap[j]),
+                    "fit_s": seconds / len(data.tags),
+                }
+            )
+    return rows
+
+
+def synthetic(
+    n_tracks: int = 300,
+    n_tags: int = 12,
+    dim: int = 32,
+    labeled_fraction: float = 0.6,
+    noise: float = 0.5,
+    n_errors: int = 0,
+    seed: int = 0,
+    model_id: str = "synthetic",
+) -> tuple[pa.Table, pa.Table]:
+    """A catalog and an embeddings table whose embeddings are correlated with the tags (tests, benchmarks).
+
+    Tag frequencies fall off like Zipf (a head and a long tail); each track's embedding is the sum of its
+    tags' prototypes plus Gaussian noise. Unlabeled tracks get an empty ``tags`` list; the last
+    ``n_errors`` tracks get an embedding error instead of a vector.
+    """
+    rng = np.random.default_rng(seed)
+    names = [f"tag{j:02d}" for j in range(n_tags)]
+    freq = 0.5 / np.arange(1, n_tags + 1) ** 0.7
+    truth = rng.random((n_tracks, n_tags)) < freq
+    truth[~truth.any(axis=1), 0] = True
+    prototypes = rng.normal(size=(n_tags, dim)).astype(np.float32)
+    vectors = truth.astype(np.float32) @ prototypes + noise * rng.normal(size=(n_tracks, dim)).astype(
+        np.float32
+    )
+    ids = [f"t{i:05d}" for i in range(n_tracks)]
+    labeled = rng.random(n_tracks) < labeled_fraction
+    splits = rng.choice(["train", "valid", "test"], size=n_tracks, p=[0.6, 0.2, 0.2])
+    tags = [
+        [names[j] for j in np.flatnonzero(row)] if lab else []
+        for row, lab in zip(truth, labeled, strict=True)
+    ]
+    cat = pa.table(
+        {
+            "track_id": ids,
+            "audio_uri": [f"audio/{t}.wav" for t in ids],
+            "duration_s": np.full(n_tracks, 30.0),
+            "tags": tags,
+            "split": splits.tolist(),
+        },
+        schema=catalog.SCHEMA,
+    )
+    errors = [None] * (n_tracks - n_errors) + ["decode: corrupt header"] * n_errors
+    emb = pa.table(
+        {
+            "track_id": ids,
+            "embedding": [None if e else v.tolist() for v, e in zip(vectors, errors, strict=True)],
+            "n_chunks": np.full(n_tracks, 4, np.int32),
+            "duration_s": np.full(n_tracks, 30.0),
+            "model_id": [model_id] * n_tracks,
+            "error": errors,
+        },
+        schema=embeddings.schema(dim),
+    )
+    return cat, emb
+
+
+def final_probe_set(
+    data: ProbeData, config: dict[str, Any], target_precision: float | None = None, seed: int = 0
+) -> probes.ProbeSet:
+    """Refit a configuration on every labeled training track and choose each tag's threshold.
+
+    Thresholds come from the validation split (target precision, else maximum F1); a tag with no
+    validation positive falls back to its training scores, so every tag can be written back.
+    """
+    params = {k: v for k, v in config.items() if k not in ("budget", "probe", "norm")}
+    probe = probes.fit(
+        config["probe"],
+        data.x["train"],
+        data.y["train"],
+        data.tags,
+        config["norm"],
+        params,
+        seed,
+        data.model_id,
+    )
+    valid_scores = probe.apply(data.x["valid"]) if len(data.x["valid"]) else None
+    train_scores = probe.apply(data.x["train"])
+    thresholds = np.empty(len(data.tags), np.float32)
+    for j in range(len(data.tags)):
+        t = (
+            None
+            if valid_scores is None
+            else metrics.choose_threshold(data.y["valid"][:, j], valid_scores[:, j], target_precision)
+        )
+        if t is None:
+            t = metrics.choose_threshold(data.y["train"][:, j], train_scores[:, j], target_precision)
+        thresholds[j] = t
+    probe.thresholds = thresholds
+    probe.config = {**probe.config, "target_precision": target_precision, "threshold_split": "valid"}
+    return probe

@@ -1,0 +1,82 @@
+"""Probes: separable embeddings give ROC-AUC near 1, shuffled labels near 0.5; the saved set round-trips."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from musiclib import metrics, probes
+
+TAGS = [f"t{j}" for j in range(5)]
+
+
+def _separable(seed: int = 0, n: int = 400, dim: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.random((n, len(TAGS))) < 0.3
+    prototypes = 3 * rng.normal(size=(len(TAGS), dim))
+    x = y.astype(np.float64) @ prototypes + 0.3 * rng.normal(size=(n, dim)) + 5.0  # offset: norms matter
+    return x.astype(np.float32), y
+
+
+PARAMS = {"logreg": {"C": 1.0}, "linear": {"epochs": 150, "lr": 0.05}, "centroid": {}}
+
+
+@pytest.mark.parametrize("probe", probes.PROBES)
+@pytest.mark.parametrize("norm", probes.NORMS)
+def test_separable_embeddings_reach_auc_near_one(probe, norm):
+    x, y = _separable()
+    fitted = probes.fit(probe, x[:200], y[:200], TAGS, norm=norm, params=PARAMS[probe])
+    macro = metrics.evaluate(y[200:], fitted.apply(x[200:]), TAGS).macro()
+    assert macro["roc_auc"] > 0.97
+
+
+@pytest.mark.parametrize("probe", probes.PROBES)
+def test_shuffled_labels_give_chance(probe):
+    x, y = _separable(seed=1, n=2000)
+    y_shuffled = np.random.default_rng(0).permutation(y)
+    fitted = probes.fit(probe, x[:1000], y_shuffled[:1000], TAGS, norm="standardize", params=PARAMS[probe])
+    macro = metrics.evaluate(y_shuffled[1000:], fitted.apply(x[1000:]), TAGS).macro()
+    assert abs(macro["roc_auc"] - 0.5) < 0.05
+
+
+def test_normalisation_is_fitted_on_the_support_set_only():
+    x, _ = _separable()
+    norm = probes.fit_normalizer("standardize", x[:50])
+    np.testing.assert_allclose(norm.mean, x[:50].mean(axis=0), rtol=1e-5)
+    z = probes.fit_normalizer("l2", x)(x)
+    np.testing.assert_allclose(np.linalg.norm(z, axis=1), 1.0, rtol=1e-5)
+
+
+def test_single_class_tag_gets_constant_scores():
+    x, y = _separable()
+    y[:, 0] = False
+    fitted = probes.fit("logreg", x, y, TAGS)
+    scores = fitted.apply(x)
+    assert np.ptp(scores[:, 0]) == 0 and (scores[:, 0] < 0.01).all()
+
+
+@pytest.mark.parametrize("probe", probes.PROBES)
+def test_saved_probe_set_round_trips_without_pickle(tmp_path, probe):
+    x, y = _separable()
+    fitted = probes.fit(probe, x, y, TAGS, norm="standardize", params=PARAMS[probe], model_id="m1")
+    fitted.thresholds = np.linspace(0.1, 0.5, len(TAGS)).astype(np.float32)
+    uri = str(tmp_path / "probe_set.safetensors")
+    fitted.save(uri)
+    loaded = probes.ProbeSet.load(uri)
+    assert loaded.tags == TAGS and loaded.model_id == "m1" and loaded.link == fitted.link
+    assert loaded.config["probe"] == probe
+    np.testing.assert_allclose(loaded.apply(x), fitted.apply(x), rtol=1e-6)
+    np.testing.assert_array_equal(loaded.predict(loaded.apply(x)), loaded.apply(x) >= fitted.thresholds)
+
+
+def test_apply_is_one_linear_map_on_normalised_embeddings():
+    x, y = _separable()
+    fitted = probes.fit("centroid", x, y, TAGS, norm="l2")
+    z = fitted.norm(x)
+    np.testing.assert_allclose(fitted.apply(x), z @ fitted.weights + fitted.biases, rtol=1e-6)
+    cos = (
+        (z @ fitted.weights)
+        / np.linalg.norm(z, axis=1, keepdims=True)
+        / np.linalg.norm(fitted.weights, axis=0)
+    )
+    np.testing.assert_allclose(fitted.apply(x), cos, atol=1e-5)
