@@ -1,0 +1,258 @@
+"""tag: apply the chosen probe set to every track's embedding and write a versioned tag table.
+
+    python jobs/write_tags.py --root data/demo [--probe-run-id tune-...] [--only-new true]
+
+Ray Data streams the embedding shards through the probe set (one matrix product for all tags, with its
+normalisation) and writes long-form Parquet under ``<root>/tags/<version>/rows/``; the catalog's human
+labels are carried over unchanged; tracks whose embedding carries an error are listed with the reason.
+The version is published through the storage layer, so ``_latest`` moves only once it is complete.
+The version id is derived from the inputs (or ``--run-id``): a re-run with the same inputs is a no-op.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import ray
+
+from musiclib import catalog, embeddings, storage, tags
+from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, parse
+from musiclib.probes import ProbeSet
+
+AWS_VARS = (
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+)
+
+
+@dataclass
+class TagConfig:
+    """Write predicted tags, with scores and provenance, beside the catalog."""
+
+    root: str = DEFAULT_ROOT
+    probe_run_id: str = ""  # empty: the latest published tune run
+    run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same version
+    only_new: bool = False  # tag only tracks without tags of the probe set's model in the latest version
+    batch_size: int = 512
+    concurrency: int = 1  # scoring actors
+    num_cpus: int = 0  # 0: every core of this machine (local Ray); ignored when joining a cluster
+    summary_tags: int = 3  # long-tail tags whose most confident new tags the summary lists
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.concurrency < 1 or self.summary_tags < 0:
+            raise ConfigError("--batch-size and --concurrency must be at least 1, --summary-tags at least 0")
+
+
+@dataclass
+class Inputs:
+    """Everything a tag version depends on, resolved and checked before Ray starts."""
+
+    probe_run_id: str
+    probe_uri: str
+    probe_set: ProbeSet
+    embedding_files: list[str]
+    embedding_version: str
+    previous: storage.Manifest | None  # the latest tag version, if any
+
+
+def resolve(cfg: TagConfig, layout: Layout) -> Inputs:
+    """Find the probe set and its model's embeddings; a clear error when either is missing."""
+    run_id = cfg.probe_run_id or storage.latest_version(layout.probes)
+    if run_id is None or storage.read_manifest(layout.probes, run_id) is None:
+        raise ConfigError(
+            f"no published probe run {cfg.probe_run_id or ''} under {layout.probes}: run tune first"
+        )
+    probe_uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    probe_set = ProbeSet.load(probe_uri)
+    if probe_set.thresholds is None:
+        raise ConfigError(f"probe set {probe_uri} has no thresholds")
+    dataset = embeddings.dataset_uri(layout.embeddings, probe_set.model_id)
+    version = storage.latest_version(dataset)
+    if version is None:
+        raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
+    previous = storage.read_latest_manifest(layout.tags) if storage.latest_version(layout.tags) else None
+    return Inputs(
+        run_id,
+        probe_uri,
+        probe_set,
+        embeddings.files(layout.embeddings, probe_set.model_id),
+        version,
+        previous,
+    )
+
+
+def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:
+    """``--run-id``, else ``tags-<digest>`` of the probe set, embeddings, catalog and mode."""
+    if cfg.run_id:
+        return cfg.run_id
+    parts = [
+        storage.file_checksum(inputs.probe_uri),
+        inputs.probe_set.model_id,
+        inputs.embedding_version,
+        storage.file_checksum(layout.catalog),
+        cfg.only_new,
+        inputs.previous.version if cfg.only_new and inputs.previous else None,
+    ]
+    return "tags-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:10]
+
+
+class ScoreBatch:
+    """Ray Data actor: loads the probe set once, then turns embedding batches into long-form tag rows."""
+
+    def __init__(self, probe_uri: str, probe_run_id: str, tagged_at: str, skip: frozenset[str]):
+        self.probe_set = ProbeSet.load(probe_uri)
+        self.probe_run_id, self.tagged_at, self.skip = probe_run_id, tagged_at, skip
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = pc.and_(pc.is_null(batch["error"]), pc.is_valid(batch["embedding"]))
+        if self.skip:
+            ok = pc.and_(ok, pc.invert(pc.is_in(batch["track_id"], pa.array(sorted(self.skip), pa.string()))))
+        return tags.model_rows(batch.filter(ok), self.probe_set, self.probe_run_id, self.tagged_at)
+
+
+def already_tagged(previous: storage.Manifest | None, model_id: str) -> pa.Table:
+    """Model rows of ``model_id`` in the previous version: what ``--only-new`` carries over unchanged."""
+    if previous is None:
+        return tags.SCHEMA.empty_table()
+    rows = tags.read_version(previous)
+    return rows.filter((pc.field("source") == "model") & (pc.field("model_id") == model_id))
+
+
+def embedding_errors(files: list[str], catalog_ids: list[str]) -> pa.Table:
+    """Tracks with an embedding error (its reason) and catalog tracks with no embedding row at all."""
+    fs, _ = storage.arrow_filesystem(files[0])
+    emb = pq.ParquetDataset([storage.split_uri(u)[1] for u in files], filesystem=fs).read(
+        ["track_id", "error"]
+    )
+    failed = emb.filter(pc.is_valid(emb["error"]))
+    seen = set(emb["track_id"].to_pylist())
+    missing = [t for t in catalog_ids if t not in seen]
+    return pa.table(
+        {
+            "track_id": failed["track_id"].to_pylist() + missing,
+            "reason": [f"embedding error: {e}" for e in failed["error"].to_pylist()]
+            + ["no embedding"] * len(missing),
+        },
+        schema=tags.ERRORS_SCHEMA,
+    )
+
+
+def score_with_ray(
+    cfg: TagConfig, inputs: Inputs, rows_dir: str, tagged_at: str, skip: frozenset[str]
+) -> None:
+    """Stream the embedding shards through the probe set and write the model rows as Parquet."""
+    fs, _ = storage.arrow_filesystem(inputs.embedding_files[0])
+    paths = [storage.split_uri(u)[1] for u in inputs.embedding_files]
+    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["track_id", "embedding", "error"])
+    scored = ds.map_batches(
+        ScoreBatch,
+        fn_constructor_args=(inputs.probe_uri, inputs.probe_run_id, tagged_at, skip),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+    )
+    out_fs, out_path = storage.arrow_filesystem(rows_dir)
+    scored.write_parquet(out_path, filesystem=out_fs)
+
+
+def parquet_rows(uri: str) -> int:
+    with storage.open_input(uri) as f:
+        return pq.ParquetFile(f).metadata.num_rows
+
+
+def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) -> storage.Manifest:
+    """Write every file of the version (model, carried-over, human rows and errors), then publish it."""
+    version_dir = storage.version_uri(layout.tags, version)
+    storage.delete(version_dir, recursive=True)  # leftovers of a crashed attempt are never committed
+    rows_dir = storage.join(version_dir, tags.ROWS_DIR)
+    tagged_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    cat = catalog.read(layout.catalog, columns=["track_id", "tags"])
+    carried = (
+        already_tagged(inputs.previous, inputs.probe_set.model_id)
+        if cfg.only_new
+        else tags.SCHEMA.empty_table()
+    )
+    skip = frozenset(carried["track_id"].to_pylist())
+    score_with_ray(cfg, inputs, storage.join(rows_dir, "model"), tagged_at, skip)
+    files = storage.list_files(storage.join(rows_dir, "model"), ".parquet")
+    counts = [parquet_rows(u) for u in files]
+    extra_files = {
+        storage.join(rows_dir, "human.parquet"): tags.human_rows(cat, tagged_at),
+        storage.join(rows_dir, "carried.parquet"): carried,
+        storage.join(version_dir, tags.ERRORS_FILE): embedding_errors(
+            inputs.embedding_files, cat["track_id"].to_pylist()
+        ),
+    }
+    for uri, table in extra_files.items():
+        files.append(uri)
+        counts.append(tags.write_table(table, uri))
+    provenance = {
+        "model_id": inputs.probe_set.model_id,
+        "probe_run_id": inputs.probe_run_id,
+        "embedding_version": inputs.embedding_version,
+        "tagged_at": tagged_at,
+        "carried_over_tracks": len(skip),
+    }
+    return storage.publish(layout.tags, version, files, counts, config=asdict(cfg), extra=provenance)
+
+
+def print_summary(layout: Layout, manifest: storage.Manifest, inputs: Inputs, cfg: TagConfig) -> None:
+    """The end-of-job summary, and where the table is."""
+    table = tags.read_version(manifest, ["track_id", "tag", "score", "source", "predicted"])
+    vocab = catalog.vocabulary(layout.catalog, split="train")
+    tail = [t for t in reversed(vocab.tail) if t in inputs.probe_set.tags][: cfg.summary_tags]
+    errors = tags.read_errors(manifest)
+    print(tags.summarize(table, tail))
+    print(f"tracks not tagged: {len(errors)} (listed with reasons in {tags.ERRORS_FILE})")
+    print(f"tag: version {manifest.version} at {storage.version_uri(layout.tags, manifest.version)}")
+
+
+def init_ray(num_cpus: int) -> None:
+    """Local Ray (or the cluster from RAY_ADDRESS), with the AWS variables passed to workers, never printed."""
+    env = {k: os.environ[k] for k in AWS_VARS if k in os.environ}
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "runtime_env": {"env_vars": env},
+        "log_to_driver": False,
+    }
+    if num_cpus and not os.environ.get("RAY_ADDRESS"):
+        kwargs["num_cpus"] = num_cpus
+    ray.init(**kwargs)
+
+
+def main(argv: list[str] | None = None) -> storage.Manifest:
+    cfg = parse(TagConfig, argv)
+    layout = Layout(cfg.root)
+    inputs = resolve(cfg, layout)
+    version = version_id(cfg, layout, inputs)
+    manifest = storage.read_manifest(layout.tags, version)
+    if manifest is not None:
+        print(f"tag: version {version} is already complete; nothing to do")
+        return manifest
+    started_here = not ray.is_initialized()
+    if started_here:
+        init_ray(cfg.num_cpus)
+    try:
+        manifest = write_version(cfg, layout, inputs, version)
+    finally:
+        if started_here:
+            ray.shutdown()
+    print_summary(layout, manifest, inputs, cfg)
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

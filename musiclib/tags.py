@@ -1,0 +1,209 @@
+"""The tag table: what the tag job writes beside the catalog, how to read it, and a small query tool.
+
+``<root>/tags/`` is a versioned dataset (see ``storage``). A version holds, in long form, one row per
+(track, tag): ``track_id``, ``tag``, ``score``, ``source`` (``human``: a catalog label, carried over
+unchanged with score 1; ``model``: a probe's score for every tag), ``predicted`` (the score reached the
+tag's threshold; always true for human labels) and provenance ``model_id``, ``probe_run_id``,
+``tagged_at``. Data rows live in ``<version>/rows/``; tracks that could not be tagged are listed with
+the reason in ``<version>/errors/errors.parquet``.
+
+    python -m musiclib.tags show TRACK_ID [--root ROOT]
+    python -m musiclib.tags top TAG [--root ROOT] [--n 10]
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from musiclib import storage
+from musiclib.config import DEFAULT_ROOT, Layout
+from musiclib.probes import ProbeSet
+
+ROWS_DIR = "rows"
+ERRORS_FILE = "errors/errors.parquet"
+
+SCHEMA = pa.schema(
+    [
+        pa.field("track_id", pa.string(), nullable=False),
+        pa.field("tag", pa.string(), nullable=False),
+        pa.field("score", pa.float32()),
+        pa.field("source", pa.string(), nullable=False),
+        pa.field("predicted", pa.bool_()),
+        pa.field("model_id", pa.string()),
+        pa.field("probe_run_id", pa.string()),
+        pa.field("tagged_at", pa.string()),
+    ]
+)
+ERRORS_SCHEMA = pa.schema(
+    [pa.field("track_id", pa.string(), nullable=False), pa.field("reason", pa.string())]
+)
+
+
+def model_rows(table: pa.Table, probe_set: ProbeSet, probe_run_id: str, tagged_at: str) -> pa.Table:
+    """Score a batch of embedding rows (no errors) with every tag: one matrix product, then long form."""
+    n, n_tags = len(table), len(probe_set.tags)
+    if n == 0:
+        return SCHEMA.empty_table()
+    dim = probe_set.weights.shape[0]
+    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    scores = probe_set.apply(flat.reshape(n, dim))
+    return pa.table(
+        {
+            "track_id": np.repeat(np.asarray(table.column("track_id").to_pylist(), dtype=object), n_tags),
+            "tag": np.tile(np.asarray(probe_set.tags, dtype=object), n),
+            "score": scores.astype(np.float32).ravel(),
+            "source": np.full(n * n_tags, "model", dtype=object),
+            "predicted": probe_set.predict(scores).ravel(),
+            "model_id": np.full(n * n_tags, probe_set.model_id, dtype=object),
+            "probe_run_id": np.full(n * n_tags, probe_run_id, dtype=object),
+            "tagged_at": np.full(n * n_tags, tagged_at, dtype=object),
+        },
+        schema=SCHEMA,
+    )
+
+
+def human_rows(catalog_table: pa.Table, tagged_at: str) -> pa.Table:
+    """The catalog's human labels, one row per (track, tag), carried over exactly as labeled."""
+    ids, names = [], []
+    for tid, labels in zip(
+        catalog_table["track_id"].to_pylist(), catalog_table["tags"].to_pylist(), strict=True
+    ):
+        for tag in labels or ():
+            ids.append(tid)
+            names.append(tag)
+    n = len(ids)
+    return pa.table(
+        {
+            "track_id": ids,
+            "tag": names,
+            "score": np.ones(n, np.float32),
+            "source": ["human"] * n,
+            "predicted": np.ones(n, bool),
+            "model_id": [None] * n,
+            "probe_run_id": [None] * n,
+            "tagged_at": [tagged_at] * n,
+        },
+        schema=SCHEMA,
+    )
+
+
+def write_table(table: pa.Table, uri: str) -> int:
+    """Write a Parquet file atomically through the storage layer; returns its row count."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+    return len(table)
+
+
+def _read_files(uris: Sequence[str], columns: list[str] | None, schema: pa.Schema) -> pa.Table:
+    if not uris:
+        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    fs, _ = storage.arrow_filesystem(uris[0])
+    paths = [storage.split_uri(u)[1] for u in uris]
+    return pq.ParquetDataset(paths, filesystem=fs, schema=schema).read(columns=columns)
+
+
+def read_version(manifest: storage.Manifest, columns: list[str] | None = None) -> pa.Table:
+    """The tag rows of one committed version (only the files its manifest lists)."""
+    uris = [
+        u
+        for u, f in zip(manifest.file_uris(), manifest.files, strict=True)
+        if "/" + ROWS_DIR + "/" in "/" + f.path
+    ]
+    return _read_files(uris, columns, SCHEMA)
+
+
+def read_errors(manifest: storage.Manifest) -> pa.Table:
+    """Tracks a version could not tag, with the reason."""
+    uris = [
+        u for u, f in zip(manifest.file_uris(), manifest.files, strict=True) if f.path.endswith(ERRORS_FILE)
+    ]
+    return _read_files(uris, None, ERRORS_SCHEMA)
+
+
+def read_latest(tags_root: str, columns: list[str] | None = None) -> pa.Table:
+    """The rows of the version ``_latest`` points at; a clear error when nothing was tagged yet."""
+    return read_version(storage.read_latest_manifest(tags_root), columns)
+
+
+def show(tags_root: str, track_id: str) -> pa.Table:
+    """Every tag row of one track: human labels first, then model scores, highest first."""
+    table = read_latest(tags_root).filter(pc.field("track_id") == track_id)
+    return table.sort_by([("source", "ascending"), ("score", "descending")])
+
+
+def top(tags_root: str, tag: str, n: int = 10) -> pa.Table:
+    """The ``n`` tracks the model scores highest for ``tag``, with whether a human labeled them so."""
+    table = read_latest(tags_root)
+    rows = table.filter((pc.field("tag") == tag) & (pc.field("source") == "model"))
+    human = set(
+        table.filter((pc.field("tag") == tag) & (pc.field("source") == "human"))["track_id"].to_pylist()
+    )
+    best = rows.sort_by([("score", "descending"), ("track_id", "ascending")]).slice(0, n)
+    return best.append_column("human_label", pa.array([t in human for t in best["track_id"].to_pylist()]))
+
+
+def summarize(table: pa.Table, long_tail: Sequence[str], n_top: int = 10) -> str:
+    """Counts a person can check: tracks tagged, tags per track, tracks per tag (predicted vs human), and
+    the most confident new tags (predicted, no such human label) of a few long-tail tags."""
+    frame = table.to_pandas()
+    model = frame[frame["source"] == "model"]
+    human = frame[frame["source"] == "human"]
+    predicted = model[model["predicted"]]
+    per_track = predicted.groupby("track_id").size().reindex(model["track_id"].unique(), fill_value=0)
+    lines = [
+        f"tracks tagged by the model: {model['track_id'].nunique()}",
+        f"tracks with human labels: {human['track_id'].nunique()}",
+        f"predicted tags per track: mean {per_track.mean():.2f}, none {int((per_track == 0).sum())}",
+        "tracks per tag (predicted / human):",
+    ]
+    counts = pd.DataFrame(
+        {"predicted": predicted.groupby("tag").size(), "human": human.groupby("tag").size()}
+    )
+    for tag, row in counts.fillna(0).astype(int).sort_values("predicted", ascending=False).iterrows():
+        lines.append(f"  {tag:<24} {row['predicted']:>7} / {row['human']}")
+    labeled = set(zip(human["track_id"], human["tag"], strict=True))
+    for tag in long_tail:
+        rows = predicted[predicted["tag"] == tag]
+        new = rows[[(t, tag) not in labeled for t in rows["track_id"]]].nlargest(n_top, "score")
+        listed = ", ".join(f"{t} ({s:.2f})" for t, s in zip(new["track_id"], new["score"], strict=True))
+        lines.append(f"most confident new '{tag}' tags: {listed or 'none'}")
+    return "\n".join(lines)
+
+
+def _print(table: pa.Table) -> None:
+    """One line per row, floats to three decimals, nulls blank."""
+    for row in table.to_pylist():
+        cells = ["" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
+        print("  ".join(cells))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``show TRACK_ID`` or ``top TAG`` against the latest tag version under ``--root``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    root, n = DEFAULT_ROOT, 10
+    for flag in ("--root", "--n"):
+        if flag in args:
+            i = args.index(flag)
+            value = args[i + 1]
+            del args[i : i + 2]
+            root, n = (value, n) if flag == "--root" else (root, int(value))
+    if len(args) != 2 or args[0] not in ("show", "top"):
+        raise SystemExit("usage: python -m musiclib.tags show TRACK_ID | top TAG [--root ROOT] [--n N]")
+    tags_root = Layout(root).tags
+    table = show(tags_root, args[1]) if args[0] == "show" else top(tags_root, args[1], n)
+    if len(table) == 0:
+        raise SystemExit(f"no rows for {args[1]!r} in the latest tag version under {tags_root}")
+    print("  ".join(table.column_names))
+    _print(table)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,138 @@
+"""The tag job: scores equal the probe applied directly, human labels survive, atomic, idempotent, S3."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import numpy as np
+import pyarrow.compute as pc
+import pytest
+
+from musiclib import catalog, fewshot, probes, storage, tags
+from musiclib.config import ConfigError, Layout
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from test_tune import MODEL, write_embeddings, write_root  # noqa: E402
+
+from jobs import write_tags  # noqa: E402
+
+
+def publish_probe_set(root: str, cat, emb, run_id: str = "tune-test") -> probes.ProbeSet:
+    """Fit and publish a probe set the way the tune job does, without running a sweep."""
+    data = fewshot.prepare(cat, emb, MODEL)
+    probe_set = fewshot.final_probe_set(
+        data, {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
+    )
+    layout = Layout(root)
+    uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    probe_set.save(uri)
+    storage.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
+    return probe_set
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_endpoint):
+    """One Ray for the module; workers get the moto settings ``s3_root`` gives the driver."""
+    import ray
+
+    env = {
+        "AWS_ENDPOINT_URL": s3_endpoint,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_REGION": "us-east-1",
+    }
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, runtime_env={"env_vars": env})
+    yield
+    ray.shutdown()
+
+
+def check_table(root: str, cat, emb, probe_set: probes.ProbeSet) -> None:
+    """Model scores equal the probe applied directly; thresholds as saved; human labels unchanged."""
+    table = tags.read_latest(Layout(root).tags).to_pandas()
+    ok = emb.filter(pc.is_null(emb["error"]))
+    x = np.array(ok["embedding"].to_pylist(), np.float32)
+    expected = probe_set.apply(x)
+    model = table[table["source"] == "model"].set_index(["track_id", "tag"]).sort_index()
+    assert len(model) == len(ok) * len(probe_set.tags)
+    for i, tid in enumerate(ok["track_id"].to_pylist()[:40]):
+        got = model.loc[tid].loc[probe_set.tags]
+        np.testing.assert_allclose(got["score"].to_numpy(), expected[i], rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(got["predicted"].to_numpy(), expected[i] >= probe_set.thresholds)
+    human = table[table["source"] == "human"]
+    labels = {
+        (t, g) for t, gs in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist(), strict=True) for g in gs
+    }
+    assert set(zip(human["track_id"], human["tag"], strict=True)) == labels and len(human) == len(labels)
+    errors = tags.read_errors(storage.read_latest_manifest(Layout(root).tags))
+    assert set(errors["track_id"].to_pylist()) == set(
+        emb.filter(pc.is_valid(emb["error"]))["track_id"].to_pylist()
+    )
+    assert all(r.startswith("embedding error") for r in errors["reason"].to_pylist())
+
+
+def first_run_checks(root: str) -> storage.Manifest:
+    """Tag a fresh root, check the table against the probe set, then check a re-run is a no-op."""
+    cat, emb = write_root(root, n_tracks=120)
+    probe_set = publish_probe_set(root, cat, emb)
+    layout = Layout(root)
+    first = write_tags.main(["--root", root, "--num-cpus", "2"])
+    check_table(root, cat, emb, probe_set)
+
+    # a re-run with the same inputs is a no-op
+    again = write_tags.main(["--root", root])
+    assert again.version == first.version and again.created_at == first.created_at
+    assert storage.committed_versions(layout.tags) == [first.version]
+    return first
+
+
+def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
+    root = str(tmp_path / "root")
+    layout = Layout(root)
+    first = first_run_checks(root)
+
+    # a crash before the pointer moves leaves latest on the previous complete version
+    cat2, emb2 = fewshot.synthetic(n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=MODEL)
+    write_embeddings(root, emb2, version="v2")
+    catalog.write(cat2, layout.catalog)
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed before the manifest and the pointer were written")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "publish", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            write_tags.main(["--root", root, "--only-new", "true"])
+    assert storage.latest_version(layout.tags) == first.version
+    assert tags.read_latest(layout.tags).equals(tags.read_version(first))
+
+    # --only-new scores only the new tracks and carries the others over unchanged
+    new = write_tags.main(["--root", root, "--only-new", "true"])
+    assert storage.latest_version(layout.tags) == new.version != first.version
+    before = tags.read_version(first).to_pandas()
+    after = tags.read_version(new).to_pandas()
+    old_model = before[before["source"] == "model"].sort_values(["track_id", "tag"]).reset_index(drop=True)
+    kept = after[(after["source"] == "model") & after["track_id"].isin(old_model["track_id"])]
+    assert kept.sort_values(["track_id", "tag"]).reset_index(drop=True).equals(old_model)
+    fresh = after[(after["source"] == "model") & ~after["track_id"].isin(old_model["track_id"])]
+    # the new tracks, and the three whose embedding failed before and is fine now
+    assert set(fresh["track_id"]) == {f"t{i:05d}" for i in range(117, 147)}
+    assert len(fresh) == 30 * 8 and (fresh["probe_run_id"] == "tune-test").all()
+
+    summary = capsys.readouterr().out
+    assert "tracks tagged by the model" in summary and "most confident new" in summary
+    tags.main(["show", "t00001", "--root", root])
+    tags.main(["top", "tag07", "--root", root, "--n", "3"])
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("track_id") and any("t00001" in line for line in out[1:])
+
+
+def test_tags_s3(s3_root, ray_local):
+    first_run_checks(s3_root + "/musiclib")
+
+
+def test_missing_probe_set_fails_before_ray(tmp_path):
+    with pytest.raises(ConfigError, match="run tune first"):
+        write_tags.main(["--root", str(tmp_path)])
+    with pytest.raises(ConfigError):
+        write_tags.main(["--root", str(tmp_path), "--batch-size", "0"])
