@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q -ra
+	$(PY) -m pytest -q -ra --durations=15
 
 lint: $(STAMP)
 	$(PY) -m ruff check musiclib jobs tests bench cluster
@@ -29,8 +29,8 @@ demo-catalog: $(STAMP)
 	$(PY) jobs/make_demo_catalog.py --root $(ROOT) $(ARGS)
 
 # On CPU the demo trains the quarter-width encoder; pitch shift is off (it costs more than the step on CPU).
-PRETRAIN_DEMO ?= --width 0.25 --num-workers 2 --batch-size 32 --steps 300 --log-every 10 \
-	--checkpoint-every 100 --p-pitch 0
+PRETRAIN_DEMO ?= --width 0.25 --num-workers 2 --batch-size 32 --steps 120 --lr 5e-4 --warmup 10 --cosine true \
+	--log-every 10 --checkpoint-every 40 --p-pitch 0
 
 pretrain: $(STAMP)
 	$(PY) jobs/pretrain.py --root $(ROOT) $(PRETRAIN_DEMO) $(ARGS)
@@ -45,7 +45,11 @@ tag: $(STAMP)
 	$(PY) jobs/write_tags.py --root $(ROOT) $(ARGS)
 
 # The whole pipeline on the embedded default (local Ray, local files, the generated demo catalog).
-demo: demo-catalog
+demo: $(STAMP)
+	$(MAKE) --no-print-directory demo-catalog pretrain embed tune tag ROOT=$(ROOT)
+	@echo "--- outputs under $(ROOT)"
+	@$(PY) -m musiclib.tags outputs --root $(ROOT)
+	@echo "query: $(PY) -m musiclib.tags top TAG --root $(ROOT)   (or: show TRACK_ID)"
 
 clean:
 	rm -rf $(ROOT)

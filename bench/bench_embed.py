@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs import embed as job  # noqa: E402
 from musiclib import catalog, demo, embedding, models, storage  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
+from musiclib.ray_env import ray_session
 
 
 @dataclass
@@ -144,19 +145,19 @@ def main(argv: list[str] | None = None) -> None:
     _, plain = embedding.embed_catalog(catalog_uri, encoder, model_id, batch_size=cfg.batch_size)
     plain_rate = plain.tracks / plain.wall_s
     print(f"plain loop: {plain}")
-    job.init_ray(job.EmbedConfig(root=small))
-    cold, _ = run_job(small, cfg)
-    print(f"ray job, cold (starts the workers, loads the model): {cold}")
-    ray_summary, _ = run_job(small, cfg)
-    ray_rate = ray_summary.tracks / ray_summary.wall_s
-    print(f"ray job, warm: {ray_summary}")
-    print(
-        f"RATIOS ray/plain {ray_rate / plain_rate:.2f}x, ray/decode-floor {ray_rate / floor:.2f}x, "
-        f"plain/decode-floor {plain_rate / floor:.2f}x"
-    )
-    for n in cfg.sizes:
-        summary, peak = run_job(roots[n], cfg)
-        print(f"MEMORY {n} tracks: peak PSS of all Ray processes {peak / 2**20:.0f} MiB; {summary}")
+    with ray_session():
+        cold, _ = run_job(small, cfg)
+        print(f"ray job, cold (starts the workers, loads the model): {cold}")
+        ray_summary, _ = run_job(small, cfg)
+        ray_rate = ray_summary.tracks / ray_summary.wall_s
+        print(f"ray job, warm: {ray_summary}")
+        print(
+            f"RATIOS ray/plain {ray_rate / plain_rate:.2f}x, ray/decode-floor {ray_rate / floor:.2f}x, "
+            f"plain/decode-floor {plain_rate / floor:.2f}x"
+        )
+        for n in cfg.sizes:
+            summary, peak = run_job(roots[n], cfg)
+            print(f"MEMORY {n} tracks: peak PSS of all Ray processes {peak / 2**20:.0f} MiB; {summary}")
 
 
 if __name__ == "__main__":

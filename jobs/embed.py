@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import os
 import sys
 import time
 import uuid
@@ -36,18 +35,10 @@ from ray.data.checkpoint import CheckpointConfig
 
 from musiclib import catalog, embedding, embeddings, models, storage
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
+from musiclib.ray_env import ray_session
 
 PENDING = "_pending.json"
 CHECKPOINTS = "_checkpoints"
-AWS_VARIABLES = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-)
 
 
 @dataclass
@@ -66,7 +57,7 @@ class EmbedConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     shard_rows: int = 10000  # fewest rows per output Parquet file
-    ray_address: str = ""  # empty: start a local Ray
+    ray_address: str = ""  # empty: RAY_ADDRESS inside a submitted job, else a new local Ray
 
     @property
     def catalog_uri(self) -> str:
@@ -93,25 +84,6 @@ class EmbedConfig:
 
 
 # --------------------------------------------------------------------------- Ray
-
-
-def init_ray(cfg: EmbedConfig) -> None:
-    """Join the cluster at ``ray_address``, or start a new local one with spare CPU slots for checkpointing.
-
-    The local default never attaches to another Ray that happens to run on the machine.
-
-    The AWS variables go to the workers through the runtime env (values are passed on, never printed).
-    """
-    if ray.is_initialized():
-        return
-    env = {k: os.environ[k] for k in AWS_VARIABLES if k in os.environ}
-    local_cpus = None if cfg.ray_address else max(4, os.cpu_count() or 1)
-    ray.init(
-        address=cfg.ray_address or "local",
-        num_cpus=local_cpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": env},
-    )
 
 
 class EncoderActor:
@@ -251,8 +223,8 @@ def run(cfg: EmbedConfig) -> embedding.Summary:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse(EmbedConfig, argv)
-    init_ray(cfg)
-    summary = run(cfg)
+    with ray_session(cfg.ray_address):
+        summary = run(cfg)
     print(f"embed: {summary}")
 
 

@@ -44,6 +44,7 @@ from musiclib.pretraining import (
     save_checkpoint,
     shard_report,
 )
+from musiclib.ray_env import ray_session
 
 
 def prepare_shards(cfg: PretrainConfig, layout: Layout) -> dict[str, Any]:
@@ -160,16 +161,10 @@ def main(argv: list[str] | None = None) -> str:
     cfg = parse(PretrainConfig, argv)
     layout = Layout(cfg.root)
     torch.manual_seed(cfg.seed)
-    started_here = not ray.is_initialized()
-    if started_here:
-        ray.init(include_dashboard=False)
-    try:
+    with ray_session():
         shards = prepare_shards(cfg, layout)
         result = train(cfg, layout)
         model_id = export(cfg, layout, result, shards)
-    finally:
-        if started_here:
-            ray.shutdown()
     print(f"pretrain: exported {model_id} to {layout.models}")
     return model_id
 

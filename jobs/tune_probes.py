@@ -13,6 +13,7 @@ run is published as a version of the probes dataset (``_latest`` moves last).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import itertools
@@ -31,16 +32,7 @@ from ray import tune
 
 from musiclib import catalog, embeddings, fewshot, models, probes, report, storage
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, parse
-
-AWS_VARS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-)
+from musiclib.ray_env import ray_session
 
 
 @dataclass
@@ -308,19 +300,6 @@ def _excluded_counts(excluded: dict[str, str]) -> str:
     return "(" + ", ".join(f"{k}: {v}" for k, v in counts.items()) + ")" if len(counts) else ""
 
 
-def init_ray(num_cpus: int) -> None:
-    """Local Ray (or the cluster from RAY_ADDRESS), with the AWS variables passed to workers, never printed."""
-    env = {k: os.environ[k] for k in AWS_VARS if k in os.environ}
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "runtime_env": {"env_vars": env},
-        "log_to_driver": False,
-    }
-    if num_cpus and not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = num_cpus
-    ray.init(**kwargs)
-
-
 def main(argv: list[str] | None = None) -> storage.Manifest:
     cfg = parse(TuneConfig, argv)
     layout = Layout(cfg.root)
@@ -335,14 +314,8 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
     configs = configurations(cfg)
     todo = [c for c in configs if not storage.exists(trial_uri(run_dir, c))]
     print(f"tune: run {run_id}: {len(configs)} configurations, {len(configs) - len(todo)} already done")
-    started_here = not ray.is_initialized()
-    if started_here and todo:
-        init_ray(cfg.num_cpus)
-    try:
+    with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False) if todo else contextlib.nullcontext():
         timing = run_sweep(cfg, data, run_dir, todo)
-    finally:
-        if started_here and ray.is_initialized():
-            ray.shutdown()
     manifest = finish(cfg, layout, data, run_id, collect(run_dir, configs), timing)
     print(f"tune: report {storage.join(run_dir, 'report.md')}")
     print(f"tune: plot {storage.join(run_dir, 'budget_curve.png')}")

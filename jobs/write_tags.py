@@ -14,9 +14,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,16 +24,7 @@ import ray
 from musiclib import catalog, embeddings, storage, tags
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, parse
 from musiclib.probes import ProbeSet
-
-AWS_VARS = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-)
+from musiclib.ray_env import ray_session
 
 
 @dataclass
@@ -220,19 +209,6 @@ def print_summary(layout: Layout, manifest: storage.Manifest, inputs: Inputs, cf
     print(f"tag: version {manifest.version} at {storage.version_uri(layout.tags, manifest.version)}")
 
 
-def init_ray(num_cpus: int) -> None:
-    """Local Ray (or the cluster from RAY_ADDRESS), with the AWS variables passed to workers, never printed."""
-    env = {k: os.environ[k] for k in AWS_VARS if k in os.environ}
-    kwargs: dict[str, Any] = {
-        "include_dashboard": False,
-        "runtime_env": {"env_vars": env},
-        "log_to_driver": False,
-    }
-    if num_cpus and not os.environ.get("RAY_ADDRESS"):
-        kwargs["num_cpus"] = num_cpus
-    ray.init(**kwargs)
-
-
 def main(argv: list[str] | None = None) -> storage.Manifest:
     cfg = parse(TagConfig, argv)
     layout = Layout(cfg.root)
@@ -242,14 +218,8 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
     if manifest is not None:
         print(f"tag: version {version} is already complete; nothing to do")
         return manifest
-    started_here = not ray.is_initialized()
-    if started_here:
-        init_ray(cfg.num_cpus)
-    try:
+    with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False):
         manifest = write_version(cfg, layout, inputs, version)
-    finally:
-        if started_here:
-            ray.shutdown()
     print_summary(layout, manifest, inputs, cfg)
     return manifest
 

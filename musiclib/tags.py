@@ -185,8 +185,22 @@ def _print(table: pa.Table) -> None:
         print("  ".join(cells))
 
 
+def print_outputs(layout: Layout) -> None:
+    """Where the latest sweep report, budget curve, probe set and tag table of a root are."""
+    probes_run = storage.latest_version(layout.probes)
+    if probes_run is not None:
+        run_dir = storage.version_uri(layout.probes, probes_run)
+        for name in ("report.md", "budget_curve.png", "probe_set.safetensors"):
+            print(f"{name:<22} {storage.join(run_dir, name)}")
+    tags_version = storage.latest_version(layout.tags)
+    if tags_version is not None:
+        print(f"{'tag table':<22} {storage.version_uri(layout.tags, tags_version)}")
+    if probes_run is None and tags_version is None:
+        raise SystemExit(f"no probe run and no tag version under {layout.root} yet")
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``show TRACK_ID`` or ``top TAG`` against the latest tag version under ``--root``."""
+    """``show TRACK_ID``, ``top TAG`` or ``outputs`` against the latest versions under ``--root``."""
     args = list(sys.argv[1:] if argv is None else argv)
     root, n = DEFAULT_ROOT, 10
     for flag in ("--root", "--n"):
@@ -195,8 +209,13 @@ def main(argv: list[str] | None = None) -> None:
             value = args[i + 1]
             del args[i : i + 2]
             root, n = (value, n) if flag == "--root" else (root, int(value))
+    if args == ["outputs"]:
+        print_outputs(Layout(root))
+        return
     if len(args) != 2 or args[0] not in ("show", "top"):
-        raise SystemExit("usage: python -m musiclib.tags show TRACK_ID | top TAG [--root ROOT] [--n N]")
+        raise SystemExit(
+            "usage: python -m musiclib.tags show TRACK_ID | top TAG | outputs [--root ROOT] [--n N]"
+        )
     tags_root = Layout(root).tags
     table = show(tags_root, args[1]) if args[0] == "show" else top(tags_root, args[1], n)
     if len(table) == 0:

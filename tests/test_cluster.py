@@ -343,7 +343,7 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_endpoint):
 
     model_id = catalog_on_s3
     layout = Layout(cluster.root)
-    embed_args = "--ray-address auto --max-chunks 2 --batch-size 12 --decode-cpus 1 --actors 1"
+    embed_args = "--max-chunks 2 --batch-size 12 --decode-cpus 1 --actors 1"
     out = make("submit", cluster.submit_env, JOB="embed", ROOT=cluster.root, ARGS=embed_args)
     assert out.returncode == 0, out.stdout[-3000:]
     with _aws_env(s3_endpoint):

@@ -1,0 +1,51 @@
+"""How every job starts or joins Ray: a new local Ray by default, the cluster when ``RAY_ADDRESS`` is set.
+
+Only non-secret S3 settings travel to workers in the runtime env. Credentials never do: local workers
+inherit the driver's environment, and cluster nodes have their own (an IAM role on AWS, a Kubernetes
+Secret on KubeRay, the shell that ran ``ray start``). A runtime env is stored by the cluster and shown
+on its dashboard, so a secret put there would leak. Ray is imported here only, never by the math.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def forwarded_env() -> dict[str, str]:
+    """The S3 settings (endpoint, region; never credentials) that workers should see as the driver does."""
+    return {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
+
+
+@contextlib.contextmanager
+def ray_session(address: str = "", num_cpus: int | None = None, log_to_driver: bool = True) -> Iterator[None]:
+    """Ray for the duration of a job: started or joined on entry, shut down on exit if started here.
+
+    ``address`` (or ``RAY_ADDRESS``, set inside a submitted job) joins that cluster. Otherwise a new local
+    Ray starts with ``num_cpus`` logical CPUs (at least 4: Ray Data's checkpoint filters and Tune's
+    controller need spare slots on a 2-core machine), never attaching to another Ray on the machine.
+    Inside a Ray that is already running (a test's, a notebook's) it does nothing.
+    """
+    import ray
+
+    started = False
+    if not ray.is_initialized():
+        joining = address or os.environ.get("RAY_ADDRESS")
+        kwargs = {
+            "include_dashboard": False,
+            "log_to_driver": log_to_driver,
+            "runtime_env": {"env_vars": forwarded_env()},
+        }
+        if joining:
+            ray.init(address=address or None, **kwargs)
+        else:
+            ray.init(address="local", num_cpus=max(4, num_cpus or os.cpu_count() or 1), **kwargs)
+        started = True
+    try:
+        yield
+    finally:
+        if started:
+            ray.shutdown()
