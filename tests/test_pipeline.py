@@ -1,0 +1,60 @@
+"""The whole pipeline, reduced: demo catalog → pretrain → embed → tune → tag, on one local Ray."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pyarrow.compute as pc
+import pytest
+
+from musiclib import catalog, demo, embeddings, models, storage, tags
+from musiclib.config import Layout
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jobs import embed, pretrain, tune_probes, write_tags  # noqa: E402
+
+
+@pytest.mark.slow
+def test_demo_chain_end_to_end(tmp_path, capsys):
+    import ray
+
+    root = str(tmp_path / "demo")
+    layout = Layout(root)
+    demo.make_catalog(
+        root, n_tracks=40, faults=True, labeled_fraction=1.0, min_seconds=3.0, max_seconds=5.0, workers=1
+    )
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        model_id = pretrain.main(
+            ["--root", root, "--width", "0.0625", "--num-workers", "2", "--batch-size", "8", "--steps", "4"]
+            + ["--checkpoint-every", "4", "--log-every", "2", "--p-pitch", "0"]
+        )
+        embed.main(["--root", root, "--batch-size", "8", "--max-chunks", "2"])
+        tune_probes.main(
+            ["--root", root, "--budgets", "2,all", "--probes", "logreg,centroid", "--norms", "l2"]
+            + ["--c-grid", "1", "--repetitions", "2"]
+        )
+        write_tags.main(["--root", root])
+    finally:
+        ray.shutdown()
+
+    assert models.latest_model(layout.models) == model_id
+    cat = catalog.read(layout.catalog, columns=["track_id", "tags", "fault"])
+    good = set(cat.filter(pc.is_null(cat["fault"]))["track_id"].to_pylist())
+    emb = embeddings.read(layout.embeddings, model_id, columns=["track_id", "error"])
+    assert sorted(emb["track_id"].to_pylist()) == sorted(cat["track_id"].to_pylist())
+
+    manifest = storage.read_latest_manifest(layout.tags)
+    table = tags.read_version(manifest)
+    model_rows = table.filter(pc.equal(table["source"], "model"))
+    assert set(model_rows["track_id"].to_pylist()) == good
+    human = table.filter(pc.equal(table["source"], "human"))
+    expected = {(t, tag) for t, ts in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) for tag in ts}
+    assert set(zip(human["track_id"].to_pylist(), human["tag"].to_pylist())) == expected
+    errors = tags.read_errors(manifest)
+    assert set(errors["track_id"].to_pylist()) == set(cat["track_id"].to_pylist()) - good
+
+    tags.main(["outputs", "--root", root])
+    out = capsys.readouterr().out
+    assert "report.md" in out and "budget_curve.png" in out and "tag table" in out
