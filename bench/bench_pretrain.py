@@ -10,7 +10,6 @@ of step time spent waiting for a batch, as one JSON line at the end.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import time
@@ -22,14 +21,8 @@ import torch
 from musiclib.config import Layout, parse
 from musiclib.pretraining import PretrainConfig, build, committed_shards, fit, load_training_data, plan_labels
 
-
-def _job():
-    """``jobs/pretrain.py`` as a module (jobs are scripts, not a package)."""
-    path = Path(__file__).resolve().parents[1] / "jobs" / "pretrain.py"
-    spec = importlib.util.spec_from_file_location("pretrain_job", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jobs import pretrain as job  # noqa: E402
 
 
 def plain_loop(cfg: PretrainConfig) -> dict[str, float]:
@@ -50,7 +43,6 @@ def main(argv: list[str]) -> dict[str, float]:
     cfg = PretrainConfig(
         **{**vars(cfg), "run_name": run, "log_every": cfg.steps // 2, "checkpoint_every": cfg.steps}
     )
-    job = _job()
     ray.init(num_cpus=cfg.num_workers * cfg.cpus_per_worker + 1, include_dashboard=False)
     try:
         job.prepare_shards(cfg, Layout(cfg.root))

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import socket
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +38,9 @@ from musiclib.pretraining import (
     select_labels,
     shard_report,
 )
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jobs import pretrain as job  # noqa: E402
 
 SR = audio.SAMPLE_RATE
 CHUNK = audio.CHUNK_SAMPLES
@@ -255,19 +258,10 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
 # --------------------------------------------------------------------------- the Ray job
 
 
-def _load_job():
-    path = Path(__file__).resolve().parents[1] / "jobs" / "pretrain.py"
-    spec = importlib.util.spec_from_file_location("pretrain_job", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_two_worker_run_checkpoints_and_resumes_at_the_saved_step(tiny_catalog, tmp_path):
     import ray
 
-    job = _load_job()
     root = str(tmp_path)
     argv = ["--root", root, "--width", "0.0625", "--num-workers", "2", "--batch-size", "4"]
     argv += ["--checkpoint-every", "2", "--log-every", "1", "--p-pitch", "0", "--shard-tracks", "2"]
