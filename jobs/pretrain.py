@@ -76,6 +76,12 @@ def prepare_shards(cfg: PretrainConfig, layout: Layout) -> dict[str, Any]:
     return report
 
 
+def say(line: str) -> None:
+    """A progress line from a Train worker, once: Ray Train patches ``print`` to log and echo each line."""
+    sys.stdout.write(f"pretrain: {line}\n")
+    sys.stdout.flush()
+
+
 def train_loop(config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: load its share of the shards, resume if asked, train, checkpoint."""
     cfg = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
@@ -90,13 +96,13 @@ def train_loop(config: dict[str, Any]) -> None:
         with checkpoint.as_directory() as directory:
             start = restore(model, optimizer, load_checkpoint(directory))
     if rank == 0:
-        print(f"pretrain: worker 0 of {world}: {len(data)} tracks in memory, starting at step {start}")
+        say(f"worker 0 of {world}: {len(data)} tracks in memory, starting at step {start}")
     ddp_model = prepare_model(model)
 
     def report(step: int, metrics: dict[str, float], checkpoint_due: bool) -> None:
         metrics = {**metrics, "start_step": start}
         if rank == 0:
-            print("pretrain: " + progress_line(metrics, cfg.steps), flush=True)
+            say(progress_line(metrics, cfg.steps))
         if not checkpoint_due:
             ray.train.report(metrics)
             return
