@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> str:
     cfg = parse(PretrainConfig, argv)
     layout = Layout(cfg.root)
     torch.manual_seed(cfg.seed)
-    with ray_session():
+    with ray_session(include_dashboard=True):
         shards = prepare_shards(cfg, layout)
         result = train(cfg, layout)
         model_id = export(cfg, layout, result, shards)

@@ -21,13 +21,19 @@ def forwarded_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def ray_session(address: str = "", num_cpus: int | None = None, log_to_driver: bool = True) -> Iterator[None]:
+def ray_session(
+    address: str = "",
+    num_cpus: int | None = None,
+    log_to_driver: bool = True,
+    include_dashboard: bool = False,
+) -> Iterator[None]:
     """Ray for the duration of a job: started or joined on entry, shut down on exit if started here.
 
     ``address`` (or ``RAY_ADDRESS``, set inside a submitted job) joins that cluster. Otherwise a new local
     Ray starts with ``num_cpus`` logical CPUs (at least 4: Ray Data's checkpoint filters and Tune's
     controller need spare slots on a 2-core machine), never attaching to another Ray on the machine.
-    Inside a Ray that is already running (a test's, a notebook's) it does nothing.
+    Inside a Ray that is already running (a test's, a notebook's) it does nothing. The dashboard (off by
+    default) also serves Ray's State API, which Ray Train's placement-group cleaner polls.
     """
     import ray
 
@@ -35,7 +41,7 @@ def ray_session(address: str = "", num_cpus: int | None = None, log_to_driver: b
     if not ray.is_initialized():
         joining = address or os.environ.get("RAY_ADDRESS")
         kwargs = {
-            "include_dashboard": False,
+            "include_dashboard": include_dashboard,
             "log_to_driver": log_to_driver,
             "runtime_env": {"env_vars": forwarded_env()},
         }
