@@ -57,9 +57,6 @@ class EmbedConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     shard_rows: int = 10000  # fewest rows per output Parquet file
-    reserve_op_resources: bool = (
-        False  # Ray Data's per-operator reservation (starves decoding on small nodes)
-    )
     ray_address: str = ""  # empty: RAY_ADDRESS inside a submitted job, else a new local Ray
 
     @property
@@ -140,27 +137,23 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
 
 
 @contextlib.contextmanager
-def data_context(checkpoint_dir: str, reserve_op_resources: bool) -> Iterator[None]:
-    """Ray Data settings for the datasets created inside the block, restored on exit.
+def checkpointing(checkpoint_dir: str) -> Iterator[None]:
+    """Ray Data job-level checkpointing keyed by ``track_id`` for the datasets created inside the block.
 
-    Job-level checkpointing keyed by ``track_id``: a dataset takes the checkpoint config when it is
-    created, so the pipeline is built inside the block. The checkpoint is kept after success and deleted
-    only once the version is published, so a run killed between the last write and the publish does not
-    write its tracks a second time. Per-operator resource reservation is off by default: it held the
-    decode operator to about one task at a time on 2 cores (25 → 44 tracks/s without it, see
-    docs/BENCHMARKS.md); the actor pool's CPUs are held by its actors either way.
+    A dataset takes the checkpoint config when it is created, so the pipeline is built inside the block.
+    The checkpoint is kept after success: it is deleted only once the version is published, so a run
+    killed between the last write and the publish does not write its tracks a second time.
     """
     fs, path = storage.arrow_filesystem(checkpoint_dir)
     ctx = ray.data.DataContext.get_current()
-    previous = ctx.checkpoint_config, ctx.op_resource_reservation_enabled
+    previous = ctx.checkpoint_config
     ctx.checkpoint_config = CheckpointConfig(
         id_column="track_id", checkpoint_path=path, delete_checkpoint_on_success=False, override_filesystem=fs
     )
-    ctx.op_resource_reservation_enabled = reserve_op_resources
     try:
         yield
     finally:
-        ctx.checkpoint_config, ctx.op_resource_reservation_enabled = previous
+        ctx.checkpoint_config = previous
 
 
 # --------------------------------------------------------------------------- versions
@@ -211,7 +204,7 @@ def run(cfg: EmbedConfig) -> embedding.Summary:
     checkpoint_dir = storage.join(dataset, CHECKPOINTS, version)
     kept = carried_files(dataset, cfg.only_new)
     fs, out_path = storage.arrow_filesystem(out_dir)
-    with data_context(checkpoint_dir, cfg.reserve_op_resources):
+    with checkpointing(checkpoint_dir):
         ds = build_pipeline(
             cfg, model_id, embedding.written_ids([storage.join(dataset, f.path) for f in kept])
         )
