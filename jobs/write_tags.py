@@ -122,10 +122,7 @@ def already_tagged(previous: storage.Manifest | None, model_id: str) -> pa.Table
 
 def embedding_errors(files: list[str], catalog_ids: list[str]) -> pa.Table:
     """Tracks with an embedding error (its reason) and catalog tracks with no embedding row at all."""
-    fs, _ = storage.arrow_filesystem(files[0])
-    emb = pq.ParquetDataset([storage.split_uri(u)[1] for u in files], filesystem=fs).read(
-        ["track_id", "error"]
-    )
+    emb = embeddings.read_files(files, ["track_id", "error"])
     failed = emb.filter(pc.is_valid(emb["error"]))
     seen = set(emb["track_id"].to_pylist())
     missing = [t for t in catalog_ids if t not in seen]
