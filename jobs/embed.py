@@ -137,23 +137,32 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
 
 
 @contextlib.contextmanager
-def checkpointing(checkpoint_dir: str) -> Iterator[None]:
-    """Ray Data job-level checkpointing keyed by ``track_id`` for the datasets created inside the block.
+def data_context(checkpoint_dir: str) -> Iterator[None]:
+    """Ray Data settings for the datasets created and run inside the block; the previous ones after it.
 
-    A dataset takes the checkpoint config when it is created, so the pipeline is built inside the block.
-    The checkpoint is kept after success: it is deleted only once the version is published, so a run
-    killed between the last write and the publish does not write its tracks a second time.
+    - Job-level checkpointing keyed by ``track_id``. The checkpoint is kept after success: it is deleted
+      only once the version is published, so a run killed between the last write and the publish does
+      not write its tracks a second time.
+    - The catalog is read with Ray Data's first Parquet reader. The second one (``use_datasource_v2``,
+      the 2.60 default) reads file footers in nested tasks that each wait for a new worker: about 5 s per
+      run on a 2-core node, against 0.2 s (measured, docs/BENCHMARKS.md).
+    - No per-operator resource reservation. Ray Data would reserve an equal share of the CPUs for each
+      running operator, the Parquet writer included, which sits idle until the end; on a small node that
+      holds decoding to one task at a time while CPUs stay free. Memory stays bounded by the streaming
+      executor's backpressure on the queues between operators (measured at 1k and 10k tracks).
     """
     fs, path = storage.arrow_filesystem(checkpoint_dir)
     ctx = ray.data.DataContext.get_current()
-    previous = ctx.checkpoint_config
+    previous = (ctx.checkpoint_config, ctx.use_datasource_v2, ctx.op_resource_reservation_enabled)
     ctx.checkpoint_config = CheckpointConfig(
         id_column="track_id", checkpoint_path=path, delete_checkpoint_on_success=False, override_filesystem=fs
     )
+    ctx.use_datasource_v2 = False
+    ctx.op_resource_reservation_enabled = False
     try:
         yield
     finally:
-        ctx.checkpoint_config = previous
+        ctx.checkpoint_config, ctx.use_datasource_v2, ctx.op_resource_reservation_enabled = previous
 
 
 # --------------------------------------------------------------------------- versions
@@ -204,7 +213,7 @@ def run(cfg: EmbedConfig) -> embedding.Summary:
     checkpoint_dir = storage.join(dataset, CHECKPOINTS, version)
     kept = carried_files(dataset, cfg.only_new)
     fs, out_path = storage.arrow_filesystem(out_dir)
-    with checkpointing(checkpoint_dir):
+    with data_context(checkpoint_dir):
         ds = build_pipeline(
             cfg, model_id, embedding.written_ids([storage.join(dataset, f.path) for f in kept])
         )
