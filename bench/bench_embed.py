@@ -43,7 +43,7 @@ class BenchConfig:
     throughput_tracks: int = 1000  # catalog size for the throughput comparison
     width: float = 0.25  # SampleCNN width (1.0 is the full model)
     batch_size: int = 16
-    actors: int = 1
+    actors: int = 0  # as the job: 0 = automatic
     repeats: int = 2  # timed runs of the plain loop and of the warm Ray job; the fastest of each counts
 
 

@@ -53,7 +53,7 @@ class EmbedConfig:
     batch_size: int = 16  # tracks per decode task batch and per encoder call
     chunk_batch: int = 64  # chunks per encoder forward
     decode_cpus: float = 1.0  # CPUs per decode task
-    actors: int = 1  # most encoder actors
+    actors: int = 0  # most encoder actors; 0: one per GPU, or half the CPUs on a cluster without GPUs
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     shard_rows: int = 10000  # fewest rows per output Parquet file
@@ -65,9 +65,11 @@ class EmbedConfig:
 
     def validate(self) -> None:
         """Fail fast, before Ray starts: bad numbers, unreachable storage, a missing catalog or model."""
-        for name in ("max_chunks", "batch_size", "chunk_batch", "actors", "shard_rows"):
+        for name in ("max_chunks", "batch_size", "chunk_batch", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.actors < 0:
+            raise ConfigError(f"--actors must not be negative (0: automatic), got {self.actors}")
         if self.decode_cpus <= 0 or self.cpus_per_actor < 0:
             raise ConfigError("--decode-cpus must be positive and --cpus-per-actor not negative")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
@@ -99,6 +101,24 @@ class EncoderActor:
         return embedding.embed_batch(self.encoder, decoded, self.model_id, self.chunk_batch, self.device)
 
 
+def encoder_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> tuple[float, int]:
+    """GPUs per encoder actor and the most actors, from the config or, where it says 0 / None, the cluster.
+
+    With GPUs: up to one actor per GPU, added as the backlog grows. Without: the encoder shares the CPUs
+    with decoding and its forward pass costs more than decoding there, so a fixed pool holding half the
+    CPUs starts at once (autoscaling from one actor, on a small node whose CPUs the decoders held, kept
+    requesting a second actor that never started; measured in docs/BENCHMARKS.md).
+    """
+    gpus = cfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    if cfg.actors:
+        return gpus, cfg.actors
+    if gpus > 0:
+        return gpus, max(1, int(cluster.get("GPU", 0) // gpus))
+    return gpus, max(1, int(cluster.get("CPU", 1) / 2 // max(cfg.cpus_per_actor, 1.0)))
+
+
 def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
     """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming.
 
@@ -117,9 +137,7 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
     )
-    gpus = cfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    gpus, actors = encoder_resources(cfg, ray.cluster_resources())
     return decoded.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         EncoderActor,
         fn_constructor_kwargs={
@@ -128,7 +146,7 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
             "chunk_batch": cfg.chunk_batch,
             "device": "cuda" if gpus > 0 else "cpu",
         },
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.actors),
+        compute=ray.data.ActorPoolStrategy(min_size=1 if gpus > 0 else actors, max_size=actors),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.cpus_per_actor,

@@ -57,7 +57,7 @@ class TuneConfig:
     tolerance: float = 0.02  # per-tag AP distance to the full-label result that counts as "as good"
     target_precision: float | None = None  # thresholds: reach this precision on valid, else max F1
     num_cpus: int = 0  # 0: every core of this machine (local Ray); ignored when joining a cluster
-    max_concurrent: int = 0  # 0: one trial per CPU
+    max_concurrent: int = 0  # 0: one trial per core (local Ray) or per CPU of the cluster
 
     def validate(self) -> None:
         """Fail fast on a bad budget, probe, normalisation or range, before any data is read or Ray starts."""
@@ -189,13 +189,23 @@ def run_trial(
     )
 
 
+def trial_slots(cfg: TuneConfig, local: bool, cluster_cpus: int) -> int:
+    """Trials at once: ``--max-concurrent``, else one per core of this machine or per CPU of the cluster.
+
+    A local Ray advertises at least 4 logical CPUs (``ray_session``); running 4 trials on 2 cores would
+    only time-slice them and start twice the worker processes.
+    """
+    if cfg.max_concurrent:
+        return cfg.max_concurrent
+    return max(1, min(cluster_cpus, cfg.num_cpus or os.cpu_count() or 1) if local else cluster_cpus)
+
+
 def run_sweep(
-    cfg: TuneConfig, data: fewshot.ProbeData, run_dir: str, todo: list[dict[str, Any]]
+    cfg: TuneConfig, data: fewshot.ProbeData, run_dir: str, todo: list[dict[str, Any]], slots: int
 ) -> dict[str, float]:
     """Run the unfinished configurations as Tune trials; return wall time and summed trial compute time."""
     if not todo:
         return {"wall_s": 0.0, "compute_s": 0.0, "slots": 1, "startup_s": 0.0, "steady_overhead": 0.0}
-    slots = cfg.max_concurrent or int(ray.cluster_resources().get("CPU", 1))
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial, data=data, repetitions=cfg.repetitions, seed=cfg.seed, run_dir=run_dir
@@ -314,8 +324,10 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
     configs = configurations(cfg)
     todo = [c for c in configs if not storage.exists(trial_uri(run_dir, c))]
     print(f"tune: run {run_id}: {len(configs)} configurations, {len(configs) - len(todo)} already done")
-    with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False) if todo else contextlib.nullcontext():
-        timing = run_sweep(cfg, data, run_dir, todo)
+    session = ray_session(num_cpus=cfg.num_cpus, log_to_driver=False) if todo else contextlib.nullcontext()
+    with session as local:
+        slots = trial_slots(cfg, bool(local), int(ray.cluster_resources().get("CPU", 1))) if todo else 1
+        timing = run_sweep(cfg, data, run_dir, todo, slots)
     manifest = finish(cfg, layout, data, run_id, collect(run_dir, configs), timing)
     print(f"tune: report {storage.join(run_dir, 'report.md')}")
     print(f"tune: plot {storage.join(run_dir, 'budget_curve.png')}")

@@ -26,18 +26,19 @@ def ray_session(
     num_cpus: int | None = None,
     log_to_driver: bool = True,
     include_dashboard: bool = False,
-) -> Iterator[None]:
+) -> Iterator[bool]:
     """Ray for the duration of a job: started or joined on entry, shut down on exit if started here.
 
     ``address`` (or ``RAY_ADDRESS``, set inside a submitted job) joins that cluster. Otherwise a new local
     Ray starts with ``num_cpus`` logical CPUs (at least 4: Ray Data's checkpoint filters and Tune's
     controller need spare slots on a 2-core machine), never attaching to another Ray on the machine.
     Inside a Ray that is already running (a test's, a notebook's) it does nothing. The dashboard (off by
-    default) also serves Ray's State API, which Ray Train's placement-group cleaner polls.
+    default) also serves Ray's State API, which Ray Train's placement-group cleaner polls. Yields whether
+    a new local Ray was started.
     """
     import ray
 
-    started = False
+    started = local = False
     if not ray.is_initialized():
         joining = address or os.environ.get("RAY_ADDRESS")
         kwargs = {
@@ -49,9 +50,10 @@ def ray_session(
             ray.init(address=address or None, **kwargs)
         else:
             ray.init(address="local", num_cpus=max(4, num_cpus or os.cpu_count() or 1), **kwargs)
+            local = True
         started = True
     try:
-        yield
+        yield local
     finally:
         if started:
             ray.shutdown()

@@ -139,6 +139,21 @@ def test_config_fails_fast(tmp_path):
     with pytest.raises(ConfigError, match="no exported model"):
         parse(job.EmbedConfig, ["--root", str(tmp_path), "--model-id", "nope"])
     assert parse(job.EmbedConfig, ["--root", str(tmp_path)]).model_id == ""
+    with pytest.raises(ConfigError, match="actors"):
+        parse(job.EmbedConfig, ["--root", str(tmp_path), "--actors", "-1"])
+
+
+def test_encoder_resources_follow_the_cluster_unless_configured():
+    auto = job.EmbedConfig()
+    assert job.encoder_resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
+    assert job.encoder_resources(auto, {"CPU": 4.0}) == (0.0, 2)
+    assert job.encoder_resources(auto, {"CPU": 1.0}) == (0.0, 1)
+    assert job.encoder_resources(job.EmbedConfig(cpus_per_actor=4), {"CPU": 16.0}) == (0.0, 2)
+    assert job.encoder_resources(job.EmbedConfig(gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == (0.5, 4)
+    assert job.encoder_resources(job.EmbedConfig(actors=3, gpus_per_actor=0), {"CPU": 8.0, "GPU": 2.0}) == (
+        0.0,
+        3,
+    )
 
 
 # --------------------------------------------------------------------------- the Ray job

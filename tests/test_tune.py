@@ -66,6 +66,13 @@ def test_config_is_validated_before_any_work(tmp_path):
         tune_probes.main(["--root", str(tmp_path / "empty")])
 
 
+def test_trial_slots_are_cores_on_a_local_ray_and_cpus_on_a_cluster():
+    cfg = tune_probes.TuneConfig(num_cpus=2)
+    assert tune_probes.trial_slots(cfg, local=True, cluster_cpus=4) == 2  # local Ray advertises >= 4
+    assert tune_probes.trial_slots(cfg, local=False, cluster_cpus=64) == 64
+    assert tune_probes.trial_slots(tune_probes.TuneConfig(max_concurrent=3), local=True, cluster_cpus=4) == 3
+
+
 def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local):
     root = str(tmp_path / "root")
     write_root(root)
