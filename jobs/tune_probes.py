@@ -212,7 +212,6 @@ def run_sweep(
         ),
         {"cpu": 1},
     )
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # per-trial CSV/JSON/TensorBoard files
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(group_by_trial(todo))},
