@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import io
 import itertools
 import json
 import os
@@ -145,12 +144,6 @@ def trial_uri(run_dir: str, config: dict[str, Any]) -> str:
     return storage.join(run_dir, "trials", fewshot.trial_key(config) + ".parquet")
 
 
-def write_parquet(table: pa.Table, uri: str) -> None:
-    sink = io.BytesIO()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(uri, sink.getvalue())
-
-
 def group_by_trial(configs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """One Tune trial per budget x probe x hyperparameters; its normalisations run inside it.
 
@@ -175,7 +168,7 @@ def run_trial(
     rows = []
     for trial in config["trial"]:
         trial_rows = fewshot.run_config(data, trial, repetitions, seed)
-        write_parquet(pa.Table.from_pylist(trial_rows), trial_uri(run_dir, trial))
+        storage.write_parquet(pa.Table.from_pylist(trial_rows), trial_uri(run_dir, trial))
         rows += trial_rows
     macro = pd.DataFrame(rows).groupby(["trial", "rep"])[["ap", "roc_auc"]].mean().max()
     tune.report(
@@ -284,7 +277,7 @@ def finish(
     }
     names = ["results.parquet", "report.md", "budget_curve.png", "probe_set.safetensors"]
     uris = [storage.join(run_dir, name) for name in names]
-    write_parquet(pa.Table.from_pandas(results, preserve_index=False), uris[0])
+    storage.write_parquet(pa.Table.from_pandas(results, preserve_index=False), uris[0])
     markdown = report.render_markdown(summary, best, cheapest, facts, cfg.tolerance)
     storage.write_bytes(uris[1], markdown.encode())
     report.plot_budget_curve(best, uris[2])

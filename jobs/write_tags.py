@@ -122,7 +122,7 @@ def already_tagged(previous: storage.Manifest | None, model_id: str) -> pa.Table
 
 def embedding_errors(files: list[str], catalog_ids: list[str]) -> pa.Table:
     """Tracks with an embedding error (its reason) and catalog tracks with no embedding row at all."""
-    emb = embeddings.read_files(files, ["track_id", "error"])
+    emb = storage.read_parquet(files, ["track_id", "error"])
     failed = emb.filter(pc.is_valid(emb["error"]))
     seen = set(emb["track_id"].to_pylist())
     missing = [t for t in catalog_ids if t not in seen]
@@ -184,7 +184,7 @@ def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) 
     }
     for uri, table in extra_files.items():
         files.append(uri)
-        counts.append(tags.write_table(table, uri))
+        counts.append(storage.write_parquet(table, uri))
     provenance = {
         "model_id": inputs.probe_set.model_id,
         "probe_run_id": inputs.probe_run_id,

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from musiclib import storage
 
@@ -74,10 +73,7 @@ def read(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 def write(table: pa.Table, uri: str) -> None:
     """Write a catalog as one Parquet file, atomically (readers see the old file or the new one)."""
-    table = conform(table)
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
+    storage.write_parquet(conform(table), uri)
 
 
 def conform(table: pa.Table) -> pa.Table:

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import av
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 
 from musiclib import audio, catalog, embeddings, storage
@@ -142,14 +141,10 @@ def embed_batch(
 
 
 def written_ids(files: list[str]) -> np.ndarray:
-    """Sorted track ids of embedding files, reading only their ``track_id`` column (streams file by file)."""
-    parts = []
-    for uri in files:
-        fs, path = storage.arrow_filesystem(uri)
-        parts.append(pq.read_table(path, columns=["track_id"], filesystem=fs).column("track_id"))
-    if not parts:
+    """Sorted track ids of embedding files, reading only their ``track_id`` column."""
+    if not files:
         return np.array([], dtype=object)
-    return np.sort(pa.chunked_array(parts, pa.string()).to_numpy())
+    return np.sort(storage.read_parquet(files, ["track_id"]).column("track_id").to_numpy())
 
 
 def drop_written(rows: pa.Table, written: np.ndarray) -> pa.Table:
@@ -200,8 +195,7 @@ def summarize(files: list[str], wall_s: float) -> Summary:
     """The summary of embedding files, reading two small columns file by file."""
     summary = Summary(wall_s=wall_s)
     for uri in files:
-        fs, path = storage.arrow_filesystem(uri)
-        summary.add(pq.read_table(path, columns=["duration_s", "error"], filesystem=fs))
+        summary.add(storage.read_parquet([uri], ["duration_s", "error"]))
     return summary
 
 

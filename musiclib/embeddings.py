@@ -9,7 +9,6 @@ lists every Parquet file of the current, complete embedding set. One row per cat
 from __future__ import annotations
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from musiclib import storage
 
@@ -41,10 +40,4 @@ def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) 
     uris = files(embeddings_root, model_id)
     if not uris:
         raise storage.StorageError(f"embeddings of {model_id} under {embeddings_root} hold no files")
-    return read_files(uris, columns)
-
-
-def read_files(uris: list[str], columns: list[str] | None = None) -> pa.Table:
-    """Embedding Parquet files (URIs on one filesystem) as one table, reading only ``columns``."""
-    fs, _ = storage.arrow_filesystem(uris[0])
-    return pq.ParquetDataset([storage.split_uri(u)[1] for u in uris], filesystem=fs).read(columns=columns)
+    return storage.read_parquet(uris, columns)

@@ -34,7 +34,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -195,9 +194,7 @@ def prepare_shard(
             rows[name].append(value)
     version = shard_version(rows["track_id"])
     file_uri = storage.join(storage.version_uri(shards_uri, version), "shard.parquet")
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table(rows, schema=SHARD_SCHEMA), sink)
-    storage.write_bytes(file_uri, sink.getvalue().to_pybytes())
+    storage.write_parquet(pa.table(rows, schema=SHARD_SCHEMA), file_uri, compression="snappy")
     bad = Counter(e.split(":", 1)[0] for e in rows["error"] if e)
     storage.publish(
         shards_uri,
@@ -227,11 +224,7 @@ def committed_shards(shards_uri: str) -> list[str]:
 
 def read_shard_columns(uris: list[str], columns: list[str]) -> pa.Table:
     """Some columns of the given shards as one table (column projection: metadata reads skip the audio)."""
-    tables = []
-    for uri in uris:
-        fs, path = storage.arrow_filesystem(uri)
-        tables.append(pq.read_table(path, columns=columns, filesystem=fs))
-    return pa.concat_tables(tables) if tables else SHARD_SCHEMA.empty_table().select(columns)
+    return storage.read_parquet(uris, columns, SHARD_SCHEMA)
 
 
 def plan_shards(train: pa.Table, done: set[str], shard_tracks: int) -> list[dict[str, list]]:

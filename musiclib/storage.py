@@ -26,7 +26,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 import fsspec
+import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 SCHEMES = ("", "file", "s3")
 MANIFEST_DIR = "_manifests"
@@ -197,6 +199,30 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def write_parquet(table: pa.Table, uri: str, compression: str = "zstd") -> int:
+    """Write a table as one Parquet file, atomically (``write_bytes``); returns its row count."""
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression=compression)
+    write_bytes(uri, sink.getvalue().to_pybytes())
+    return len(table)
+
+
+def read_parquet(
+    uris: list[str], columns: list[str] | None = None, schema: pa.Schema | None = None
+) -> pa.Table:
+    """Parquet files (URIs on one filesystem) as one table, reading only ``columns``.
+
+    No files give an empty table of ``schema`` when one is given.
+    """
+    if not uris:
+        if schema is None:
+            raise StorageError("no Parquet files to read")
+        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
+    fs, _ = arrow_filesystem(uris[0])
+    paths = [split_uri(u)[1] for u in uris]
+    return pq.ParquetDataset(paths, filesystem=fs, schema=schema).read(columns=columns)
 
 
 def read_json(uri: str) -> Any:

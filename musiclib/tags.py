@@ -20,7 +20,6 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from musiclib import storage
 from musiclib.config import DEFAULT_ROOT, Layout
@@ -94,22 +93,6 @@ def human_rows(catalog_table: pa.Table, tagged_at: str) -> pa.Table:
     )
 
 
-def write_table(table: pa.Table, uri: str) -> int:
-    """Write a Parquet file atomically through the storage layer; returns its row count."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression="zstd")
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
-    return len(table)
-
-
-def _read_files(uris: Sequence[str], columns: list[str] | None, schema: pa.Schema) -> pa.Table:
-    if not uris:
-        return schema.empty_table() if columns is None else schema.empty_table().select(columns)
-    fs, _ = storage.arrow_filesystem(uris[0])
-    paths = [storage.split_uri(u)[1] for u in uris]
-    return pq.ParquetDataset(paths, filesystem=fs, schema=schema).read(columns=columns)
-
-
 def read_version(manifest: storage.Manifest, columns: list[str] | None = None) -> pa.Table:
     """The tag rows of one committed version (only the files its manifest lists)."""
     uris = [
@@ -117,7 +100,7 @@ def read_version(manifest: storage.Manifest, columns: list[str] | None = None) -
         for u, f in zip(manifest.file_uris(), manifest.files, strict=True)
         if "/" + ROWS_DIR + "/" in "/" + f.path
     ]
-    return _read_files(uris, columns, SCHEMA)
+    return storage.read_parquet(uris, columns, SCHEMA)
 
 
 def read_errors(manifest: storage.Manifest) -> pa.Table:
@@ -125,7 +108,7 @@ def read_errors(manifest: storage.Manifest) -> pa.Table:
     uris = [
         u for u, f in zip(manifest.file_uris(), manifest.files, strict=True) if f.path.endswith(ERRORS_FILE)
     ]
-    return _read_files(uris, None, ERRORS_SCHEMA)
+    return storage.read_parquet(uris, schema=ERRORS_SCHEMA)
 
 
 def read_latest(tags_root: str, columns: list[str] | None = None) -> pa.Table:

@@ -134,6 +134,19 @@ def test_arrow_filesystem_reads_what_fsspec_wrote(root):
     assert pq.read_table(path, filesystem=fs).num_rows == 4
 
 
+def test_parquet_files_write_atomically_and_read_as_one_table(root):
+    schema = pa.schema([("id", pa.string()), ("x", pa.float64())])
+    uris = [storage.join(root, "t", f"part-{i}.parquet") for i in range(2)]
+    for i, uri in enumerate(uris):
+        table = pa.table({"id": [f"a{i}", f"b{i}"], "x": [float(i), i + 0.5]}, schema=schema)
+        assert storage.write_parquet(table, uri) == 2
+    both = storage.read_parquet(uris, ["id"])
+    assert both.column_names == ["id"] and sorted(both["id"].to_pylist()) == ["a0", "a1", "b0", "b1"]
+    assert storage.read_parquet([], ["x"], schema).schema == pa.schema([("x", pa.float64())])
+    with pytest.raises(storage.StorageError, match="no Parquet files"):
+        storage.read_parquet([])
+
+
 def test_unreachable_s3_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
