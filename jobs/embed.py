@@ -28,7 +28,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
@@ -207,16 +206,6 @@ def carried_files(dataset: str, only_new: bool) -> list[storage.FileEntry]:
     return storage.read_latest_manifest(dataset).files
 
 
-def row_counts(files: list[str]) -> list[int]:
-    """Rows of each Parquet file, from its footer."""
-    counts = []
-    for uri in files:
-        fs, path = storage.arrow_filesystem(uri)
-        with fs.open_input_file(path) as f:
-            counts.append(pq.read_metadata(f).num_rows)
-    return counts
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -239,7 +228,9 @@ def run(cfg: EmbedConfig) -> embedding.Summary:
     new = storage.list_files(out_dir, ".parquet")
     if new or not kept:
         config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
-        manifest = storage.publish(dataset, version, new, row_counts(new), config=config, carried=kept)
+        manifest = storage.publish(
+            dataset, version, new, [storage.parquet_rows(u) for u in new], config=config, carried=kept
+        )
         print(f"published {dataset} version {version}: {manifest.rows} rows in {len(manifest.files)} files")
     else:
         print(f"{dataset} is up to date: every catalog track has an embedding; nothing published")

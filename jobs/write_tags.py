@@ -18,7 +18,6 @@ from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray
 
 from musiclib import catalog, embeddings, storage, tags
@@ -69,18 +68,11 @@ def resolve(cfg: TagConfig, layout: Layout) -> Inputs:
     if probe_set.thresholds is None:
         raise ConfigError(f"probe set {probe_uri} has no thresholds")
     dataset = embeddings.dataset_uri(layout.embeddings, probe_set.model_id)
-    version = storage.latest_version(dataset)
-    if version is None:
+    if storage.latest_version(dataset) is None:
         raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
+    emb = storage.read_latest_manifest(dataset)  # files and version from the same manifest
     previous = storage.read_latest_manifest(layout.tags) if storage.latest_version(layout.tags) else None
-    return Inputs(
-        run_id,
-        probe_uri,
-        probe_set,
-        embeddings.files(layout.embeddings, probe_set.model_id),
-        version,
-        previous,
-    )
+    return Inputs(run_id, probe_uri, probe_set, emb.file_uris(), emb.version, previous)
 
 
 def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:
@@ -103,12 +95,13 @@ class ScoreBatch:
 
     def __init__(self, probe_uri: str, probe_run_id: str, tagged_at: str, skip: frozenset[str]):
         self.probe_set = ProbeSet.load(probe_uri)
-        self.probe_run_id, self.tagged_at, self.skip = probe_run_id, tagged_at, skip
+        self.probe_run_id, self.tagged_at = probe_run_id, tagged_at
+        self.skip = pa.array(sorted(skip), pa.string())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         ok = pc.and_(pc.is_null(batch["error"]), pc.is_valid(batch["embedding"]))
-        if self.skip:
-            ok = pc.and_(ok, pc.invert(pc.is_in(batch["track_id"], pa.array(sorted(self.skip), pa.string()))))
+        if len(self.skip):
+            ok = pc.and_(ok, pc.invert(pc.is_in(batch["track_id"], self.skip)))
         return tags.model_rows(batch.filter(ok), self.probe_set, self.probe_run_id, self.tagged_at)
 
 
@@ -154,11 +147,6 @@ def score_with_ray(
     scored.write_parquet(out_path, filesystem=out_fs)
 
 
-def parquet_rows(uri: str) -> int:
-    with storage.open_input(uri) as f:
-        return pq.ParquetFile(f).metadata.num_rows
-
-
 def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) -> storage.Manifest:
     """Write every file of the version (model, carried-over, human rows and errors), then publish it."""
     version_dir = storage.version_uri(layout.tags, version)
@@ -174,7 +162,7 @@ def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) 
     skip = frozenset(carried["track_id"].to_pylist())
     score_with_ray(cfg, inputs, storage.join(rows_dir, "model"), tagged_at, skip)
     files = storage.list_files(storage.join(rows_dir, "model"), ".parquet")
-    counts = [parquet_rows(u) for u in files]
+    counts = [storage.parquet_rows(u) for u in files]
     extra_files = {
         storage.join(rows_dir, "human.parquet"): tags.human_rows(cat, tagged_at),
         storage.join(rows_dir, "carried.parquet"): carried,

@@ -139,9 +139,19 @@ def prepare(
     return ProbeData(vocab.tags, vocab.head, vocab.tail, vocab.counts, x, y, ids, model_id, excluded)
 
 
+def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
+    """The probe's own settings in a sweep configuration: everything but budget, probe and normalisation."""
+    return {k: v for k, v in config.items() if k not in ("budget", "probe", "norm")}
+
+
+def params_text(params: dict[str, Any]) -> str:
+    """Hyperparameters as ``k=v`` pairs in key order, the form results and trial ids carry."""
+    return ",".join(f"{k}={params[k]}" for k in sorted(params))
+
+
 def trial_key(config: dict[str, Any]) -> str:
     """A stable, readable id of one sweep configuration (budget, probe, normalisation, hyperparameters)."""
-    params = ",".join(f"{k}={config[k]}" for k in sorted(config) if k not in ("budget", "probe", "norm"))
+    params = params_text(hyperparameters(config))
     return f"{config['budget']}-{config['probe']}-{config['norm']}" + (f"-{params}" if params else "")
 
 
@@ -153,7 +163,8 @@ def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: 
     and scores the test split. Rows carry the fit time so the sweep can measure its own overhead.
     """
     budget = parse_budget(config["budget"])
-    params = {k: v for k, v in config.items() if k not in ("budget", "probe", "norm")}
+    params = hyperparameters(config)
+    key, text = trial_key(config), params_text(params)
     group = {t: "head" for t in data.head} | {t: "tail" for t in data.tail}
     rows = []
     for rep, support in enumerate(support_sets(data.y["train"], budget, repetitions, seed)):
@@ -167,11 +178,11 @@ def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: 
         for j, tag in enumerate(data.tags):
             rows.append(
                 {
-                    "trial": trial_key(config),
+                    "trial": key,
                     "budget": budget_name(budget),
                     "probe": config["probe"],
                     "norm": config["norm"],
-                    "params": ",".join(f"{k}={params[k]}" for k in sorted(params)),
+                    "params": text,
                     "rep": rep,
                     "tag": tag,
                     "group": group[tag],
@@ -251,7 +262,7 @@ def final_probe_set(
     Thresholds come from the validation split (target precision, else maximum F1); a tag with no
     validation positive falls back to its training scores, so every tag can be written back.
     """
-    params = {k: v for k, v in config.items() if k not in ("budget", "probe", "norm")}
+    params = hyperparameters(config)
     probe = probes.fit(
         config["probe"],
         data.x["train"],

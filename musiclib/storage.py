@@ -225,6 +225,13 @@ def read_parquet(
     return pq.ParquetDataset(paths, filesystem=fs, schema=schema).read(columns=columns)
 
 
+def parquet_rows(uri: str) -> int:
+    """Rows of a Parquet file, from its footer (the data is not read)."""
+    fs, path = arrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.read_metadata(f).num_rows
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 
