@@ -42,6 +42,9 @@ REGION = "us-east-1"
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a loaded 2-core machine is slow
 
 
+WORKER_PORTS = 41  # each node's worker port range
+
+
 def _free_ports(n: int) -> list[int]:
     """``n`` distinct ports that are free on 127.0.0.1 right now."""
     sockets = [socket.socket() for _ in range(n)]
@@ -52,6 +55,29 @@ def _free_ports(n: int) -> list[int]:
     finally:
         for s in sockets:
             s.close()
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_range(avoid: set[int]) -> int:
+    """First port of ``WORKER_PORTS`` consecutive free ports, none of them in ``avoid``.
+
+    A range grown from one free port can cover a port already given to another service (Ray refuses to
+    start then), so every port of the range is checked.
+    """
+    for _ in range(200):
+        (start,) = _free_ports(1)
+        ports = range(start, start + WORKER_PORTS)
+        if ports[-1] < 65536 and not avoid.intersection(ports) and all(map(_bindable, ports)):
+            return start
+    raise RuntimeError("no free range of worker ports")
 
 
 @dataclass
@@ -97,7 +123,7 @@ def _node_args(ports: list[int]) -> list[str]:
         f"--runtime-env-agent-port={runtime_env_agent}",
         f"--metrics-export-port={metrics}",
         f"--min-worker-port={workers}",
-        f"--max-worker-port={workers + 40}",
+        f"--max-worker-port={workers + WORKER_PORTS - 1}",
         "--object-store-memory=200000000",
         "--disable-usage-stats",
         "--block",
@@ -191,7 +217,10 @@ def cluster(s3_endpoint) -> Iterator[LocalCluster]:
     token_file.chmod(0o600)
     base = _base_env(token_file, s3_endpoint)
     node_env = {**base, **CREDENTIALS}
-    gcs_port, dashboard, client, *ports = _free_ports(3 + 14)
+    gcs_port, dashboard, client, *ports = _free_ports(3 + 12)
+    head_workers = _free_range(set(ports) | {gcs_port, dashboard, client})
+    taken = set(ports) | {gcs_port, dashboard, client, *range(head_workers, head_workers + WORKER_PORTS)}
+    node_workers = _free_range(taken)
     gcs = f"127.0.0.1:{gcs_port}"
     head_args = [
         "--head",
@@ -200,9 +229,9 @@ def cluster(s3_endpoint) -> Iterator[LocalCluster]:
         f"--temp-dir={temp_dir}",
     ]
     head_args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
-    head_args += ["--num-cpus=4", "--num-gpus=0", *_node_args(ports[:7])]
+    head_args += ["--num-cpus=4", "--num-gpus=0", *_node_args([*ports[:6], head_workers])]
     worker_args = [f"--address={gcs}", "--num-cpus=2", "--num-gpus=0", '--resources={"decode": 2}']
-    worker_args += _node_args(ports[7:])
+    worker_args += _node_args([*ports[6:], node_workers])
     url = f"http://127.0.0.1:{dashboard}"
     nodes: list[subprocess.Popen] = []
     try:
