@@ -144,17 +144,22 @@ def trial_uri(run_dir: str, config: dict[str, Any]) -> str:
     return storage.join(run_dir, "trials", fewshot.trial_key(config) + ".parquet")
 
 
+LONGEST_FIRST = ("logreg", "linear", "centroid")  # probes by the cost of one trial
+
+
 def group_by_trial(configs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     """One Tune trial per budget x probe x hyperparameters; its normalisations run inside it.
 
     A single fit takes milliseconds, so a trial per normalisation would be mostly Tune bookkeeping; inside
     one trial the normalisations are also compared on the very same support sets.
+    Trials are ordered longest first (a scikit-learn fit per tag, then one torch fit, then one matrix
+    product), so the last trials of a sweep are short and no slot idles long while another finishes.
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for config in configs:
         key = fewshot.trial_key({**config, "norm": "*"})
         groups.setdefault(key, []).append(config)
-    return list(groups.values())
+    return sorted(groups.values(), key=lambda group: LONGEST_FIRST.index(group[0]["probe"]))
 
 
 def run_trial(

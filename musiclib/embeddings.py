@@ -41,3 +41,13 @@ def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) 
     if not uris:
         raise storage.StorageError(f"embeddings of {model_id} under {embeddings_root} hold no files")
     return storage.read_parquet(uris, columns)
+
+
+def publish_table(embeddings_root: str, model_id: str, version: str, table: pa.Table) -> storage.Manifest:
+    """Publish ``table`` as one version of a model's embeddings, in one shard (synthetic data, small imports).
+
+    The embed job writes many shards itself and publishes them the same way (``storage.publish``).
+    """
+    dataset = dataset_uri(embeddings_root, model_id)
+    uri = storage.join(storage.version_uri(dataset, version), "part-00000.parquet")
+    return storage.publish(dataset, version, [uri], [storage.write_parquet(table, uri)])

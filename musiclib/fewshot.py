@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from musiclib import catalog, embeddings, metrics, probes
+from musiclib import catalog, embeddings, metrics, models, probes
+from musiclib.config import Layout
 
 BUDGETS: tuple[int | None, ...] = (1, 2, 5, 10, 20, 50, 100, None)
 
@@ -251,6 +252,17 @@ def synthetic(
         },
         schema=embeddings.schema(dim),
     )
+    return cat, emb
+
+
+def write_synthetic_root(root: str, model_id: str = "synthetic", **kwargs: Any) -> tuple[pa.Table, pa.Table]:
+    """A project root holding a ``synthetic`` catalog, its embeddings of ``model_id`` and the latest-model
+    pointer: what the tune and tag jobs read, without audio or an encoder (tests, benchmarks)."""
+    cat, emb = synthetic(model_id=model_id, **kwargs)
+    layout = Layout(root)
+    catalog.write(cat, layout.catalog)
+    embeddings.publish_table(layout.embeddings, model_id, "v1", emb)
+    models.set_latest_model(layout.models, model_id)
     return cat, emb
 
 

@@ -80,3 +80,26 @@ def test_apply_is_one_linear_map_on_normalised_embeddings():
         / np.linalg.norm(fitted.weights, axis=0)
     )
     np.testing.assert_allclose(fitted.apply(x), cos, atol=1e-5)
+
+
+def test_linear_probe_matches_torch_adam():
+    """The written-out Adam follows ``torch.optim.Adam`` (L2 weight decay) step for step."""
+    import torch
+
+    x, y = _separable(seed=3, n=120)
+    w, b = probes.fit_linear(x, y, lr=0.05, weight_decay=1e-3, epochs=30, seed=7)
+
+    layer = torch.nn.Linear(x.shape[1], y.shape[1])
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(layer.weight.shape, generator=torch.Generator().manual_seed(7)) * 0.01)
+        layer.bias.zero_()
+    x_t, y_t = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
+    n_pos = y_t.sum(0)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=((len(y_t) - n_pos) / n_pos.clamp(min=1)).clamp(min=1e-3))
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05, weight_decay=1e-3)
+    for _ in range(30):
+        opt.zero_grad()
+        loss_fn(layer(x_t), y_t).backward()
+        opt.step()
+    np.testing.assert_allclose(w, layer.weight.detach().numpy().T, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(b, layer.bias.detach().numpy(), rtol=1e-4, atol=1e-5)

@@ -9,11 +9,11 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from musiclib import catalog, fewshot, probes, storage, tags
+from musiclib import catalog, embeddings, fewshot, probes, storage, tags
 from musiclib.config import ConfigError, Layout
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from test_tune import MODEL, write_embeddings, write_root  # noqa: E402
+from test_tune import MODEL, write_root  # noqa: E402
 
 from jobs import write_tags  # noqa: E402
 
@@ -93,7 +93,7 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
 
     # a crash before the pointer moves leaves latest on the previous complete version
     cat2, emb2 = fewshot.synthetic(n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=MODEL)
-    write_embeddings(root, emb2, version="v2")
+    embeddings.publish_table(layout.embeddings, MODEL, "v2", emb2)
     catalog.write(cat2, layout.catalog)
 
     def crash(*args, **kwargs):

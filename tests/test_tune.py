@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 
@@ -10,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from musiclib import catalog, embeddings, fewshot, models, probes, storage
+from musiclib import fewshot, probes, storage
 from musiclib.config import ConfigError, Layout
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -23,26 +22,11 @@ SMALL = [
 ]  # fmt: skip
 
 
-def write_embeddings(root: str, table: pa.Table, version: str = "v1", model_id: str = MODEL) -> None:
-    """Write and publish an embeddings version in the embed job's format (one Parquet shard)."""
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
-    uri = storage.join(storage.version_uri(dataset, version), "part-00000.parquet")
-    sink = io.BytesIO()
-    pq.write_table(table, sink)
-    storage.write_bytes(uri, sink.getvalue())
-    storage.publish(dataset, version, [uri], [len(table)])
-
-
-def write_root(
-    root: str, n_tracks: int = 240, n_errors: int = 3, seed: int = 0, n_tags: int = 8, dim: int = 16
-) -> tuple[pa.Table, pa.Table]:
-    """A catalog, label-correlated embeddings of ``MODEL`` and the latest-model pointer under ``root``."""
-    cat, emb = fewshot.synthetic(n_tracks, n_tags, dim, n_errors=n_errors, seed=seed, model_id=MODEL)
-    layout = Layout(root)
-    catalog.write(cat, layout.catalog)
-    write_embeddings(root, emb)
-    models.set_latest_model(layout.models, MODEL)
-    return cat, emb
+def write_root(root: str, n_tracks: int = 240, **kwargs) -> tuple[pa.Table, pa.Table]:
+    """A synthetic catalog, its embeddings of ``MODEL`` and the latest-model pointer under ``root``."""
+    return fewshot.write_synthetic_root(
+        root, MODEL, n_tracks=n_tracks, n_errors=3, n_tags=8, dim=16, **kwargs
+    )
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +55,15 @@ def test_trial_slots_are_cores_on_a_local_ray_and_cpus_on_a_cluster():
     assert tune_probes.trial_slots(cfg, local=True, cluster_cpus=4) == 2  # local Ray advertises >= 4
     assert tune_probes.trial_slots(cfg, local=False, cluster_cpus=64) == 64
     assert tune_probes.trial_slots(tune_probes.TuneConfig(max_concurrent=3), local=True, cluster_cpus=4) == 3
+
+
+def test_trials_hold_every_configuration_once_longest_first():
+    configs = tune_probes.configurations(tune_probes.TuneConfig(budgets=["1", "all"]))
+    groups = tune_probes.group_by_trial(configs)
+    assert sorted(fewshot.trial_key(c) for g in groups for c in g) == sorted(map(fewshot.trial_key, configs))
+    assert all(len(g) == len(probes.NORMS) and len({c["probe"] for c in g}) == 1 for g in groups)
+    order = [g[0]["probe"] for g in groups]
+    assert order == sorted(order, key=tune_probes.LONGEST_FIRST.index) and order[0] == "logreg"
 
 
 def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local):
