@@ -25,7 +25,6 @@ from typing import Any
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.parquet as pq
 import ray
 from ray import tune
 
@@ -241,11 +240,7 @@ def run_sweep(
 
 def collect(run_dir: str, configs: list[dict[str, Any]]) -> pd.DataFrame:
     """Every configuration's rows, from the per-trial files, as one table."""
-    frames = []
-    for config in configs:
-        with storage.open_input(trial_uri(run_dir, config)) as f:
-            frames.append(pq.read_table(f).to_pandas())
-    return pd.concat(frames, ignore_index=True)
+    return storage.read_parquet([trial_uri(run_dir, c) for c in configs]).to_pandas()
 
 
 def finish(

@@ -106,6 +106,7 @@ def fit_linear(
     y_t = torch.from_numpy(y.astype(np.float32))
     n_pos = y_t.sum(0)
     pos_weight = ((len(y_t) - n_pos) / n_pos.clamp(min=1)).clamp(min=1e-3)
+    # drawn as a [tags, dim] layer weight, so a seed gives the same start as torch.nn.Linear would
     w = (torch.randn((y.shape[1], z.shape[1]), generator=gen) * 0.01).T.contiguous().requires_grad_()
     b = torch.zeros(y.shape[1], requires_grad=True)
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p in (w, b)]
