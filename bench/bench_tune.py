@@ -3,17 +3,21 @@
     .venv/bin/python bench/bench_tune.py probe [--n-train 2000 --dim 512 --n-tags 50]
     .venv/bin/python bench/bench_tune.py sweep --root data/demo      # the demo catalog's embeddings
     .venv/bin/python bench/bench_tune.py sweep --n-tracks 300 --n-tags 16 --dim 128   # synthetic root
+    .venv/bin/python bench/bench_tune.py startup [--repeats 3]
 
 ``probe`` fits both on the same standardised support set, in one process, and prints the speed ratio and
 the macro AP of each on the same test tracks (targets: >= 10x, AP within 0.01). ``sweep`` runs the default
 sweep, prints its wall time and the Tune overhead the job measured (targets: < 2 min, < 10 %), then runs
 the same configurations as a plain loop in this process on one core, for the speed-up Tune buys.
+``startup`` times, each in a fresh process, what a trial worker imports before its first trial and the
+first linear-probe fit with the written-out Adam against one with ``torch.optim.Adam``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -98,11 +102,61 @@ def bench_sweep(root: str | None, n_tracks: int, n_tags: int, dim: int, cores: i
     )
 
 
+STARTUP_STEPS = {  # what a Tune trial worker imports, cumulatively, then the first fit
+    "ray": "import ray",
+    "+ ray.tune": "import ray, ray.tune",
+    "+ torch": "import ray, ray.tune, torch",
+    "+ sklearn.linear_model": "import ray, ray.tune, torch, sklearn.linear_model",
+    "+ musiclib.fewshot": "import ray, ray.tune, torch, sklearn.linear_model, musiclib.fewshot",
+}
+FIRST_FIT = """
+import time, numpy as np, torch
+from musiclib import probes
+z, y = np.random.default_rng(0).normal(size=(40, 128)).astype(np.float32), np.eye(40, 16, dtype=bool)
+start = time.perf_counter()
+{fit}
+print(time.perf_counter() - start)
+"""
+FITS = {
+    "first fit_linear (written-out Adam)": "probes.fit_linear(z, y)",
+    "first fit with torch.optim.Adam": (
+        "layer = torch.nn.Linear(128, 16); opt = torch.optim.Adam(layer.parameters(), lr=0.05)\n"
+        "for _ in range(50):\n"
+        "    opt.zero_grad(); torch.nn.functional.binary_cross_entropy_with_logits("
+        "layer(torch.from_numpy(z)), torch.from_numpy(y.astype(np.float32))).backward(); opt.step()"
+    ),
+}
+
+
+def bench_startup(repeats: int) -> None:
+    """Fresh-process costs of a trial worker: cumulative imports, then the first probe fit each way."""
+    root = os.path.join(os.path.dirname(__file__), "..")
+    print(f"fresh processes, fastest and slowest of {repeats}:")
+    for name, code in STARTUP_STEPS.items():
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-c", code], check=True, cwd=root)
+            times.append(time.perf_counter() - start)
+        print(f"  {name:<36} {min(times):5.2f}-{max(times):5.2f} s (interpreter start included)")
+    for name, fit in FITS.items():
+        code = FIRST_FIT.format(fit=fit)
+        times = [
+            float(
+                subprocess.run(
+                    [sys.executable, "-c", code], check=True, cwd=root, capture_output=True, text=True
+                ).stdout
+            )
+            for _ in range(repeats)
+        ]
+        print(f"  {name:<36} {min(times):5.2f}-{max(times):5.2f} s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("what", choices=["probe", "sweep"])
+    parser.add_argument("what", choices=["probe", "sweep", "startup"])
     parser.add_argument("--n-train", type=int, default=2000)
     parser.add_argument("--n-test", type=int, default=1000)
     parser.add_argument("--dim", type=int, default=512)
@@ -111,9 +165,12 @@ def main() -> None:
     parser.add_argument("--root", default=None, help="sweep: a project root (default: a synthetic one)")
     parser.add_argument("--n-tracks", type=int, default=300, help="sweep: synthetic catalog size")
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="startup: fresh processes per step")
     args = parser.parse_args()
     if args.what == "probe":
         bench_probe(args.n_train, args.n_test, args.dim, args.n_tags, args.seed)
+    elif args.what == "startup":
+        bench_startup(args.repeats)
     else:
         bench_sweep(args.root, args.n_tracks, args.n_tags, args.dim, args.cores)
 
