@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 DEFAULT_ROOT = os.environ.get("MUSICLIB_ROOT", "data/demo")
+URI_FIELDS = ("root", "catalog")  # config fields that name storage locations
 
 
 class ConfigError(ValueError):
@@ -78,11 +79,30 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
             )
         values[key] = _convert(key, raw, hints[key])
         i += 1
-    cfg = cls(**values)
+    cfg = absolute_uris(cls(**values))
     check = getattr(cfg, "validate", None)
     if callable(check):
         check()
     return cfg
+
+
+def absolute_uris(cfg: T) -> T:
+    """``cfg`` with its location fields (``URI_FIELDS``) as absolute URIs, resolved here in the driver.
+
+    Ray workers run in another working directory, so a relative local path handed to them names
+    another place (or nothing); an S3 URI is only put in canonical form.
+    """
+    from musiclib import storage
+
+    changes = {}
+    for name in URI_FIELDS:
+        value = getattr(cfg, name, None)
+        if isinstance(value, str) and value:
+            try:
+                changes[name] = storage.normalize_uri(value)
+            except storage.StorageError as exc:
+                raise ConfigError(f"--{name}: {exc}") from exc
+    return dataclasses.replace(cfg, **changes) if changes else cfg
 
 
 def as_dict(cfg: Any) -> dict[str, Any]:

@@ -53,3 +53,13 @@ def test_layout_places_each_dataset_under_the_root():
     layout = config.Layout("s3://bucket/lib")
     assert layout.catalog == "s3://bucket/lib/catalog/tracks.parquet"
     assert layout.embeddings == "s3://bucket/lib/embeddings" and layout.tags == "s3://bucket/lib/tags"
+
+
+def test_location_fields_become_absolute_in_the_driver(tmp_path, monkeypatch):
+    """Ray workers run elsewhere: a relative root must reach them as the absolute path it meant here."""
+    monkeypatch.chdir(tmp_path)
+    cfg = config.parse(Demo, ["--root", "data/demo"])
+    assert cfg.root == str(tmp_path / "data" / "demo")
+    assert config.parse(Demo, ["--root", "s3://bucket/lib/"]).root == "s3://bucket/lib"
+    with pytest.raises(config.ConfigError, match="--root: unsupported URI scheme 'http'"):
+        config.parse(Demo, ["--root", "http://example.com/x"])

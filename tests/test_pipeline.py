@@ -16,11 +16,13 @@ from jobs import embed, pretrain, tune_probes, write_tags  # noqa: E402
 
 
 @pytest.mark.slow
-def test_demo_chain_end_to_end(tmp_path, capsys):
+def test_demo_chain_end_to_end(tmp_path, capsys, monkeypatch):
+    """Run as ``make demo`` does: a relative root, from the folder it is relative to."""
     import ray
 
-    root = str(tmp_path / "demo")
-    layout = Layout(root)
+    monkeypatch.chdir(tmp_path)
+    root = "demo"
+    layout = Layout(str(tmp_path / "demo"))
     demo.make_catalog(
         root, n_tracks=40, faults=True, labeled_fraction=1.0, min_seconds=3.0, max_seconds=5.0, workers=1
     )
