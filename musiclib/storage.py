@@ -13,12 +13,18 @@ moves only after that version's manifest is in place.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
 import posixpath
+import socket
+import threading
+import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -37,6 +43,10 @@ LATEST = "_latest"
 
 class StorageError(RuntimeError):
     """A URI is malformed, an object is missing, or storage cannot be reached."""
+
+
+class NotFound(StorageError):
+    """The object does not exist (as opposed to storage that cannot be reached)."""
 
 
 # --------------------------------------------------------------------------- URIs
@@ -58,6 +68,8 @@ def split_uri(uri: str) -> tuple[str, str]:
         if not parsed.netloc:
             raise StorageError(f"S3 URI without a bucket: {uri!r}")
         return "s3", (parsed.netloc + parsed.path).rstrip("/")
+    if scheme == "file" and parsed.netloc not in ("", "localhost"):
+        raise StorageError(f"file URI names another host {parsed.netloc!r}: {uri!r}")
     path = parsed.path if scheme == "file" else uri
     return "file", os.path.abspath(os.path.expanduser(path))
 
@@ -66,10 +78,6 @@ def normalize_uri(uri: str) -> str:
     """Canonical form: ``s3://bucket/key`` or an absolute local path."""
     scheme, path = split_uri(uri)
     return f"s3://{path}" if scheme == "s3" else path
-
-
-def is_s3(uri: str) -> bool:
-    return split_uri(uri)[0] == "s3"
 
 
 def join(uri: str, *parts: str) -> str:
@@ -97,32 +105,35 @@ def parent(uri: str) -> str:
 
 
 def s3_settings() -> dict[str, Any]:
-    """S3 settings from the standard AWS variables; values are passed on, never printed."""
+    """Non-secret S3 settings from the standard AWS variables: endpoint and region.
+
+    Credentials are not read here: boto3 and the AWS SDK inside pyarrow each find them on the node that
+    uses them (environment, profile, instance or pod role). Filesystem objects are pickled into Ray
+    tasks and actors; with credentials inside, a secret would travel in every task and a session token
+    could not refresh there.
+    """
     env = os.environ
     return {
         "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
-        "key": env.get("AWS_ACCESS_KEY_ID") or None,
-        "secret": env.get("AWS_SECRET_ACCESS_KEY") or None,
-        "token": env.get("AWS_SESSION_TOKEN") or None,
         "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
     }
 
 
+def _credentials_fingerprint() -> str:
+    """A digest of the credential variables, so that a change of credentials gives a new client."""
+    names = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+    return hashlib.sha256("\0".join(os.environ.get(n, "") for n in names).encode()).hexdigest()
+
+
 @lru_cache(maxsize=8)
-def _fsspec_s3(endpoint_url, key, secret, token, region) -> fsspec.AbstractFileSystem:
+def _fsspec_s3(endpoint_url: str | None, region: str | None, _credentials: str) -> fsspec.AbstractFileSystem:
     client_kwargs: dict[str, Any] = {}
     if endpoint_url:
         client_kwargs["endpoint_url"] = endpoint_url
     if region:
         client_kwargs["region_name"] = region
     return fsspec.filesystem(
-        "s3",
-        key=key,
-        secret=secret,
-        token=token,
-        client_kwargs=client_kwargs,
-        skip_instance_cache=True,
-        use_listings_cache=False,
+        "s3", client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False
     )
 
 
@@ -131,24 +142,21 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     scheme, path = split_uri(uri)
     if scheme == "s3":
         s = s3_settings()
-        return _fsspec_s3(s["endpoint_url"], s["key"], s["secret"], s["token"], s["region"]), path
+        return _fsspec_s3(s["endpoint_url"], s["region"], _credentials_fingerprint()), path
     return fsspec.filesystem("file"), path
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
-    """A pyarrow filesystem and the path inside it, for Parquet and Ray Data."""
+    """A pyarrow filesystem and the path inside it, for Parquet and Ray Data (credentials: see ``s3_settings``)."""
     scheme, path = split_uri(uri)
     if scheme == "file":
         return pafs.LocalFileSystem(), path
     s = s3_settings()
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"region": s["region"] or "us-east-1"}
     if s["endpoint_url"]:
         parsed = urlparse(s["endpoint_url"])
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    if s["key"]:
-        kwargs.update(access_key=s["key"], secret_key=s["secret"], session_token=s["token"])
-    kwargs["region"] = s["region"] or "us-east-1"
     return pafs.S3FileSystem(**kwargs), path
 
 
@@ -171,7 +179,7 @@ def open_input(uri: str, block_size: int = 1 << 20):
             return open(path, "rb")
         return fs.open(path, "rb", block_size=block_size, cache_type="readahead")
     except FileNotFoundError as exc:
-        raise StorageError(f"object not found: {uri}") from exc
+        raise NotFound(f"object not found: {uri}") from exc
 
 
 def read_bytes(uri: str) -> bytes:
@@ -179,7 +187,7 @@ def read_bytes(uri: str) -> bytes:
     try:
         return fs.cat_file(path)
     except FileNotFoundError as exc:
-        raise StorageError(f"object not found: {uri}") from exc
+        raise NotFound(f"object not found: {uri}") from exc
 
 
 def write_bytes(uri: str, data: bytes) -> None:
@@ -199,6 +207,83 @@ def write_bytes(uri: str, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def _precondition_failed(exc: OSError) -> bool:
+    """Whether an S3 error is a failed conditional write (HTTP 412), as s3fs reports it."""
+    return isinstance(exc, FileExistsError) or (
+        exc.errno == errno.EINVAL and "precondition" in str(exc).lower()
+    )
+
+
+def create_only(uri: str, data: bytes) -> bool:
+    """Write an object only where none exists: True when written, False when the key was taken.
+
+    Atomic against concurrent writers: locally a complete temporary file is hard-linked to the target
+    (``link`` fails when the target exists, like ``O_EXCL``); on S3 a PUT with ``If-None-Match: *``,
+    which AWS S3, MinIO and SeaweedFS refuse with 412 when the key exists.
+    """
+    scheme, path = split_uri(uri)
+    if scheme == "s3":
+        fs, _ = filesystem(uri)
+        try:
+            fs.pipe_file(path, data, mode="create")
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        return True
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(tmp)
+    return True
+
+
+def replace_if_unchanged(uri: str, expected: bytes, data: bytes) -> bool:
+    """Overwrite an object only while it still holds ``expected``: True when replaced.
+
+    Compare-and-swap for small control objects (leases). On S3 the PUT carries ``If-Match`` with the
+    ETag read alongside the content. Locally the current file is first renamed aside, which only one
+    contender can do, and checked after the rename.
+    """
+    scheme, path = split_uri(uri)
+    if scheme == "s3":
+        fs, _ = filesystem(uri)
+        try:
+            info = fs.info(path)
+            if fs.cat_file(path) != expected:
+                return False
+            fs.pipe_file(path, data, IfMatch=info["ETag"])
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            if _precondition_failed(exc):
+                return False
+            raise
+        return True
+    aside = f"{path}.swap-{uuid.uuid4().hex}"
+    try:
+        os.rename(path, aside)  # only one contender moves a given file
+    except FileNotFoundError:
+        return False
+    with open(aside, "rb") as f:
+        current = f.read()
+    if current != expected:  # replaced between the caller's read and this rename: put it back
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+        os.unlink(aside)
+        return False
+    os.unlink(aside)
+    return create_only(path, data)
 
 
 def write_parquet(table: pa.Table, uri: str, compression: str = "zstd") -> int:
@@ -287,6 +372,93 @@ def code_version() -> str:
         h.update(p.relative_to(root).as_posix().encode())
         h.update(p.read_bytes())
     return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+# --------------------------------------------------------------------------- leases
+
+LEASE = "_lease.json"
+LEASE_TTL_S = 120.0  # a lease not renewed for this long belongs to a dead run and may be taken over
+
+
+class LeaseHeld(StorageError):
+    """Another run is writing the same dataset."""
+
+
+def _lease_body(token: str, ttl_s: float) -> bytes:
+    now = time.time()
+    owner = {"host": socket.gethostname(), "pid": os.getpid()}
+    return json.dumps({"token": token, **owner, "renewed_at": now, "expires_at": now + ttl_s}).encode()
+
+
+def _lease_is_dead(holder: dict[str, Any]) -> bool:
+    """Expired, or held by a process of this host that no longer exists (a killed run, restarted)."""
+    if holder.get("expires_at", 0) < time.time():
+        return True
+    if holder.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError):
+        return False
+    return False
+
+
+@contextlib.contextmanager
+def lease(dataset: str, ttl_s: float = LEASE_TTL_S, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold ``<dataset>/_lease.json`` while writing a dataset: one writer at a time, across machines.
+
+    Taken with a create-only write; renewed by a background thread every ``ttl_s / 4``; released on exit.
+    A run that finds a live lease waits up to ``wait_s`` seconds, then raises ``LeaseHeld`` naming the
+    holder. A lease left by a dead run (not renewed for ``ttl_s``, or whose process on this host is
+    gone) is taken over with a compare-and-swap, so of two runs restarted together only one gets it.
+    """
+    uri = join(normalize_uri(dataset), LEASE)
+    token = uuid.uuid4().hex
+    body = _lease_body(token, ttl_s)
+    deadline = time.monotonic() + wait_s
+    while not create_only(uri, body):
+        try:
+            current = read_bytes(uri)
+        except NotFound:  # released between our write and our read: try again
+            continue
+        holder = json.loads(current)
+        if _lease_is_dead(holder) and replace_if_unchanged(uri, current, body):
+            break
+        if time.monotonic() >= deadline:
+            until = _dt.datetime.fromtimestamp(holder["expires_at"], _dt.UTC).isoformat(timespec="seconds")
+            raise LeaseHeld(
+                f"{dataset} is being written by another run (host {holder.get('host')}, pid "
+                f"{holder.get('pid')}; its lease runs until {until} unless renewed). Wait for it to "
+                f"finish, or, if that run is dead, run again after {until}."
+            )
+        time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
+    held = {"body": body}
+    stop = threading.Event()
+
+    def renew() -> None:
+        while not stop.wait(ttl_s / 4):
+            fresh = _lease_body(token, ttl_s)
+            try:
+                if not replace_if_unchanged(uri, held["body"], fresh):
+                    print(f"warning: lost the lease on {dataset}; another run may be writing it", flush=True)
+                    return
+            except (OSError, StorageError) as exc:  # storage unreachable: try again at the next beat
+                print(f"warning: could not renew the lease on {dataset}: {type(exc).__name__}", flush=True)
+                continue
+            held["body"] = fresh
+
+    beat = threading.Thread(target=renew, name=f"lease {dataset}", daemon=True)
+    beat.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        beat.join()
+        with contextlib.suppress(StorageError, OSError):
+            if read_bytes(uri) == held["body"]:
+                delete(uri)
 
 
 # --------------------------------------------------------------------------- versioned datasets
@@ -388,7 +560,7 @@ def publish(
         files=entries,
         config=config or {},
         code_version=code_version(),
-        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds"),
         extra=extra or {},
     )
     body = asdict(manifest)
@@ -398,10 +570,30 @@ def publish(
     return manifest
 
 
-def set_latest(dataset: str, version: str) -> None:
-    if read_manifest(dataset, version) is None:
+def set_latest(dataset: str, version: str) -> bool:
+    """Point ``_latest`` at a committed version, unless it points at a newer one: True when it points there.
+
+    Versions are ordered by their manifests' commit times, so ``_latest`` never moves backwards: a
+    repaired or re-run older version does not hide a newer one. The pointer moves by compare-and-swap,
+    so of two concurrent publishers the newer version wins whatever the order of their writes.
+    """
+    new = read_manifest(dataset, version)
+    if new is None:
         raise StorageError(f"cannot point latest at uncommitted version {version} of {dataset}")
-    write_json(join(dataset, LATEST), {"version": version})
+    uri = join(dataset, LATEST)
+    body = json.dumps({"version": version}).encode()
+    while True:
+        try:
+            current_body = read_bytes(uri)
+        except NotFound:
+            if create_only(uri, body):
+                return True
+            continue
+        current = read_manifest(dataset, json.loads(current_body)["version"])
+        if current is not None and (current.created_at, current.version) >= (new.created_at, version):
+            return current.version == version
+        if replace_if_unchanged(uri, current_body, body):
+            return True
 
 
 def latest_version(dataset: str) -> str | None:

@@ -44,6 +44,29 @@ def test_s3_settings_come_from_standard_variables(monkeypatch):
     assert "secret-value" not in repr(fs) and "secret-value" not in str(storage.filesystem("s3://b/k")[0])
 
 
+def test_pickled_filesystems_hold_no_credentials(s3_root):
+    """Filesystems travel to Ray workers pickled: the secret must stay on the node, yet S3 must work."""
+    import pickle
+
+    secret = os.environ["AWS_SECRET_ACCESS_KEY"]
+    uri = storage.join(s3_root, "p", "x.bin")
+    storage.write_bytes(uri, b"ok")
+    fsspec_fs, _ = storage.filesystem(uri)
+    arrow_fs, path = storage.arrow_filesystem(uri)
+    for fs in (fsspec_fs, arrow_fs):
+        blob = pickle.dumps(fs)
+        assert secret.encode() not in blob and os.environ["AWS_ACCESS_KEY_ID"].encode() not in blob
+    with pickle.loads(pickle.dumps(arrow_fs)).open_input_stream(path) as f:
+        assert f.read() == b"ok"
+    assert pickle.loads(pickle.dumps(fsspec_fs)).cat_file(storage.split_uri(uri)[1]) == b"ok"
+
+
+def test_file_uri_naming_another_host_is_refused():
+    assert storage.split_uri("file://localhost/tmp/x") == ("file", "/tmp/x")
+    with pytest.raises(storage.StorageError, match="another host"):
+        storage.split_uri("file://fileserver/share/a.wav")
+
+
 def test_bytes_json_list_delete(root):
     storage.write_bytes(storage.join(root, "a", "x.bin"), b"hello")
     storage.write_json(storage.join(root, "a", "y.json"), {"k": 1})
@@ -154,3 +177,88 @@ def test_unreachable_s3_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(storage.StorageError, match="cannot reach"):
         storage.exists("s3://bucket/key")
+
+
+def test_create_only_writes_once(root):
+    uri = storage.join(root, "c", "once.json")
+    assert storage.create_only(uri, b"first")
+    assert not storage.create_only(uri, b"second")
+    assert storage.read_bytes(uri) == b"first"
+
+
+def test_replace_if_unchanged_is_compare_and_swap(root):
+    uri = storage.join(root, "c", "cas.json")
+    storage.write_bytes(uri, b"a")
+    assert not storage.replace_if_unchanged(uri, b"stale", b"b")
+    assert storage.read_bytes(uri) == b"a"
+    assert storage.replace_if_unchanged(uri, b"a", b"b")
+    assert storage.read_bytes(uri) == b"b"
+    assert not storage.replace_if_unchanged(storage.join(root, "c", "absent"), b"a", b"b")
+
+
+def test_concurrent_create_only_has_one_winner(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    uri = str(tmp_path / "race.json")
+    with ThreadPoolExecutor(8) as pool:
+        won = list(pool.map(lambda i: storage.create_only(uri, str(i).encode()), range(32)))
+    assert sum(won) == 1 and storage.read_bytes(uri) == str(won.index(True)).encode()
+
+
+def test_lease_excludes_a_second_writer_and_is_released(root):
+    ds = storage.join(root, "ds")
+    with storage.lease(ds):
+        with pytest.raises(storage.LeaseHeld, match="being written by another run"):
+            with storage.lease(ds, wait_s=0.3):
+                pass
+    with storage.lease(ds):  # released on exit
+        pass
+    assert not storage.exists(storage.join(ds, storage.LEASE))
+
+
+def test_lease_of_a_dead_run_is_taken_over(root):
+    """A killed run leaves its lease: expired, or (same host) held by a process that is gone."""
+    import json
+    import socket
+    import subprocess
+    import time
+
+    ds = storage.join(root, "ds")
+    uri = storage.join(ds, storage.LEASE)
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead_pid = {"token": "x", "host": socket.gethostname(), "pid": gone.pid, "expires_at": time.time() + 600}
+    storage.write_bytes(uri, json.dumps(dead_pid).encode())
+    with storage.lease(ds):
+        assert json.loads(storage.read_bytes(uri))["pid"] == os.getpid()
+    expired = {"token": "y", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1}
+    storage.write_bytes(uri, json.dumps(expired).encode())
+    with storage.lease(ds):
+        pass
+    alive = {"token": "z", "host": "elsewhere", "pid": 1, "expires_at": time.time() + 600}
+    storage.write_bytes(uri, json.dumps(alive).encode())
+    with pytest.raises(storage.LeaseHeld, match="host elsewhere"):
+        with storage.lease(ds):
+            pass
+
+
+def test_lease_is_renewed_while_held(tmp_path):
+    import json
+    import time
+
+    ds = str(tmp_path / "ds")
+    with storage.lease(ds, ttl_s=0.4):
+        first = json.loads(storage.read_bytes(storage.join(ds, storage.LEASE)))["expires_at"]
+        time.sleep(0.5)
+        body = json.loads(storage.read_bytes(storage.join(ds, storage.LEASE)))
+        assert body["expires_at"] > first and body["pid"] == os.getpid()
+
+
+def test_latest_never_moves_backwards(root):
+    ds = storage.join(root, "ds")
+    storage.publish(ds, "old", [_write_part(ds, "old", "p.parquet", 1)], [1], move_latest=False)
+    storage.publish(ds, "new", [_write_part(ds, "new", "p.parquet", 2)], [2])
+    assert storage.latest_version(ds) == "new"
+    assert not storage.set_latest(ds, "old")  # e.g. an older run's "already complete" repair
+    assert storage.latest_version(ds) == "new"
+    assert storage.set_latest(ds, "new")
