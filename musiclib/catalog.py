@@ -104,22 +104,67 @@ def _bad_uri(uri: str | None) -> str | None:
     return None
 
 
+TAG_FORBIDDEN = (",", "|", "\n", "\r", "\t")  # separators of --tags lists, report tables and lines
+
+
+def bad_tag(tag: object) -> str | None:
+    """Why a tag string cannot be used (None when it can): tags name columns, CLI lists and table cells."""
+    if not isinstance(tag, str):
+        return f"{tag!r} is not a string"
+    if not tag.strip():
+        return f"{tag!r} is empty"
+    if tag != tag.strip():
+        return f"{tag!r} has surrounding whitespace"
+    if any(c in tag for c in TAG_FORBIDDEN):
+        return f"{tag!r} contains one of {' '.join(repr(c) for c in TAG_FORBIDDEN)}"
+    return None
+
+
+def _type_problems(schema: pa.Schema) -> list[str]:
+    """Columns whose stored type is not the schema's (an integer ``track_id`` is not silently cast)."""
+    problems = []
+    for f in SCHEMA:
+        if f.name not in schema.names:
+            continue
+        stored = schema.field(f.name).type
+        if f.name == "duration_s":
+            ok = pa.types.is_floating(stored) or pa.types.is_integer(stored) or pa.types.is_null(stored)
+        elif f.name == "tags":
+            ok = pa.types.is_null(stored) or (
+                (pa.types.is_list(stored) or pa.types.is_large_list(stored))
+                and (pa.types.is_string(stored.value_type) or pa.types.is_large_string(stored.value_type))
+            )
+        else:
+            ok = (
+                pa.types.is_string(stored)
+                or pa.types.is_large_string(stored)
+                or (f.name == "split" and pa.types.is_null(stored))
+            )
+        if not ok:
+            problems.append(f"column {f.name!r} is {stored}, expected {f.type}")
+    return problems
+
+
 def validate(uri_or_table: str | pa.Table, vocabulary: set[str] | None = None, max_errors: int = 20) -> int:
     """Check the whole catalog, streaming; raise CatalogError listing every problem, else return the row count.
 
-    Checks: required columns and types, unique non-empty track ids, well-formed audio URIs, known splits,
-    and, when ``vocabulary`` is given, tags inside it.
+    Checks: required columns and their types, at least one track, unique non-empty track ids,
+    well-formed audio URIs, known splits, usable tag strings (``bad_tag``) and, when ``vocabulary`` is
+    given, tags inside it.
     """
+    schema = uri_or_table.schema if isinstance(uri_or_table, pa.Table) else dataset(uri_or_table).schema
+    name = "catalog" if isinstance(uri_or_table, pa.Table) else f"catalog {uri_or_table}"
+    missing = [c for c in REQUIRED if c not in schema.names]
+    if missing:
+        raise CatalogError(f"{name} lacks required column(s): {', '.join(missing)}")
+    if problems := _type_problems(schema):
+        raise CatalogError(f"{name} has column(s) of the wrong type:\n  " + "\n  ".join(problems))
     if isinstance(uri_or_table, pa.Table):
         batches: Iterator[pa.RecordBatch] = iter(conform(uri_or_table).to_batches())
     else:
-        names = dataset(uri_or_table).schema.names
-        missing = [c for c in REQUIRED if c not in names]
-        if missing:
-            raise CatalogError(f"catalog {uri_or_table} lacks required column(s): {', '.join(missing)}")
         batches = (
             conform(pa.Table.from_batches([b]))
-            for b in iter_batches(uri_or_table, columns=[c for c in SCHEMA.names if c in names])
+            for b in iter_batches(uri_or_table, columns=[c for c in SCHEMA.names if c in schema.names])
         )
     errors: list[str] = []
     seen: set[str] = set()
@@ -140,13 +185,18 @@ def validate(uri_or_table: str | pa.Table, vocabulary: set[str] | None = None, m
                 errors.append(f"track {tid!r}: bad audio_uri {auri!r}: {reason}")
             if split is not None and split not in SPLITS:
                 errors.append(f"track {tid!r}: unknown split {split!r} (expected one of {SPLITS} or null)")
+            for tag in tags or []:
+                if reason := bad_tag(tag):
+                    errors.append(f"track {tid!r}: bad tag: {reason}")
             if vocabulary is not None:
-                unknown = sorted(set(tags or []) - vocabulary)
+                unknown = sorted(set(tags or []) - vocabulary - {None})
                 if unknown:
                     errors.append(f"track {tid!r}: tag(s) outside the vocabulary: {', '.join(unknown)}")
+    if n == 0:
+        errors.append("no tracks")
     if errors:
         more = " (first errors only)" if len(errors) >= max_errors else ""
-        raise CatalogError(f"{len(errors)} catalog problem(s){more}:\n  " + "\n  ".join(errors))
+        raise CatalogError(f"{len(errors)} problem(s) in the {name}{more}:\n  " + "\n  ".join(errors))
     return n
 
 

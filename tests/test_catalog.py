@@ -99,3 +99,30 @@ def test_write_is_atomic(tmp_path):
     catalog.write(_table(split=["valid"] * 4), uri)
     assert catalog.read(uri).column("split").to_pylist() == ["valid"] * 4
     assert [p.name for p in tmp_path.iterdir()] == ["tracks.parquet"]
+
+
+def test_odd_tags_wrong_types_and_empty_catalogs_are_problems(tmp_path):
+    bad = _table(tags=[["rock", None], [""], ["a,b", "x|y"], ["line\nbreak", " pad"]])
+    with pytest.raises(catalog.CatalogError) as err:
+        catalog.validate(bad)
+    msg = str(err.value)
+    assert "None is not a string" in msg and "'' is empty" in msg and "'a,b' contains" in msg
+    assert "'x|y' contains" in msg and "'line\\nbreak' contains" in msg and "surrounding whitespace" in msg
+    with pytest.raises(catalog.CatalogError, match="column 'track_id' is int64, expected string"):
+        catalog.validate(_table(track_id=[1, 2, 3, 4]))
+    with pytest.raises(catalog.CatalogError, match="no tracks"):
+        catalog.validate(_table().slice(0, 0))
+    uri = str(tmp_path / "empty.parquet")
+    catalog.write(_table().slice(0, 0), uri)
+    with pytest.raises(catalog.CatalogError, match="no tracks"):
+        catalog.validate(uri)
+    assert catalog.bad_tag("rock") is None
+
+
+def test_uris_a_job_cannot_read_are_problems():
+    bad = _table(audio_uri=["http://host/a.mp3", "s3:///x.flac", "file://nas/share/c.wav", None])
+    with pytest.raises(catalog.CatalogError) as err:
+        catalog.validate(bad)
+    msg = str(err.value)
+    assert "unsupported URI scheme 'http'" in msg and "without a bucket" in msg
+    assert "another host" in msg and "bad audio_uri None: empty" in msg
