@@ -20,13 +20,19 @@ def test_demo_chain_end_to_end(tmp_path, capsys, monkeypatch):
     """Run as ``make demo`` does: a relative root, from the folder it is relative to."""
     import ray
 
-    monkeypatch.chdir(tmp_path)
-    root = "demo"
     layout = Layout(str(tmp_path / "demo"))
     demo.make_catalog(
-        root, n_tracks=40, faults=True, labeled_fraction=1.0, min_seconds=3.0, max_seconds=5.0, workers=1
+        layout.root,
+        n_tracks=40,
+        faults=True,
+        labeled_fraction=1.0,
+        min_seconds=3.0,
+        max_seconds=5.0,
+        workers=1,
     )
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)  # workers import jobs from here
+    monkeypatch.chdir(tmp_path)
+    root = "demo"
     try:
         model_id = pretrain.main(
             ["--root", root, "--width", "0.0625", "--num-workers", "2", "--batch-size", "8", "--steps", "4"]
