@@ -56,6 +56,7 @@ class EmbedConfig:
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     shard_rows: int = 10000  # fewest rows per output Parquet file
+    validate_catalog: bool = True  # check every row before Ray starts; false: bad rows become error rows
     ray_address: str = ""  # empty: RAY_ADDRESS inside a submitted job, else a new local Ray
 
     @property
@@ -76,11 +77,13 @@ class EmbedConfig:
         try:
             if not storage.exists(self.catalog_uri):
                 raise ConfigError(f"catalog not found: {self.catalog_uri}")
+            if self.validate_catalog:
+                catalog.validate(self.catalog_uri)
             models_root = Layout(self.root).models
             model_id = self.model_id or models.latest_model(models_root)
             if not storage.exists(storage.join(models_root, model_id, "encoder.safetensors")):
                 raise ConfigError(f"no exported model {model_id!r} under {models_root}")
-        except storage.StorageError as exc:
+        except (storage.StorageError, catalog.CatalogError) as exc:
             raise ConfigError(str(exc)) from exc
 
 
@@ -185,18 +188,30 @@ def data_context(checkpoint_dir: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- versions
 
 
-def begin_version(dataset: str, only_new: bool) -> str:
-    """The version this run writes: the unfinished one of a killed run in the same mode, else a new one."""
+def begin_version(dataset: str, only_new: bool) -> tuple[str, bool]:
+    """The version this run writes, and whether it is already committed.
+
+    The unfinished version of a killed run in the same mode is resumed; one that was committed but
+    whose run died before moving ``_latest`` is made current here (nothing left to embed); otherwise a
+    new version starts. Called under the dataset's lease, so no other run changes the marker meanwhile.
+    """
     marker = storage.join(dataset, PENDING)
     if storage.exists(marker):
         pending = storage.read_json(marker)
-        if pending["only_new"] == only_new and storage.read_manifest(dataset, pending["version"]) is None:
+        if storage.read_manifest(dataset, pending["version"]) is not None:
+            storage.set_latest(dataset, pending["version"])
+            print(f"version {pending['version']} was committed by a run that died before finishing it")
+            return pending["version"], True
+        if pending["only_new"] == only_new:
             print(f"resuming unfinished version {pending['version']}")
-            return pending["version"]
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    version = f"v{stamp}-{uuid.uuid4().hex[:6]}"
+            return pending["version"], False
+    version = f"v{timestamp()}-{uuid.uuid4().hex[:6]}"
     storage.write_json(marker, {"version": version, "only_new": only_new})
-    return version
+    return version, False
+
+
+def timestamp() -> str:
+    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
 def carried_files(dataset: str, only_new: bool) -> list[storage.FileEntry]:
@@ -210,14 +225,31 @@ def carried_files(dataset: str, only_new: bool) -> list[storage.FileEntry]:
 
 
 def run(cfg: EmbedConfig) -> embedding.Summary:
-    """Embed the catalog (or its new tracks), publish the version, and return the summary of the version's new rows."""
+    """Embed the catalog (or its new tracks), publish the version, and return the summary of the version's new rows.
+
+    The whole run holds the dataset's lease: a second run of the same model fails at once, naming the
+    run that holds it, instead of writing into the same version.
+    """
     start = time.perf_counter()
     layout = Layout(cfg.root)
     model_id = cfg.model_id or models.latest_model(layout.models)
     dataset = embeddings.dataset_uri(layout.embeddings, model_id)
-    version = begin_version(dataset, cfg.only_new)
-    out_dir = storage.version_uri(dataset, version)
-    checkpoint_dir = storage.join(dataset, CHECKPOINTS, version)
+    with storage.lease(dataset):
+        version, committed = begin_version(dataset, cfg.only_new)
+        out_dir = storage.version_uri(dataset, version)
+        checkpoint_dir = storage.join(dataset, CHECKPOINTS, version)
+        new: list[str] = []
+        if not committed:
+            new = write_version(cfg, model_id, dataset, version, out_dir, checkpoint_dir)
+        storage.delete(checkpoint_dir, recursive=True)
+        storage.delete(storage.join(dataset, PENDING))
+    return embedding.summarize(new, time.perf_counter() - start)
+
+
+def write_version(
+    cfg: EmbedConfig, model_id: str, dataset: str, version: str, out_dir: str, checkpoint_dir: str
+) -> list[str]:
+    """Run the pipeline into ``out_dir`` and publish the version; return the URIs of its new files."""
     kept = carried_files(dataset, cfg.only_new)
     fs, out_path = storage.arrow_filesystem(out_dir)
     with data_context(checkpoint_dir):
@@ -234,9 +266,7 @@ def run(cfg: EmbedConfig) -> embedding.Summary:
         print(f"published {dataset} version {version}: {manifest.rows} rows in {len(manifest.files)} files")
     else:
         print(f"{dataset} is up to date: every catalog track has an embedding; nothing published")
-    storage.delete(checkpoint_dir, recursive=True)
-    storage.delete(storage.join(dataset, PENDING))
-    return embedding.summarize(new, time.perf_counter() - start)
+    return new
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -143,6 +143,45 @@ def test_config_fails_fast(tmp_path):
         parse(job.EmbedConfig, ["--root", str(tmp_path), "--actors", "-1"])
 
 
+def test_config_validates_the_catalog_before_ray_starts(tmp_path):
+    from musiclib.config import ConfigError, parse
+
+    root = str(tmp_path)
+    make_root(root, n_good=2, faults=False)
+    table = catalog.read(Layout(root).catalog)
+    bad = table.set_column(1, "audio_uri", pa.array(["http://host/a.mp3", "s3:///x.flac"]))
+    catalog.write(bad, Layout(root).catalog)
+    with pytest.raises(ConfigError) as err:
+        parse(job.EmbedConfig, ["--root", root])
+    assert "unsupported URI scheme 'http'" in str(err.value) and "without a bucket" in str(err.value)
+    assert parse(job.EmbedConfig, ["--root", root, "--validate-catalog", "false"]).validate_catalog is False
+
+
+def test_a_second_run_fails_clearly_while_one_is_writing(tmp_path):
+    root = str(tmp_path)
+    model_id = make_root(root, n_good=1, faults=False)
+    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    with storage.lease(dataset):
+        with pytest.raises(storage.LeaseHeld, match="being written by another run"):
+            job.run(config(root))
+    assert not storage.exists(storage.join(dataset, job.PENDING))
+
+
+def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
+    """A crash between the manifest and the ``_latest`` move: the re-run finishes the move, embeds nothing."""
+    root = str(tmp_path)
+    model_id = make_root(root, n_good=1, faults=False)
+    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    rows = embeddings.schema(128).empty_table()
+    embeddings.publish_table(Layout(root).embeddings, model_id, "v1", rows)
+    part = storage.join(storage.version_uri(dataset, "v2"), "part-00000.parquet")
+    storage.publish(dataset, "v2", [part], [storage.write_parquet(rows, part)], move_latest=False)
+    storage.write_json(storage.join(dataset, job.PENDING), {"version": "v2", "only_new": True})
+    assert job.run(config(root)).tracks == 0
+    assert storage.latest_version(dataset) == "v2"
+    assert not storage.exists(storage.join(dataset, job.PENDING))
+
+
 def test_encoder_resources_follow_the_cluster_unless_configured():
     auto = job.EmbedConfig()
     assert job.encoder_resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
