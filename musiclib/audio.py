@@ -1,17 +1,31 @@
 """The audio decoder: PyAV (bundled FFmpeg) to mono float32, torchaudio to the model rate, windows by seeking.
 
 Reads WAV, FLAC, OGG/Vorbis, Opus, MP3 and AAC/M4A from any storage URI (S3 objects are read by range,
-so a window of an hours-long file never downloads the whole file). Every failure is an ``AudioError``
-whose ``reason`` (``missing``, ``empty``, ``corrupt``, ``truncated``, ``unsupported``, ``too_short``,
-``too_long``, ``silent``) jobs record per track before going on.
+so a window of an hours-long file never downloads the whole file). Every failure that belongs to a track
+is an ``AudioError`` whose ``reason`` jobs record per track before going on:
+
+- ``missing``: no object at the URI; ``forbidden``: access denied, or outside the allowed prefixes;
+  ``bad_uri``: not a URI musiclib reads (null, ``http://``, ``s3:///key``, ``file://otherhost/...``);
+  ``bad_id``: a catalog row whose ``track_id`` is null or not a string (set by the embed job's decoding);
+- ``empty``, ``corrupt``, ``truncated`` (the audio stops more than a chunk before its header says),
+  ``unsupported`` (no audio stream, or not an audio container: playlists and other demuxers that read
+  further files are refused), ``too_short``, ``too_long``, ``silent``.
+
+A storage failure that may pass (unreachable endpoint, timeout, 5xx, throttling) is retried, then raised
+as ``TransientError``: not the track's fault, so jobs let the task fail and Ray run it again.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import math
-from collections.abc import Sequence
+import os
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+from urllib.parse import urlparse
 
 import av
 import numpy as np
@@ -26,8 +40,26 @@ CHUNK_SAMPLES = 59535  # 2.7 s at 22050 Hz, the SampleCNN input
 SILENCE_PEAK = 1e-4  # -80 dBFS: quieter than this everywhere is silence, not music
 MAX_FULL_DECODE_S = 3600.0  # a full decode longer than this is refused; read windows instead
 _MARGIN_S = 0.05  # extra audio decoded around a window so resampling has no edge effects inside it
+RETRY_ATTEMPTS = 4  # tries of a storage call that fails transiently before TransientError
+RETRY_BACKOFF_S = 0.5  # wait after the first failed try, doubling after each: 3.5 s in all by default
+# FFmpeg demuxers allowed to open a source: audio containers only. Playlists (hls), concat scripts and
+# other demuxers that open further files or URLs are refused before they read anything.
+DEMUXERS = ("wav", "flac", "ogg", "mp3", "mov", "aac", "matroska", "aiff")
 
-REASONS = ("missing", "empty", "corrupt", "truncated", "unsupported", "too_short", "too_long", "silent")
+REASONS = (
+    "missing",
+    "forbidden",
+    "bad_uri",
+    "bad_id",
+    "empty",
+    "corrupt",
+    "truncated",
+    "unsupported",
+    "too_short",
+    "too_long",
+    "silent",
+)
+RETRIED = ("missing",)  # reasons an incremental embed run tries again: the object may appear later
 
 
 class AudioError(Exception):
@@ -39,6 +71,14 @@ class AudioError(Exception):
         self.reason = reason
 
 
+class TransientError(RuntimeError):
+    """Storage kept failing in a way that may pass (unreachable, timeout, 5xx, throttling).
+
+    Not an ``AudioError``: nothing is wrong with the track, so it gets no reason; the task fails and Ray
+    retries it.
+    """
+
+
 @dataclass(frozen=True)
 class AudioInfo:
     duration_s: float | None  # from the container header; None when the format does not say
@@ -48,26 +88,124 @@ class AudioInfo:
 
 
 Source = str | bytes | io.IOBase
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- opening
 
 
-def _open(source: Source) -> av.container.InputContainer:
-    """Open a container from a URI, bytes or a binary file object, mapping failures to AudioError."""
-    name = source if isinstance(source, str) else "<buffer>"
-    if isinstance(source, str):
-        scheme, path = storage.split_uri(source)
+def locate(uri: object, base_dir: str | None = None) -> str:
+    """A catalog's ``audio_uri`` as the absolute URI to open, relative paths resolved against ``base_dir``.
+
+    Raises ``bad_uri`` for anything else: null, empty or not a string, a scheme other than local or S3,
+    S3 without a bucket, and ``file://`` naming a host other than ``localhost``.
+    """
+    if not isinstance(uri, str) or not uri.strip():
+        raise AudioError("bad_uri", f"empty or non-string URI: {uri!r}")
+    parsed = urlparse(uri)
+    if parsed.scheme.lower() == "file" and parsed.netloc not in ("", "localhost"):
+        raise AudioError("bad_uri", f"file URI on another host ({parsed.netloc!r}): {uri}")
+    try:
+        return storage.normalize_uri(uri) if base_dir is None else storage.resolve(base_dir, uri)
+    except storage.StorageError as exc:
+        raise AudioError("bad_uri", str(exc)) from exc
+
+
+def _confine(uri: str, allowed_prefixes: Sequence[str] | None) -> str:
+    """``uri`` (a local path with symlinks and ``..`` resolved), or ``forbidden`` when it lies outside
+    every one of ``allowed_prefixes`` (local folders or ``s3://bucket/prefix``; None allows everything)."""
+    scheme, path = storage.split_uri(uri)
+    if scheme == "file":
+        path = uri = os.path.realpath(path)
+    if allowed_prefixes is None:
+        return uri
+    for prefix in allowed_prefixes:
+        p_scheme, p_path = storage.split_uri(prefix)
+        if p_scheme == "file":
+            p_path = os.path.realpath(p_path)
+        if p_scheme == scheme and os.path.commonpath([path, p_path]) == p_path:
+            return uri
+    raise AudioError("forbidden", f"{uri} is outside the allowed prefixes")
+
+
+def _storage_call(uri: str, fn: Callable[..., T], *args) -> T:
+    """``fn(*args)`` on storage: retried with exponential backoff while it fails in a way that may pass.
+
+    Not found is ``missing``, access denied ``forbidden`` (S3's 404 and 403 arrive as ``FileNotFoundError``
+    and ``PermissionError``), a path the filesystem cannot take ``bad_uri``; anything else (refused
+    connections, timeouts, 5xx, throttling) is tried ``RETRY_ATTEMPTS`` times, then raised as
+    ``TransientError``. These tries come on top of botocore's own inside each S3 call
+    (``AWS_MAX_ATTEMPTS``, ``AWS_RETRY_MODE``).
+    """
+    attempt = 0
+    while True:
         try:
-            fs, p = storage.filesystem(source)
-            size = fs.size(p)
-        except FileNotFoundError as exc:
-            raise AudioError("missing", f"object not found: {source}") from exc
-        except Exception as exc:
-            raise AudioError("missing", f"cannot read {source}: {type(exc).__name__}: {exc}") from exc
-        if size == 0:
+            return fn(*args)
+        except (FileNotFoundError, NotADirectoryError) as exc:
+            raise AudioError("missing", f"object not found: {uri}") from exc
+        except PermissionError as exc:
+            raise AudioError("forbidden", f"access denied: {uri}") from exc
+        except OSError as exc:
+            if exc.errno in (errno.ENAMETOOLONG, errno.ELOOP, errno.EINVAL):
+                raise AudioError("bad_uri", f"{uri}: {exc}") from exc
+            failure: Exception = exc
+        except Exception as exc:  # botocore and aiohttp errors that s3fs passes on as they are
+            if isinstance(exc, storage.StorageError) and isinstance(exc.__cause__, FileNotFoundError):
+                raise AudioError("missing", f"object not found: {uri}") from exc  # storage.open_input's
+            failure = exc
+        attempt += 1
+        if attempt == RETRY_ATTEMPTS:
+            raise TransientError(
+                f"{uri}: storage failed {attempt} times: {type(failure).__name__}: {failure}"
+            ) from failure
+        time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
+
+
+class _StorageFile(io.RawIOBase):
+    """An object-store file as PyAV reads it: each read and seek goes through ``_storage_call``."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.f = _storage_call(uri, storage.open_input, uri)
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def read(self, n: int = -1) -> bytes:
+        return _storage_call(self.uri, self.f.read, n)
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        return _storage_call(self.uri, self.f.seek, offset, whence)
+
+    def tell(self) -> int:
+        return self.f.tell()
+
+    def close(self) -> None:
+        self.f.close()
+        super().close()
+
+
+def _open(source: Source, allowed_prefixes: Sequence[str] | None = None) -> av.container.InputContainer:
+    """Open a container from a URI, bytes or a binary file object, mapping failures to AudioError.
+
+    FFmpeg may use only the demuxers in ``DEMUXERS`` and, for a local path, only the ``file`` protocol
+    (none at all for bytes and file objects), so no source can make it read another file or URL.
+    """
+    name = source if isinstance(source, str) else "<buffer>"
+    options = {"format_whitelist": ",".join(DEMUXERS), "protocol_whitelist": ""}
+    if isinstance(source, str):
+        uri = _confine(locate(source), allowed_prefixes)
+        scheme, path = storage.split_uri(uri)
+        fs, p = storage.filesystem(uri)
+        if _storage_call(uri, fs.size, p) == 0:
             raise AudioError("empty", f"zero-length object: {source}")
-        target = path if scheme == "file" else storage.open_input(source)
+        if scheme == "file":
+            target, options["protocol_whitelist"] = path, "file"
+        else:
+            target = _StorageFile(uri)
     elif isinstance(source, bytes):
         if not source:
             raise AudioError("empty", "zero-length buffer")
@@ -75,9 +213,15 @@ def _open(source: Source) -> av.container.InputContainer:
     else:
         target = source
     try:
-        container = av.open(target, mode="r", metadata_errors="ignore")
+        container = av.open(target, mode="r", options=options, metadata_errors="ignore")
     except av.error.InvalidDataError as exc:
         raise AudioError("corrupt", f"{name}: not a readable audio file ({exc})") from exc
+    except av.error.ArgumentError as exc:  # FFmpeg's answer to a demuxer off the whitelist
+        raise AudioError(
+            "unsupported", f"{name}: not one of the audio containers {DEMUXERS} ({exc})"
+        ) from exc
+    except av.error.PermissionError as exc:
+        raise AudioError("forbidden", f"{name}: cannot open ({exc})") from exc
     except (av.error.FFmpegError, OSError, ValueError) as exc:
         raise AudioError("corrupt", f"{name}: cannot open ({type(exc).__name__}: {exc})") from exc
     if not container.streams.audio:
@@ -97,9 +241,9 @@ def _info(container: av.container.InputContainer) -> AudioInfo:
     return AudioInfo(duration, int(ctx.sample_rate or stream.rate or 0), int(ctx.channels or 0), ctx.name)
 
 
-def info(source: Source) -> AudioInfo:
+def info(source: Source, allowed_prefixes: Sequence[str] | None = None) -> AudioInfo:
     """Header facts (duration, rate, channels, codec) without decoding."""
-    with _open(source) as container:
+    with _open(source, allowed_prefixes) as container:
         return _info(container)
 
 
@@ -212,10 +356,15 @@ def load(
     offset_s: float = 0.0,
     duration_s: float | None = None,
     max_duration_s: float = MAX_FULL_DECODE_S,
+    allowed_prefixes: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Decode to mono float32 at ``sr``: the whole track, or ``duration_s`` seconds from ``offset_s`` by seeking."""
+    """Decode to mono float32 at ``sr``: the whole track, or ``duration_s`` seconds from ``offset_s`` by seeking.
+
+    ``allowed_prefixes`` (local folders or ``s3://bucket/prefix``), when given, confines a URI source to
+    them: anything else is ``forbidden`` (the same for every function here that opens a source).
+    """
     name = source if isinstance(source, str) else "<buffer>"
-    with _open(source) as container:
+    with _open(source, allowed_prefixes) as container:
         header = _info(container)
         if (
             duration_s is None
@@ -230,9 +379,17 @@ def load(
 
 
 def _read(
-    container: av.container.InputContainer, name: str, sr: int, offset_s: float, duration_s: float | None
+    container: av.container.InputContainer,
+    name: str,
+    sr: int,
+    offset_s: float,
+    duration_s: float | None,
+    slack_s: float = 0.0,
 ) -> np.ndarray:
-    """Decode and resample ``duration_s`` seconds (to the end when None) from ``offset_s``."""
+    """Decode and resample ``duration_s`` seconds (to the end when None) from ``offset_s``.
+
+    A window that would end at most ``slack_s`` past the audio that decodes is moved back to end there.
+    """
     stream = container.streams.audio[0]
     orig_sr = int(stream.codec_context.sample_rate or stream.rate)
     if offset_s == 0 and duration_s is None:
@@ -245,11 +402,12 @@ def _read(
     y = resample(x, orig_sr, sr)[cut:]
     if n_out is None:
         return y
-    if len(y) < n_out:
-        raise AudioError(
-            "truncated", f"{name}: window at {offset_s:.2f} s ends {(n_out - len(y)) / sr:.2f} s early"
-        )
-    return y[:n_out]
+    short = n_out - len(y)
+    if short <= 0:
+        return y[:n_out]
+    if short <= slack_s * sr and short <= round(offset_s * sr):
+        return _read(container, name, sr, offset_s - short / sr, duration_s)
+    raise AudioError("truncated", f"{name}: window at {offset_s:.2f} s ends {short / sr:.2f} s early")
 
 
 # --------------------------------------------------------------------------- chunks
@@ -293,14 +451,18 @@ def load_chunks(
     max_chunks: int = 64,
     sr: int = SAMPLE_RATE,
     chunk_samples: int = CHUNK_SAMPLES,
+    allowed_prefixes: Sequence[str] | None = None,
 ) -> tuple[np.ndarray, float]:
     """Up to ``max_chunks`` chunks of a track spread evenly over it, and the track's duration in seconds.
 
     A track that fits in ``max_chunks`` chunks (plus half again) is decoded whole; a longer one is read
     window by window, seeking, so an hours-long file costs ``max_chunks`` chunk decodes, not hours.
+    Encoders pad (Opus pre-skip, MP3 and AAC priming and padding), so a header's duration may overshoot
+    the audio that decodes: the last window ends where the audio does, and a track is ``truncated``
+    only when its audio stops more than a chunk before the header's end, in either path.
     """
     name = source if isinstance(source, str) else "<buffer>"
-    with _open(source) as container:
+    with _open(source, allowed_prefixes) as container:
         header = _info(container)
         long_track = (
             header.duration_s is not None and header.duration_s * sr > 1.5 * max_chunks * chunk_samples
@@ -310,32 +472,47 @@ def load_chunks(
                 raise AudioError("too_long", f"{name}: over the full-decode cap")
             x = _read(container, name, sr, 0.0, None)
             check_signal(x, name, chunk_samples)
-            if header.duration_s is not None and len(x) < 0.9 * header.duration_s * sr - sr:
+            if header.duration_s is not None and len(x) < header.duration_s * sr - chunk_samples:
                 raise AudioError(
                     "truncated",
                     f"{name}: decoded {len(x) / sr:.1f} s of the {header.duration_s:.1f} s in its header",
                 )
             return chunk(x, chunk_samples, max_chunks), len(x) / sr
         starts = chunk_starts(int(header.duration_s * sr), chunk_samples, max_chunks)
-        chunks = read_windows_open(container, name, [s / sr for s in starts], chunk_samples / sr, sr)
+        window_s = chunk_samples / sr
+        chunks = read_windows_open(container, name, [s / sr for s in starts], window_s, sr, slack_s=window_s)
         check_signal(chunks.reshape(-1), name, chunk_samples)
         return chunks, float(header.duration_s)
 
 
 def read_windows_open(
-    container: av.container.InputContainer, name: str, starts_s: Sequence[float], duration_s: float, sr: int
+    container: av.container.InputContainer,
+    name: str,
+    starts_s: Sequence[float],
+    duration_s: float,
+    sr: int,
+    slack_s: float = 0.0,
 ) -> np.ndarray:
-    """Windows of ``duration_s`` at each start from an open container, as ``[n, samples]``."""
-    return np.stack([_read(container, name, sr, s, duration_s) for s in starts_s])
+    """Windows of ``duration_s`` at each start from an open container, as ``[n, samples]``.
+
+    A window ending at most ``slack_s`` past the audio that decodes is moved back to end there; one
+    ending further out is ``truncated``.
+    """
+    return np.stack([_read(container, name, sr, s, duration_s, slack_s) for s in starts_s])
 
 
 def read_windows(
-    source: Source, starts_s: Sequence[float], duration_s: float, sr: int = SAMPLE_RATE
+    source: Source,
+    starts_s: Sequence[float],
+    duration_s: float,
+    sr: int = SAMPLE_RATE,
+    slack_s: float = 0.0,
+    allowed_prefixes: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """Windows of ``duration_s`` at each start, read by seeking, as ``[n, samples]`` float32."""
+    """Windows of ``duration_s`` at each start, read by seeking, as ``[n, samples]`` float32 (see ``read_windows_open``)."""
     name = source if isinstance(source, str) else "<buffer>"
-    with _open(source) as container:
-        return read_windows_open(container, name, starts_s, duration_s, sr)
+    with _open(source, allowed_prefixes) as container:
+        return read_windows_open(container, name, starts_s, duration_s, sr, slack_s)
 
 
 # --------------------------------------------------------------------------- compact transport

@@ -3,7 +3,9 @@
 The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU machines call them directly:
 
 1. ``decode_batch``: catalog rows (``track_id``, ``audio_uri``) to up to N chunks per track as int16
-   (half the bytes of float32 between tasks), or the reason the track cannot be used.
+   (half the bytes of float32 between tasks), or the reason the track cannot be used; a bad row (null
+   or non-string id or URI) is a reason too, never a failed job. Storage that stays unreachable raises
+   ``audio.TransientError``, so Ray retries the task.
 2. ``embed_batch``: the encoder on every chunk of a batch of decoded tracks, in fixed-size forward batches,
    averaged per track into one row of the embeddings table (``musiclib.embeddings.schema``).
 3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array.
@@ -15,10 +17,9 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
-import av
 import numpy as np
 import pyarrow as pa
 import torch
@@ -40,38 +41,53 @@ DECODED_SCHEMA = pa.schema(
 # --------------------------------------------------------------------------- decoding
 
 
-def decode_track(uri: str | None, max_chunks: int = 64) -> tuple[np.ndarray | None, float | None, str | None]:
+def decode_track(
+    uri: object,
+    max_chunks: int = 64,
+    base_dir: str | None = None,
+    allowed_prefixes: Sequence[str] | None = None,
+) -> tuple[np.ndarray | None, float | None, str | None]:
     """One track to ``(int16 chunks [n, CHUNK_SAMPLES], duration_s, None)`` or ``(None, None, reason)``.
 
-    Every way a track can be unusable becomes a reason from ``audio.REASONS``: the decoder's own
-    ``AudioError``, a missing or unreachable object (``missing``), and FFmpeg failures the decoder did not
-    classify (``corrupt``), so one bad file never stops a job over millions.
+    ``uri`` is a catalog's ``audio_uri``, relative ones resolved against ``base_dir``; with
+    ``allowed_prefixes`` only URIs under them are read (``audio.load_chunks``). Every way a track can be
+    unusable becomes a reason from ``audio.REASONS``: the decoder's own ``AudioError`` (``bad_uri`` for
+    a row that names no readable URI) and anything else it throws (``corrupt``), so one bad file never
+    stops a job over millions. Only ``audio.TransientError`` (storage unreachable after retries)
+    propagates: it says nothing about the track, and the task is retried.
     """
-    if not uri:
-        return None, None, "missing"
     try:
-        chunks, duration = audio.load_chunks(uri, max_chunks=max_chunks)
+        source = audio.locate(uri, base_dir)
+        chunks, duration = audio.load_chunks(source, max_chunks=max_chunks, allowed_prefixes=allowed_prefixes)
+    except audio.TransientError:
+        raise
     except audio.AudioError as exc:
         return None, None, exc.reason
-    except storage.StorageError:
-        return None, None, "missing"
-    except (av.error.FFmpegError, OSError, ValueError):
+    except Exception:  # whatever else a broken file makes FFmpeg, numpy or torch throw
         return None, None, "corrupt"
     if len(chunks) == 0:
         return None, None, "too_short"
     return audio.to_int16(chunks), duration, None
 
 
-def decode_batch(rows: pa.Table, base_dir: str, max_chunks: int = 64) -> pa.Table:
-    """Catalog rows to ``DECODED_SCHEMA`` rows, one per input row, in the same order.
+def decode_batch(
+    rows: pa.Table, base_dir: str, max_chunks: int = 64, allowed_prefixes: Sequence[str] | None = None
+) -> pa.Table:
+    """Catalog rows to ``DECODED_SCHEMA`` rows, one per input row, in the same order (see ``decode_track``).
 
-    Relative ``audio_uri`` values are resolved against the catalog's folder ``base_dir``.
+    Relative ``audio_uri`` values are resolved against the catalog's folder ``base_dir``. A row whose
+    ``track_id`` is null or not a string is not decoded: it gets ``bad_id``, with the id as a string
+    (empty for null), so a catalog too big to validate first still cannot fail the job.
     """
     ids = rows.column("track_id").to_pylist()
     uris = rows.column("audio_uri").to_pylist()
     out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
     for track_id, uri in zip(ids, uris, strict=True):
-        chunks, duration, error = decode_track(storage.resolve(base_dir, uri) if uri else None, max_chunks)
+        if isinstance(track_id, str):
+            chunks, duration, error = decode_track(uri, max_chunks, base_dir, allowed_prefixes)
+        else:
+            chunks, duration, error = None, None, "bad_id"
+            track_id = "" if track_id is None else str(track_id)
         out["track_id"].append(track_id)
         out["chunks"].append(None if chunks is None else chunks.reshape(-1))
         out["n_chunks"].append(0 if chunks is None else len(chunks))

@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+import http.server
+import socket
+import threading
+import time
+from collections import Counter
+
+import av
 import numpy as np
+import pyarrow as pa
 import pytest
 
-from musiclib import audio, storage
+from musiclib import audio, embedding, storage
 
 FORMATS = [("wav", 44100), ("flac", 22050), ("ogg", 44100), ("opus", 48000), ("mp3", 44100), ("m4a", 32000)]
 
@@ -144,10 +152,6 @@ def test_error_kinds(tmp_path):
         assert _reason(str(source)) == expected, expected
 
 
-def test_missing_s3_object_is_reported(s3_root):
-    assert _reason(storage.join(s3_root, "no", "such.flac")) == "missing"
-
-
 def test_over_long_full_decode_is_refused_but_windows_work():
     sr = 8000
     data = audio.encode(np.full(sr * 30, 0.1, np.float32), sr, "wav")
@@ -160,3 +164,207 @@ def test_window_past_the_end_is_truncated():
     data = audio.encode(_tone(22050, 3.0, 1), 22050, "wav")
     with pytest.raises(audio.AudioError, match="truncated"):
         audio.load(data, offset_s=2.5, duration_s=1.0)
+
+
+# --------------------------------------------------------------------------- storage failures
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """No botocore retries inside a call (``AWS_MAX_ATTEMPTS``) and a short backoff between ours."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setattr(audio, "RETRY_BACKOFF_S", 0.02)
+
+
+def _point_s3_at(monkeypatch, endpoint: str) -> None:
+    monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "dummy")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "dummy")
+    monkeypatch.setenv("AWS_REGION", "us-east-1")
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # nothing listens once the socket is closed
+
+
+def test_unreachable_endpoint_is_transient_after_retries(monkeypatch, fast_retries):
+    _point_s3_at(monkeypatch, f"http://127.0.0.1:{_closed_port()}")
+    start = time.perf_counter()
+    with pytest.raises(audio.TransientError, match=f"failed {audio.RETRY_ATTEMPTS} times"):
+        audio.load_chunks("s3://bucket/track.flac")
+    assert time.perf_counter() - start >= 0.02 * (2 ** (audio.RETRY_ATTEMPTS - 1) - 1)  # every backoff waited
+    assert not issubclass(audio.TransientError, audio.AudioError)  # no per-track reason: the task fails
+    with pytest.raises(audio.TransientError):
+        embedding.decode_track("s3://bucket/track.flac")
+    with pytest.raises(audio.TransientError):
+        embedding.decode_batch(pa.table({"track_id": ["a"], "audio_uri": ["s3://bucket/track.flac"]}), "/")
+
+
+class _S3Errors(http.server.BaseHTTPRequestHandler):
+    """An S3 endpoint that answers each key with the status its name starts with (``403-…``, ``503-…``);
+    ``ok-get-500-…`` answers HEAD with an object and every GET with 500. Requests are counted per path."""
+
+    counts: Counter[str]
+
+    def _answer(self, body: bool) -> None:
+        self.counts[self.path] += 1
+        key = self.path.rsplit("/", 1)[-1]
+        if key.startswith("ok-") and self.command == "HEAD":
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.send_header("Last-Modified", "Mon, 01 Jan 2024 00:00:00 GMT")
+            self.send_header("ETag", '"0"')
+            self.end_headers()
+            return
+        status = 500 if key.startswith("ok-") else int(key.split("-")[0])
+        code = {403: "AccessDenied", 500: "InternalError", 503: "SlowDown"}[status]
+        xml = f"<Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/xml")
+        self.send_header("Content-Length", str(len(xml)))
+        self.end_headers()
+        if body:
+            self.wfile.write(xml)
+
+    def do_HEAD(self):  # noqa: N802 (http.server's names)
+        self._answer(body=False)
+
+    def do_GET(self):  # noqa: N802
+        self._answer(body=True)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def s3_errors(monkeypatch, fast_retries):
+    """A real HTTP endpoint that fails the way S3 does; yields its per-path request counts."""
+    _S3Errors.counts = Counter()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _S3Errors)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    _point_s3_at(monkeypatch, f"http://127.0.0.1:{server.server_address[1]}")
+    yield _S3Errors.counts
+    server.shutdown()
+    server.server_close()
+
+
+def test_denied_object_is_forbidden_at_once(s3_errors):
+    assert _reason("s3://bucket/403-denied.flac") == "forbidden"
+    assert s3_errors["/bucket/403-denied.flac"] == 1  # not retried
+    assert embedding.decode_track("s3://bucket/403-denied.flac") == (None, None, "forbidden")
+
+
+def test_throttled_or_failing_storage_is_retried_then_transient(s3_errors):
+    with pytest.raises(audio.TransientError, match="SlowDown|Service Unavailable|503"):
+        audio.load_chunks("s3://bucket/503-busy.flac")
+    assert s3_errors["/bucket/503-busy.flac"] == audio.RETRY_ATTEMPTS
+    with pytest.raises(audio.TransientError):  # the object exists, but reading it keeps failing
+        audio.load_chunks("s3://bucket/ok-get-500.flac")
+
+
+def test_missing_s3_object_is_reported(s3_root):
+    assert _reason(storage.join(s3_root, "no", "such.flac")) == "missing"
+    assert "missing" in audio.RETRIED
+
+
+# --------------------------------------------------------------------------- bad catalog rows
+
+
+def test_bad_catalog_rows_become_error_rows(tmp_path):
+    good = tmp_path / "good.flac"
+    good.write_bytes(audio.encode(_tone(22050, 6.0, 1), 22050, "flac"))
+    rows = pa.table(
+        {
+            "track_id": ["ok", "http", "no-bucket", "null", "empty", "host", None, "missing"],
+            "audio_uri": [
+                "good.flac",  # relative to the catalog's folder
+                "http://example.com/a.mp3",
+                "s3:///key.mp3",
+                None,
+                " ",
+                f"file://otherhost{good}",
+                "good.flac",
+                "nope.flac",
+            ],
+        }
+    )
+    out = embedding.decode_batch(rows, str(tmp_path), max_chunks=4)
+    assert out.column("track_id").to_pylist() == [
+        "ok",
+        "http",
+        "no-bucket",
+        "null",
+        "empty",
+        "host",
+        "",
+        "missing",
+    ]
+    assert out.column("error").to_pylist() == [
+        None, "bad_uri", "bad_uri", "bad_uri", "bad_uri", "bad_uri", "bad_id", "missing"
+    ]  # fmt: skip
+    assert out.column("n_chunks").to_pylist()[0] == 2
+    assert embedding.decode_track(f"file://localhost{good}")[2] is None
+    numbers = embedding.decode_batch(pa.table({"track_id": [7], "audio_uri": [8]}), str(tmp_path))
+    assert numbers.to_pylist()[0] | {"chunks": None} == {
+        "track_id": "7", "chunks": None, "n_chunks": 0, "duration_s": None, "error": "bad_id"
+    }  # fmt: skip
+    numbers = embedding.decode_batch(pa.table({"track_id": ["t"], "audio_uri": [8]}), str(tmp_path))
+    assert numbers.column("error").to_pylist() == ["bad_uri"]
+
+
+# --------------------------------------------------------------------------- what a source may read
+
+
+def test_playlists_and_concat_scripts_are_refused_unread(tmp_path):
+    secret = tmp_path / "secret.mp3"
+    secret.write_bytes(audio.encode(_tone(22050, 3.0, 1), 22050, "mp3"))
+    playlist = tmp_path / "list.m3u8"
+    playlist.write_text(
+        f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:3\n#EXTINF:3.0,\n{secret}\n#EXT-X-ENDLIST\n"
+    )
+    concat = tmp_path / "list.ffconcat"
+    concat.write_text(f"ffconcat version 1.0\nfile '{secret.name}'\n")
+    for script in (playlist, concat):  # FFmpeg left to itself follows both to the other file
+        with av.open(str(script), options={"safe": "0"} if script == concat else {}) as container:
+            assert sum(f.samples for f in container.decode(audio=0)) > 0
+        assert _reason(str(script)) == "unsupported"
+        assert _reason(script.read_bytes()) in ("unsupported", "corrupt")  # from memory: nothing probed
+
+
+def test_allowed_prefixes_confine_local_paths(tmp_path):
+    music, private = tmp_path / "music", tmp_path / "private"
+    music.mkdir()
+    private.mkdir()
+    data = audio.encode(_tone(22050, 6.0, 1), 22050, "flac")
+    (music / "a.flac").write_bytes(data)
+    (private / "b.flac").write_bytes(data)
+    (music / "link.flac").symlink_to(private / "b.flac")
+    allowed = (str(music),)
+    chunks, _ = audio.load_chunks(str(music / "a.flac"), allowed_prefixes=allowed)
+    assert len(chunks) == 2
+    for outside in (
+        private / "b.flac",
+        music / "link.flac",
+        f"{music}/../private/b.flac",
+        tmp_path / "nope.flac",
+    ):
+        with pytest.raises(audio.AudioError) as err:
+            audio.load_chunks(str(outside), allowed_prefixes=allowed)
+        assert err.value.reason == "forbidden", outside
+    assert audio.load_chunks(str(private / "b.flac"))[0].shape == chunks.shape  # None: no restriction
+    rows = pa.table({"track_id": ["a", "b"], "audio_uri": ["music/a.flac", "private/b.flac"]})
+    out = embedding.decode_batch(rows, str(tmp_path), allowed_prefixes=allowed)
+    assert out.column("error").to_pylist() == [None, "forbidden"]
+
+
+def test_allowed_prefixes_confine_s3_keys(s3_root):
+    data = audio.encode(_tone(22050, 6.0, 1), 22050, "flac")
+    for key in ("music/a.flac", "musicx/b.flac"):
+        storage.write_bytes(storage.join(s3_root, key), data)
+    allowed = (storage.join(s3_root, "music"),)
+    assert len(audio.load_chunks(storage.join(s3_root, "music/a.flac"), allowed_prefixes=allowed)[0]) == 2
+    with pytest.raises(audio.AudioError, match="forbidden"):
+        audio.load_chunks(storage.join(s3_root, "musicx/b.flac"), allowed_prefixes=allowed)
