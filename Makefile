@@ -6,7 +6,7 @@ ROOT ?= data/demo
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo demo-catalog pretrain embed tune tag clean
+.PHONY: setup test lint demo demo-catalog pretrain embed tune tag clean s3
 
 -include cluster/cluster.mk
 
@@ -53,3 +53,10 @@ demo: $(STAMP)
 
 clean:
 	rm -rf $(ROOT)
+
+# A real S3 server (SeaweedFS, from the test extra) on 127.0.0.1:$(S3_PORT), in the foreground until Ctrl-C, with its
+# data under $(S3_DIR); it prints the AWS variables to export and a bucket to try, e.g. ROOT=s3://musiclib/demo.
+S3_PORT ?= 8333
+S3_DIR ?= data/s3
+s3: $(STAMP)
+	$(PY) tests/s3server.py --dir $(S3_DIR) --port $(S3_PORT)

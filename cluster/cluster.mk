@@ -6,6 +6,8 @@
 # SUBMIT_FLAGS: more `ray job submit` options, e.g. --no-wait. JOB_ID on submit: the submission id.
 # The auth token comes from RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token; S3 credentials come
 # from the nodes' own environment, never from here. Nothing is exported to the other targets.
+# An S3 to try this with on one machine: `make s3` (SeaweedFS on 127.0.0.1:8333, data under data/s3) prints
+# the AWS_* lines to export in the shells that start the nodes and submit, and a bucket for ROOT.
 SUBMIT_ENV = ROOT='$(ROOT)' JOB_ID='$(JOB_ID)' RAY_ADDRESS='$(RAY_ADDRESS)' RUNTIME_ENV='$(RUNTIME_ENV)' \
 	SUBMIT_FLAGS='$(SUBMIT_FLAGS)'
 

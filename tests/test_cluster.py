@@ -3,9 +3,9 @@
 The cluster is started with the ``ray`` CLI, not in-process: a head (``ray start --head``: 4 CPUs, its
 own temp dir, free ports everywhere so other Ray instances on this machine are untouched) and a worker
 joined with ``ray start --address`` (2 CPUs and a custom ``decode`` resource). Token authentication is
-on: the nodes and the submitting shell share a token file through ``RAY_AUTH_TOKEN_PATH``. S3 is a moto
-server on 127.0.0.1; the nodes hold the S3 credentials in their environment, the submitting shell only
-the endpoint and region, which travel in the runtime env.
+on: the nodes and the submitting shell share a token file through ``RAY_AUTH_TOKEN_PATH``. S3 is the
+session's SeaweedFS server on 127.0.0.1 (``s3_server``); the nodes hold the S3 credentials in their
+environment, the submitting shell only the endpoint and region, which travel in the runtime env.
 
 The cluster is stopped at the end whatever happens: each node runs ``ray start --block`` in its own
 process group, and the teardown ends those groups, then any process left that names the temp dir.
@@ -31,13 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from s3server import SeaweedS3
 
 PROJECT = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
 RAY = VENV_BIN / "ray"
 STAMP = PROJECT / ".venv" / ".installed"
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing"}
-REGION = "us-east-1"
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a loaded 2-core machine is slow
 
@@ -99,14 +98,14 @@ class LocalCluster:
 # --------------------------------------------------------------------------- starting and stopping
 
 
-def _base_env(token_file: Path, s3_endpoint: str) -> dict[str, str]:
+def _base_env(token_file: Path, s3: dict[str, str]) -> dict[str, str]:
     """This shell's environment without Ray or AWS settings, plus the venv on PATH and the auth token."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_"))}
     env.pop("MUSICLIB_ROOT", None)
     env["PATH"] = f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.environ.get("PYTHONPATH", "")
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
-    env.update(AWS_ENDPOINT_URL=s3_endpoint, AWS_REGION=REGION)
+    env.update(AWS_ENDPOINT_URL=s3["AWS_ENDPOINT_URL"], AWS_REGION=s3["AWS_REGION"])
     env.update(RAY_enable_worker_prestart="0", RAY_prestart_worker_first_driver="0")  # lighter start-up
     return env
 
@@ -204,9 +203,8 @@ def _stop(nodes: list[subprocess.Popen], temp_dir: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def cluster(s3_endpoint) -> Iterator[LocalCluster]:
+def cluster(s3_server) -> Iterator[LocalCluster]:
     """Head (4 CPUs) plus worker (2 CPUs, ``decode: 2``) with token auth and S3 credentials; always stopped."""
-    import boto3
     from ray._private.utils import get_dashboard_dependency_error
 
     if get_dashboard_dependency_error() is not None:
@@ -215,8 +213,8 @@ def cluster(s3_endpoint) -> Iterator[LocalCluster]:
     token_file = Path(temp_dir) / "auth_token"
     token_file.write_text(secrets.token_hex(32))
     token_file.chmod(0o600)
-    base = _base_env(token_file, s3_endpoint)
-    node_env = {**base, **CREDENTIALS}
+    base = _base_env(token_file, s3_server.env)
+    node_env = {**s3_server.env, **base}  # the nodes hold the credentials, the submitting shell does not
     gcs_port, dashboard, client, *ports = _free_ports(3 + 12)
     head_workers = _free_range(set(ports) | {gcs_port, dashboard, client})
     taken = set(ports) | {gcs_port, dashboard, client, *range(head_workers, head_workers + WORKER_PORTS)}
@@ -252,18 +250,12 @@ def cluster(s3_endpoint) -> Iterator[LocalCluster]:
             nodes,
         )
         bucket = f"cluster-{uuid.uuid4().hex[:12]}"
-        boto3.client("s3", endpoint_url=s3_endpoint, region_name=REGION, **_boto_credentials()).create_bucket(
-            Bucket=bucket
-        )
+        s3_server.client().create_bucket(Bucket=bucket)
         submit_env = {**base, "RAY_ADDRESS": url, "RUNTIME_ENV": "cluster/runtime_env.local.yaml"}
         yield LocalCluster(temp_dir, gcs, url, node_env, submit_env, bucket)
     finally:
         _stop(nodes, temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _boto_credentials() -> dict[str, str]:
-    return {"aws_access_key_id": "testing", "aws_secret_access_key": "testing"}
 
 
 # --------------------------------------------------------------------------- the submit path
@@ -291,11 +283,11 @@ def job_status(cluster: LocalCluster, job_id: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def catalog_on_s3(cluster, s3_endpoint) -> Iterator[str]:
+def catalog_on_s3(cluster, s3_server) -> Iterator[str]:
     """A tiny demo catalog and a random narrow encoder under the cluster's S3 root; returns the model id."""
     from musiclib import demo, models
 
-    with _aws_env(s3_endpoint):
+    with _aws_env(s3_server):
         demo.make_catalog(cluster.root, n_tracks=12, seed=0, min_seconds=3.0, max_seconds=5.0, workers=1)
         encoder = models.SampleCNN(models.EncoderConfig(width=0.125))
         model_id = models.export_encoder(encoder, f"{cluster.root}/models", {"note": "random, for tests"})
@@ -304,10 +296,10 @@ def catalog_on_s3(cluster, s3_endpoint) -> Iterator[str]:
 
 
 class _aws_env:
-    """Set the test process's AWS variables for the moto server inside a ``with`` block."""
+    """Set the test process's AWS variables for the S3 server inside a ``with`` block."""
 
-    def __init__(self, endpoint: str):
-        self.values = {"AWS_ENDPOINT_URL": endpoint, "AWS_REGION": REGION, **CREDENTIALS}
+    def __init__(self, server: SeaweedS3):
+        self.values = server.env
 
     def __enter__(self):
         self.saved = {k: os.environ.get(k) for k in self.values}
@@ -365,7 +357,7 @@ def publish_probe_set(layout, model_id: str) -> list[str]:
     return probe_set.tags
 
 
-def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_endpoint):
+def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     """embed, then tag with a probe set, run on the two-node cluster and leave complete outputs."""
     from musiclib import catalog, embeddings, storage, tags
     from musiclib.config import Layout
@@ -375,7 +367,7 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_endpoint):
     embed_args = "--max-chunks 2 --batch-size 12 --decode-cpus 1 --actors 1"
     out = make("submit", cluster.submit_env, JOB="embed", ROOT=cluster.root, ARGS=embed_args)
     assert out.returncode == 0, out.stdout[-3000:]
-    with _aws_env(s3_endpoint):
+    with _aws_env(s3_server):
         tracks = sorted(catalog.read(layout.catalog, columns=["track_id"]).column("track_id").to_pylist())
         assert sorted(embeddings.read(layout.embeddings, model_id).column("track_id").to_pylist()) == tracks
         manifest = storage.read_latest_manifest(embeddings.dataset_uri(layout.embeddings, model_id))
@@ -384,7 +376,7 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_endpoint):
 
     out = make("submit", cluster.submit_env, JOB="tag", ROOT=cluster.root, ARGS="--batch-size 64")
     assert out.returncode == 0, out.stdout[-3000:]
-    with _aws_env(s3_endpoint):
+    with _aws_env(s3_server):
         manifest = storage.read_latest_manifest(layout.tags)
         assert not storage.verify(manifest)
         rows = tags.read_version(manifest, ["track_id", "tag", "source"]).to_pylist()
