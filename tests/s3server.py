@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sysconfig
@@ -247,6 +248,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8333, help="the S3 port")
     parser.add_argument("--bucket", default="musiclib", help="a bucket to create (3+ characters)")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # `kill` stops weed too, as Ctrl-C does
     server = SeaweedS3(args.dir, s3_port=args.port)
     start = time.monotonic()
     with server:
