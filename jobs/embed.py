@@ -24,15 +24,16 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
-from musiclib import catalog, embedding, embeddings, models, storage
+from musiclib import audio, catalog, embedding, embeddings, models, storage
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
 from musiclib.ray_env import ray_session
 
@@ -57,6 +58,8 @@ class EmbedConfig:
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
     shard_rows: int = 10000  # fewest rows per output Parquet file
     validate_catalog: bool = True  # check every row before Ray starts; false: bad rows become error rows
+    allowed_prefixes: list[str] = field(default_factory=list)  # audio only under these; empty: anywhere
+    task_retries: int = 3  # decode tasks retried after storage errors that outlast the decoder's own retries
     ray_address: str = ""  # empty: RAY_ADDRESS inside a submitted job, else a new local Ray
 
     @property
@@ -68,6 +71,8 @@ class EmbedConfig:
         for name in ("max_chunks", "batch_size", "chunk_batch", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.task_retries < 0:
+            raise ConfigError(f"--task-retries must not be negative, got {self.task_retries}")
         if self.actors < 0:
             raise ConfigError(f"--actors must not be negative (0: automatic), got {self.actors}")
         if self.decode_cpus <= 0 or self.cpus_per_actor < 0:
@@ -124,7 +129,9 @@ def encoder_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> tuple[floa
 def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
     """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming.
 
-    Blocks of ``batch_size`` tracks are the unit of work: a catalog row group of a million rows becomes
+    A decode task that meets storage it cannot reach (``audio.TransientError``, after the decoder's own
+    backoff) is retried ``task_retries`` times (``data_context``); then the job fails, and the next run
+    resumes from what was written. Blocks of ``batch_size`` tracks are the unit of work: a catalog row group of a million rows becomes
     many small decode tasks, and the re-blocking between decode and encode keeps them separate operators
     (Ray would otherwise fuse the decoding into the encoder actors, starving the accelerator).
     """
@@ -134,7 +141,11 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
         rows = rows.map_batches(embedding.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
     decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         embedding.decode_batch,
-        fn_kwargs={"base_dir": catalog.base_dir(cfg.catalog_uri), "max_chunks": cfg.max_chunks},
+        fn_kwargs={
+            "base_dir": catalog.base_dir(cfg.catalog_uri),
+            "max_chunks": cfg.max_chunks,
+            "allowed_prefixes": cfg.allowed_prefixes or None,
+        },
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
@@ -157,9 +168,11 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
 
 
 @contextlib.contextmanager
-def data_context(checkpoint_dir: str) -> Iterator[None]:
+def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
     """Ray Data settings for the datasets created and run inside the block; the previous ones after it.
 
+    - Map tasks that fail with ``audio.TransientError`` (storage unreachable for longer than the decoder's
+      own retries) are run again, up to ``task_retries`` times; any other exception fails the job.
     - Job-level checkpointing keyed by ``track_id``. The checkpoint is kept after success: it is deleted
       only once the version is published, so a run killed between the last write and the publish does
       not write its tracks a second time.
@@ -173,7 +186,16 @@ def data_context(checkpoint_dir: str) -> Iterator[None]:
     """
     fs, path = storage.arrow_filesystem(checkpoint_dir)
     ctx = ray.data.DataContext.get_current()
-    previous = (ctx.checkpoint_config, ctx.use_datasource_v2, ctx.op_resource_reservation_enabled)
+    names = (
+        "checkpoint_config",
+        "use_datasource_v2",
+        "op_resource_reservation_enabled",
+        "retried_map_errors",
+        "max_map_retries",
+    )
+    previous = {name: getattr(ctx, name) for name in names}
+    ctx.retried_map_errors = [audio.TRANSIENT]
+    ctx.max_map_retries = task_retries
     ctx.checkpoint_config = CheckpointConfig(
         id_column="track_id", checkpoint_path=path, delete_checkpoint_on_success=False, override_filesystem=fs
     )
@@ -182,7 +204,8 @@ def data_context(checkpoint_dir: str) -> Iterator[None]:
     try:
         yield
     finally:
-        ctx.checkpoint_config, ctx.use_datasource_v2, ctx.op_resource_reservation_enabled = previous
+        for name, value in previous.items():
+            setattr(ctx, name, value)
 
 
 # --------------------------------------------------------------------------- versions
@@ -214,11 +237,41 @@ def timestamp() -> str:
     return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
-def carried_files(dataset: str, only_new: bool) -> list[storage.FileEntry]:
-    """Files of the latest committed version that the new version keeps (``--only-new`` only)."""
+@dataclass
+class CarryOver:
+    """What an incremental version keeps of the latest one (see ``carry_over``)."""
+
+    kept: list[storage.FileEntry]  # files kept as they are
+    skip: np.ndarray  # sorted ids not to embed again
+    retried: set[tuple[str, str]]  # (track_id, error) of the rows left out to be tried again
+
+
+def carry_over(dataset: str, only_new: bool, out_dir: str) -> CarryOver:
+    """What an incremental version keeps of the latest one: its files, the ids to skip, the rows retried.
+
+    Rows whose error may since have gone away (``audio.RETRIED``: an object that was missing) are not
+    kept: a file holding any is copied into ``out_dir`` without them, so those tracks are embedded again
+    and every track still appears exactly once.
+    """
+    none = CarryOver([], np.array([], dtype=object), set())
     if not only_new or storage.latest_version(dataset) is None:
-        return []
-    return storage.read_latest_manifest(dataset).files
+        return none
+    kept, ids, retried = [], [], set()
+    for entry in storage.read_latest_manifest(dataset).files:
+        uri = storage.join(dataset, entry.path)
+        rows = storage.read_parquet([uri], ["track_id", "error"])
+        retry = pc.fill_null(pc.is_in(rows["error"], pa.array(audio.RETRIED)), False)
+        if pc.any(retry).as_py():
+            rest = storage.read_parquet([uri]).filter(pc.invert(retry))
+            storage.write_parquet(rest, storage.join(out_dir, "carried-" + entry.path.replace("/", "-")))
+            again = rows.filter(retry)
+            retried |= set(zip(again["track_id"].to_pylist(), again["error"].to_pylist()))
+        else:
+            kept.append(entry)
+        ids.append(rows.filter(pc.invert(retry))["track_id"].to_numpy(zero_copy_only=False))
+    if retried:
+        print(f"{len(retried)} track(s) whose audio was {'/'.join(audio.RETRIED)} are tried again")
+    return CarryOver(kept, np.sort(np.concatenate(ids)), retried)
 
 
 # --------------------------------------------------------------------------- the job
@@ -249,24 +302,38 @@ def run(cfg: EmbedConfig) -> embedding.Summary:
 def write_version(
     cfg: EmbedConfig, model_id: str, dataset: str, version: str, out_dir: str, checkpoint_dir: str
 ) -> list[str]:
-    """Run the pipeline into ``out_dir`` and publish the version; return the URIs of its new files."""
-    kept = carried_files(dataset, cfg.only_new)
+    """Run the pipeline into ``out_dir`` and publish the version; return the URIs of the files it embedded."""
+    carried = carry_over(dataset, cfg.only_new, out_dir)
     fs, out_path = storage.arrow_filesystem(out_dir)
-    with data_context(checkpoint_dir):
-        ds = build_pipeline(
-            cfg, model_id, embedding.written_ids([storage.join(dataset, f.path) for f in kept])
-        )
+    with data_context(checkpoint_dir, cfg.task_retries):
+        ds = build_pipeline(cfg, model_id, carried.skip)
         ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
-    new = storage.list_files(out_dir, ".parquet")
-    if new or not kept:
+    files = storage.list_files(out_dir, ".parquet")
+    embedded = [u for u in files if not u.rsplit("/", 1)[-1].startswith("carried-")]
+    if carried.kept and not embedded:
+        print(f"{dataset} is up to date: every catalog track has an embedding; nothing published")
+    elif carried.retried and unchanged(embedded, carried.retried):
+        storage.delete(out_dir, recursive=True)
+        print(f"{dataset} is up to date: {len(carried.retried)} track(s) still {'/'.join(audio.RETRIED)}")
+        return []
+    else:
         config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
         manifest = storage.publish(
-            dataset, version, new, [storage.parquet_rows(u) for u in new], config=config, carried=kept
+            dataset,
+            version,
+            files,
+            [storage.parquet_rows(u) for u in files],
+            config=config,
+            carried=carried.kept,
         )
         print(f"published {dataset} version {version}: {manifest.rows} rows in {len(manifest.files)} files")
-    else:
-        print(f"{dataset} is up to date: every catalog track has an embedding; nothing published")
-    return new
+    return embedded
+
+
+def unchanged(embedded: list[str], retried: set[tuple[str, str]]) -> bool:
+    """Whether the tracks embedded again gave exactly the errors they had (nothing to publish)."""
+    rows = storage.read_parquet(embedded, ["track_id", "error"]) if embedded else None
+    return rows is not None and set(zip(rows["track_id"].to_pylist(), rows["error"].to_pylist())) == retried
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -75,8 +75,11 @@ class TransientError(RuntimeError):
     """Storage kept failing in a way that may pass (unreachable, timeout, 5xx, throttling).
 
     Not an ``AudioError``: nothing is wrong with the track, so it gets no reason; the task fails and Ray
-    retries it.
+    retries it. Its message starts with ``TRANSIENT``, which Ray Data's retry setting matches.
     """
+
+
+TRANSIENT = "transient storage failure"
 
 
 @dataclass(frozen=True)
@@ -156,7 +159,7 @@ def _storage_call(uri: str, fn: Callable[..., T], *args) -> T:
         attempt += 1
         if attempt == RETRY_ATTEMPTS:
             raise TransientError(
-                f"{uri}: storage failed {attempt} times: {type(failure).__name__}: {failure}"
+                f"{TRANSIENT}: {uri}: failed {attempt} times: {type(failure).__name__}: {failure}"
             ) from failure
         time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
 

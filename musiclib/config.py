@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 T = TypeVar("T")
 
 DEFAULT_ROOT = os.environ.get("MUSICLIB_ROOT", "data/demo")
-URI_FIELDS = ("root", "catalog")  # config fields that name storage locations
+URI_FIELDS = ("root", "catalog", "allowed_prefixes")  # config fields that name storage locations
 
 
 class ConfigError(ValueError):
@@ -94,14 +94,19 @@ def absolute_uris(cfg: T) -> T:
     """
     from musiclib import storage
 
-    changes = {}
+    def absolute(name: str, value: str) -> str:
+        try:
+            return storage.normalize_uri(value)
+        except storage.StorageError as exc:
+            raise ConfigError(f"--{name.replace('_', '-')}: {exc}") from exc
+
+    changes: dict[str, Any] = {}
     for name in URI_FIELDS:
         value = getattr(cfg, name, None)
         if isinstance(value, str) and value:
-            try:
-                changes[name] = storage.normalize_uri(value)
-            except storage.StorageError as exc:
-                raise ConfigError(f"--{name}: {exc}") from exc
+            changes[name] = absolute(name, value)
+        elif isinstance(value, list | tuple):
+            changes[name] = type(value)(absolute(name, v) for v in value)
     return dataclasses.replace(cfg, **changes) if changes else cfg
 
 

@@ -156,13 +156,6 @@ def embed_batch(
 # --------------------------------------------------------------------------- resume
 
 
-def written_ids(files: list[str]) -> np.ndarray:
-    """Sorted track ids of embedding files, reading only their ``track_id`` column."""
-    if not files:
-        return np.array([], dtype=object)
-    return np.sort(storage.read_parquet(files, ["track_id"]).column("track_id").to_numpy())
-
-
 def drop_written(rows: pa.Table, written: np.ndarray) -> pa.Table:
     """Rows whose ``track_id`` is not in the sorted array ``written``: an anti-join by binary search.
 

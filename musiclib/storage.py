@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import errno
 import hashlib
 import json
 import os
@@ -210,10 +209,14 @@ def write_bytes(uri: str, data: bytes) -> None:
 
 
 def _precondition_failed(exc: OSError) -> bool:
-    """Whether an S3 error is a failed conditional write (HTTP 412), as s3fs reports it."""
-    return isinstance(exc, FileExistsError) or (
-        exc.errno == errno.EINVAL and "precondition" in str(exc).lower()
-    )
+    """Whether an S3 error is a failed conditional write (HTTP 412).
+
+    s3fs raises ``FileExistsError`` only when the error names its condition (AWS, moto); SeaweedFS's
+    does not, so the S3 error code on the botocore cause decides.
+    """
+    response = getattr(exc.__cause__, "response", None) or {}
+    code = response.get("Error", {}).get("Code")
+    return isinstance(exc, FileExistsError) or code in ("PreconditionFailed", "412")
 
 
 def create_only(uri: str, data: bytes) -> bool:

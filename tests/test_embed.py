@@ -232,12 +232,17 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
         dataset, "v0-lost-one", [storage.join(dataset, f.path) for f in kept], [f.rows for f in kept]
     )
 
+    errors = {f.path: storage.read_parquet([storage.join(dataset, f.path)], ["error"]) for f in kept}
+    retried = {p: t["error"].to_pylist().count("missing") for p, t in errors.items()}
+
     summary = job.run(config(root, only_new=True))
     check_complete(root, model_id)
     final = storage.read_latest_manifest(dataset)
-    assert {(f.path, f.sha256) for f in kept} <= {(f.path, f.sha256) for f in final.files}
-    assert summary.tracks == lost.rows
+    untouched = {(f.path, f.sha256) for f in kept if not retried[f.path]}
+    assert untouched and untouched <= {(f.path, f.sha256) for f in final.files}
+    assert summary.tracks == lost.rows + sum(retried.values())  # missing audio is looked for again
     assert job.run(config(root, only_new=True)).tracks == 0
+    assert storage.latest_version(dataset) == final.version
 
 
 @pytest.mark.slow
@@ -280,3 +285,31 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluste
     survivors = {u for u in before if after.get(u) == before[u]}
     assert survivors, "every shard written before the kill was rewritten"
     assert len(out) == 30 and summary.tracks == 30
+
+
+@pytest.mark.slow
+def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_cluster):
+    root = str(tmp_path)
+    model_id = make_root(root, n_good=3)
+    job.run(config(root))
+    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    cat = catalog.read(Layout(root).catalog, columns=["track_id", "audio_uri", "fault"]).to_pylist()
+    base = catalog.base_dir(Layout(root).catalog)
+    lost = next(r for r in cat if r["fault"] == "missing")
+    good = next(r for r in cat if r["fault"] is None)
+    storage.write_bytes(
+        storage.resolve(base, lost["audio_uri"]), storage.read_bytes(storage.resolve(base, good["audio_uri"]))
+    )
+
+    summary = job.run(config(root, only_new=True))
+    assert summary.tracks == 1 and summary.errors == {}
+    out = embeddings.read(Layout(root).embeddings, model_id)
+    ids = out["track_id"].to_pylist()
+    assert len(ids) == len(set(ids)) == len(cat)
+    errors = dict(zip(ids, out["error"].to_pylist()))
+    assert errors[lost["track_id"]] is None
+    assert {t: e for t, e in errors.items() if t != lost["track_id"]} == {
+        r["track_id"]: r["fault"] for r in cat if r["track_id"] != lost["track_id"]
+    }
+    assert job.run(config(root, only_new=True)).tracks == 0
+    assert storage.latest_version(dataset) is not None
