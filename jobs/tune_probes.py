@@ -6,9 +6,13 @@ One Tune trial is one budget x probe x hyperparameters point, with its normalisa
 repetitions inside, because a single fit takes milliseconds (and the normalisations then share support
 sets). Embeddings and labels go to the object store once (``tune.with_parameters``); actors are reused.
 Each finished configuration writes its rows to ``<run>/trials/<configuration>.parquet``; a restarted
-sweep skips configurations already written, so nothing is redone. Outputs under ``<root>/probes/<run_id>/``: results.parquet, report.md, budget_curve.png and
-probe_set.safetensors (the best full-label configuration refit on every labeled training track), then the
-run is published as a version of the probes dataset (``_latest`` moves last).
+sweep skips configurations already written, so nothing is redone. Every configuration is scored on the
+validation split, where all choices are made (each budget's configuration, each tag's cheapest budget, the
+final probe set and its thresholds), and on the test split, which only reports the chosen ones.
+Outputs under ``<root>/probes/<run_id>/``: results.parquet, report.md, budget_curve.png and
+probe_set.safetensors (the full-label configuration chosen on valid, refit on every labeled training
+track), then the run is published as a version of the probes dataset (``_latest`` moves last). Running a
+complete run again only points ``_latest`` at it (repairing a crash between the manifest and the pointer).
 """
 
 from __future__ import annotations
@@ -110,7 +114,8 @@ def configurations(cfg: TuneConfig) -> list[dict[str, Any]]:
 
 
 def load_data(cfg: TuneConfig, layout: Layout, model_id: str) -> fewshot.ProbeData:
-    """Human labels joined with the model's embeddings; an unknown ``--tags`` entry is an error."""
+    """Human labels joined with the model's embeddings; an unknown ``--tags`` entry is an error, and so is a
+    validation split on which no tag can be scored (configurations are chosen there)."""
     table = catalog.read(layout.catalog, columns=["track_id", "tags", "split"])
     emb = embeddings.read(layout.embeddings, model_id, columns=["track_id", "embedding", "error"])
     data = fewshot.prepare(table, emb, model_id, cfg.head_fraction)
@@ -127,6 +132,12 @@ def load_data(cfg: TuneConfig, layout: Layout, model_id: str) -> fewshot.ProbeDa
         data.tags = list(cfg.tags)
     if len(data.tags) == 0 or len(data.x["train"]) == 0:
         raise ConfigError(f"no labeled training tracks with embeddings of {model_id}: nothing to tune")
+    valid = data.y["valid"]
+    if not (valid.any(axis=0) & ~valid.all(axis=0)).any():
+        raise ConfigError(
+            f"no tag has both a positive and a negative among the {len(valid)} labeled validation tracks "
+            f"with embeddings of {model_id}: configurations are chosen on the validation split"
+        )
     return data
 
 
@@ -174,11 +185,14 @@ def run_trial(
         trial_rows = fewshot.run_config(data, trial, repetitions, seed)
         storage.write_parquet(pa.Table.from_pylist(trial_rows), trial_uri(run_dir, trial))
         rows += trial_rows
-    macro = pd.DataFrame(rows).groupby(["trial", "rep"])[["ap", "roc_auc"]].mean().max()
+    macro = (
+        pd.DataFrame(rows).groupby(["trial", "rep"])[["valid_ap", "test_ap"]].mean().groupby("trial").mean()
+    )
+    chosen = macro.loc[macro["valid_ap"].idxmax()]  # chosen on valid, as the report chooses
     tune.report(
         {
-            "best_macro_ap": float(macro["ap"]),
-            "best_macro_auc": float(macro["roc_auc"]),
+            "valid_macro_ap": float(chosen["valid_ap"]),
+            "test_macro_ap": float(chosen["test_ap"]),
             "compute_s": time.perf_counter() - start,
             "started_at": started_at,
             "ended_at": time.time(),
@@ -246,7 +260,10 @@ def collect(run_dir: str, configs: list[dict[str, Any]]) -> pd.DataFrame:
 def finish(
     cfg: TuneConfig, layout: Layout, data: fewshot.ProbeData, run_id: str, results: pd.DataFrame, timing: dict
 ) -> storage.Manifest:
-    """Write results, report, plot and the refit probe set, then publish the run (``_latest`` last)."""
+    """Write results, report, plot and the refit probe set, then publish the run (``_latest`` last).
+
+    The final probe set's configuration is the one chosen on the validation split at the largest budget.
+    """
     run_dir = storage.version_uri(layout.probes, run_id)
     summary = report.trial_summary(results)
     best = report.best_per_budget(summary)
@@ -264,16 +281,20 @@ def finish(
         "tags": f"{len(data.tags)} ({len(data.head)} head, {len(data.tail)} tail)",
         "labeled tracks": ", ".join(f"{s} {len(v)}" for s, v in data.x.items()),
         "excluded tracks": f"{len(data.excluded)} " + _excluded_counts(data.excluded),
-        "tags skipped on test (no positive or no negative)": ", ".join(
-            sorted(set(results.loc[results["ap"].isna(), "tag"]))
-        )
-        or "none",
+        **{
+            f"tags skipped on {split} (no positive or no negative)": ", ".join(
+                sorted(set(results.loc[results[f"{split}_ap"].isna(), "tag"]))
+            )
+            or "none"
+            for split in fewshot.EVAL_SPLITS
+        },
         "repetitions": cfg.repetitions,
         "trials": f"{results['trial'].nunique()}",
         "sweep wall time (this session)": f"{timing['wall_s']:.1f} s on {timing['slots']} slots",
         "Tune overhead (1 - trial compute / (wall x slots))": f"{overhead:.1%}, of which start-up "
         f"(workers, imports) {timing['startup_s']:.1f} s; {timing['steady_overhead']:.1%} once trials run",
-        "final probe set": f"{full['trial']} refit on {len(data.x['train'])} labeled training tracks",
+        "final probe set": f"{full['trial']} (chosen on valid) refit on "
+        f"{len(data.x['train'])} labeled training tracks",
     }
     names = ["results.parquet", "report.md", "budget_curve.png", "probe_set.safetensors"]
     uris = [storage.join(run_dir, name) for name in names]
@@ -311,6 +332,7 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
     run_dir = storage.version_uri(layout.probes, run_id)
     done = storage.read_manifest(layout.probes, run_id)
     if done is not None:
+        storage.set_latest(layout.probes, run_id)  # a crash between the manifest and the pointer is repaired
         print(f"tune: run {run_id} is already complete: {run_dir}")
         return done
     configs = configurations(cfg)

@@ -19,6 +19,7 @@ from musiclib import catalog, embeddings, metrics, models, probes
 from musiclib.config import Layout
 
 BUDGETS: tuple[int | None, ...] = (1, 2, 5, 10, 20, 50, 100, None)
+EVAL_SPLITS = ("valid", "test")  # configurations are chosen on valid; test only reports the chosen ones
 
 
 def parse_budget(raw: str | int | None) -> int | None:
@@ -161,7 +162,9 @@ def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: 
 
     ``config`` holds ``budget`` ("all" or an integer), ``probe``, ``norm`` and the probe's hyperparameters.
     Each repetition draws a support set from the training pool, fits the probe for every tag at once,
-    and scores the test split. Rows carry the fit time so the sweep can measure its own overhead.
+    and scores the validation split (``valid_*``: what configurations are chosen on) and the test split
+    (``test_*``: what is reported for the chosen ones). Rows carry the fit time so the sweep can measure
+    its own overhead.
     """
     budget = parse_budget(config["budget"])
     params = hyperparameters(config)
@@ -174,27 +177,29 @@ def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: 
         probe = probes.fit(
             config["probe"], x, y, data.tags, norm=config["norm"], params=params, seed=seed + rep
         )
-        result = metrics.evaluate(data.y["test"], probe.apply(data.x["test"]), data.tags)
+        scored = {
+            split: metrics.evaluate(data.y[split], probe.apply(data.x[split]), data.tags)
+            for split in EVAL_SPLITS
+        }
         seconds = time.perf_counter() - start
         for j, tag in enumerate(data.tags):
-            rows.append(
-                {
-                    "trial": key,
-                    "budget": budget_name(budget),
-                    "probe": config["probe"],
-                    "norm": config["norm"],
-                    "params": text,
-                    "rep": rep,
-                    "tag": tag,
-                    "group": group[tag],
-                    "n_support": len(support),
-                    "n_support_pos": int(y[:, j].sum()),
-                    "n_test_pos": int(result.n_pos[j]),
-                    "roc_auc": float(result.roc_auc[j]),
-                    "ap": float(result.ap[j]),
-                    "fit_s": seconds / len(data.tags),
-                }
-            )
+            row = {
+                "trial": key,
+                "budget": budget_name(budget),
+                "probe": config["probe"],
+                "norm": config["norm"],
+                "params": text,
+                "rep": rep,
+                "tag": tag,
+                "group": group[tag],
+                "n_support": len(support),
+                "n_support_pos": int(y[:, j].sum()),
+            }
+            for split, result in scored.items():
+                row[f"n_{split}_pos"] = int(result.n_pos[j])
+                row[f"{split}_roc_auc"] = float(result.roc_auc[j])
+                row[f"{split}_ap"] = float(result.ap[j])
+            rows.append(row | {"fit_s": seconds / len(data.tags)})
     return rows
 
 

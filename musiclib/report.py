@@ -1,8 +1,12 @@
-"""What a label-budget sweep buys: per-budget tables, best configurations, per-tag cheapest budgets, the plot.
+"""What a label-budget sweep buys: per-budget tables, chosen configurations, cheapest budgets per tag, plot.
 
-Input is the sweep's long table (one row per trial, repetition and tag; see ``fewshot.run_config``).
-Macro metrics are means over the tags evaluated in a repetition (skipped tags are nan and left out), then
-mean and standard deviation over repetitions.
+Input is the sweep's long table (one row per trial, repetition and tag, with validation and test metrics;
+see ``fewshot.run_config``). Macro metrics are means over the tags evaluated in a repetition (skipped tags
+are nan and left out), then mean and standard deviation over repetitions.
+
+Every choice (the configuration of each budget, of each probe at each budget, each tag's cheapest
+budget) is made on the validation split; the test split only reports the chosen ones, so its scores are
+not inflated by picking the luckiest of many configurations on the very tracks that measure them.
 """
 
 from __future__ import annotations
@@ -21,6 +25,12 @@ from musiclib import storage  # noqa: E402
 
 METRICS = ("ap", "roc_auc")
 GROUPS = ("all", "head", "tail")
+SPLITS = ("valid", "test")
+SELECT_BY = "valid_ap_all_mean"  # the summary column every choice maximises
+CHEAPEST_COLUMNS = [
+    "tag", "group", "cheapest_budget",
+    "valid_ap_at_budget", "valid_full_ap", "test_ap_at_budget", "test_full_ap",
+]  # fmt: skip
 
 
 def budget_order(budget: str) -> float:
@@ -29,11 +39,13 @@ def budget_order(budget: str) -> float:
 
 
 def trial_summary(results: pd.DataFrame) -> pd.DataFrame:
-    """One row per trial: macro AP and ROC-AUC (all tags, head, tail) as mean and std over repetitions."""
+    """One row per trial: macro AP and ROC-AUC per split (valid, test) and tag group (all, head, tail), as
+    mean and std over repetitions, in columns ``<split>_<metric>_<group>_<mean|std>``."""
+    columns = [f"{split}_{metric}" for split in SPLITS for metric in METRICS]
     per_rep = []
     for group in GROUPS:
         rows = results if group == "all" else results[results["group"] == group]
-        macro = rows.groupby(["trial", "rep"])[list(METRICS)].mean()
+        macro = rows.groupby(["trial", "rep"])[columns].mean()
         per_rep.append(macro.add_suffix(f"_{group}"))
     reps = pd.concat(per_rep, axis=1)
     summary = reps.groupby("trial").agg(["mean", "std"])
@@ -43,7 +55,7 @@ def trial_summary(results: pd.DataFrame) -> pd.DataFrame:
     info["n_support"] = results.groupby("trial")["n_support"].mean()
     info["fit_s"] = results.groupby("trial")["fit_s"].sum()
     out = info.join(summary).reset_index()
-    return out.sort_values(["budget", "ap_all_mean"], key=_sort_key, ascending=[True, False])
+    return out.sort_values(["budget", SELECT_BY], key=_sort_key, ascending=[True, False])
 
 
 def _sort_key(col: pd.Series) -> pd.Series:
@@ -51,25 +63,28 @@ def _sort_key(col: pd.Series) -> pd.Series:
 
 
 def best_per_budget(summary: pd.DataFrame) -> pd.DataFrame:
-    """The configuration with the highest mean macro AP at each budget, budgets ascending."""
-    best = summary.loc[summary.groupby("budget")["ap_all_mean"].idxmax()]
+    """The configuration with the highest mean validation macro AP at each budget, budgets ascending."""
+    best = summary.loc[summary.groupby("budget")[SELECT_BY].idxmax()]
     return best.sort_values("budget", key=lambda c: c.map(budget_order)).reset_index(drop=True)
 
 
 def cheapest_budgets(results: pd.DataFrame, best: pd.DataFrame, tolerance: float) -> pd.DataFrame:
-    """Per tag: the smallest budget whose best configuration's AP is within ``tolerance`` of full labels.
+    """Per tag: the smallest budget whose chosen configuration's AP is within ``tolerance`` of full labels.
 
-    Uses each budget's best configuration (by macro AP) and the tag's AP averaged over repetitions; tags
-    without a full-label AP (skipped on the test split) are left out.
+    The budget is chosen on the validation split (each budget's configuration from ``best``, the tag's
+    validation AP averaged over repetitions against its full-label validation AP); the test AP at that
+    budget and at full labels is reported beside it. Tags without a full-label validation AP (no positive
+    or no negative among the validation tracks) cannot be placed and are left out.
     """
     chosen = results[results["trial"].isin(best["trial"])]
-    per_tag = chosen.groupby(["budget", "tag"])["ap"].mean().unstack("budget")
-    budgets = sorted(per_tag.columns, key=budget_order)
-    if "all" not in per_tag.columns:
-        return pd.DataFrame(columns=["tag", "group", "full_ap", "cheapest_budget", "ap_at_budget"])
+    per_tag = {s: chosen.groupby(["budget", "tag"])[f"{s}_ap"].mean().unstack("budget") for s in SPLITS}
+    valid, test = per_tag["valid"], per_tag["test"]
+    if "all" not in valid.columns:
+        return pd.DataFrame(columns=CHEAPEST_COLUMNS)
+    budgets = sorted(valid.columns, key=budget_order)
     groups = results.groupby("tag")["group"].first()
     rows = []
-    for tag, aps in per_tag.iterrows():
+    for tag, aps in valid.iterrows():
         full = aps["all"]
         if np.isnan(full):
             continue
@@ -78,26 +93,31 @@ def cheapest_budgets(results: pd.DataFrame, best: pd.DataFrame, tolerance: float
             {
                 "tag": tag,
                 "group": groups[tag],
-                "full_ap": full,
                 "cheapest_budget": cheapest,
-                "ap_at_budget": aps[cheapest],
+                "valid_ap_at_budget": aps[cheapest],
+                "valid_full_ap": full,
+                "test_ap_at_budget": test.loc[tag, cheapest],
+                "test_full_ap": test.loc[tag, "all"],
             }
         )
-    return pd.DataFrame(rows).sort_values(["group", "tag"]).reset_index(drop=True)
+    table = pd.DataFrame(rows, columns=CHEAPEST_COLUMNS)
+    return table.sort_values(["group", "tag"]).reset_index(drop=True)
 
 
 def plot_budget_curve(best: pd.DataFrame, uri: str) -> None:
-    """Macro AP and ROC-AUC of each budget's best configuration against budget: all, head and tail tags.
+    """Test macro AP and ROC-AUC of each budget's chosen configuration by budget: all, head and tail tags.
 
-    Shaded bands are plus or minus one standard deviation over repetitions; ``all`` sits at the right end.
+    ``best`` holds the configurations chosen on the validation split (``best_per_budget``). Shaded bands
+    are plus or minus one standard deviation over repetitions; ``all`` sits at the right end.
     """
     labels = list(best["budget"])
     xs = np.arange(len(labels))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    for ax, metric, title in zip(axes, METRICS, ("macro average precision", "macro ROC-AUC"), strict=True):
+    titles = ("test macro average precision", "test macro ROC-AUC")
+    for ax, metric, title in zip(axes, METRICS, titles, strict=True):
         for group, style in zip(GROUPS, ("-", "--", ":"), strict=True):
-            mean = best[f"{metric}_{group}_mean"].to_numpy(float)
-            std = best[f"{metric}_{group}_std"].to_numpy(float)
+            mean = best[f"test_{metric}_{group}_mean"].to_numpy(float)
+            std = best[f"test_{metric}_{group}_std"].to_numpy(float)
             ax.plot(xs, mean, style, marker="o", label=f"{group} tags")
             ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
         ax.set_xticks(xs, labels)
@@ -105,6 +125,7 @@ def plot_budget_curve(best: pd.DataFrame, uri: str) -> None:
         ax.set_title(title)
         ax.grid(alpha=0.3)
     axes[0].legend()
+    fig.suptitle("each budget's configuration chosen on the validation split", fontsize=9)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110)
@@ -114,6 +135,10 @@ def plot_budget_curve(best: pd.DataFrame, uri: str) -> None:
 
 def _fmt(mean: float, std: float) -> str:
     return "n/a" if np.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _num(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.3f}"
 
 
 def _config_name(row: Any) -> str:
@@ -127,35 +152,59 @@ def render_markdown(
     facts: dict[str, Any],
     tolerance: float,
 ) -> str:
-    """The report: run facts, best configuration per budget, each probe by budget, per-tag cheapest budget."""
+    """The report: run facts, chosen configuration per budget, each probe per budget, cheapest budgets."""
     lines = [f"# Few-shot probe sweep `{facts['run_id']}`", ""]
-    lines += [f"- {k}: {v}" for k, v in facts.items() if k != "run_id"]
-    lines += ["", "## Best configuration per budget", ""]
     lines += [
-        "| budget | best configuration | support tracks | macro AP | macro ROC-AUC | head AP | tail AP |",
-        "|---|---|---|---|---|---|---|",
+        "Configurations and per-tag budgets are chosen on the validation split (macro AP, mean over "
+        "repetitions); the test split only reports the chosen ones.",
+        "",
+    ]
+    lines += [f"- {k}: {v}" for k, v in facts.items() if k != "run_id"]
+    lines += ["", "## Chosen configuration per budget", ""]
+    lines += [
+        "| budget | configuration | support tracks | valid macro AP | test macro AP | test macro ROC-AUC "
+        "| test head AP | test tail AP |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in best.itertuples():
-        lines.append(
-            f"| {r.budget} | {_config_name(r)} | {r.n_support:.0f} | {_fmt(r.ap_all_mean, r.ap_all_std)} "
-            f"| {_fmt(r.roc_auc_all_mean, r.roc_auc_all_std)} | {_fmt(r.ap_head_mean, r.ap_head_std)} "
-            f"| {_fmt(r.ap_tail_mean, r.ap_tail_std)} |"
-        )
-    lines += ["", "## Best of each probe per budget (macro AP, mean ± std over repetitions)", ""]
-    probe_best = summary.loc[summary.groupby(["budget", "probe"])["ap_all_mean"].idxmax()]
-    table = probe_best.pivot(index="budget", columns="probe", values=["ap_all_mean", "ap_all_std"])
+        cells = [
+            _fmt(r.valid_ap_all_mean, r.valid_ap_all_std),
+            _fmt(r.test_ap_all_mean, r.test_ap_all_std),
+            _fmt(r.test_roc_auc_all_mean, r.test_roc_auc_all_std),
+            _fmt(r.test_ap_head_mean, r.test_ap_head_std),
+            _fmt(r.test_ap_tail_mean, r.test_ap_tail_std),
+        ]
+        lines.append(f"| {r.budget} | {_config_name(r)} | {r.n_support:.0f} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Each probe per budget (test macro AP, mean ± std over repetitions, of the probe's "
+        "configuration with the best validation macro AP)",
+        "",
+    ]
+    probe_best = summary.loc[summary.groupby(["budget", "probe"])[SELECT_BY].idxmax()]
+    table = probe_best.pivot(index="budget", columns="probe", values=["test_ap_all_mean", "test_ap_all_std"])
     probes = sorted(summary["probe"].unique())
     lines += ["| budget | " + " | ".join(probes) + " |", "|---" * (len(probes) + 1) + "|"]
     for budget in sorted(table.index, key=budget_order):
         cells = [
-            _fmt(table.loc[budget, ("ap_all_mean", p)], table.loc[budget, ("ap_all_std", p)]) for p in probes
+            _fmt(table.loc[budget, ("test_ap_all_mean", p)], table.loc[budget, ("test_ap_all_std", p)])
+            for p in probes
         ]
         lines.append(f"| {budget} | " + " | ".join(cells) + " |")
-    lines += ["", f"## Cheapest budget within {tolerance} AP of the full-label result, per tag", ""]
-    lines += ["| tag | group | full-label AP | cheapest budget | AP there |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"## Cheapest budget within {tolerance} validation AP of the full-label result, per tag",
+        "",
+    ]
+    lines += [
+        "| tag | group | cheapest budget | valid AP there | valid AP, full labels | test AP there "
+        "| test AP, full labels |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in cheapest.itertuples():
         lines.append(
-            f"| {r.tag} | {r.group} | {r.full_ap:.3f} | {r.cheapest_budget} | {r.ap_at_budget:.3f} |"
+            f"| {r.tag} | {r.group} | {r.cheapest_budget} | {_num(r.valid_ap_at_budget)} "
+            f"| {_num(r.valid_full_ap)} | {_num(r.test_ap_at_budget)} | {_num(r.test_full_ap)} |"
         )
     lines += ["", "![budget curve](budget_curve.png)", ""]
     return "\n".join(lines)

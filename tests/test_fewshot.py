@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 
-from musiclib import fewshot
+from musiclib import fewshot, metrics, probes
 
 
 def _pool(seed: int = 0, n: int = 200, n_tags: int = 8) -> np.ndarray:
@@ -64,3 +65,23 @@ def test_prepare_keeps_labeled_tracks_and_records_embedding_errors():
     assert errored <= set(data.excluded) and not used & errored
     assert all(data.x[s].shape == (len(data.track_ids[s]), 32) for s in data.x)
     assert set(data.head) | set(data.tail) == set(data.tags)
+
+
+def test_run_config_scores_the_validation_and_the_test_split():
+    """Each row holds the probe's metrics on valid (what choices use) and on test (what is reported)."""
+    cat, emb = fewshot.synthetic(n_tracks=200, n_tags=6, dim=16, noise=3.0, seed=2)
+    data = fewshot.prepare(cat, emb, "m")
+    config = {"budget": "5", "probe": "logreg", "norm": "standardize", "C": 1.0}
+    rows = pd.DataFrame(fewshot.run_config(data, config, repetitions=2, seed=0))
+    assert len(rows) == 2 * len(data.tags)
+    for rep, support in enumerate(fewshot.support_sets(data.y["train"], 5, repetitions=2, seed=0)):
+        probe = probes.fit(
+            "logreg", data.x["train"][support], data.y["train"][support], data.tags, "standardize", {"C": 1.0}
+        )
+        got = rows[rows["rep"] == rep].set_index("tag").loc[data.tags]
+        for split in fewshot.EVAL_SPLITS:
+            expected = metrics.evaluate(data.y[split], probe.apply(data.x[split]), data.tags)
+            np.testing.assert_allclose(got[f"{split}_ap"], expected.ap, rtol=1e-12)
+            np.testing.assert_allclose(got[f"{split}_roc_auc"], expected.roc_auc, rtol=1e-12)
+            np.testing.assert_array_equal(got[f"n_{split}_pos"], data.y[split].sum(axis=0))
+        assert not np.allclose(got["valid_ap"], got["test_ap"], equal_nan=True)

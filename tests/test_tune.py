@@ -1,15 +1,17 @@
-"""The tune job end to end on a small synthetic catalog: outputs, best configuration per budget, resume."""
+"""The tune job end to end on a small synthetic catalog: outputs, choices made on valid, resume."""
 
 from __future__ import annotations
 
 import os
 import sys
 
+import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from musiclib import fewshot, probes, storage
+from musiclib import catalog, embeddings, fewshot, models, probes, report, storage
 from musiclib.config import ConfigError, Layout
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -50,6 +52,83 @@ def test_config_is_validated_before_any_work(tmp_path):
         tune_probes.main(["--root", str(tmp_path / "empty")])
 
 
+def test_a_catalog_without_validation_labels_is_refused_before_ray(tmp_path):
+    """Configurations are chosen on the validation split: without it there is nothing honest to choose on."""
+    cat, emb = fewshot.synthetic(n_tracks=80, n_tags=8, dim=16, model_id=MODEL)
+    split = cat.schema.get_field_index("split")
+    no_valid = pc.if_else(pc.equal(cat["split"], "valid"), "train", cat["split"])
+    layout = Layout(str(tmp_path))
+    catalog.write(cat.set_column(split, cat.schema.field(split), no_valid), layout.catalog)
+    embeddings.publish_table(layout.embeddings, MODEL, "v1", emb)
+    models.set_latest_model(layout.models, MODEL)
+    with pytest.raises(ConfigError, match="0 labeled validation tracks"):
+        tune_probes.main(["--root", str(tmp_path)])
+
+
+def _results(scores: dict[tuple[str, float], dict[str, tuple[float, float]]]) -> pd.DataFrame:
+    """A sweep's long table from ``{(budget, C): {tag: (valid AP, test AP)}}``, two repetitions per budget
+    below ``all``; ROC-AUC mirrors AP so both metrics agree on what is best."""
+    rows = []
+    for (budget, c), per_tag in scores.items():
+        config = {"budget": budget, "probe": "logreg", "norm": "standardize", "C": c}
+        for rep in range(1 if budget == "all" else 2):
+            for tag, (valid, test) in per_tag.items():
+                rows.append(
+                    {
+                        "trial": fewshot.trial_key(config),
+                        "budget": budget,
+                        "probe": "logreg",
+                        "norm": "standardize",
+                        "params": fewshot.params_text({"C": c}),
+                        "rep": rep,
+                        "tag": tag,
+                        "group": "head" if tag == "t0" else "tail",
+                        "n_support": 10,
+                        "valid_ap": valid,
+                        "valid_roc_auc": valid,
+                        "test_ap": test,
+                        "test_roc_auc": test,
+                        "fit_s": 0.01,
+                    }
+                )
+    return pd.DataFrame(rows)
+
+
+def test_every_choice_is_made_on_valid_and_reports_test():
+    """At each budget the valid-best and the test-best configuration differ: the valid-best one is chosen,
+    and its test score (not the better test score of the other) is what the report and plot show."""
+    results = _results(
+        {
+            ("2", 0.1): {"t0": (0.88, 0.5), "t1": (0.72, 0.5)},  # valid-best at 2
+            ("2", 1.0): {"t0": (0.6, 0.9), "t1": (0.6, 0.9)},  # test-best at 2
+            ("all", 0.1): {"t0": (0.7, 0.95), "t1": (0.7, 0.95)},  # test-best at all
+            ("all", 1.0): {"t0": (0.9, 0.6), "t1": (0.9, 0.6)},  # valid-best at all
+        }
+    )
+    summary = report.trial_summary(results)
+    best = report.best_per_budget(summary)
+    assert list(best["budget"]) == ["2", "all"] and list(best["params"]) == ["C=0.1", "C=1.0"]
+    assert best["test_ap_all_mean"].tolist() == pytest.approx([0.5, 0.6])
+    assert best["valid_ap_all_mean"].tolist() == pytest.approx([0.8, 0.9])
+    assert best.iloc[-1]["trial"] == "all-logreg-standardize-C=1.0"  # what the final probe set refits
+
+    # t0 at budget 2 is within 0.05 of full labels on valid (0.88 vs 0.9), t1 is not (0.72);
+    # on test the chosen configurations say otherwise (0.5 vs 0.6), which must not matter
+    cheapest = report.cheapest_budgets(results, best, tolerance=0.05).set_index("tag")
+    assert cheapest["cheapest_budget"].to_dict() == {"t0": "2", "t1": "all"}
+    assert cheapest.loc["t0", "test_ap_at_budget"] == pytest.approx(0.5)
+    assert cheapest.loc["t0", "test_full_ap"] == pytest.approx(0.6)
+    assert cheapest.loc["t1", "valid_ap_at_budget"] == pytest.approx(0.9)
+
+    text = report.render_markdown(summary, best, cheapest.reset_index(), {"run_id": "r"}, 0.05)
+    lines = text.splitlines()
+    row_2 = next(line for line in lines if line.startswith("| 2 | logreg"))
+    assert "C=0.1" in row_2 and "0.800 ± 0.000 | 0.500 ± 0.000" in row_2 and "0.900" not in row_2
+    probe_row = next(line for line in lines if line.startswith("| 2 | 0."))
+    assert probe_row == "| 2 | 0.500 ± 0.000 |"
+    assert "| t0 | head | 2 | 0.880 | 0.900 | 0.500 | 0.600 |" in lines
+
+
 def test_trial_slots_are_cores_on_a_local_ray_and_cpus_on_a_cluster():
     cfg = tune_probes.TuneConfig(num_cpus=2)
     assert tune_probes.trial_slots(cfg, local=True, cluster_cpus=4) == 2  # local Ray advertises >= 4
@@ -66,11 +145,25 @@ def test_trials_hold_every_configuration_once_longest_first():
     assert order == sorted(order, key=tune_probes.LONGEST_FIRST.index) and order[0] == "logreg"
 
 
-def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local):
+def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkeypatch):
     root = str(tmp_path / "root")
     write_root(root)
-    manifest = tune_probes.main(["--root", root, *SMALL])
     layout = Layout(root)
+    older = storage.join(storage.version_uri(layout.probes, "tune-older"), "note.txt")
+    storage.write_bytes(older, b"an earlier run")
+    storage.publish(layout.probes, "tune-older", [older], [0])
+
+    # killed between writing the manifest and moving the pointer: _latest stays on the older run
+    def crash(*args, **kwargs):
+        raise RuntimeError("killed before the pointer moved")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "set_latest", crash)
+        with pytest.raises(RuntimeError, match="killed"):
+            tune_probes.main(["--root", root, *SMALL])
+    assert storage.latest_version(layout.probes) == "tune-older"
+    # the run is complete, so running it again does nothing but move the pointer
+    manifest = tune_probes.main(["--root", root, *SMALL])
     run_id = manifest.version
     run_dir = storage.version_uri(layout.probes, run_id)
     assert storage.latest_version(layout.probes) == run_id
@@ -85,10 +178,10 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local):
     assert (reps[results.groupby("trial")["budget"].first() != "all"] == 2).all()
     assert results.groupby("trial")["tag"].nunique().eq(8).all()
     full = results[results["budget"] == "all"]
-    assert full["roc_auc"].mean() > 0.9  # label-correlated embeddings
+    assert full["test_roc_auc"].mean() > 0.9 and full["valid_roc_auc"].mean() > 0.9  # correlated embeddings
 
     text = open(storage.join(run_dir, "report.md")).read()
-    assert "## Best configuration per budget" in text and "Tune overhead" in text
+    assert "## Chosen configuration per budget" in text and "Tune overhead" in text
     for budget in ("2", "all"):
         assert any(line.startswith(f"| {budget} | ") and " / " in line for line in text.splitlines())
     assert "Cheapest budget within 0.05" in text and "excluded tracks: 3" in text
@@ -97,6 +190,10 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local):
     probe_set = probes.ProbeSet.load(storage.join(run_dir, "probe_set.safetensors"))
     assert probe_set.model_id == MODEL and len(probe_set.tags) == 8 and probe_set.thresholds is not None
     assert probe_set.config["probe_run_id"] == run_id
+    summary = report.trial_summary(results)
+    chosen = summary.loc[summary[summary["budget"] == "all"]["valid_ap_all_mean"].idxmax()]
+    assert manifest.extra["best"]["trial"] == chosen["trial"]
+    assert {k: probe_set.config[k] for k in ("probe", "norm")} == {"probe": chosen.probe, "norm": chosen.norm}
 
     # a finished run is a no-op; an interrupted one redoes only the missing trials
     assert tune_probes.main(["--root", root, *SMALL]).created_at == manifest.created_at
