@@ -6,7 +6,11 @@ Ray Data streams the embedding shards through the probe set (one matrix product 
 normalisation) and writes long-form Parquet under ``<root>/tags/<version>/rows/``; the catalog's human
 labels are carried over unchanged; tracks whose embedding carries an error are listed with the reason.
 The version is published through the storage layer, so ``_latest`` moves only once it is complete.
-The version id is derived from the inputs (or ``--run-id``): a re-run with the same inputs is a no-op.
+The version id is derived from the inputs (or ``--run-id``): a re-run with the same inputs writes nothing
+and only points ``_latest`` at that version (repairing a crash between the manifest and the pointer).
+``--only-new true`` scores only tracks without model rows of the same probe run (and model) in the latest
+version and carries those rows over; rows of any other probe run are never carried, so one version holds
+the scores of one probe set.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ class TagConfig:
     root: str = DEFAULT_ROOT
     probe_run_id: str = ""  # empty: the latest published tune run
     run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same version
-    only_new: bool = False  # tag only tracks without tags of the probe set's model in the latest version
+    only_new: bool = False  # tag only tracks without rows of this probe run in the latest version
     batch_size: int = 512
     concurrency: int = 1  # scoring actors
     num_cpus: int = 0  # 0: every core of this machine (local Ray); ignored when joining a cluster
@@ -57,7 +61,7 @@ class Inputs:
 
 
 def resolve(cfg: TagConfig, layout: Layout) -> Inputs:
-    """Find the probe set and its model's embeddings; a clear error when either is missing."""
+    """Find the probe set and its model's embeddings; a clear error when either is missing or empty."""
     run_id = cfg.probe_run_id or storage.latest_version(layout.probes)
     if run_id is None or storage.read_manifest(layout.probes, run_id) is None:
         raise ConfigError(
@@ -71,6 +75,11 @@ def resolve(cfg: TagConfig, layout: Layout) -> Inputs:
     if storage.latest_version(dataset) is None:
         raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
     emb = storage.read_latest_manifest(dataset)  # files and version from the same manifest
+    if emb.rows == 0:
+        raise ConfigError(
+            f"the embeddings of {probe_set.model_id} hold no rows: version {emb.version} of {dataset} "
+            f"lists {len(emb.files)} file(s); run embed on a non-empty catalog"
+        )
     previous = storage.read_latest_manifest(layout.tags) if storage.latest_version(layout.tags) else None
     return Inputs(run_id, probe_uri, probe_set, emb.file_uris(), emb.version, previous)
 
@@ -105,12 +114,20 @@ class ScoreBatch:
         return tags.model_rows(batch.filter(ok), self.probe_set, self.probe_run_id, self.tagged_at)
 
 
-def already_tagged(previous: storage.Manifest | None, model_id: str) -> pa.Table:
-    """Model rows of ``model_id`` in the previous version: what ``--only-new`` carries over unchanged."""
+def already_tagged(previous: storage.Manifest | None, model_id: str, probe_run_id: str) -> pa.Table:
+    """Model rows of this probe run and model in the previous version: what ``--only-new`` carries over.
+
+    Rows of another probe run (an older sweep of the same model included) are not carried, so their tracks
+    are scored again with the current probe set and a version never mixes probe sets.
+    """
     if previous is None:
         return tags.SCHEMA.empty_table()
     rows = tags.read_version(previous)
-    return rows.filter((pc.field("source") == "model") & (pc.field("model_id") == model_id))
+    return rows.filter(
+        (pc.field("source") == "model")
+        & (pc.field("model_id") == model_id)
+        & (pc.field("probe_run_id") == probe_run_id)
+    )
 
 
 def embedding_errors(files: list[str], catalog_ids: list[str]) -> pa.Table:
@@ -155,7 +172,7 @@ def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) 
     tagged_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
     cat = catalog.read(layout.catalog, columns=["track_id", "tags"])
     carried = (
-        already_tagged(inputs.previous, inputs.probe_set.model_id)
+        already_tagged(inputs.previous, inputs.probe_set.model_id, inputs.probe_run_id)
         if cfg.only_new
         else tags.SCHEMA.empty_table()
     )
@@ -201,6 +218,7 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
     version = version_id(cfg, layout, inputs)
     manifest = storage.read_manifest(layout.tags, version)
     if manifest is not None:
+        storage.set_latest(layout.tags, version)  # a crash between the manifest and the pointer is repaired
         print(f"tag: version {version} is already complete; nothing to do")
         return manifest
     with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False):

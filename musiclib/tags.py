@@ -4,8 +4,9 @@
 (track, tag): ``track_id``, ``tag``, ``score``, ``source`` (``human``: a catalog label, carried over
 unchanged with score 1; ``model``: a probe's score for every tag), ``predicted`` (the score reached the
 tag's threshold; always true for human labels) and provenance ``model_id``, ``probe_run_id``,
-``tagged_at``. Data rows live in ``<version>/rows/``; tracks that could not be tagged are listed with
-the reason in ``<version>/errors/errors.parquet``.
+``tagged_at``. All model rows of a version come from one probe run (``--only-new`` carries over only
+rows of the same run). Data rows live in ``<version>/rows/``; tracks that could not be tagged are listed
+with the reason in ``<version>/errors/errors.parquet``.
 
     python -m musiclib.tags show TRACK_ID [--root ROOT]
     python -m musiclib.tags top TAG [--root ROOT] [--n 10]

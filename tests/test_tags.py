@@ -1,4 +1,5 @@
-"""The tag job: scores equal the probe applied directly, human labels survive, atomic, idempotent, S3."""
+"""The tag job: scores equal the probe applied directly, human labels survive, atomic, idempotent, S3;
+``--only-new`` never mixes probe runs; empty embeddings fail before Ray."""
 
 from __future__ import annotations
 
@@ -17,13 +18,13 @@ from test_tune import MODEL, write_root  # noqa: E402
 
 from jobs import write_tags  # noqa: E402
 
+LOGREG = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
 
-def publish_probe_set(root: str, cat, emb, run_id: str = "tune-test") -> probes.ProbeSet:
+
+def publish_probe_set(root: str, cat, emb, run_id: str = "tune-test", config=None) -> probes.ProbeSet:
     """Fit and publish a probe set the way the tune job does, without running a sweep."""
     data = fewshot.prepare(cat, emb, MODEL)
-    probe_set = fewshot.final_probe_set(
-        data, {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
-    )
+    probe_set = fewshot.final_probe_set(data, config or LOGREG)
     layout = Layout(root)
     uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
     probe_set.save(uri)
@@ -126,9 +127,52 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("track_id") and any("t00001" in line for line in out[1:])
 
+    # a new probe run of the same model: --only-new carries none of the older run's rows over, and a
+    # crash between the manifest and the pointer is repaired by running the same command again
+    centroid = {"budget": "all", "probe": "centroid", "norm": "l2"}
+    second = publish_probe_set(root, cat2, emb2, run_id="tune-test2", config=centroid)
+
+    def crash_pointer(*args, **kwargs):
+        raise RuntimeError("killed after the manifest, before the pointer moved")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(storage, "set_latest", crash_pointer)
+        with pytest.raises(RuntimeError, match="killed"):
+            write_tags.main(["--root", root, "--only-new", "true"])
+    assert storage.latest_version(layout.tags) == new.version
+    third = write_tags.main(["--root", root, "--only-new", "true"])
+    assert storage.latest_version(layout.tags) == third.version not in (new.version, first.version)
+    assert "already complete" in capsys.readouterr().out
+    model = tags.read_version(third, ["source", "probe_run_id"]).filter(pc.field("source") == "model")
+    assert set(model["probe_run_id"].to_pylist()) == {"tune-test2"}
+    check_table(root, cat2, emb2, second)
+
 
 def test_tags_s3(s3_root, ray_local):
     first_run_checks(s3_root + "/musiclib")
+
+
+def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
+    root = str(tmp_path / "root")
+    layout = Layout(root)
+    cat, emb = write_root(root, n_tracks=80)
+    publish_probe_set(root, cat, emb)
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(write_tags, "ray_session", no_ray)
+    dataset = embeddings.dataset_uri(layout.embeddings, MODEL)
+    embeddings.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
+    storage.publish(dataset, "v3", [], [], move_latest=False)  # no file at all
+    for version in ("v2", "v3"):
+        storage.set_latest(dataset, version)
+        with pytest.raises(
+            ConfigError, match=f"the embeddings of {MODEL} hold no rows: version {version}"
+        ) as err:
+            write_tags.main(["--root", root])
+        assert "run embed on a non-empty catalog" in str(err.value) and "\n" not in str(err.value)
+    assert storage.latest_version(layout.tags) is None
 
 
 def test_missing_probe_set_fails_before_ray(tmp_path):
