@@ -199,13 +199,18 @@ def write_bytes(uri: str, data: bytes) -> None:
         fs, _ = filesystem(uri)
         fs.pipe_file(path, data)
         return
+    os.replace(_write_temporary(path, data), path)
+
+
+def _write_temporary(path: str, data: bytes) -> str:
+    """Write ``data`` durably to a new temporary sibling of a local ``path``; return its path."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     tmp = f"{path}.tmp-{uuid.uuid4().hex}"
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+    return tmp
 
 
 def _precondition_failed(exc: OSError) -> bool:
@@ -236,12 +241,7 @@ def create_only(uri: str, data: bytes) -> bool:
                 return False
             raise
         return True
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex}"
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp = _write_temporary(path, data)
     try:
         os.link(tmp, path)
     except FileExistsError:
