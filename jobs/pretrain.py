@@ -2,7 +2,8 @@
 
     python jobs/pretrain.py --root data/demo --width 0.25 --num-workers 2 --steps 300
 
-1. Check the config (seconds, before Ray starts).
+1. Check the config (seconds, before Ray starts), and, when the run has a checkpoint, that only fields a
+   resume may change (``RESUMABLE_FIELDS``: ``--steps``, logging, checkpointing, retries) differ from it.
 2. Prepare training shards with Ray Data: the catalog's train tracks decoded and resampled once into
    int16 shards under ``<root>/shards``; tracks already in committed shards are skipped, bad ones counted.
 3. Train with a Ray Train ``TorchTrainer`` (DDP, projections gathered from every worker), checkpointing
@@ -29,6 +30,7 @@ from musiclib.config import Layout, parse
 from musiclib.pretraining import (
     PretrainConfig,
     build,
+    check_resume,
     checkpoint_state,
     committed_shards,
     distributed,
@@ -166,6 +168,7 @@ def export(cfg: PretrainConfig, layout: Layout, result: ray.train.Result, shards
 def main(argv: list[str] | None = None) -> str:
     cfg = parse(PretrainConfig, argv)
     layout = Layout(cfg.root)
+    check_resume(cfg, storage.join(layout.runs, cfg.run_name))
     torch.manual_seed(cfg.seed)
     with ray_session(include_dashboard=True):
         shards = prepare_shards(cfg, layout)

@@ -2,8 +2,9 @@
 
 The encoder maps 59,535 samples (2.7 s at 22,050 Hz) to a 512-d embedding (``512 * width`` for narrow
 variants); the projection head maps it to the 128-d space where the contrastive loss lives. Downstream
-jobs use the encoder output, never the projection. Exported models are safetensors plus a JSON card,
-so loading one never unpickles anything.
+jobs use the encoder output, never the projection. Several training workers share BatchNorm statistics
+(``sync_batchnorm``), so they compute what one process would on the global batch. Exported models are
+safetensors plus a JSON card, so loading one never unpickles anything.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
@@ -93,6 +96,60 @@ class ContrastiveModel(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+# --------------------------------------------------------------------------- synchronised BatchNorm
+
+
+class SyncBatchNorm1d(nn.BatchNorm1d):
+    """BatchNorm1d over the global batch of every worker, on any device (torch's SyncBatchNorm is GPU-only).
+
+    In training with several workers, each worker's per-channel count, mean and variance are combined by
+    two all-reduces of ``[C]`` vectors (``torch.distributed.nn``: gradients flow back to every worker), so
+    each worker normalises exactly as one process would on the whole batch, and the running statistics
+    follow the global batch too. The normalisation is one fused ``x * scale + shift``, as BatchNorm's CPU
+    kernel does it. With one worker, or in eval mode, it is ``BatchNorm1d``. Affine and tracking running
+    statistics, as SampleCNN's; parameters and buffers are BatchNorm1d's, so state dicts load either way.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        if not self.training or world == 1:
+            return super().forward(x)
+        dims = [0, *range(2, x.dim())]
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        local_var, local_mean = torch.var_mean(x, dims, correction=0)
+        count = x.new_tensor([x.numel() / x.shape[1]])
+        totals = dist_nn.all_reduce(torch.cat([count, count * local_mean]))
+        n, mean = totals[0], totals[1:] / totals[0]
+        var = dist_nn.all_reduce(count * (local_var + (local_mean - mean).square())) / n
+        scale = self.weight * torch.rsqrt(var + self.eps)
+        shift = self.bias - mean * scale
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            momentum = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+            self.running_mean.lerp_(mean, momentum)
+            self.running_var.lerp_(var * n / (n - 1), momentum)  # unbiased, as BatchNorm keeps it
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
+    """``module`` with every BatchNorm1d computing global-batch statistics across workers.
+
+    On CUDA this is ``torch.nn.SyncBatchNorm`` (fused kernels, NCCL); elsewhere ``SyncBatchNorm1d``, since
+    torch's refuses CPU tensors. Either keeps BatchNorm's state dict keys, so a checkpoint loads into the
+    plain model. Convert before moving the model to ``device`` and before building its optimizer: the
+    CPU conversion makes new parameters (on the CPU).
+    """
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    if isinstance(module, nn.BatchNorm1d):
+        sync = SyncBatchNorm1d(module.num_features, module.eps, module.momentum)
+        sync.load_state_dict(module.state_dict())
+        return sync
+    for name, child in module.named_children():
+        setattr(module, name, sync_batchnorm(child, device))
+    return module
 
 
 # --------------------------------------------------------------------------- export

@@ -42,7 +42,7 @@ from musiclib import audio, storage
 from musiclib.augment import AugmentConfig, ViewAugment
 from musiclib.config import DEFAULT_ROOT, ConfigError
 from musiclib.losses import semisupcon_anchor_losses, target_matrix
-from musiclib.models import ContrastiveModel, EncoderConfig
+from musiclib.models import ContrastiveModel, EncoderConfig, sync_batchnorm
 
 VIEW_MODES = ("adjacent", "crops")
 CHECKPOINT_FILE = "state.pt"
@@ -82,6 +82,7 @@ class PretrainConfig(AugmentConfig):
     max_track_seconds: float = 30.0  # longer tracks keep evenly spread segments totalling about this
     segment_seconds: float = 10.0  # length of each segment read from a long track
     prefetch: int = 4  # batches sampled ahead by the background thread
+    sync_bn: bool = True  # BatchNorm statistics of the global batch when there are several workers (CLMR)
 
     def validate(self) -> None:
         """Fail in seconds with a clear message, before Ray or any decoding starts."""
@@ -136,6 +137,35 @@ class PretrainConfig(AugmentConfig):
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
+# The fields a resumed run may change: how long it trains, how it logs, checkpoints, retries and feeds the
+# step, and where the run lives. Every other field changes what a step computes (``num_workers`` sets the
+# per-worker batch, the BatchNorm statistics without ``sync_bn`` and the batch streams; ``use_gpu`` the
+# precision), so resuming with another value would train a model no config describes. With ``--cosine``,
+# more ``--steps`` stretch the decay to the new end from the resumed step.
+RESUMABLE_FIELDS = frozenset(
+    {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "prefetch"}
+    | {"cpus_per_worker", "root", "run_name"}
+)
+
+
+def _option(field: str) -> str:
+    """A config field as its command-line option: ``log_every`` is ``--log-every``."""
+    return "--" + field.replace("_", "-")
+
+
+def resume_conflicts(saved: dict[str, Any], cfg: PretrainConfig) -> list[str]:
+    """One line per field outside ``RESUMABLE_FIELDS`` whose value differs from the saved config's."""
+    current = cfg.as_dict()
+    lines = []
+    for name in sorted((saved.keys() | current.keys()) - RESUMABLE_FIELDS):
+        if name in saved and name in current and saved[name] == current[name]:
+            continue
+        was = repr(saved[name]) if name in saved else "not recorded"
+        now = repr(current[name]) if name in current else "not a field any more"
+        lines.append(f"{_option(name)}: {was} in the checkpoint, {now} now")
+    return lines
+
+
 # --------------------------------------------------------------------------- shards: preparation
 
 SHARD_SCHEMA = pa.schema(
@@ -167,6 +197,11 @@ def decode_for_training(uri: str, max_seconds: float, segment_seconds: float) ->
     return audio.to_int16(windows.reshape(-1)), windows.shape[1]
 
 
+def training_tags(tags: Any) -> list[str]:
+    """A catalog row's tags as strings, without nulls and empty strings (Ray Data may hand a numpy array)."""
+    return [str(t) for t in (tags if tags is not None else []) if t is not None and str(t) != ""]
+
+
 def shard_version(track_ids: list[str]) -> str:
     """A shard's version id, from its tracks: the same tracks always give the same shard."""
     return "part-" + hashlib.sha256("\n".join(sorted(track_ids)).encode()).hexdigest()[:16]
@@ -189,7 +224,7 @@ def prepare_shard(
             data, segment, error = b"", 0, str(exc)
         except Exception as exc:  # anything else a broken file or object store throws: record it, go on
             data, segment, error = b"", 0, f"corrupt: {type(exc).__name__}: {exc}"
-        tags = [str(t) for t in (tags if tags is not None else [])]  # Ray Data may hand numpy arrays
+        tags = training_tags(tags)
         for name, value in zip(SHARD_SCHEMA.names, (str(tid), tags, data, segment, error), strict=True):
             rows[name].append(value)
     version = shard_version(rows["track_id"])
@@ -552,9 +587,16 @@ def learning_rate(step: int, cfg: PretrainConfig) -> float:
 def build(
     cfg: PretrainConfig, device: torch.device
 ) -> tuple[ContrastiveModel, torch.optim.Optimizer, ViewAugment]:
-    """Model, Adam and the augmentation chain, seeded so every worker starts from the same weights."""
+    """Model, Adam and the augmentation chain, seeded so every worker starts from the same weights.
+
+    With several workers and ``sync_bn``, BatchNorm normalises over the global batch, so N workers compute
+    the step one process would on the whole batch.
+    """
     torch.manual_seed(cfg.seed)
-    model = ContrastiveModel(cfg.encoder_config()).to(device)
+    model = ContrastiveModel(cfg.encoder_config())
+    if cfg.sync_bn and cfg.num_workers > 1:
+        model = sync_batchnorm(model, device)
+    model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     return model, optimizer, ViewAugment(cfg.augment_config()).to(device)
 
@@ -584,6 +626,31 @@ def load_checkpoint(directory: str) -> dict:
     return torch.load(
         io.BytesIO(storage.read_bytes(storage.join(directory, CHECKPOINT_FILE))), weights_only=True
     )
+
+
+def latest_checkpoint(run_uri: str) -> str | None:
+    """The newest checkpoint folder of the Ray Train run at ``run_uri`` (Ray names them by time), or None."""
+    files = storage.list_files(run_uri, suffix="/" + CHECKPOINT_FILE)
+    return storage.parent(files[-1]) if files else None
+
+
+def check_resume(cfg: PretrainConfig, run_uri: str) -> None:
+    """Refuse to resume the run at ``run_uri`` with a config that changes what training computes.
+
+    Reads the config saved in the run's newest checkpoint, without Ray, so a mistaken re-run fails before
+    any worker starts. A run without a checkpoint starts from scratch and takes any config.
+    """
+    directory = latest_checkpoint(run_uri)
+    if directory is None:
+        return
+    conflicts = resume_conflicts(load_checkpoint(directory)["config"], cfg)
+    if conflicts:
+        raise ConfigError(
+            f"run {cfg.run_name!r} ({run_uri}) has a checkpoint trained with another config:\n  "
+            + "\n  ".join(conflicts)
+            + f"\nonly {', '.join(_option(f) for f in sorted(RESUMABLE_FIELDS))} may change when resuming; "
+            "pass the checkpoint's values or start a new run with another --run-name"
+        )
 
 
 def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> int:

@@ -50,3 +50,28 @@ def test_missing_model_is_a_clear_error(tmp_path):
         models.latest_model(str(tmp_path))
     with pytest.raises(storage.StorageError, match="no exported model"):
         models.load_encoder(str(tmp_path), "samplecnn-w1-000000000000")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_sync_batchnorm_keeps_the_plain_state_dict(device):
+    """Either conversion exports a plain model (converted on the CPU: only the CUDA forward needs a GPU)."""
+    torch.manual_seed(0)
+    plain = models.SampleCNN(models.EncoderConfig(width=0.0625))
+    synced = models.sync_batchnorm(models.SampleCNN(plain.config), torch.device(device))
+    kind = models.SyncBatchNorm1d if device == "cpu" else torch.nn.SyncBatchNorm
+    assert sum(isinstance(m, kind) for m in synced.modules()) == 11
+    assert not any(type(m) is torch.nn.BatchNorm1d for m in synced.modules())
+    assert list(synced.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(synced.state_dict())  # strict: the exported encoder loads into the plain SampleCNN
+
+
+def test_sync_batchnorm_alone_is_batchnorm():
+    """Without a process group (one worker, the plain benchmark loop) the CPU module is BatchNorm1d."""
+    torch.manual_seed(0)
+    plain = models.SampleCNN(models.EncoderConfig(width=0.0625))
+    synced = models.sync_batchnorm(models.SampleCNN(plain.config), torch.device("cpu"))
+    synced.load_state_dict(plain.state_dict())
+    x = torch.randn(4, CHUNK_SAMPLES)
+    torch.testing.assert_close(synced(x), plain(x))  # training mode: batch statistics, running ones updated
+    torch.testing.assert_close(synced.state_dict(), plain.state_dict())
+    torch.testing.assert_close(synced.eval()(x), plain.eval()(x))

@@ -20,6 +20,7 @@ from musiclib.pretraining import (
     PretrainConfig,
     TrainingData,
     build,
+    check_resume,
     checkpoint_state,
     committed_shards,
     compose_batch,
@@ -33,6 +34,7 @@ from musiclib.pretraining import (
     prepare_shard,
     read_shard_columns,
     restore,
+    resume_conflicts,
     sample_batch,
     save_checkpoint,
     select_labels,
@@ -141,6 +143,20 @@ def test_select_labels_uses_exactly_p_s_of_labeled_tracks_nested():
     assert not any(select_labels(ids, tags, p_s=0.0, seed=1).values())
 
 
+def test_null_and_empty_tags_are_dropped_never_stringified(tiny_catalog, tmp_path):
+    shards = str(tmp_path / "shards")
+    group = {
+        "track_id": ["a", "b", "c"],
+        "audio_uri": ["audio/t0.wav", "audio/t1.wav", "audio/t2.wav"],
+        "tags": [[None, "", "rock"], np.array([None], dtype=object), None],  # Ray Data may hand arrays
+    }
+    prepare_shard(group, shards, catalog.base_dir(tiny_catalog), 20.0, 10.0)
+    uris = committed_shards(shards)
+    assert read_shard_columns(uris, ["tags"]).column("tags").to_pylist() == [["rock"], [], []]
+    plan = plan_labels(uris, p_s=1.0, seed=0)
+    assert plan.vocabulary == ["rock"] and plan.labeled_in_catalog == 1
+
+
 def fake_data(n_labeled: int, n_unlabeled: int, seconds: float = 6.0) -> TrainingData:
     """Tracks whose samples count up (sample value = index mod 2^15), so views reveal where they came from."""
     n = n_labeled + n_unlabeled
@@ -199,41 +215,83 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _gather_setup() -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
-    """A small float64 model and a batch of 6 clips (12 views) with some labels, identical everywhere."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
-    x = torch.randn(2, 6, 5, dtype=torch.float64)  # [view, clip, feature]
+def _gather_setup(encoder: str, world: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """A float64 model and a batch of 6 clips (12 views) with some labels, identical in every process.
+
+    ``mlp``: a small MLP. ``sync-bn`` / ``plain-bn``: the real encoder and head (SampleCNN at width 1/16,
+    with BatchNorm) as ``build`` makes them for ``world`` workers, with and without ``--sync-bn``.
+    """
     labels = torch.tensor([[1, 0], [1, 1], [0, 0], [0, 1], [0, 0], [1, 0]], dtype=torch.float64)
-    return model, x, labels
+    if encoder == "mlp":
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
+        return model, torch.randn(2, 6, 5, dtype=torch.float64), labels  # [view, clip, feature]
+    cfg = PretrainConfig(width=0.0625, num_workers=world, batch_size=6, sync_bn=encoder == "sync-bn")
+    model = build(cfg, torch.device("cpu"))[0].double()  # build seeds torch: the same weights and input
+    return model, 0.1 * torch.randn(2, 6, CHUNK, dtype=torch.float64), labels
 
 
 def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    model, x, labels = _gather_setup()
-    n = x.shape[1] // world
-    local = slice(rank * n, (rank + 1) * n)
-    loss, _, _ = global_loss(model(x[:, local].reshape(2 * n, -1)), labels[local], 0.1, 1, False)
-    loss.backward()
-    dist.all_reduce(loss.detach())
-    grads = [p.grad for p in model.parameters()]
-    for g in grads:
-        dist.all_reduce(g)
+    results = {}
+    for encoder in ("mlp", "sync-bn", "plain-bn"):
+        model, x, labels = _gather_setup(encoder, world)
+        n = x.shape[1] // world
+        local = slice(rank * n, (rank + 1) * n)
+        loss, _, _ = global_loss(model(x[:, local].reshape(2 * n, -1)), labels[local], 0.1, 1, False)
+        loss.backward()
+        dist.all_reduce(loss.detach())
+        grads = [p.grad for p in model.parameters()]
+        for g in grads:  # what DDP does: average the workers' gradients
+            dist.all_reduce(g)
+        running = {k: v for k, v in model.state_dict().items() if k.endswith(("running_mean", "running_var"))}
+        results[encoder] = {
+            "loss": loss.detach() / world,
+            "grads": [g / world for g in grads],
+            "running": running,
+        }
     if rank == 0:
-        torch.save({"loss": loss.detach() / world, "grads": [g / world for g in grads]}, out)
+        torch.save(results, out)
     dist.destroy_process_group()
 
 
-def test_global_gather_matches_one_worker_on_the_whole_batch(tmp_path):
-    out = str(tmp_path / "two_workers.pt")
+@pytest.fixture(scope="module")
+def two_workers(tmp_path_factory) -> dict[str, dict]:
+    """Loss, averaged gradients and running statistics of each ``_gather_setup`` model from two gloo
+    processes, each on half the batch (one spawn for all: starting the processes costs most)."""
+    out = str(tmp_path_factory.mktemp("gather") / "two_workers.pt")
     mp.spawn(_gather_worker, args=(2, _free_port(), out), nprocs=2, join=True)
-    two = torch.load(out, weights_only=True)
-    model, x, labels = _gather_setup()
+    return torch.load(out, weights_only=True)
+
+
+def _one_worker(encoder: str) -> tuple[torch.nn.Module, torch.Tensor]:
+    """The same model on the whole batch in one process: the model after backward, and the loss."""
+    model, x, labels = _gather_setup(encoder, 1)
     loss, _, _ = global_loss(model(x.reshape(12, -1)), labels, 0.1, 1, False)
     loss.backward()
-    torch.testing.assert_close(two["loss"], loss.detach())
+    return model, loss.detach()
+
+
+@pytest.mark.parametrize("encoder", ["mlp", "sync-bn"])
+def test_global_gather_matches_one_worker_on_the_whole_batch(two_workers, encoder):
+    two = two_workers[encoder]
+    model, loss = _one_worker(encoder)
+    torch.testing.assert_close(two["loss"], loss)
     for got, param in zip(two["grads"], model.parameters(), strict=True):
         torch.testing.assert_close(got, param.grad)
+    state = model.state_dict()
+    assert len(two["running"]) == (22 if encoder == "sync-bn" else 0)  # SampleCNN: 11 BatchNorm layers
+    for name, value in two["running"].items():
+        torch.testing.assert_close(value, state[name])
+
+
+def test_without_sync_bn_two_workers_differ_from_one_worker(two_workers):
+    two = two_workers["plain-bn"]
+    model, loss = _one_worker("plain-bn")
+    assert not torch.allclose(two["loss"], loss, rtol=1e-3)
+    assert not all(
+        torch.allclose(got, param.grad, rtol=1e-3) for got, param in zip(two["grads"], model.parameters())
+    )
 
 
 # --------------------------------------------------------------------------- checkpoints and the loop
@@ -255,6 +313,39 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def test_resume_conflicts_name_each_changed_field_with_both_values():
+    saved = PretrainConfig().as_dict()
+    changed = PretrainConfig(lr=1e-3, p_s=0.5, steps=20000, log_every=5, prefetch=8, root="s3://b/moved")
+    assert resume_conflicts(saved, changed) == [
+        "--lr: 0.0001 in the checkpoint, 0.001 now",
+        "--p-s: 1.0 in the checkpoint, 0.5 now",
+    ]
+    assert resume_conflicts(saved, PretrainConfig(num_workers=4, gain_db=(-3.0, 3.0))) == [
+        "--gain-db: [-15.0, 5.0] in the checkpoint, [-3.0, 3.0] now",
+        "--num-workers: 2 in the checkpoint, 4 now",
+    ]
+    older = {k: v for k, v in saved.items() if k != "sync_bn"}  # a checkpoint from before the field
+    assert resume_conflicts(older, PretrainConfig()) == [
+        "--sync-bn: not recorded in the checkpoint, True now"
+    ]
+
+
+def test_check_resume_reads_the_newest_checkpoint_of_the_run(tmp_path):
+    run = str(tmp_path / "runs" / "pretrain")
+    check_resume(PretrainConfig(lr=1.0), run)  # no checkpoint yet: any config starts the run
+    cfg = PretrainConfig(width=0.0625)
+    model, optimizer, _ = build(cfg, torch.device("cpu"))
+    for name, saved in [
+        ("checkpoint_2024-01-01_00-00-00.000000", PretrainConfig(width=0.0625, lr=1.0)),
+        ("checkpoint_2024-01-02_00-00-00.000000", cfg),
+    ]:
+        save_checkpoint(checkpoint_state(model, optimizer, 2, saved), storage.join(run, name))
+    check_resume(PretrainConfig(width=0.0625, steps=20000, log_every=1), run)
+    with pytest.raises(ConfigError, match=r"--lr: 0.0001 in the checkpoint, 0.01 now") as err:
+        check_resume(PretrainConfig(width=0.0625, lr=1e-2), run)
+    assert "--steps" in str(err.value).splitlines()[-1]  # the message says what may change
+
+
 # --------------------------------------------------------------------------- the Ray job
 
 
@@ -272,7 +363,10 @@ def test_two_worker_run_checkpoints_and_resumes_at_the_saved_step(tiny_catalog, 
         first = job.train(parse(PretrainConfig, [*argv, "--steps", "2"]), layout)
         assert first.metrics["step"] == 2 and first.metrics["start_step"] == 0
         assert load_checkpoint(first.checkpoint.path)["step"] == 2
-        model_id = job.main([*argv, "--steps", "4"])  # the same run name: resumes from step 2
+        with pytest.raises(ConfigError, match=r"--lr: 0.0001 in the checkpoint, 0.001 now"):
+            job.main([*argv, "--steps", "4", "--lr", "1e-3"])
+        # the same run name with more steps (and another log interval) resumes from step 2
+        model_id = job.main([*argv, "--steps", "4", "--log-every", "2"])
     finally:
         ray.shutdown()
     card = storage.read_json(storage.join(layout.models, model_id, "card.json"))
