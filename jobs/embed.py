@@ -35,7 +35,7 @@ from ray.data.checkpoint import CheckpointConfig
 
 from musiclib import audio, catalog, embedding, embeddings, models, storage
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
-from musiclib.ray_env import ray_session
+from musiclib.ray_env import ray_session, retry_transient_storage
 
 PENDING = "_pending.json"
 CHECKPOINTS = "_checkpoints"
@@ -171,8 +171,8 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
 def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
     """Ray Data settings for the datasets created and run inside the block; the previous ones after it.
 
-    - Map tasks that fail with ``audio.TransientError`` (storage unreachable for longer than the decoder's
-      own retries) are run again, up to ``task_retries`` times; any other exception fails the job.
+    - Map tasks that fail with ``audio.TransientError`` are run again, up to ``task_retries`` times
+      (``ray_env.retry_transient_storage``).
     - Job-level checkpointing keyed by ``track_id``. The checkpoint is kept after success: it is deleted
       only once the version is published, so a run killed between the last write and the publish does
       not write its tracks a second time.
@@ -186,26 +186,17 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
     """
     fs, path = storage.arrow_filesystem(checkpoint_dir)
     ctx = ray.data.DataContext.get_current()
-    names = (
-        "checkpoint_config",
-        "use_datasource_v2",
-        "op_resource_reservation_enabled",
-        "retried_map_errors",
-        "max_map_retries",
-    )
-    previous = {name: getattr(ctx, name) for name in names}
-    ctx.retried_map_errors = [audio.TRANSIENT]
-    ctx.max_map_retries = task_retries
+    previous = (ctx.checkpoint_config, ctx.use_datasource_v2, ctx.op_resource_reservation_enabled)
     ctx.checkpoint_config = CheckpointConfig(
         id_column="track_id", checkpoint_path=path, delete_checkpoint_on_success=False, override_filesystem=fs
     )
     ctx.use_datasource_v2 = False
     ctx.op_resource_reservation_enabled = False
     try:
-        yield
+        with retry_transient_storage(task_retries):
+            yield
     finally:
-        for name, value in previous.items():
-            setattr(ctx, name, value)
+        ctx.checkpoint_config, ctx.use_datasource_v2, ctx.op_resource_reservation_enabled = previous
 
 
 # --------------------------------------------------------------------------- versions

@@ -46,7 +46,9 @@ from musiclib.pretraining import (
     save_checkpoint,
     shard_report,
 )
-from musiclib.ray_env import ray_session
+from musiclib.ray_env import ray_session, retry_transient_storage
+
+TASK_RETRIES = 3  # shard tasks run again after storage errors that outlast the decoder's retries
 
 
 def prepare_shards(cfg: PretrainConfig, layout: Layout) -> dict[str, Any]:
@@ -168,10 +170,13 @@ def export(cfg: PretrainConfig, layout: Layout, result: ray.train.Result, shards
 def main(argv: list[str] | None = None) -> str:
     cfg = parse(PretrainConfig, argv)
     layout = Layout(cfg.root)
-    check_resume(cfg, storage.join(layout.runs, cfg.run_name))
+    catalog.validate(layout.catalog)
+    run_uri = storage.join(layout.runs, cfg.run_name)
+    check_resume(cfg, run_uri)
     torch.manual_seed(cfg.seed)
-    with ray_session(include_dashboard=True):
-        shards = prepare_shards(cfg, layout)
+    with storage.lease(run_uri), ray_session(include_dashboard=True):
+        with storage.lease(layout.shards), retry_transient_storage(TASK_RETRIES):
+            shards = prepare_shards(cfg, layout)
         result = train(cfg, layout)
         model_id = export(cfg, layout, result, shards)
     print(f"pretrain: exported {model_id} to {layout.models}")

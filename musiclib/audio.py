@@ -25,7 +25,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
-from urllib.parse import urlparse
 
 import av
 import numpy as np
@@ -101,13 +100,10 @@ def locate(uri: object, base_dir: str | None = None) -> str:
     """A catalog's ``audio_uri`` as the absolute URI to open, relative paths resolved against ``base_dir``.
 
     Raises ``bad_uri`` for anything else: null, empty or not a string, a scheme other than local or S3,
-    S3 without a bucket, and ``file://`` naming a host other than ``localhost``.
+    S3 without a bucket, and ``file://`` naming a host other than ``localhost`` (``storage.split_uri``).
     """
     if not isinstance(uri, str) or not uri.strip():
         raise AudioError("bad_uri", f"empty or non-string URI: {uri!r}")
-    parsed = urlparse(uri)
-    if parsed.scheme.lower() == "file" and parsed.netloc not in ("", "localhost"):
-        raise AudioError("bad_uri", f"file URI on another host ({parsed.netloc!r}): {uri}")
     try:
         return storage.normalize_uri(uri) if base_dir is None else storage.resolve(base_dir, uri)
     except storage.StorageError as exc:

@@ -213,15 +213,18 @@ def prepare_shard(
     """Decode a group of catalog rows into one shard and commit it; return a summary of what happened.
 
     ``tracks`` has the catalog columns ``track_id``, ``audio_uri`` and ``tags``. A track that cannot be
-    used is kept as a row with its reason (so a re-run does not retry it) and counted, never fatal.
+    used is kept as a row with its reason (so a re-run does not retry it) and counted, never fatal;
+    storage that stays unreachable (``audio.TransientError``) fails the task instead, so it is retried.
     """
     rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
     for tid, uri, tags in zip(tracks["track_id"], tracks["audio_uri"], tracks["tags"], strict=True):
         try:
-            x, segment = decode_for_training(storage.resolve(base_dir, uri), max_seconds, segment_seconds)
+            x, segment = decode_for_training(audio.locate(uri, base_dir), max_seconds, segment_seconds)
             data, error = x.astype("<i2").tobytes(), None
         except audio.AudioError as exc:
             data, segment, error = b"", 0, str(exc)
+        except audio.TransientError:  # storage down: fail the task (Ray retries it), record nothing
+            raise
         except Exception as exc:  # anything else a broken file or object store throws: record it, go on
             data, segment, error = b"", 0, f"corrupt: {type(exc).__name__}: {exc}"
         tags = training_tags(tags)

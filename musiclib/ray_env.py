@@ -57,3 +57,23 @@ def ray_session(
     finally:
         if started:
             ray.shutdown()
+
+
+@contextlib.contextmanager
+def retry_transient_storage(retries: int) -> Iterator[None]:
+    """Ray Data map tasks that fail with ``audio.TransientError`` run again, up to ``retries`` times.
+
+    Storage that stayed unreachable through the decoder's own backoff fails the task rather than the
+    track; any other exception still fails the job. Ray Data's previous setting is restored on exit.
+    """
+    import ray.data
+
+    from musiclib import audio
+
+    ctx = ray.data.DataContext.get_current()
+    previous = ctx.retried_map_errors, ctx.max_map_retries
+    ctx.retried_map_errors, ctx.max_map_retries = [audio.TRANSIENT], retries
+    try:
+        yield
+    finally:
+        ctx.retried_map_errors, ctx.max_map_retries = previous
