@@ -59,4 +59,4 @@ clean:
 S3_PORT ?= 8333
 S3_DIR ?= data/s3
 s3: $(STAMP)
-	$(PY) tests/s3server.py --dir $(S3_DIR) --port $(S3_PORT)
+	$(PY) cluster/s3server.py --dir $(S3_DIR) --port $(S3_PORT)

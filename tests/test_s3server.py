@@ -12,8 +12,8 @@ import pytest
 from boto3.s3.transfer import TransferConfig
 from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
-from s3server import SeaweedS3
 
+from cluster.s3server import SeaweedS3
 from musiclib import storage
 
 MIB = 1 << 20

@@ -8,7 +8,7 @@ ports with its data, so a test can take the endpoint away for a few seconds.
 
 ``make s3`` runs this file: a server on a fixed port with its data under ``data/s3``, in the foreground::
 
-    python tests/s3server.py --dir data/s3 --port 8333 --bucket musiclib
+    python cluster/s3server.py --dir data/s3 --port 8333 --bucket musiclib
 """
 
 from __future__ import annotations
