@@ -60,3 +60,9 @@ S3_PORT ?= 8333
 S3_DIR ?= data/s3
 s3: $(STAMP)
 	$(PY) cluster/s3server.py --dir $(S3_DIR) --port $(S3_PORT)
+
+# Load test, not in CI (~1 h on 2 cores): embed and tag on the two-node local Ray cluster against SeaweedFS,
+# catalogs of 1k and 100k tracks (bench/bench_load.py; results in docs/BENCHMARKS.md). ARGS="--sizes 1000,5000".
+.PHONY: bench-load
+bench-load: $(STAMP)
+	$(PY) bench/bench_load.py $(ARGS)

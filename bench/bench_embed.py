@@ -18,6 +18,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -72,8 +73,9 @@ def make_root(cfg: BenchConfig, audio: pa.Table, n: int) -> str:
     return root
 
 
-def ray_pss_bytes() -> int:
-    """Summed PSS of this process and all its descendants (Ray's daemons and workers), from /proc."""
+def ray_pss_bytes(roots: Sequence[int] = ()) -> int:
+    """Summed PSS of ``roots`` (default: this process) and all their descendants (Ray's daemons and
+    workers), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -83,7 +85,7 @@ def ray_pss_bytes() -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, [os.getpid()]
+    total, todo = 0, list(roots) or [os.getpid()]
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
@@ -96,18 +98,23 @@ def ray_pss_bytes() -> int:
 
 
 class PeakMemory:
-    """Samples ``ray_pss_bytes`` in a thread while in a ``with`` block; ``peak`` is the largest sample."""
+    """Samples ``ray_pss_bytes(roots)`` every ``interval`` s in a thread while in a ``with`` block; ``peak``
+    is the largest sample."""
+
+    def __init__(self, roots: Sequence[int] = (), interval: float = 0.25):
+        self.roots = list(roots)
+        self.interval = interval
 
     def __enter__(self) -> PeakMemory:
-        self.peak = ray_pss_bytes()
+        self.peak = ray_pss_bytes(self.roots)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
     def _sample(self) -> None:
-        while not self._stop.wait(0.25):
-            self.peak = max(self.peak, ray_pss_bytes())
+        while not self._stop.wait(self.interval):
+            self.peak = max(self.peak, ray_pss_bytes(self.roots))
 
     def __exit__(self, *exc) -> None:
         self._stop.set()
