@@ -88,7 +88,7 @@ class EmbedConfig:
             model_id = self.model_id or models.latest_model(models_root)
             if not storage.exists(storage.join(models_root, model_id, "encoder.safetensors")):
                 raise ConfigError(f"no exported model {model_id!r} under {models_root}")
-        except (storage.StorageError, catalog.CatalogError) as exc:
+        except storage.StorageError as exc:
             raise ConfigError(str(exc)) from exc
 
 
@@ -213,8 +213,8 @@ def begin_version(dataset: str, only_new: bool) -> tuple[str, bool]:
     if storage.exists(marker):
         pending = storage.read_json(marker)
         if storage.read_manifest(dataset, pending["version"]) is not None:
-            storage.set_latest(dataset, pending["version"])
-            print(f"version {pending['version']} was committed by a run that died before finishing it")
+            done = storage.make_current(dataset, pending["version"])
+            print(f"version {pending['version']} was committed by a run that died before finishing: {done}")
             return pending["version"], True
         if pending["only_new"] == only_new:
             print(f"resuming unfinished version {pending['version']}")

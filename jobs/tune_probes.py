@@ -326,23 +326,28 @@ def _excluded_counts(excluded: dict[str, str]) -> str:
 def main(argv: list[str] | None = None) -> storage.Manifest:
     cfg = parse(TuneConfig, argv)
     layout = Layout(cfg.root)
+    catalog.validate(layout.catalog)
     model_id = cfg.model_id or models.latest_model(layout.models)
     data = load_data(cfg, layout, model_id)
     run_id = cfg.run_id or derive_run_id(cfg, layout, model_id)
     run_dir = storage.version_uri(layout.probes, run_id)
-    done = storage.read_manifest(layout.probes, run_id)
-    if done is not None:
-        storage.set_latest(layout.probes, run_id)  # a crash between the manifest and the pointer is repaired
-        print(f"tune: run {run_id} is already complete: {run_dir}")
-        return done
-    configs = configurations(cfg)
-    todo = [c for c in configs if not storage.exists(trial_uri(run_dir, c))]
-    print(f"tune: run {run_id}: {len(configs)} configurations, {len(configs) - len(todo)} already done")
-    session = ray_session(num_cpus=cfg.num_cpus, log_to_driver=False) if todo else contextlib.nullcontext()
-    with session as local:
-        slots = trial_slots(cfg, bool(local), int(ray.cluster_resources().get("CPU", 1))) if todo else 1
-        timing = run_sweep(cfg, data, run_dir, todo, slots)
-    manifest = finish(cfg, layout, data, run_id, collect(run_dir, configs), timing)
+    with storage.lease(layout.probes):  # one sweep at a time writes the probe runs
+        done = storage.read_manifest(layout.probes, run_id)
+        if done is not None:
+            print(
+                f"tune: run {run_id} is already complete: {run_dir}; {storage.make_current(layout.probes, run_id)}"
+            )
+            return done
+        configs = configurations(cfg)
+        todo = [c for c in configs if not storage.exists(trial_uri(run_dir, c))]
+        print(f"tune: run {run_id}: {len(configs)} configurations, {len(configs) - len(todo)} already done")
+        session = (
+            ray_session(num_cpus=cfg.num_cpus, log_to_driver=False) if todo else contextlib.nullcontext()
+        )
+        with session as local:
+            slots = trial_slots(cfg, bool(local), int(ray.cluster_resources().get("CPU", 1))) if todo else 1
+            timing = run_sweep(cfg, data, run_dir, todo, slots)
+        manifest = finish(cfg, layout, data, run_id, collect(run_dir, configs), timing)
     print(f"tune: report {storage.join(run_dir, 'report.md')}")
     print(f"tune: plot {storage.join(run_dir, 'budget_curve.png')}")
     print(f"tune: probe set {storage.join(run_dir, 'probe_set.safetensors')}")

@@ -214,15 +214,16 @@ def print_summary(layout: Layout, manifest: storage.Manifest, inputs: Inputs, cf
 def main(argv: list[str] | None = None) -> storage.Manifest:
     cfg = parse(TagConfig, argv)
     layout = Layout(cfg.root)
-    inputs = resolve(cfg, layout)
-    version = version_id(cfg, layout, inputs)
-    manifest = storage.read_manifest(layout.tags, version)
-    if manifest is not None:
-        storage.set_latest(layout.tags, version)  # a crash between the manifest and the pointer is repaired
-        print(f"tag: version {version} is already complete; nothing to do")
-        return manifest
-    with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False):
-        manifest = write_version(cfg, layout, inputs, version)
+    catalog.validate(layout.catalog)
+    with storage.lease(layout.tags):  # one tag run at a time: runs would delete each other's folders
+        inputs = resolve(cfg, layout)
+        version = version_id(cfg, layout, inputs)
+        manifest = storage.read_manifest(layout.tags, version)
+        if manifest is not None:
+            print(f"tag: version {version} is already complete; {storage.make_current(layout.tags, version)}")
+            return manifest
+        with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False):
+            manifest = write_version(cfg, layout, inputs, version)
     print_summary(layout, manifest, inputs, cfg)
     return manifest
 

@@ -17,6 +17,7 @@ import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
 from musiclib import storage
+from musiclib.config import ConfigError
 
 SPLITS = ("train", "valid", "test")
 REQUIRED = ("track_id", "audio_uri", "tags", "split")
@@ -32,8 +33,11 @@ SCHEMA = pa.schema(
 )
 
 
-class CatalogError(ValueError):
-    """The catalog breaks the schema; the message lists every problem found (up to a limit)."""
+class CatalogError(ConfigError):
+    """The catalog breaks the schema; the message lists every problem found (up to a limit).
+
+    A ``ConfigError``: a job checks its catalog with its options, before Ray starts.
+    """
 
 
 def dataset(uri: str) -> pads.Dataset:

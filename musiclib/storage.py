@@ -599,6 +599,17 @@ def set_latest(dataset: str, version: str) -> bool:
             return True
 
 
+def make_current(dataset: str, version: str) -> str:
+    """``set_latest`` for a version found already committed; says where ``_latest`` points afterwards.
+
+    The one "already complete" path of every job: a run that died between its manifest and the pointer
+    is finished here, and an older version re-run leaves a newer ``_latest`` where it is.
+    """
+    if set_latest(dataset, version):
+        return f"it is the current version of {dataset}"
+    return f"{dataset}/_latest stays on the newer version {latest_version(dataset)}"
+
+
 def latest_version(dataset: str) -> str | None:
     """The version ``_latest`` points at, or None for a dataset with no committed version."""
     uri = join(dataset, LATEST)

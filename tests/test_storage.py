@@ -262,3 +262,12 @@ def test_latest_never_moves_backwards(root):
     assert not storage.set_latest(ds, "old")  # e.g. an older run's "already complete" repair
     assert storage.latest_version(ds) == "new"
     assert storage.set_latest(ds, "new")
+
+
+def test_make_current_finishes_a_commit_but_never_goes_back(root):
+    ds = storage.join(root, "ds")
+    storage.publish(ds, "v1", [_write_part(ds, "v1", "p.parquet", 1)], [1], move_latest=False)
+    assert "is the current version" in storage.make_current(ds, "v1")
+    assert storage.latest_version(ds) == "v1"
+    storage.publish(ds, "v2", [_write_part(ds, "v2", "p.parquet", 2)], [2])
+    assert "stays on the newer version v2" in storage.make_current(ds, "v1")

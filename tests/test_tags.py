@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow.compute as pc
 import pytest
 
-from musiclib import catalog, embeddings, fewshot, probes, storage, tags
+from musiclib import catalog, demo, embeddings, fewshot, probes, storage, tags
 from musiclib.config import ConfigError, Layout
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -175,7 +175,10 @@ def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
     assert storage.latest_version(layout.tags) is None
 
 
-def test_missing_probe_set_fails_before_ray(tmp_path):
+def test_missing_catalog_or_probe_set_fails_before_ray(tmp_path):
+    with pytest.raises(ConfigError, match="catalog not found"):
+        write_tags.main(["--root", str(tmp_path)])
+    demo.make_catalog(str(tmp_path), n_tracks=2, min_seconds=3.0, max_seconds=3.0, workers=1)
     with pytest.raises(ConfigError, match="run tune first"):
         write_tags.main(["--root", str(tmp_path)])
     with pytest.raises(ConfigError):

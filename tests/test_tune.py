@@ -48,7 +48,7 @@ def test_config_is_validated_before_any_work(tmp_path):
     write_root(root, n_tracks=80)
     with pytest.raises(ConfigError, match="no training labels for jazz"):
         tune_probes.main(["--root", root, "--tags", "jazz"])
-    with pytest.raises(storage.StorageError):
+    with pytest.raises(ConfigError, match="catalog not found"):
         tune_probes.main(["--root", str(tmp_path / "empty")])
 
 
