@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from musiclib import audio, catalog, embeddings, storage
@@ -160,11 +161,12 @@ def drop_written(rows: pa.Table, written: np.ndarray) -> pa.Table:
     """Rows whose ``track_id`` is not in the sorted array ``written``: an anti-join by binary search.
 
     O(rows * log(written)) per batch with no per-batch hash table, so skipping millions of embedded
-    tracks costs each batch a few microseconds per row.
+    tracks costs each batch a few microseconds per row. Ids are compared as ``decode_batch`` writes them
+    (a null id as ``""``, a number as its string), so an unvalidated catalog cannot break the join.
     """
     if len(written) == 0 or len(rows) == 0:
         return rows
-    ids = rows.column("track_id").to_numpy(zero_copy_only=False)
+    ids = pc.fill_null(rows.column("track_id").cast(pa.string()), "").to_numpy(zero_copy_only=False)
     pos = np.minimum(np.searchsorted(written, ids), len(written) - 1)
     return rows.filter(pa.array(written[pos] != ids))
 

@@ -126,6 +126,9 @@ def test_drop_written_is_an_anti_join():
     written = np.sort(np.array(["a", "b", "c", "z"], dtype=object))
     assert embedding.drop_written(rows, written).column("track_id").to_pylist() == ["d", "x"]
     assert embedding.drop_written(rows, np.array([], dtype=object)).num_rows == 5
+    odd = pa.table({"track_id": pa.array([7, None, 8]), "audio_uri": ["u"] * 3})  # unvalidated catalog
+    kept = embedding.drop_written(odd, np.sort(np.array(["", "7"], dtype=object)))
+    assert kept.column("track_id").to_pylist() == [8]
 
 
 def test_config_fails_fast(tmp_path):
