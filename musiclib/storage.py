@@ -197,9 +197,19 @@ def write_bytes(uri: str, data: bytes) -> None:
     scheme, path = split_uri(uri)
     if scheme == "s3":
         fs, _ = filesystem(uri)
-        fs.pipe_file(path, data)
+        try:
+            fs.pipe_file(path, data)
+        except PermissionError as exc:
+            raise _denied(uri, exc) from exc
         return
     os.replace(_write_temporary(path, data), path)
+
+
+def _denied(uri: str, exc: PermissionError) -> StorageError:
+    """S3 refused a write (HTTP 403): s3fs says only "Access Denied.", so name the object."""
+    return StorageError(
+        f"permission denied writing {uri}: {exc} (the credentials in use may not write there)"
+    )
 
 
 def _write_temporary(path: str, data: bytes) -> str:
@@ -236,6 +246,8 @@ def create_only(uri: str, data: bytes) -> bool:
         fs, _ = filesystem(uri)
         try:
             fs.pipe_file(path, data, mode="create")
+        except PermissionError as exc:
+            raise _denied(uri, exc) from exc
         except OSError as exc:
             if _precondition_failed(exc):
                 return False
