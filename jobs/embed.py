@@ -271,8 +271,9 @@ def carry_over(dataset: str, only_new: bool, out_dir: str) -> CarryOver:
 def run(cfg: EmbedConfig) -> embedding.Summary:
     """Embed the catalog (or its new tracks), publish the version, and return the summary of the version's new rows.
 
-    The whole run holds the dataset's lease: a second run of the same model fails at once, naming the
-    run that holds it, instead of writing into the same version.
+    The whole run holds the dataset's lease, taken before Ray starts: a second run of the same model
+    fails at once, naming the run that holds it, instead of writing into the same version. Ray is
+    started (or joined, ``--ray-address``) only when there is something to embed.
     """
     start = time.perf_counter()
     layout = Layout(cfg.root)
@@ -284,7 +285,8 @@ def run(cfg: EmbedConfig) -> embedding.Summary:
         checkpoint_dir = storage.join(dataset, CHECKPOINTS, version)
         new: list[str] = []
         if not committed:
-            new = write_version(cfg, model_id, dataset, version, out_dir, checkpoint_dir)
+            with ray_session(cfg.ray_address):
+                new = write_version(cfg, model_id, dataset, version, out_dir, checkpoint_dir)
         storage.delete(checkpoint_dir, recursive=True)
         storage.delete(storage.join(dataset, PENDING))
     return embedding.summarize(new, time.perf_counter() - start)
@@ -329,9 +331,7 @@ def unchanged(embedded: list[str], retried: set[tuple[str, str]]) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse(EmbedConfig, argv)
-    with ray_session(cfg.ray_address):
-        summary = run(cfg)
-    print(f"embed: {summary}")
+    print(f"embed: {run(cfg)}")
 
 
 if __name__ == "__main__":
