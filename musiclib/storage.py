@@ -393,6 +393,7 @@ def code_version() -> str:
 
 LEASE = "_lease.json"
 LEASE_TTL_S = 120.0  # a lease not renewed for this long belongs to a dead run and may be taken over
+DEAD_RUN_GRACE_S = 5.0  # a killed driver's Ray workers outlive it by a few seconds: let them stop first
 
 
 class LeaseHeld(StorageError):
@@ -427,7 +428,8 @@ def lease(dataset: str, ttl_s: float = LEASE_TTL_S, wait_s: float = 0.0) -> Iter
     Taken with a create-only write; renewed by a background thread every ``ttl_s / 4``; released on exit.
     A run that finds a live lease waits up to ``wait_s`` seconds, then raises ``LeaseHeld`` naming the
     holder. A lease left by a dead run (not renewed for ``ttl_s``, or whose process on this host is
-    gone) is taken over with a compare-and-swap, so of two runs restarted together only one gets it.
+    gone, after ``DEAD_RUN_GRACE_S`` for the Ray workers it leaves behind) is taken over with a
+    compare-and-swap, so of two runs restarted together only one gets it.
     """
     uri = join(normalize_uri(dataset), LEASE)
     token = uuid.uuid4().hex
@@ -439,8 +441,12 @@ def lease(dataset: str, ttl_s: float = LEASE_TTL_S, wait_s: float = 0.0) -> Iter
         except NotFound:  # released between our write and our read: try again
             continue
         holder = json.loads(current)
-        if _lease_is_dead(holder) and replace_if_unchanged(uri, current, body):
-            break
+        if _lease_is_dead(holder):
+            if holder.get("expires_at", 0) >= time.time():  # its process is gone, maybe not its workers
+                time.sleep(DEAD_RUN_GRACE_S)
+            if replace_if_unchanged(uri, current, body):
+                break
+            continue
         if time.monotonic() >= deadline:
             until = _dt.datetime.fromtimestamp(holder["expires_at"], _dt.UTC).isoformat(timespec="seconds")
             raise LeaseHeld(

@@ -216,7 +216,7 @@ def test_lease_excludes_a_second_writer_and_is_released(root):
     assert not storage.exists(storage.join(ds, storage.LEASE))
 
 
-def test_lease_of_a_dead_run_is_taken_over(root):
+def test_lease_of_a_dead_run_is_taken_over(root, monkeypatch):
     """A killed run leaves its lease: expired, or (same host) held by a process that is gone."""
     import json
     import socket
@@ -229,8 +229,11 @@ def test_lease_of_a_dead_run_is_taken_over(root):
     gone.wait()
     dead_pid = {"token": "x", "host": socket.gethostname(), "pid": gone.pid, "expires_at": time.time() + 600}
     storage.write_bytes(uri, json.dumps(dead_pid).encode())
+    monkeypatch.setattr(storage, "DEAD_RUN_GRACE_S", 0.5)
+    start = time.monotonic()
     with storage.lease(ds):
         assert json.loads(storage.read_bytes(uri))["pid"] == os.getpid()
+    assert time.monotonic() - start >= 0.5  # the dead driver's Ray workers get time to stop
     expired = {"token": "y", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1}
     storage.write_bytes(uri, json.dumps(expired).encode())
     with storage.lease(ds):
