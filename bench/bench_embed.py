@@ -67,9 +67,7 @@ def make_root(cfg: BenchConfig, audio: pa.Table, n: int) -> str:
     table = reps.set_column(0, "track_id", pa.array([f"t{i:08d}" for i in range(n)]))
     catalog.write(table, Layout(root).catalog)
     storage.delete(Layout(root).embeddings, recursive=True)
-    torch.manual_seed(0)
-    encoder = models.SampleCNN(models.EncoderConfig(width=cfg.width))
-    models.set_latest_model(Layout(root).models, models.export_encoder(encoder, Layout(root).models))
+    models.export_random_encoder(Layout(root).models, width=cfg.width)
     return root
 
 

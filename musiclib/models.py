@@ -187,6 +187,20 @@ def export_encoder(encoder: SampleCNN, models_root: str, card: dict[str, Any] | 
     return model_id
 
 
+def export_random_encoder(models_root: str, width: float, seed: int = 0) -> str:
+    """Export a randomly initialised encoder (seeded) and make it the latest model; return its id.
+
+    The untrained baseline every trained encoder must beat, and a small model for tests and benchmarks.
+    The global torch random state is left as it was.
+    """
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        encoder = SampleCNN(EncoderConfig(width=width))
+    model_id = export_encoder(encoder, models_root, {"note": f"random initialisation, seed {seed}"})
+    set_latest_model(models_root, model_id)
+    return model_id
+
+
 def load_encoder(
     models_root: str, model_id: str, device: str | torch.device = "cpu"
 ) -> tuple[SampleCNN, dict]:

@@ -46,10 +46,7 @@ def catalog_on_s3(cluster, s3_server) -> Iterator[str]:
 
     with aws_env(s3_server):
         demo.make_catalog(cluster.root, n_tracks=12, seed=0, min_seconds=3.0, max_seconds=5.0, workers=1)
-        encoder = models.SampleCNN(models.EncoderConfig(width=0.125))
-        model_id = models.export_encoder(encoder, f"{cluster.root}/models", {"note": "random, for tests"})
-        models.set_latest_model(f"{cluster.root}/models", model_id)
-        yield model_id
+        yield models.export_random_encoder(f"{cluster.root}/models", width=0.125)
 
 
 # --------------------------------------------------------------------------- tests

@@ -75,3 +75,16 @@ def test_sync_batchnorm_alone_is_batchnorm():
     torch.testing.assert_close(synced(x), plain(x))  # training mode: batch statistics, running ones updated
     torch.testing.assert_close(synced.state_dict(), plain.state_dict())
     torch.testing.assert_close(synced.eval()(x), plain.eval()(x))
+
+
+def test_random_encoder_is_seeded_exported_latest_and_leaves_torch_rng_alone(tmp_path):
+    root = str(tmp_path / "models")
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    model_id = models.export_random_encoder(root, width=0.0625, seed=0)
+    assert torch.rand(1) == before  # the caller's random stream is untouched
+    assert models.latest_model(root) == model_id == models.export_random_encoder(root, width=0.0625, seed=0)
+    assert models.export_random_encoder(root, width=0.0625, seed=1) != model_id
+    encoder, _ = models.load_encoder(root, model_id)
+    assert encoder.config.width == 0.0625
