@@ -71,9 +71,25 @@ def make_root(cfg: BenchConfig, audio: pa.Table, n: int) -> str:
     return root
 
 
-def ray_pss_bytes(roots: Sequence[int] = ()) -> int:
-    """Summed PSS of ``roots`` (default: this process) and all their descendants (Ray's daemons and
-    workers), from /proc."""
+def process_label(pid: int) -> str:
+    """A short name for a Ray process: its title for workers (``ray::EncoderActor``), else its program."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = [a.decode(errors="replace") for a in f.read().split(b"\0") if a]
+    except OSError:
+        return "?"
+    if not argv:
+        return "?"
+    if argv[0].startswith("ray::"):
+        return argv[0].split()[0]
+    scripts = [a for a in argv[1:] if a.endswith(".py")]
+    return os.path.basename(scripts[0] if scripts else argv[0])
+
+
+def ray_pss(roots: Sequence[int] = ()) -> dict[str, tuple[int, int, int]]:
+    """PSS of ``roots`` (default: this process) and all their descendants (Ray's daemons and workers),
+    from /proc, summed by process label as (anonymous, file-backed, shared memory) bytes. Shared memory
+    is mostly the object store, mapped by the raylet and every worker."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -83,36 +99,64 @@ def ray_pss_bytes(roots: Sequence[int] = ()) -> int:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    total, todo = 0, list(roots) or [os.getpid()]
+    usage: dict[str, tuple[int, int, int]] = {}
+    todo = list(roots) or [os.getpid()]
     while todo:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
             with open(f"/proc/{pid}/smaps_rollup") as f:
-                total += next(int(line.split()[1]) * 1024 for line in f if line.startswith("Pss:"))
-        except (OSError, StopIteration):
+                fields = {
+                    k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)
+                }
+        except (OSError, ValueError):
             continue
-    return total
+        part = (fields.get("Pss_Anon", 0), fields.get("Pss_File", 0), fields.get("Pss_Shmem", 0))
+        label = process_label(pid)
+        usage[label] = tuple(a + b for a, b in zip(usage.get(label, (0, 0, 0)), part))
+    return usage
+
+
+def ray_pss_bytes(roots: Sequence[int] = ()) -> int:
+    """Summed PSS of ``roots`` and all their descendants (``ray_pss``)."""
+    return sum(sum(part) for part in ray_pss(roots).values())
+
+
+def format_pss(usage: dict[str, tuple[int, int, int]]) -> str:
+    """One line per process label, largest first: total, anonymous, file and shared-memory MiB."""
+    rows = sorted(usage.items(), key=lambda kv: -sum(kv[1]))
+    return "\n".join(
+        f"  {label:<40} {sum(p) / 2**20:8.0f} MiB (anon {p[0] / 2**20:.0f}, file {p[1] / 2**20:.0f}, "
+        f"shmem {p[2] / 2**20:.0f})"
+        for label, p in rows
+    )
 
 
 class PeakMemory:
-    """Samples ``ray_pss_bytes(roots)`` every ``interval`` s in a thread while in a ``with`` block; ``peak``
-    is the largest sample."""
+    """Samples ``ray_pss(roots)`` every ``interval`` s in a thread while in a ``with`` block; ``peak`` is
+    the largest summed sample and ``at_peak`` its breakdown by process."""
 
     def __init__(self, roots: Sequence[int] = (), interval: float = 0.25):
         self.roots = list(roots)
         self.interval = interval
 
     def __enter__(self) -> PeakMemory:
-        self.peak = ray_pss_bytes(self.roots)
+        self.peak, self.at_peak = 0, {}
+        self._take()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
 
+    def _take(self) -> None:
+        usage = ray_pss(self.roots)
+        total = sum(sum(part) for part in usage.values())
+        if total > self.peak:
+            self.peak, self.at_peak = total, usage
+
     def _sample(self) -> None:
         while not self._stop.wait(self.interval):
-            self.peak = max(self.peak, ray_pss_bytes(self.roots))
+            self._take()
 
     def __exit__(self, *exc) -> None:
         self._stop.set()

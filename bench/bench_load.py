@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_embed import BenchConfig as EmbedBenchConfig  # noqa: E402
-from bench_embed import PeakMemory, make_audio, make_root, ray_pss_bytes  # noqa: E402
+from bench_embed import PeakMemory, format_pss, make_audio, make_root, ray_pss_bytes  # noqa: E402
 
 from cluster import local  # noqa: E402
 from cluster.s3server import SeaweedS3  # noqa: E402
@@ -73,6 +73,7 @@ class JobRun:
 
     wall_s: float
     peak_bytes: int
+    at_peak: dict[str, tuple[int, int, int]]  # PSS by process at the peak (bench_embed.ray_pss)
     output: str
 
 
@@ -90,7 +91,7 @@ def submit(cluster: local.LocalCluster, job: str, root: str, args: str, cfg: Loa
     wall = time.perf_counter() - start
     if out.returncode != 0:
         raise SystemExit(f"{job} on {root} failed (exit {out.returncode})")
-    return JobRun(wall, memory.peak, out.stdout + out.stderr)
+    return JobRun(wall, memory.peak, memory.at_peak, out.stdout + out.stderr)
 
 
 def catalog_ids(root: str) -> pa.Array:
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"peak PSS {emb.peak_bytes / 2**20:.0f} MiB; {uptime()}",
                     flush=True,
                 )
+                print(f"embed {n}: PSS by process at the peak\n{format_pss(emb.at_peak)}", flush=True)
                 print(f"CHECK {n} {check_embeddings(root, model_id, ids)}", flush=True)
                 run_id, n_tags = publish_probe_set(root, model_id, cfg.distinct, cfg.probe)
                 tag = submit(cluster, "tag", root, cfg.tag_args, cfg)
@@ -226,6 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                     f"= {n / tag.wall_s:.1f} tracks/s; peak PSS {tag.peak_bytes / 2**20:.0f} MiB; {uptime()}",
                     flush=True,
                 )
+                print(f"tag {n}: PSS by process at the peak\n{format_pss(tag.at_peak)}", flush=True)
                 print(f"CHECK {n} {check_tags(root, ids, n_tags)}", flush=True)
                 results[n] = (rate, emb.peak_bytes, tag.peak_bytes, tag.wall_s)
 

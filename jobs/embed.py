@@ -35,7 +35,7 @@ from ray.data.checkpoint import CheckpointConfig
 
 from musiclib import audio, catalog, embedding, embeddings, models, storage
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
-from musiclib.ray_env import ray_session, retry_transient_storage
+from musiclib.ray_env import ray_session, read_parquet, retry_transient_storage
 
 PENDING = "_pending.json"
 CHECKPOINTS = "_checkpoints"
@@ -50,9 +50,11 @@ class EmbedConfig:
     model_id: str = ""  # default: the latest exported model under <root>/models
     only_new: bool = True  # embed only tracks absent from the latest embeddings; false: recompute all
     max_chunks: int = 64  # chunks of 2.7 s per track, spread evenly over it
-    batch_size: int = 16  # tracks per decode task batch and per encoder call
+    batch_size: int = 16  # tracks per encoder call
+    decode_batches: int = 4  # encoder batches per decode task: fewer, larger tasks, less per-task bookkeeping
     chunk_batch: int = 64  # chunks per encoder forward
     decode_cpus: float = 1.0  # CPUs per decode task
+    decode_tasks: int = 0  # most decode tasks submitted at once; 0: twice what the CPUs beside the actors run
     actors: int = 0  # most encoder actors; 0: one per GPU, or half the CPUs on a cluster without GPUs
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
@@ -68,9 +70,11 @@ class EmbedConfig:
 
     def validate(self) -> None:
         """Fail fast, before Ray starts: bad numbers, unreachable storage, a missing catalog or model."""
-        for name in ("max_chunks", "batch_size", "chunk_batch", "shard_rows"):
+        for name in ("max_chunks", "batch_size", "decode_batches", "chunk_batch", "shard_rows"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.decode_tasks < 0:
+            raise ConfigError(f"--decode-tasks must not be negative (0: automatic), got {self.decode_tasks}")
         if self.task_retries < 0:
             raise ConfigError(f"--task-retries must not be negative, got {self.task_retries}")
         if self.actors < 0:
@@ -126,32 +130,52 @@ def encoder_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> tuple[floa
     return gpus, max(1, int(cluster.get("CPU", 1) / 2 // max(cfg.cpus_per_actor, 1.0)))
 
 
+def decode_tasks(cfg: EmbedConfig, cluster: dict[str, float], actors: int) -> int:
+    """The most decode tasks in flight: ``--decode-tasks``, or twice what the CPUs beside the encoder
+    actors can run, so a free CPU always has a task queued.
+
+    Without a cap Ray Data (with the reservation off, ``data_context``) submits every decode task of the
+    catalog at once; each waits in the raylet's queue and is tracked by the driver and the GCS until it
+    runs, so memory grew with the catalog (docs/BENCHMARKS.md, load). On an autoscaling cluster, whose
+    CPUs at start are not its CPUs later, set it.
+    """
+    if cfg.decode_tasks:
+        return cfg.decode_tasks
+    free = cluster.get("CPU", 1) - actors * cfg.cpus_per_actor
+    return max(2, 2 * int(free // cfg.decode_cpus))
+
+
 def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
     """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming.
 
     A decode task that meets storage it cannot reach (``audio.TransientError``, after the decoder's own
     backoff) is retried ``task_retries`` times (``data_context``); then the job fails, and the next run
-    resumes from what was written. Blocks of ``batch_size`` tracks are the unit of work: a catalog row group of a million rows becomes
-    many small decode tasks, and the re-blocking between decode and encode keeps them separate operators
-    (Ray would otherwise fuse the decoding into the encoder actors, starving the accelerator).
+    resumes from what was written. Blocks of ``decode_batches * batch_size`` tracks are the unit of work:
+    a catalog row group of a million rows becomes many decode tasks, and the re-blocking between decode
+    and encode keeps them separate operators (Ray would otherwise fuse the decoding into the encoder
+    actors, starving the accelerator). Ray keeps some bookkeeping per task and block (driver, stats
+    actor, GCS) until the run ends, so the blocks are a few encoder batches rather than one
+    (docs/BENCHMARKS.md, load).
     """
     fs, path = storage.arrow_filesystem(cfg.catalog_uri)
-    rows = ray.data.read_parquet(path, filesystem=fs).select_columns(["track_id", "audio_uri"])
+    rows = read_parquet(path, fs, ["track_id", "audio_uri"])
     if len(skip):
         rows = rows.map_batches(embedding.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
-    decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+    gpus, actors = encoder_resources(cfg, ray.cluster_resources())
+    block = cfg.decode_batches * cfg.batch_size
+    decoded = rows.repartition(target_num_rows_per_block=block).map_batches(
         embedding.decode_batch,
         fn_kwargs={
             "base_dir": catalog.base_dir(cfg.catalog_uri),
             "max_chunks": cfg.max_chunks,
             "allowed_prefixes": cfg.allowed_prefixes or None,
         },
-        batch_size=cfg.batch_size,
+        batch_size=block,
         batch_format="pyarrow",
+        compute=ray.data.TaskPoolStrategy(size=decode_tasks(cfg, ray.cluster_resources(), actors)),
         num_cpus=cfg.decode_cpus,
     )
-    gpus, actors = encoder_resources(cfg, ray.cluster_resources())
-    return decoded.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+    return decoded.repartition(target_num_rows_per_block=block).map_batches(
         EncoderActor,
         fn_constructor_kwargs={
             "models_root": Layout(cfg.root).models,
@@ -176,27 +200,23 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
     - Job-level checkpointing keyed by ``track_id``. The checkpoint is kept after success: it is deleted
       only once the version is published, so a run killed between the last write and the publish does
       not write its tracks a second time.
-    - The catalog is read with Ray Data's first Parquet reader. The second one (``use_datasource_v2``,
-      the 2.60 default) reads file footers in nested tasks that each wait for a new worker: about 5 s per
-      run on a 2-core node, against 0.2 s (measured, docs/BENCHMARKS.md).
     - No per-operator resource reservation. Ray Data would reserve an equal share of the CPUs for each
       running operator, the Parquet writer included, which sits idle until the end; on a small node that
-      holds decoding to one task at a time while CPUs stay free. Memory stays bounded by the streaming
-      executor's backpressure on the queues between operators (measured at 1k and 10k tracks).
+      holds decoding to one task at a time while CPUs stay free. Without it nothing bounds the tasks Ray
+      Data submits, so decoding gets an explicit cap (``decode_tasks``).
     """
     fs, path = storage.arrow_filesystem(checkpoint_dir)
     ctx = ray.data.DataContext.get_current()
-    previous = (ctx.checkpoint_config, ctx.use_datasource_v2, ctx.op_resource_reservation_enabled)
+    previous = ctx.checkpoint_config, ctx.op_resource_reservation_enabled
     ctx.checkpoint_config = CheckpointConfig(
         id_column="track_id", checkpoint_path=path, delete_checkpoint_on_success=False, override_filesystem=fs
     )
-    ctx.use_datasource_v2 = False
     ctx.op_resource_reservation_enabled = False
     try:
         with retry_transient_storage(task_retries):
             yield
     finally:
-        ctx.checkpoint_config, ctx.use_datasource_v2, ctx.op_resource_reservation_enabled = previous
+        ctx.checkpoint_config, ctx.op_resource_reservation_enabled = previous
 
 
 # --------------------------------------------------------------------------- versions

@@ -27,7 +27,7 @@ import ray
 from musiclib import catalog, embeddings, storage, tags
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, parse
 from musiclib.probes import ProbeSet
-from musiclib.ray_env import ray_session
+from musiclib.ray_env import ray_session, read_parquet
 
 
 @dataclass
@@ -152,7 +152,7 @@ def score_with_ray(
     """Stream the embedding shards through the probe set and write the model rows as Parquet."""
     fs, _ = storage.arrow_filesystem(inputs.embedding_files[0])
     paths = [storage.split_uri(u)[1] for u in inputs.embedding_files]
-    ds = ray.data.read_parquet(paths, filesystem=fs).select_columns(["track_id", "embedding", "error"])
+    ds = read_parquet(paths, fs, ["track_id", "embedding", "error"])
     scored = ds.map_batches(
         ScoreBatch,
         fn_constructor_args=(inputs.probe_uri, inputs.probe_run_id, tagged_at, skip),

@@ -11,6 +11,10 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import ray.data
 
 FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
@@ -57,6 +61,24 @@ def ray_session(
     finally:
         if started:
             ray.shutdown()
+
+
+def read_parquet(paths: str | list[str], filesystem, columns: list[str]) -> ray.data.Dataset:
+    """``columns`` of Parquet files as a Ray Dataset, with Ray Data's first Parquet reader.
+
+    The second one (``use_datasource_v2``, the 2.60 default) reads file footers in nested tasks that
+    each wait for a new worker, seconds per run on a small node and one more Python process per footer
+    reader at the job's peak memory (docs/BENCHMARKS.md). Ray Data picks the reader when the read is
+    called, so the setting is restored right after.
+    """
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(columns)
+    finally:
+        ctx.use_datasource_v2 = previous
 
 
 @contextlib.contextmanager

@@ -49,7 +49,7 @@ def ray_cluster(s3_endpoint):
 
 
 def config(root: str, **overrides) -> job.EmbedConfig:
-    return job.EmbedConfig(root=root, batch_size=3, shard_rows=1, **overrides)
+    return job.EmbedConfig(root=root, batch_size=3, decode_batches=1, shard_rows=1, **overrides)
 
 
 def check_complete(root: str, model_id: str) -> pa.Table:
@@ -132,6 +132,10 @@ def test_config_fails_fast(tmp_path):
 
     with pytest.raises(ConfigError, match="batch-size"):
         parse(job.EmbedConfig, ["--root", str(tmp_path), "--batch-size", "0"])
+    with pytest.raises(ConfigError, match="decode-batches"):
+        parse(job.EmbedConfig, ["--root", str(tmp_path), "--decode-batches", "0"])
+    with pytest.raises(ConfigError, match="decode-tasks"):
+        parse(job.EmbedConfig, ["--root", str(tmp_path), "--decode-tasks", "-1"])
     with pytest.raises(ConfigError, match="catalog not found"):
         parse(job.EmbedConfig, ["--root", str(tmp_path)])
     make_root(str(tmp_path), n_good=1, faults=False)
@@ -194,6 +198,15 @@ def test_encoder_resources_follow_the_cluster_unless_configured():
     )
 
 
+def test_decode_tasks_leave_a_task_queued_per_free_cpu_unless_configured():
+    auto = job.EmbedConfig()
+    assert job.decode_tasks(auto, {"CPU": 6.0}, actors=1) == 10  # 5 CPUs beside one actor
+    assert job.decode_tasks(auto, {"CPU": 16.0, "GPU": 4.0}, actors=4) == 24
+    assert job.decode_tasks(job.EmbedConfig(decode_cpus=2), {"CPU": 6.0}, actors=1) == 4
+    assert job.decode_tasks(auto, {"CPU": 1.0}, actors=1) == 2  # never fewer than two
+    assert job.decode_tasks(job.EmbedConfig(decode_tasks=7), {"CPU": 64.0}, actors=1) == 7
+
+
 # --------------------------------------------------------------------------- the Ray job
 
 
@@ -254,6 +267,7 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluste
         str(REPO / "jobs" / "embed.py"),
         f"--root={root}",
         "--batch-size=2",
+        "--decode-batches=1",
         "--shard-rows=1",
     ]
     log = open(tmp_path / "killed-run.log", "wb")
