@@ -711,3 +711,66 @@ def test_a_denied_write_names_what_was_denied(s3_root, read_only_key, monkeypatc
     uri = storage.join(s3_root, "embeddings", "some-model", storage.LEASE)
     with pytest.raises(storage.StorageError, match="some-model"):
         storage.create_only(uri, b"{}")
+
+
+# --------------------------------------------------------------------------- a paused lease holder
+
+HOLDER = """
+import sys, time
+import pyarrow as pa
+from musiclib import storage
+dataset, go = sys.argv[1], sys.argv[2]
+with storage.lease(dataset, ttl_s=3.0):
+    uri = storage.join(storage.version_uri(dataset, "v-stale"), "part.parquet")
+    rows = storage.write_parquet(pa.table({"run": ["stale"]}), uri)
+    print("holding", flush=True)
+    while not storage.exists(go):
+        time.sleep(0.05)
+    storage.publish(dataset, "v-stale", [uri], [rows])
+    print("PUBLISHED v-stale", flush=True)
+"""
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter from /proc (``T``: stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2]
+
+
+def test_a_paused_lease_holder_resumed_after_a_takeover_does_not_publish(tmp_path):
+    """A run stopped (SIGSTOP) past its lease's TTL loses the lease to the next run; continued (SIGCONT)
+    while that run still writes, it fails with ``LeaseLost`` instead of publishing over the new run's work."""
+    dataset = str(tmp_path / "ds")
+    go = tmp_path / "go"
+    log = tmp_path / "holder.log"
+    holder = start([PY, "-c", HOLDER, dataset, str(go)], log)
+    try:
+        deadline = time.monotonic() + 60
+        while "holding" not in tail(log) and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "holding" in tail(log), tail(log)
+        os.kill(holder.pid, signal.SIGSTOP)
+        stopped_by = time.monotonic() + 5
+        while process_state(holder.pid) != "T" and time.monotonic() < stopped_by:
+            time.sleep(0.01)
+        assert process_state(holder.pid) == "T", "the holder did not stop"
+        with pytest.raises(storage.LeaseHeld):  # still within its TTL: the lease is its own
+            with storage.lease(dataset):
+                pass
+        expires = storage.read_json(storage.join(dataset, storage.LEASE))["expires_at"]
+        time.sleep(max(0.0, expires - time.time()) + 0.2)  # past the TTL, not renewed
+        with storage.lease(dataset, ttl_s=60):  # taken over
+            uri = storage.join(storage.version_uri(dataset, "v-new"), "part.parquet")
+            rows = storage.write_parquet(pa.table({"run": ["new"]}), uri)
+            go.touch()
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.wait(timeout=60)
+            storage.publish(dataset, "v-new", [uri], [rows])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder.pid, signal.SIGCONT)
+        kill(holder)
+    text = tail(log)
+    assert holder.returncode == 1 and "LeaseLost: lost the lease" in text and "PUBLISHED" not in text, text
+    assert storage.committed_versions(dataset) == ["v-new"] and storage.latest_version(dataset) == "v-new"
+    assert not storage.exists(storage.join(dataset, storage.LEASE))
