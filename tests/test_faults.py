@@ -549,9 +549,10 @@ def check_tags(root: str, cat: pa.Table, emb: pa.Table, probe_set: probes.ProbeS
     assert len(pairs) == len(labels) and set(pairs) == labels
 
 
-def test_tag_survives_a_killed_scoring_actor(tmp_path):
-    """SIGKILL the tag job's scoring actor (``MapBatches(ScoreBatch)``) once it is up: Ray Data restarts it
-    and retries its batches; the job finishes with every track's tags once. A reader polls throughout."""
+def test_tag_survives_a_killed_scoring_actor_and_read_task(tmp_path):
+    """SIGKILL the tag job's scoring actor (``MapBatches(ScoreBatch)``) once it is up, then the worker of a
+    Parquet read task: Ray Data restarts the actor and retries the task; the job finishes with every track's
+    tags once. A reader polls throughout."""
     root = str(tmp_path / "root")
     cat, emb = synthetic_root(root, n_files=6)
     probe_set = publish_probe_set(root, cat, emb)
@@ -562,7 +563,7 @@ def test_tag_survives_a_killed_scoring_actor(tmp_path):
     )
     with Reader(layout.tags) as reader:
         try:
-            killed = kill_ray_worker(proc, log, "MapBatches(ScoreBatch)")
+            killed = [kill_ray_worker(proc, log, name) for name in ("MapBatches(ScoreBatch)", "ReadFiles")]
             text = finish(proc, log)
         finally:
             kill(proc)
