@@ -6,7 +6,8 @@ One Tune trial is one budget x probe x hyperparameters point, with its normalisa
 repetitions inside, because a single fit takes milliseconds (and the normalisations then share support
 sets). Embeddings and labels go to the object store once (``tune.with_parameters``); actors are reused.
 Each finished configuration writes its rows to ``<run>/trials/<configuration>.parquet``; a restarted
-sweep skips configurations already written, so nothing is redone. Every configuration is scored on the
+sweep skips configurations already written, so nothing is redone. A trial whose worker dies runs again
+(``--max-failures``); its configurations write the same rows to the same files. Every configuration is scored on the
 validation split, where all choices are made (each budget's configuration, each tag's cheapest budget, the
 final probe set and its thresholds), and on the test split, which only reports the chosen ones.
 Outputs under ``<root>/probes/<run_id>/``: results.parquet, report.md, budget_curve.png and
@@ -60,6 +61,7 @@ class TuneConfig:
     target_precision: float | None = None  # thresholds: reach this precision on valid, else max F1
     num_cpus: int = 0  # 0: every core of this machine (local Ray); ignored when joining a cluster
     max_concurrent: int = 0  # 0: one trial per core (local Ray) or per CPU of the cluster
+    max_failures: int = 3  # times a trial whose worker died runs again (-1: without limit)
 
     def validate(self) -> None:
         """Fail fast on a bad budget, probe, normalisation or range, before any data is read or Ray starts."""
@@ -85,6 +87,8 @@ class TuneConfig:
             raise ConfigError("--repetitions and --epochs must be at least 1")
         if self.target_precision is not None and not 0 < self.target_precision <= 1:
             raise ConfigError("--target-precision must be in (0, 1]")
+        if self.max_failures < -1:
+            raise ConfigError("--max-failures must be -1 (without limit) or at least 0")
 
 
 def configurations(cfg: TuneConfig) -> list[dict[str, Any]]:
@@ -145,7 +149,8 @@ def derive_run_id(cfg: TuneConfig, layout: Layout, model_id: str) -> str:
     """``tune-<digest>`` of the sweep config, the model and the embedding version: same inputs, same run."""
     emb_version = storage.latest_version(embeddings.dataset_uri(layout.embeddings, model_id))
     cat_sum = storage.file_checksum(layout.catalog) if storage.exists(layout.catalog) else ""
-    keys = {k: v for k, v in asdict(cfg).items() if k not in ("root", "run_id", "num_cpus", "max_concurrent")}
+    machine = ("root", "run_id", "num_cpus", "max_concurrent", "max_failures")  # not what the run computes
+    keys = {k: v for k, v in asdict(cfg).items() if k not in machine}
     blob = json.dumps([keys, model_id, emb_version, cat_sum], sort_keys=True, default=str)
     return "tune-" + hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -230,6 +235,7 @@ def run_sweep(
         run_config=tune.RunConfig(
             name=os.path.basename(run_dir),
             storage_path=os.path.join(tempfile.gettempdir(), "musiclib-tune"),
+            failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             verbose=0,
         ),
     )

@@ -27,7 +27,9 @@ import ray
 from musiclib import catalog, embeddings, storage, tags
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, parse
 from musiclib.probes import ProbeSet
-from musiclib.ray_env import ray_session, read_parquet
+from musiclib.ray_env import ray_session, read_parquet, retry_transient_storage
+
+TASK_RETRIES = 6  # read and scoring tasks run again after S3 errors (backing off ~1 min in all)
 
 
 @dataclass
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
         if manifest is not None:
             print(f"tag: version {version} is already complete; {storage.make_current(layout.tags, version)}")
             return manifest
-        with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False):
+        with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False), retry_transient_storage(TASK_RETRIES):
             manifest = write_version(cfg, layout, inputs, version)
     print_summary(layout, manifest, inputs, cfg)
     return manifest

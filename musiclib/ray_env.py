@@ -83,10 +83,14 @@ def read_parquet(paths: str | list[str], filesystem, columns: list[str]) -> ray.
 
 @contextlib.contextmanager
 def retry_transient_storage(retries: int) -> Iterator[None]:
-    """Ray Data map tasks that fail with ``audio.TransientError`` run again, up to ``retries`` times.
+    """Ray Data map tasks that fail on unreachable storage run again, up to ``retries`` times.
 
-    Storage that stayed unreachable through the decoder's own backoff fails the task rather than the
-    track; any other exception still fails the job. Ray Data's previous setting is restored on exit.
+    Retried: ``audio.TransientError`` (storage that stayed unreachable through the decoder's own backoff
+    fails the task rather than the track) and the S3 errors Ray Data itself treats as transient in its
+    I/O (``retried_io_errors``: "AWS Error NETWORK_CONNECTION", 503 SlowDown, ...), which its listing
+    of input files (``ListFiles``) otherwise lets fail the job at the first attempt. Ray Data waits
+    ``2 ** attempt`` s (with jitter, at most 32 s) between attempts. Any other exception still fails the
+    job. Ray Data's previous setting is restored on exit.
     """
     import ray.data
 
@@ -94,7 +98,7 @@ def retry_transient_storage(retries: int) -> Iterator[None]:
 
     ctx = ray.data.DataContext.get_current()
     previous = ctx.retried_map_errors, ctx.max_map_retries
-    ctx.retried_map_errors, ctx.max_map_retries = [audio.TRANSIENT], retries
+    ctx.retried_map_errors, ctx.max_map_retries = [audio.TRANSIENT, *ctx.retried_io_errors], retries
     try:
         yield
     finally:

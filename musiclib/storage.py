@@ -400,6 +400,59 @@ class LeaseHeld(StorageError):
     """Another run is writing the same dataset."""
 
 
+class LeaseLost(StorageError):
+    """This run's lease expired and another run took it over: this run must not publish."""
+
+
+@dataclass
+class _Held:
+    """A lease this process holds: the body last written (renewals change it), guarded by ``lock``."""
+
+    uri: str
+    token: str
+    ttl_s: float
+    body: bytes
+    lost: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_HELD: dict[str, _Held] = {}  # dataset URI -> this process's lease on it
+
+
+def check_lease(dataset: str) -> None:
+    """Raise ``LeaseLost`` when this process leased ``dataset`` and another run has taken the lease over.
+
+    A run paused (SIGSTOP, a suspended VM, a long GC or network stall) past its lease's TTL loses it to the
+    next run, and its heartbeat may not have run yet when it resumes. ``publish`` and ``set_latest`` call
+    this first, so such a run fails instead of committing over the new holder's work. It reads the lease
+    object; a lease still ours but expired is renewed (compare-and-swap) before it is relied on. Datasets
+    this process holds no lease on pass unchecked.
+    """
+    held = _HELD.get(normalize_uri(dataset))
+    if held is None:
+        return
+    with held.lock:
+        if not held.lost:
+            try:
+                current = read_bytes(held.uri)
+            except NotFound:
+                current = b""
+            if current != held.body:
+                held.lost = True
+            elif json.loads(current)["expires_at"] < time.time():
+                fresh = _lease_body(held.token, held.ttl_s)
+                if replace_if_unchanged(held.uri, current, fresh):
+                    held.body = fresh
+                else:
+                    held.lost = True
+    if held.lost:
+        raise LeaseLost(
+            f"lost the lease on {dataset}: this run went {held.ttl_s:.0f} s without renewing it (paused or "
+            f"cut off from storage) and another run took it over; nothing more of this run is published. "
+            f"That run writes the dataset now."
+        )
+
+
 def _lease_body(token: str, ttl_s: float) -> bytes:
     now = time.time()
     owner = {"host": socket.gethostname(), "pid": os.getpid()}
@@ -429,7 +482,9 @@ def lease(dataset: str, ttl_s: float = LEASE_TTL_S, wait_s: float = 0.0) -> Iter
     A run that finds a live lease waits up to ``wait_s`` seconds, then raises ``LeaseHeld`` naming the
     holder. A lease left by a dead run (not renewed for ``ttl_s``, or whose process on this host is
     gone, after ``DEAD_RUN_GRACE_S`` for the Ray workers it leaves behind) is taken over with a
-    compare-and-swap, so of two runs restarted together only one gets it.
+    compare-and-swap, so of two runs restarted together only one gets it. A holder that was paused past
+    ``ttl_s`` and lost its lease that way cannot publish when it resumes: its heartbeat stops renewing,
+    and ``publish`` and ``set_latest`` raise ``LeaseLost`` (``check_lease``).
     """
     uri = join(normalize_uri(dataset), LEASE)
     token = uuid.uuid4().hex
@@ -455,20 +510,29 @@ def lease(dataset: str, ttl_s: float = LEASE_TTL_S, wait_s: float = 0.0) -> Iter
                 f"finish, or, if that run is dead, run again after {until}."
             )
         time.sleep(min(1.0, max(0.0, deadline - time.monotonic())))
-    held = {"body": body}
+    key = normalize_uri(dataset)
+    held = _HELD[key] = _Held(uri, token, ttl_s, body)
     stop = threading.Event()
 
     def renew() -> None:
         while not stop.wait(ttl_s / 4):
-            fresh = _lease_body(token, ttl_s)
-            try:
-                if not replace_if_unchanged(uri, held["body"], fresh):
-                    print(f"warning: lost the lease on {dataset}; another run may be writing it", flush=True)
+            with held.lock:
+                if held.lost:
                     return
-            except (OSError, StorageError) as exc:  # storage unreachable: try again at the next beat
-                print(f"warning: could not renew the lease on {dataset}: {type(exc).__name__}", flush=True)
-                continue
-            held["body"] = fresh
+                fresh = _lease_body(token, ttl_s)
+                try:
+                    if not replace_if_unchanged(uri, held.body, fresh):
+                        held.lost = True
+                        print(
+                            f"warning: lost the lease on {dataset}; another run may be writing it", flush=True
+                        )
+                        return
+                except (OSError, StorageError) as exc:  # storage unreachable: try again at the next beat
+                    print(
+                        f"warning: could not renew the lease on {dataset}: {type(exc).__name__}", flush=True
+                    )
+                    continue
+                held.body = fresh
 
     beat = threading.Thread(target=renew, name=f"lease {dataset}", daemon=True)
     beat.start()
@@ -477,8 +541,9 @@ def lease(dataset: str, ttl_s: float = LEASE_TTL_S, wait_s: float = 0.0) -> Iter
     finally:
         stop.set()
         beat.join()
+        _HELD.pop(key, None)
         with contextlib.suppress(StorageError, OSError):
-            if read_bytes(uri) == held["body"]:
+            if read_bytes(uri) == held.body:
                 delete(uri)
 
 
@@ -569,6 +634,7 @@ def publish(
         rel = path[len(root_path) + 1 :].replace(os.sep, "/")
         fs, p = filesystem(uri)
         entries.append(FileEntry(path=rel, rows=int(n), sha256=file_checksum(uri), bytes=int(fs.size(p))))
+    check_lease(dataset)  # after the checksums (the slow part), before the commit
     if existing is not None:
         if sorted(e.sha256 for e in existing.files) == sorted(e.sha256 for e in entries):
             if move_latest:
@@ -598,6 +664,7 @@ def set_latest(dataset: str, version: str) -> bool:
     repaired or re-run older version does not hide a newer one. The pointer moves by compare-and-swap,
     so of two concurrent publishers the newer version wins whatever the order of their writes.
     """
+    check_lease(dataset)
     new = read_manifest(dataset, version)
     if new is None:
         raise StorageError(f"cannot point latest at uncommitted version {version} of {dataset}")

@@ -22,6 +22,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -171,6 +172,36 @@ def kill_when(
     return delay
 
 
+def kill_ray_worker(
+    proc: subprocess.Popen,
+    log: Path,
+    name: str,
+    ready: Callable[[], bool] = lambda: True,
+    timeout: float = 300,
+) -> str:
+    """SIGKILL the first ``ray::`` process of the job whose title contains ``name`` once ``ready()``; its title.
+
+    Checks that the process really died. Fails the test when the job ends (or ``timeout`` passes) first.
+    """
+    deadline = time.monotonic() + timeout
+    while proc.poll() is None and time.monotonic() < deadline:
+        found = sorted(
+            (p, cmd) for p, cmd in descendants(proc.pid).items() if cmd.startswith("ray::") and name in cmd
+        )
+        if found and ready():
+            pid, title = found[0]
+            os.kill(pid, signal.SIGKILL)
+            gone_by = time.monotonic() + 30
+            while pid in processes() and time.monotonic() < gone_by:
+                time.sleep(0.05)
+            assert pid not in processes(), f"{title} (pid {pid}) survived SIGKILL"
+            return title
+        time.sleep(0.05)
+    pytest.fail(
+        f"no {name} worker was killed: the job ended ({proc.returncode}) or timed out first\n{tail(log)}"
+    )
+
+
 def count_files(uri: str, suffix: str, exclude: str = "\0") -> Callable[[], int]:
     """How many files under ``uri`` end with ``suffix`` (and do not contain ``exclude``), as a callable."""
 
@@ -312,6 +343,49 @@ def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     assert len(shard_ids) == len(set(shard_ids)) and sorted(shard_ids) == sorted(train)
 
 
+def registered_checkpoints(snapshot: str) -> int:
+    """How many checkpoints Ray Train's controller has registered (its snapshot file; 0 before one exists).
+
+    A checkpoint folder on storage counts for a restart only once the controller has registered the
+    worker's report: a worker killed in between restarts from the previous registered one.
+    """
+    try:
+        return len(storage.read_json(snapshot)["checkpoint_results"])
+    except (storage.StorageError, OSError, ValueError, KeyError):
+        return 0
+
+
+def test_pretrain_survives_a_killed_train_worker(tmp_path):
+    """SIGKILL the Ray Train worker once a checkpoint is registered: the same command (``--max-failures``)
+    starts a new worker from the latest checkpoint, reaches the last step and exports; every train track
+    once."""
+    root = str(tmp_path / "root")
+    demo.make_catalog(root, n_tracks=8, labeled_fraction=1.0, min_seconds=3.0, max_seconds=5.0, workers=1)
+    layout = Layout(root)
+    cmd = job_command(
+        "pretrain", "--root", root, "--width", "0.0625", "--num-workers", "1", "--batch-size", "4",
+        "--steps", "24", "--checkpoint-every", "4", "--log-every", "4", "--p-pitch", "0",
+        "--shard-tracks", "2", "--keep-checkpoints", "2", "--max-failures", "2",
+    )  # fmt: skip
+    snapshot = storage.join(layout.runs, "pretrain", "checkpoint_manager_snapshot.json")
+    log = tmp_path / "pretrain.log"
+    proc = start(cmd, log)
+    try:
+        killed = kill_ray_worker(
+            proc, log, "RayTrainWorker", lambda: registered_checkpoints(snapshot) >= 1, 400
+        )
+        text = finish(proc, log, timeout=400)
+    finally:
+        kill(proc)
+    assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
+    card = storage.read_json(storage.join(layout.models, models.latest_model(layout.models), "card.json"))
+    assert card["steps"] == 24 and card["metrics"]["start_step"] >= 4, card["metrics"]  # resumed, not step 0
+    shard_ids = read_shard_columns(committed_shards(layout.shards), ["track_id"])["track_id"].to_pylist()
+    cat = catalog.read(layout.catalog, columns=["track_id", "split"])
+    train = cat.filter(pc.equal(cat["split"], "train"))["track_id"].to_pylist()
+    assert len(shard_ids) == len(set(shard_ids)) and sorted(shard_ids) == sorted(train)
+
+
 TUNE_ARGS = [
     "--budgets",
     "1,2,5,10,20,all",
@@ -379,7 +453,12 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
     reader.check()
     assert f"{written} already done" in text
     assert reader.versions == ["tune-previous", "tune-killed"]
+    check_tune_results(root, "tune-killed")
 
+
+def check_tune_results(root: str, run_id: str) -> None:
+    """The run's published results equal the trials computed directly (``fewshot.run_config``, no Tune)."""
+    layout = Layout(root)
     cfg = parse(tune_probes.TuneConfig, ["--root", root, *TUNE_ARGS])
     data = tune_probes.load_data(cfg, layout, SYNTHETIC_MODEL)
     rows = [
@@ -387,10 +466,30 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
         for c in tune_probes.configurations(cfg)
         for r in fewshot.run_config(data, c, cfg.repetitions, cfg.seed)
     ]
-    manifest = storage.read_manifest(layout.probes, "tune-killed")
+    manifest = storage.read_manifest(layout.probes, run_id)
     results = storage.read_parquet([u for u in manifest.file_uris() if u.endswith("results.parquet")])
     keys, values = ["trial", "rep", "tag", "n_support"], ["valid_ap", "test_ap", "valid_roc_auc"]
     assert_same_rows(results, pa.Table.from_pylist(rows), keys, values)
+
+
+def test_tune_survives_a_trial_worker_killed_mid_trial(tmp_path):
+    """SIGKILL a Tune trial's worker while it runs a trial: Tune runs the trial again (``--max-failures``),
+    the job finishes, and its results equal the trials computed directly."""
+    root = str(tmp_path / "root")
+    synthetic_root(root)
+    layout = Layout(root)
+    log = tmp_path / "tune.log"
+    proc = start(job_command("tune_probes", "--root", root, "--run-id", "tune-worker", *TUNE_ARGS), log)
+    with Reader(layout.probes) as reader:
+        try:
+            killed = kill_ray_worker(proc, log, "ImplicitFunc.train")
+            text = finish(proc, log)
+        finally:
+            kill(proc)
+    reader.check()
+    assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
+    assert reader.versions == ["tune-worker"]
+    check_tune_results(root, "tune-worker")
 
 
 def publish_probe_set(root: str, cat: pa.Table, emb: pa.Table, run_id: str = "tune-test") -> probes.ProbeSet:
@@ -425,8 +524,12 @@ def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
         run(cmd, tmp_path / "again.log")
     reader.check()
     assert reader.versions == ["tags-previous", "tags-killed"]
+    check_tags(root, cat, emb, probe_set)
 
-    table = tags.read_latest(layout.tags)
+
+def check_tags(root: str, cat: pa.Table, emb: pa.Table, probe_set: probes.ProbeSet) -> None:
+    """The latest tags: the probe set applied to every embedding once, and the human labels once."""
+    table = tags.read_latest(Layout(root).tags)
     model = table.filter(pc.equal(table["source"], "model"))
     ok = emb.filter(pc.is_null(emb["error"]))
     scores = probe_set.apply(np.array(ok["embedding"].to_pylist(), np.float32))
@@ -444,6 +547,30 @@ def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
     labels = {(t, g) for t, gs in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) for g in gs}
     pairs = list(zip(human["track_id"].to_pylist(), human["tag"].to_pylist()))
     assert len(pairs) == len(labels) and set(pairs) == labels
+
+
+def test_tag_survives_a_killed_scoring_actor_and_read_task(tmp_path):
+    """SIGKILL the tag job's scoring actor (``MapBatches(ScoreBatch)``) once it is up, then the worker of a
+    Parquet read task: Ray Data restarts the actor and retries the task; the job finishes with every track's
+    tags once. A reader polls throughout."""
+    root = str(tmp_path / "root")
+    cat, emb = synthetic_root(root, n_files=6)
+    probe_set = publish_probe_set(root, cat, emb)
+    layout = Layout(root)
+    log = tmp_path / "tag.log"
+    proc = start(
+        job_command("write_tags", "--root", root, "--run-id", "tags-actor", "--batch-size", "8"), log
+    )
+    with Reader(layout.tags) as reader:
+        try:
+            killed = [kill_ray_worker(proc, log, name) for name in ("MapBatches(ScoreBatch)", "ReadFiles")]
+            text = finish(proc, log)
+        finally:
+            kill(proc)
+    reader.check()
+    assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
+    assert reader.versions == ["tags-actor"]
+    check_tags(root, cat, emb, probe_set)
 
 
 @pytest.mark.xfail(
@@ -564,6 +691,53 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     assert outage, f"the job ended before the outage\n{tail(tmp_path / 'embed.log')}"
     assert proc.returncode == 0, f"failed after a {outage['s']:.1f} s outage\n{text[-4000:]}"
     check_embeddings(s3_root, model_id, expected)
+
+
+def endpoint_answers(endpoint: str) -> bool:
+    """Whether anything accepts a connection on the endpoint's port (the server is up)."""
+    host, port = endpoint.split("//")[1].split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_path):
+    """Take the S3 endpoint away for ~5 s (plus its restart) while the tag job reads and scores: it either
+    finishes or fails naming the storage error; nothing is half-published, and a re-run (if needed) gives
+    every track's tags once."""
+    cat, emb = synthetic_root(s3_root, n_files=6)
+    probe_set = publish_probe_set(s3_root, cat, emb)
+    layout = Layout(s3_root)
+    publish_previous(layout.tags, "tags-previous")
+    cmd = job_command("write_tags", "--root", s3_root, "--run-id", "tags-outage", "--batch-size", "8")
+    log = tmp_path / "tag.log"
+    proc = start(cmd, log)
+    outage: dict[str, float] = {}
+    try:
+        while proc.poll() is None and not any("ScoreBatch" in c for c in descendants(proc.pid).values()):
+            time.sleep(0.1)
+        if proc.poll() is None:
+            began = time.monotonic()
+            s3_server.stop()
+            assert not endpoint_answers(s3_server.endpoint), "the S3 endpoint still answers"
+            time.sleep(5)
+            s3_server.start()
+            outage["s"] = time.monotonic() - began
+        text = finish(proc, log)
+    finally:
+        kill(proc)
+    assert outage, f"the job ended before the outage\n{tail(log)}"
+    if proc.returncode != 0:  # failed: clearly, and with nothing published; the same command completes
+        assert "Error" in text.strip().splitlines()[-1], text[-4000:]
+        assert storage.read_manifest(layout.tags, "tags-outage") is None
+        assert storage.latest_version(layout.tags) == "tags-previous"
+        run(cmd, tmp_path / "again.log")
+    print(f"tag, S3 down {outage['s']:.1f} s: first run exited {proc.returncode}")
+    assert storage.committed_versions(layout.tags) == ["tags-outage", "tags-previous"]
+    assert storage.verify(storage.read_latest_manifest(layout.tags)) == []
+    check_tags(s3_root, cat, emb, probe_set)
 
 
 SLOWDOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
@@ -711,3 +885,66 @@ def test_a_denied_write_names_what_was_denied(s3_root, read_only_key, monkeypatc
     uri = storage.join(s3_root, "embeddings", "some-model", storage.LEASE)
     with pytest.raises(storage.StorageError, match="some-model"):
         storage.create_only(uri, b"{}")
+
+
+# --------------------------------------------------------------------------- a paused lease holder
+
+HOLDER = """
+import sys, time
+import pyarrow as pa
+from musiclib import storage
+dataset, go = sys.argv[1], sys.argv[2]
+with storage.lease(dataset, ttl_s=3.0):
+    uri = storage.join(storage.version_uri(dataset, "v-stale"), "part.parquet")
+    rows = storage.write_parquet(pa.table({"run": ["stale"]}), uri)
+    print("holding", flush=True)
+    while not storage.exists(go):
+        time.sleep(0.05)
+    storage.publish(dataset, "v-stale", [uri], [rows])
+    print("PUBLISHED v-stale", flush=True)
+"""
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter from /proc (``T``: stopped)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rfind(")") + 2]
+
+
+def test_a_paused_lease_holder_resumed_after_a_takeover_does_not_publish(tmp_path):
+    """A run stopped (SIGSTOP) past its lease's TTL loses the lease to the next run; continued (SIGCONT)
+    while that run still writes, it fails with ``LeaseLost`` instead of publishing over the new run's work."""
+    dataset = str(tmp_path / "ds")
+    go = tmp_path / "go"
+    log = tmp_path / "holder.log"
+    holder = start([PY, "-c", HOLDER, dataset, str(go)], log)
+    try:
+        deadline = time.monotonic() + 60
+        while "holding" not in tail(log) and holder.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "holding" in tail(log), tail(log)
+        os.kill(holder.pid, signal.SIGSTOP)
+        stopped_by = time.monotonic() + 5
+        while process_state(holder.pid) != "T" and time.monotonic() < stopped_by:
+            time.sleep(0.01)
+        assert process_state(holder.pid) == "T", "the holder did not stop"
+        with pytest.raises(storage.LeaseHeld):  # still within its TTL: the lease is its own
+            with storage.lease(dataset):
+                pass
+        expires = storage.read_json(storage.join(dataset, storage.LEASE))["expires_at"]
+        time.sleep(max(0.0, expires - time.time()) + 0.2)  # past the TTL, not renewed
+        with storage.lease(dataset, ttl_s=60):  # taken over
+            uri = storage.join(storage.version_uri(dataset, "v-new"), "part.parquet")
+            rows = storage.write_parquet(pa.table({"run": ["new"]}), uri)
+            go.touch()
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.wait(timeout=60)
+            storage.publish(dataset, "v-new", [uri], [rows])
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder.pid, signal.SIGCONT)
+        kill(holder)
+    text = tail(log)
+    assert holder.returncode == 1 and "LeaseLost: lost the lease" in text and "PUBLISHED" not in text, text
+    assert storage.committed_versions(dataset) == ["v-new"] and storage.latest_version(dataset) == "v-new"
+    assert not storage.exists(storage.join(dataset, storage.LEASE))

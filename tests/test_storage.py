@@ -257,6 +257,44 @@ def test_lease_is_renewed_while_held(tmp_path):
         assert body["expires_at"] > first and body["pid"] == os.getpid()
 
 
+def test_a_run_whose_lease_was_taken_over_cannot_publish(tmp_path):
+    """A lease another run took over (this one paused past its TTL): publish and set_latest refuse."""
+    import json
+
+    ds = str(tmp_path / "ds")
+    uri = storage.join(ds, storage.LEASE)
+    data = storage.join(storage.version_uri(ds, "v1"), "a.parquet")
+    rows = storage.write_parquet(pa.table({"x": [1]}), data)
+    with storage.lease(ds, ttl_s=60):
+        storage.publish(ds, "v0", [data], [rows], move_latest=False)  # held: publishes
+        other = {"token": "other", "host": "elsewhere", "pid": 1, "expires_at": 1e12}
+        storage.write_bytes(uri, json.dumps(other).encode())
+        with pytest.raises(storage.LeaseLost, match="another run took it over"):
+            storage.publish(ds, "v1", [data], [rows])
+        with pytest.raises(storage.LeaseLost):
+            storage.set_latest(ds, "v0")
+    assert storage.committed_versions(ds) == ["v0"] and storage.latest_version(ds) is None
+    assert json.loads(storage.read_bytes(uri))["token"] == "other"  # the new holder's lease is left alone
+
+
+def test_an_expired_lease_nobody_took_is_renewed_before_a_publish(tmp_path, monkeypatch):
+    import json
+
+    ds = str(tmp_path / "ds")
+    uri = storage.join(ds, storage.LEASE)
+    data = storage.join(storage.version_uri(ds, "v1"), "a.parquet")
+    rows = storage.write_parquet(pa.table({"x": [1]}), data)
+    with storage.lease(ds, ttl_s=60):
+        held = storage._HELD[storage.normalize_uri(ds)]
+        with held.lock:  # as if paused past the TTL: the lease on storage has expired, still ours
+            expired = {**json.loads(held.body), "expires_at": 0.0}
+            held.body = json.dumps(expired).encode()
+            storage.write_bytes(uri, held.body)
+        storage.publish(ds, "v1", [data], [rows])
+        assert json.loads(storage.read_bytes(uri))["expires_at"] > 1e9
+    assert storage.latest_version(ds) == "v1"
+
+
 def test_latest_never_moves_backwards(root):
     ds = storage.join(root, "ds")
     storage.publish(ds, "old", [_write_part(ds, "old", "p.parquet", 1)], [1], move_latest=False)

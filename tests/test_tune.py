@@ -44,6 +44,8 @@ def test_config_is_validated_before_any_work(tmp_path):
     for argv in (["--budgets", "0"], ["--probes", "svm"], ["--norms", "zca"], ["--repetitions", "0"]):
         with pytest.raises(ConfigError):
             tune_probes.main(["--root", str(tmp_path), *argv])
+    with pytest.raises(ConfigError, match="--max-failures"):
+        tune_probes.main(["--root", str(tmp_path), "--max-failures", "-2"])
     root = str(tmp_path / "r")
     write_root(root, n_tracks=80)
     with pytest.raises(ConfigError, match="no training labels for jazz"):
