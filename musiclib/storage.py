@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import fcntl
 import hashlib
 import json
 import os
@@ -267,8 +268,9 @@ def replace_if_unchanged(uri: str, expected: bytes, data: bytes) -> bool:
     """Overwrite an object only while it still holds ``expected``: True when replaced.
 
     Compare-and-swap for small control objects (leases). On S3 the PUT carries ``If-Match`` with the
-    ETag read alongside the content. Locally the current file is first renamed aside, which only one
-    contender can do, and checked after the rename.
+    ETag read alongside the content. Locally the read and the replace happen under an exclusive
+    ``flock`` of the folder, which every local compare-and-swap takes, and the new content replaces the
+    old by a rename: the object never disappears, so a ``create_only`` contender cannot slip in between.
     """
     scheme, path = split_uri(uri)
     if scheme == "s3":
@@ -285,20 +287,19 @@ def replace_if_unchanged(uri: str, expected: bytes, data: bytes) -> bool:
                 return False
             raise
         return True
-    aside = f"{path}.swap-{uuid.uuid4().hex}"
+    folder = os.open(os.path.dirname(path) or ".", os.O_RDONLY)
     try:
-        os.rename(path, aside)  # only one contender moves a given file
-    except FileNotFoundError:
-        return False
-    with open(aside, "rb") as f:
-        current = f.read()
-    if current != expected:  # replaced between the caller's read and this rename: put it back
-        with contextlib.suppress(FileExistsError):
-            os.link(aside, path)
-        os.unlink(aside)
-        return False
-    os.unlink(aside)
-    return create_only(path, data)
+        fcntl.flock(folder, fcntl.LOCK_EX)
+        try:
+            with open(path, "rb") as f:
+                if f.read() != expected:
+                    return False
+        except FileNotFoundError:
+            return False
+        os.replace(_write_temporary(path, data), path)
+        return True
+    finally:
+        os.close(folder)  # releases the lock
 
 
 def write_parquet(table: pa.Table, uri: str, compression: str = "zstd") -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -203,6 +204,30 @@ def test_concurrent_create_only_has_one_winner(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         won = list(pool.map(lambda i: storage.create_only(uri, str(i).encode()), range(32)))
     assert sum(won) == 1 and storage.read_bytes(uri) == str(won.index(True)).encode()
+
+
+def test_a_local_swap_never_leaves_the_object_missing(tmp_path):
+    """A renewal must not open a window in which ``create_only`` (a new run taking the lease) succeeds."""
+    uri = str(tmp_path / "_lease.json")
+    assert storage.create_only(uri, b"0")
+    stop = threading.Event()
+    stolen = []
+
+    def contend() -> None:
+        while not stop.is_set():
+            if storage.create_only(uri, b"thief"):
+                stolen.append(True)
+                return
+
+    thief = threading.Thread(target=contend)
+    thief.start()
+    try:
+        for i in range(300):
+            assert storage.replace_if_unchanged(uri, str(i).encode(), str(i + 1).encode())
+    finally:
+        stop.set()
+        thief.join()
+    assert not stolen and storage.read_bytes(uri) == b"300"
 
 
 def test_lease_excludes_a_second_writer_and_is_released(root):
