@@ -120,13 +120,16 @@ def progress_line(label: str, done: int, total: int | None, unit: str, rate: flo
 class DataProgress(logging.Handler):
     """The console handler of the ``ray.data`` logger when not verbose.
 
-    Records at WARNING and above are printed as Ray prints them. Of Ray Data's non-interactive progress
-    block, only its ``Total Progress: done/total`` line is kept, rewritten as one ``progress_line`` with a
-    rate and an ETA; the end of an execution gives a line "finished in". Every other INFO record goes to Ray Data's
-    log file only (``ray-data.log`` in the session's log folder), where Ray's own file handler writes it.
+    Records at WARNING and above are printed as Ray prints them. Ray Data's non-interactive progress block
+    (a line per operator between two rulers) becomes one ``progress_line``: rows out of the last operator
+    before the write, of that operator's estimated total (else of the rows read by the first), with a rate
+    and an ETA; the end of an execution gives a line "finished in". Every other INFO record goes to Ray
+    Data's log file only (``ray-data.log`` in the session's log folder), where its file handler writes it.
     """
 
-    TOTAL = re.compile(r"^Total Progress: (\d+)/(\d+|\?)")
+    START = re.compile(r"^=+ Running Dataset")
+    RULER = re.compile(r"^=+$")
+    OPERATOR = re.compile(r"^(\S.*): (\d+)/(\d+|\?)$")
     FINISHED = re.compile(r"execution finished in ([\d.]+) seconds")
 
     def __init__(self, stream: TextIO | None = None):
@@ -137,7 +140,7 @@ class DataProgress(logging.Handler):
             logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s")
         )
         self.started: float | None = None
-        self.done, self.total = 0, 0
+        self.operators: list[tuple[str, int, int]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
         if record.levelno >= logging.WARNING:
@@ -145,21 +148,30 @@ class DataProgress(logging.Handler):
             self.warnings.emit(record)
             return
         message = record.getMessage()
-        total = self.TOTAL.match(message)
-        if total:
-            self.done = int(total.group(1))
-            self.total = int(total.group(2)) if total.group(2) != "?" else 0
-            now = time.monotonic()
+        if self.START.match(message):
+            self.operators = []
             if self.started is None:
-                self.started = now
-            rate = self.done / (now - self.started) if now > self.started else 0.0
-            if self.done or self.total:
-                self._print(progress_line(_job or "ray data", self.done, self.total, "rows", rate))
-            return
-        finished = self.FINISHED.search(message)
-        if finished and self.started is not None:
+                self.started = time.monotonic()
+        elif self.RULER.match(message):
+            self._print_progress()
+        elif (op := self.OPERATOR.match(message)) and op.group(1) != "Total Progress":
+            total = int(op.group(3)) if op.group(3) != "?" else 0
+            self.operators.append((op.group(1), int(op.group(2)), total))
+        elif (finished := self.FINISHED.search(message)) and self.started is not None:
             self._print(f"{_job or 'ray data'}: finished in {duration(float(finished.group(1)))}")
-            self.started, self.done, self.total = None, 0, 0
+            self.started = None
+
+    def _print_progress(self) -> None:
+        ops = [op for op in self.operators if not op[0].startswith("Write")]
+        if not ops or self.started is None:
+            return
+        _, done, total = ops[-1]
+        if total <= 1:  # Ray's placeholder until it can estimate the operator's output
+            total = ops[0][2]
+        if done == 0:
+            return
+        rate = done / max(time.monotonic() - self.started, 1e-9)
+        self._print(progress_line(_job or "ray data", done, total, "rows", rate))
 
     def _print(self, line: str) -> None:
         stream = self.stream or sys.stdout

@@ -56,26 +56,33 @@ def test_data_progress_keeps_warnings_and_one_line_per_progress_block(monkeypatc
     monkeypatch.setattr(progress, "_job", "embed")
     out = io.StringIO()
     handler = progress.DataProgress(out)
-    block = [
-        "======= Running Dataset: dataset_1 =======",
-        "Total Progress: 0/?",
-        "Active & requested resources: 1/4 CPU",
-        "Map(decode): 0/1",
-        "Total Progress: 30/300",
-        "  Tasks: 1; Actors: 0",
-        "========================================",
-    ]
-    for message in block:
+
+    def block(read: str, encode: str) -> list[str]:
+        return [
+            "======= Running Dataset: dataset_1 =======",
+            "Total Progress: 0/?",
+            "Active & requested resources: 1/4 CPU",
+            "",
+            f"ReadParquet: {read}",
+            "  Tasks: 1; Actors: 0",
+            f"MapBatches(EncoderActor): {encode}",
+            "Write: 0/1",
+            "=================================================================",
+        ]
+
+    for message in block("100/300", "0/1") + block("300/300", "30/1") + block("300/300", "120/300"):
         handler.emit(_record(logging.INFO, message))
     handler.emit(_record(logging.WARNING, "something to see"))
     handler.emit(_record(logging.ERROR, "something broke"))
     handler.emit(_record(logging.INFO, "Dataset dataset_1 execution finished in 75.20 seconds"))
     handler.emit(_record(logging.INFO, "Starting execution of Dataset dataset_2"))
     lines = out.getvalue().splitlines()
-    assert lines[0].startswith("embed: 30/300 rows (10%) | ")
-    assert "WARNING" in lines[1] and lines[1].endswith("something to see")
-    assert "ERROR" in lines[2] and lines[2].endswith("something broke")
-    assert lines[3:] == ["embed: finished in 1m 15s"]
+    assert len(lines) == 5, lines
+    assert lines[0].startswith("embed: 30/300 rows (10%) | ")  # the first block: nothing encoded yet
+    assert lines[1].startswith("embed: 120/300 rows (40%) | ")
+    assert "WARNING" in lines[2] and lines[2].endswith("something to see")
+    assert "ERROR" in lines[3] and lines[3].endswith("something broke")
+    assert lines[4] == "embed: finished in 1m 15s"
 
 
 def test_summary_is_printed_written_and_tabled(tmp_path):
