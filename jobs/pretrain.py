@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from typing import Any
 
 import pyarrow.compute as pc
@@ -103,12 +104,12 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         say(f"worker 0 of {world}: {len(data)} tracks in memory, starting at step {start}")
     ddp_model = prepare_model(model)
-    throttle = progress.Throttle()
+    throttle, begun = progress.Throttle(), time.monotonic()
 
     def report(step: int, metrics: dict[str, float], checkpoint_due: bool) -> None:
         metrics = {**metrics, "start_step": start}
         if rank == 0 and throttle.due(final=step == cfg.steps):
-            steps_per_s = metrics["clips_per_s"] / cfg.batch_size
+            steps_per_s = (step - start) / (time.monotonic() - begun)  # since this run's start: a steady ETA
             say(f"{progress_line(metrics, cfg.steps)} | ETA {progress.eta(step, cfg.steps, steps_per_s)}")
         if not checkpoint_due:
             ray.train.report(metrics)
