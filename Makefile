@@ -6,7 +6,7 @@ ROOT ?= data/demo
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo demo-catalog pretrain embed tune tag clean s3
+.PHONY: setup test lint demo demo-catalog pretrain embed tune tag clean s3 docs-images
 
 -include cluster/cluster.mk
 
@@ -47,9 +47,13 @@ tag: $(STAMP)
 # The whole pipeline on the embedded default (local Ray, local files, the generated demo catalog).
 demo: $(STAMP)
 	$(MAKE) --no-print-directory demo-catalog pretrain embed tune tag ROOT=$(ROOT)
-	@echo "--- outputs under $(ROOT)"
+	@echo "--- what each job did (summaries in $(ROOT)/summaries/), and where the outputs are"
 	@$(PY) -m musiclib.tags outputs --root $(ROOT)
 	@echo "query: $(PY) -m musiclib.tags top TAG --root $(ROOT)   (or: show TRACK_ID)"
+
+# The README's figures, drawn from the latest probe run under ROOT (after make demo).
+docs-images: $(STAMP)
+	$(PY) -m musiclib.report budget-curve docs/budget_curve.png --root $(ROOT)
 
 clean:
 	rm -rf $(ROOT)

@@ -33,7 +33,7 @@ import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
-from musiclib import audio, catalog, embedding, embeddings, models, storage
+from musiclib import audio, catalog, embedding, embeddings, models, progress, storage
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
 from musiclib.ray_env import ray_session, read_parquet, retry_transient_storage
 
@@ -351,7 +351,24 @@ def unchanged(embedded: list[str], retried: set[tuple[str, str]]) -> bool:
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse(EmbedConfig, argv)
-    print(f"embed: {run(cfg)}")
+    started = progress.start("embed")
+    done = run(cfg)
+    print(f"embed: {done}")  # the rate line bench/bench_load.py reads
+    dataset = embeddings.dataset_uri(
+        Layout(cfg.root).embeddings, cfg.model_id or models.latest_model(Layout(cfg.root).models)
+    )
+    latest = storage.read_latest_manifest(dataset)
+    failed = sum(done.errors.values())
+    progress.summary(
+        "embed",
+        cfg.root,
+        started,
+        read=f"{done.tracks} catalog tracks to embed, {done.audio_s / 3600:.2f} h of audio",
+        wrote=f"{done.tracks - failed} embeddings at {done.tracks / max(done.wall_s, 1e-9):.1f} tracks/s; "
+        f"version {latest.version} holds {latest.rows} tracks",
+        skipped=done.errors,
+        outputs={"version": storage.version_uri(dataset, latest.version)},
+    )
 
 
 if __name__ == "__main__":

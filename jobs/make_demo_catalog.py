@@ -14,7 +14,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
-from musiclib import catalog, demo, storage
+from musiclib import catalog, demo, progress, storage
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
 
 
@@ -40,6 +40,7 @@ class DemoCatalogConfig:
 
 def main(argv: list[str] | None = None) -> str:
     cfg = parse(DemoCatalogConfig, argv)
+    started = progress.start("demo-catalog")
     uri = Layout(cfg.root).catalog
     record_uri = storage.join(storage.parent(uri), "_demo.json")
     wanted = {k: v for k, v in as_dict(cfg).items() if k not in ("root", "workers")}
@@ -70,10 +71,15 @@ def main(argv: list[str] | None = None) -> str:
     labeled = sum(bool(tags) for tags in table["tags"])
     faulty = sum(f is not None for f in table["fault"])
     splits = Counter(table["split"])
-    took = f"generated in {seconds:.1f} s" if seconds else "reused"
-    print(
-        f"{uri}: {n_rows} tracks ({labeled} labeled, {faulty} faulty), "
-        f"{'/'.join(catalog.SPLITS)} {'/'.join(str(splits[s]) for s in catalog.SPLITS)}, {took}"
+    progress.summary(
+        "demo-catalog",
+        cfg.root,
+        started,
+        read="nothing: the tracks are synthesised" if seconds else f"{record_uri}: same config, reused",
+        wrote=("" if seconds else "nothing; the catalog holds ")
+        + f"{n_rows} tracks ({labeled} labeled, {faulty} faulty), "
+        f"{'/'.join(catalog.SPLITS)} {'/'.join(str(splits[s]) for s in catalog.SPLITS)}",
+        outputs={"catalog": uri},
     )
     return uri
 

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from typing import Any
 
 import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
-from musiclib import catalog, models, storage
+from musiclib import catalog, models, progress, storage
 from musiclib.config import Layout, parse
 from musiclib.pretraining import (
     PretrainConfig,
@@ -89,6 +90,7 @@ def say(line: str) -> None:
 def train_loop(config: dict[str, Any]) -> None:
     """What each Ray Train worker runs: load its share of the shards, resume if asked, train, checkpoint."""
     cfg = PretrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items()})
+    progress.quiet_train_worker()
     rank, world = distributed()
     device = ray.train.torch.get_device()
     shard_uris = committed_shards(Layout(cfg.root).shards)
@@ -102,11 +104,13 @@ def train_loop(config: dict[str, Any]) -> None:
     if rank == 0:
         say(f"worker 0 of {world}: {len(data)} tracks in memory, starting at step {start}")
     ddp_model = prepare_model(model)
+    throttle, begun = progress.Throttle(), time.monotonic()
 
     def report(step: int, metrics: dict[str, float], checkpoint_due: bool) -> None:
         metrics = {**metrics, "start_step": start}
-        if rank == 0:
-            say(progress_line(metrics, cfg.steps))
+        if rank == 0 and throttle.due(final=step == cfg.steps):
+            steps_per_s = (step - start) / (time.monotonic() - begun)  # since this run's start: a steady ETA
+            say(f"{progress_line(metrics, cfg.steps)} | ETA {progress.eta(step, cfg.steps, steps_per_s)}")
         if not checkpoint_due:
             ray.train.report(metrics)
             return
@@ -136,6 +140,7 @@ def train(cfg: PretrainConfig, layout: Layout) -> ray.train.Result:
             storage_filesystem=fs,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            logging_config=LoggingConfig(log_level=progress.train_log_level()),
         ),
     )
     return trainer.fit()
@@ -169,6 +174,7 @@ def export(cfg: PretrainConfig, layout: Layout, result: ray.train.Result, shards
 
 def main(argv: list[str] | None = None) -> str:
     cfg = parse(PretrainConfig, argv)
+    started = progress.start("pretrain")
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
     run_uri = storage.join(layout.runs, cfg.run_name)
@@ -179,7 +185,15 @@ def main(argv: list[str] | None = None) -> str:
             shards = prepare_shards(cfg, layout)
         result = train(cfg, layout)
         model_id = export(cfg, layout, result, shards)
-    print(f"pretrain: exported {model_id} to {layout.models}")
+    progress.summary(
+        "pretrain",
+        cfg.root,
+        started,
+        read=f"{shards['tracks']} train tracks in {shards['shards']} shards, {shards['usable']} usable",
+        wrote=f"encoder {model_id} after {cfg.steps} steps",
+        skipped=shards["bad"],
+        outputs={"model": storage.join(layout.models, model_id), "run": run_uri},
+    )
     return model_id
 
 

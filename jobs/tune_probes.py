@@ -25,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -33,7 +34,7 @@ import pyarrow as pa
 import ray
 from ray import tune
 
-from musiclib import catalog, embeddings, fewshot, models, probes, report, storage
+from musiclib import catalog, embeddings, fewshot, models, probes, progress, report, storage
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, parse
 from musiclib.ray_env import ray_session
 
@@ -228,15 +229,17 @@ def run_sweep(
         ),
         {"cpu": 1},
     )
+    groups = group_by_trial(todo)
     tuner = tune.Tuner(
         trainable,
-        param_space={"trial": tune.grid_search(group_by_trial(todo))},
+        param_space={"trial": tune.grid_search(groups)},
         tune_config=tune.TuneConfig(reuse_actors=True, max_concurrent_trials=slots),
         run_config=tune.RunConfig(
             name=os.path.basename(run_dir),
             storage_path=os.path.join(tempfile.gettempdir(), "musiclib-tune"),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             verbose=0,
+            callbacks=[progress.tune_callback(len(groups))],
         ),
     )
     fit_started, start = time.time(), time.perf_counter()
@@ -307,7 +310,7 @@ def finish(
     storage.write_parquet(pa.Table.from_pandas(results, preserve_index=False), uris[0])
     markdown = report.render_markdown(summary, best, cheapest, facts, cfg.tolerance)
     storage.write_bytes(uris[1], markdown.encode())
-    report.plot_budget_curve(best, uris[2])
+    report.plot_budget_curve(best, uris[2], cfg.repetitions)
     probe_set.save(uris[3])
     return storage.publish(
         layout.probes,
@@ -331,6 +334,7 @@ def _excluded_counts(excluded: dict[str, str]) -> str:
 
 def main(argv: list[str] | None = None) -> storage.Manifest:
     cfg = parse(TuneConfig, argv)
+    started = progress.start("tune")
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
     model_id = cfg.model_id or models.latest_model(layout.models)
@@ -347,16 +351,29 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
         configs = configurations(cfg)
         todo = [c for c in configs if not storage.exists(trial_uri(run_dir, c))]
         print(f"tune: run {run_id}: {len(configs)} configurations, {len(configs) - len(todo)} already done")
-        session = (
-            ray_session(num_cpus=cfg.num_cpus, log_to_driver=False) if todo else contextlib.nullcontext()
-        )
+        session = ray_session(num_cpus=cfg.num_cpus) if todo else contextlib.nullcontext()
         with session as local:
             slots = trial_slots(cfg, bool(local), int(ray.cluster_resources().get("CPU", 1))) if todo else 1
             timing = run_sweep(cfg, data, run_dir, todo, slots)
         manifest = finish(cfg, layout, data, run_id, collect(run_dir, configs), timing)
-    print(f"tune: report {storage.join(run_dir, 'report.md')}")
-    print(f"tune: plot {storage.join(run_dir, 'budget_curve.png')}")
-    print(f"tune: probe set {storage.join(run_dir, 'probe_set.safetensors')}")
+    progress.summary(
+        "tune",
+        cfg.root,
+        started,
+        read=f"{sum(len(x) for x in data.x.values())} labeled tracks ({', '.join(f'{s} {len(x)}' for s, x in data.x.items())}), "
+        f"{len(data.tags)} tags, embeddings of {model_id}",
+        wrote=f"{len(configs)} configurations ({len(configs) - len(todo)} done before) x {cfg.repetitions} "
+        f"repetitions; run {run_id}",
+        skipped=Counter(reason.removeprefix("embedding error: ") for reason in data.excluded.values()),
+        outputs={
+            name: storage.join(run_dir, file)
+            for name, file in (
+                ("report", "report.md"),
+                ("plot", "budget_curve.png"),
+                ("probes", "probe_set.safetensors"),
+            )
+        },
+    )
     return manifest
 
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from musiclib import catalog, embeddings, storage, tags
+from musiclib import catalog, embeddings, progress, storage, tags
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, parse
 from musiclib.probes import ProbeSet
 from musiclib.ray_env import ray_session, read_parquet, retry_transient_storage
@@ -202,19 +203,30 @@ def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) 
     return storage.publish(layout.tags, version, files, counts, config=asdict(cfg), extra=provenance)
 
 
-def print_summary(layout: Layout, manifest: storage.Manifest, inputs: Inputs, cfg: TagConfig) -> None:
-    """The end-of-job summary, and where the table is."""
+def print_summary(
+    layout: Layout, manifest: storage.Manifest, inputs: Inputs, cfg: TagConfig, started: float
+) -> None:
+    """The end-of-job summary: counts per tag, new long-tail tags, what was read, written and skipped."""
     table = tags.read_version(manifest, ["track_id", "tag", "score", "source", "predicted"])
     vocab = catalog.vocabulary(layout.catalog, split="train")
     tail = [t for t in reversed(vocab.tail) if t in inputs.probe_set.tags][: cfg.summary_tags]
     errors = tags.read_errors(manifest)
     print(tags.summarize(table, tail))
-    print(f"tracks not tagged: {len(errors)} (listed with reasons in {tags.ERRORS_FILE})")
-    print(f"tag: version {manifest.version} at {storage.version_uri(layout.tags, manifest.version)}")
+    progress.summary(
+        "tag",
+        cfg.root,
+        started,
+        read=f"embeddings {inputs.embedding_version} of {inputs.probe_set.model_id}, probe run {inputs.probe_run_id}",
+        wrote=f"{len(pc.unique(table.filter(pc.field('source') == 'model')['track_id']))} tracks tagged, "
+        f"{len(table)} rows in version {manifest.version}",
+        skipped=Counter(r.removeprefix("embedding error: ") for r in errors["reason"].to_pylist()),
+        outputs={"tags": storage.version_uri(layout.tags, manifest.version)},
+    )
 
 
 def main(argv: list[str] | None = None) -> storage.Manifest:
     cfg = parse(TagConfig, argv)
+    started = progress.start("tag")
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
     with storage.lease(layout.tags):  # one tag run at a time: runs would delete each other's folders
@@ -224,9 +236,9 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
         if manifest is not None:
             print(f"tag: version {version} is already complete; {storage.make_current(layout.tags, version)}")
             return manifest
-        with ray_session(num_cpus=cfg.num_cpus, log_to_driver=False), retry_transient_storage(TASK_RETRIES):
+        with ray_session(num_cpus=cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
             manifest = write_version(cfg, layout, inputs, version)
-    print_summary(layout, manifest, inputs, cfg)
+    print_summary(layout, manifest, inputs, cfg, started)
     return manifest
 
 

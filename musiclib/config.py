@@ -46,9 +46,15 @@ def _convert(name: str, raw: str, hint: Any) -> Any:
 def parse(cls: type[T], argv: list[str] | None = None) -> T:
     """Build ``cls`` from its defaults and ``argv`` overrides, then run its ``validate()`` if it has one.
 
-    ``--help`` prints the fields with their defaults and exits.
+    ``--help`` prints the fields with their defaults and exits. ``--verbose``, which every job takes, is
+    not a field: it lets Ray's INFO output through to the console (``progress.verbose``).
     """
+    from musiclib import progress
+
     argv = sys.argv[1:] if argv is None else list(argv)
+    if "--verbose" in argv:
+        argv.remove("--verbose")
+        progress.set_verbose(True)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     if "--help" in argv or "-h" in argv:
@@ -56,6 +62,7 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
         for f in fields.values():
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             print(f"  --{f.name.replace('_', '-')} {hints[f.name]} (default {default!r})")
+        print("  --verbose (a flag: Ray's INFO output on the console too; its log files always have it)")
         raise SystemExit(0)
     values: dict[str, Any] = {}
     i = 0

@@ -38,9 +38,12 @@ def ray_session(
     controller need spare slots on a 2-core machine), never attaching to another Ray on the machine.
     Inside a Ray that is already running (a test's, a notebook's) it does nothing. The dashboard (off by
     default) also serves Ray's State API, which Ray Train's placement-group cleaner polls. Yields whether
-    a new local Ray was started.
+    a new local Ray was started. Ray's INFO output goes to its log files only, unless ``--verbose``
+    (``progress.quiet_ray``); warnings and errors, the workers' included, still reach the console.
     """
     import ray
+
+    from musiclib import progress
 
     started = local = False
     if not ray.is_initialized():
@@ -48,7 +51,8 @@ def ray_session(
         kwargs = {
             "include_dashboard": include_dashboard,
             "log_to_driver": log_to_driver,
-            "runtime_env": {"env_vars": forwarded_env()},
+            "logging_level": progress.quiet_ray(),
+            "runtime_env": {"env_vars": {**forwarded_env(), **progress.worker_env()}},
         }
         if joining:
             ray.init(address=address or None, **kwargs)
@@ -56,6 +60,7 @@ def ray_session(
             ray.init(address="local", num_cpus=max(4, num_cpus or os.cpu_count() or 1), **kwargs)
             local = True
         started = True
+        progress.set_logs_dir(ray._private.worker._global_node.get_logs_dir_path())
     try:
         yield local
     finally:

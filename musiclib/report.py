@@ -104,33 +104,65 @@ def cheapest_budgets(results: pd.DataFrame, best: pd.DataFrame, tolerance: float
     return table.sort_values(["group", "tag"]).reset_index(drop=True)
 
 
-def plot_budget_curve(best: pd.DataFrame, uri: str) -> None:
+def plot_budget_curve(best: pd.DataFrame, uri: str, repetitions: int | None = None) -> None:
     """Test macro AP and ROC-AUC of each budget's chosen configuration by budget: all, head and tail tags.
 
-    ``best`` holds the configurations chosen on the validation split (``best_per_budget``). Shaded bands
-    are plus or minus one standard deviation over repetitions; ``all`` sits at the right end.
+    ``best`` holds the configurations chosen on the validation split (``best_per_budget``). Lines are means
+    over repetitions (``repetitions`` of them, when given, named in the caption), shaded bands plus or
+    minus one standard deviation; ``all`` (every labeled training track) sits at the right end. Sized to
+    stay readable at the width of a README (fonts of 11 pt on a 9 inch figure).
     """
     labels = list(best["budget"])
     xs = np.arange(len(labels))
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharex=True)
-    titles = ("test macro average precision", "test macro ROC-AUC")
-    for ax, metric, title in zip(axes, METRICS, titles, strict=True):
-        for group, style in zip(GROUPS, ("-", "--", ":"), strict=True):
-            mean = best[f"test_{metric}_{group}_mean"].to_numpy(float)
-            std = best[f"test_{metric}_{group}_std"].to_numpy(float)
-            ax.plot(xs, mean, style, marker="o", label=f"{group} tags")
-            ax.fill_between(xs, mean - std, mean + std, alpha=0.2)
-        ax.set_xticks(xs, labels)
-        ax.set_xlabel("label budget (positives per tag)")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-    axes[0].legend()
-    fig.suptitle("each budget's configuration chosen on the validation split", fontsize=9)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
+    with plt.rc_context({"font.size": 11, "axes.titlesize": 12, "legend.fontsize": 10}):
+        fig, axes = plt.subplots(1, 2, figsize=(9, 4), sharex=True)
+        panels = (("average precision (AP)", "test macro AP"), ("ROC-AUC", "test macro ROC-AUC"))
+        for ax, metric, (title, ylabel) in zip(axes, METRICS, panels, strict=True):
+            for group, style in zip(GROUPS, ("-", "--", ":"), strict=True):
+                mean = best[f"test_{metric}_{group}_mean"].to_numpy(float)
+                std = best[f"test_{metric}_{group}_std"].to_numpy(float)
+                (line,) = ax.plot(xs, mean, style, marker="o", label=f"{group} tags")
+                ax.fill_between(xs, mean - std, mean + std, alpha=0.2, color=line.get_color())
+            if metric == "roc_auc":
+                ax.axhline(0.5, color="grey", linewidth=1, linestyle="-.", label="chance")
+            ax.set_xticks(xs, labels)
+            ax.set_xlabel("label budget (positive tracks per tag)")
+            ax.set_ylabel(f"{ylabel} (0 to 1)")
+            ax.set_title(title)
+            ax.grid(alpha=0.3)
+            ax.legend(loc="best")
+        reps = f"{repetitions} repetitions" if repetitions else "repetitions"
+        fig.text(
+            0.5,
+            0.01,
+            f"Lines: mean over {reps} (new support sets each); bands: ± 1 standard deviation. "
+            "Each budget's probe chosen on the validation split; 'all': every labeled training track.",
+            ha="center",
+            fontsize=9,
+            wrap=True,
+        )
+        fig.tight_layout(rect=(0, 0.06, 1, 1))
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=100)
+        plt.close(fig)
     storage.write_bytes(uri, buf.getvalue())
+
+
+def plot_run(probes_root: str, out: str, run_id: str | None = None) -> str:
+    """Draw the budget curve of a published probe run (default: the latest) from its ``results.parquet``.
+
+    The same figure the tune job writes beside its report, drawn again (e.g. for ``docs/``) without
+    running the sweep; returns the run id.
+    """
+    run_id = run_id or storage.latest_version(probes_root)
+    if run_id is None:
+        raise SystemExit(f"no published probe run under {probes_root}: run tune first")
+    results = storage.read_parquet(
+        [storage.join(storage.version_uri(probes_root, run_id), "results.parquet")]
+    )
+    frame = results.to_pandas()
+    plot_budget_curve(best_per_budget(trial_summary(frame)), out, int(frame["rep"].nunique()))
+    return run_id
 
 
 def _fmt(mean: float, std: float) -> str:
@@ -208,3 +240,27 @@ def render_markdown(
         )
     lines += ["", "![budget curve](budget_curve.png)", ""]
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m musiclib.report budget-curve OUT.png [--root ROOT] [--run-id RUN]``."""
+    import sys
+
+    from musiclib.config import DEFAULT_ROOT, Layout
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    options = {"--root": DEFAULT_ROOT, "--run-id": None}
+    for flag in options:
+        if flag in args:
+            i = args.index(flag)
+            options[flag] = args[i + 1]
+            del args[i : i + 2]
+    if len(args) != 2 or args[0] != "budget-curve":
+        raise SystemExit("usage: python -m musiclib.report budget-curve OUT.png [--root ROOT] [--run-id RUN]")
+    root = storage.normalize_uri(options["--root"])
+    run_id = plot_run(Layout(root).probes, storage.normalize_uri(args[1]), options["--run-id"])
+    print(f"budget curve of probe run {run_id} under {root}: {args[1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -10,6 +10,7 @@ with the reason in ``<version>/errors/errors.parquet``.
 
     python -m musiclib.tags show TRACK_ID [--root ROOT]
     python -m musiclib.tags top TAG [--root ROOT] [--n 10]
+    python -m musiclib.tags outputs [--root ROOT]     # what each job did, where the outputs are
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from musiclib import storage
+from musiclib import progress, storage
 from musiclib.config import DEFAULT_ROOT, Layout
 from musiclib.probes import ProbeSet
 
@@ -170,7 +171,12 @@ def _print(table: pa.Table) -> None:
 
 
 def print_outputs(layout: Layout) -> None:
-    """Where the latest sweep report, budget curve, probe set and tag table of a root are."""
+    """The chain's table (one row per job, from the summaries the jobs wrote), then where the latest sweep
+    report, budget curve, probe set and tag table of a root are."""
+    runs = progress.read_summaries(layout.root)
+    if runs:
+        print(progress.chain_table(runs))
+        print()
     probes_run = storage.latest_version(layout.probes)
     if probes_run is not None:
         run_dir = storage.version_uri(layout.probes, probes_run)

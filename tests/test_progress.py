@@ -1,0 +1,197 @@
+"""Progress lines, Ray's console output and the end-of-job summaries (``musiclib.progress``)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from musiclib import demo, models, progress, tags
+from musiclib.config import Layout, parse
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
+def test_duration_and_eta():
+    assert progress.duration(4.4) == "4 s"
+    assert progress.duration(185) == "3m 05s"
+    assert progress.duration(7620) == "2h 07m"
+    assert progress.duration(float("nan")) == "?"
+    assert progress.eta(40, 120, 2.0) == "40 s"
+    assert progress.eta(10, 120, 0.0) == "?"
+
+
+def test_throttle_first_then_every_interval_and_always_the_last():
+    now = [0.0]
+    throttle = progress.Throttle(every_s=30, clock=lambda: now[0])
+    due = []
+    for t in (0, 10, 29, 31, 45, 62, 63):
+        now[0] = t
+        due.append(throttle.due(final=t == 63))
+    assert due == [True, False, False, True, False, True, True]
+
+
+def test_progress_line():
+    line = progress.progress_line("embed", 120, 300, "rows", 4.0, errors=2)
+    assert line == "embed: 120/300 rows (40%) | 4.0 rows/s | ETA 45 s | errors 2"
+    assert progress.progress_line("tag", 7, None, "rows", 1.0) == "tag: 7 rows | 1.0 rows/s"
+    assert (
+        progress.progress_line("tune", 1, 4, "trials", 0.02)
+        == "tune: 1/4 trials (25%) | 1.2 trials/min | ETA 2m 30s"
+    )
+
+
+def _record(level: int, message: str) -> logging.LogRecord:
+    return logging.LogRecord("ray.data.x", level, "x.py", 1, message, None, None)
+
+
+def test_data_progress_keeps_warnings_and_one_line_per_progress_block(monkeypatch):
+    monkeypatch.setattr(progress, "_job", "embed")
+    out = io.StringIO()
+    handler = progress.DataProgress(out)
+
+    def block(read: str, encode: str) -> list[str]:
+        return [
+            "======= Running Dataset: dataset_1 =======",
+            "Total Progress: 0/?",
+            "Active & requested resources: 1/4 CPU",
+            "",
+            f"ReadParquet: {read}",
+            "  Tasks: 1; Actors: 0",
+            f"MapBatches(EncoderActor): {encode}",
+            "Write: 0/1",
+            "=================================================================",
+        ]
+
+    for message in block("100/300", "0/1") + block("300/300", "30/1") + block("300/300", "120/300"):
+        handler.emit(_record(logging.INFO, message))
+    handler.emit(_record(logging.WARNING, "something to see"))
+    handler.emit(_record(logging.ERROR, "something broke"))
+    handler.emit(_record(logging.INFO, "Dataset dataset_1 execution finished in 75.20 seconds"))
+    handler.emit(_record(logging.INFO, "Starting execution of Dataset dataset_2"))
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 5, lines
+    assert lines[0].startswith("embed: 30/300 rows (10%) | ")  # the first block: nothing encoded yet
+    assert lines[1].startswith("embed: 120/300 rows (40%) | ")
+    assert "WARNING" in lines[2] and lines[2].endswith("something to see")
+    assert "ERROR" in lines[3] and lines[3].endswith("something broke")
+    assert lines[4] == "embed: finished in 1m 15s"
+
+
+def test_summary_is_printed_written_and_tabled(tmp_path):
+    root = str(tmp_path)
+    out = io.StringIO()
+    started = progress.start("embed") - 75
+    record = progress.summary(
+        "embed",
+        root,
+        started,
+        read="300 catalog tracks",
+        wrote="296 embeddings",
+        skipped={"corrupt": 3, "empty": 1},
+        outputs={"version": f"{root}/embeddings/m/v1"},
+        out=out,
+    )
+    text = out.getvalue()
+    assert text.startswith("== embed done in 1m 15s\n")
+    assert "skipped  4 (corrupt 3, empty 1)" in text and f"version  {root}/embeddings/m/v1" in text
+    assert json.loads((tmp_path / "summaries" / "embed.json").read_text()) == record
+    progress.summary(
+        "tag", root, progress.start("tag"), read="x", wrote="10 tracks tagged", out=io.StringIO()
+    )
+    runs = progress.read_summaries(root)
+    assert [r["job"] for r in runs] == ["embed", "tag"]
+    table = progress.chain_table(runs).splitlines()
+    assert table[0].split() == ["job", "time", "skipped", "wrote"]
+    assert table[1].split() == ["embed", "1m", "15s", "4", "296", "embeddings"]
+    assert table[2].split() == ["tag", "0", "s", "0", "10", "tracks", "tagged"]
+    assert table[3].split() == ["total", "1m", "15s"]
+
+
+def test_outputs_shows_the_chain_table(tmp_path, capsys):
+    progress.summary("tune", str(tmp_path), progress.start("tune"), read="x", wrote="8 configurations")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # no probe run and no tag version yet
+        tags.main(["outputs", "--root", str(tmp_path)])
+    assert "8 configurations" in capsys.readouterr().out
+
+
+@dataclass
+class _Small:
+    n: int = 1
+
+
+def test_verbose_is_a_flag_of_every_job(monkeypatch):
+    monkeypatch.delenv(progress.VERBOSE_ENV, raising=False)
+    assert parse(_Small, ["--n", "2"]).n == 2 and not progress.verbose()
+    assert parse(_Small, ["--verbose", "--n", "3"]).n == 3 and progress.verbose()
+
+
+def test_quiet_ray_replaces_the_console_handler_of_ray_data(monkeypatch):
+    monkeypatch.delenv(progress.VERBOSE_ENV, raising=False)
+    logger = logging.getLogger("ray.data")
+    saved = list(logger.handlers)
+    try:
+        assert progress.quiet_ray() == logging.WARNING
+        kinds = [type(h).__name__ for h in logger.handlers]
+        assert kinds.count("DataProgress") == 1 and all(h.get_name() != "console" for h in logger.handlers)
+        assert any("FileHandler" in k for k in kinds)  # the detail still goes to Ray Data's log file
+        monkeypatch.setenv(progress.VERBOSE_ENV, "1")
+        assert progress.quiet_ray() == logging.INFO
+    finally:
+        logger.handlers[:] = saved
+
+
+INJECT = """
+import logging, sys
+import ray
+from jobs import embed
+
+@ray.remote
+def warn_in_a_worker():
+    logging.getLogger("musiclib.test").warning("INJECTED worker warning")
+
+real_build = embed.build_pipeline
+
+def build_pipeline(*args, **kwargs):
+    ray.get(warn_in_a_worker.remote())
+    logging.getLogger("ray.data.test").warning("INJECTED ray data warning")
+    return real_build(*args, **kwargs)
+
+embed.build_pipeline = build_pipeline
+embed.main(sys.argv[1:])
+"""
+
+
+@pytest.mark.slow
+def test_a_job_prints_few_lines_and_every_warning(tmp_path):
+    """embed on a small catalog, stdout not a terminal (as in ``make logs``): a line budget, every warning."""
+    root = str(tmp_path / "demo")
+    demo.make_catalog(root, n_tracks=12, faults=True, min_seconds=3.0, max_seconds=4.0, workers=1)
+    models.export_random_encoder(Layout(root).models, width=0.0625)
+    env = {**os.environ, "PYTHONPATH": str(ROOT_DIR)}
+    env.pop(progress.VERBOSE_ENV, None)
+    env.pop("RAY_ADDRESS", None)
+    run = subprocess.run(
+        [sys.executable, "-c", INJECT, "--root", root, "--batch-size", "4", "--max-chunks", "2"],
+        cwd=ROOT_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=500,
+    )
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out
+    lines = out.splitlines()
+    assert len(lines) < 40, out
+    assert any("INJECTED ray data warning" in line for line in lines), out
+    assert any("INJECTED worker warning" in line for line in lines), out
+    assert any(line.startswith("== embed done in") for line in lines), out
+    assert not any("Reporting training result" in line or "Total Progress" in line for line in lines), out
