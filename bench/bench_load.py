@@ -61,7 +61,7 @@ class LoadConfig:
     plain_tracks: int = 1000  # catalog rows the plain single-process loop is timed on
     repeats: int = 1  # timed runs of the plain loop; the fastest counts
     embed_args: str = "--actors 1"  # options of jobs/embed.py (ARGS of make submit)
-    tag_args: str = ""  # options of jobs/write_tags.py
+    tag_args: str = ""  # options of jobs/tag.py
     probe: str = "logreg"  # probe kind of the fitted probe set (C = 1, standardised)
     sample_s: float = 0.5  # memory sampling period
     job_timeout_s: float = 7200.0  # most seconds one submitted job may take

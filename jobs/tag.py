@@ -1,6 +1,6 @@
 """tag: apply the chosen probe set to every track's embedding and write a versioned tag table.
 
-    python jobs/write_tags.py --root data/demo [--probe-run-id tune-...] [--only-new true]
+    python jobs/tag.py --root data/demo [--probe-run-id tune-...] [--only-new true]
 
 Ray Data streams the embedding shards through the probe set (one matrix product for all tags, with its
 normalisation) and writes long-form Parquet under ``<root>/tags/<version>/rows/``; the catalog's human

@@ -1,6 +1,6 @@
 """tune: sweep few-shot linear probes over label budgets with Ray Tune, report what each budget buys.
 
-    python jobs/tune_probes.py --root data/demo [--budgets 1,5,all] [--probes logreg,centroid] ...
+    python jobs/tune.py --root data/demo [--budgets 1,5,all] [--probes logreg,centroid] ...
 
 One Tune trial is one budget x probe x hyperparameters point, with its normalisations, all tags and all
 repetitions inside, because a single fit takes milliseconds (and the normalisations then share support

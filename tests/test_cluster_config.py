@@ -119,7 +119,7 @@ def test_rayjob_manifest(job):
     assert spec.get("clusterSelector") or spec.get("rayClusterSpec")
     assert isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict)
     argv = shlex.split(spec["entrypoint"])
-    assert argv[0] == "python" and argv[1].endswith(_submit_module().JOBS[job])
+    assert argv[0] == "python" and argv[1].endswith(f"jobs/{job}.py")
     assert argv[argv.index("--root") + 1].startswith("s3://")
     for container in _containers(spec["submitterPodTemplate"]):
         _check_container(container, secret_env=False)
@@ -155,10 +155,10 @@ def test_runtime_env_carries_settings_but_never_credentials():
 def test_entrypoints_and_bad_job_names():
     submit = _submit_module()
     assert submit.entrypoint("tag", "s3://b/c", ["--batch-size", "4"]) == (
-        "python jobs/write_tags.py --root s3://b/c --batch-size 4"
+        "python jobs/tag.py --root s3://b/c --batch-size 4"
     )
-    for job, script in submit.JOBS.items():
-        assert (PROJECT / script).parent.is_dir(), job
+    for job in submit.JOBS:
+        assert (PROJECT / "jobs" / f"{job}.py").is_file(), job
     with pytest.raises(submit.SubmitError, match="unknown job"):
         submit.entrypoint("train", "data/demo", [])
 

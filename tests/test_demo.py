@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from jobs import make_demo_catalog as job
 from musiclib import audio, catalog, demo, storage
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from jobs import make_demo_catalog as job  # noqa: E402
 
 SMALL = {"n_tracks": 24, "seed": 3, "min_seconds": 4.0, "max_seconds": 6.0}
 

@@ -15,12 +15,11 @@ import pyarrow as pa
 import pytest
 import torch
 
+from jobs import embed as job
 from musiclib import audio, catalog, demo, embedding, embeddings, models, storage
 from musiclib.config import Layout
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from jobs import embed as job  # noqa: E402
 
 S3_VARIABLES = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 

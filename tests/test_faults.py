@@ -35,12 +35,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
+from jobs import embed
+from jobs import tag as tag_job
+from jobs import tune as tune_job
 from musiclib import catalog, demo, embedding, embeddings, fewshot, models, probes, storage, tags
 from musiclib.config import Layout, parse
 from musiclib.pretraining import committed_shards, read_shard_columns
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs import embed, tune_probes, write_tags  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -362,7 +362,7 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
     publish_previous(layout.probes, "tune-previous")
     rng = rng_for("tune-driver")
     after = rng.randint(1, 3)
-    cmd = job_command("tune_probes", "--root", root, "--run-id", "tune-killed", *TUNE_ARGS)
+    cmd = job_command("tune", "--root", root, "--run-id", "tune-killed", *TUNE_ARGS)
     trials = count_files(
         storage.join(storage.version_uri(layout.probes, "tune-killed"), "trials"), ".parquet"
     )
@@ -371,20 +371,18 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
         kill_when(proc, lambda: trials() >= after, rng, max_delay=0.5)
         written = trials()
         assert storage.read_manifest(layout.probes, "tune-killed") is None, "published before the kill"
-        n_trials = len(
-            tune_probes.configurations(parse(tune_probes.TuneConfig, ["--root", root, *TUNE_ARGS]))
-        )
+        n_trials = len(tune_job.configurations(parse(tune_job.TuneConfig, ["--root", root, *TUNE_ARGS])))
         assert 0 < written < n_trials, f"seed {SEED}: {written} of {n_trials} trial files at the kill"
         text = run(cmd, tmp_path / "again.log")
     reader.check()
     assert f"{written} already done" in text
     assert reader.versions == ["tune-previous", "tune-killed"]
 
-    cfg = parse(tune_probes.TuneConfig, ["--root", root, *TUNE_ARGS])
-    data = tune_probes.load_data(cfg, layout, SYNTHETIC_MODEL)
+    cfg = parse(tune_job.TuneConfig, ["--root", root, *TUNE_ARGS])
+    data = tune_job.load_data(cfg, layout, SYNTHETIC_MODEL)
     rows = [
         r
-        for c in tune_probes.configurations(cfg)
+        for c in tune_job.configurations(cfg)
         for r in fewshot.run_config(data, c, cfg.repetitions, cfg.seed)
     ]
     manifest = storage.read_manifest(layout.probes, "tune-killed")
@@ -414,7 +412,7 @@ def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
     layout = Layout(root)
     publish_previous(layout.tags, "tags-previous")
     rng = rng_for("tag-driver")
-    cmd = job_command("write_tags", "--root", root, "--run-id", "tags-killed", "--batch-size", "8")
+    cmd = job_command("tag", "--root", root, "--run-id", "tags-killed", "--batch-size", "8")
     lease = storage.join(layout.tags, storage.LEASE)
     with Reader(layout.tags) as reader:
         proc = start(cmd, tmp_path / "killed.log")
@@ -447,9 +445,9 @@ def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
 
 
 @pytest.mark.xfail(
-    "storage.lease(" not in inspect.getsource(write_tags.main),
+    "storage.lease(" not in inspect.getsource(tag_job.main),
     strict=True,
-    reason="gap: jobs/write_tags.py holds no lease on <root>/tags (being added)",
+    reason="gap: jobs/tag.py holds no lease on <root>/tags (being added)",
 )
 def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch):
     """Two tag runs of the same inputs write the same version folder (``write_version`` first deletes it), so
@@ -461,10 +459,10 @@ def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch
     def unguarded(*args, **kwargs):
         raise AssertionError("the tag job started writing while another run held the lease")
 
-    monkeypatch.setattr(write_tags, "ray_session", lambda **kwargs: contextlib.nullcontext(False))
-    monkeypatch.setattr(write_tags, "write_version", unguarded)
+    monkeypatch.setattr(tag_job, "ray_session", lambda **kwargs: contextlib.nullcontext(False))
+    monkeypatch.setattr(tag_job, "write_version", unguarded)
     with storage.lease(Layout(root).tags), pytest.raises(storage.LeaseHeld, match=LEASE_MESSAGE):
-        write_tags.main(["--root", root])
+        tag_job.main(["--root", root])
 
 
 # --------------------------------------------------------------------------- embed: workers, concurrency

@@ -2,17 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pyarrow.compute as pc
 import pytest
 
+from jobs import embed, pretrain
+from jobs import tag as tag_job
+from jobs import tune as tune_job
 from musiclib import catalog, demo, embeddings, models, storage, tags
 from musiclib.config import Layout
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs import embed, pretrain, tune_probes, write_tags  # noqa: E402
 
 
 @pytest.mark.slow
@@ -39,11 +36,11 @@ def test_demo_chain_end_to_end(tmp_path, capsys, monkeypatch):
             + ["--checkpoint-every", "4", "--log-every", "2", "--p-pitch", "0"]
         )
         embed.main(["--root", root, "--batch-size", "8", "--max-chunks", "2"])
-        tune_probes.main(
+        tune_job.main(
             ["--root", root, "--budgets", "2,all", "--probes", "logreg,centroid", "--norms", "l2"]
             + ["--c-grid", "1", "--repetitions", "2"]
         )
-        write_tags.main(["--root", root])
+        tag_job.main(["--root", root])
     finally:
         ray.shutdown()
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from jobs import pretrain as job
 from musiclib import audio, catalog, storage
 from musiclib.config import ConfigError, Layout, parse
 from musiclib.pretraining import (
@@ -40,9 +40,6 @@ from musiclib.pretraining import (
     select_labels,
     shard_report,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs import pretrain as job  # noqa: E402
 
 SR = audio.SAMPLE_RATE
 CHUNK = audio.CHUNK_SAMPLES
