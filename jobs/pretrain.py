@@ -32,21 +32,17 @@ from musiclib.pretraining import (
     build,
     check_resume,
     checkpoint_state,
-    committed_shards,
     distributed,
     fit,
     load_checkpoint,
     load_training_data,
     plan_labels,
-    plan_shards,
-    prepare_shard,
     progress_line,
-    read_shard_columns,
     restore,
     save_checkpoint,
-    shard_report,
 )
 from musiclib.ray_env import ray_session, retry_transient_storage
+from musiclib.shards import committed_shards, plan_shards, prepare_shard, read_shard_columns, shard_report
 
 TASK_RETRIES = 3  # shard tasks run again after storage errors that outlast the decoder's retries
 

@@ -22,7 +22,8 @@ import io
 import math
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -59,6 +60,11 @@ REASONS = (
     "silent",
 )
 RETRIED = ("missing",)  # reasons an incremental embed run tries again: the object may appear later
+
+
+def count_reasons(errors: Iterable[str | None]) -> Counter[str]:
+    """How many errors of each reason: the text before the first ``:`` of every non-empty error."""
+    return Counter(str(e).split(":", 1)[0] for e in errors if e)
 
 
 class AudioError(Exception):

@@ -189,7 +189,7 @@ class Summary:
         self.audio_s += float(
             np.nansum(table.column("duration_s").to_numpy(zero_copy_only=False).astype(float))
         )
-        self.errors.update(e for e in table.column("error").to_pylist() if e is not None)
+        self.errors.update(audio.count_reasons(table.column("error").to_pylist()))
 
     def __str__(self) -> str:
         hours = self.audio_s / 3600

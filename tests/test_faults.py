@@ -40,7 +40,7 @@ from jobs import tag as tag_job
 from jobs import tune as tune_job
 from musiclib import catalog, demo, embedding, embeddings, fewshot, models, probes, storage, tags
 from musiclib.config import Layout, parse
-from musiclib.pretraining import committed_shards, read_shard_columns
+from musiclib.shards import committed_shards, read_shard_columns
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable

@@ -22,7 +22,6 @@ from musiclib.pretraining import (
     build,
     check_resume,
     checkpoint_state,
-    committed_shards,
     compose_batch,
     fit,
     global_loss,
@@ -30,16 +29,13 @@ from musiclib.pretraining import (
     load_checkpoint,
     load_training_data,
     plan_labels,
-    plan_shards,
-    prepare_shard,
-    read_shard_columns,
     restore,
     resume_conflicts,
     sample_batch,
     save_checkpoint,
     select_labels,
-    shard_report,
 )
+from musiclib.shards import committed_shards, plan_shards, prepare_shard, read_shard_columns, shard_report
 
 SR = audio.SAMPLE_RATE
 CHUNK = audio.CHUNK_SAMPLES
