@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     roots = {n: make_root(cfg, audio, n) for n in sorted({cfg.throughput_tracks, *cfg.sizes})}
     small = roots[cfg.throughput_tracks]
     catalog_uri = Layout(small).catalog
-    model_id = models.latest_model(Layout(small).models)
+    model_id = models.resolve(Layout(small).models)
     encoder, _ = models.load_encoder(Layout(small).models, model_id)
 
     floor = decode_floor(catalog_uri, cfg.batch_size)

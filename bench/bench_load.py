@@ -187,10 +187,8 @@ def main(argv: list[str] | None = None) -> None:
                 split, "split", pc.if_else(keep, table["split"], pa.nulls(n, pa.string()))
             )
             catalog.write(table, Layout(root).catalog)
-        model_id = models.latest_model(
-            Layout(roots[cfg.plain_tracks]).models
-        )  # the same weights in every root
-        assert all(models.latest_model(Layout(r).models) == model_id for r in roots.values())
+        model_id = models.resolve(Layout(roots[cfg.plain_tracks]).models)  # the same weights in every root
+        assert all(models.resolve(Layout(r).models) == model_id for r in roots.values())
         print(f"catalogs on {server.endpoint}: {', '.join(roots.values())}; model {model_id}", flush=True)
 
         small = Layout(roots[cfg.plain_tracks]).catalog

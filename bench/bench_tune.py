@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from jobs import tune as tune_job  # noqa: E402
-from musiclib import fewshot, metrics, models, probes  # noqa: E402
+from musiclib import fewshot, metrics, models, probes, sweep  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
 
 
@@ -66,10 +66,10 @@ def bench_probe(n_train: int, n_test: int, dim: int, n_tags: int, seed: int) -> 
 
 def plain_loop(root: str) -> tuple[float, int]:
     """The default sweep's configurations run one after another in this process, without Ray: seconds, count."""
-    cfg = parse(tune_job.TuneConfig, ["--root", root])
+    cfg = parse(sweep.TuneConfig, ["--root", root])
     layout = Layout(root)
-    data = tune_job.load_data(cfg, layout, models.latest_model(layout.models))
-    configs = tune_job.configurations(cfg)
+    data = sweep.load_data(cfg, layout, models.resolve(layout.models))
+    configs = sweep.configurations(cfg)
     torch.set_num_threads(1)
     start = time.perf_counter()
     with threadpoolctl.threadpool_limits(1):  # BLAS on one thread, as in Ray's workers (OMP_NUM_THREADS=1)

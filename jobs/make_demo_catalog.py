@@ -12,30 +12,10 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
 
 from musiclib import catalog, demo, storage
-from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
-
-
-@dataclass
-class DemoCatalogConfig:
-    """Generate the demo catalog (synthesised music, tags on a fraction of tracks, optional faulty files)."""
-
-    root: str = DEFAULT_ROOT
-    n_tracks: int = 300
-    seed: int = 0
-    faults: bool = False  # add one track per decoder failure (corrupt, empty, missing, ...)
-    labeled_fraction: float = 0.5
-    workers: int = 2  # processes synthesising and encoding; does not change the result
-
-    def validate(self) -> None:
-        if self.n_tracks < 1:
-            raise ConfigError(f"--n-tracks must be at least 1, got {self.n_tracks}")
-        if not 0 <= self.labeled_fraction <= 1:
-            raise ConfigError(f"--labeled-fraction must be in [0, 1], got {self.labeled_fraction}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+from musiclib.config import Layout, as_dict, parse
+from musiclib.demo import DemoCatalogConfig
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from musiclib import catalog, embeddings, metrics, models, probes
+from musiclib import catalog, embeddings, metrics, probes, storage
 from musiclib.config import Layout
 
 BUDGETS: tuple[int | None, ...] = (1, 2, 5, 10, 20, 50, 100, None)
@@ -267,7 +267,7 @@ def write_synthetic_root(root: str, model_id: str = "synthetic", **kwargs: Any) 
     layout = Layout(root)
     catalog.write(cat, layout.catalog)
     embeddings.publish_table(layout.embeddings, model_id, "v1", emb)
-    models.set_latest_model(layout.models, model_id)
+    storage.publish(layout.models, model_id, [], [])  # a model without an encoder
     return cat, emb
 
 

@@ -1,33 +1,17 @@
-"""All-gather across DDP workers with gradients, so each worker contrasts against the global batch.
+"""All-gather across DDP workers, so each worker contrasts its views against the global batch.
 
-The same role as SimCLR's ``modules/gather.py``: without a process group every function is the identity.
+The role of SimCLR's ``modules/gather.py``, with PyTorch's differentiable all-gather: worker r's loss
+depends on every worker's projections, so the gradient of z_r sums d(loss_q)/d(z_r) over the workers q,
+which the backward of ``torch.distributed.nn.functional.all_gather`` computes (the two-process test in
+``tests/test_pretrain.py`` checks it against one worker on the whole batch). Without a process group every
+function here is the identity.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums every worker's gradient and returns this worker's slice.
-
-    Worker r's loss depends on every worker's projections, so the gradient of z_r is the sum over workers
-    of d(loss_q)/d(z_r); an all-reduce of the full gradient gives it (gloo and NCCL alike).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
+import torch.distributed.nn.functional as dist_nn
 
 
 def distributed() -> tuple[int, int]:
@@ -39,7 +23,7 @@ def distributed() -> tuple[int, int]:
 
 def gather(x: torch.Tensor) -> torch.Tensor:
     """Concatenate ``x`` from all workers (rank order), with gradients flowing back to each worker."""
-    return _GatherWithGrad.apply(x) if distributed()[1] > 1 else x
+    return torch.cat(dist_nn.all_gather(x.contiguous())) if distributed()[1] > 1 else x
 
 
 def gather_constant(x: torch.Tensor) -> torch.Tensor:

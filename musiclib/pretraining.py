@@ -37,7 +37,7 @@ from torch import nn
 
 from musiclib import audio, storage
 from musiclib.augment import AugmentConfig, ViewAugment
-from musiclib.config import DEFAULT_ROOT, ConfigError
+from musiclib.config import DEFAULT_ROOT, ConfigError, RayConfig, check
 from musiclib.gather import distributed, gather, gather_constant
 from musiclib.losses import semisupcon_anchor_losses, target_matrix
 from musiclib.models import ContrastiveModel, EncoderConfig, sync_batchnorm
@@ -51,7 +51,7 @@ CHECKPOINT_FILE = "state.pt"
 
 
 @dataclass
-class PretrainConfig(AugmentConfig):
+class PretrainConfig(AugmentConfig, RayConfig):
     """SemiSupCon pretraining of a SampleCNN on the catalog's train split (augmentation fields inherited)."""
 
     root: str = DEFAULT_ROOT
@@ -85,7 +85,7 @@ class PretrainConfig(AugmentConfig):
 
     def validate(self) -> None:
         """Fail in seconds with a clear message, before Ray or any decoding starts."""
-        problems = []
+        problems = RayConfig.problems(self)
         if not self.root:
             problems.append("--root is empty")
         if not 0.0 < self.width <= 4.0:
@@ -122,8 +122,7 @@ class PretrainConfig(AugmentConfig):
             AugmentConfig.validate(self)
         except ValueError as exc:
             problems.append(str(exc))
-        if problems:
-            raise ConfigError("invalid pretrain config:\n  " + "\n  ".join(problems))
+        check("pretrain", problems)
 
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
@@ -143,7 +142,7 @@ class PretrainConfig(AugmentConfig):
 # more ``--steps`` stretch the decay to the new end from the resumed step.
 RESUMABLE_FIELDS = frozenset(
     {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "prefetch"}
-    | {"cpus_per_worker", "root", "run_name"}
+    | {"cpus_per_worker", "root", "run_name", "ray_address", "num_cpus"}
 )
 
 

@@ -77,3 +77,18 @@ def retry_transient_storage(retries: int) -> Iterator[None]:
         yield
     finally:
         ctx.retried_map_errors, ctx.max_map_retries = previous
+
+
+def read_parquet(uris: str | list[str], columns: list[str]):  # -> ray.data.Dataset
+    """The one Ray Data read of Parquet files (or folders of them) on any storage, only ``columns``.
+
+    Every URI is on the storage of the first (a catalog, or the files of one manifest).
+    """
+    import ray.data
+
+    from musiclib import storage
+
+    uris = [uris] if isinstance(uris, str) else uris
+    fs, _ = storage.arrow_filesystem(uris[0])
+    paths = [storage.split_uri(u)[1] for u in uris]
+    return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)

@@ -8,7 +8,6 @@ A track that cannot be used is kept as a row with its reason, so a re-run does n
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any
 
 import numpy as np
@@ -52,7 +51,7 @@ def training_tags(tags: Any) -> list[str]:
 
 def shard_version(track_ids: list[str]) -> str:
     """A shard's version id, from its tracks: the same tracks always give the same shard."""
-    return "part-" + hashlib.sha256("\n".join(sorted(track_ids)).encode()).hexdigest()[:16]
+    return storage.digest_version("part", sorted(track_ids), length=16)
 
 
 def prepare_shard(

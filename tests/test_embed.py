@@ -182,12 +182,17 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
 
 def test_encoder_resources_follow_the_cluster_unless_configured():
     auto = job.EmbedConfig()
-    assert job.encoder_resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
-    assert job.encoder_resources(auto, {"CPU": 4.0}) == (0.0, 2)
-    assert job.encoder_resources(auto, {"CPU": 1.0}) == (0.0, 1)
-    assert job.encoder_resources(job.EmbedConfig(cpus_per_actor=4), {"CPU": 16.0}) == (0.0, 2)
-    assert job.encoder_resources(job.EmbedConfig(gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == (0.5, 4)
-    assert job.encoder_resources(job.EmbedConfig(actors=3, gpus_per_actor=0), {"CPU": 8.0, "GPU": 2.0}) == (
+    assert embedding.encoder_resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
+    assert embedding.encoder_resources(auto, {"CPU": 4.0}) == (0.0, 2)
+    assert embedding.encoder_resources(auto, {"CPU": 1.0}) == (0.0, 1)
+    assert embedding.encoder_resources(job.EmbedConfig(cpus_per_actor=4), {"CPU": 16.0}) == (0.0, 2)
+    assert embedding.encoder_resources(job.EmbedConfig(gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == (
+        0.5,
+        4,
+    )
+    assert embedding.encoder_resources(
+        job.EmbedConfig(actors=3, gpus_per_actor=0), {"CPU": 8.0, "GPU": 2.0}
+    ) == (
         0.0,
         3,
     )

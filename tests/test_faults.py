@@ -37,8 +37,7 @@ import pytest
 
 from jobs import embed
 from jobs import tag as tag_job
-from jobs import tune as tune_job
-from musiclib import catalog, demo, embedding, embeddings, fewshot, models, probes, storage, tags
+from musiclib import catalog, demo, embedding, embeddings, fewshot, models, probes, storage, sweep, tags
 from musiclib.config import Layout, parse
 from musiclib.shards import committed_shards, read_shard_columns
 
@@ -299,11 +298,11 @@ def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     checkpoints = count_files(storage.join(layout.runs, "pretrain"), "/state.pt")
     proc = start(cmd, tmp_path / "killed.log")
     kill_when(proc, lambda: checkpoints() >= after, rng, max_delay=1.0, timeout=400)
-    assert not storage.exists(storage.join(layout.models, "_latest.json")), "exported before the kill"
+    assert storage.latest_version(layout.models) is None, "exported before the kill"
     assert checkpoints() >= 1, tail(tmp_path / "killed.log")
 
     run(cmd, tmp_path / "again.log", timeout=400)
-    model_id = models.latest_model(layout.models)
+    model_id = models.resolve(layout.models)
     card = storage.read_json(storage.join(layout.models, model_id, "card.json"))
     assert card["steps"] == 40 and card["metrics"]["start_step"] >= 4, (SEED, after, card["metrics"])
     shard_ids = read_shard_columns(committed_shards(layout.shards), ["track_id"])["track_id"].to_pylist()
@@ -343,7 +342,7 @@ def synthetic_root(root: str, n_files: int = 1) -> tuple[pa.Table, pa.Table]:
     ]
     rows = [storage.write_parquet(emb.slice(a, b - a), f) for f, a, b in zip(files, bounds, bounds[1:])]
     storage.publish(dataset, "v1", files, rows)
-    models.set_latest_model(layout.models, SYNTHETIC_MODEL)
+    storage.publish(layout.models, SYNTHETIC_MODEL, [], [])
     return cat, emb
 
 
@@ -371,19 +370,17 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
         kill_when(proc, lambda: trials() >= after, rng, max_delay=0.5)
         written = trials()
         assert storage.read_manifest(layout.probes, "tune-killed") is None, "published before the kill"
-        n_trials = len(tune_job.configurations(parse(tune_job.TuneConfig, ["--root", root, *TUNE_ARGS])))
+        n_trials = len(sweep.configurations(parse(sweep.TuneConfig, ["--root", root, *TUNE_ARGS])))
         assert 0 < written < n_trials, f"seed {SEED}: {written} of {n_trials} trial files at the kill"
         text = run(cmd, tmp_path / "again.log")
     reader.check()
     assert f"{written} already done" in text
     assert reader.versions == ["tune-previous", "tune-killed"]
 
-    cfg = parse(tune_job.TuneConfig, ["--root", root, *TUNE_ARGS])
-    data = tune_job.load_data(cfg, layout, SYNTHETIC_MODEL)
+    cfg = parse(sweep.TuneConfig, ["--root", root, *TUNE_ARGS])
+    data = sweep.load_data(cfg, layout, SYNTHETIC_MODEL)
     rows = [
-        r
-        for c in tune_job.configurations(cfg)
-        for r in fewshot.run_config(data, c, cfg.repetitions, cfg.seed)
+        r for c in sweep.configurations(cfg) for r in fewshot.run_config(data, c, cfg.repetitions, cfg.seed)
     ]
     manifest = storage.read_manifest(layout.probes, "tune-killed")
     results = storage.read_parquet([u for u in manifest.file_uris() if u.endswith("results.parquet")])

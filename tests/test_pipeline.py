@@ -44,7 +44,7 @@ def test_demo_chain_end_to_end(tmp_path, capsys, monkeypatch):
     finally:
         ray.shutdown()
 
-    assert models.latest_model(layout.models) == model_id
+    assert models.resolve(layout.models) == model_id
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "fault"])
     good = set(cat.filter(pc.is_null(cat["fault"]))["track_id"].to_pylist())
     emb = embeddings.read(layout.embeddings, model_id, columns=["track_id", "error"])

@@ -366,4 +366,4 @@ def test_two_worker_run_checkpoints_and_resumes_at_the_saved_step(tiny_catalog, 
     assert card["steps"] == 4 and card["metrics"]["start_step"] == 2
     assert card["data"]["usable"] == 4 and card["data"]["bad"] == {"missing": 1, "silent": 1}
     assert card["labels"]["labeled_tracks_used"] == 3
-    assert storage.read_json(storage.join(layout.models, "_latest.json"))["model_id"] == model_id
+    assert storage.latest_version(layout.models) == model_id

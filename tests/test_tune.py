@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import tune as tune_job
-from musiclib import catalog, embeddings, fewshot, models, probes, report, storage
+from musiclib import catalog, embeddings, fewshot, probes, report, storage, sweep
 from musiclib.config import ConfigError, Layout
 
 MODEL = "synthetic-m1"
@@ -57,7 +57,7 @@ def test_a_catalog_without_validation_labels_is_refused_before_ray(tmp_path):
     layout = Layout(str(tmp_path))
     catalog.write(cat.set_column(split, cat.schema.field(split), no_valid), layout.catalog)
     embeddings.publish_table(layout.embeddings, MODEL, "v1", emb)
-    models.set_latest_model(layout.models, MODEL)
+    storage.publish(layout.models, MODEL, [], [])  # a model without an encoder: tune reads embeddings
     with pytest.raises(ConfigError, match="0 labeled validation tracks"):
         tune_job.main(["--root", str(tmp_path)])
 
@@ -135,11 +135,11 @@ def test_trial_slots_are_cores_on_a_local_ray_and_cpus_on_a_cluster():
 
 def test_trials_hold_every_configuration_once_longest_first():
     configs = tune_job.configurations(tune_job.TuneConfig(budgets=["1", "all"]))
-    groups = tune_job.group_by_trial(configs)
+    groups = sweep.group_by_trial(configs)
     assert sorted(fewshot.trial_key(c) for g in groups for c in g) == sorted(map(fewshot.trial_key, configs))
     assert all(len(g) == len(probes.NORMS) and len({c["probe"] for c in g}) == 1 for g in groups)
     order = [g[0]["probe"] for g in groups]
-    assert order == sorted(order, key=tune_job.LONGEST_FIRST.index) and order[0] == "logreg"
+    assert order == sorted(order, key=sweep.LONGEST_FIRST.index) and order[0] == "logreg"
 
 
 @pytest.mark.slow
@@ -179,7 +179,7 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
     assert full["test_roc_auc"].mean() > 0.9 and full["valid_roc_auc"].mean() > 0.9  # correlated embeddings
 
     text = open(storage.join(run_dir, "report.md")).read()
-    assert "## Chosen configuration per budget" in text and "Tune overhead" in text
+    assert "## Chosen configuration per budget" in text and "overhead" not in text  # timings: the manifest
     for budget in ("2", "all"):
         assert any(line.startswith(f"| {budget} | ") and " / " in line for line in text.splitlines())
     assert "Cheapest budget within 0.05" in text and "excluded tracks: 3" in text
