@@ -5,7 +5,7 @@
 One run: a SeaweedFS S3 server on 127.0.0.1 (``cluster/s3server.py``) holds ``distinct`` demo tracks and,
 for each size, a catalog that references them under new track ids (``bench_embed.make_audio`` and
 ``make_root``: only the first ``distinct`` rows keep the demo's labels, as few labels as a real catalog
-has) and the same random narrow encoder. The plain single-process loop (``embedding.embed_catalog``) is
+has) and the same random narrow encoder. The plain single-process loop (``embedder.embed_catalog``) is
 timed on the first ``plain_tracks`` rows of the catalog, from S3, before the cluster starts. Then the
 two-node cluster of ``tests/test_cluster.py`` (``cluster/local.py``: head 4 CPUs, worker 2 CPUs, token
 auth) starts and, for each size, the bench submits ``make submit JOB=embed``, fits a probe set on the
@@ -43,7 +43,7 @@ from bench_embed import PeakMemory, make_audio, make_root, ray_pss_bytes  # noqa
 
 from cluster import local  # noqa: E402
 from cluster.s3server import SeaweedS3  # noqa: E402
-from musiclib import catalog, embedding, embeddings, fewshot, models, storage, tags  # noqa: E402
+from musiclib import catalog, embedder, embeddings, fewshot, models, storage, tags  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
 
 SUMMARY = re.compile(r"embed: (\d+) tracks, .* in ([\d.]+) s: ([\d.]+) tracks/s")
@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
 
         small = Layout(roots[cfg.plain_tracks]).catalog
         encoder, _ = models.load_encoder(Layout(roots[cfg.plain_tracks]).models, model_id)
-        runs = [embedding.embed_catalog(small, encoder, model_id)[1] for _ in range(cfg.repeats)]
+        runs = [embedder.embed_catalog(small, encoder, model_id)[1] for _ in range(cfg.repeats)]
         plain = min(runs, key=lambda s: s.wall_s)
         plain_rate = plain.tracks / plain.wall_s
         print(

@@ -29,9 +29,9 @@ import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
-from musiclib import audio, catalog, embedding, embeddings, models, ray_env, storage
+from musiclib import audio, catalog, embedder, embeddings, models, ray_env, storage
 from musiclib.config import Layout, as_dict, parse
-from musiclib.embedding import EmbedConfig
+from musiclib.embedder import EmbedConfig
 from musiclib.ray_env import ray_session, retry_transient_storage
 
 PENDING = "_pending.json"
@@ -51,7 +51,7 @@ class EncoderActor:
         self.device = device
 
     def __call__(self, decoded: pa.Table) -> pa.Table:
-        return embedding.embed_batch(self.encoder, decoded, self.model_id, self.chunk_batch, self.device)
+        return embedder.embed_batch(self.encoder, decoded, self.model_id, self.chunk_batch, self.device)
 
 
 def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
@@ -65,9 +65,9 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
     """
     rows = ray_env.read_parquet(cfg.catalog_uri, ["track_id", "audio_uri"])
     if len(skip):
-        rows = rows.map_batches(embedding.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
+        rows = rows.map_batches(embedder.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
     decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
-        embedding.decode_batch,
+        embedder.decode_batch,
         fn_kwargs={
             "base_dir": catalog.base_dir(cfg.catalog_uri),
             "max_chunks": cfg.max_chunks,
@@ -77,7 +77,7 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
     )
-    gpus, actors = embedding.encoder_resources(cfg, ray.cluster_resources())
+    gpus, actors = embedder.encoder_resources(cfg, ray.cluster_resources())
     return decoded.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         EncoderActor,
         fn_constructor_kwargs={
@@ -152,7 +152,7 @@ def begin_version(dataset: str, only_new: bool) -> tuple[str, bool]:
 # --------------------------------------------------------------------------- the job
 
 
-def run(cfg: EmbedConfig) -> embedding.Summary:
+def run(cfg: EmbedConfig) -> embedder.Summary:
     """Embed the catalog (or its new tracks), publish the version, and return the summary of the version's new rows.
 
     The whole run holds the dataset's lease, taken before Ray starts: a second run of the same model
@@ -173,14 +173,14 @@ def run(cfg: EmbedConfig) -> embedding.Summary:
                 new = write_version(cfg, model_id, dataset, version, out_dir, checkpoint_dir)
         storage.delete(checkpoint_dir, recursive=True)
         storage.delete(storage.join(dataset, PENDING))
-    return embedding.summarize(new, time.perf_counter() - start)
+    return embedder.summarize(new, time.perf_counter() - start)
 
 
 def write_version(
     cfg: EmbedConfig, model_id: str, dataset: str, version: str, out_dir: str, checkpoint_dir: str
 ) -> list[str]:
     """Run the pipeline into ``out_dir`` and publish the version; return the URIs of the files it embedded."""
-    carried = embedding.carry_over(dataset, cfg.only_new, out_dir)
+    carried = embedder.carry_over(dataset, cfg.only_new, out_dir)
     fs, out_path = storage.arrow_filesystem(out_dir)
     with data_context(checkpoint_dir, cfg.task_retries):
         ds = build_pipeline(cfg, model_id, carried.skip)
@@ -189,7 +189,7 @@ def write_version(
     embedded = [u for u in files if not u.rsplit("/", 1)[-1].startswith("carried-")]
     if carried.kept and not embedded:
         print(f"{dataset} is up to date: every catalog track has an embedding; nothing published")
-    elif carried.retried and embedding.unchanged(embedded, carried.retried):
+    elif carried.retried and embedder.unchanged(embedded, carried.retried):
         storage.delete(out_dir, recursive=True)
         print(f"{dataset} is up to date: {len(carried.retried)} track(s) still {'/'.join(audio.RETRIED)}")
         return []

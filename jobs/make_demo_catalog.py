@@ -2,7 +2,7 @@
 
     python jobs/make_demo_catalog.py --root data/demo [--n-tracks 300] [--faults true] [--workers 2]
 
-Writes ``<root>/catalog/tracks.parquet`` and its audio (``musiclib.demo.make_catalog``), validates it,
+Writes ``<root>/catalog/tracks.parquet`` and its audio (``musiclib.datasets.demo.make_catalog``), validates it,
 and prints the tag vocabulary of the labeled training tracks, head and tail. Idempotent: the config is
 recorded in ``<root>/catalog/_demo.json`` after the catalog is written, and a run with the same config
 finds it and skips generation (a run cut short left no record, so it generates again).
@@ -13,9 +13,10 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from musiclib import catalog, demo, storage
+from musiclib import catalog, storage
 from musiclib.config import Layout, as_dict, parse
-from musiclib.demo import DemoCatalogConfig
+from musiclib.datasets import demo
+from musiclib.datasets.demo import DemoCatalogConfig
 
 
 def main(argv: list[str] | None = None) -> str:

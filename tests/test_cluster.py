@@ -42,7 +42,8 @@ def job_status(cluster: LocalCluster, job_id: str) -> str:
 @pytest.fixture(scope="module")
 def catalog_on_s3(cluster, s3_server) -> Iterator[str]:
     """A tiny demo catalog and a random narrow encoder under the cluster's S3 root; returns the model id."""
-    from musiclib import demo, models
+    from musiclib import models
+    from musiclib.datasets import demo
 
     with aws_env(s3_server):
         demo.make_catalog(cluster.root, n_tracks=12, seed=0, min_seconds=3.0, max_seconds=5.0, workers=1)

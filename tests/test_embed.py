@@ -16,8 +16,9 @@ import pytest
 import torch
 
 from jobs import embed as job
-from musiclib import audio, catalog, demo, embedding, embeddings, models, storage
+from musiclib import audio, catalog, embedder, embeddings, models, storage
 from musiclib.config import Layout
+from musiclib.datasets import demo
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -95,7 +96,7 @@ def assert_matches_reference(out: pa.Table, ref: dict[str, np.ndarray]) -> None:
 def test_decode_and_embed_batch_match_the_encoder(tmp_path):
     root = str(tmp_path)
     model_id = make_root(root)
-    table, summary = embedding.embed_catalog(
+    table, summary = embedder.embed_catalog(
         Layout(root).catalog, models.load_encoder(Layout(root).models, model_id)[0], model_id, batch_size=5
     )
     cat = catalog.read(Layout(root).catalog, columns=["track_id", "fault"])
@@ -110,8 +111,8 @@ def test_forward_chunks_is_independent_of_chunk_batch():
     torch.manual_seed(1)
     encoder = models.SampleCNN(models.EncoderConfig(width=0.25)).eval()
     chunks = audio.to_int16(np.random.default_rng(0).uniform(-0.5, 0.5, (5, audio.CHUNK_SAMPLES)))
-    a = embedding.forward_chunks(encoder, chunks, chunk_batch=2)
-    b = embedding.forward_chunks(encoder, chunks, chunk_batch=64)
+    a = embedder.forward_chunks(encoder, chunks, chunk_batch=2)
+    b = embedder.forward_chunks(encoder, chunks, chunk_batch=64)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert a.shape == (5, 128) and a.dtype == np.float32
 
@@ -119,10 +120,10 @@ def test_forward_chunks_is_independent_of_chunk_batch():
 def test_drop_written_is_an_anti_join():
     rows = pa.table({"track_id": ["d", "a", "x", "b", "z"], "audio_uri": ["u"] * 5})
     written = np.sort(np.array(["a", "b", "c", "z"], dtype=object))
-    assert embedding.drop_written(rows, written).column("track_id").to_pylist() == ["d", "x"]
-    assert embedding.drop_written(rows, np.array([], dtype=object)).num_rows == 5
+    assert embedder.drop_written(rows, written).column("track_id").to_pylist() == ["d", "x"]
+    assert embedder.drop_written(rows, np.array([], dtype=object)).num_rows == 5
     odd = pa.table({"track_id": pa.array([7, None, 8]), "audio_uri": ["u"] * 3})  # unvalidated catalog
-    kept = embedding.drop_written(odd, np.sort(np.array(["", "7"], dtype=object)))
+    kept = embedder.drop_written(odd, np.sort(np.array(["", "7"], dtype=object)))
     assert kept.column("track_id").to_pylist() == [8]
 
 
@@ -182,15 +183,15 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
 
 def test_encoder_resources_follow_the_cluster_unless_configured():
     auto = job.EmbedConfig()
-    assert embedding.encoder_resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
-    assert embedding.encoder_resources(auto, {"CPU": 4.0}) == (0.0, 2)
-    assert embedding.encoder_resources(auto, {"CPU": 1.0}) == (0.0, 1)
-    assert embedding.encoder_resources(job.EmbedConfig(cpus_per_actor=4), {"CPU": 16.0}) == (0.0, 2)
-    assert embedding.encoder_resources(job.EmbedConfig(gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == (
+    assert embedder.encoder_resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
+    assert embedder.encoder_resources(auto, {"CPU": 4.0}) == (0.0, 2)
+    assert embedder.encoder_resources(auto, {"CPU": 1.0}) == (0.0, 1)
+    assert embedder.encoder_resources(job.EmbedConfig(cpus_per_actor=4), {"CPU": 16.0}) == (0.0, 2)
+    assert embedder.encoder_resources(job.EmbedConfig(gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == (
         0.5,
         4,
     )
-    assert embedding.encoder_resources(
+    assert embedder.encoder_resources(
         job.EmbedConfig(actors=3, gpus_per_actor=0), {"CPU": 8.0, "GPU": 2.0}
     ) == (
         0.0,

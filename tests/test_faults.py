@@ -37,8 +37,9 @@ import pytest
 
 from jobs import embed
 from jobs import tag as tag_job
-from musiclib import catalog, demo, embedding, embeddings, fewshot, models, probes, storage, sweep, tags
+from musiclib import catalog, embedder, embeddings, fewshot, models, probes, storage, sweep, tags
 from musiclib.config import Layout, parse
+from musiclib.datasets import demo
 from musiclib.shards import committed_shards, read_shard_columns
 
 REPO = Path(__file__).resolve().parents[1]
@@ -259,7 +260,7 @@ EMBED_ARGS = ["--batch-size", "2", "--shard-rows", "1", "--max-chunks", "2"]
 def uninterrupted_embeddings(root: str, model_id: str) -> pa.Table:
     """What an uninterrupted run embeds: the plain single-process loop over the catalog (no Ray)."""
     encoder, _ = models.load_encoder(Layout(root).models, model_id)
-    return embedding.embed_catalog(Layout(root).catalog, encoder, model_id, max_chunks=2)[0]
+    return embedder.embed_catalog(Layout(root).catalog, encoder, model_id, max_chunks=2)[0]
 
 
 def check_embeddings(root: str, model_id: str, expected: pa.Table) -> pa.Table:

@@ -8,8 +8,9 @@ import pytest
 from jobs import embed, pretrain
 from jobs import tag as tag_job
 from jobs import tune as tune_job
-from musiclib import catalog, demo, embeddings, models, storage, tags
+from musiclib import catalog, embeddings, models, storage, tags
 from musiclib.config import Layout
+from musiclib.datasets import demo
 
 
 @pytest.mark.slow

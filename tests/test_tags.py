@@ -9,8 +9,9 @@ import pytest
 from test_tune import MODEL, write_root  # noqa: E402
 
 from jobs import tag as tag_job
-from musiclib import catalog, demo, embeddings, fewshot, probes, storage, tags
+from musiclib import catalog, embeddings, fewshot, probes, storage, tags
 from musiclib.config import ConfigError, Layout
+from musiclib.datasets import demo
 
 LOGREG = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
 
