@@ -43,7 +43,7 @@ from bench_embed import PeakMemory, make_audio, make_root, ray_pss_bytes  # noqa
 
 from cluster import local  # noqa: E402
 from cluster.s3server import SeaweedS3  # noqa: E402
-from musiclib import catalog, embedder, embeddings, fewshot, models, storage, tags  # noqa: E402
+from musiclib import catalog, embedder, fewshot, models, storage, tags  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
 
 SUMMARY = re.compile(r"embed: (\d+) tracks, .* in ([\d.]+) s: ([\d.]+) tracks/s")
@@ -99,7 +99,7 @@ def catalog_ids(root: str) -> pa.Array:
 
 def check_embeddings(root: str, model_id: str, ids: pa.Array) -> str:
     """Every catalog id exactly once in the latest embeddings, none with an error; raises otherwise."""
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     manifest = storage.read_latest_manifest(dataset)
     table = storage.read_parquet(manifest.file_uris(), ["track_id", "error"])
     got = table.column("track_id").combine_chunks()
@@ -120,7 +120,7 @@ def publish_probe_set(root: str, model_id: str, distinct: int, probe: str) -> tu
     as the tune job refits its final probe set, and publish it as a probe run; returns (run id, tags)."""
     layout = Layout(root)
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "split"]).slice(0, distinct)
-    dataset = embeddings.dataset_uri(layout.embeddings, model_id)
+    dataset = embedder.dataset_uri(layout.embeddings, model_id)
     emb = storage.read_parquet(
         storage.read_latest_manifest(dataset).file_uris(), ["track_id", "embedding", "error"]
     )

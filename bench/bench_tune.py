@@ -31,12 +31,13 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from jobs import tune as tune_job  # noqa: E402
 from musiclib import fewshot, metrics, models, probes, sweep  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
+from musiclib.datasets import tagged_embeddings  # noqa: E402
 
 
 def bench_probe(n_train: int, n_test: int, dim: int, n_tags: int, seed: int) -> None:
     """Per-tag scikit-learn logistic regression loop vs one torch linear layer for all tags."""
     torch.set_num_threads(1)
-    cat, emb = fewshot.synthetic(
+    cat, emb = tagged_embeddings.make(
         n_tracks=n_train + n_test, n_tags=n_tags, dim=dim, labeled_fraction=1.0, noise=8.0, seed=seed
     )
     x = np.array(emb["embedding"].to_pylist(), np.float32)
@@ -82,7 +83,7 @@ def bench_sweep(root: str | None, n_tracks: int, n_tags: int, dim: int, cores: i
     """The default sweep (fresh run id) on ``root`` or a synthetic root, against the plain loop on one core."""
     if root is None:
         root = tempfile.mkdtemp(prefix="bench-tune-")
-        fewshot.write_synthetic_root(root, n_tracks=n_tracks, n_tags=n_tags, dim=dim)
+        tagged_embeddings.write_root(root, n_tracks=n_tracks, n_tags=n_tags, dim=dim)
         print(f"synthetic root {root}: {n_tracks} tracks, {n_tags} tags, {dim}-d embeddings")
     start = time.perf_counter()
     argv = ["--root", root, "--run-id", f"bench-{int(time.time())}", "--num-cpus", str(cores)]

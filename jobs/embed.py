@@ -29,7 +29,7 @@ import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
-from musiclib import audio, catalog, embedder, embeddings, models, ray_env, storage
+from musiclib import audio, catalog, embedder, models, ray_env, storage
 from musiclib.config import Layout, as_dict, parse
 from musiclib.embedder import EmbedConfig
 from musiclib.ray_env import ray_session, retry_transient_storage
@@ -104,8 +104,8 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
       only once the version is published, so a run killed between the last write and the publish does
       not write its tracks a second time.
     - The catalog is read with Ray Data's first Parquet reader. The second one (``use_datasource_v2``,
-      the 2.60 default) reads file footers in nested tasks that each wait for a new worker: about 5 s per
-      run on a 2-core node, against 0.2 s (measured, docs/BENCHMARKS.md).
+      the 2.60 default) reads file footers in nested tasks that each wait for a new worker, which costs
+      seconds per run on a small node (``bench/bench_ray_read.py``; measured in docs/BENCHMARKS.md).
     - No per-operator resource reservation. Ray Data would reserve an equal share of the CPUs for each
       running operator, the Parquet writer included, which sits idle until the end; on a small node that
       holds decoding to one task at a time while CPUs stay free. Memory stays bounded by the streaming
@@ -162,7 +162,7 @@ def run(cfg: EmbedConfig) -> embedder.Summary:
     start = time.perf_counter()
     layout = Layout(cfg.root)
     model_id = models.resolve(layout.models, cfg.model_id)
-    dataset = embeddings.dataset_uri(layout.embeddings, model_id)
+    dataset = embedder.dataset_uri(layout.embeddings, model_id)
     with storage.lease(dataset):
         version, committed = begin_version(dataset, cfg.only_new)
         out_dir = storage.version_uri(dataset, version)

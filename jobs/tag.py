@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from musiclib import catalog, embeddings, ray_env, storage, tags
+from musiclib import catalog, embedder, ray_env, storage, tags
 from musiclib.config import ConfigError, Layout, parse
 from musiclib.probes import ProbeSet
 from musiclib.ray_env import ray_session
@@ -51,7 +51,7 @@ def resolve(cfg: TagConfig, layout: Layout) -> Inputs:
     probe_set = ProbeSet.load(probe_uri)
     if probe_set.thresholds is None:
         raise ConfigError(f"probe set {probe_uri} has no thresholds")
-    dataset = embeddings.dataset_uri(layout.embeddings, probe_set.model_id)
+    dataset = embedder.dataset_uri(layout.embeddings, probe_set.model_id)
     if storage.latest_version(dataset) is None:
         raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
     emb = storage.read_latest_manifest(dataset)  # files and version from the same manifest

@@ -1,4 +1,4 @@
-"""Embedding a catalog with an encoder: decode tracks to int16 chunks, average chunk embeddings, build rows.
+"""The embed stage: decode tracks to int16 chunks, encode and average them per track, the embeddings table.
 
 The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU machines call them directly:
 
@@ -7,10 +7,15 @@ The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU mach
    or non-string id or URI) is a reason too, never a failed job. Storage that stays unreachable raises
    ``audio.TransientError``, so Ray retries the task.
 2. ``embed_batch``: the encoder on every chunk of a batch of decoded tracks, in fixed-size forward batches,
-   averaged per track into one row of the embeddings table (``musiclib.embeddings.schema``).
+   averaged per track into one row of the embeddings table (``schema``).
 3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array.
 4. ``embed_catalog``: the plain single-process loop (decode, chunk, forward), the reference the tests compare
    the job against and the baseline the benchmark measures it by.
+5. The embeddings table the later stages read: ``<root>/embeddings/<model_id>/`` is a versioned dataset
+   (see ``storage``) whose latest manifest lists every Parquet file of the current, complete set (``files``,
+   ``read``). One row per catalog track (``schema``): ``track_id``, ``embedding`` (fixed-size list of
+   float32; null when ``error`` is set), ``n_chunks``, ``duration_s``, ``model_id``, ``error`` (the reason
+   the track could not be embedded, null when fine).
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from musiclib import audio, catalog, embeddings, models, storage
+from musiclib import audio, catalog, models, storage
 from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
 from musiclib.models import SampleCNN
 
@@ -224,7 +229,7 @@ def embed_batch(
             "model_id": pa.array([model_id] * len(decoded), pa.string()),
             "error": decoded.column("error"),
         },
-        schema=embeddings.schema(dim),
+        schema=schema(dim),
     )
 
 
@@ -307,7 +312,7 @@ def embed_catalog(catalog_uri: str, encoder: SampleCNN, model_id: str, **kwargs)
     """The whole catalog's embeddings as one table, and its summary (``kwargs`` as for ``iter_embedded``)."""
     start = time.perf_counter()
     tables = list(iter_embedded(catalog_uri, encoder, model_id, **kwargs))
-    table = pa.concat_tables(tables) if tables else embeddings.schema(encoder.config.embed_dim).empty_table()
+    table = pa.concat_tables(tables) if tables else schema(encoder.config.embed_dim).empty_table()
     summary = Summary()
     summary.add(table)
     summary.wall_s = time.perf_counter() - start
@@ -358,3 +363,46 @@ def unchanged(embedded: list[str], retried: set[tuple[str, str]]) -> bool:
     """Whether the tracks embedded again gave exactly the errors they had (nothing to publish)."""
     rows = storage.read_parquet(embedded, ["track_id", "error"]) if embedded else None
     return rows is not None and set(zip(rows["track_id"].to_pylist(), rows["error"].to_pylist())) == retried
+
+
+# --------------------------------------------------------------------------- the embeddings table
+
+
+def schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("track_id", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            pa.field("n_chunks", pa.int32()),
+            pa.field("duration_s", pa.float64()),
+            pa.field("model_id", pa.string()),
+            pa.field("error", pa.string()),
+        ]
+    )
+
+
+def dataset_uri(embeddings_root: str, model_id: str) -> str:
+    return storage.join(embeddings_root, model_id)
+
+
+def files(embeddings_root: str, model_id: str) -> list[str]:
+    """URIs of the Parquet files of the latest committed embedding set of a model."""
+    return storage.read_latest_manifest(dataset_uri(embeddings_root, model_id)).file_uris()
+
+
+def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) -> pa.Table:
+    """The latest committed embeddings of a model as one table (probes fit on these; jobs stream instead)."""
+    uris = files(embeddings_root, model_id)
+    if not uris:
+        raise storage.StorageError(f"embeddings of {model_id} under {embeddings_root} hold no files")
+    return storage.read_parquet(uris, columns)
+
+
+def publish_table(embeddings_root: str, model_id: str, version: str, table: pa.Table) -> storage.Manifest:
+    """Publish ``table`` as one version of a model's embeddings, in one shard (synthetic data, small imports).
+
+    The embed job writes many shards itself and publishes them the same way (``storage.publish``).
+    """
+    dataset = dataset_uri(embeddings_root, model_id)
+    uri = storage.join(storage.version_uri(dataset, version), "part-00000.parquet")
+    return storage.publish(dataset, version, [uri], [storage.write_parquet(table, uri)])

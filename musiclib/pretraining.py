@@ -9,9 +9,9 @@ Read top to bottom:
 4. ``fit``: the loop both the Ray Train job and the plain single-process benchmark run, with a background
    batch sampler so the accelerator never waits on numpy, and checkpoints of plain tensors and values.
 
-Training data comes from the shards of ``musiclib.shards``; the cross-worker gather is
-``musiclib.gather``. The shard reader keeps a worker's share of the audio in memory as int16 (a 30 s track is 1.3 MB), so
-sampling a window is a slice, never a decode.
+Training data comes from the shards of ``musiclib.shards``; the cross-worker gather is ``musiclib.gather``.
+The shard reader keeps a worker's share of the audio in memory as int16, so sampling a window is a slice,
+never a decode.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ import pyarrow as pa
 import pytest
 
 from musiclib import audio, embedder, storage
+from musiclib.datasets import audio_files
 
 FORMATS = [("wav", 44100), ("flac", 22050), ("ogg", 44100), ("opus", 48000), ("mp3", 44100), ("m4a", 32000)]
 
@@ -33,7 +34,7 @@ def _peak_hz(x: np.ndarray, sr: int) -> float:
 
 @pytest.mark.parametrize("ext,sr", FORMATS)
 def test_decodes_every_format_to_mono_at_model_rate(ext, sr):
-    data = audio.encode(_tone(sr), sr, ext)
+    data = audio_files.encode(_tone(sr), sr, ext)
     info = audio.info(data)
     assert info.sample_rate == sr and info.channels == 2
     y = audio.load(data)
@@ -63,7 +64,7 @@ def test_resampling_removes_content_above_the_new_nyquist(sine):
 
 @pytest.mark.parametrize("ext,sr", FORMATS)
 def test_seek_window_equals_the_same_span_of_a_full_decode(ext, sr):
-    data = audio.encode(_tone(sr), sr, ext)
+    data = audio_files.encode(_tone(sr), sr, ext)
     full = audio.load(data)
     for offset in (0.4, 2.0, 3.71):
         window = audio.load(data, offset_s=offset, duration_s=1.3)
@@ -73,7 +74,7 @@ def test_seek_window_equals_the_same_span_of_a_full_decode(ext, sr):
 
 
 def test_windows_read_from_s3_by_range(s3_root):
-    data = audio.encode(_tone(44100, 8.0), 44100, "flac")
+    data = audio_files.encode(_tone(44100, 8.0), 44100, "flac")
     uri = storage.join(s3_root, "audio", "a.flac")
     storage.write_bytes(uri, data)
     full = audio.load(data)
@@ -103,14 +104,14 @@ def test_chunk_shapes_and_random_window():
 
 def test_load_chunks_short_track_decodes_whole():
     sr = 22050
-    data = audio.encode(_tone(sr, 9.0, 1), sr, "flac")
+    data = audio_files.encode(_tone(sr, 9.0, 1), sr, "flac")
     chunks, duration = audio.load_chunks(data, max_chunks=64)
     assert chunks.shape == (3, audio.CHUNK_SAMPLES) and duration == pytest.approx(9.0)
 
 
 def test_load_chunks_long_track_reads_spread_windows():
     sr = 22050
-    data = audio.encode(_tone(sr, 40.0, 1), sr, "flac")
+    data = audio_files.encode(_tone(sr, 40.0, 1), sr, "flac")
     chunks, duration = audio.load_chunks(data, max_chunks=4)  # 40 s > 1.5 * 4 * 2.7 s: windowed
     full = audio.load(data)
     starts = audio.chunk_starts(len(full), audio.CHUNK_SAMPLES, 4)
@@ -134,7 +135,7 @@ def _reason(source) -> str:
 
 
 def test_error_kinds(tmp_path):
-    good = audio.encode(_tone(22050, 6.0, 1), 22050, "flac")
+    good = audio_files.encode(_tone(22050, 6.0, 1), 22050, "flac")
     cases = {
         "missing": str(tmp_path / "nope.flac"),
         "empty": tmp_path / "empty.mp3",
@@ -146,22 +147,22 @@ def test_error_kinds(tmp_path):
     cases["empty"].write_bytes(b"")
     cases["corrupt"].write_bytes(np.random.default_rng(0).bytes(4096))
     cases["truncated"].write_bytes(good[: len(good) * 4 // 10])
-    cases["silent"].write_bytes(audio.encode(np.zeros(22050 * 4, np.float32), 22050, "wav"))
-    cases["too_short"].write_bytes(audio.encode(_tone(22050, 0.8, 1), 22050, "wav"))
+    cases["silent"].write_bytes(audio_files.encode(np.zeros(22050 * 4, np.float32), 22050, "wav"))
+    cases["too_short"].write_bytes(audio_files.encode(_tone(22050, 0.8, 1), 22050, "wav"))
     for expected, source in cases.items():
         assert _reason(str(source)) == expected, expected
 
 
 def test_over_long_full_decode_is_refused_but_windows_work():
     sr = 8000
-    data = audio.encode(np.full(sr * 30, 0.1, np.float32), sr, "wav")
+    data = audio_files.encode(np.full(sr * 30, 0.1, np.float32), sr, "wav")
     with pytest.raises(audio.AudioError, match="too_long"):
         audio.load(data, max_duration_s=10)
     assert len(audio.load(data, offset_s=20.0, duration_s=1.0)) == audio.SAMPLE_RATE
 
 
 def test_window_past_the_end_is_truncated():
-    data = audio.encode(_tone(22050, 3.0, 1), 22050, "wav")
+    data = audio_files.encode(_tone(22050, 3.0, 1), 22050, "wav")
     with pytest.raises(audio.AudioError, match="truncated"):
         audio.load(data, offset_s=2.5, duration_s=1.0)
 
@@ -275,7 +276,7 @@ def test_missing_s3_object_is_reported(s3_root):
 
 def test_bad_catalog_rows_become_error_rows(tmp_path):
     good = tmp_path / "good.flac"
-    good.write_bytes(audio.encode(_tone(22050, 6.0, 1), 22050, "flac"))
+    good.write_bytes(audio_files.encode(_tone(22050, 6.0, 1), 22050, "flac"))
     rows = pa.table(
         {
             "track_id": ["ok", "http", "no-bucket", "null", "empty", "host", None, "missing"],
@@ -320,7 +321,7 @@ def test_bad_catalog_rows_become_error_rows(tmp_path):
 
 def test_playlists_and_concat_scripts_are_refused_unread(tmp_path):
     secret = tmp_path / "secret.mp3"
-    secret.write_bytes(audio.encode(_tone(22050, 3.0, 1), 22050, "mp3"))
+    secret.write_bytes(audio_files.encode(_tone(22050, 3.0, 1), 22050, "mp3"))
     playlist = tmp_path / "list.m3u8"
     playlist.write_text(
         f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:3\n#EXTINF:3.0,\n{secret}\n#EXT-X-ENDLIST\n"
@@ -338,7 +339,7 @@ def test_allowed_prefixes_confine_local_paths(tmp_path):
     music, private = tmp_path / "music", tmp_path / "private"
     music.mkdir()
     private.mkdir()
-    data = audio.encode(_tone(22050, 6.0, 1), 22050, "flac")
+    data = audio_files.encode(_tone(22050, 6.0, 1), 22050, "flac")
     (music / "a.flac").write_bytes(data)
     (private / "b.flac").write_bytes(data)
     (music / "link.flac").symlink_to(private / "b.flac")
@@ -361,7 +362,7 @@ def test_allowed_prefixes_confine_local_paths(tmp_path):
 
 
 def test_allowed_prefixes_confine_s3_keys(s3_root):
-    data = audio.encode(_tone(22050, 6.0, 1), 22050, "flac")
+    data = audio_files.encode(_tone(22050, 6.0, 1), 22050, "flac")
     for key in ("music/a.flac", "musicx/b.flac"):
         storage.write_bytes(storage.join(s3_root, key), data)
     allowed = (storage.join(s3_root, "music"),)

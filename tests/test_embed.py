@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from jobs import embed as job
-from musiclib import audio, catalog, embedder, embeddings, models, storage
+from musiclib import audio, catalog, embedder, models, storage
 from musiclib.config import Layout
 from musiclib.datasets import demo
 
@@ -54,7 +54,7 @@ def config(root: str, **overrides) -> job.EmbedConfig:
 
 def check_complete(root: str, model_id: str) -> pa.Table:
     """The latest embeddings hold every catalog track exactly once with the reason the catalog expects."""
-    out = embeddings.read(Layout(root).embeddings, model_id)
+    out = embedder.read(Layout(root).embeddings, model_id)
     cat = catalog.read(Layout(root).catalog, columns=["track_id", "fault"])
     ids = out.column("track_id").to_pylist()
     assert len(ids) == len(set(ids)), "duplicate tracks"
@@ -159,7 +159,7 @@ def test_config_validates_the_catalog_before_ray_starts(tmp_path):
 def test_a_second_run_fails_clearly_while_one_is_writing(tmp_path):
     root = str(tmp_path)
     model_id = make_root(root, n_good=1, faults=False)
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     with storage.lease(dataset):
         with pytest.raises(storage.LeaseHeld, match="being written by another run"):
             job.run(config(root))
@@ -170,9 +170,9 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
     """A crash between the manifest and the ``_latest`` move: the re-run finishes the move, embeds nothing."""
     root = str(tmp_path)
     model_id = make_root(root, n_good=1, faults=False)
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
-    rows = embeddings.schema(128).empty_table()
-    embeddings.publish_table(Layout(root).embeddings, model_id, "v1", rows)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
+    rows = embedder.schema(128).empty_table()
+    embedder.publish_table(Layout(root).embeddings, model_id, "v1", rows)
     part = storage.join(storage.version_uri(dataset, "v2"), "part-00000.parquet")
     storage.publish(dataset, "v2", [part], [storage.write_parquet(rows, part)], move_latest=False)
     storage.write_json(storage.join(dataset, job.PENDING), {"version": "v2", "only_new": True})
@@ -210,7 +210,7 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, 
     out = check_complete(root, model_id)
     assert_matches_reference(out, reference(root, model_id))
     assert summary.tracks == 14 and summary.errors["truncated"] == 1
-    manifest = storage.read_latest_manifest(embeddings.dataset_uri(Layout(root).embeddings, model_id))
+    manifest = storage.read_latest_manifest(embedder.dataset_uri(Layout(root).embeddings, model_id))
     assert len(manifest.files) > 1 and manifest.config["model_id"] == model_id
     assert not storage.exists(storage.join(manifest.dataset, job.PENDING))
 
@@ -228,7 +228,7 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
     root = str(tmp_path)
     model_id = make_root(root)
     job.run(config(root))
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     first = storage.read_latest_manifest(dataset)
     lost, kept = first.files[0], first.files[1:]
     storage.delete(storage.join(dataset, lost.path))
@@ -253,7 +253,7 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
 def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluster):
     root = str(tmp_path)
     model_id = make_root(root, n_good=24)
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     cmd = [
         sys.executable,
         str(REPO / "jobs" / "embed.py"),
@@ -296,7 +296,7 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_cluste
     root = str(tmp_path)
     model_id = make_root(root, n_good=3)
     job.run(config(root))
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     cat = catalog.read(Layout(root).catalog, columns=["track_id", "audio_uri", "fault"]).to_pylist()
     base = catalog.base_dir(Layout(root).catalog)
     lost = next(r for r in cat if r["fault"] == "missing")
@@ -307,7 +307,7 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_cluste
 
     summary = job.run(config(root, only_new=True))
     assert summary.tracks == 1 and summary.errors == {}
-    out = embeddings.read(Layout(root).embeddings, model_id)
+    out = embedder.read(Layout(root).embeddings, model_id)
     ids = out["track_id"].to_pylist()
     assert len(ids) == len(set(ids)) == len(cat)
     errors = dict(zip(ids, out["error"].to_pylist()))

@@ -37,9 +37,9 @@ import pytest
 
 from jobs import embed
 from jobs import tag as tag_job
-from musiclib import catalog, embedder, embeddings, fewshot, models, probes, storage, sweep, tags
+from musiclib import catalog, embedder, fewshot, models, probes, storage, sweep, tags
 from musiclib.config import Layout, parse
-from musiclib.datasets import demo
+from musiclib.datasets import demo, tagged_embeddings
 from musiclib.shards import committed_shards, read_shard_columns
 
 REPO = Path(__file__).resolve().parents[1]
@@ -265,7 +265,7 @@ def uninterrupted_embeddings(root: str, model_id: str) -> pa.Table:
 
 def check_embeddings(root: str, model_id: str, expected: pa.Table) -> pa.Table:
     """The latest embeddings hold every catalog track exactly once, with the uninterrupted run's values."""
-    out = embeddings.read(Layout(root).embeddings, model_id)
+    out = embedder.read(Layout(root).embeddings, model_id)
     ids = out["track_id"].to_pylist()
     assert len(ids) == len(set(ids)), "duplicate tracks"
     cat = catalog.read(Layout(root).catalog, columns=["track_id"])["track_id"].to_pylist()
@@ -333,10 +333,12 @@ SYNTHETIC_MODEL = "synthetic-m1"
 
 def synthetic_root(root: str, n_files: int = 1) -> tuple[pa.Table, pa.Table]:
     """A labeled catalog and its embeddings (``n_files`` shards): what tune and tag read, without audio."""
-    cat, emb = fewshot.synthetic(n_tracks=240, n_tags=8, dim=16, n_errors=3, seed=0, model_id=SYNTHETIC_MODEL)
+    cat, emb = tagged_embeddings.make(
+        n_tracks=240, n_tags=8, dim=16, n_errors=3, seed=0, model_id=SYNTHETIC_MODEL
+    )
     layout = Layout(root)
     catalog.write(cat, layout.catalog)
-    dataset = embeddings.dataset_uri(layout.embeddings, SYNTHETIC_MODEL)
+    dataset = embedder.dataset_uri(layout.embeddings, SYNTHETIC_MODEL)
     bounds = np.linspace(0, len(emb), n_files + 1).astype(int)
     files = [
         storage.join(storage.version_uri(dataset, "v1"), f"part-{i:03d}.parquet") for i in range(n_files)
@@ -471,7 +473,7 @@ def test_embed_survives_killed_decode_worker_and_encoder_actor(tmp_path):
     the actor; every track is embedded exactly once with the uninterrupted values. A reader polls throughout."""
     root = str(tmp_path / "root")
     model_id = audio_root(root, n_tracks=8)
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     proc = start(job_command("embed", "--root", root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log")
     killed: list[str] = []
     checkpoints = count_files(storage.join(dataset, embed.CHECKPOINTS), ".parquet", exclude=".pending.")
@@ -539,7 +541,7 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     retries, task retries and the S3 clients' own retries carry the job through, nothing lost."""
     model_id = audio_root(s3_root, n_tracks=4)
     expected = uninterrupted_embeddings(s3_root, model_id)
-    dataset = embeddings.dataset_uri(Layout(s3_root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(s3_root).embeddings, model_id)
     checkpoints = count_files(storage.join(dataset, embed.CHECKPOINTS), ".parquet", exclude=".pending.")
     proc = start(
         job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log"
@@ -684,8 +686,8 @@ def test_embed_without_write_permission_fails_before_work_and_keeps_the_previous
     model_id = audio_root(s3_root, n_tracks=2, faults=False)
     layout = Layout(s3_root)
     previous = uninterrupted_embeddings(s3_root, model_id)
-    embeddings.publish_table(layout.embeddings, model_id, "v-previous", previous)
-    dataset = embeddings.dataset_uri(layout.embeddings, model_id)
+    embedder.publish_table(layout.embeddings, model_id, "v-previous", previous)
+    dataset = embedder.dataset_uri(layout.embeddings, model_id)
     before = storage.read_latest_manifest(dataset)
     env = {**embed_env(), **read_only_key}
     cmd = job_command("embed", "--root", s3_root, "--only-new", "false", *EMBED_ARGS)

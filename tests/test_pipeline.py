@@ -8,7 +8,7 @@ import pytest
 from jobs import embed, pretrain
 from jobs import tag as tag_job
 from jobs import tune as tune_job
-from musiclib import catalog, embeddings, models, storage, tags
+from musiclib import catalog, embedder, models, storage, tags
 from musiclib.config import Layout
 from musiclib.datasets import demo
 
@@ -48,7 +48,7 @@ def test_demo_chain_end_to_end(tmp_path, capsys, monkeypatch):
     assert models.resolve(layout.models) == model_id
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "fault"])
     good = set(cat.filter(pc.is_null(cat["fault"]))["track_id"].to_pylist())
-    emb = embeddings.read(layout.embeddings, model_id, columns=["track_id", "error"])
+    emb = embedder.read(layout.embeddings, model_id, columns=["track_id", "error"])
     assert sorted(emb["track_id"].to_pylist()) == sorted(cat["track_id"].to_pylist())
 
     manifest = storage.read_latest_manifest(layout.tags)

@@ -9,9 +9,9 @@ import pytest
 from test_tune import MODEL, write_root  # noqa: E402
 
 from jobs import tag as tag_job
-from musiclib import catalog, embeddings, fewshot, probes, storage, tags
+from musiclib import catalog, embedder, fewshot, probes, storage, tags
 from musiclib.config import ConfigError, Layout
-from musiclib.datasets import demo
+from musiclib.datasets import demo, tagged_embeddings
 
 LOGREG = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
 
@@ -89,8 +89,8 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     first = first_run_checks(root)
 
     # a crash before the pointer moves leaves latest on the previous complete version
-    cat2, emb2 = fewshot.synthetic(n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=MODEL)
-    embeddings.publish_table(layout.embeddings, MODEL, "v2", emb2)
+    cat2, emb2 = tagged_embeddings.make(n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=MODEL)
+    embedder.publish_table(layout.embeddings, MODEL, "v2", emb2)
     catalog.write(cat2, layout.catalog)
 
     def crash(*args, **kwargs):
@@ -159,8 +159,8 @@ def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(tag_job, "ray_session", no_ray)
-    dataset = embeddings.dataset_uri(layout.embeddings, MODEL)
-    embeddings.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
+    dataset = embedder.dataset_uri(layout.embeddings, MODEL)
+    embedder.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
     storage.publish(dataset, "v3", [], [], move_latest=False)  # no file at all
     for version in ("v2", "v3"):
         storage.set_latest(dataset, version)

@@ -11,8 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import tune as tune_job
-from musiclib import catalog, embeddings, fewshot, probes, report, storage, sweep
+from musiclib import catalog, embedder, fewshot, probes, report, storage, sweep
 from musiclib.config import ConfigError, Layout
+from musiclib.datasets import tagged_embeddings
 
 MODEL = "synthetic-m1"
 SMALL = [
@@ -23,7 +24,7 @@ SMALL = [
 
 def write_root(root: str, n_tracks: int = 240, **kwargs) -> tuple[pa.Table, pa.Table]:
     """A synthetic catalog, its embeddings of ``MODEL`` and the latest-model pointer under ``root``."""
-    return fewshot.write_synthetic_root(
+    return tagged_embeddings.write_root(
         root, MODEL, n_tracks=n_tracks, n_errors=3, n_tags=8, dim=16, **kwargs
     )
 
@@ -51,12 +52,12 @@ def test_config_is_validated_before_any_work(tmp_path):
 
 def test_a_catalog_without_validation_labels_is_refused_before_ray(tmp_path):
     """Configurations are chosen on the validation split: without it there is nothing honest to choose on."""
-    cat, emb = fewshot.synthetic(n_tracks=80, n_tags=8, dim=16, model_id=MODEL)
+    cat, emb = tagged_embeddings.make(n_tracks=80, n_tags=8, dim=16, model_id=MODEL)
     split = cat.schema.get_field_index("split")
     no_valid = pc.if_else(pc.equal(cat["split"], "valid"), "train", cat["split"])
     layout = Layout(str(tmp_path))
     catalog.write(cat.set_column(split, cat.schema.field(split), no_valid), layout.catalog)
-    embeddings.publish_table(layout.embeddings, MODEL, "v1", emb)
+    embedder.publish_table(layout.embeddings, MODEL, "v1", emb)
     storage.publish(layout.models, MODEL, [], [])  # a model without an encoder: tune reads embeddings
     with pytest.raises(ConfigError, match="0 labeled validation tracks"):
         tune_job.main(["--root", str(tmp_path)])

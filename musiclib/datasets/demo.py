@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from musiclib import catalog, storage
-from musiclib.audio import encode
 from musiclib.config import DEFAULT_ROOT, Layout, check
+from musiclib.datasets.audio_files import encode
 
 SR = 22050  # synthesis rate; 44100 Hz files are upsampled from it
 FORMATS = ("flac", "ogg", "mp3", "wav")
