@@ -110,7 +110,7 @@ def test_render_gives_the_same_samples_in_another_process():
     process, set iteration order or global random stream enters the audio)."""
     spec = demo.sample_tracks(6, seed=7, min_seconds=1.0, max_seconds=1.5)[0]
     script = (
-        "import hashlib; from musiclib import demo; "
+        "import hashlib; from musiclib.datasets import demo; "
         "spec = demo.sample_tracks(6, seed=7, min_seconds=1.0, max_seconds=1.5)[0]; "
         "print(hashlib.sha256(demo.render(spec).tobytes()).hexdigest())"
     )

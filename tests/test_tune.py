@@ -135,7 +135,7 @@ def test_trial_slots_are_cores_on_a_local_ray_and_cpus_on_a_cluster():
 
 
 def test_trials_hold_every_configuration_once_longest_first():
-    configs = tune_job.configurations(tune_job.TuneConfig(budgets=["1", "all"]))
+    configs = sweep.configurations(sweep.TuneConfig(budgets=["1", "all"]))
     groups = sweep.group_by_trial(configs)
     assert sorted(fewshot.trial_key(c) for g in groups for c in g) == sorted(map(fewshot.trial_key, configs))
     assert all(len(g) == len(probes.NORMS) and len({c["probe"] for c in g}) == 1 for g in groups)
