@@ -39,10 +39,10 @@ embed: $(STAMP)
 	$(PY) jobs/embed.py --root $(ROOT) $(ARGS)
 
 tune: $(STAMP)
-	$(PY) jobs/tune_probes.py --root $(ROOT) $(ARGS)
+	$(PY) jobs/tune.py --root $(ROOT) $(ARGS)
 
 tag: $(STAMP)
-	$(PY) jobs/write_tags.py --root $(ROOT) $(ARGS)
+	$(PY) jobs/tag.py --root $(ROOT) $(ARGS)
 
 # The whole pipeline on the embedded default (local Ray, local files, the generated demo catalog).
 demo: $(STAMP)

@@ -3,7 +3,7 @@
     python bench/bench_embed.py --root /tmp/bench_embed --distinct 100 --sizes 1000,10000
 
 One run, on the same files and model: (1) the decode-only floor (``decode_batch`` in one process),
-(2) the plain single-process loop (decode, chunk, forward: ``embedding.embed_catalog``), (3) the Ray Data
+(2) the plain single-process loop (decode, chunk, forward: ``embedder.embed_catalog``), (3) the Ray Data
 job (``jobs/embed.py``'s ``run`` on a local Ray, once cold and then warm), each as tracks/s and as ratios;
 the plain loop and the warm job are timed ``repeats`` times and the fastest run of each counts. Then the
 job on each catalog size with the summed proportional set size (PSS) of the driver and every process it
@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs import embed as job  # noqa: E402
-from musiclib import catalog, demo, embedding, models, storage  # noqa: E402
+from musiclib import catalog, embedder, models, storage  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
+from musiclib.datasets import demo  # noqa: E402
 from musiclib.ray_env import ray_session
 
 
@@ -169,17 +170,17 @@ def decode_floor(catalog_uri: str, batch_size: int) -> float:
     n = 0
     base = catalog.base_dir(catalog_uri)
     for batch in catalog.iter_batches(catalog_uri, columns=["track_id", "audio_uri"], batch_size=batch_size):
-        n += len(embedding.decode_batch(pa.Table.from_batches([batch]), base))
+        n += len(embedder.decode_batch(pa.Table.from_batches([batch]), base))
     return n / (time.perf_counter() - start)
 
 
-def run_job(root: str, cfg: BenchConfig) -> embedding.Summary:
+def run_job(root: str, cfg: BenchConfig) -> embedder.Summary:
     """The Ray job on a root, from a clean embeddings folder."""
     storage.delete(Layout(root).embeddings, recursive=True)
     return job.run(job.EmbedConfig(root=root, batch_size=cfg.batch_size, actors=cfg.actors))
 
 
-def fastest(runs: list[embedding.Summary]) -> embedding.Summary:
+def fastest(runs: list[embedder.Summary]) -> embedder.Summary:
     """The run with the shortest wall time (as ``timeit`` does: slower runs measure interference)."""
     return min(runs, key=lambda s: s.wall_s)
 
@@ -191,14 +192,14 @@ def main(argv: list[str] | None = None) -> None:
     roots = {n: make_root(cfg, audio, n) for n in sorted({cfg.throughput_tracks, *cfg.sizes})}
     small = roots[cfg.throughput_tracks]
     catalog_uri = Layout(small).catalog
-    model_id = models.latest_model(Layout(small).models)
+    model_id = models.resolve(Layout(small).models)
     encoder, _ = models.load_encoder(Layout(small).models, model_id)
 
     floor = decode_floor(catalog_uri, cfg.batch_size)
     print(f"decode-only floor (1 process): {floor:.1f} tracks/s")
     plain = fastest(
         [
-            embedding.embed_catalog(catalog_uri, encoder, model_id, batch_size=cfg.batch_size)[1]
+            embedder.embed_catalog(catalog_uri, encoder, model_id, batch_size=cfg.batch_size)[1]
             for _ in range(cfg.repeats)
         ]
     )

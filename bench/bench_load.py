@@ -5,7 +5,7 @@
 One run: a SeaweedFS S3 server on 127.0.0.1 (``cluster/s3server.py``) holds ``distinct`` demo tracks and,
 for each size, a catalog that references them under new track ids (``bench_embed.make_audio`` and
 ``make_root``: only the first ``distinct`` rows keep the demo's labels, as few labels as a real catalog
-has) and the same random narrow encoder. The plain single-process loop (``embedding.embed_catalog``) is
+has) and the same random narrow encoder. The plain single-process loop (``embedder.embed_catalog``) is
 timed on the first ``plain_tracks`` rows of the catalog, from S3, before the cluster starts. Then the
 two-node cluster of ``tests/test_cluster.py`` (``cluster/local.py``: head 4 CPUs, worker 2 CPUs, token
 auth) starts and, for each size, the bench submits ``make submit JOB=embed``, fits a probe set on the
@@ -43,7 +43,7 @@ from bench_embed import PeakMemory, format_pss, make_audio, make_root, ray_pss_b
 
 from cluster import local  # noqa: E402
 from cluster.s3server import SeaweedS3  # noqa: E402
-from musiclib import catalog, embedding, embeddings, fewshot, models, storage, tags  # noqa: E402
+from musiclib import catalog, embedder, fewshot, models, storage, tags  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
 
 SUMMARY = re.compile(r"embed: (\d+) tracks, .* in ([\d.]+) s: ([\d.]+) tracks/s")
@@ -61,7 +61,7 @@ class LoadConfig:
     plain_tracks: int = 1000  # catalog rows the plain single-process loop is timed on
     repeats: int = 1  # timed runs of the plain loop; the fastest counts
     embed_args: str = "--actors 1"  # options of jobs/embed.py (ARGS of make submit)
-    tag_args: str = ""  # options of jobs/write_tags.py
+    tag_args: str = ""  # options of jobs/tag.py
     probe: str = "logreg"  # probe kind of the fitted probe set (C = 1, standardised)
     sample_s: float = 0.5  # memory sampling period
     job_timeout_s: float = 7200.0  # most seconds one submitted job may take
@@ -100,7 +100,7 @@ def catalog_ids(root: str) -> pa.Array:
 
 def check_embeddings(root: str, model_id: str, ids: pa.Array) -> str:
     """Every catalog id exactly once in the latest embeddings, none with an error; raises otherwise."""
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     manifest = storage.read_latest_manifest(dataset)
     table = storage.read_parquet(manifest.file_uris(), ["track_id", "error"])
     got = table.column("track_id").combine_chunks()
@@ -121,7 +121,7 @@ def publish_probe_set(root: str, model_id: str, distinct: int, probe: str) -> tu
     as the tune job refits its final probe set, and publish it as a probe run; returns (run id, tags)."""
     layout = Layout(root)
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "split"]).slice(0, distinct)
-    dataset = embeddings.dataset_uri(layout.embeddings, model_id)
+    dataset = embedder.dataset_uri(layout.embeddings, model_id)
     emb = storage.read_parquet(
         storage.read_latest_manifest(dataset).file_uris(), ["track_id", "embedding", "error"]
     )
@@ -188,15 +188,13 @@ def main(argv: list[str] | None = None) -> None:
                 split, "split", pc.if_else(keep, table["split"], pa.nulls(n, pa.string()))
             )
             catalog.write(table, Layout(root).catalog)
-        model_id = models.latest_model(
-            Layout(roots[cfg.plain_tracks]).models
-        )  # the same weights in every root
-        assert all(models.latest_model(Layout(r).models) == model_id for r in roots.values())
+        model_id = models.resolve(Layout(roots[cfg.plain_tracks]).models)  # the same weights in every root
+        assert all(models.resolve(Layout(r).models) == model_id for r in roots.values())
         print(f"catalogs on {server.endpoint}: {', '.join(roots.values())}; model {model_id}", flush=True)
 
         small = Layout(roots[cfg.plain_tracks]).catalog
         encoder, _ = models.load_encoder(Layout(roots[cfg.plain_tracks]).models, model_id)
-        runs = [embedding.embed_catalog(small, encoder, model_id)[1] for _ in range(cfg.repeats)]
+        runs = [embedder.embed_catalog(small, encoder, model_id)[1] for _ in range(cfg.repeats)]
         plain = min(runs, key=lambda s: s.wall_s)
         plain_rate = plain.tracks / plain.wall_s
         print(

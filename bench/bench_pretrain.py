@@ -19,7 +19,8 @@ import ray
 import torch
 
 from musiclib.config import Layout, parse
-from musiclib.pretraining import PretrainConfig, build, committed_shards, fit, load_training_data, plan_labels
+from musiclib.pretraining import PretrainConfig, build, fit, load_training_data, plan_labels
+from musiclib.shards import committed_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs import pretrain as job  # noqa: E402

@@ -28,15 +28,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from jobs import tune_probes  # noqa: E402
-from musiclib import fewshot, metrics, models, probes  # noqa: E402
+from jobs import tune as tune_job  # noqa: E402
+from musiclib import fewshot, metrics, models, probes, sweep  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
+from musiclib.datasets import tagged_embeddings  # noqa: E402
 
 
 def bench_probe(n_train: int, n_test: int, dim: int, n_tags: int, seed: int) -> None:
     """Per-tag scikit-learn logistic regression loop vs one torch linear layer for all tags."""
     torch.set_num_threads(1)
-    cat, emb = fewshot.synthetic(
+    cat, emb = tagged_embeddings.make(
         n_tracks=n_train + n_test, n_tags=n_tags, dim=dim, labeled_fraction=1.0, noise=8.0, seed=seed
     )
     x = np.array(emb["embedding"].to_pylist(), np.float32)
@@ -66,10 +67,10 @@ def bench_probe(n_train: int, n_test: int, dim: int, n_tags: int, seed: int) -> 
 
 def plain_loop(root: str) -> tuple[float, int]:
     """The default sweep's configurations run one after another in this process, without Ray: seconds, count."""
-    cfg = parse(tune_probes.TuneConfig, ["--root", root])
+    cfg = parse(sweep.TuneConfig, ["--root", root])
     layout = Layout(root)
-    data = tune_probes.load_data(cfg, layout, models.latest_model(layout.models))
-    configs = tune_probes.configurations(cfg)
+    data = sweep.load_data(cfg, layout, models.resolve(layout.models))
+    configs = sweep.configurations(cfg)
     torch.set_num_threads(1)
     start = time.perf_counter()
     with threadpoolctl.threadpool_limits(1):  # BLAS on one thread, as in Ray's workers (OMP_NUM_THREADS=1)
@@ -82,11 +83,11 @@ def bench_sweep(root: str | None, n_tracks: int, n_tags: int, dim: int, cores: i
     """The default sweep (fresh run id) on ``root`` or a synthetic root, against the plain loop on one core."""
     if root is None:
         root = tempfile.mkdtemp(prefix="bench-tune-")
-        fewshot.write_synthetic_root(root, n_tracks=n_tracks, n_tags=n_tags, dim=dim)
+        tagged_embeddings.write_root(root, n_tracks=n_tracks, n_tags=n_tags, dim=dim)
         print(f"synthetic root {root}: {n_tracks} tracks, {n_tags} tags, {dim}-d embeddings")
     start = time.perf_counter()
     argv = ["--root", root, "--run-id", f"bench-{int(time.time())}", "--num-cpus", str(cores)]
-    manifest = tune_probes.main(argv)
+    manifest = tune_job.main(argv)
     total = time.perf_counter() - start
     plain, n_configs = plain_loop(root)
     extra = manifest.extra

@@ -34,30 +34,21 @@ from typing import Any
 
 import yaml
 
+from musiclib import ray_env
+
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNTIME_ENV = "cluster/runtime_env.yaml"
 
-# Job name -> entrypoint script (run as ``python <script> --root ROOT ARGS...`` in the working directory).
-JOBS = {
-    "pretrain": "jobs/pretrain.py",
-    "embed": "jobs/embed.py",
-    "tune": "jobs/tune_probes.py",
-    "tag": "jobs/write_tags.py",
-}
+# Each job runs as ``python jobs/<job>.py --root ROOT ARGS...`` in the working directory.
+JOBS = ("pretrain", "embed", "tune", "tag")
 
 # What the working directory upload leaves out (gitignore-style patterns).
 EXCLUDES = [".venv/", "data/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]
 EXCLUDES += ["*.egg-info/", "build/", "*.pyc"]
 
 # Settings the jobs read from the environment that may travel with the job: none of them is a secret.
-FORWARDED = (
-    "AWS_ENDPOINT_URL",
-    "AWS_ENDPOINT_URL_S3",
-    "AWS_REGION",
-    "AWS_DEFAULT_REGION",
-    "MUSICLIB_ROOT",
-)
+FORWARDED = (*ray_env.FORWARDED, "MUSICLIB_ROOT")
 SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 
 DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
@@ -116,7 +107,7 @@ def entrypoint(job: str, root: str, args: list[str]) -> str:
     """The shell command the job server runs in the working directory."""
     if job not in JOBS:
         raise SubmitError(f"unknown job {job!r}: choose one of {', '.join(JOBS)}")
-    return shlex.join(["python", JOBS[job], "--root", root, *args])
+    return shlex.join(["python", f"jobs/{job}.py", "--root", root, *args])
 
 
 # --------------------------------------------------------------------------- the ray CLI

@@ -19,81 +19,23 @@ every track into a new version (a new encoder export gets its own model id, so t
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import sys
 import time
-import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
-from musiclib import audio, catalog, embedding, embeddings, models, progress, storage
-from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
-from musiclib.ray_env import ray_session, read_parquet, retry_transient_storage
+from musiclib import audio, catalog, embedder, models, progress, ray_env, storage
+from musiclib.config import Layout, as_dict, parse
+from musiclib.embedder import EmbedConfig
+from musiclib.ray_env import ray_session, retry_transient_storage
 
 PENDING = "_pending.json"
 CHECKPOINTS = "_checkpoints"
-
-
-@dataclass
-class EmbedConfig:
-    """Embed every catalog track with an exported encoder and publish the embeddings."""
-
-    root: str = DEFAULT_ROOT
-    catalog: str = ""  # default: <root>/catalog/tracks.parquet
-    model_id: str = ""  # default: the latest exported model under <root>/models
-    only_new: bool = True  # embed only tracks absent from the latest embeddings; false: recompute all
-    max_chunks: int = 64  # chunks of 2.7 s per track, spread evenly over it
-    batch_size: int = 16  # tracks per encoder call
-    decode_batches: int = 4  # encoder batches per decode task: fewer, larger tasks, less per-task bookkeeping
-    chunk_batch: int = 64  # chunks per encoder forward
-    decode_cpus: float = 1.0  # CPUs per decode task
-    decode_tasks: int = 0  # most decode tasks submitted at once; 0: twice what the CPUs beside the actors run
-    actors: int = 0  # most encoder actors; 0: one per GPU, or half the CPUs on a cluster without GPUs
-    cpus_per_actor: float = 1.0
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
-    shard_rows: int = 10000  # fewest rows per output Parquet file
-    validate_catalog: bool = True  # check every row before Ray starts; false: bad rows become error rows
-    allowed_prefixes: list[str] = field(default_factory=list)  # audio only under these; empty: anywhere
-    task_retries: int = 3  # decode tasks retried after storage errors that outlast the decoder's own retries
-    ray_address: str = ""  # empty: RAY_ADDRESS inside a submitted job, else a new local Ray
-
-    @property
-    def catalog_uri(self) -> str:
-        return self.catalog or Layout(self.root).catalog
-
-    def validate(self) -> None:
-        """Fail fast, before Ray starts: bad numbers, unreachable storage, a missing catalog or model."""
-        for name in ("max_chunks", "batch_size", "decode_batches", "chunk_batch", "shard_rows"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.decode_tasks < 0:
-            raise ConfigError(f"--decode-tasks must not be negative (0: automatic), got {self.decode_tasks}")
-        if self.task_retries < 0:
-            raise ConfigError(f"--task-retries must not be negative, got {self.task_retries}")
-        if self.actors < 0:
-            raise ConfigError(f"--actors must not be negative (0: automatic), got {self.actors}")
-        if self.decode_cpus <= 0 or self.cpus_per_actor < 0:
-            raise ConfigError("--decode-cpus must be positive and --cpus-per-actor not negative")
-        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
-            raise ConfigError(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
-        try:
-            if not storage.exists(self.catalog_uri):
-                raise ConfigError(f"catalog not found: {self.catalog_uri}")
-            if self.validate_catalog:
-                catalog.validate(self.catalog_uri)
-            models_root = Layout(self.root).models
-            model_id = self.model_id or models.latest_model(models_root)
-            if not storage.exists(storage.join(models_root, model_id, "encoder.safetensors")):
-                raise ConfigError(f"no exported model {model_id!r} under {models_root}")
-        except storage.StorageError as exc:
-            raise ConfigError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- Ray
@@ -109,40 +51,7 @@ class EncoderActor:
         self.device = device
 
     def __call__(self, decoded: pa.Table) -> pa.Table:
-        return embedding.embed_batch(self.encoder, decoded, self.model_id, self.chunk_batch, self.device)
-
-
-def encoder_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> tuple[float, int]:
-    """GPUs per encoder actor and the most actors, from the config or, where it says 0 / None, the cluster.
-
-    With GPUs: up to one actor per GPU, added as the backlog grows. Without: the encoder shares the CPUs
-    with decoding and its forward pass costs more than decoding there, so a fixed pool holding half the
-    CPUs starts at once (autoscaling from one actor, on a small node whose CPUs the decoders held, kept
-    requesting a second actor that never started; measured in docs/BENCHMARKS.md).
-    """
-    gpus = cfg.gpus_per_actor
-    if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
-    if cfg.actors:
-        return gpus, cfg.actors
-    if gpus > 0:
-        return gpus, max(1, int(cluster.get("GPU", 0) // gpus))
-    return gpus, max(1, int(cluster.get("CPU", 1) / 2 // max(cfg.cpus_per_actor, 1.0)))
-
-
-def decode_tasks(cfg: EmbedConfig, cluster: dict[str, float], actors: int) -> int:
-    """The most decode tasks in flight: ``--decode-tasks``, or twice what the CPUs beside the encoder
-    actors can run, so a free CPU always has a task queued.
-
-    Without a cap Ray Data (with the reservation off, ``data_context``) submits every decode task of the
-    catalog at once; each waits in the raylet's queue and is tracked by the driver and the GCS until it
-    runs, so memory grew with the catalog (docs/BENCHMARKS.md, load). On an autoscaling cluster, whose
-    CPUs at start are not its CPUs later, set it.
-    """
-    if cfg.decode_tasks:
-        return cfg.decode_tasks
-    free = cluster.get("CPU", 1) - actors * cfg.cpus_per_actor
-    return max(2, 2 * int(free // cfg.decode_cpus))
+        return embedder.embed_batch(self.encoder, decoded, self.model_id, self.chunk_batch, self.device)
 
 
 def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
@@ -150,32 +59,27 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
 
     A decode task that meets storage it cannot reach (``audio.TransientError``, after the decoder's own
     backoff) is retried ``task_retries`` times (``data_context``); then the job fails, and the next run
-    resumes from what was written. Blocks of ``decode_batches * batch_size`` tracks are the unit of work:
-    a catalog row group of a million rows becomes many decode tasks, and the re-blocking between decode
-    and encode keeps them separate operators (Ray would otherwise fuse the decoding into the encoder
-    actors, starving the accelerator). Ray keeps some bookkeeping per task and block (driver, stats
-    actor, GCS) until the run ends, so the blocks are a few encoder batches rather than one
-    (docs/BENCHMARKS.md, load).
+    resumes from what was written. Blocks of ``batch_size`` tracks are the unit of work: a catalog row
+    group of a million rows becomes many small decode tasks, and the re-blocking between decode and
+    encode keeps them separate operators (Ray would otherwise fuse the decoding into the encoder actors,
+    starving the accelerator).
     """
-    fs, path = storage.arrow_filesystem(cfg.catalog_uri)
-    rows = read_parquet(path, fs, ["track_id", "audio_uri"])
+    rows = ray_env.read_parquet(cfg.catalog_uri, ["track_id", "audio_uri"])
     if len(skip):
-        rows = rows.map_batches(embedding.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
-    gpus, actors = encoder_resources(cfg, ray.cluster_resources())
-    block = cfg.decode_batches * cfg.batch_size
-    decoded = rows.repartition(target_num_rows_per_block=block).map_batches(
-        embedding.decode_batch,
+        rows = rows.map_batches(embedder.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
+    decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
+        embedder.decode_batch,
         fn_kwargs={
             "base_dir": catalog.base_dir(cfg.catalog_uri),
             "max_chunks": cfg.max_chunks,
             "allowed_prefixes": cfg.allowed_prefixes or None,
         },
-        batch_size=block,
+        batch_size=cfg.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=decode_tasks(cfg, ray.cluster_resources(), actors)),
         num_cpus=cfg.decode_cpus,
     )
-    return decoded.repartition(target_num_rows_per_block=block).map_batches(
+    gpus, actors = embedder.encoder_resources(cfg, ray.cluster_resources())
+    return decoded.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         EncoderActor,
         fn_constructor_kwargs={
             "models_root": Layout(cfg.root).models,
@@ -202,8 +106,8 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
       not write its tracks a second time.
     - No per-operator resource reservation. Ray Data would reserve an equal share of the CPUs for each
       running operator, the Parquet writer included, which sits idle until the end; on a small node that
-      holds decoding to one task at a time while CPUs stay free. Without it nothing bounds the tasks Ray
-      Data submits, so decoding gets an explicit cap (``decode_tasks``).
+      holds decoding to one task at a time while CPUs stay free. Nothing then caps the decode tasks Ray
+      Data submits (the whole catalog's at once; docs/BENCHMARKS.md, load).
     """
     fs, path = storage.arrow_filesystem(checkpoint_dir)
     ctx = ray.data.DataContext.get_current()
@@ -232,63 +136,20 @@ def begin_version(dataset: str, only_new: bool) -> tuple[str, bool]:
     marker = storage.join(dataset, PENDING)
     if storage.exists(marker):
         pending = storage.read_json(marker)
-        if storage.read_manifest(dataset, pending["version"]) is not None:
-            done = storage.make_current(dataset, pending["version"])
-            print(f"version {pending['version']} was committed by a run that died before finishing: {done}")
+        if storage.already_complete(dataset, pending["version"], "embed") is not None:
             return pending["version"], True
         if pending["only_new"] == only_new:
             print(f"resuming unfinished version {pending['version']}")
             return pending["version"], False
-    version = f"v{timestamp()}-{uuid.uuid4().hex[:6]}"
+    version = storage.new_version()
     storage.write_json(marker, {"version": version, "only_new": only_new})
     return version, False
-
-
-def timestamp() -> str:
-    return _dt.datetime.now(_dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-
-
-@dataclass
-class CarryOver:
-    """What an incremental version keeps of the latest one (see ``carry_over``)."""
-
-    kept: list[storage.FileEntry]  # files kept as they are
-    skip: np.ndarray  # sorted ids not to embed again
-    retried: set[tuple[str, str]]  # (track_id, error) of the rows left out to be tried again
-
-
-def carry_over(dataset: str, only_new: bool, out_dir: str) -> CarryOver:
-    """What an incremental version keeps of the latest one: its files, the ids to skip, the rows retried.
-
-    Rows whose error may since have gone away (``audio.RETRIED``: an object that was missing) are not
-    kept: a file holding any is copied into ``out_dir`` without them, so those tracks are embedded again
-    and every track still appears exactly once.
-    """
-    none = CarryOver([], np.array([], dtype=object), set())
-    if not only_new or storage.latest_version(dataset) is None:
-        return none
-    kept, ids, retried = [], [], set()
-    for entry in storage.read_latest_manifest(dataset).files:
-        uri = storage.join(dataset, entry.path)
-        rows = storage.read_parquet([uri], ["track_id", "error"])
-        retry = pc.fill_null(pc.is_in(rows["error"], pa.array(audio.RETRIED)), False)
-        if pc.any(retry).as_py():
-            rest = storage.read_parquet([uri]).filter(pc.invert(retry))
-            storage.write_parquet(rest, storage.join(out_dir, "carried-" + entry.path.replace("/", "-")))
-            again = rows.filter(retry)
-            retried |= set(zip(again["track_id"].to_pylist(), again["error"].to_pylist()))
-        else:
-            kept.append(entry)
-        ids.append(rows.filter(pc.invert(retry))["track_id"].to_numpy(zero_copy_only=False))
-    if retried:
-        print(f"{len(retried)} track(s) whose audio was {'/'.join(audio.RETRIED)} are tried again")
-    return CarryOver(kept, np.sort(np.concatenate(ids)), retried)
 
 
 # --------------------------------------------------------------------------- the job
 
 
-def run(cfg: EmbedConfig) -> embedding.Summary:
+def run(cfg: EmbedConfig) -> embedder.Summary:
     """Embed the catalog (or its new tracks), publish the version, and return the summary of the version's new rows.
 
     The whole run holds the dataset's lease, taken before Ray starts: a second run of the same model
@@ -297,26 +158,26 @@ def run(cfg: EmbedConfig) -> embedding.Summary:
     """
     start = time.perf_counter()
     layout = Layout(cfg.root)
-    model_id = cfg.model_id or models.latest_model(layout.models)
-    dataset = embeddings.dataset_uri(layout.embeddings, model_id)
+    model_id = models.resolve(layout.models, cfg.model_id)
+    dataset = embedder.dataset_uri(layout.embeddings, model_id)
     with storage.lease(dataset):
         version, committed = begin_version(dataset, cfg.only_new)
         out_dir = storage.version_uri(dataset, version)
         checkpoint_dir = storage.join(dataset, CHECKPOINTS, version)
         new: list[str] = []
         if not committed:
-            with ray_session(cfg.ray_address):
+            with ray_session(cfg.ray_address, cfg.num_cpus):
                 new = write_version(cfg, model_id, dataset, version, out_dir, checkpoint_dir)
         storage.delete(checkpoint_dir, recursive=True)
         storage.delete(storage.join(dataset, PENDING))
-    return embedding.summarize(new, time.perf_counter() - start)
+    return embedder.summarize(new, time.perf_counter() - start)
 
 
 def write_version(
     cfg: EmbedConfig, model_id: str, dataset: str, version: str, out_dir: str, checkpoint_dir: str
 ) -> list[str]:
     """Run the pipeline into ``out_dir`` and publish the version; return the URIs of the files it embedded."""
-    carried = carry_over(dataset, cfg.only_new, out_dir)
+    carried = embedder.carry_over(dataset, cfg.only_new, out_dir)
     fs, out_path = storage.arrow_filesystem(out_dir)
     with data_context(checkpoint_dir, cfg.task_retries):
         ds = build_pipeline(cfg, model_id, carried.skip)
@@ -325,7 +186,7 @@ def write_version(
     embedded = [u for u in files if not u.rsplit("/", 1)[-1].startswith("carried-")]
     if carried.kept and not embedded:
         print(f"{dataset} is up to date: every catalog track has an embedding; nothing published")
-    elif carried.retried and unchanged(embedded, carried.retried):
+    elif carried.retried and embedder.unchanged(embedded, carried.retried):
         storage.delete(out_dir, recursive=True)
         print(f"{dataset} is up to date: {len(carried.retried)} track(s) still {'/'.join(audio.RETRIED)}")
         return []
@@ -343,19 +204,13 @@ def write_version(
     return embedded
 
 
-def unchanged(embedded: list[str], retried: set[tuple[str, str]]) -> bool:
-    """Whether the tracks embedded again gave exactly the errors they had (nothing to publish)."""
-    rows = storage.read_parquet(embedded, ["track_id", "error"]) if embedded else None
-    return rows is not None and set(zip(rows["track_id"].to_pylist(), rows["error"].to_pylist())) == retried
-
-
 def main(argv: list[str] | None = None) -> None:
     cfg = parse(EmbedConfig, argv)
     started = progress.start("embed")
     done = run(cfg)
     print(f"embed: {done}")  # the rate line bench/bench_load.py reads
-    dataset = embeddings.dataset_uri(
-        Layout(cfg.root).embeddings, cfg.model_id or models.latest_model(Layout(cfg.root).models)
+    dataset = embedder.dataset_uri(
+        Layout(cfg.root).embeddings, models.resolve(Layout(cfg.root).models, cfg.model_id)
     )
     latest = storage.read_latest_manifest(dataset)
     failed = sum(done.errors.values())

@@ -2,7 +2,7 @@
 
     python jobs/make_demo_catalog.py --root data/demo [--n-tracks 300] [--faults true] [--workers 2]
 
-Writes ``<root>/catalog/tracks.parquet`` and its audio (``musiclib.demo.make_catalog``), validates it,
+Writes ``<root>/catalog/tracks.parquet`` and its audio (``musiclib.datasets.demo.make_catalog``), validates it,
 and prints the tag vocabulary of the labeled training tracks, head and tail. Idempotent: the config is
 recorded in ``<root>/catalog/_demo.json`` after the catalog is written, and a run with the same config
 finds it and skips generation (a run cut short left no record, so it generates again).
@@ -12,30 +12,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
 
-from musiclib import catalog, demo, progress, storage
-from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, as_dict, parse
-
-
-@dataclass
-class DemoCatalogConfig:
-    """Generate the demo catalog (synthesised music, tags on a fraction of tracks, optional faulty files)."""
-
-    root: str = DEFAULT_ROOT
-    n_tracks: int = 300
-    seed: int = 0
-    faults: bool = False  # add one track per decoder failure (corrupt, empty, missing, ...)
-    labeled_fraction: float = 0.5
-    workers: int = 2  # processes synthesising and encoding; does not change the result
-
-    def validate(self) -> None:
-        if self.n_tracks < 1:
-            raise ConfigError(f"--n-tracks must be at least 1, got {self.n_tracks}")
-        if not 0 <= self.labeled_fraction <= 1:
-            raise ConfigError(f"--labeled-fraction must be in [0, 1], got {self.labeled_fraction}")
-        if self.workers < 1:
-            raise ConfigError(f"--workers must be at least 1, got {self.workers}")
+from musiclib import catalog, progress, storage
+from musiclib.config import Layout, as_dict, parse
+from musiclib.datasets import demo
+from musiclib.datasets.demo import DemoCatalogConfig
 
 
 def main(argv: list[str] | None = None) -> str:

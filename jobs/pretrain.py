@@ -9,7 +9,7 @@
 3. Train with a Ray Train ``TorchTrainer`` (DDP, projections gathered from every worker), checkpointing
    every ``--checkpoint-every`` steps to ``<root>/runs/<run-name>``. Running the same command again
    resumes from the latest checkpoint; failed workers are retried from it (``--max-failures``).
-4. Export the encoder to ``<root>/models/<model_id>`` with a JSON card and point ``_latest`` at it.
+4. Export the encoder to ``<root>/models/<model_id>`` with a JSON card, published as the latest model.
 """
 
 from __future__ import annotations
@@ -33,21 +33,17 @@ from musiclib.pretraining import (
     build,
     check_resume,
     checkpoint_state,
-    committed_shards,
     distributed,
     fit,
     load_checkpoint,
     load_training_data,
     plan_labels,
-    plan_shards,
-    prepare_shard,
     progress_line,
-    read_shard_columns,
     restore,
     save_checkpoint,
-    shard_report,
 )
 from musiclib.ray_env import ray_session, retry_transient_storage
+from musiclib.shards import committed_shards, plan_shards, prepare_shard, read_shard_columns, shard_report
 
 TASK_RETRIES = 3  # shard tasks run again after storage errors that outlast the decoder's retries
 
@@ -167,9 +163,7 @@ def export(cfg: PretrainConfig, layout: Layout, result: ray.train.Result, shards
         },
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
     }
-    model_id = models.export_encoder(model.encoder, layout.models, card)
-    models.set_latest_model(layout.models, model_id)
-    return model_id
+    return models.export_encoder(model.encoder, layout.models, card)
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -180,7 +174,7 @@ def main(argv: list[str] | None = None) -> str:
     run_uri = storage.join(layout.runs, cfg.run_name)
     check_resume(cfg, run_uri)
     torch.manual_seed(cfg.seed)
-    with storage.lease(run_uri), ray_session(include_dashboard=True):
+    with storage.lease(run_uri), ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True):
         with storage.lease(layout.shards), retry_transient_storage(TASK_RETRIES):
             shards = prepare_shards(cfg, layout)
         result = train(cfg, layout)

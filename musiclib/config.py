@@ -121,6 +121,27 @@ def as_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def check(job: str, problems: list[str]) -> None:
+    """Raise one ``ConfigError`` listing every problem of a job's config, so all are fixed in one go."""
+    if problems:
+        raise ConfigError(f"invalid {job} config:\n  " + "\n  ".join(problems))
+
+
+@dataclasses.dataclass
+class RayConfig:
+    """The Ray settings of every job, under the same names (job configs inherit them)."""
+
+    ray_address: str = ""  # empty: RAY_ADDRESS inside a submitted job, else a new local Ray
+    num_cpus: int = 0  # logical CPUs of a new local Ray (0: every core); ignored when joining a cluster
+
+    def problems(self) -> list[str]:
+        return (
+            [f"--num-cpus must not be negative (0: every core), got {self.num_cpus}"]
+            if self.num_cpus < 0
+            else []
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class Layout:
     """Where each job reads and writes under one root URI (local folder or ``s3://bucket/prefix``)."""

@@ -15,10 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from musiclib import catalog, embeddings, metrics, models, probes
-from musiclib.config import Layout
+from musiclib import catalog, metrics, probes
 
-BUDGETS: tuple[int | None, ...] = (1, 2, 5, 10, 20, 50, 100, None)
 EVAL_SPLITS = ("valid", "test")  # configurations are chosen on valid; test only reports the chosen ones
 
 
@@ -201,74 +199,6 @@ def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: 
                 row[f"{split}_ap"] = float(result.ap[j])
             rows.append(row | {"fit_s": seconds / len(data.tags)})
     return rows
-
-
-def synthetic(
-    n_tracks: int = 300,
-    n_tags: int = 12,
-    dim: int = 32,
-    labeled_fraction: float = 0.6,
-    noise: float = 0.5,
-    n_errors: int = 0,
-    seed: int = 0,
-    model_id: str = "synthetic",
-) -> tuple[pa.Table, pa.Table]:
-    """A catalog and an embeddings table whose embeddings are correlated with the tags (tests, benchmarks).
-
-    Tag frequencies fall off like Zipf (a head and a long tail); each track's embedding is the sum of its
-    tags' prototypes plus Gaussian noise. Unlabeled tracks get an empty ``tags`` list; the last
-    ``n_errors`` tracks get an embedding error instead of a vector.
-    """
-    rng = np.random.default_rng(seed)
-    names = [f"tag{j:02d}" for j in range(n_tags)]
-    freq = 0.5 / np.arange(1, n_tags + 1) ** 0.7
-    truth = rng.random((n_tracks, n_tags)) < freq
-    truth[~truth.any(axis=1), 0] = True
-    prototypes = rng.normal(size=(n_tags, dim)).astype(np.float32)
-    vectors = truth.astype(np.float32) @ prototypes + noise * rng.normal(size=(n_tracks, dim)).astype(
-        np.float32
-    )
-    ids = [f"t{i:05d}" for i in range(n_tracks)]
-    labeled = rng.random(n_tracks) < labeled_fraction
-    splits = rng.choice(["train", "valid", "test"], size=n_tracks, p=[0.6, 0.2, 0.2])
-    tags = [
-        [names[j] for j in np.flatnonzero(row)] if lab else []
-        for row, lab in zip(truth, labeled, strict=True)
-    ]
-    cat = pa.table(
-        {
-            "track_id": ids,
-            "audio_uri": [f"audio/{t}.wav" for t in ids],
-            "duration_s": np.full(n_tracks, 30.0),
-            "tags": tags,
-            "split": splits.tolist(),
-        },
-        schema=catalog.SCHEMA,
-    )
-    errors = [None] * (n_tracks - n_errors) + ["decode: corrupt header"] * n_errors
-    emb = pa.table(
-        {
-            "track_id": ids,
-            "embedding": [None if e else v.tolist() for v, e in zip(vectors, errors, strict=True)],
-            "n_chunks": np.full(n_tracks, 4, np.int32),
-            "duration_s": np.full(n_tracks, 30.0),
-            "model_id": [model_id] * n_tracks,
-            "error": errors,
-        },
-        schema=embeddings.schema(dim),
-    )
-    return cat, emb
-
-
-def write_synthetic_root(root: str, model_id: str = "synthetic", **kwargs: Any) -> tuple[pa.Table, pa.Table]:
-    """A project root holding a ``synthetic`` catalog, its embeddings of ``model_id`` and the latest-model
-    pointer: what the tune and tag jobs read, without audio or an encoder (tests, benchmarks)."""
-    cat, emb = synthetic(model_id=model_id, **kwargs)
-    layout = Layout(root)
-    catalog.write(cat, layout.catalog)
-    embeddings.publish_table(layout.embeddings, model_id, "v1", emb)
-    models.set_latest_model(layout.models, model_id)
-    return cat, emb
 
 
 def final_probe_set(

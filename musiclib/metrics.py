@@ -1,7 +1,10 @@
 """Tag metrics: per-tag ROC-AUC and average precision, macro over tags, and write-back thresholds.
 
 Definitions follow scikit-learn (tests check both against it and against a float64 reference from the
-definition). A tag with no positive or no negative among the evaluated tracks has no ROC-AUC or AP: it is
+definition). Computed here rather than with ``roc_auc_score`` / ``average_precision_score`` /
+``precision_recall_curve``: a sweep scores every tag of every repetition of every configuration, and
+scikit-learn's input checks make each call many times slower on these small arrays (measured in
+``docs/BENCHMARKS.md``, "Tag metrics"). A tag with no positive or no negative among the evaluated tracks has no ROC-AUC or AP: it is
 skipped and listed, never counted as zero or one.
 """
 

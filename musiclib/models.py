@@ -164,13 +164,18 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 
 def export_encoder(encoder: SampleCNN, models_root: str, card: dict[str, Any] | None = None) -> str:
-    """Write ``<models_root>/<model_id>/{encoder.safetensors,card.json}`` and return the model id.
+    """Write ``<models_root>/<model_id>/{encoder.safetensors,card.json}``, publish it as the latest version of
+    the models dataset (``storage.publish``, as every output) and return the model id.
 
-    The id is ``samplecnn-w<width>-<digest of the weights>``: the same weights always get the same id.
+    The id is ``samplecnn-w<width>-<digest of the weights>``: the same weights always get the same id, and
+    exporting weights already exported keeps the first export (its card included).
     The card holds the architecture, the code version and whatever the caller adds (data, labels, metrics).
     """
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     model_id = f"samplecnn-w{encoder.config.width:g}-{_weights_digest(state)}"
+    if storage.read_manifest(models_root, model_id) is not None:  # these weights are exported: keep that
+        storage.set_latest(models_root, model_id)
+        return model_id
     root = storage.join(models_root, model_id)
     storage.write_bytes(storage.join(root, "encoder.safetensors"), st_save(state))
     full_card = {
@@ -184,11 +189,13 @@ def export_encoder(encoder: SampleCNN, models_root: str, card: dict[str, Any] | 
     storage.write_bytes(
         storage.join(root, "card.json"), json.dumps(full_card, indent=2, default=str).encode()
     )
+    files = [storage.join(root, name) for name in ("encoder.safetensors", "card.json")]
+    storage.publish(models_root, model_id, files, [0, 0], config=full_card)
     return model_id
 
 
 def export_random_encoder(models_root: str, width: float, seed: int = 0) -> str:
-    """Export a randomly initialised encoder (seeded) and make it the latest model; return its id.
+    """Export a randomly initialised encoder (seeded) as the latest model; return its id.
 
     The untrained baseline every trained encoder must beat, and a small model for tests and benchmarks.
     The global torch random state is left as it was.
@@ -196,9 +203,7 @@ def export_random_encoder(models_root: str, width: float, seed: int = 0) -> str:
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         encoder = SampleCNN(EncoderConfig(width=width))
-    model_id = export_encoder(encoder, models_root, {"note": f"random initialisation, seed {seed}"})
-    set_latest_model(models_root, model_id)
-    return model_id
+    return export_encoder(encoder, models_root, {"note": f"random initialisation, seed {seed}"})
 
 
 def load_encoder(
@@ -216,16 +221,11 @@ def load_encoder(
     return encoder.to(device).eval(), card
 
 
-def set_latest_model(models_root: str, model_id: str) -> None:
-    """Point ``<models_root>/_latest.json`` at an exported model (after its files are written)."""
-    storage.write_json(storage.join(models_root, "_latest.json"), {"model_id": model_id})
-
-
-def latest_model(models_root: str) -> str:
-    """The model id ``_latest.json`` points at; a clear error when nothing was exported yet."""
-    uri = storage.join(models_root, "_latest.json")
-    if not storage.exists(uri):
+def resolve(models_root: str, model_id: str = "") -> str:
+    """``model_id``, or when empty the latest exported model; a clear error when nothing was exported yet."""
+    model_id = model_id or storage.latest_version(models_root) or ""
+    if not model_id:
         raise storage.StorageError(
             f"no exported model under {models_root}: run pretrain first or pass --model-id"
         )
-    return storage.read_json(uri)["model_id"]
+    return model_id

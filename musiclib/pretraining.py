@@ -1,19 +1,17 @@
-"""SemiSupCon pretraining without Ray: config, training shards, batches of views, the step and the loop.
+"""SemiSupCon pretraining without Ray: config, labels, batches of views, the step, the loop, checkpoints.
 
 Read top to bottom:
 1. ``PretrainConfig``: every knob, checked by ``validate()`` before a cluster is busy.
-2. Shards: training tracks decoded and resampled once into Parquet shards of 22,050 Hz mono int16 audio
-   (``prepare_shard``), each shard committed as its own version of the ``shards`` dataset, so an
-   interrupted preparation resumes by skipping tracks already in committed shards.
-3. Labels and batches: ``p_s`` picks which labeled tracks keep their tags; a batch holds a fraction
+2. Labels and batches: ``p_s`` picks which labeled tracks keep their tags; a batch holds a fraction
    ``b_s`` of labeled clips; each clip gives two views (adjacent chunks or independent crops).
-4. The step: augment, encode, gather projections from every worker (gradients flow back through the
+3. The step: augment, encode, gather projections from every worker (gradients flow back through the
    gather), SemiSupCon loss over the global batch, Adam.
-5. ``fit``: the loop both the Ray Train job and the plain single-process benchmark run, with a background
+4. ``fit``: the loop both the Ray Train job and the plain single-process benchmark run, with a background
    batch sampler so the accelerator never waits on numpy, and checkpoints of plain tensors and values.
 
-The shard reader keeps a worker's share of the audio in memory as int16 (a 30 s track is 1.3 MB), so
-sampling a window is a slice, never a decode.
+Training data comes from the shards of ``musiclib.shards``; the cross-worker gather is ``musiclib.gather``.
+The shard reader keeps a worker's share of the audio in memory as int16, so sampling a window is a slice,
+never a decode.
 """
 
 from __future__ import annotations
@@ -26,7 +24,6 @@ import math
 import queue
 import threading
 import time
-from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -40,9 +37,11 @@ from torch import nn
 
 from musiclib import audio, storage
 from musiclib.augment import AugmentConfig, ViewAugment
-from musiclib.config import DEFAULT_ROOT, ConfigError
+from musiclib.config import DEFAULT_ROOT, ConfigError, RayConfig, check
+from musiclib.gather import distributed, gather, gather_constant
 from musiclib.losses import semisupcon_anchor_losses, target_matrix
 from musiclib.models import ContrastiveModel, EncoderConfig, sync_batchnorm
+from musiclib.shards import SHARD_SCHEMA, read_shard_columns
 
 VIEW_MODES = ("adjacent", "crops")
 CHECKPOINT_FILE = "state.pt"
@@ -52,7 +51,7 @@ CHECKPOINT_FILE = "state.pt"
 
 
 @dataclass
-class PretrainConfig(AugmentConfig):
+class PretrainConfig(AugmentConfig, RayConfig):
     """SemiSupCon pretraining of a SampleCNN on the catalog's train split (augmentation fields inherited)."""
 
     root: str = DEFAULT_ROOT
@@ -86,7 +85,7 @@ class PretrainConfig(AugmentConfig):
 
     def validate(self) -> None:
         """Fail in seconds with a clear message, before Ray or any decoding starts."""
-        problems = []
+        problems = RayConfig.problems(self)
         if not self.root:
             problems.append("--root is empty")
         if not 0.0 < self.width <= 4.0:
@@ -123,8 +122,7 @@ class PretrainConfig(AugmentConfig):
             AugmentConfig.validate(self)
         except ValueError as exc:
             problems.append(str(exc))
-        if problems:
-            raise ConfigError("invalid pretrain config:\n  " + "\n  ".join(problems))
+        check("pretrain", problems)
 
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
@@ -144,7 +142,7 @@ class PretrainConfig(AugmentConfig):
 # more ``--steps`` stretch the decay to the new end from the resumed step.
 RESUMABLE_FIELDS = frozenset(
     {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "prefetch"}
-    | {"cpus_per_worker", "root", "run_name"}
+    | {"cpus_per_worker", "root", "run_name", "ray_address", "num_cpus"}
 )
 
 
@@ -164,128 +162,6 @@ def resume_conflicts(saved: dict[str, Any], cfg: PretrainConfig) -> list[str]:
         now = repr(current[name]) if name in current else "not a field any more"
         lines.append(f"{_option(name)}: {was} in the checkpoint, {now} now")
     return lines
-
-
-# --------------------------------------------------------------------------- shards: preparation
-
-SHARD_SCHEMA = pa.schema(
-    [
-        pa.field("track_id", pa.string(), nullable=False),
-        pa.field("tags", pa.list_(pa.string())),
-        pa.field("audio", pa.binary()),  # int16 little-endian samples at 22,050 Hz; empty for a bad track
-        pa.field("segment_samples", pa.int64()),  # audio is whole segments of this length (views stay inside)
-        pa.field("error", pa.string()),  # null for a good track, else "<reason>: <message>"
-    ]
-)
-
-
-def decode_for_training(uri: str, max_seconds: float, segment_seconds: float) -> tuple[np.ndarray, int]:
-    """A track as int16 samples and its segment length.
-
-    A track up to ``max_seconds`` long is decoded whole (one segment). A longer one is read as evenly spread
-    segments of ``segment_seconds``, by seeking, so an hours-long file costs a few window decodes.
-    """
-    header = audio.info(uri)
-    if header.duration_s is None or header.duration_s <= max_seconds:
-        x = audio.load(uri)
-        audio.check_signal(x, uri, audio.CHUNK_SAMPLES)
-        return audio.to_int16(x), len(x)
-    n = max(1, int(max_seconds // segment_seconds))
-    last = max(0.0, header.duration_s - segment_seconds - 1.0)  # keep clear of a header that overstates
-    windows = audio.read_windows(uri, list(np.linspace(0.0, last, n)), segment_seconds)
-    audio.check_signal(windows.reshape(-1), uri, audio.CHUNK_SAMPLES)
-    return audio.to_int16(windows.reshape(-1)), windows.shape[1]
-
-
-def training_tags(tags: Any) -> list[str]:
-    """A catalog row's tags as strings, without nulls and empty strings (Ray Data may hand a numpy array)."""
-    return [str(t) for t in (tags if tags is not None else []) if t is not None and str(t) != ""]
-
-
-def shard_version(track_ids: list[str]) -> str:
-    """A shard's version id, from its tracks: the same tracks always give the same shard."""
-    return "part-" + hashlib.sha256("\n".join(sorted(track_ids)).encode()).hexdigest()[:16]
-
-
-def prepare_shard(
-    tracks: dict[str, list], shards_uri: str, base_dir: str, max_seconds: float, segment_seconds: float
-) -> dict[str, Any]:
-    """Decode a group of catalog rows into one shard and commit it; return a summary of what happened.
-
-    ``tracks`` has the catalog columns ``track_id``, ``audio_uri`` and ``tags``. A track that cannot be
-    used is kept as a row with its reason (so a re-run does not retry it) and counted, never fatal;
-    storage that stays unreachable (``audio.TransientError``) fails the task instead, so it is retried.
-    """
-    rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
-    for tid, uri, tags in zip(tracks["track_id"], tracks["audio_uri"], tracks["tags"], strict=True):
-        try:
-            x, segment = decode_for_training(audio.locate(uri, base_dir), max_seconds, segment_seconds)
-            data, error = x.astype("<i2").tobytes(), None
-        except audio.AudioError as exc:
-            data, segment, error = b"", 0, str(exc)
-        except audio.TransientError:  # storage down: fail the task (Ray retries it), record nothing
-            raise
-        except Exception as exc:  # anything else a broken file or object store throws: record it, go on
-            data, segment, error = b"", 0, f"corrupt: {type(exc).__name__}: {exc}"
-        tags = training_tags(tags)
-        for name, value in zip(SHARD_SCHEMA.names, (str(tid), tags, data, segment, error), strict=True):
-            rows[name].append(value)
-    version = shard_version(rows["track_id"])
-    file_uri = storage.join(storage.version_uri(shards_uri, version), "shard.parquet")
-    storage.write_parquet(pa.table(rows, schema=SHARD_SCHEMA), file_uri, compression="snappy")
-    bad = Counter(e.split(":", 1)[0] for e in rows["error"] if e)
-    storage.publish(
-        shards_uri,
-        version,
-        [file_uri],
-        [len(rows["track_id"])],
-        config={
-            "sample_rate": audio.SAMPLE_RATE,
-            "max_seconds": max_seconds,
-            "segment_seconds": segment_seconds,
-        },
-        extra={"ok": len(rows["track_id"]) - sum(bad.values()), "bad": dict(bad)},
-        move_latest=False,
-    )
-    return {"version": version, "tracks": len(rows["track_id"]), "bad": sum(bad.values())}
-
-
-def committed_shards(shards_uri: str) -> list[str]:
-    """URIs of every committed shard file (uncommitted leftovers of a killed run are ignored)."""
-    uris = []
-    for version in storage.committed_versions(shards_uri):
-        manifest = storage.read_manifest(shards_uri, version)
-        if manifest is not None:
-            uris += manifest.file_uris()
-    return uris
-
-
-def read_shard_columns(uris: list[str], columns: list[str]) -> pa.Table:
-    """Some columns of the given shards as one table (column projection: metadata reads skip the audio)."""
-    return storage.read_parquet(uris, columns, SHARD_SCHEMA)
-
-
-def plan_shards(train: pa.Table, done: set[str], shard_tracks: int) -> list[dict[str, list]]:
-    """Groups of catalog rows still to prepare (tracks already in committed shards are skipped)."""
-    todo = [
-        row
-        for row in train.select(["track_id", "audio_uri", "tags"]).to_pylist()
-        if row["track_id"] not in done
-    ]
-    groups = [todo[i : i + shard_tracks] for i in range(0, len(todo), shard_tracks)]
-    return [{k: [r[k] for r in g] for k in ("track_id", "audio_uri", "tags")} for g in groups]
-
-
-def shard_report(uris: list[str]) -> dict[str, Any]:
-    """Track counts of committed shards: usable tracks, and bad ones by reason."""
-    errors = read_shard_columns(uris, ["error"]).column("error").to_pylist()
-    bad = Counter(e.split(":", 1)[0] for e in errors if e)
-    return {
-        "shards": len(uris),
-        "tracks": len(errors),
-        "usable": len(errors) - sum(bad.values()),
-        "bad": dict(bad),
-    }
 
 
 # --------------------------------------------------------------------------- labels
@@ -476,51 +352,6 @@ def batches(
     finally:
         stop.set()
         thread.join(timeout=5)
-
-
-# --------------------------------------------------------------------------- gathering across workers
-
-
-class _GatherWithGrad(torch.autograd.Function):
-    """All-gather along dim 0 whose backward sums every worker's gradient and returns this worker's slice.
-
-    Worker r's loss depends on every worker's projections, so the gradient of z_r is the sum over workers
-    of d(loss_q)/d(z_r); an all-reduce of the full gradient gives it (gloo and NCCL alike).
-    """
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.n = dist.get_rank(), x.shape[0]
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        grad = grad.contiguous()
-        dist.all_reduce(grad)
-        return grad[ctx.rank * ctx.n : (ctx.rank + 1) * ctx.n]
-
-
-def distributed() -> tuple[int, int]:
-    """``(rank, world size)``; ``(0, 1)`` without an initialised process group."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def gather(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from all workers (rank order), with gradients flowing back to each worker."""
-    return _GatherWithGrad.apply(x) if distributed()[1] > 1 else x
-
-
-def gather_constant(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate a tensor that needs no gradient (labels, clip ids) from all workers."""
-    if distributed()[1] == 1:
-        return x
-    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
 
 
 # --------------------------------------------------------------------------- the step

@@ -132,8 +132,9 @@ def adam_step(
 ) -> None:
     """One in-place Adam update (Kingma & Ba; weight decay as L2 on the gradient, as ``torch.optim.Adam``).
 
-    Written out because ``torch.optim`` imports the whole ``torch._dynamo`` compiler stack on first use:
-    ~1.8 s in every fresh Tune worker (``bench/bench_tune.py startup``), for a fit that takes 30 ms.
+    Written out because ``torch.optim`` imports the whole ``torch._dynamo`` compiler stack on first use,
+    in every fresh Tune worker, for a fit that takes far less (``bench/bench_tune.py startup``; measured in
+    docs/BENCHMARKS.md, "tune").
     """
     g = g + weight_decay * p
     m.mul_(betas[0]).add_(g, alpha=1 - betas[0])

@@ -68,24 +68,6 @@ def ray_session(
             ray.shutdown()
 
 
-def read_parquet(paths: str | list[str], filesystem, columns: list[str]) -> ray.data.Dataset:
-    """``columns`` of Parquet files as a Ray Dataset, with Ray Data's first Parquet reader.
-
-    The second one (``use_datasource_v2``, the 2.60 default) reads file footers in nested tasks that
-    each wait for a new worker, seconds per run on a small node and one more Python process per footer
-    reader at the job's peak memory (docs/BENCHMARKS.md). Ray Data picks the reader when the read is
-    called, so the setting is restored right after.
-    """
-    import ray.data
-
-    ctx = ray.data.DataContext.get_current()
-    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
-    try:
-        return ray.data.read_parquet(paths, filesystem=filesystem).select_columns(columns)
-    finally:
-        ctx.use_datasource_v2 = previous
-
-
 @contextlib.contextmanager
 def retry_transient_storage(retries: int) -> Iterator[None]:
     """Ray Data map tasks that fail on unreachable storage run again, up to ``retries`` times.
@@ -108,3 +90,27 @@ def retry_transient_storage(retries: int) -> Iterator[None]:
         yield
     finally:
         ctx.retried_map_errors, ctx.max_map_retries = previous
+
+
+def read_parquet(uris: str | list[str], columns: list[str]) -> ray.data.Dataset:
+    """The one Ray Data read of Parquet files (or folders of them) on any storage, only ``columns``.
+
+    Every URI is on the storage of the first (a catalog, or the files of one manifest). It uses Ray
+    Data's first Parquet reader: the second one (``use_datasource_v2``, the 2.60 default) reads file
+    footers in nested tasks that each wait for a new worker, seconds per run on a small node and one
+    more Python process per footer reader at the job's peak memory (docs/BENCHMARKS.md). Ray Data picks
+    the reader when the read is called, so the setting is restored right after.
+    """
+    import ray.data
+
+    from musiclib import storage
+
+    uris = [uris] if isinstance(uris, str) else uris
+    fs, _ = storage.arrow_filesystem(uris[0])
+    paths = [storage.split_uri(u)[1] for u in uris]
+    ctx = ray.data.DataContext.get_current()
+    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    try:
+        return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+    finally:
+        ctx.use_datasource_v2 = previous

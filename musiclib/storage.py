@@ -584,6 +584,23 @@ class Manifest:
         return cls(files=files, **obj)
 
 
+def utc_now() -> _dt.datetime:
+    """The current time in UTC: every timestamp a job records (manifests, version ids, tag rows)."""
+    return _dt.datetime.now(_dt.UTC)
+
+
+def new_version() -> str:
+    """A fresh version id, ``v<UTC time>-<random>``: ordered by time, unique across concurrent runs."""
+    return f"v{utc_now().strftime('%Y%m%dT%H%M%SZ')}-{uuid.uuid4().hex[:6]}"
+
+
+def digest_version(prefix: str, inputs: Any, length: int = 10) -> str:
+    """``<prefix>-<sha256 of the inputs as JSON>``: the version id of a result fully set by its inputs,
+    so the same inputs name the same version and a re-run finds it complete."""
+    blob = json.dumps(inputs, sort_keys=True, default=str).encode()
+    return f"{prefix}-{hashlib.sha256(blob).hexdigest()[:length]}"
+
+
 def manifest_uri(dataset: str, version: str) -> str:
     return join(dataset, MANIFEST_DIR, f"{version}.json")
 
@@ -648,7 +665,7 @@ def publish(
         files=entries,
         config=config or {},
         code_version=code_version(),
-        created_at=_dt.datetime.now(_dt.UTC).isoformat(timespec="microseconds"),
+        created_at=utc_now().isoformat(timespec="microseconds"),
         extra=extra or {},
     )
     body = asdict(manifest)
@@ -694,6 +711,18 @@ def make_current(dataset: str, version: str) -> str:
     if set_latest(dataset, version):
         return f"it is the current version of {dataset}"
     return f"{dataset}/_latest stays on the newer version {latest_version(dataset)}"
+
+
+def already_complete(dataset: str, version: str, job: str) -> Manifest | None:
+    """The manifest of ``version`` when it is committed, made current (``make_current``); else None.
+
+    The one "already complete, nothing to do" path of every job: a re-run with the same inputs finds its
+    version here and writes nothing.
+    """
+    manifest = read_manifest(dataset, version)
+    if manifest is not None:
+        print(f"{job}: version {version} of {dataset} is already complete; {make_current(dataset, version)}")
+    return manifest
 
 
 def latest_version(dataset: str) -> str | None:

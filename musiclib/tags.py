@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from musiclib import progress, storage
-from musiclib.config import DEFAULT_ROOT, Layout
+from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
 from musiclib.probes import ProbeSet
 
 ROWS_DIR = "rows"
@@ -45,6 +46,57 @@ SCHEMA = pa.schema(
 ERRORS_SCHEMA = pa.schema(
     [pa.field("track_id", pa.string(), nullable=False), pa.field("reason", pa.string())]
 )
+
+
+@dataclass
+class TagConfig(RayConfig):
+    """Write predicted tags, with scores and provenance, beside the catalog."""
+
+    root: str = DEFAULT_ROOT
+    probe_run_id: str = ""  # empty: the latest published tune run
+    run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same version
+    only_new: bool = False  # tag only tracks without rows of this probe run in the latest version
+    batch_size: int = 512
+    concurrency: int = 1  # scoring actors
+    summary_tags: int = 3  # long-tail tags whose most confident new tags the summary lists
+
+    def validate(self) -> None:
+        problems = RayConfig.problems(self)
+        if self.batch_size < 1 or self.concurrency < 1 or self.summary_tags < 0:
+            problems.append("--batch-size and --concurrency must be at least 1, --summary-tags at least 0")
+        check("tag", problems)
+
+
+def already_tagged(previous: storage.Manifest | None, model_id: str, probe_run_id: str) -> pa.Table:
+    """Model rows of this probe run and model in the previous version: what ``--only-new`` carries over.
+
+    Rows of another probe run (an older sweep of the same model included) are not carried, so their tracks
+    are scored again with the current probe set and a version never mixes probe sets.
+    """
+    if previous is None:
+        return SCHEMA.empty_table()
+    rows = read_version(previous)
+    return rows.filter(
+        (pc.field("source") == "model")
+        & (pc.field("model_id") == model_id)
+        & (pc.field("probe_run_id") == probe_run_id)
+    )
+
+
+def embedding_errors(files: list[str], catalog_ids: list[str]) -> pa.Table:
+    """Tracks with an embedding error (its reason) and catalog tracks with no embedding row at all."""
+    emb = storage.read_parquet(files, ["track_id", "error"])
+    failed = emb.filter(pc.is_valid(emb["error"]))
+    seen = set(emb["track_id"].to_pylist())
+    missing = [t for t in catalog_ids if t not in seen]
+    return pa.table(
+        {
+            "track_id": failed["track_id"].to_pylist() + missing,
+            "reason": [f"embedding error: {e}" for e in failed["error"].to_pylist()]
+            + ["no embedding"] * len(missing),
+        },
+        schema=ERRORS_SCHEMA,
+    )
 
 
 def model_rows(table: pa.Table, probe_set: ProbeSet, probe_run_id: str, tagged_at: str) -> pa.Table:

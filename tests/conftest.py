@@ -8,18 +8,14 @@ inject errors into S3 responses, never for end-to-end tests.
 from __future__ import annotations
 
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project root: cluster/ and jobs/
-
-from cluster.s3server import SeaweedS3  # noqa: E402
+from cluster.s3server import SeaweedS3
 
 
 def _free_port() -> int:

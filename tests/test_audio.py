@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from musiclib import audio, embedding, storage
+from musiclib import audio, embedder, storage
+from musiclib.datasets import audio_files
 
 FORMATS = [("wav", 44100), ("flac", 22050), ("ogg", 44100), ("opus", 48000), ("mp3", 44100), ("m4a", 32000)]
 
@@ -33,7 +34,7 @@ def _peak_hz(x: np.ndarray, sr: int) -> float:
 
 @pytest.mark.parametrize("ext,sr", FORMATS)
 def test_decodes_every_format_to_mono_at_model_rate(ext, sr):
-    data = audio.encode(_tone(sr), sr, ext)
+    data = audio_files.encode(_tone(sr), sr, ext)
     info = audio.info(data)
     assert info.sample_rate == sr and info.channels == 2
     y = audio.load(data)
@@ -63,7 +64,7 @@ def test_resampling_removes_content_above_the_new_nyquist(sine):
 
 @pytest.mark.parametrize("ext,sr", FORMATS)
 def test_seek_window_equals_the_same_span_of_a_full_decode(ext, sr):
-    data = audio.encode(_tone(sr), sr, ext)
+    data = audio_files.encode(_tone(sr), sr, ext)
     full = audio.load(data)
     for offset in (0.4, 2.0, 3.71):
         window = audio.load(data, offset_s=offset, duration_s=1.3)
@@ -73,7 +74,7 @@ def test_seek_window_equals_the_same_span_of_a_full_decode(ext, sr):
 
 
 def test_windows_read_from_s3_by_range(s3_root):
-    data = audio.encode(_tone(44100, 8.0), 44100, "flac")
+    data = audio_files.encode(_tone(44100, 8.0), 44100, "flac")
     uri = storage.join(s3_root, "audio", "a.flac")
     storage.write_bytes(uri, data)
     full = audio.load(data)
@@ -103,14 +104,14 @@ def test_chunk_shapes_and_random_window():
 
 def test_load_chunks_short_track_decodes_whole():
     sr = 22050
-    data = audio.encode(_tone(sr, 9.0, 1), sr, "flac")
+    data = audio_files.encode(_tone(sr, 9.0, 1), sr, "flac")
     chunks, duration = audio.load_chunks(data, max_chunks=64)
     assert chunks.shape == (3, audio.CHUNK_SAMPLES) and duration == pytest.approx(9.0)
 
 
 def test_load_chunks_long_track_reads_spread_windows():
     sr = 22050
-    data = audio.encode(_tone(sr, 40.0, 1), sr, "flac")
+    data = audio_files.encode(_tone(sr, 40.0, 1), sr, "flac")
     chunks, duration = audio.load_chunks(data, max_chunks=4)  # 40 s > 1.5 * 4 * 2.7 s: windowed
     full = audio.load(data)
     starts = audio.chunk_starts(len(full), audio.CHUNK_SAMPLES, 4)
@@ -134,7 +135,7 @@ def _reason(source) -> str:
 
 
 def test_error_kinds(tmp_path):
-    good = audio.encode(_tone(22050, 6.0, 1), 22050, "flac")
+    good = audio_files.encode(_tone(22050, 6.0, 1), 22050, "flac")
     cases = {
         "missing": str(tmp_path / "nope.flac"),
         "empty": tmp_path / "empty.mp3",
@@ -146,22 +147,22 @@ def test_error_kinds(tmp_path):
     cases["empty"].write_bytes(b"")
     cases["corrupt"].write_bytes(np.random.default_rng(0).bytes(4096))
     cases["truncated"].write_bytes(good[: len(good) * 4 // 10])
-    cases["silent"].write_bytes(audio.encode(np.zeros(22050 * 4, np.float32), 22050, "wav"))
-    cases["too_short"].write_bytes(audio.encode(_tone(22050, 0.8, 1), 22050, "wav"))
+    cases["silent"].write_bytes(audio_files.encode(np.zeros(22050 * 4, np.float32), 22050, "wav"))
+    cases["too_short"].write_bytes(audio_files.encode(_tone(22050, 0.8, 1), 22050, "wav"))
     for expected, source in cases.items():
         assert _reason(str(source)) == expected, expected
 
 
 def test_over_long_full_decode_is_refused_but_windows_work():
     sr = 8000
-    data = audio.encode(np.full(sr * 30, 0.1, np.float32), sr, "wav")
+    data = audio_files.encode(np.full(sr * 30, 0.1, np.float32), sr, "wav")
     with pytest.raises(audio.AudioError, match="too_long"):
         audio.load(data, max_duration_s=10)
     assert len(audio.load(data, offset_s=20.0, duration_s=1.0)) == audio.SAMPLE_RATE
 
 
 def test_window_past_the_end_is_truncated():
-    data = audio.encode(_tone(22050, 3.0, 1), 22050, "wav")
+    data = audio_files.encode(_tone(22050, 3.0, 1), 22050, "wav")
     with pytest.raises(audio.AudioError, match="truncated"):
         audio.load(data, offset_s=2.5, duration_s=1.0)
 
@@ -197,9 +198,9 @@ def test_unreachable_endpoint_is_transient_after_retries(monkeypatch, fast_retri
     assert time.perf_counter() - start >= 0.02 * (2 ** (audio.RETRY_ATTEMPTS - 1) - 1)  # every backoff waited
     assert not issubclass(audio.TransientError, audio.AudioError)  # no per-track reason: the task fails
     with pytest.raises(audio.TransientError):
-        embedding.decode_track("s3://bucket/track.flac")
+        embedder.decode_track("s3://bucket/track.flac")
     with pytest.raises(audio.TransientError):
-        embedding.decode_batch(pa.table({"track_id": ["a"], "audio_uri": ["s3://bucket/track.flac"]}), "/")
+        embedder.decode_batch(pa.table({"track_id": ["a"], "audio_uri": ["s3://bucket/track.flac"]}), "/")
 
 
 class _S3Errors(http.server.BaseHTTPRequestHandler):
@@ -254,7 +255,7 @@ def s3_errors(monkeypatch, fast_retries):
 def test_denied_object_is_forbidden_at_once(s3_errors):
     assert _reason("s3://bucket/403-denied.flac") == "forbidden"
     assert s3_errors["/bucket/403-denied.flac"] == 1  # not retried
-    assert embedding.decode_track("s3://bucket/403-denied.flac") == (None, None, "forbidden")
+    assert embedder.decode_track("s3://bucket/403-denied.flac") == (None, None, "forbidden")
 
 
 def test_throttled_or_failing_storage_is_retried_then_transient(s3_errors):
@@ -275,7 +276,7 @@ def test_missing_s3_object_is_reported(s3_root):
 
 def test_bad_catalog_rows_become_error_rows(tmp_path):
     good = tmp_path / "good.flac"
-    good.write_bytes(audio.encode(_tone(22050, 6.0, 1), 22050, "flac"))
+    good.write_bytes(audio_files.encode(_tone(22050, 6.0, 1), 22050, "flac"))
     rows = pa.table(
         {
             "track_id": ["ok", "http", "no-bucket", "null", "empty", "host", None, "missing"],
@@ -291,7 +292,7 @@ def test_bad_catalog_rows_become_error_rows(tmp_path):
             ],
         }
     )
-    out = embedding.decode_batch(rows, str(tmp_path), max_chunks=4)
+    out = embedder.decode_batch(rows, str(tmp_path), max_chunks=4)
     assert out.column("track_id").to_pylist() == [
         "ok",
         "http",
@@ -306,12 +307,12 @@ def test_bad_catalog_rows_become_error_rows(tmp_path):
         None, "bad_uri", "bad_uri", "bad_uri", "bad_uri", "bad_uri", "bad_id", "missing"
     ]  # fmt: skip
     assert out.column("n_chunks").to_pylist()[0] == 2
-    assert embedding.decode_track(f"file://localhost{good}")[2] is None
-    numbers = embedding.decode_batch(pa.table({"track_id": [7], "audio_uri": [8]}), str(tmp_path))
+    assert embedder.decode_track(f"file://localhost{good}")[2] is None
+    numbers = embedder.decode_batch(pa.table({"track_id": [7], "audio_uri": [8]}), str(tmp_path))
     assert numbers.to_pylist()[0] | {"chunks": None} == {
         "track_id": "7", "chunks": None, "n_chunks": 0, "duration_s": None, "error": "bad_id"
     }  # fmt: skip
-    numbers = embedding.decode_batch(pa.table({"track_id": ["t"], "audio_uri": [8]}), str(tmp_path))
+    numbers = embedder.decode_batch(pa.table({"track_id": ["t"], "audio_uri": [8]}), str(tmp_path))
     assert numbers.column("error").to_pylist() == ["bad_uri"]
 
 
@@ -320,7 +321,7 @@ def test_bad_catalog_rows_become_error_rows(tmp_path):
 
 def test_playlists_and_concat_scripts_are_refused_unread(tmp_path):
     secret = tmp_path / "secret.mp3"
-    secret.write_bytes(audio.encode(_tone(22050, 3.0, 1), 22050, "mp3"))
+    secret.write_bytes(audio_files.encode(_tone(22050, 3.0, 1), 22050, "mp3"))
     playlist = tmp_path / "list.m3u8"
     playlist.write_text(
         f"#EXTM3U\n#EXT-X-VERSION:3\n#EXT-X-TARGETDURATION:3\n#EXTINF:3.0,\n{secret}\n#EXT-X-ENDLIST\n"
@@ -338,7 +339,7 @@ def test_allowed_prefixes_confine_local_paths(tmp_path):
     music, private = tmp_path / "music", tmp_path / "private"
     music.mkdir()
     private.mkdir()
-    data = audio.encode(_tone(22050, 6.0, 1), 22050, "flac")
+    data = audio_files.encode(_tone(22050, 6.0, 1), 22050, "flac")
     (music / "a.flac").write_bytes(data)
     (private / "b.flac").write_bytes(data)
     (music / "link.flac").symlink_to(private / "b.flac")
@@ -356,12 +357,12 @@ def test_allowed_prefixes_confine_local_paths(tmp_path):
         assert err.value.reason == "forbidden", outside
     assert audio.load_chunks(str(private / "b.flac"))[0].shape == chunks.shape  # None: no restriction
     rows = pa.table({"track_id": ["a", "b"], "audio_uri": ["music/a.flac", "private/b.flac"]})
-    out = embedding.decode_batch(rows, str(tmp_path), allowed_prefixes=allowed)
+    out = embedder.decode_batch(rows, str(tmp_path), allowed_prefixes=allowed)
     assert out.column("error").to_pylist() == [None, "forbidden"]
 
 
 def test_allowed_prefixes_confine_s3_keys(s3_root):
-    data = audio.encode(_tone(22050, 6.0, 1), 22050, "flac")
+    data = audio_files.encode(_tone(22050, 6.0, 1), 22050, "flac")
     for key in ("music/a.flac", "musicx/b.flac"):
         storage.write_bytes(storage.join(s3_root, key), data)
     allowed = (storage.join(s3_root, "music"),)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from musiclib import audio, storage
+from musiclib.datasets import audio_files
 
 MAX_CHUNKS = 4
 LONG_S = 1.5 * MAX_CHUNKS * audio.CHUNK_SECONDS
@@ -34,7 +35,7 @@ def _music(sr: int, seconds: float) -> np.ndarray:
 @pytest.mark.parametrize("seconds", [15.0, 16.9, 31.7])
 @pytest.mark.parametrize("ext,sr", ENCODED)
 def test_real_encoders_give_every_chunk_of_a_long_track(ext, sr, seconds):
-    data = audio.encode(_music(sr, seconds), sr, ext)
+    data = audio_files.encode(_music(sr, seconds), sr, ext)
     header = audio.info(data).duration_s
     full = audio.load(data)
     if ext == "opus":  # the premise: the header counts audio that does not decode
@@ -53,7 +54,7 @@ def test_real_encoders_give_every_chunk_of_a_long_track(ext, sr, seconds):
 
 def test_long_opus_track_from_s3(s3_root):
     uri = storage.join(s3_root, "long.opus")
-    storage.write_bytes(uri, audio.encode(_music(48000, 31.7), 48000, "opus"))
+    storage.write_bytes(uri, audio_files.encode(_music(48000, 31.7), 48000, "opus"))
     chunks, _ = audio.load_chunks(uri, max_chunks=MAX_CHUNKS)
     assert chunks.shape == (MAX_CHUNKS, audio.CHUNK_SAMPLES) and np.abs(chunks[-1]).max() > 0.1
 
@@ -61,14 +62,14 @@ def test_long_opus_track_from_s3(s3_root):
 @pytest.mark.parametrize("seconds", [15.0, 31.7])
 @pytest.mark.parametrize("ext", ["flac", "mp3"])  # their headers give the length, so a cut shows
 def test_a_file_cut_in_the_middle_is_still_truncated(ext, seconds):
-    data = audio.encode(_music(44100, seconds), 44100, ext)
+    data = audio_files.encode(_music(44100, seconds), 44100, ext)
     with pytest.raises(audio.AudioError, match="truncated"):
         audio.load_chunks(data[: len(data) // 2], max_chunks=MAX_CHUNKS)
 
 
 def test_a_window_past_the_audio_moves_back_only_within_the_slack():
     sr = audio.SAMPLE_RATE
-    data = audio.encode(_music(sr, 10.0), sr, "flac")
+    data = audio_files.encode(_music(sr, 10.0), sr, "flac")
     full = audio.load(data)
     window = audio.read_windows(data, [7.5], 3.0, slack_s=0.5)[0]  # 0.5 s past the end: moved back
     np.testing.assert_allclose(window, full[-3 * sr :], atol=1e-6)

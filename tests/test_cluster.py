@@ -42,7 +42,8 @@ def job_status(cluster: LocalCluster, job_id: str) -> str:
 @pytest.fixture(scope="module")
 def catalog_on_s3(cluster, s3_server) -> Iterator[str]:
     """A tiny demo catalog and a random narrow encoder under the cluster's S3 root; returns the model id."""
-    from musiclib import demo, models
+    from musiclib import models
+    from musiclib.datasets import demo
 
     with aws_env(s3_server):
         demo.make_catalog(cluster.root, n_tracks=12, seed=0, min_seconds=3.0, max_seconds=5.0, workers=1)
@@ -78,9 +79,9 @@ def publish_probe_set(layout, model_id: str) -> list[str]:
 
     The tune job sweeps probes on the same data; here two fixed tags are enough to exercise ``tag``.
     """
-    from musiclib import embeddings, probes, storage
+    from musiclib import embedder, probes, storage
 
-    table = embeddings.read(layout.embeddings, model_id, columns=["embedding"])
+    table = embedder.read(layout.embeddings, model_id, columns=["embedding"])
     x = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     index = np.arange(len(x))
     y = np.stack([index % 2 == 0, index % 3 == 0], axis=1)
@@ -95,7 +96,7 @@ def publish_probe_set(layout, model_id: str) -> list[str]:
 
 def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     """embed, then tag with a probe set, run on the two-node cluster and leave complete outputs."""
-    from musiclib import catalog, embeddings, storage, tags
+    from musiclib import catalog, embedder, storage, tags
     from musiclib.config import Layout
 
     model_id = catalog_on_s3
@@ -105,8 +106,8 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     assert out.returncode == 0, out.stdout[-3000:]
     with aws_env(s3_server):
         tracks = sorted(catalog.read(layout.catalog, columns=["track_id"]).column("track_id").to_pylist())
-        assert sorted(embeddings.read(layout.embeddings, model_id).column("track_id").to_pylist()) == tracks
-        manifest = storage.read_latest_manifest(embeddings.dataset_uri(layout.embeddings, model_id))
+        assert sorted(embedder.read(layout.embeddings, model_id).column("track_id").to_pylist()) == tracks
+        manifest = storage.read_latest_manifest(embedder.dataset_uri(layout.embeddings, model_id))
         assert not storage.verify(manifest)
         tag_names = publish_probe_set(layout, model_id)
 

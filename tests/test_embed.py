@@ -15,12 +15,12 @@ import pyarrow as pa
 import pytest
 import torch
 
-from musiclib import audio, catalog, demo, embedding, embeddings, models, storage
+from jobs import embed as job
+from musiclib import audio, catalog, embedder, models, storage
 from musiclib.config import Layout
+from musiclib.datasets import demo
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-from jobs import embed as job  # noqa: E402
 
 S3_VARIABLES = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
 
@@ -49,12 +49,12 @@ def ray_cluster(s3_endpoint):
 
 
 def config(root: str, **overrides) -> job.EmbedConfig:
-    return job.EmbedConfig(root=root, batch_size=3, decode_batches=1, shard_rows=1, **overrides)
+    return job.EmbedConfig(root=root, batch_size=3, shard_rows=1, **overrides)
 
 
 def check_complete(root: str, model_id: str) -> pa.Table:
     """The latest embeddings hold every catalog track exactly once with the reason the catalog expects."""
-    out = embeddings.read(Layout(root).embeddings, model_id)
+    out = embedder.read(Layout(root).embeddings, model_id)
     cat = catalog.read(Layout(root).catalog, columns=["track_id", "fault"])
     ids = out.column("track_id").to_pylist()
     assert len(ids) == len(set(ids)), "duplicate tracks"
@@ -96,7 +96,7 @@ def assert_matches_reference(out: pa.Table, ref: dict[str, np.ndarray]) -> None:
 def test_decode_and_embed_batch_match_the_encoder(tmp_path):
     root = str(tmp_path)
     model_id = make_root(root)
-    table, summary = embedding.embed_catalog(
+    table, summary = embedder.embed_catalog(
         Layout(root).catalog, models.load_encoder(Layout(root).models, model_id)[0], model_id, batch_size=5
     )
     cat = catalog.read(Layout(root).catalog, columns=["track_id", "fault"])
@@ -111,8 +111,8 @@ def test_forward_chunks_is_independent_of_chunk_batch():
     torch.manual_seed(1)
     encoder = models.SampleCNN(models.EncoderConfig(width=0.25)).eval()
     chunks = audio.to_int16(np.random.default_rng(0).uniform(-0.5, 0.5, (5, audio.CHUNK_SAMPLES)))
-    a = embedding.forward_chunks(encoder, chunks, chunk_batch=2)
-    b = embedding.forward_chunks(encoder, chunks, chunk_batch=64)
+    a = embedder.forward_chunks(encoder, chunks, chunk_batch=2)
+    b = embedder.forward_chunks(encoder, chunks, chunk_batch=64)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert a.shape == (5, 128) and a.dtype == np.float32
 
@@ -120,10 +120,10 @@ def test_forward_chunks_is_independent_of_chunk_batch():
 def test_drop_written_is_an_anti_join():
     rows = pa.table({"track_id": ["d", "a", "x", "b", "z"], "audio_uri": ["u"] * 5})
     written = np.sort(np.array(["a", "b", "c", "z"], dtype=object))
-    assert embedding.drop_written(rows, written).column("track_id").to_pylist() == ["d", "x"]
-    assert embedding.drop_written(rows, np.array([], dtype=object)).num_rows == 5
+    assert embedder.drop_written(rows, written).column("track_id").to_pylist() == ["d", "x"]
+    assert embedder.drop_written(rows, np.array([], dtype=object)).num_rows == 5
     odd = pa.table({"track_id": pa.array([7, None, 8]), "audio_uri": ["u"] * 3})  # unvalidated catalog
-    kept = embedding.drop_written(odd, np.sort(np.array(["", "7"], dtype=object)))
+    kept = embedder.drop_written(odd, np.sort(np.array(["", "7"], dtype=object)))
     assert kept.column("track_id").to_pylist() == [8]
 
 
@@ -132,10 +132,6 @@ def test_config_fails_fast(tmp_path):
 
     with pytest.raises(ConfigError, match="batch-size"):
         parse(job.EmbedConfig, ["--root", str(tmp_path), "--batch-size", "0"])
-    with pytest.raises(ConfigError, match="decode-batches"):
-        parse(job.EmbedConfig, ["--root", str(tmp_path), "--decode-batches", "0"])
-    with pytest.raises(ConfigError, match="decode-tasks"):
-        parse(job.EmbedConfig, ["--root", str(tmp_path), "--decode-tasks", "-1"])
     with pytest.raises(ConfigError, match="catalog not found"):
         parse(job.EmbedConfig, ["--root", str(tmp_path)])
     make_root(str(tmp_path), n_good=1, faults=False)
@@ -163,7 +159,7 @@ def test_config_validates_the_catalog_before_ray_starts(tmp_path):
 def test_a_second_run_fails_clearly_while_one_is_writing(tmp_path):
     root = str(tmp_path)
     model_id = make_root(root, n_good=1, faults=False)
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     with storage.lease(dataset):
         with pytest.raises(storage.LeaseHeld, match="being written by another run"):
             job.run(config(root))
@@ -174,9 +170,9 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
     """A crash between the manifest and the ``_latest`` move: the re-run finishes the move, embeds nothing."""
     root = str(tmp_path)
     model_id = make_root(root, n_good=1, faults=False)
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
-    rows = embeddings.schema(128).empty_table()
-    embeddings.publish_table(Layout(root).embeddings, model_id, "v1", rows)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
+    rows = embedder.schema(128).empty_table()
+    embedder.publish_table(Layout(root).embeddings, model_id, "v1", rows)
     part = storage.join(storage.version_uri(dataset, "v2"), "part-00000.parquet")
     storage.publish(dataset, "v2", [part], [storage.write_parquet(rows, part)], move_latest=False)
     storage.write_json(storage.join(dataset, job.PENDING), {"version": "v2", "only_new": True})
@@ -187,24 +183,20 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
 
 def test_encoder_resources_follow_the_cluster_unless_configured():
     auto = job.EmbedConfig()
-    assert job.encoder_resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
-    assert job.encoder_resources(auto, {"CPU": 4.0}) == (0.0, 2)
-    assert job.encoder_resources(auto, {"CPU": 1.0}) == (0.0, 1)
-    assert job.encoder_resources(job.EmbedConfig(cpus_per_actor=4), {"CPU": 16.0}) == (0.0, 2)
-    assert job.encoder_resources(job.EmbedConfig(gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == (0.5, 4)
-    assert job.encoder_resources(job.EmbedConfig(actors=3, gpus_per_actor=0), {"CPU": 8.0, "GPU": 2.0}) == (
+    assert embedder.encoder_resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
+    assert embedder.encoder_resources(auto, {"CPU": 4.0}) == (0.0, 2)
+    assert embedder.encoder_resources(auto, {"CPU": 1.0}) == (0.0, 1)
+    assert embedder.encoder_resources(job.EmbedConfig(cpus_per_actor=4), {"CPU": 16.0}) == (0.0, 2)
+    assert embedder.encoder_resources(job.EmbedConfig(gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == (
+        0.5,
+        4,
+    )
+    assert embedder.encoder_resources(
+        job.EmbedConfig(actors=3, gpus_per_actor=0), {"CPU": 8.0, "GPU": 2.0}
+    ) == (
         0.0,
         3,
     )
-
-
-def test_decode_tasks_leave_a_task_queued_per_free_cpu_unless_configured():
-    auto = job.EmbedConfig()
-    assert job.decode_tasks(auto, {"CPU": 6.0}, actors=1) == 10  # 5 CPUs beside one actor
-    assert job.decode_tasks(auto, {"CPU": 16.0, "GPU": 4.0}, actors=4) == 24
-    assert job.decode_tasks(job.EmbedConfig(decode_cpus=2), {"CPU": 6.0}, actors=1) == 4
-    assert job.decode_tasks(auto, {"CPU": 1.0}, actors=1) == 2  # never fewer than two
-    assert job.decode_tasks(job.EmbedConfig(decode_tasks=7), {"CPU": 64.0}, actors=1) == 7
 
 
 # --------------------------------------------------------------------------- the Ray job
@@ -218,7 +210,7 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, 
     out = check_complete(root, model_id)
     assert_matches_reference(out, reference(root, model_id))
     assert summary.tracks == 14 and summary.errors["truncated"] == 1
-    manifest = storage.read_latest_manifest(embeddings.dataset_uri(Layout(root).embeddings, model_id))
+    manifest = storage.read_latest_manifest(embedder.dataset_uri(Layout(root).embeddings, model_id))
     assert len(manifest.files) > 1 and manifest.config["model_id"] == model_id
     assert not storage.exists(storage.join(manifest.dataset, job.PENDING))
 
@@ -236,7 +228,7 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
     root = str(tmp_path)
     model_id = make_root(root)
     job.run(config(root))
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     first = storage.read_latest_manifest(dataset)
     lost, kept = first.files[0], first.files[1:]
     storage.delete(storage.join(dataset, lost.path))
@@ -261,13 +253,12 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
 def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluster):
     root = str(tmp_path)
     model_id = make_root(root, n_good=24)
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     cmd = [
         sys.executable,
         str(REPO / "jobs" / "embed.py"),
         f"--root={root}",
         "--batch-size=2",
-        "--decode-batches=1",
         "--shard-rows=1",
     ]
     log = open(tmp_path / "killed-run.log", "wb")
@@ -305,7 +296,7 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_cluste
     root = str(tmp_path)
     model_id = make_root(root, n_good=3)
     job.run(config(root))
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     cat = catalog.read(Layout(root).catalog, columns=["track_id", "audio_uri", "fault"]).to_pylist()
     base = catalog.base_dir(Layout(root).catalog)
     lost = next(r for r in cat if r["fault"] == "missing")
@@ -316,7 +307,7 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_cluste
 
     summary = job.run(config(root, only_new=True))
     assert summary.tracks == 1 and summary.errors == {}
-    out = embeddings.read(Layout(root).embeddings, model_id)
+    out = embedder.read(Layout(root).embeddings, model_id)
     ids = out["track_id"].to_pylist()
     assert len(ids) == len(set(ids)) == len(cat)
     errors = dict(zip(ids, out["error"].to_pylist()))

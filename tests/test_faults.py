@@ -36,12 +36,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from musiclib import catalog, demo, embedding, embeddings, fewshot, models, probes, storage, tags
+from jobs import embed
+from jobs import tag as tag_job
+from musiclib import catalog, embedder, fewshot, models, probes, storage, sweep, tags
 from musiclib.config import Layout, parse
-from musiclib.pretraining import committed_shards, read_shard_columns
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs import embed, tune_probes, write_tags  # noqa: E402
+from musiclib.datasets import demo, tagged_embeddings
+from musiclib.shards import committed_shards, read_shard_columns
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -291,12 +291,12 @@ EMBED_ARGS = ["--batch-size", "2", "--shard-rows", "1", "--max-chunks", "2"]
 def uninterrupted_embeddings(root: str, model_id: str) -> pa.Table:
     """What an uninterrupted run embeds: the plain single-process loop over the catalog (no Ray)."""
     encoder, _ = models.load_encoder(Layout(root).models, model_id)
-    return embedding.embed_catalog(Layout(root).catalog, encoder, model_id, max_chunks=2)[0]
+    return embedder.embed_catalog(Layout(root).catalog, encoder, model_id, max_chunks=2)[0]
 
 
 def check_embeddings(root: str, model_id: str, expected: pa.Table) -> pa.Table:
     """The latest embeddings hold every catalog track exactly once, with the uninterrupted run's values."""
-    out = embeddings.read(Layout(root).embeddings, model_id)
+    out = embedder.read(Layout(root).embeddings, model_id)
     ids = out["track_id"].to_pylist()
     assert len(ids) == len(set(ids)), "duplicate tracks"
     cat = catalog.read(Layout(root).catalog, columns=["track_id"])["track_id"].to_pylist()
@@ -330,11 +330,11 @@ def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     checkpoints = count_files(storage.join(layout.runs, "pretrain"), "/state.pt")
     proc = start(cmd, tmp_path / "killed.log")
     kill_when(proc, lambda: checkpoints() >= after, rng, max_delay=1.0, timeout=400)
-    assert not storage.exists(storage.join(layout.models, "_latest.json")), "exported before the kill"
+    assert storage.latest_version(layout.models) is None, "exported before the kill"
     assert checkpoints() >= 1, tail(tmp_path / "killed.log")
 
     run(cmd, tmp_path / "again.log", timeout=400)
-    model_id = models.latest_model(layout.models)
+    model_id = models.resolve(layout.models)
     card = storage.read_json(storage.join(layout.models, model_id, "card.json"))
     assert card["steps"] == 40 and card["metrics"]["start_step"] >= 4, (SEED, after, card["metrics"])
     shard_ids = read_shard_columns(committed_shards(layout.shards), ["track_id"])["track_id"].to_pylist()
@@ -378,7 +378,7 @@ def test_pretrain_survives_a_killed_train_worker(tmp_path):
     finally:
         kill(proc)
     assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
-    card = storage.read_json(storage.join(layout.models, models.latest_model(layout.models), "card.json"))
+    card = storage.read_json(storage.join(layout.models, models.resolve(layout.models), "card.json"))
     assert card["steps"] == 24 and card["metrics"]["start_step"] >= 4, card["metrics"]  # resumed, not step 0
     shard_ids = read_shard_columns(committed_shards(layout.shards), ["track_id"])["track_id"].to_pylist()
     cat = catalog.read(layout.catalog, columns=["track_id", "split"])
@@ -407,17 +407,19 @@ SYNTHETIC_MODEL = "synthetic-m1"
 
 def synthetic_root(root: str, n_files: int = 1) -> tuple[pa.Table, pa.Table]:
     """A labeled catalog and its embeddings (``n_files`` shards): what tune and tag read, without audio."""
-    cat, emb = fewshot.synthetic(n_tracks=240, n_tags=8, dim=16, n_errors=3, seed=0, model_id=SYNTHETIC_MODEL)
+    cat, emb = tagged_embeddings.make(
+        n_tracks=240, n_tags=8, dim=16, n_errors=3, seed=0, model_id=SYNTHETIC_MODEL
+    )
     layout = Layout(root)
     catalog.write(cat, layout.catalog)
-    dataset = embeddings.dataset_uri(layout.embeddings, SYNTHETIC_MODEL)
+    dataset = embedder.dataset_uri(layout.embeddings, SYNTHETIC_MODEL)
     bounds = np.linspace(0, len(emb), n_files + 1).astype(int)
     files = [
         storage.join(storage.version_uri(dataset, "v1"), f"part-{i:03d}.parquet") for i in range(n_files)
     ]
     rows = [storage.write_parquet(emb.slice(a, b - a), f) for f, a, b in zip(files, bounds, bounds[1:])]
     storage.publish(dataset, "v1", files, rows)
-    models.set_latest_model(layout.models, SYNTHETIC_MODEL)
+    storage.publish(layout.models, SYNTHETIC_MODEL, [], [])
     return cat, emb
 
 
@@ -436,7 +438,7 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
     publish_previous(layout.probes, "tune-previous")
     rng = rng_for("tune-driver")
     after = rng.randint(1, 3)
-    cmd = job_command("tune_probes", "--root", root, "--run-id", "tune-killed", *TUNE_ARGS)
+    cmd = job_command("tune", "--root", root, "--run-id", "tune-killed", *TUNE_ARGS)
     trials = count_files(
         storage.join(storage.version_uri(layout.probes, "tune-killed"), "trials"), ".parquet"
     )
@@ -445,9 +447,7 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
         kill_when(proc, lambda: trials() >= after, rng, max_delay=0.5)
         written = trials()
         assert storage.read_manifest(layout.probes, "tune-killed") is None, "published before the kill"
-        n_trials = len(
-            tune_probes.configurations(parse(tune_probes.TuneConfig, ["--root", root, *TUNE_ARGS]))
-        )
+        n_trials = len(sweep.configurations(parse(sweep.TuneConfig, ["--root", root, *TUNE_ARGS])))
         assert 0 < written < n_trials, f"seed {SEED}: {written} of {n_trials} trial files at the kill"
         text = run(cmd, tmp_path / "again.log")
     reader.check()
@@ -459,12 +459,10 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
 def check_tune_results(root: str, run_id: str) -> None:
     """The run's published results equal the trials computed directly (``fewshot.run_config``, no Tune)."""
     layout = Layout(root)
-    cfg = parse(tune_probes.TuneConfig, ["--root", root, *TUNE_ARGS])
-    data = tune_probes.load_data(cfg, layout, SYNTHETIC_MODEL)
+    cfg = parse(sweep.TuneConfig, ["--root", root, *TUNE_ARGS])
+    data = sweep.load_data(cfg, layout, SYNTHETIC_MODEL)
     rows = [
-        r
-        for c in tune_probes.configurations(cfg)
-        for r in fewshot.run_config(data, c, cfg.repetitions, cfg.seed)
+        r for c in sweep.configurations(cfg) for r in fewshot.run_config(data, c, cfg.repetitions, cfg.seed)
     ]
     manifest = storage.read_manifest(layout.probes, run_id)
     results = storage.read_parquet([u for u in manifest.file_uris() if u.endswith("results.parquet")])
@@ -479,7 +477,7 @@ def test_tune_survives_a_trial_worker_killed_mid_trial(tmp_path):
     synthetic_root(root)
     layout = Layout(root)
     log = tmp_path / "tune.log"
-    proc = start(job_command("tune_probes", "--root", root, "--run-id", "tune-worker", *TUNE_ARGS), log)
+    proc = start(job_command("tune", "--root", root, "--run-id", "tune-worker", *TUNE_ARGS), log)
     with Reader(layout.probes) as reader:
         try:
             killed = kill_ray_worker(proc, log, "ImplicitFunc.train")
@@ -513,7 +511,7 @@ def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
     layout = Layout(root)
     publish_previous(layout.tags, "tags-previous")
     rng = rng_for("tag-driver")
-    cmd = job_command("write_tags", "--root", root, "--run-id", "tags-killed", "--batch-size", "8")
+    cmd = job_command("tag", "--root", root, "--run-id", "tags-killed", "--batch-size", "8")
     lease = storage.join(layout.tags, storage.LEASE)
     with Reader(layout.tags) as reader:
         proc = start(cmd, tmp_path / "killed.log")
@@ -558,9 +556,7 @@ def test_tag_survives_a_killed_scoring_actor_and_read_task(tmp_path):
     probe_set = publish_probe_set(root, cat, emb)
     layout = Layout(root)
     log = tmp_path / "tag.log"
-    proc = start(
-        job_command("write_tags", "--root", root, "--run-id", "tags-actor", "--batch-size", "8"), log
-    )
+    proc = start(job_command("tag", "--root", root, "--run-id", "tags-actor", "--batch-size", "8"), log)
     with Reader(layout.tags) as reader:
         try:
             killed = [kill_ray_worker(proc, log, name) for name in ("MapBatches(ScoreBatch)", "ReadFiles")]
@@ -574,9 +570,9 @@ def test_tag_survives_a_killed_scoring_actor_and_read_task(tmp_path):
 
 
 @pytest.mark.xfail(
-    "storage.lease(" not in inspect.getsource(write_tags.main),
+    "storage.lease(" not in inspect.getsource(tag_job.main),
     strict=True,
-    reason="gap: jobs/write_tags.py holds no lease on <root>/tags (being added)",
+    reason="gap: jobs/tag.py holds no lease on <root>/tags (being added)",
 )
 def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch):
     """Two tag runs of the same inputs write the same version folder (``write_version`` first deletes it), so
@@ -588,10 +584,10 @@ def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch
     def unguarded(*args, **kwargs):
         raise AssertionError("the tag job started writing while another run held the lease")
 
-    monkeypatch.setattr(write_tags, "ray_session", lambda **kwargs: contextlib.nullcontext(False))
-    monkeypatch.setattr(write_tags, "write_version", unguarded)
+    monkeypatch.setattr(tag_job, "ray_session", lambda **kwargs: contextlib.nullcontext(False))
+    monkeypatch.setattr(tag_job, "write_version", unguarded)
     with storage.lease(Layout(root).tags), pytest.raises(storage.LeaseHeld, match=LEASE_MESSAGE):
-        write_tags.main(["--root", root])
+        tag_job.main(["--root", root])
 
 
 # --------------------------------------------------------------------------- embed: workers, concurrency
@@ -602,7 +598,7 @@ def test_embed_survives_killed_decode_worker_and_encoder_actor(tmp_path):
     the actor; every track is embedded exactly once with the uninterrupted values. A reader polls throughout."""
     root = str(tmp_path / "root")
     model_id = audio_root(root, n_tracks=8)
-    dataset = embeddings.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     proc = start(job_command("embed", "--root", root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log")
     killed: list[str] = []
     checkpoints = count_files(storage.join(dataset, embed.CHECKPOINTS), ".parquet", exclude=".pending.")
@@ -670,7 +666,7 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     retries, task retries and the S3 clients' own retries carry the job through, nothing lost."""
     model_id = audio_root(s3_root, n_tracks=4)
     expected = uninterrupted_embeddings(s3_root, model_id)
-    dataset = embeddings.dataset_uri(Layout(s3_root).embeddings, model_id)
+    dataset = embedder.dataset_uri(Layout(s3_root).embeddings, model_id)
     checkpoints = count_files(storage.join(dataset, embed.CHECKPOINTS), ".parquet", exclude=".pending.")
     proc = start(
         job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log"
@@ -711,7 +707,7 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     probe_set = publish_probe_set(s3_root, cat, emb)
     layout = Layout(s3_root)
     publish_previous(layout.tags, "tags-previous")
-    cmd = job_command("write_tags", "--root", s3_root, "--run-id", "tags-outage", "--batch-size", "8")
+    cmd = job_command("tag", "--root", s3_root, "--run-id", "tags-outage", "--batch-size", "8")
     log = tmp_path / "tag.log"
     proc = start(cmd, log)
     outage: dict[str, float] = {}
@@ -862,8 +858,8 @@ def test_embed_without_write_permission_fails_before_work_and_keeps_the_previous
     model_id = audio_root(s3_root, n_tracks=2, faults=False)
     layout = Layout(s3_root)
     previous = uninterrupted_embeddings(s3_root, model_id)
-    embeddings.publish_table(layout.embeddings, model_id, "v-previous", previous)
-    dataset = embeddings.dataset_uri(layout.embeddings, model_id)
+    embedder.publish_table(layout.embeddings, model_id, "v-previous", previous)
+    dataset = embedder.dataset_uri(layout.embeddings, model_id)
     before = storage.read_latest_manifest(dataset)
     env = {**embed_env(), **read_only_key}
     cmd = job_command("embed", "--root", s3_root, "--only-new", "false", "--verbose", *EMBED_ARGS)

@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from musiclib import fewshot, metrics, probes
+from musiclib.datasets import tagged_embeddings
 
 
 def _pool(seed: int = 0, n: int = 200, n_tags: int = 8) -> np.ndarray:
@@ -54,7 +55,7 @@ def test_parse_budget():
 
 
 def test_prepare_keeps_labeled_tracks_and_records_embedding_errors():
-    cat, emb = fewshot.synthetic(n_tracks=120, n_errors=4, seed=1)
+    cat, emb = tagged_embeddings.make(n_tracks=120, n_errors=4, seed=1)
     data = fewshot.prepare(cat, emb, "m")
     labeled = {
         t for t, tags in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist(), strict=True) if tags
@@ -69,7 +70,7 @@ def test_prepare_keeps_labeled_tracks_and_records_embedding_errors():
 
 def test_run_config_scores_the_validation_and_the_test_split():
     """Each row holds the probe's metrics on valid (what choices use) and on test (what is reported)."""
-    cat, emb = fewshot.synthetic(n_tracks=200, n_tags=6, dim=16, noise=3.0, seed=2)
+    cat, emb = tagged_embeddings.make(n_tracks=200, n_tags=6, dim=16, noise=3.0, seed=2)
     data = fewshot.prepare(cat, emb, "m")
     config = {"budget": "5", "probe": "logreg", "norm": "standardize", "C": 1.0}
     rows = pd.DataFrame(fewshot.run_config(data, config, repetitions=2, seed=0))

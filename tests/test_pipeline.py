@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pyarrow.compute as pc
 import pytest
 
-from musiclib import catalog, demo, embeddings, models, storage, tags
+from jobs import embed, pretrain
+from jobs import tag as tag_job
+from jobs import tune as tune_job
+from musiclib import catalog, embedder, models, storage, tags
 from musiclib.config import Layout
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs import embed, pretrain, tune_probes, write_tags  # noqa: E402
+from musiclib.datasets import demo
 
 
 @pytest.mark.slow
@@ -39,18 +37,18 @@ def test_demo_chain_end_to_end(tmp_path, capsys, monkeypatch):
             + ["--checkpoint-every", "4", "--log-every", "2", "--p-pitch", "0"]
         )
         embed.main(["--root", root, "--batch-size", "8", "--max-chunks", "2"])
-        tune_probes.main(
+        tune_job.main(
             ["--root", root, "--budgets", "2,all", "--probes", "logreg,centroid", "--norms", "l2"]
             + ["--c-grid", "1", "--repetitions", "2"]
         )
-        write_tags.main(["--root", root])
+        tag_job.main(["--root", root])
     finally:
         ray.shutdown()
 
-    assert models.latest_model(layout.models) == model_id
+    assert models.resolve(layout.models) == model_id
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "fault"])
     good = set(cat.filter(pc.is_null(cat["fault"]))["track_id"].to_pylist())
-    emb = embeddings.read(layout.embeddings, model_id, columns=["track_id", "error"])
+    emb = embedder.read(layout.embeddings, model_id, columns=["track_id", "error"])
     assert sorted(emb["track_id"].to_pylist()) == sorted(cat["track_id"].to_pylist())
 
     manifest = storage.read_latest_manifest(layout.tags)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import socket
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from jobs import pretrain as job
 from musiclib import audio, catalog, storage
 from musiclib.config import ConfigError, Layout, parse
 from musiclib.pretraining import (
@@ -22,7 +22,6 @@ from musiclib.pretraining import (
     build,
     check_resume,
     checkpoint_state,
-    committed_shards,
     compose_batch,
     fit,
     global_loss,
@@ -30,19 +29,13 @@ from musiclib.pretraining import (
     load_checkpoint,
     load_training_data,
     plan_labels,
-    plan_shards,
-    prepare_shard,
-    read_shard_columns,
     restore,
     resume_conflicts,
     sample_batch,
     save_checkpoint,
     select_labels,
-    shard_report,
 )
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs import pretrain as job  # noqa: E402
+from musiclib.shards import committed_shards, plan_shards, prepare_shard, read_shard_columns, shard_report
 
 SR = audio.SAMPLE_RATE
 CHUNK = audio.CHUNK_SAMPLES
@@ -373,4 +366,4 @@ def test_two_worker_run_checkpoints_and_resumes_at_the_saved_step(tiny_catalog, 
     assert card["steps"] == 4 and card["metrics"]["start_step"] == 2
     assert card["data"]["usable"] == 4 and card["data"]["bad"] == {"missing": 1, "silent": 1}
     assert card["labels"]["labeled_tracks_used"] == 3
-    assert storage.read_json(storage.join(layout.models, "_latest.json"))["model_id"] == model_id
+    assert storage.latest_version(layout.models) == model_id

@@ -13,8 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from musiclib import demo, models, progress, tags
+from musiclib import models, progress, tags
 from musiclib.config import Layout, parse
+from musiclib.datasets import demo
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
 import threading
+import time
+from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -81,12 +86,39 @@ def test_bytes_json_list_delete(root):
         storage.read_bytes(storage.join(root, "a", "x.bin"))
 
 
-def test_local_write_is_atomic_and_leaves_no_temp_files(tmp_path):
+def test_local_write_replaces_and_leaves_no_temp_files(tmp_path):
     target = tmp_path / "t.bin"
     storage.write_bytes(str(target), b"old")
     storage.write_bytes(str(target), b"new")
     assert target.read_bytes() == b"new"
     assert sorted(os.listdir(tmp_path)) == ["t.bin"]
+
+
+def test_a_write_killed_midway_leaves_readers_the_old_content(tmp_path):
+    """SIGKILL a process in the middle of a large write while this one reads the object in a loop: every
+    read, and the object after the kill, is the old content (a write in place would show a partial one)."""
+    target = tmp_path / "t.bin"
+    storage.write_bytes(str(target), b"old")
+    script = "import sys; from musiclib import storage; storage.write_bytes(sys.argv[1], b'x' * (128 << 20))"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen([sys.executable, "-c", script, str(target)], env=env)
+    reads = []
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None:
+            reads.append(target.read_bytes()[:8])
+            started = target.stat().st_size != 3 or any(
+                p.name != "t.bin" and p.stat().st_size > 0 for p in tmp_path.iterdir()
+            )
+            if started:
+                proc.send_signal(signal.SIGKILL)
+                break
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the write ended before it could be killed"
+    reads.append(target.read_bytes())
+    assert set(reads) == {b"old"}
 
 
 def _write_part(dataset: str, version: str, name: str, n: int) -> str:
@@ -158,7 +190,7 @@ def test_arrow_filesystem_reads_what_fsspec_wrote(root):
     assert pq.read_table(path, filesystem=fs).num_rows == 4
 
 
-def test_parquet_files_write_atomically_and_read_as_one_table(root):
+def test_parquet_files_read_as_one_table(root):
     schema = pa.schema([("id", pa.string()), ("x", pa.float64())])
     uris = [storage.join(root, "t", f"part-{i}.parquet") for i in range(2)]
     for i, uri in enumerate(uris):

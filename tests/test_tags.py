@@ -3,20 +3,15 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import numpy as np
 import pyarrow.compute as pc
 import pytest
-
-from musiclib import catalog, demo, embeddings, fewshot, probes, storage, tags
-from musiclib.config import ConfigError, Layout
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from test_tune import MODEL, write_root  # noqa: E402
 
-from jobs import write_tags  # noqa: E402
+from jobs import tag as tag_job
+from musiclib import catalog, embedder, fewshot, probes, storage, tags
+from musiclib.config import ConfigError, Layout
+from musiclib.datasets import demo, tagged_embeddings
 
 LOGREG = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
 
@@ -77,24 +72,25 @@ def first_run_checks(root: str) -> storage.Manifest:
     cat, emb = write_root(root, n_tracks=120)
     probe_set = publish_probe_set(root, cat, emb)
     layout = Layout(root)
-    first = write_tags.main(["--root", root, "--num-cpus", "2"])
+    first = tag_job.main(["--root", root, "--num-cpus", "2"])
     check_table(root, cat, emb, probe_set)
 
     # a re-run with the same inputs is a no-op
-    again = write_tags.main(["--root", root])
+    again = tag_job.main(["--root", root])
     assert again.version == first.version and again.created_at == first.created_at
     assert storage.committed_versions(layout.tags) == [first.version]
     return first
 
 
+@pytest.mark.slow
 def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     root = str(tmp_path / "root")
     layout = Layout(root)
     first = first_run_checks(root)
 
     # a crash before the pointer moves leaves latest on the previous complete version
-    cat2, emb2 = fewshot.synthetic(n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=MODEL)
-    embeddings.publish_table(layout.embeddings, MODEL, "v2", emb2)
+    cat2, emb2 = tagged_embeddings.make(n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=MODEL)
+    embedder.publish_table(layout.embeddings, MODEL, "v2", emb2)
     catalog.write(cat2, layout.catalog)
 
     def crash(*args, **kwargs):
@@ -103,12 +99,12 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(storage, "publish", crash)
         with pytest.raises(RuntimeError, match="killed"):
-            write_tags.main(["--root", root, "--only-new", "true"])
+            tag_job.main(["--root", root, "--only-new", "true"])
     assert storage.latest_version(layout.tags) == first.version
     assert tags.read_latest(layout.tags).equals(tags.read_version(first))
 
     # --only-new scores only the new tracks and carries the others over unchanged
-    new = write_tags.main(["--root", root, "--only-new", "true"])
+    new = tag_job.main(["--root", root, "--only-new", "true"])
     assert storage.latest_version(layout.tags) == new.version != first.version
     before = tags.read_version(first).to_pandas()
     after = tags.read_version(new).to_pandas()
@@ -138,9 +134,9 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(storage, "set_latest", crash_pointer)
         with pytest.raises(RuntimeError, match="killed"):
-            write_tags.main(["--root", root, "--only-new", "true"])
+            tag_job.main(["--root", root, "--only-new", "true"])
     assert storage.latest_version(layout.tags) == new.version
-    third = write_tags.main(["--root", root, "--only-new", "true"])
+    third = tag_job.main(["--root", root, "--only-new", "true"])
     assert storage.latest_version(layout.tags) == third.version not in (new.version, first.version)
     assert "already complete" in capsys.readouterr().out
     model = tags.read_version(third, ["source", "probe_run_id"]).filter(pc.field("source") == "model")
@@ -148,6 +144,7 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     check_table(root, cat2, emb2, second)
 
 
+@pytest.mark.slow
 def test_tags_s3(s3_root, ray_local):
     first_run_checks(s3_root + "/musiclib")
 
@@ -161,25 +158,25 @@ def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started")
 
-    monkeypatch.setattr(write_tags, "ray_session", no_ray)
-    dataset = embeddings.dataset_uri(layout.embeddings, MODEL)
-    embeddings.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
+    monkeypatch.setattr(tag_job, "ray_session", no_ray)
+    dataset = embedder.dataset_uri(layout.embeddings, MODEL)
+    embedder.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
     storage.publish(dataset, "v3", [], [], move_latest=False)  # no file at all
     for version in ("v2", "v3"):
         storage.set_latest(dataset, version)
         with pytest.raises(
             ConfigError, match=f"the embeddings of {MODEL} hold no rows: version {version}"
         ) as err:
-            write_tags.main(["--root", root])
+            tag_job.main(["--root", root])
         assert "run embed on a non-empty catalog" in str(err.value) and "\n" not in str(err.value)
     assert storage.latest_version(layout.tags) is None
 
 
 def test_missing_catalog_or_probe_set_fails_before_ray(tmp_path):
     with pytest.raises(ConfigError, match="catalog not found"):
-        write_tags.main(["--root", str(tmp_path)])
+        tag_job.main(["--root", str(tmp_path)])
     demo.make_catalog(str(tmp_path), n_tracks=2, min_seconds=3.0, max_seconds=3.0, workers=1)
     with pytest.raises(ConfigError, match="run tune first"):
-        write_tags.main(["--root", str(tmp_path)])
+        tag_job.main(["--root", str(tmp_path)])
     with pytest.raises(ConfigError):
-        write_tags.main(["--root", str(tmp_path), "--batch-size", "0"])
+        tag_job.main(["--root", str(tmp_path), "--batch-size", "0"])

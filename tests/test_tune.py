@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pandas as pd
 import pyarrow as pa
@@ -11,11 +10,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from musiclib import catalog, embeddings, fewshot, models, probes, report, storage
+from jobs import tune as tune_job
+from musiclib import catalog, embedder, fewshot, probes, report, storage, sweep
 from musiclib.config import ConfigError, Layout
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from jobs import tune_probes  # noqa: E402
+from musiclib.datasets import tagged_embeddings
 
 MODEL = "synthetic-m1"
 SMALL = [
@@ -26,7 +24,7 @@ SMALL = [
 
 def write_root(root: str, n_tracks: int = 240, **kwargs) -> tuple[pa.Table, pa.Table]:
     """A synthetic catalog, its embeddings of ``MODEL`` and the latest-model pointer under ``root``."""
-    return fewshot.write_synthetic_root(
+    return tagged_embeddings.write_root(
         root, MODEL, n_tracks=n_tracks, n_errors=3, n_tags=8, dim=16, **kwargs
     )
 
@@ -43,28 +41,28 @@ def ray_local():
 def test_config_is_validated_before_any_work(tmp_path):
     for argv in (["--budgets", "0"], ["--probes", "svm"], ["--norms", "zca"], ["--repetitions", "0"]):
         with pytest.raises(ConfigError):
-            tune_probes.main(["--root", str(tmp_path), *argv])
+            tune_job.main(["--root", str(tmp_path), *argv])
     with pytest.raises(ConfigError, match="--max-failures"):
-        tune_probes.main(["--root", str(tmp_path), "--max-failures", "-2"])
+        tune_job.main(["--root", str(tmp_path), "--max-failures", "-2"])
     root = str(tmp_path / "r")
     write_root(root, n_tracks=80)
     with pytest.raises(ConfigError, match="no training labels for jazz"):
-        tune_probes.main(["--root", root, "--tags", "jazz"])
+        tune_job.main(["--root", root, "--tags", "jazz"])
     with pytest.raises(ConfigError, match="catalog not found"):
-        tune_probes.main(["--root", str(tmp_path / "empty")])
+        tune_job.main(["--root", str(tmp_path / "empty")])
 
 
 def test_a_catalog_without_validation_labels_is_refused_before_ray(tmp_path):
     """Configurations are chosen on the validation split: without it there is nothing honest to choose on."""
-    cat, emb = fewshot.synthetic(n_tracks=80, n_tags=8, dim=16, model_id=MODEL)
+    cat, emb = tagged_embeddings.make(n_tracks=80, n_tags=8, dim=16, model_id=MODEL)
     split = cat.schema.get_field_index("split")
     no_valid = pc.if_else(pc.equal(cat["split"], "valid"), "train", cat["split"])
     layout = Layout(str(tmp_path))
     catalog.write(cat.set_column(split, cat.schema.field(split), no_valid), layout.catalog)
-    embeddings.publish_table(layout.embeddings, MODEL, "v1", emb)
-    models.set_latest_model(layout.models, MODEL)
+    embedder.publish_table(layout.embeddings, MODEL, "v1", emb)
+    storage.publish(layout.models, MODEL, [], [])  # a model without an encoder: tune reads embeddings
     with pytest.raises(ConfigError, match="0 labeled validation tracks"):
-        tune_probes.main(["--root", str(tmp_path)])
+        tune_job.main(["--root", str(tmp_path)])
 
 
 def _results(scores: dict[tuple[str, float], dict[str, tuple[float, float]]]) -> pd.DataFrame:
@@ -132,21 +130,22 @@ def test_every_choice_is_made_on_valid_and_reports_test():
 
 
 def test_trial_slots_are_cores_on_a_local_ray_and_cpus_on_a_cluster():
-    cfg = tune_probes.TuneConfig(num_cpus=2)
-    assert tune_probes.trial_slots(cfg, local=True, cluster_cpus=4) == 2  # local Ray advertises >= 4
-    assert tune_probes.trial_slots(cfg, local=False, cluster_cpus=64) == 64
-    assert tune_probes.trial_slots(tune_probes.TuneConfig(max_concurrent=3), local=True, cluster_cpus=4) == 3
+    cfg = tune_job.TuneConfig(num_cpus=2)
+    assert tune_job.trial_slots(cfg, local=True, cluster_cpus=4) == 2  # local Ray advertises >= 4
+    assert tune_job.trial_slots(cfg, local=False, cluster_cpus=64) == 64
+    assert tune_job.trial_slots(tune_job.TuneConfig(max_concurrent=3), local=True, cluster_cpus=4) == 3
 
 
 def test_trials_hold_every_configuration_once_longest_first():
-    configs = tune_probes.configurations(tune_probes.TuneConfig(budgets=["1", "all"]))
-    groups = tune_probes.group_by_trial(configs)
+    configs = sweep.configurations(sweep.TuneConfig(budgets=["1", "all"]))
+    groups = sweep.group_by_trial(configs)
     assert sorted(fewshot.trial_key(c) for g in groups for c in g) == sorted(map(fewshot.trial_key, configs))
     assert all(len(g) == len(probes.NORMS) and len({c["probe"] for c in g}) == 1 for g in groups)
     order = [g[0]["probe"] for g in groups]
-    assert order == sorted(order, key=tune_probes.LONGEST_FIRST.index) and order[0] == "logreg"
+    assert order == sorted(order, key=sweep.LONGEST_FIRST.index) and order[0] == "logreg"
 
 
+@pytest.mark.slow
 def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkeypatch):
     root = str(tmp_path / "root")
     write_root(root)
@@ -162,10 +161,10 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
     with monkeypatch.context() as patch:
         patch.setattr(storage, "set_latest", crash)
         with pytest.raises(RuntimeError, match="killed"):
-            tune_probes.main(["--root", root, *SMALL])
+            tune_job.main(["--root", root, *SMALL])
     assert storage.latest_version(layout.probes) == "tune-older"
     # the run is complete, so running it again does nothing but move the pointer
-    manifest = tune_probes.main(["--root", root, *SMALL])
+    manifest = tune_job.main(["--root", root, *SMALL])
     run_id = manifest.version
     run_dir = storage.version_uri(layout.probes, run_id)
     assert storage.latest_version(layout.probes) == run_id
@@ -183,7 +182,7 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
     assert full["test_roc_auc"].mean() > 0.9 and full["valid_roc_auc"].mean() > 0.9  # correlated embeddings
 
     text = open(storage.join(run_dir, "report.md")).read()
-    assert "## Chosen configuration per budget" in text and "Tune overhead" in text
+    assert "## Chosen configuration per budget" in text and "overhead" not in text  # timings: the manifest
     for budget in ("2", "all"):
         assert any(line.startswith(f"| {budget} | ") and " / " in line for line in text.splitlines())
     assert "Cheapest budget within 0.05" in text and "excluded tracks: 3" in text
@@ -198,13 +197,13 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
     assert {k: probe_set.config[k] for k in ("probe", "norm")} == {"probe": chosen.probe, "norm": chosen.norm}
 
     # a finished run is a no-op; an interrupted one redoes only the missing trials
-    assert tune_probes.main(["--root", root, *SMALL]).created_at == manifest.created_at
+    assert tune_job.main(["--root", root, *SMALL]).created_at == manifest.created_at
     storage.delete(storage.manifest_uri(layout.probes, run_id))
     trial_files = storage.list_files(storage.join(run_dir, "trials"), ".parquet")
     assert len(trial_files) == n_configs
     storage.delete(trial_files[0])
     mtimes = {u: os.path.getmtime(u) for u in trial_files[1:]}
-    tune_probes.main(["--root", root, *SMALL])
+    tune_job.main(["--root", root, *SMALL])
     assert storage.exists(trial_files[0])
     assert all(os.path.getmtime(u) == t for u, t in mtimes.items())
     assert storage.read_manifest(layout.probes, run_id) is not None

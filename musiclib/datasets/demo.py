@@ -24,8 +24,8 @@ import numpy as np
 import pyarrow as pa
 
 from musiclib import catalog, storage
-from musiclib.audio import encode
-from musiclib.config import Layout
+from musiclib.config import DEFAULT_ROOT, Layout, check
+from musiclib.datasets.audio_files import encode
 
 SR = 22050  # synthesis rate; 44100 Hz files are upsampled from it
 FORMATS = ("flac", "ogg", "mp3", "wav")
@@ -60,6 +60,28 @@ FAULTS = (
     ("silent", "wav", 10.0),
     ("too_short", "wav", 0.8),
 )
+
+
+@dataclasses.dataclass
+class DemoCatalogConfig:
+    """Generate the demo catalog (synthesised music, tags on a fraction of tracks, optional faulty files)."""
+
+    root: str = DEFAULT_ROOT
+    n_tracks: int = 300
+    seed: int = 0
+    faults: bool = False  # add one track per decoder failure (corrupt, empty, missing, ...)
+    labeled_fraction: float = 0.5
+    workers: int = 2  # processes synthesising and encoding; does not change the result
+
+    def validate(self) -> None:
+        problems = []
+        if self.n_tracks < 1:
+            problems.append(f"--n-tracks must be at least 1, got {self.n_tracks}")
+        if not 0 <= self.labeled_fraction <= 1:
+            problems.append(f"--labeled-fraction must be in [0, 1], got {self.labeled_fraction}")
+        if self.workers < 1:
+            problems.append(f"--workers must be at least 1, got {self.workers}")
+        check("demo catalog", problems)
 
 
 @dataclasses.dataclass(frozen=True)

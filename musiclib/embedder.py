@@ -1,4 +1,4 @@
-"""Embedding a catalog with an encoder: decode tracks to int16 chunks, average chunk embeddings, build rows.
+"""The embed stage: decode tracks to int16 chunks, encode and average them per track, the embeddings table.
 
 The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU machines call them directly:
 
@@ -7,10 +7,15 @@ The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU mach
    or non-string id or URI) is a reason too, never a failed job. Storage that stays unreachable raises
    ``audio.TransientError``, so Ray retries the task.
 2. ``embed_batch``: the encoder on every chunk of a batch of decoded tracks, in fixed-size forward batches,
-   averaged per track into one row of the embeddings table (``musiclib.embeddings.schema``).
+   averaged per track into one row of the embeddings table (``schema``).
 3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array.
 4. ``embed_catalog``: the plain single-process loop (decode, chunk, forward), the reference the tests compare
    the job against and the baseline the benchmark measures it by.
+5. The embeddings table the later stages read: ``<root>/embeddings/<model_id>/`` is a versioned dataset
+   (see ``storage``) whose latest manifest lists every Parquet file of the current, complete set (``files``,
+   ``read``). One row per catalog track (``schema``): ``track_id``, ``embedding`` (fixed-size list of
+   float32; null when ``error`` is set), ``n_chunks``, ``duration_s``, ``model_id``, ``error`` (the reason
+   the track could not be embedded, null when fine).
 """
 
 from __future__ import annotations
@@ -25,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from musiclib import audio, catalog, embeddings, storage
+from musiclib import audio, catalog, models, storage
+from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
 from musiclib.models import SampleCNN
 
 DECODED_SCHEMA = pa.schema(
@@ -37,6 +43,79 @@ DECODED_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
     ]
 )
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass
+class EmbedConfig(RayConfig):
+    """Embed every catalog track with an exported encoder and publish the embeddings."""
+
+    root: str = DEFAULT_ROOT
+    catalog: str = ""  # default: <root>/catalog/tracks.parquet
+    model_id: str = ""  # default: the latest exported model under <root>/models
+    only_new: bool = True  # embed only tracks absent from the latest embeddings; false: recompute all
+    max_chunks: int = 64  # chunks of 2.7 s per track, spread evenly over it
+    batch_size: int = 16  # tracks per decode task batch and per encoder call
+    chunk_batch: int = 64  # chunks per encoder forward
+    decode_cpus: float = 1.0  # CPUs per decode task
+    actors: int = 0  # most encoder actors; 0: one per GPU, or half the CPUs on a cluster without GPUs
+    cpus_per_actor: float = 1.0
+    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    shard_rows: int = 10000  # fewest rows per output Parquet file
+    validate_catalog: bool = True  # check every row before Ray starts; false: bad rows become error rows
+    allowed_prefixes: list[str] = field(default_factory=list)  # audio only under these; empty: anywhere
+    task_retries: int = 3  # decode tasks retried after storage errors that outlast the decoder's own retries
+
+    @property
+    def catalog_uri(self) -> str:
+        return self.catalog or Layout(self.root).catalog
+
+    def validate(self) -> None:
+        """Fail fast, before Ray starts: bad numbers, unreachable storage, a missing catalog or model."""
+        problems = RayConfig.problems(self)
+        for name in ("max_chunks", "batch_size", "chunk_batch", "shard_rows"):
+            if getattr(self, name) < 1:
+                problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.task_retries < 0:
+            problems.append(f"--task-retries must not be negative, got {self.task_retries}")
+        if self.actors < 0:
+            problems.append(f"--actors must not be negative (0: automatic), got {self.actors}")
+        if self.decode_cpus <= 0 or self.cpus_per_actor < 0:
+            problems.append("--decode-cpus must be positive and --cpus-per-actor not negative")
+        if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
+            problems.append(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
+        try:
+            if not storage.exists(self.catalog_uri):
+                problems.append(f"catalog not found: {self.catalog_uri}")
+            elif self.validate_catalog:
+                catalog.validate(self.catalog_uri)
+            models_root = Layout(self.root).models
+            model_id = models.resolve(models_root, self.model_id)
+            if not storage.exists(storage.join(models_root, model_id, "encoder.safetensors")):
+                problems.append(f"no exported model {model_id!r} under {models_root}")
+        except storage.StorageError as exc:
+            problems.append(str(exc))
+        check("embed", problems)
+
+
+def encoder_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> tuple[float, int]:
+    """GPUs per encoder actor and the most actors, from the config or, where it says 0 / None, the cluster.
+
+    With GPUs: up to one actor per GPU, added as the backlog grows. Without: the encoder shares the CPUs
+    with decoding and its forward pass costs more than decoding there, so a fixed pool holding half the
+    CPUs starts at once (autoscaling from one actor, on a small node whose CPUs the decoders held, kept
+    requesting a second actor that never started; measured in docs/BENCHMARKS.md).
+    """
+    gpus = cfg.gpus_per_actor
+    if gpus is None:
+        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+    if cfg.actors:
+        return gpus, cfg.actors
+    if gpus > 0:
+        return gpus, max(1, int(cluster.get("GPU", 0) // gpus))
+    return gpus, max(1, int(cluster.get("CPU", 1) / 2 // max(cfg.cpus_per_actor, 1.0)))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -150,7 +229,7 @@ def embed_batch(
             "model_id": pa.array([model_id] * len(decoded), pa.string()),
             "error": decoded.column("error"),
         },
-        schema=embeddings.schema(dim),
+        schema=schema(dim),
     )
 
 
@@ -189,7 +268,7 @@ class Summary:
         self.audio_s += float(
             np.nansum(table.column("duration_s").to_numpy(zero_copy_only=False).astype(float))
         )
-        self.errors.update(e for e in table.column("error").to_pylist() if e is not None)
+        self.errors.update(audio.count_reasons(table.column("error").to_pylist()))
 
     def __str__(self) -> str:
         hours = self.audio_s / 3600
@@ -233,8 +312,97 @@ def embed_catalog(catalog_uri: str, encoder: SampleCNN, model_id: str, **kwargs)
     """The whole catalog's embeddings as one table, and its summary (``kwargs`` as for ``iter_embedded``)."""
     start = time.perf_counter()
     tables = list(iter_embedded(catalog_uri, encoder, model_id, **kwargs))
-    table = pa.concat_tables(tables) if tables else embeddings.schema(encoder.config.embed_dim).empty_table()
+    table = pa.concat_tables(tables) if tables else schema(encoder.config.embed_dim).empty_table()
     summary = Summary()
     summary.add(table)
     summary.wall_s = time.perf_counter() - start
     return table, summary
+
+
+# --------------------------------------------------------------------------- incremental versions
+
+
+@dataclass
+class CarryOver:
+    """What an incremental version keeps of the latest one (see ``carry_over``)."""
+
+    kept: list[storage.FileEntry]  # files kept as they are
+    skip: np.ndarray  # sorted ids not to embed again
+    retried: set[tuple[str, str]]  # (track_id, error) of the rows left out to be tried again
+
+
+def carry_over(dataset: str, only_new: bool, out_dir: str) -> CarryOver:
+    """What an incremental version keeps of the latest one: its files, the ids to skip, the rows retried.
+
+    Rows whose error may since have gone away (``audio.RETRIED``: an object that was missing) are not
+    kept: a file holding any is copied into ``out_dir`` without them, so those tracks are embedded again
+    and every track still appears exactly once.
+    """
+    none = CarryOver([], np.array([], dtype=object), set())
+    if not only_new or storage.latest_version(dataset) is None:
+        return none
+    kept, ids, retried = [], [], set()
+    for entry in storage.read_latest_manifest(dataset).files:
+        uri = storage.join(dataset, entry.path)
+        rows = storage.read_parquet([uri], ["track_id", "error"])
+        retry = pc.fill_null(pc.is_in(rows["error"], pa.array(audio.RETRIED)), False)
+        if pc.any(retry).as_py():
+            rest = storage.read_parquet([uri]).filter(pc.invert(retry))
+            storage.write_parquet(rest, storage.join(out_dir, "carried-" + entry.path.replace("/", "-")))
+            again = rows.filter(retry)
+            retried |= set(zip(again["track_id"].to_pylist(), again["error"].to_pylist()))
+        else:
+            kept.append(entry)
+        ids.append(rows.filter(pc.invert(retry))["track_id"].to_numpy(zero_copy_only=False))
+    if retried:
+        print(f"{len(retried)} track(s) whose audio was {'/'.join(audio.RETRIED)} are tried again")
+    return CarryOver(kept, np.sort(np.concatenate(ids)), retried)
+
+
+def unchanged(embedded: list[str], retried: set[tuple[str, str]]) -> bool:
+    """Whether the tracks embedded again gave exactly the errors they had (nothing to publish)."""
+    rows = storage.read_parquet(embedded, ["track_id", "error"]) if embedded else None
+    return rows is not None and set(zip(rows["track_id"].to_pylist(), rows["error"].to_pylist())) == retried
+
+
+# --------------------------------------------------------------------------- the embeddings table
+
+
+def schema(dim: int) -> pa.Schema:
+    return pa.schema(
+        [
+            pa.field("track_id", pa.string(), nullable=False),
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            pa.field("n_chunks", pa.int32()),
+            pa.field("duration_s", pa.float64()),
+            pa.field("model_id", pa.string()),
+            pa.field("error", pa.string()),
+        ]
+    )
+
+
+def dataset_uri(embeddings_root: str, model_id: str) -> str:
+    return storage.join(embeddings_root, model_id)
+
+
+def files(embeddings_root: str, model_id: str) -> list[str]:
+    """URIs of the Parquet files of the latest committed embedding set of a model."""
+    return storage.read_latest_manifest(dataset_uri(embeddings_root, model_id)).file_uris()
+
+
+def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) -> pa.Table:
+    """The latest committed embeddings of a model as one table (probes fit on these; jobs stream instead)."""
+    uris = files(embeddings_root, model_id)
+    if not uris:
+        raise storage.StorageError(f"embeddings of {model_id} under {embeddings_root} hold no files")
+    return storage.read_parquet(uris, columns)
+
+
+def publish_table(embeddings_root: str, model_id: str, version: str, table: pa.Table) -> storage.Manifest:
+    """Publish ``table`` as one version of a model's embeddings, in one shard (synthetic data, small imports).
+
+    The embed job writes many shards itself and publishes them the same way (``storage.publish``).
+    """
+    dataset = dataset_uri(embeddings_root, model_id)
+    uri = storage.join(storage.version_uri(dataset, version), "part-00000.parquet")
+    return storage.publish(dataset, version, [uri], [storage.write_parquet(table, uri)])

@@ -1,6 +1,6 @@
 """tag: apply the chosen probe set to every track's embedding and write a versioned tag table.
 
-    python jobs/write_tags.py --root data/demo [--probe-run-id tune-...] [--only-new true]
+    python jobs/tag.py --root data/demo [--probe-run-id tune-...] [--only-new true]
 
 Ray Data streams the embedding shards through the probe set (one matrix product for all tags, with its
 normalisation) and writes long-form Parquet under ``<root>/tags/<version>/rows/``; the catalog's human
@@ -15,9 +15,6 @@ the scores of one probe set.
 
 from __future__ import annotations
 
-import datetime as dt
-import hashlib
-import json
 from collections import Counter
 from dataclasses import asdict, dataclass
 
@@ -25,30 +22,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from musiclib import catalog, embeddings, progress, storage, tags
-from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, parse
+from musiclib import catalog, embedder, progress, ray_env, storage, tags
+from musiclib.config import ConfigError, Layout, parse
 from musiclib.probes import ProbeSet
-from musiclib.ray_env import ray_session, read_parquet, retry_transient_storage
+from musiclib.ray_env import ray_session, retry_transient_storage
+from musiclib.tags import TagConfig
 
 TASK_RETRIES = 6  # read and scoring tasks run again after S3 errors (backing off ~1 min in all)
-
-
-@dataclass
-class TagConfig:
-    """Write predicted tags, with scores and provenance, beside the catalog."""
-
-    root: str = DEFAULT_ROOT
-    probe_run_id: str = ""  # empty: the latest published tune run
-    run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same version
-    only_new: bool = False  # tag only tracks without rows of this probe run in the latest version
-    batch_size: int = 512
-    concurrency: int = 1  # scoring actors
-    num_cpus: int = 0  # 0: every core of this machine (local Ray); ignored when joining a cluster
-    summary_tags: int = 3  # long-tail tags whose most confident new tags the summary lists
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.concurrency < 1 or self.summary_tags < 0:
-            raise ConfigError("--batch-size and --concurrency must be at least 1, --summary-tags at least 0")
 
 
 @dataclass
@@ -74,7 +54,7 @@ def resolve(cfg: TagConfig, layout: Layout) -> Inputs:
     probe_set = ProbeSet.load(probe_uri)
     if probe_set.thresholds is None:
         raise ConfigError(f"probe set {probe_uri} has no thresholds")
-    dataset = embeddings.dataset_uri(layout.embeddings, probe_set.model_id)
+    dataset = embedder.dataset_uri(layout.embeddings, probe_set.model_id)
     if storage.latest_version(dataset) is None:
         raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
     emb = storage.read_latest_manifest(dataset)  # files and version from the same manifest
@@ -99,7 +79,7 @@ def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:
         cfg.only_new,
         inputs.previous.version if cfg.only_new and inputs.previous else None,
     ]
-    return "tags-" + hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:10]
+    return storage.digest_version("tags", parts)
 
 
 class ScoreBatch:
@@ -117,45 +97,11 @@ class ScoreBatch:
         return tags.model_rows(batch.filter(ok), self.probe_set, self.probe_run_id, self.tagged_at)
 
 
-def already_tagged(previous: storage.Manifest | None, model_id: str, probe_run_id: str) -> pa.Table:
-    """Model rows of this probe run and model in the previous version: what ``--only-new`` carries over.
-
-    Rows of another probe run (an older sweep of the same model included) are not carried, so their tracks
-    are scored again with the current probe set and a version never mixes probe sets.
-    """
-    if previous is None:
-        return tags.SCHEMA.empty_table()
-    rows = tags.read_version(previous)
-    return rows.filter(
-        (pc.field("source") == "model")
-        & (pc.field("model_id") == model_id)
-        & (pc.field("probe_run_id") == probe_run_id)
-    )
-
-
-def embedding_errors(files: list[str], catalog_ids: list[str]) -> pa.Table:
-    """Tracks with an embedding error (its reason) and catalog tracks with no embedding row at all."""
-    emb = storage.read_parquet(files, ["track_id", "error"])
-    failed = emb.filter(pc.is_valid(emb["error"]))
-    seen = set(emb["track_id"].to_pylist())
-    missing = [t for t in catalog_ids if t not in seen]
-    return pa.table(
-        {
-            "track_id": failed["track_id"].to_pylist() + missing,
-            "reason": [f"embedding error: {e}" for e in failed["error"].to_pylist()]
-            + ["no embedding"] * len(missing),
-        },
-        schema=tags.ERRORS_SCHEMA,
-    )
-
-
 def score_with_ray(
     cfg: TagConfig, inputs: Inputs, rows_dir: str, tagged_at: str, skip: frozenset[str]
 ) -> None:
     """Stream the embedding shards through the probe set and write the model rows as Parquet."""
-    fs, _ = storage.arrow_filesystem(inputs.embedding_files[0])
-    paths = [storage.split_uri(u)[1] for u in inputs.embedding_files]
-    ds = read_parquet(paths, fs, ["track_id", "embedding", "error"])
+    ds = ray_env.read_parquet(inputs.embedding_files, ["track_id", "embedding", "error"])
     scored = ds.map_batches(
         ScoreBatch,
         fn_constructor_args=(inputs.probe_uri, inputs.probe_run_id, tagged_at, skip),
@@ -172,10 +118,10 @@ def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) 
     version_dir = storage.version_uri(layout.tags, version)
     storage.delete(version_dir, recursive=True)  # leftovers of a crashed attempt are never committed
     rows_dir = storage.join(version_dir, tags.ROWS_DIR)
-    tagged_at = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+    tagged_at = storage.utc_now().isoformat(timespec="seconds")
     cat = catalog.read(layout.catalog, columns=["track_id", "tags"])
     carried = (
-        already_tagged(inputs.previous, inputs.probe_set.model_id, inputs.probe_run_id)
+        tags.already_tagged(inputs.previous, inputs.probe_set.model_id, inputs.probe_run_id)
         if cfg.only_new
         else tags.SCHEMA.empty_table()
     )
@@ -186,7 +132,7 @@ def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) 
     extra_files = {
         storage.join(rows_dir, "human.parquet"): tags.human_rows(cat, tagged_at),
         storage.join(rows_dir, "carried.parquet"): carried,
-        storage.join(version_dir, tags.ERRORS_FILE): embedding_errors(
+        storage.join(version_dir, tags.ERRORS_FILE): tags.embedding_errors(
             inputs.embedding_files, cat["track_id"].to_pylist()
         ),
     }
@@ -232,11 +178,10 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
     with storage.lease(layout.tags):  # one tag run at a time: runs would delete each other's folders
         inputs = resolve(cfg, layout)
         version = version_id(cfg, layout, inputs)
-        manifest = storage.read_manifest(layout.tags, version)
+        manifest = storage.already_complete(layout.tags, version, "tag")
         if manifest is not None:
-            print(f"tag: version {version} is already complete; {storage.make_current(layout.tags, version)}")
             return manifest
-        with ray_session(num_cpus=cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
+        with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
             manifest = write_version(cfg, layout, inputs, version)
     print_summary(layout, manifest, inputs, cfg, started)
     return manifest

@@ -1,0 +1,6 @@
+"""Generated data, in one place (as scikit-learn keeps ``datasets``): nothing here is read from outside.
+
+- ``demo``: the demo catalog, synthesised music with audible tags and few labels (``make demo``).
+- ``audio_files``: samples encoded as WAV, FLAC, Ogg Vorbis, Opus, MP3 or AAC files.
+- ``tagged_embeddings``: a catalog and embeddings correlated with its tags, for the tune and tag jobs.
+"""
