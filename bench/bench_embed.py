@@ -87,10 +87,10 @@ def process_label(pid: int) -> str:
     return os.path.basename(scripts[0] if scripts else argv[0])
 
 
-def ray_pss(roots: Sequence[int] = ()) -> dict[str, tuple[int, int, int]]:
+def ray_pss(roots: Sequence[int] = ()) -> dict[str, tuple[int, int, int, int]]:
     """PSS of ``roots`` (default: this process) and all their descendants (Ray's daemons and workers),
-    from /proc, summed by process label as (anonymous, file-backed, shared memory) bytes. Shared memory
-    is mostly the object store, mapped by the raylet and every worker."""
+    from /proc, summed by process label as (anonymous, file-backed, shared memory) bytes and a count of
+    processes. Shared memory is mostly the object store, mapped by the raylet and every worker."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if entry.isdigit():
@@ -100,7 +100,7 @@ def ray_pss(roots: Sequence[int] = ()) -> dict[str, tuple[int, int, int]]:
             except (OSError, IndexError, ValueError):
                 continue
             children.setdefault(ppid, []).append(int(entry))
-    usage: dict[str, tuple[int, int, int]] = {}
+    usage: dict[str, tuple[int, int, int, int]] = {}
     todo = list(roots) or [os.getpid()]
     while todo:
         pid = todo.pop()
@@ -112,23 +112,23 @@ def ray_pss(roots: Sequence[int] = ()) -> dict[str, tuple[int, int, int]]:
                 }
         except (OSError, ValueError):
             continue
-        part = (fields.get("Pss_Anon", 0), fields.get("Pss_File", 0), fields.get("Pss_Shmem", 0))
+        part = (fields.get("Pss_Anon", 0), fields.get("Pss_File", 0), fields.get("Pss_Shmem", 0), 1)
         label = process_label(pid)
-        usage[label] = tuple(a + b for a, b in zip(usage.get(label, (0, 0, 0)), part))
+        usage[label] = tuple(a + b for a, b in zip(usage.get(label, (0, 0, 0, 0)), part))
     return usage
 
 
 def ray_pss_bytes(roots: Sequence[int] = ()) -> int:
     """Summed PSS of ``roots`` and all their descendants (``ray_pss``)."""
-    return sum(sum(part) for part in ray_pss(roots).values())
+    return sum(sum(part[:3]) for part in ray_pss(roots).values())
 
 
-def format_pss(usage: dict[str, tuple[int, int, int]]) -> str:
-    """One line per process label, largest first: total, anonymous, file and shared-memory MiB."""
-    rows = sorted(usage.items(), key=lambda kv: -sum(kv[1]))
+def format_pss(usage: dict[str, tuple[int, int, int, int]]) -> str:
+    """One line per process label, largest first: processes, total, anonymous, file and shared-memory MiB."""
+    rows = sorted(usage.items(), key=lambda kv: -sum(kv[1][:3]))
     return "\n".join(
-        f"  {label:<40} {sum(p) / 2**20:8.0f} MiB (anon {p[0] / 2**20:.0f}, file {p[1] / 2**20:.0f}, "
-        f"shmem {p[2] / 2**20:.0f})"
+        f"  {label[:60]:<60} x{p[3]:<3} {sum(p[:3]) / 2**20:6.0f} MiB (anon {p[0] / 2**20:.0f}, "
+        f"file {p[1] / 2**20:.0f}, shmem {p[2] / 2**20:.0f})"
         for label, p in rows
     )
 
@@ -151,7 +151,7 @@ class PeakMemory:
 
     def _take(self) -> None:
         usage = ray_pss(self.roots)
-        total = sum(sum(part) for part in usage.values())
+        total = sum(sum(part[:3]) for part in usage.values())
         if total > self.peak:
             self.peak, self.at_peak = total, usage
 

@@ -73,7 +73,7 @@ class JobRun:
 
     wall_s: float
     peak_bytes: int
-    at_peak: dict[str, tuple[int, int, int]]  # PSS by process at the peak (bench_embed.ray_pss)
+    at_peak: dict[str, tuple[int, int, int, int]]  # PSS by process at the peak (bench_embed.ray_pss)
     output: str
 
 
