@@ -314,17 +314,24 @@ def check_embeddings(root: str, model_id: str, expected: pa.Table) -> pa.Table:
 # --------------------------------------------------------------------------- driver killed, run again
 
 
+def pretrain_command(tmp_path: Path, *args: str) -> tuple[str, list[str]]:
+    """A fully labeled 8-track demo root and a pretrain command on it: one narrow worker, a checkpoint
+    every 4 steps; ``args`` adds the steps and any other option."""
+    root = str(tmp_path / "root")
+    demo.make_catalog(root, n_tracks=8, labeled_fraction=1.0, min_seconds=3.0, max_seconds=5.0, workers=1)
+    cmd = job_command(
+        "pretrain", "--root", root, "--width", "0.0625", "--num-workers", "1", "--batch-size", "4",
+        "--checkpoint-every", "4", "--log-every", "4", "--p-pitch", "0", "--shard-tracks", "2",
+        "--keep-checkpoints", "2", *args,
+    )  # fmt: skip
+    return root, cmd
+
+
 def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     """SIGKILL the pretrain driver after its 1st or 2nd checkpoint; the same command resumes from the saved
     step (not step 0), reaches the last step and exports; the shards hold every train track once."""
-    root = str(tmp_path / "root")
-    demo.make_catalog(root, n_tracks=8, labeled_fraction=1.0, min_seconds=3.0, max_seconds=5.0, workers=1)
+    root, cmd = pretrain_command(tmp_path, "--steps", "40")
     layout = Layout(root)
-    cmd = job_command(
-        "pretrain", "--root", root, "--width", "0.0625", "--num-workers", "1", "--batch-size", "4",
-        "--steps", "40", "--checkpoint-every", "4", "--log-every", "4", "--p-pitch", "0",
-        "--shard-tracks", "2", "--keep-checkpoints", "2",
-    )  # fmt: skip
     rng = rng_for("pretrain-driver")
     after = rng.randint(1, 2)
     checkpoints = count_files(storage.join(layout.runs, "pretrain"), "/state.pt")
@@ -359,14 +366,8 @@ def test_pretrain_survives_a_killed_train_worker(tmp_path):
     """SIGKILL the Ray Train worker once a checkpoint is registered: the same command (``--max-failures``)
     starts a new worker from the latest checkpoint, reaches the last step and exports; every train track
     once."""
-    root = str(tmp_path / "root")
-    demo.make_catalog(root, n_tracks=8, labeled_fraction=1.0, min_seconds=3.0, max_seconds=5.0, workers=1)
+    root, cmd = pretrain_command(tmp_path, "--steps", "24", "--max-failures", "2")
     layout = Layout(root)
-    cmd = job_command(
-        "pretrain", "--root", root, "--width", "0.0625", "--num-workers", "1", "--batch-size", "4",
-        "--steps", "24", "--checkpoint-every", "4", "--log-every", "4", "--p-pitch", "0",
-        "--shard-tracks", "2", "--keep-checkpoints", "2", "--max-failures", "2",
-    )  # fmt: skip
     snapshot = storage.join(layout.runs, "pretrain", "checkpoint_manager_snapshot.json")
     log = tmp_path / "pretrain.log"
     proc = start(cmd, log)
@@ -470,6 +471,22 @@ def check_tune_results(root: str, run_id: str) -> None:
     assert_same_rows(results, pa.Table.from_pylist(rows), keys, values)
 
 
+def run_killing_workers(cmd: list[str], log: Path, dataset: str, workers: list[str]) -> list[str]:
+    """Run a job and SIGKILL one Ray worker process of each name in ``workers``, in turn, while it runs; the
+    job must still succeed. Returns the versions a reader polling ``dataset`` saw (it never saw a partial
+    one)."""
+    proc = start(cmd, log)
+    with Reader(dataset) as reader:
+        try:
+            killed = [kill_ray_worker(proc, log, name) for name in workers]
+            text = finish(proc, log)
+        finally:
+            kill(proc)
+    reader.check()
+    assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
+    return reader.versions
+
+
 def test_tune_survives_a_trial_worker_killed_mid_trial(tmp_path):
     """SIGKILL a Tune trial's worker while it runs a trial: Tune runs the trial again (``--max-failures``),
     the job finishes, and its results equal the trials computed directly."""
@@ -477,16 +494,8 @@ def test_tune_survives_a_trial_worker_killed_mid_trial(tmp_path):
     synthetic_root(root)
     layout = Layout(root)
     log = tmp_path / "tune.log"
-    proc = start(job_command("tune", "--root", root, "--run-id", "tune-worker", *TUNE_ARGS), log)
-    with Reader(layout.probes) as reader:
-        try:
-            killed = kill_ray_worker(proc, log, "ImplicitFunc.train")
-            text = finish(proc, log)
-        finally:
-            kill(proc)
-    reader.check()
-    assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
-    assert reader.versions == ["tune-worker"]
+    cmd = job_command("tune", "--root", root, "--run-id", "tune-worker", *TUNE_ARGS)
+    assert run_killing_workers(cmd, log, layout.probes, ["ImplicitFunc.train"]) == ["tune-worker"]
     check_tune_results(root, "tune-worker")
 
 
@@ -547,25 +556,16 @@ def check_tags(root: str, cat: pa.Table, emb: pa.Table, probe_set: probes.ProbeS
     assert len(pairs) == len(labels) and set(pairs) == labels
 
 
-def test_tag_survives_a_killed_scoring_actor_and_read_task(tmp_path):
-    """SIGKILL the tag job's scoring actor (``MapBatches(ScoreBatch)``) once it is up, then the worker of a
-    Parquet read task: Ray Data restarts the actor and retries the task; the job finishes with every track's
-    tags once. A reader polls throughout."""
+def test_tag_survives_a_killed_scoring_actor(tmp_path):
+    """SIGKILL the tag job's scoring actor (``MapBatches(ScoreBatch)``) once it is up: Ray Data restarts it
+    and the job finishes with every track's tags once. A reader polls throughout."""
     root = str(tmp_path / "root")
     cat, emb = synthetic_root(root, n_files=6)
     probe_set = publish_probe_set(root, cat, emb)
     layout = Layout(root)
     log = tmp_path / "tag.log"
-    proc = start(job_command("tag", "--root", root, "--run-id", "tags-actor", "--batch-size", "8"), log)
-    with Reader(layout.tags) as reader:
-        try:
-            killed = [kill_ray_worker(proc, log, name) for name in ("MapBatches(ScoreBatch)", "ReadFiles")]
-            text = finish(proc, log)
-        finally:
-            kill(proc)
-    reader.check()
-    assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
-    assert reader.versions == ["tags-actor"]
+    cmd = job_command("tag", "--root", root, "--run-id", "tags-actor", "--batch-size", "8")
+    assert run_killing_workers(cmd, log, layout.tags, ["MapBatches(ScoreBatch)"]) == ["tags-actor"]
     check_tags(root, cat, emb, probe_set)
 
 
