@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
+from scipy.special import expit
 from sklearn.linear_model import LogisticRegression
 
 from musiclib import storage
@@ -172,7 +173,7 @@ class ProbeSet:
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Scores ``[n_tracks, n_tags]``: normalise, then one matrix product for all tags, then the link."""
         logits = self.norm(x) @ self.weights + self.biases
-        return 1.0 / (1.0 + np.exp(-logits)) if self.link == "sigmoid" else logits
+        return expit(logits) if self.link == "sigmoid" else logits  # expit: no overflow at large |logit|
 
     def predict(self, scores: np.ndarray) -> np.ndarray:
         """Boolean ``[n_tracks, n_tags]``: scores at or above each tag's saved threshold."""

@@ -103,3 +103,16 @@ def test_linear_probe_matches_torch_adam():
         opt.step()
     np.testing.assert_allclose(w, layer.weight.detach().numpy().T, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(b, layer.bias.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_sigmoid_scores_match_the_formula_without_overflow(recwarn):
+    """Large logits of either sign (confident probes) give 0 or 1, not an overflow warning."""
+    x, y = _separable()
+    fitted = probes.fit("logreg", x, y, TAGS, norm="standardize")
+    fitted.weights = fitted.weights * 1e4  # logits far beyond exp's range in float32 and float64
+    scores = fitted.apply(x)
+    logits = (fitted.norm(x) @ fitted.weights + fitted.biases).astype(np.float64)
+    with np.errstate(over="ignore"):
+        reference = 1.0 / (1.0 + np.exp(-logits))
+    np.testing.assert_allclose(scores, reference, atol=1e-12)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
