@@ -5,7 +5,7 @@
 Streams the catalog's rows (``track_id``, ``audio_uri``) → decodes each track into up to ``max_chunks``
 int16 chunks in CPU tasks → runs the encoder on an actor pool (one GPU per actor when the cluster has
 GPUs) → writes Parquet shards in the embeddings schema → publishes them as a new version of
-``<root>/embeddings/<model_id>/`` (``storage.publish``: manifest last, then ``_latest``).
+``<root>/embeddings/<model_id>/`` (``versions.publish``: manifest last, then ``_latest``).
 
 Resume. A run records its version in ``_pending.json`` and writes with Ray Data job-level checkpointing
 keyed by ``track_id``, so a killed run started again continues the same version: tracks already written
@@ -29,7 +29,7 @@ import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
-from musiclib import audio, catalog, embedder, models, progress, ray_env, storage
+from musiclib import audio, catalog, embedder, models, progress, ray_env, storage, versions
 from musiclib.config import Layout, as_dict, parse
 from musiclib.embedder import EmbedConfig
 from musiclib.ray_env import ray_session, retry_transient_storage
@@ -136,12 +136,12 @@ def begin_version(dataset: str, only_new: bool) -> tuple[str, bool]:
     marker = storage.join(dataset, PENDING)
     if storage.exists(marker):
         pending = storage.read_json(marker)
-        if storage.already_complete(dataset, pending["version"], "embed") is not None:
+        if versions.already_complete(dataset, pending["version"], "embed") is not None:
             return pending["version"], True
         if pending["only_new"] == only_new:
             print(f"resuming unfinished version {pending['version']}")
             return pending["version"], False
-    version = storage.new_version()
+    version = versions.new_version()
     storage.write_json(marker, {"version": version, "only_new": only_new})
     return version, False
 
@@ -160,9 +160,9 @@ def run(cfg: EmbedConfig) -> embedder.Summary:
     layout = Layout(cfg.root)
     model_id = models.resolve(layout.models, cfg.model_id)
     dataset = embedder.dataset_uri(layout.embeddings, model_id)
-    with storage.lease(dataset):
+    with versions.lease(dataset):
         version, committed = begin_version(dataset, cfg.only_new)
-        out_dir = storage.version_uri(dataset, version)
+        out_dir = versions.version_uri(dataset, version)
         checkpoint_dir = storage.join(dataset, CHECKPOINTS, version)
         new: list[str] = []
         if not committed:
@@ -192,7 +192,7 @@ def write_version(
         return []
     else:
         config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
-        manifest = storage.publish(
+        manifest = versions.publish(
             dataset,
             version,
             files,
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = embedder.dataset_uri(
         Layout(cfg.root).embeddings, models.resolve(Layout(cfg.root).models, cfg.model_id)
     )
-    latest = storage.read_latest_manifest(dataset)
+    latest = versions.read_latest_manifest(dataset)
     failed = sum(done.errors.values())
     progress.summary(
         "embed",
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> None:
         wrote=f"{done.tracks - failed} embeddings at {done.tracks / max(done.wall_s, 1e-9):.1f} tracks/s; "
         f"version {latest.version} holds {latest.rows} tracks",
         skipped=done.errors,
-        outputs={"version": storage.version_uri(dataset, latest.version)},
+        outputs={"version": versions.version_uri(dataset, latest.version)},
     )
 
 

@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from musiclib import audio, catalog, models, storage
+from musiclib import audio, catalog, models, storage, versions
 from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
 from musiclib.models import SampleCNN
 
@@ -326,7 +326,7 @@ def embed_catalog(catalog_uri: str, encoder: SampleCNN, model_id: str, **kwargs)
 class CarryOver:
     """What an incremental version keeps of the latest one (see ``carry_over``)."""
 
-    kept: list[storage.FileEntry]  # files kept as they are
+    kept: list[versions.FileEntry]  # files kept as they are
     skip: np.ndarray  # sorted ids not to embed again
     retried: set[tuple[str, str]]  # (track_id, error) of the rows left out to be tried again
 
@@ -339,10 +339,10 @@ def carry_over(dataset: str, only_new: bool, out_dir: str) -> CarryOver:
     and every track still appears exactly once.
     """
     none = CarryOver([], np.array([], dtype=object), set())
-    if not only_new or storage.latest_version(dataset) is None:
+    if not only_new or versions.latest_version(dataset) is None:
         return none
     kept, ids, retried = [], [], set()
-    for entry in storage.read_latest_manifest(dataset).files:
+    for entry in versions.read_latest_manifest(dataset).files:
         uri = storage.join(dataset, entry.path)
         rows = storage.read_parquet([uri], ["track_id", "error"])
         retry = pc.fill_null(pc.is_in(rows["error"], pa.array(audio.RETRIED)), False)
@@ -387,7 +387,7 @@ def dataset_uri(embeddings_root: str, model_id: str) -> str:
 
 def files(embeddings_root: str, model_id: str) -> list[str]:
     """URIs of the Parquet files of the latest committed embedding set of a model."""
-    return storage.read_latest_manifest(dataset_uri(embeddings_root, model_id)).file_uris()
+    return versions.read_latest_manifest(dataset_uri(embeddings_root, model_id)).file_uris()
 
 
 def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) -> pa.Table:
@@ -398,11 +398,11 @@ def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) 
     return storage.read_parquet(uris, columns)
 
 
-def publish_table(embeddings_root: str, model_id: str, version: str, table: pa.Table) -> storage.Manifest:
+def publish_table(embeddings_root: str, model_id: str, version: str, table: pa.Table) -> versions.Manifest:
     """Publish ``table`` as one version of a model's embeddings, in one shard (synthetic data, small imports).
 
-    The embed job writes many shards itself and publishes them the same way (``storage.publish``).
+    The embed job writes many shards itself and publishes them the same way (``versions.publish``).
     """
     dataset = dataset_uri(embeddings_root, model_id)
-    uri = storage.join(storage.version_uri(dataset, version), "part-00000.parquet")
-    return storage.publish(dataset, version, [uri], [storage.write_parquet(table, uri)])
+    uri = storage.join(versions.version_uri(dataset, version), "part-00000.parquet")
+    return versions.publish(dataset, version, [uri], [storage.write_parquet(table, uri)])

@@ -8,7 +8,7 @@ import pytest
 from jobs import embed, pretrain
 from jobs import tag as tag_job
 from jobs import tune as tune_job
-from musiclib import catalog, embedder, models, storage, tags
+from musiclib import catalog, embedder, models, tags, versions
 from musiclib.config import Layout
 from musiclib.datasets import demo
 
@@ -51,7 +51,7 @@ def test_demo_chain_end_to_end(tmp_path, capsys, monkeypatch):
     emb = embedder.read(layout.embeddings, model_id, columns=["track_id", "error"])
     assert sorted(emb["track_id"].to_pylist()) == sorted(cat["track_id"].to_pylist())
 
-    manifest = storage.read_latest_manifest(layout.tags)
+    manifest = versions.read_latest_manifest(layout.tags)
     table = tags.read_version(manifest)
     model_rows = table.filter(pc.equal(table["source"], "model"))
     assert set(model_rows["track_id"].to_pylist()) == good
