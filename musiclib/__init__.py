@@ -15,7 +15,8 @@ The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around
 - ``augment``, ``losses``, ``gather``, ``pretraining``: the views' augmentations, the SemiSupCon loss,
   the cross-worker gather, and the config, batches, step, loop and checkpoints (job ``pretrain``).
 - ``models``: the SampleCNN encoder, its export as a version of the models dataset, ``resolve``.
-- ``embedder``: decode, encode and average per track, the embeddings table and its reader (job ``embed``).
+- ``embedder``: decode, encode and average per track, the version a run writes (resume, carry-over),
+  the embeddings table and its reader (job ``embed``).
 - ``fewshot``, ``probes``, ``metrics``, ``report``, ``sweep``: support sets, linear probes, AP and ROC-AUC,
   the budget report, and the sweep's config, grid and outputs (job ``tune``).
 - ``tags``: the tag table, its config and a query tool (job ``tag``).

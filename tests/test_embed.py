@@ -163,7 +163,7 @@ def test_a_second_run_fails_clearly_while_one_is_writing(tmp_path):
     with versions.lease(dataset):
         with pytest.raises(versions.LeaseHeld, match="being written by another run"):
             job.run(config(root))
-    assert not storage.exists(storage.join(dataset, job.PENDING))
+    assert not storage.exists(storage.join(dataset, embedder.PENDING))
 
 
 def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
@@ -175,10 +175,73 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
     embedder.publish_table(Layout(root).embeddings, model_id, "v1", rows)
     part = storage.join(versions.version_uri(dataset, "v2"), "part-00000.parquet")
     versions.publish(dataset, "v2", [part], [storage.write_parquet(rows, part)], move_latest=False)
-    storage.write_json(storage.join(dataset, job.PENDING), {"version": "v2", "only_new": True})
+    storage.write_json(storage.join(dataset, embedder.PENDING), {"version": "v2", "only_new": True})
     assert job.run(config(root)).tracks == 0
     assert versions.latest_version(dataset) == "v2"
-    assert not storage.exists(storage.join(dataset, job.PENDING))
+    assert not storage.exists(storage.join(dataset, embedder.PENDING))
+
+
+def test_begin_version_resumes_an_unfinished_run_of_the_same_mode(tmp_path):
+    dataset = str(tmp_path / "ds")
+    first, committed = embedder.begin_version(dataset, only_new=True)
+    assert not committed and storage.read_json(storage.join(dataset, embedder.PENDING))["version"] == first
+    assert embedder.begin_version(dataset, only_new=True) == (first, False)
+    recompute, _ = embedder.begin_version(dataset, only_new=False)  # another mode: a new version
+    assert recompute != first
+    embedder.end_version(dataset, recompute)
+    assert not storage.exists(storage.join(dataset, embedder.PENDING))
+    assert embedder.begin_version(dataset, only_new=False)[0] not in (first, recompute)
+
+
+def embedding_rows(ids: list[str], errors: list[str | None]) -> pa.Table:
+    """Rows of the embeddings table: a vector of ones where there is no error."""
+    n = len(ids)
+    columns = {
+        "track_id": ids,
+        "embedding": [None if e else [1.0] * 4 for e in errors],
+        "n_chunks": [1] * n,
+        "duration_s": [3.0] * n,
+        "model_id": ["m"] * n,
+        "error": errors,
+    }
+    return pa.table(columns, schema=embedder.schema(4))
+
+
+def test_commit_version_publishes_only_what_changed(tmp_path):
+    """An incremental version keeps clean files, retries ``missing`` rows, and publishes only news."""
+    dataset = str(tmp_path / "ds")
+    clean, gone = (
+        storage.join(versions.version_uri(dataset, "v1"), f"{n}.parquet") for n in ("clean", "gone")
+    )
+    rows = [
+        storage.write_parquet(embedding_rows(["a", "b"], [None, None]), clean),
+        storage.write_parquet(embedding_rows(["c", "d"], [None, "missing"]), gone),
+    ]
+    versions.publish(dataset, "v1", [clean, gone], rows)
+
+    def attempt(version: str, error: str | None) -> tuple[embedder.CarryOver, list[str]]:
+        out_dir = versions.version_uri(dataset, version)
+        carried = embedder.carry_over(dataset, True, out_dir)
+        storage.write_parquet(embedding_rows(["d"], [error]), storage.join(out_dir, "part-0.parquet"))
+        return carried, embedder.commit_version(dataset, version, carried, {"try": version})
+
+    carried, embedded = attempt("v2", "missing")  # the audio is still missing: nothing to publish
+    assert [e.path for e in carried.kept] == ["v1/clean.parquet"] and list(carried.skip) == ["a", "b", "c"]
+    assert carried.retried == {("d", "missing")} and embedded == []
+    assert versions.latest_version(dataset) == "v1"
+    assert not storage.exists(versions.version_uri(dataset, "v2"))
+
+    carried, embedded = attempt("v3", None)  # the audio appeared: d is embedded, the rest carried
+    assert embedded == [storage.join(versions.version_uri(dataset, "v3"), "part-0.parquet")]
+    latest = versions.read_latest_manifest(dataset)
+    table = storage.read_parquet(latest.file_uris())
+    assert latest.version == "v3" and latest.config == {"try": "v3"}
+    assert sorted(zip(table["track_id"].to_pylist(), table["error"].to_pylist())) == [
+        ("a", None),
+        ("b", None),
+        ("c", None),
+        ("d", None),
+    ]
 
 
 def test_encoder_resources_follow_the_cluster_unless_configured():
@@ -212,7 +275,7 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, 
     assert summary.tracks == 14 and summary.errors["truncated"] == 1
     manifest = versions.read_latest_manifest(embedder.dataset_uri(Layout(root).embeddings, model_id))
     assert len(manifest.files) > 1 and manifest.config["model_id"] == model_id
-    assert not storage.exists(storage.join(manifest.dataset, job.PENDING))
+    assert not storage.exists(storage.join(manifest.dataset, embedder.PENDING))
 
 
 @pytest.mark.slow
@@ -263,7 +326,7 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluste
     ]
     log = open(tmp_path / "killed-run.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    checkpoints = storage.join(dataset, job.CHECKPOINTS)
+    checkpoints = storage.join(dataset, embedder.CHECKPOINTS)
     deadline = time.monotonic() + 480
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -278,7 +341,7 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluste
         log.close()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed-run.log").read_text()[-3000:]
     assert versions.latest_version(dataset) is None, "the run finished before it could be killed"
-    version = storage.read_json(storage.join(dataset, job.PENDING))["version"]
+    version = storage.read_json(storage.join(dataset, embedder.PENDING))["version"]
     before = {u: storage.file_checksum(u) for u in storage.list_files(versions.version_uri(dataset, version))}
     assert before, "no shard was written before the kill"
 

@@ -36,7 +36,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 
-from jobs import embed
 from jobs import tag as tag_job
 from musiclib import catalog, embedder, fewshot, models, probes, storage, sweep, tags, versions
 from musiclib.config import Layout, parse
@@ -601,7 +600,7 @@ def test_embed_survives_killed_decode_worker_and_encoder_actor(tmp_path):
     dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     proc = start(job_command("embed", "--root", root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log")
     killed: list[str] = []
-    checkpoints = count_files(storage.join(dataset, embed.CHECKPOINTS), ".parquet", exclude=".pending.")
+    checkpoints = count_files(storage.join(dataset, embedder.CHECKPOINTS), ".parquet", exclude=".pending.")
     with Reader(dataset) as reader:
         try:
             for name, ready in (("decode_batch", lambda: True), ("EncoderActor", lambda: checkpoints() >= 1)):
@@ -667,7 +666,7 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     model_id = audio_root(s3_root, n_tracks=4)
     expected = uninterrupted_embeddings(s3_root, model_id)
     dataset = embedder.dataset_uri(Layout(s3_root).embeddings, model_id)
-    checkpoints = count_files(storage.join(dataset, embed.CHECKPOINTS), ".parquet", exclude=".pending.")
+    checkpoints = count_files(storage.join(dataset, embedder.CHECKPOINTS), ".parquet", exclude=".pending.")
     proc = start(
         job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log"
     )
@@ -871,7 +870,7 @@ def test_embed_without_write_permission_fails_before_work_and_keeps_the_previous
     assert versions.latest_version(dataset) == "v-previous"
     assert versions.read_latest_manifest(dataset) == before and versions.verify(before) == []
     assert versions.committed_versions(dataset) == ["v-previous"]
-    assert not storage.exists(storage.join(dataset, embed.PENDING))
+    assert not storage.exists(storage.join(dataset, embedder.PENDING))
 
 
 def test_a_denied_write_names_what_was_denied(s3_root, read_only_key, monkeypatch):
