@@ -5,7 +5,7 @@
 Ray Data streams the embedding shards through the probe set (one matrix product for all tags, with its
 normalisation) and writes long-form Parquet under ``<root>/tags/<version>/rows/``; the catalog's human
 labels are carried over unchanged; tracks whose embedding carries an error are listed with the reason.
-The version is published through the storage layer, so ``_latest`` moves only once it is complete.
+The version is published with ``versions.publish``, so ``_latest`` moves only once it is complete.
 The version id is derived from the inputs (or ``--run-id``): a re-run with the same inputs writes nothing
 and only points ``_latest`` at that version (repairing a crash between the manifest and the pointer).
 ``--only-new true`` scores only tracks without model rows of the same probe run (and model) in the latest

@@ -1,6 +1,6 @@
 """The tag table: what the tag job writes beside the catalog, how to read it, and a small query tool.
 
-``<root>/tags/`` is a versioned dataset (see ``storage``). A version holds, in long form, one row per
+``<root>/tags/`` is a versioned dataset (see ``versions``). A version holds, in long form, one row per
 (track, tag): ``track_id``, ``tag``, ``score``, ``source`` (``human``: a catalog label, carried over
 unchanged with score 1; ``model``: a probe's score for every tag), ``predicted`` (the score reached the
 tag's threshold; always true for human labels) and provenance ``model_id``, ``probe_run_id``,
