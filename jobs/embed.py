@@ -34,7 +34,6 @@ from musiclib.config import Layout, as_dict, parse
 from musiclib.embedder import EmbedConfig
 from musiclib.ray_env import ray_session, retry_transient_storage
 
-
 # --------------------------------------------------------------------------- Ray
 
 
