@@ -280,6 +280,20 @@ def summary(
     return record
 
 
+def already_done(
+    job: str, root: str, started: float, dataset: str, manifest: storage.Manifest
+) -> dict[str, Any]:
+    """The summary of a re-run that found its version committed: nothing written, and where the outputs are."""
+    return summary(
+        job,
+        root,
+        started,
+        read=f"the same inputs as version {manifest.version}",
+        wrote=f"nothing: version {manifest.version} ({manifest.rows} rows) was already complete",
+        outputs={"version": storage.version_uri(dataset, manifest.version)},
+    )
+
+
 def _skipped(counts: Mapping[str, int]) -> str:
     n = sum(counts.values())
     return f"{n} ({', '.join(f'{k} {v}' for k, v in sorted(counts.items()))})" if n else "none"
