@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
         version = version_id(cfg, layout, inputs)
         manifest = versions.already_complete(layout.tags, version, "tag")
         if manifest is not None:
+            progress.already_done("tag", cfg.root, started, layout.tags, manifest)
             return manifest
         with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
             manifest = write_version(cfg, layout, inputs, version)

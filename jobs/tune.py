@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
     with versions.lease(layout.probes):  # one sweep at a time writes the probe runs
         done = versions.already_complete(layout.probes, run_id, "tune")
         if done is not None:
+            progress.already_done("tune", cfg.root, started, layout.probes, done)
             return done
         configs = sweep.configurations(cfg)
         todo = [c for c in configs if not storage.exists(sweep.trial_uri(run_dir, c))]

@@ -198,6 +198,8 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
 
     # a finished run is a no-op; an interrupted one redoes only the missing trials
     assert tune_job.main(["--root", root, *SMALL]).created_at == manifest.created_at
+    rerun = storage.read_json(storage.join(root, "summaries", "tune.json"))
+    assert rerun["wrote"].startswith(f"nothing: version {run_id} ") and rerun["outputs"]["version"] == run_dir
     storage.delete(versions.manifest_uri(layout.probes, run_id))
     trial_files = storage.list_files(storage.join(run_dir, "trials"), ".parquet")
     assert len(trial_files) == n_configs
