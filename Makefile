@@ -6,7 +6,7 @@ ROOT ?= data/demo
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo demo-catalog pretrain embed tune tag clean s3 docs-images
+.PHONY: setup test lint demo demo-catalog pretrain embed tune tag suggest clean s3 docs-images
 
 -include cluster/cluster.mk
 
@@ -43,6 +43,10 @@ tune: $(STAMP)
 
 tag: $(STAMP)
 	$(PY) jobs/tag.py --root $(ROOT) $(ARGS)
+
+# What to label next per tag (after tune): ARGS="--tags bell,drone --per-tag 20".
+suggest: $(STAMP)
+	$(PY) jobs/suggest.py --root $(ROOT) $(ARGS)
 
 # The whole pipeline on the embedded default (local Ray, local files, the generated demo catalog).
 demo: $(STAMP)

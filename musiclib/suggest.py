@@ -194,7 +194,7 @@ def select(
                     "rank": np.arange(1, len(picks) + 1, dtype=np.int32),
                     "score": np.exp(-margin).astype(np.float32),
                     "reason": [
-                        f"probe score {s:.3f} near its threshold {thresholds[tag]:.3f} (margin {m:.2f})"
+                        f"probe score {s:.3f}, threshold {thresholds[tag]:.3f}, margin {m:.2f}"
                         for s, m in zip(probe_score, margin)
                     ],
                 },
@@ -255,16 +255,12 @@ def version_id(cfg: SuggestConfig, layout: Layout, inputs: Inputs) -> str:
     """``--run-id``, else ``suggest-<digest>`` of the probe set, embeddings, catalog and selection."""
     if cfg.run_id:
         return cfg.run_id
-    parts = [
-        storage.file_checksum(inputs.probe_uri),
-        inputs.probe_set.model_id,
-        inputs.embedding_version,
-        storage.file_checksum(layout.catalog),
-        inputs.tags,
-        cfg.per_tag,
-        cfg.max_similarity,
-        cfg.pool_factor,
-    ]
+    parts = {
+        "probe_set": storage.file_checksum(inputs.probe_uri),
+        "embeddings": [inputs.probe_set.model_id, inputs.embedding_version],
+        "catalog": storage.file_checksum(layout.catalog),
+        "selection": [inputs.tags, cfg.per_tag, cfg.max_similarity, cfg.pool_factor],
+    }
     return storage.digest_version("suggest", parts)
 
 
