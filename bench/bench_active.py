@@ -2,13 +2,18 @@
 
     .venv/bin/python bench/bench_active.py                      # synthetic corpus (embeddings follow tags)
     .venv/bin/python bench/bench_active.py --root data/demo     # the demo's real embeddings (after make demo)
+    .venv/bin/python bench/bench_active.py --scoring 100000     # the job's per-block scoring, its floor
 
 On a fully labeled corpus (labels of the training pool hidden until revealed), each repetition starts from
 ``--start-k`` positives per tag and runs ``--rounds`` of: fit the probe set as the tune job's final fit
 does (thresholds on the validation split), then reveal the labels of the union of every tag's
-``--per-tag`` suggestions (``musiclib.suggest.simulate``, ``active``) or of as many random tracks
-(``random``). It prints the mean test AP per round and the labeled tracks each strategy needs to reach
-``--targets`` shares of the AP that all training labels give, for the head and the tail tags.
+``--per-tag`` suggestions per tag (``musiclib.suggest.simulate``, ``active``) or of as many random
+tracks (``random``); ``--reveal`` says whether a label is one tag's answer about a track or a whole
+track. It prints the mean test AP per round and the labels each strategy needs to reach ``--targets``
+shares of the AP that all training labels give, for the head and the tail tags.
+
+``--scoring N`` instead times the job's per-block work (``block_candidates`` and the driver's
+``merge_candidates``) over N tracks in one process against its floor, the probe set applied alone.
 """
 
 from __future__ import annotations
@@ -18,12 +23,13 @@ import os
 import sys
 import time
 
+import numpy as np
 import pandas as pd
 import threadpoolctl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from musiclib import catalog, embedder, fewshot, metrics, models, suggest  # noqa: E402
+from musiclib import catalog, embedder, fewshot, metrics, models, probes, suggest  # noqa: E402
 from musiclib.config import Layout  # noqa: E402
 from musiclib.datasets import tagged_embeddings  # noqa: E402
 
@@ -55,6 +61,37 @@ def needed(curve: pd.DataFrame, target: float) -> str:
     return f"{reached['n_labels'].iloc[0]:.0f}" if len(reached) else f">{curve['n_labels'].iloc[-1]:.0f}"
 
 
+def bench_scoring(n: int, dim: int, n_tags: int, per_tag: int, block: int) -> None:
+    """Tracks/s of candidate scoring and merging per block against the probe set applied alone."""
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(block, dim)).astype(np.float32)
+    probe_set = probes.ProbeSet(
+        tags=[f"tag{j:02d}" for j in range(n_tags)],
+        weights=(0.05 * rng.normal(size=(dim, n_tags))).astype(np.float32),
+        biases=np.zeros(n_tags, np.float32),
+        norm=probes.fit_normalizer("standardize", x),
+        thresholds=np.full(n_tags, 0.5, np.float32),
+    )
+    ids = np.array([f"t{i:09d}" for i in range(n)])
+    columns, pool, n_blocks = np.arange(n_tags), suggest.SuggestConfig.pool_factor * per_tag, n // block
+    start = time.perf_counter()
+    for _ in range(n_blocks):
+        probe_set.apply(x)
+    floor = time.perf_counter() - start
+    start = time.perf_counter()
+    merged = None
+    for b in range(n_blocks):
+        candidates = suggest.block_candidates(ids[b * block : (b + 1) * block], x, probe_set, columns, pool)
+        merged = suggest.merge_candidates(merged, candidates, pool)
+    took = time.perf_counter() - start
+    tracks = n_blocks * block
+    print(
+        f"{tracks} tracks, dim {dim}, {n_tags} tags, pool {pool} per tag, blocks of {block}, 1 thread: "
+        f"probe set alone {tracks / floor:,.0f} tracks/s; candidates + merge {tracks / took:,.0f} tracks/s "
+        f"({took / floor:.1f}x the floor); candidate rows per block {len(candidates)}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", default="", help="a root after make demo; empty: synthetic corpus")
@@ -70,8 +107,13 @@ def main() -> None:
     parser.add_argument("--max-similarity", type=float, default=0.9)
     parser.add_argument("--targets", default="0.75,0.9", help="shares of the all-labels AP to reach")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scoring", type=int, default=0, help="time the per-block scoring over N tracks")
+    parser.add_argument("--block", type=int, default=1024, help="--scoring: tracks per block")
     args = parser.parse_args()
     threadpoolctl.threadpool_limits(1)
+    if args.scoring:
+        bench_scoring(args.scoring, args.dim, args.n_tags, args.per_tag, args.block)
+        return
 
     data = load(args)
     full = fewshot.final_probe_set(data, PROBE)

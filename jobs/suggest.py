@@ -67,7 +67,7 @@ def candidates_with_ray(cfg: SuggestConfig, inputs: suggest.Inputs) -> pa.Table:
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
     )
-    pool = suggest.CANDIDATES.empty_table()
+    pool = suggest.candidates_schema(inputs.probe_set.weights.shape[0]).empty_table()
     for block in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
         pool = suggest.merge_candidates(pool, block, cfg.pool)
     return pool

@@ -44,15 +44,20 @@ SCHEMA = pa.schema(
         pa.field("reason", pa.string()),
     ]
 )
-CANDIDATES = pa.schema(
-    [
-        pa.field("tag", pa.string()),
-        pa.field("track_id", pa.string()),
-        pa.field("margin", pa.float64()),
-        pa.field("probe_score", pa.float64()),
-        pa.field("vector", pa.list_(pa.float32())),
-    ]
-)
+
+
+def candidates_schema(dim: int) -> pa.Schema:
+    """A block's candidates: one row per (tag, track), with the track's unit vector in the probe's space
+    (a fixed-size list: the driver's merge moves these rows, and fixed-size lists move as one buffer)."""
+    return pa.schema(
+        [
+            pa.field("tag", pa.string()),
+            pa.field("track_id", pa.string()),
+            pa.field("margin", pa.float64()),
+            pa.field("probe_score", pa.float64()),
+            pa.field("vector", pa.list_(pa.float32(), dim)),
+        ]
+    )
 
 
 @dataclass
@@ -120,7 +125,7 @@ def block_candidates(
     vectors (what diversity is measured on). Ties go to the smaller track id, so blocks merge the same
     way in any order."""
     if len(track_ids) == 0:
-        return CANDIDATES.empty_table()
+        return candidates_schema(probe_set.weights.shape[0]).empty_table()
     by_id = np.argsort(track_ids, kind="stable")
     track_ids, x = np.asarray(track_ids)[by_id], x[by_id]
     margin, scores, z = threshold_margin(probe_set, x, columns)
@@ -129,28 +134,27 @@ def block_candidates(
     n_keep, dim = keep.shape[0], z.shape[1]
     col_of = np.repeat(np.arange(len(columns)), n_keep)
     vectors = _unit(z[picked]).astype(np.float32).ravel()
-    offsets = np.arange(0, len(picked) * dim + 1, dim, dtype=np.int32)
     return pa.table(
         {
             "tag": np.asarray(probe_set.tags, dtype=object)[columns][col_of],
             "track_id": track_ids[picked].astype(str),
             "margin": margin[picked, col_of],
             "probe_score": scores[picked, col_of],
-            "vector": pa.ListArray.from_arrays(pa.array(offsets), pa.array(vectors)),
+            "vector": pa.FixedSizeListArray.from_arrays(pa.array(vectors), dim),
         },
-        schema=CANDIDATES,
+        schema=candidates_schema(dim),
     )
 
 
 def merge_candidates(current: pa.Table | None, block: pa.Table, pool: int) -> pa.Table:
     """Keep each tag's ``pool`` smallest margins (smaller track id first on ties) of two candidate tables."""
     table = block if current is None else pa.concat_tables([current, block])
-    table = table.sort_by([("tag", "ascending"), ("margin", "ascending"), ("track_id", "ascending")])
-    tag_col = np.asarray(table["tag"].to_numpy(zero_copy_only=False))
+    order = pc.sort_indices(table, [("tag", "ascending"), ("margin", "ascending"), ("track_id", "ascending")])
+    tag_col = np.asarray(table["tag"].take(order).to_numpy(zero_copy_only=False))
     starts = np.r_[0, np.flatnonzero(tag_col[1:] != tag_col[:-1]) + 1]
     lengths = np.diff(np.r_[starts, len(tag_col)])
     within = np.arange(len(tag_col)) - np.repeat(starts, lengths)
-    return table.filter(pa.array(within < pool))
+    return table.take(order.filter(pa.array(within < pool)))  # the vectors are moved once, kept rows only
 
 
 def select_diverse(vectors: np.ndarray, n: int, max_similarity: float) -> list[int]:
@@ -181,9 +185,9 @@ def select(
         )
         if len(rows) == 0:
             continue
-        dim = len(rows["vector"][0])
-        flat = rows["vector"].combine_chunks().flatten().to_numpy(zero_copy_only=False)
-        picks = select_diverse(flat.reshape(len(rows), dim), per_tag, max_similarity)
+        vectors = rows["vector"].combine_chunks()
+        flat = vectors.flatten().to_numpy(zero_copy_only=False)
+        picks = select_diverse(flat.reshape(len(rows), vectors.type.list_size), per_tag, max_similarity)
         margin = rows["margin"].to_numpy()[picks]
         probe_score = rows["probe_score"].to_numpy()[picks]
         parts.append(
