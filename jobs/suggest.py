@@ -23,7 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from musiclib import catalog, progress, ray_env, storage, suggest
+from musiclib import catalog, progress, ray_env, storage, suggest, versions
 from musiclib.config import Layout, parse
 from musiclib.probes import ProbeSet
 from musiclib.ray_env import ray_session, retry_transient_storage
@@ -75,32 +75,33 @@ def candidates_with_ray(cfg: SuggestConfig, inputs: suggest.Inputs) -> pa.Table:
 
 def write_version(
     cfg: SuggestConfig, dataset: str, inputs: suggest.Inputs, version: str, pool: pa.Table
-) -> storage.Manifest:
+) -> versions.Manifest:
     """Pick each tag's batch from its pool, write the table and publish it as ``version``."""
     thresholds = dict(zip(inputs.probe_set.tags, inputs.probe_set.thresholds.tolist()))
     table = suggest.select(pool, inputs.tags, thresholds, cfg.per_tag, cfg.max_similarity)
-    uri = storage.join(storage.version_uri(dataset, version), suggest.ROWS_FILE)
+    uri = storage.join(versions.version_uri(dataset, version), suggest.ROWS_FILE)
     rows = storage.write_parquet(table, uri)
     provenance = {
         "model_id": inputs.probe_set.model_id,
         "probe_run_id": inputs.probe_run_id,
         "embedding_version": inputs.embedding_version,
-        "suggested_at": storage.utc_now().isoformat(timespec="seconds"),
+        "suggested_at": versions.utc_now().isoformat(timespec="seconds"),
     }
-    return storage.publish(dataset, version, [uri], [rows], config=asdict(cfg), extra=provenance)
+    return versions.publish(dataset, version, [uri], [rows], config=asdict(cfg), extra=provenance)
 
 
-def main(argv: list[str] | None = None) -> storage.Manifest:
+def main(argv: list[str] | None = None) -> versions.Manifest:
     cfg = parse(SuggestConfig, argv)
     started = progress.start("suggest")
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
     dataset = suggest.dataset_uri(cfg.root)
-    with storage.lease(dataset):  # one suggest run at a time writes the suggestions
+    with versions.lease(dataset):  # one suggest run at a time writes the suggestions
         inputs = suggest.resolve(cfg, layout)
         version = suggest.version_id(cfg, layout, inputs)
-        manifest = storage.already_complete(dataset, version, "suggest")
+        manifest = versions.already_complete(dataset, version, "suggest")
         if manifest is not None:
+            progress.already_done("suggest", cfg.root, started, dataset, manifest)
             return manifest
         with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
             pool = candidates_with_ray(cfg, inputs)
@@ -118,7 +119,7 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
         skipped=+Counter(
             {"labeled": len(inputs.labeled), "embedding error": len(errors) - errors.null_count}
         ),
-        outputs={"suggestions": storage.version_uri(dataset, manifest.version)},
+        outputs={"suggestions": versions.version_uri(dataset, manifest.version)},
     )
     return manifest
 

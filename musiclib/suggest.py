@@ -9,7 +9,7 @@ blocks into the global pool (``merge_candidates``) and picks a batch of ``per_ta
 uncertainty, never two tracks whose cosine similarity in the probe's normalised space reaches
 ``max_similarity`` (``select_diverse``): near-duplicates teach the probe the same thing twice.
 
-``<root>/suggestions/`` is a versioned dataset (see ``storage``) of rows ``tag, track_id, rank, score,
+``<root>/suggestions/`` is a versioned dataset (see ``versions``) of rows ``tag, track_id, rank, score,
 reason``; ``simulate`` replays the loop "suggest, reveal, refit" on a labeled corpus
 (``bench/bench_active.py``).
 
@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy.special import expit, logit
 
-from musiclib import catalog, embedder, fewshot, metrics, probes, storage, tags
+from musiclib import catalog, embedder, fewshot, metrics, probes, storage, tags, versions
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
 
 SUGGESTIONS = "suggestions"
@@ -227,12 +227,12 @@ class Inputs:
 def resolve(cfg: SuggestConfig, layout: Layout) -> Inputs:
     """The probe set the tag job applies, the tags asked for and the model's latest embeddings; a clear
     one-line error for an unknown tag, a tag without a probe, or missing inputs."""
-    run_id = cfg.probe_run_id or storage.latest_version(layout.probes)
-    if run_id is None or storage.read_manifest(layout.probes, run_id) is None:
+    run_id = cfg.probe_run_id or versions.latest_version(layout.probes)
+    if run_id is None or versions.read_manifest(layout.probes, run_id) is None:
         raise ConfigError(
             f"no published probe run {cfg.probe_run_id!r} under {layout.probes}: run tune first"
         )
-    probe_uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    probe_uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
     probe_set = probes.ProbeSet.load(probe_uri)
     if probe_set.thresholds is None:
         raise ConfigError(f"probe set {probe_uri} has no thresholds")
@@ -246,9 +246,9 @@ def resolve(cfg: SuggestConfig, layout: Layout) -> Inputs:
             raise ConfigError(f"tag {tag!r} has no probe in probe run {run_id}: label more tracks, run tune")
     wanted = [t for t in with_probe if not cfg.tags or t in cfg.tags]
     dataset = embedder.dataset_uri(layout.embeddings, probe_set.model_id)
-    if storage.latest_version(dataset) is None:
+    if versions.latest_version(dataset) is None:
         raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
-    emb = storage.read_latest_manifest(dataset)
+    emb = versions.read_latest_manifest(dataset)
     labeled = frozenset(
         t for t, labels in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) if labels
     )
@@ -265,13 +265,13 @@ def version_id(cfg: SuggestConfig, layout: Layout, inputs: Inputs) -> str:
         "catalog": storage.file_checksum(layout.catalog),
         "selection": [inputs.tags, cfg.per_tag, cfg.max_similarity, cfg.pool_factor],
     }
-    return storage.digest_version("suggest", parts)
+    return versions.digest_version("suggest", parts)
 
 
 # --------------------------------------------------------------------------- reading
 
 
-def read_version(manifest: storage.Manifest, tag: str | None = None) -> pa.Table:
+def read_version(manifest: versions.Manifest, tag: str | None = None) -> pa.Table:
     """The suggestion rows of one committed version (of one tag when given), by tag then rank."""
     table = storage.read_parquet(manifest.file_uris(), schema=SCHEMA)
     if tag is not None:
@@ -281,7 +281,7 @@ def read_version(manifest: storage.Manifest, tag: str | None = None) -> pa.Table
 
 def read_latest(root: str, tag: str | None = None) -> pa.Table:
     """The rows of the version ``_latest`` points at; a clear error when nothing was suggested yet."""
-    return read_version(storage.read_latest_manifest(dataset_uri(root)), tag)
+    return read_version(versions.read_latest_manifest(dataset_uri(root)), tag)
 
 
 # --------------------------------------------------------------------------- the simulation

@@ -12,7 +12,7 @@ from test_tags import publish_probe_set
 from test_tune import MODEL, write_root
 
 from jobs import suggest as suggest_job
-from musiclib import fewshot, storage, suggest
+from musiclib import fewshot, storage, suggest, versions
 from musiclib.config import ConfigError, Layout
 from musiclib.datasets import tagged_embeddings
 
@@ -152,7 +152,7 @@ def test_bad_tags_and_config_fail_before_any_write(tmp_path, monkeypatch):
     for argv in (["--per-tag", "0"], ["--max-similarity", "1.5"], ["--pool-factor", "0"]):
         with pytest.raises(ConfigError, match=argv[0]):
             suggest_job.main(["--root", root, *argv])
-    assert storage.latest_version(suggest.dataset_uri(root)) is None
+    assert versions.latest_version(suggest.dataset_uri(root)) is None
     assert not storage.list_files(suggest.dataset_uri(root))
 
 
@@ -185,7 +185,7 @@ def test_suggest_job_writes_a_version_and_reruns_as_a_no_op(tmp_path, capsys):
         assert suggest.read_latest(root, tag)["rank"].to_pylist() == [1, 2, 3, 4]
     again = suggest_job.main(["--root", root, "--per-tag", "4"])
     assert (again.version, again.created_at) == (first.version, first.created_at)
-    assert "already complete" in capsys.readouterr().out
+    assert "nothing: version" in capsys.readouterr().out
     suggest.main(["show", "tag00", "--root", root, "--n", "2"])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "tag  track_id  rank  score  reason" and len(out) == 3
