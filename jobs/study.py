@@ -33,19 +33,20 @@ from musiclib.study import StudyConfig
 
 
 def embed_logmel(cfg: StudyConfig, work: Layout) -> str:
-    """Publish the log-mel floor's embeddings of the work catalog (once); return its model id."""
+    """Publish the log-mel floor's embeddings of the labeled tracks (once); return its model id."""
     floor = logmel.LogMelConfig()
     dataset = storage.join(work.embeddings, floor.model_id)
     with storage.lease(dataset):
-        version = storage.digest_version("logmel", [cfg.max_chunks, storage.file_checksum(work.catalog)])
+        labeled = study.labeled_catalog(work.root)
+        version = storage.digest_version("logmel", [cfg.max_chunks, storage.file_checksum(labeled)])
         if storage.already_complete(dataset, version, "study") is None:
             out = storage.version_uri(dataset, version)
             storage.delete(out, recursive=True)  # what a killed run left: written again whole
             fs, path = storage.arrow_filesystem(out)
-            rows = ray_env.read_parquet(work.catalog, ["track_id", "audio_uri"])
+            rows = ray_env.read_parquet(labeled, ["track_id", "audio_uri"])
             rows.map_batches(
                 logmel.embed_rows,
-                fn_kwargs={"base_dir": catalog.base_dir(work.catalog), "max_chunks": cfg.max_chunks},
+                fn_kwargs={"base_dir": catalog.base_dir(labeled), "max_chunks": cfg.max_chunks},
                 batch_size=16,
                 batch_format="pyarrow",
             ).write_parquet(path, filesystem=fs)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
             return done
         print(f"study: run {run_id}: {len(study.variants(cfg))} encoder x seed variants, {len(todo)} to run")
         if not storage.exists(work.catalog):
-            study.copy_catalog(layout.catalog, work.catalog)
+            study.copy_catalog(layout.catalog, work.root)
         with ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True) as local:
             # a local Ray advertises at least 4 CPUs: one trial per core, as the tune job runs alone
             slots = ["--max-concurrent", str(cfg.num_cpus or os.cpu_count() or 1)] if local else []

@@ -26,6 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 
 from musiclib import catalog, report, storage  # noqa: E402
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, parse  # noqa: E402
@@ -38,7 +39,7 @@ ENCODERS = {
     "semisupcon-low": "SemiSupCon with a share of the labels (p_s = --label-share, default b_s)",
     "semisupcon-all": "SemiSupCon with all labels (p_s = 1, default b_s)",
     "supervised": "supervised contrastive on the labeled clips alone (p_s = 1, b_s = 1)",
-    "random": "no training: the randomly initialised encoder of each seed",
+    "random": "no training: the randomly initialised encoder (the first seed's initial weights)",
     "logmel": "hand-crafted floor: mean and std of each log-mel band over the track",
 }
 TRAINED = ("clmr", "semisupcon-low", "semisupcon-all", "supervised")
@@ -48,7 +49,7 @@ METRIC_NAMES = {"ap": "average precision (AP)", "roc_auc": "ROC-AUC"}
 # Options the study sets itself, per job: they may not appear in that job's pass-through options.
 SET_BY_STUDY = {
     "pretrain": {"root", "run_name", "seed", "p_s", "b_s", "width", "steps", "batch_size"},
-    "embed": {"root", "model_id", "max_chunks", "only_new"},
+    "embed": {"root", "catalog", "model_id", "max_chunks", "only_new"},
     "tune": {"root", "model_id", "run_id"},
 }
 
@@ -68,12 +69,14 @@ class StudyConfig(RayConfig):
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # pretraining seeds (log-mel: the first)
     label_share: float = 0.1  # p_s of semisupcon-low: the share of the labeled tracks whose labels it sees
     width: float = 0.25
-    steps: int = 100
+    steps: int = 70
     batch_size: int = 32
-    max_chunks: int = 8  # chunks of 2.7 s embedded per track
+    max_chunks: int = 2  # chunks of 2.7 s embedded per track, spread over it
     pretrain_options: str = "--num-workers 2 --lr 5e-4 --warmup 10 --cosine true --p-pitch 0 --log-every 20"
     embed_options: str = ""
-    tune_options: str = ""  # the tune job's defaults: every budget, probe and normalisation, 5 repetitions
+    # every budget, normalisation and repetition of the tune job; its all-tags linear probe and centroids
+    # (per-tag scikit-learn fits, --probes logreg, cost minutes per sweep on thousands of labeled tracks)
+    tune_options: str = "--probes linear,centroid"
 
     def validate(self) -> None:
         """List every problem at once, the pass-through options checked by their own jobs' configs."""
@@ -140,8 +143,9 @@ def label_settings(cfg: StudyConfig, encoder: str) -> tuple[float, float]:
 
 
 def variants(cfg: StudyConfig) -> list[tuple[str, int]]:
-    """Every (encoder, seed) the study evaluates; the log-mel floor has no seed and runs once."""
-    return [(e, s) for e in cfg.encoders for s in (cfg.seeds[:1] if e == "logmel" else cfg.seeds)]
+    """Every (encoder, seed) the study evaluates: the trained ones with every seed, the two untrained
+    references once (the first seed), their spread is that of the probes' repetitions alone."""
+    return [(e, s) for e in cfg.encoders for s in (cfg.seeds if e in TRAINED else cfg.seeds[:1])]
 
 
 def pretrain_argv(cfg: StudyConfig, work_root: str, encoder: str, seed: int) -> list[str]:
@@ -155,9 +159,10 @@ def pretrain_argv(cfg: StudyConfig, work_root: str, encoder: str, seed: int) -> 
 
 
 def embed_argv(cfg: StudyConfig, work_root: str, model_id: str) -> list[str]:
+    """The embed job's arguments: the labeled tracks only (the probes use no other embedding)."""
     return [
-        "--root", work_root, "--model-id", model_id, "--max-chunks", str(cfg.max_chunks),
-        *options(cfg.embed_options),
+        "--root", work_root, "--catalog", labeled_catalog(work_root), "--model-id", model_id,
+        "--max-chunks", str(cfg.max_chunks), *options(cfg.embed_options),
     ]  # fmt: skip
 
 
@@ -178,6 +183,11 @@ def work_root(root: str, run_id: str) -> str:
     return storage.join(storage.version_uri(dataset_uri(root), run_id), "work")
 
 
+def labeled_catalog(work: str) -> str:
+    """The work catalog's labeled tracks: what the encoders embed."""
+    return storage.join(work, "catalog", "labeled.parquet")
+
+
 def rows_uri(work: str, encoder: str, seed: int) -> str:
     """One evaluated (encoder, seed): a restarted study skips those whose rows are written."""
     return storage.join(work, "rows", f"{encoder}-s{seed}.parquet")
@@ -193,22 +203,23 @@ def derive_run_id(cfg: StudyConfig, layout: Layout) -> str:
     return storage.digest_version("study", [keys, storage.file_checksum(layout.catalog)])
 
 
-def copy_catalog(source: str, target: str) -> None:
-    """Write the catalog under the work root with every relative ``audio_uri`` made absolute (same audio)."""
+def copy_catalog(source: str, work: str) -> None:
+    """Write the catalog under the work root with every relative ``audio_uri`` made absolute (same audio),
+    and its labeled tracks beside it (``labeled_catalog``)."""
     table = catalog.read(source)
     base = catalog.base_dir(source)
 
     def absolute(uri: Any) -> Any:
         try:
-            return storage.resolve(base, uri)
-        except (storage.StorageError, TypeError, ValueError):
+            return storage.resolve(base, uri) if isinstance(uri, str) and uri.strip() else uri
+        except storage.StorageError:
             return uri  # a bad URI stays as it is: the jobs give that track its reason
 
-    uris = [absolute(u) if isinstance(u, str) and u.strip() else u for u in table["audio_uri"].to_pylist()]
-    catalog.write(
-        table.set_column(table.column_names.index("audio_uri"), "audio_uri", pa.array(uris, pa.string())),
-        target,
-    )
+    uris = [absolute(u) for u in table["audio_uri"].to_pylist()]
+    table = table.set_column(table.column_names.index("audio_uri"), "audio_uri", pa.array(uris, pa.string()))
+    labeled = pc.fill_null(pc.greater(pc.list_value_length(table["tags"]), 0), False)
+    catalog.write(table.filter(labeled), labeled_catalog(work))
+    catalog.write(table, Layout(work).catalog)
 
 
 # --------------------------------------------------------------------------- results

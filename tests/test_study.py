@@ -117,7 +117,10 @@ def test_tiny_study_writes_every_output(tmp_path):
         argv = ["--root", root, "--encoders", "clmr,logmel", "--seeds", "0", "--width", "0.0625"]
         argv += ["--steps", "2", "--batch-size", "8", "--max-chunks", "1"]
         argv += ["--pretrain-options", "--num-workers 1 --p-pitch 0 --log-every 1"]
-        argv += ["--tune-options", "--budgets 1,all --probes logreg --norms l2 --c-grid 1 --repetitions 2"]
+        argv += [
+            "--tune-options",
+            "--budgets 1,all --probes logreg --norms l2 --c-grid 1 --repetitions 2 --max-concurrent 1",
+        ]
         manifest = study_job.main(argv)
         assert study_job.main(argv).version == manifest.version  # complete: nothing runs again
     finally:
