@@ -18,7 +18,6 @@ Running the same command again skips the variants already evaluated (and a finis
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
@@ -88,19 +87,16 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
     catalog.validate(layout.catalog)
     run_id = cfg.run_id or study.derive_run_id(cfg, layout)
     work = Layout(study.work_root(cfg.root, run_id))
-    todo = [(e, s) for e, s in study.variants(cfg) if not storage.exists(study.rows_uri(work.root, e, s))]
     with storage.lease(study.dataset_uri(cfg.root)):  # one study at a time writes the study runs
         done = storage.already_complete(study.dataset_uri(cfg.root), run_id, "study")
         if done is not None:
             return done
+        todo = [(e, s) for e, s in study.variants(cfg) if not storage.exists(study.rows_uri(work.root, e, s))]
         print(f"study: run {run_id}: {len(study.variants(cfg))} encoder x seed variants, {len(todo)} to run")
         if not storage.exists(work.catalog):
             study.copy_catalog(layout.catalog, work.root)
         with ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True) as local:
-            # a local Ray advertises at least 4 CPUs: one trial per core, as the tune job runs alone
-            slots = ["--max-concurrent", str(cfg.num_cpus or os.cpu_count() or 1)] if local else []
-            if "--max-concurrent" in study.options(cfg.tune_options):
-                slots = []
+            slots = study.trial_slots(cfg, local)
             for encoder, seed in todo:
                 print(f"study: {encoder}, seed {seed}")
                 model_id, seconds = make_encoder(cfg, work, encoder, seed)
@@ -115,22 +111,7 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
                 for e, s in study.variants(cfg)
             ]
         )
-        stage_s = rows.groupby(["encoder", "seed"])[["pretrain_s", "embed_s", "tune_s"]].first()
-        facts = {
-            "run": run_id,
-            "catalog": layout.catalog,
-            "encoders x seeds": f"{', '.join(cfg.encoders)} x seeds {', '.join(map(str, cfg.seeds))} (log-mel: one)",
-            "pretraining": f"SampleCNN width {cfg.width}, {cfg.steps} steps of {cfg.batch_size} clips, "
-            f"label share of semisupcon-low {cfg.label_share}; options: {cfg.pretrain_options or 'none'}",
-            "embedding": f"up to {cfg.max_chunks} chunks of 2.7 s per track; options: {cfg.embed_options or 'none'}",
-            "few-shot protocol": f"the tune job's sweep; options: {cfg.tune_options or 'its defaults'}; "
-            f"{rows['rep'].max() + 1} repetitions",
-            "tags": f"{rows['n_head_tags'].max()} head, {rows['n_tail_tags'].max()} tail",
-            "seconds per encoder (pretrain + embed + tune, summed over seeds)": ", ".join(
-                f"{e} {t:.0f}" for e, t in stage_s.sum(axis=1).groupby("encoder").sum().items()
-            ),
-            "work root": work.root,
-        }
+        facts = study.facts(cfg, run_id, layout.catalog, work.root, rows)
         manifest = study.finish(cfg, run_id, rows, facts)
     out = storage.version_uri(study.dataset_uri(cfg.root), run_id)
     progress.summary(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
 import shlex
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -170,6 +171,14 @@ def tune_argv(cfg: StudyConfig, work_root: str, model_id: str) -> list[str]:
     return ["--root", work_root, "--model-id", model_id, *options(cfg.tune_options)]
 
 
+def trial_slots(cfg: StudyConfig, local: bool) -> list[str]:
+    """Extra tune options: in a local Ray the study started (at least 4 logical CPUs), one trial per core,
+    as the tune job takes when it starts Ray itself; none when the options or a cluster decide."""
+    if not local or "--max-concurrent" in options(cfg.tune_options):
+        return []
+    return ["--max-concurrent", str(cfg.num_cpus or os.cpu_count() or 1)]
+
+
 # --------------------------------------------------------------------------- where things go
 
 
@@ -255,7 +264,7 @@ def variant_rows(results: pd.DataFrame, encoder: str, seed: int, model_id: str) 
 def summarize(rows: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
     """Test scores per encoder, budget, metric and tag group: mean and spread (standard deviation over every
     seed and repetition), and the difference from ``reference`` with whether it exceeds the spread of a
-    difference, ``sqrt(std^2 + std_ref^2)``."""
+    difference, ``sqrt(std^2 + std_ref^2)`` (never, where a side has a single value and so no spread)."""
     long = rows.melt(
         id_vars=["encoder", "seed", "rep", "budget"],
         value_vars=[f"test_{m}_{g}" for m in report.METRICS for g in report.GROUPS],
@@ -263,7 +272,7 @@ def summarize(rows: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
     )
     long[["metric", "group"]] = long["column"].str.removeprefix("test_").str.rsplit("_", n=1, expand=True)
     stats = long.groupby(["encoder", "budget", "metric", "group"])["value"].agg(["mean", "std", "count"])
-    stats = stats.assign(std=stats["std"].fillna(0.0)).reset_index()
+    stats = stats.reset_index()  # one value (a single run at budget "all"): no spread, nan
     if reference in set(stats["encoder"]):
         keys = ["budget", "metric", "group"]
         ref = stats.loc[stats["encoder"] == reference, [*keys, "mean", "std"]]
@@ -275,10 +284,32 @@ def summarize(rows: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
     return stats
 
 
+def facts(cfg: StudyConfig, run_id: str, catalog_uri: str, work: str, rows: pd.DataFrame) -> dict[str, Any]:
+    """The facts study.md opens with: the run, its scale, the protocol, and the seconds each encoder took."""
+    stage_s = rows.groupby(["encoder", "seed"])[["pretrain_s", "embed_s", "tune_s"]].first().sum(axis=1)
+    return {
+        "run": run_id,
+        "catalog": catalog_uri,
+        "encoders": f"{', '.join(cfg.encoders)}; trained ones with seeds {', '.join(map(str, cfg.seeds))}, "
+        "untrained references with the first",
+        "pretraining": f"SampleCNN width {cfg.width}, {cfg.steps} steps of {cfg.batch_size} clips, "
+        f"label share of semisupcon-low {cfg.label_share}; options: {cfg.pretrain_options or 'none'}",
+        "embedding": f"the labeled tracks, up to {cfg.max_chunks} chunks of 2.7 s each; "
+        f"options: {cfg.embed_options or 'none'}",
+        "few-shot protocol": f"the tune job's sweep, {rows['rep'].max() + 1} repetitions; "
+        f"options: {cfg.tune_options or 'its defaults'}",
+        "tags": f"{rows['n_head_tags'].max()} head, {rows['n_tail_tags'].max()} tail",
+        "seconds per encoder (pretrain + embed + tune, all seeds)": ", ".join(
+            f"{e} {t:.0f}" for e, t in stage_s.groupby("encoder").sum().items()
+        ),
+        "work root": work,
+    }
+
+
 def _cell(row: pd.Series, reference: str) -> str:
     if np.isnan(row["mean"]):
         return "n/a"
-    text = f"{row['mean']:.3f} ± {row['std']:.3f}"
+    text = f"{row['mean']:.3f} ± " + ("–" if np.isnan(row["std"]) else f"{row['std']:.3f}")
     if row["encoder"] != reference and not np.isnan(row["delta"]):
         text += f" ({row['delta']:+.3f}{' *' if row['beyond_spread'] else ''})"
     return text
@@ -294,7 +325,7 @@ def render_markdown(summary: pd.DataFrame, facts: dict[str, Any], encoders: list
         "Cells: test macro score, mean ± spread (standard deviation over every pretraining seed and probe "
         "repetition); each budget's probe configuration is chosen on the validation split, the test split "
         f"only reports. In brackets: the difference from `{reference}`, marked `*` when it is larger than "
-        "the spread of a difference (the two spreads added in quadrature).",
+        "the spread of a difference (the two spreads added in quadrature); `–`: a single value, no spread.",
     ]
     indexed = summary.set_index(["encoder", "metric", "group", "budget"], drop=False)
     for metric, name in METRIC_NAMES.items():
@@ -327,7 +358,8 @@ def plot(summary: pd.DataFrame, uri: str, encoders: list[str]) -> None:
                 part = part[part["group"] == group].set_index("budget").reindex(budgets)
                 mean, std = part["mean"].to_numpy(float), part["std"].to_numpy(float)
                 (line,) = ax.plot(xs, mean, marker="o", label=encoder)
-                ax.fill_between(xs, mean - std, mean + std, alpha=0.15, color=line.get_color())
+                band = np.nan_to_num(std)
+                ax.fill_between(xs, mean - band, mean + band, alpha=0.15, color=line.get_color())
             ax.set_xticks(xs, budgets)
             ax.set_xlabel("label budget (positive tracks per tag)")
             ax.set_title(f"{group} tags")
