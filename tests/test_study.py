@@ -9,7 +9,7 @@ import pytest
 import torch
 import torchaudio
 
-from musiclib import audio, config, logmel, storage, study
+from musiclib import audio, catalog, config, logmel, storage, study
 from musiclib.datasets.audio_files import encode
 
 
@@ -100,6 +100,28 @@ def test_config_lists_every_problem_and_refuses_options_the_study_sets(tmp_path)
         "catalog not found",
     ):
         assert expected in message
+
+
+def test_work_catalog_points_at_the_same_audio_and_lists_the_labeled_tracks(tmp_path):
+    rows = {
+        "track_id": ["a", "b", "c"],
+        "audio_uri": ["audio/a.wav", "/elsewhere/b.flac", "s3://bucket/c.mp3"],
+        "tags": [["piano"], [], None],
+        "split": ["train", "valid", None],
+    }
+    catalog.write(pa.table(rows), str(tmp_path / "root" / "catalog" / "tracks.parquet"))
+    work = str(tmp_path / "work")
+
+    study.copy_catalog(str(tmp_path / "root" / "catalog" / "tracks.parquet"), work)
+
+    copied = catalog.read(config.Layout(work).catalog)
+    assert copied["audio_uri"].to_pylist() == [
+        str(tmp_path / "root" / "catalog" / "audio" / "a.wav"),
+        "/elsewhere/b.flac",
+        "s3://bucket/c.mp3",
+    ]
+    assert copied["track_id"].to_pylist() == ["a", "b", "c"]
+    assert catalog.read(study.labeled_catalog(work))["track_id"].to_pylist() == ["a"]
 
 
 @pytest.mark.slow
