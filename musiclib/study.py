@@ -67,7 +67,9 @@ class StudyConfig(RayConfig):
     root: str = DEFAULT_ROOT
     run_id: str = ""  # empty: derived from this config and the catalog, so a restart resumes the same run
     encoders: list[str] = field(default_factory=lambda: list(ENCODERS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])  # pretraining seeds (log-mel: the first)
+    seeds: list[int] = field(
+        default_factory=lambda: [0, 1, 2]
+    )  # pretraining seeds (untrained references: the first)
     label_share: float = 0.1  # p_s of semisupcon-low: the share of the labeled tracks whose labels it sees
     width: float = 0.25
     steps: int = 70
@@ -128,7 +130,7 @@ def option_problems(job: str, cls: type, text: str, argv: Callable[[], list[str]
         try:
             parse(cls, argv())
         except ConfigError as exc:
-            problems.append(f"{flag}: {exc}")
+            problems.append(f"the {job} job refuses the study's settings with {flag}: {exc}")
     return problems
 
 
