@@ -266,7 +266,8 @@ def variant_rows(results: pd.DataFrame, encoder: str, seed: int, model_id: str) 
 def summarize(rows: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
     """Test scores per encoder, budget, metric and tag group: mean and spread (standard deviation over every
     seed and repetition), and the difference from ``reference`` with whether it exceeds the spread of a
-    difference, ``sqrt(std^2 + std_ref^2)`` (never, where a side has a single value and so no spread)."""
+    difference, ``sqrt(std^2 + std_ref^2)``. Never where a side has no spread: a single value, or the same
+    value every time (one seed at a budget whose support set is the whole labeled pool)."""
     long = rows.melt(
         id_vars=["encoder", "seed", "rep", "budget"],
         value_vars=[f"test_{m}_{g}" for m in report.METRICS for g in report.GROUPS],
@@ -280,7 +281,10 @@ def summarize(rows: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
         ref = stats.loc[stats["encoder"] == reference, [*keys, "mean", "std"]]
         joined = stats.merge(ref, on=keys, how="left", suffixes=("", "_ref"))
         stats["delta"] = joined["mean"] - joined["mean_ref"]
-        stats["beyond_spread"] = stats["delta"].abs() > np.hypot(joined["std"], joined["std_ref"])
+        measured = (joined["std"] > 0) & (joined["std_ref"] > 0)
+        stats["beyond_spread"] = measured & (
+            stats["delta"].abs() > np.hypot(joined["std"], joined["std_ref"])
+        )
     else:
         stats["delta"], stats["beyond_spread"] = np.nan, False
     return stats
@@ -327,7 +331,8 @@ def render_markdown(summary: pd.DataFrame, facts: dict[str, Any], encoders: list
         "Cells: test macro score, mean ± spread (standard deviation over every pretraining seed and probe "
         "repetition); each budget's probe configuration is chosen on the validation split, the test split "
         f"only reports. In brackets: the difference from `{reference}`, marked `*` when it is larger than "
-        "the spread of a difference (the two spreads added in quadrature); `–`: a single value, no spread.",
+        "the spread of a difference (the two spreads added in quadrature; never where a spread is 0 or `–`, a "
+        "single value: nothing random was measured there).",
     ]
     indexed = summary.set_index(["encoder", "metric", "group", "budget"], drop=False)
     for metric, name in METRIC_NAMES.items():

@@ -70,7 +70,10 @@ def test_summary_pools_seeds_and_repetitions_and_flags_differences_beyond_the_sp
     frames = []
     for encoder, shift in (("clmr", 0.0), ("supervised", 0.3), ("random", 0.01)):
         for seed in (0, 1):
-            results = pd.DataFrame(_sweep_rows({"1-a": [0.2 + shift + 0.02 * seed, 0.3 + shift]}, "1"))
+            results = pd.DataFrame(
+                _sweep_rows({"1-a": [0.2 + shift + 0.02 * seed, 0.3 + shift]}, "1")
+                + _sweep_rows({"all-a": [0.6 + shift]}, "all")  # the whole pool: the same every time
+            )
             frames.append(study.variant_rows(results, encoder, seed, model_id=f"{encoder}-{seed}"))
     summary = study.summarize(pd.concat(frames), reference="clmr")
     row = summary.set_index(["encoder", "budget", "metric", "group"]).loc[("supervised", "1", "ap", "all")]
@@ -80,6 +83,10 @@ def test_summary_pools_seeds_and_repetitions_and_flags_differences_beyond_the_sp
     assert row["delta"] == pytest.approx(0.3) and row["beyond_spread"]
     near = summary.set_index(["encoder", "budget", "metric", "group"]).loc[("random", "1", "ap", "all")]
     assert near["delta"] == pytest.approx(0.01) and not near["beyond_spread"]
+    whole = summary.set_index(["encoder", "budget", "metric", "group"]).loc[
+        ("supervised", "all", "ap", "all")
+    ]
+    assert whole["std"] == 0 and whole["delta"] == pytest.approx(0.3) and not whole["beyond_spread"]
 
 
 def test_config_lists_every_problem_and_refuses_options_the_study_sets(tmp_path):
