@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 
 import pandas as pd
 import pyarrow as pa
@@ -95,7 +96,10 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
         print(f"study: run {run_id}: {len(study.variants(cfg))} encoder x seed variants, {len(todo)} to run")
         if not storage.exists(work.catalog):
             study.copy_catalog(layout.catalog, work.root)
-        with ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True) as local:
+        session = (
+            ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True) if todo else nullcontext()
+        )
+        with session as local:
             slots = study.trial_slots(cfg, local)
             for encoder, seed in todo:
                 print(f"study: {encoder}, seed {seed}")
@@ -120,7 +124,10 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
         started,
         read=f"catalog {layout.catalog}",
         wrote=f"{len(todo)} encoder x seed variants evaluated ({len(study.variants(cfg)) - len(todo)} before); run {run_id}",
-        outputs={name.split(".")[0]: storage.join(out, name) for name in study.OUTPUTS},
+        outputs={
+            name: storage.join(out, file)
+            for name, file in zip(("results", "report", "plot"), study.OUTPUTS, strict=True)
+        },
     )
     return manifest
 
