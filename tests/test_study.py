@@ -154,7 +154,15 @@ def test_tiny_study_writes_every_output(tmp_path):
         assert study_job.main(argv).version == manifest.version  # complete: nothing runs again
     finally:
         ray.shutdown()
-    out = storage.version_uri(storage.join(root, "study"), manifest.version)
+    dataset = storage.join(root, "study")
+    out = storage.version_uri(dataset, manifest.version)
+    rows = sorted(storage.list_files(storage.join(out, "work", "rows"), ".parquet"))
+    assert [u.rsplit("/", 1)[-1] for u in rows] == ["clmr-s0.parquet", "logmel-s0.parquet"]
+    written = [storage.file_checksum(u) for u in rows]
+    storage.delete(storage.manifest_uri(dataset, manifest.version))  # as if killed before its publish
+    storage.delete(storage.join(dataset, storage.LATEST))
+    assert study_job.main(argv).version == manifest.version  # every variant written: none runs, no Ray
+    assert [storage.file_checksum(u) for u in rows] == written
     results = storage.read_parquet([storage.join(out, "results.parquet")]).to_pandas()
     assert set(results["encoder"]) == {"clmr", "logmel"} and set(results["budget"]) == {"1", "all"}
     assert results["test_ap_all"].between(0, 1).all()
