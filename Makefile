@@ -44,6 +44,12 @@ tune: $(STAMP)
 tag: $(STAMP)
 	$(PY) jobs/tag.py --root $(ROOT) $(ARGS)
 
+# The nearest-neighbour index over the latest embeddings (musiclib.tags similar / seed use it); a re-run
+# on the same embeddings is a no-op.
+.PHONY: index
+index: $(STAMP)
+	$(PY) jobs/index.py --root $(ROOT) $(ARGS)
+
 # The whole pipeline on the embedded default (local Ray, local files, the generated demo catalog).
 demo: $(STAMP)
 	$(MAKE) --no-print-directory demo-catalog pretrain embed tune tag ROOT=$(ROOT)
