@@ -396,6 +396,9 @@ class Neighbors:
     def __post_init__(self) -> None:
         self._row = {t: i for i, t in enumerate(self.track_ids)}
 
+    def __contains__(self, track_id: str) -> bool:
+        return track_id in self._row
+
     def rows(self, track_ids: Sequence[str]) -> np.ndarray:
         """Index rows of tracks that all have one (``require`` checks that first)."""
         return np.array([self._row[t] for t in track_ids], np.int64)
@@ -451,7 +454,7 @@ def require(
     for t in track_ids:
         if t not in labels:
             raise NeighborsError(f"track {t!r} is not in the catalog {catalog_uri}")
-        if t not in found._row:
+        if t not in found:
             raise NeighborsError(
                 f"track {t!r} has no usable embedding of {found.model_id}: embed it first, or choose another track"
             )
@@ -483,7 +486,7 @@ def seed(
     if reason := catalog.bad_tag(tag):
         raise NeighborsError(f"bad tag: {reason}")
     if not examples:
-        examples = [t for t, tags in labels.items() if tag in tags and t in found._row]
+        examples = [t for t, tags in labels.items() if tag in tags and t in found]
         if not examples:
             raise NeighborsError(
                 f"unknown tag {tag!r}: no catalog track with an embedding is labeled with it; "
@@ -518,7 +521,7 @@ def with_label(
         raise NeighborsError(f"unknown split {split!r}: use one of {', '.join(catalog.SPLITS)}")
     wanted = set(track_ids)
     ids = table["track_id"].to_pylist()
-    unknown = [t for t in dict.fromkeys(track_ids) if t not in set(ids)]
+    unknown = sorted(wanted - set(ids))
     if unknown:
         raise NeighborsError(f"track {unknown[0]!r} is not in the catalog ({len(unknown)} unknown id(s))")
     tags = table["tags"].to_pylist()

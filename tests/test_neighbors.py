@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from safetensors.numpy import save as st_save
 
@@ -190,7 +191,7 @@ def test_confirmed_labels_reach_tune_and_tag(root, capsys):
     positives = {t for s in data.y for t, y in zip(data.track_ids[s], data.y[s][:, j], strict=True) if y}
     assert positives == {"t00000", "t00001", "t00002", "t00003"}
     human = tags.human_rows(cat, "now")  # what tag carries over as human labels
-    brass = human.filter(pa.compute.equal(human["tag"], "brass"))["track_id"].to_pylist()
+    brass = human.filter(pc.equal(human["tag"], "brass"))["track_id"].to_pylist()
     assert sorted(brass) == ["t00000", "t00001", "t00002", "t00003"]
 
     rows = cli(capsys, "seed", "brass", "--root", root, "--n", "3")  # the labeled tracks are the examples now
