@@ -40,7 +40,7 @@ INDEX_FILE = "index.safetensors"
 IDS_FILE = "ids.parquet"
 EXACT_BELOW = 20_000  # catalogs smaller than this are scanned exactly (docs/BENCHMARKS.md, "ann")
 NPROBE = 32
-BLOCK_ROWS = 32768  # vectors per matrix product in exact_search: a block's scores stay in cache-sized memory
+BLOCK_ROWS = 32768  # vectors per matrix product in exact_search: bounds the scores held at once
 QUERY_BLOCK = 1024
 
 
@@ -69,8 +69,10 @@ def exact_search(
     """The ``k`` rows of ``base`` with the largest inner product with each query: ``(scores, rows)``, best first.
 
     One matrix product per block of ``block_rows`` base rows (and of ``QUERY_BLOCK`` queries), keeping a
-    running top-k, so memory stays bounded whatever the size of ``base``. Ties go to the lower row.
+    running top-k, so memory stays bounded whatever the size of ``base``. Equal scores are ordered by row.
     """
+    if k < 1:
+        raise NeighborsError(f"the number of neighbours must be at least 1, got {k}")
     base = np.asarray(base, dtype=np.float32)
     queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
     k = min(k, len(base))
@@ -181,6 +183,8 @@ class IVFIndex:
         """``(scores, rows)`` of the ``k`` nearest rows found in the ``nprobe`` cells nearest each unit query."""
         import faiss
 
+        if k < 1:
+            raise NeighborsError(f"the number of neighbours must be at least 1, got {k}")
         q = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         threads = faiss.omp_get_max_threads()
         if len(q) == 1:  # nothing to share among threads; their barrier costs milliseconds on a busy node
@@ -410,6 +414,8 @@ class Neighbors:
 
     def nearest(self, query: np.ndarray, n: int, exclude: set[str]) -> tuple[list[str], list[float]]:
         """The ``n`` tracks nearest one unit query, leaving out ``exclude``: ids and cosine similarities."""
+        if n < 1:
+            raise NeighborsError(f"--n must be at least 1, got {n}")
         scores, rows = self.index.search(query[None], n + len(exclude))
         pairs = [(self.track_ids[r], float(s)) for s, r in zip(scores[0], rows[0], strict=True) if r >= 0]
         kept = [(t, s) for t, s in pairs if t not in exclude][:n]

@@ -163,6 +163,7 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(root, capsys):
         ("seed", "brass", "--examples", "t00001,t00299"): "track 't00299' has no usable embedding",
         ("seed", "brass", "--confirm", "t00001,nope"): "track 'nope' is not in the catalog",
         ("seed", "a|b", "--confirm", "t00001"): "bad tag: 'a|b' contains",
+        ("similar", "t00001", "--n", "0"): "--n must be at least 1, got 0",
     }
     for argv, message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
