@@ -194,7 +194,16 @@ def main() -> None:
             print(json.dumps(r), flush=True)
     params = dict(item.split("=", 1) for item in args.params.split(";") if item)
     for name in args.candidates.split(","):
-        cmd = [sys.executable, __file__, "--worker", name, "--data", str(data), "--queries-file", str(queries)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--worker",
+            name,
+            "--data",
+            str(data),
+            "--queries-file",
+            str(queries),
+        ]
         cmd += ["--truth", str(truth), "--threads", str(args.threads), "--single", str(args.single)]
         cmd += ["--params", params.get(name, "")]
         done = subprocess.run(cmd, capture_output=True, text=True)
