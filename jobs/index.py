@@ -15,24 +15,24 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict
 
-from musiclib import embedder, models, neighbors, progress, storage
+from musiclib import embedder, models, neighbors, progress, versions
 from musiclib.config import ConfigError, Layout, parse
 from musiclib.neighbors import IndexConfig
 
 
-def main(argv: list[str] | None = None) -> storage.Manifest:
+def main(argv: list[str] | None = None) -> versions.Manifest:
     cfg = parse(IndexConfig, argv)
     started = progress.start("index")
     layout = Layout(cfg.root)
     model_id = models.resolve(layout.models, cfg.model_id)
     embeddings = embedder.dataset_uri(layout.embeddings, model_id)
-    if storage.latest_version(embeddings) is None:
+    if versions.latest_version(embeddings) is None:
         raise ConfigError(f"no embeddings of {model_id} under {layout.embeddings}: run embed first")
-    emb = storage.read_latest_manifest(embeddings)
+    emb = versions.read_latest_manifest(embeddings)
     dataset = neighbors.dataset_uri(cfg.root, model_id)
     version = neighbors.version_id(cfg, emb.version)
-    with storage.lease(dataset):  # one index build at a time per model
-        done = storage.already_complete(dataset, version, "index")
+    with versions.lease(dataset):  # one index build at a time per model
+        done = versions.already_complete(dataset, version, "index")
         if done is not None:
             return done
         ids, vectors, errors = neighbors.usable_embeddings(emb.file_uris())
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
         read=f"embeddings {emb.version} of {model_id}: {len(ids) + len(errors)} rows",
         wrote=f"{index.kind} index of {len(ids)} tracks x {index.dim} dimensions, version {version}",
         skipped=Counter(e.removeprefix("embedding error: ") for e in errors.values()),
-        outputs={"index": storage.version_uri(dataset, version)},
+        outputs={"index": versions.version_uri(dataset, version)},
     )
     return manifest
 

@@ -5,7 +5,7 @@
 Ray Data streams the embedding shards through the probe set (one matrix product for all tags, with its
 normalisation) and writes long-form Parquet under ``<root>/tags/<version>/rows/``; the catalog's human
 labels are carried over unchanged; tracks whose embedding carries an error are listed with the reason.
-The version is published through the storage layer, so ``_latest`` moves only once it is complete.
+The version is published with ``versions.publish``, so ``_latest`` moves only once it is complete.
 The version id is derived from the inputs (or ``--run-id``): a re-run with the same inputs writes nothing
 and only points ``_latest`` at that version (repairing a crash between the manifest and the pointer).
 ``--only-new true`` scores only tracks without model rows of the same probe run (and model) in the latest
@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from musiclib import catalog, embedder, progress, ray_env, storage, tags
+from musiclib import catalog, embedder, progress, ray_env, storage, tags, versions
 from musiclib.config import ConfigError, Layout, parse
 from musiclib.probes import ProbeSet
 from musiclib.ray_env import ray_session, retry_transient_storage
@@ -40,30 +40,30 @@ class Inputs:
     probe_set: ProbeSet
     embedding_files: list[str]
     embedding_version: str
-    previous: storage.Manifest | None  # the latest tag version, if any
+    previous: versions.Manifest | None  # the latest tag version, if any
 
 
 def resolve(cfg: TagConfig, layout: Layout) -> Inputs:
     """Find the probe set and its model's embeddings; a clear error when either is missing or empty."""
-    run_id = cfg.probe_run_id or storage.latest_version(layout.probes)
-    if run_id is None or storage.read_manifest(layout.probes, run_id) is None:
+    run_id = cfg.probe_run_id or versions.latest_version(layout.probes)
+    if run_id is None or versions.read_manifest(layout.probes, run_id) is None:
         raise ConfigError(
             f"no published probe run {cfg.probe_run_id or ''} under {layout.probes}: run tune first"
         )
-    probe_uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    probe_uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
     probe_set = ProbeSet.load(probe_uri)
     if probe_set.thresholds is None:
         raise ConfigError(f"probe set {probe_uri} has no thresholds")
     dataset = embedder.dataset_uri(layout.embeddings, probe_set.model_id)
-    if storage.latest_version(dataset) is None:
+    if versions.latest_version(dataset) is None:
         raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
-    emb = storage.read_latest_manifest(dataset)  # files and version from the same manifest
+    emb = versions.read_latest_manifest(dataset)  # files and version from the same manifest
     if emb.rows == 0:
         raise ConfigError(
             f"the embeddings of {probe_set.model_id} hold no rows: version {emb.version} of {dataset} "
             f"lists {len(emb.files)} file(s); run embed on a non-empty catalog"
         )
-    previous = storage.read_latest_manifest(layout.tags) if storage.latest_version(layout.tags) else None
+    previous = versions.read_latest_manifest(layout.tags) if versions.latest_version(layout.tags) else None
     return Inputs(run_id, probe_uri, probe_set, emb.file_uris(), emb.version, previous)
 
 
@@ -79,7 +79,7 @@ def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:
         cfg.only_new,
         inputs.previous.version if cfg.only_new and inputs.previous else None,
     ]
-    return storage.digest_version("tags", parts)
+    return versions.digest_version("tags", parts)
 
 
 class ScoreBatch:
@@ -113,12 +113,12 @@ def score_with_ray(
     scored.write_parquet(out_path, filesystem=out_fs)
 
 
-def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) -> storage.Manifest:
+def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) -> versions.Manifest:
     """Write every file of the version (model, carried-over, human rows and errors), then publish it."""
-    version_dir = storage.version_uri(layout.tags, version)
+    version_dir = versions.version_uri(layout.tags, version)
     storage.delete(version_dir, recursive=True)  # leftovers of a crashed attempt are never committed
     rows_dir = storage.join(version_dir, tags.ROWS_DIR)
-    tagged_at = storage.utc_now().isoformat(timespec="seconds")
+    tagged_at = versions.utc_now().isoformat(timespec="seconds")
     cat = catalog.read(layout.catalog, columns=["track_id", "tags"])
     carried = (
         tags.already_tagged(inputs.previous, inputs.probe_set.model_id, inputs.probe_run_id)
@@ -146,11 +146,11 @@ def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) 
         "tagged_at": tagged_at,
         "carried_over_tracks": len(skip),
     }
-    return storage.publish(layout.tags, version, files, counts, config=asdict(cfg), extra=provenance)
+    return versions.publish(layout.tags, version, files, counts, config=asdict(cfg), extra=provenance)
 
 
 def print_summary(
-    layout: Layout, manifest: storage.Manifest, inputs: Inputs, cfg: TagConfig, started: float
+    layout: Layout, manifest: versions.Manifest, inputs: Inputs, cfg: TagConfig, started: float
 ) -> None:
     """The end-of-job summary: counts per tag, new long-tail tags, what was read, written and skipped."""
     table = tags.read_version(manifest, ["track_id", "tag", "score", "source", "predicted"])
@@ -166,20 +166,21 @@ def print_summary(
         wrote=f"{len(pc.unique(table.filter(pc.field('source') == 'model')['track_id']))} tracks tagged, "
         f"{len(table)} rows in version {manifest.version}",
         skipped=Counter(r.removeprefix("embedding error: ") for r in errors["reason"].to_pylist()),
-        outputs={"tags": storage.version_uri(layout.tags, manifest.version)},
+        outputs={"tags": versions.version_uri(layout.tags, manifest.version)},
     )
 
 
-def main(argv: list[str] | None = None) -> storage.Manifest:
+def main(argv: list[str] | None = None) -> versions.Manifest:
     cfg = parse(TagConfig, argv)
     started = progress.start("tag")
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
-    with storage.lease(layout.tags):  # one tag run at a time: runs would delete each other's folders
+    with versions.lease(layout.tags):  # one tag run at a time: runs would delete each other's folders
         inputs = resolve(cfg, layout)
         version = version_id(cfg, layout, inputs)
-        manifest = storage.already_complete(layout.tags, version, "tag")
+        manifest = versions.already_complete(layout.tags, version, "tag")
         if manifest is not None:
+            progress.already_done("tag", cfg.root, started, layout.tags, manifest)
             return manifest
         with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
             manifest = write_version(cfg, layout, inputs, version)

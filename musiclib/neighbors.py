@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from musiclib import catalog, embedder, models, storage
+from musiclib import catalog, embedder, models, storage, versions
 from musiclib.config import DEFAULT_ROOT, Layout, check
 
 FORMAT = "musiclib-neighbors/1"
@@ -361,7 +361,7 @@ def dataset_uri(root: str, model_id: str) -> str:
 def version_id(cfg: IndexConfig, embedding_version: str) -> str:
     """``index-<digest>`` of the embeddings version and the build settings: rebuilt only when either changes."""
     settings = [cfg.kind, cfg.exact_below, cfg.nlist, cfg.nprobe, cfg.train_size]
-    return storage.digest_version("index", [embedding_version, settings])
+    return versions.digest_version("index", [embedding_version, settings])
 
 
 def usable_embeddings(files: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
@@ -380,14 +380,14 @@ def usable_embeddings(files: list[str]) -> tuple[np.ndarray, np.ndarray, dict[st
 
 def write_version(
     dataset: str, version: str, index: Index, track_ids: np.ndarray, config: dict, extra: dict
-) -> storage.Manifest:
+) -> versions.Manifest:
     """Write ``index.safetensors`` and ``ids.parquet`` (the track id of each row), then publish the version."""
-    folder = storage.version_uri(dataset, version)
+    folder = versions.version_uri(dataset, version)
     index_file, ids_file = storage.join(folder, INDEX_FILE), storage.join(folder, IDS_FILE)
     storage.write_bytes(index_file, to_bytes(index))
     storage.write_parquet(pa.table({"track_id": pa.array(track_ids.tolist(), pa.string())}), ids_file)
     n = len(track_ids)
-    return storage.publish(dataset, version, [index_file, ids_file], [n, n], config=config, extra=extra)
+    return versions.publish(dataset, version, [index_file, ids_file], [n, n], config=config, extra=extra)
 
 
 # --------------------------------------------------------------------------- nearest tracks
@@ -432,14 +432,14 @@ def load(root: str, model_id: str = "") -> Neighbors:
     layout = Layout(root)
     model_id = models.resolve(layout.models, model_id)
     embeddings = embedder.dataset_uri(layout.embeddings, model_id)
-    if storage.latest_version(embeddings) is None:
+    if versions.latest_version(embeddings) is None:
         raise NeighborsError(f"no embeddings of {model_id} under {layout.embeddings}: run embed first")
-    emb = storage.read_latest_manifest(embeddings)
+    emb = versions.read_latest_manifest(embeddings)
     dataset = dataset_uri(root, model_id)
-    if storage.latest_version(dataset) is not None:
-        manifest = storage.read_latest_manifest(dataset)
+    if versions.latest_version(dataset) is not None:
+        manifest = versions.read_latest_manifest(dataset)
         if manifest.extra.get("embedding_version") == emb.version:
-            folder = storage.version_uri(dataset, manifest.version)
+            folder = versions.version_uri(dataset, manifest.version)
             index = from_bytes(storage.read_bytes(storage.join(folder, INDEX_FILE)), f"index {folder}")
             ids = storage.read_parquet([storage.join(folder, IDS_FILE)])["track_id"].to_pylist()
             if len(ids) != len(index):

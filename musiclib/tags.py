@@ -1,6 +1,6 @@
 """The tag table: what the tag job writes beside the catalog, how to read it, and a small query tool.
 
-``<root>/tags/`` is a versioned dataset (see ``storage``). A version holds, in long form, one row per
+``<root>/tags/`` is a versioned dataset (see ``versions``). A version holds, in long form, one row per
 (track, tag): ``track_id``, ``tag``, ``score``, ``source`` (``human``: a catalog label, carried over
 unchanged with score 1; ``model``: a probe's score for every tag), ``predicted`` (the score reached the
 tag's threshold; always true for human labels) and provenance ``model_id``, ``probe_run_id``,
@@ -30,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from musiclib import neighbors, progress, storage
+from musiclib import neighbors, progress, storage, versions
 from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
 from musiclib.probes import ProbeSet
 
@@ -73,7 +73,7 @@ class TagConfig(RayConfig):
         check("tag", problems)
 
 
-def already_tagged(previous: storage.Manifest | None, model_id: str, probe_run_id: str) -> pa.Table:
+def already_tagged(previous: versions.Manifest | None, model_id: str, probe_run_id: str) -> pa.Table:
     """Model rows of this probe run and model in the previous version: what ``--only-new`` carries over.
 
     Rows of another probe run (an older sweep of the same model included) are not carried, so their tracks
@@ -153,7 +153,7 @@ def human_rows(catalog_table: pa.Table, tagged_at: str) -> pa.Table:
     )
 
 
-def read_version(manifest: storage.Manifest, columns: list[str] | None = None) -> pa.Table:
+def read_version(manifest: versions.Manifest, columns: list[str] | None = None) -> pa.Table:
     """The tag rows of one committed version (only the files its manifest lists)."""
     uris = [
         u
@@ -163,7 +163,7 @@ def read_version(manifest: storage.Manifest, columns: list[str] | None = None) -
     return storage.read_parquet(uris, columns, SCHEMA)
 
 
-def read_errors(manifest: storage.Manifest) -> pa.Table:
+def read_errors(manifest: versions.Manifest) -> pa.Table:
     """Tracks a version could not tag, with the reason."""
     uris = [
         u for u, f in zip(manifest.file_uris(), manifest.files, strict=True) if f.path.endswith(ERRORS_FILE)
@@ -173,7 +173,7 @@ def read_errors(manifest: storage.Manifest) -> pa.Table:
 
 def read_latest(tags_root: str, columns: list[str] | None = None) -> pa.Table:
     """The rows of the version ``_latest`` points at; a clear error when nothing was tagged yet."""
-    return read_version(storage.read_latest_manifest(tags_root), columns)
+    return read_version(versions.read_latest_manifest(tags_root), columns)
 
 
 def show(tags_root: str, track_id: str) -> pa.Table:
@@ -235,14 +235,14 @@ def print_outputs(layout: Layout) -> None:
     if runs:
         print(progress.chain_table(runs))
         print()
-    probes_run = storage.latest_version(layout.probes)
+    probes_run = versions.latest_version(layout.probes)
     if probes_run is not None:
-        run_dir = storage.version_uri(layout.probes, probes_run)
+        run_dir = versions.version_uri(layout.probes, probes_run)
         for name in ("report.md", "budget_curve.png", "probe_set.safetensors"):
             print(f"{name:<22} {storage.join(run_dir, name)}")
-    tags_version = storage.latest_version(layout.tags)
+    tags_version = versions.latest_version(layout.tags)
     if tags_version is not None:
-        print(f"{'tag table':<22} {storage.version_uri(layout.tags, tags_version)}")
+        print(f"{'tag table':<22} {versions.version_uri(layout.tags, tags_version)}")
     if probes_run is None and tags_version is None:
         raise SystemExit(f"no probe run and no tag version under {layout.root} yet")
 

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save as st_save
 
 from jobs import index as index_job
-from musiclib import catalog, embedder, fewshot, neighbors, storage, tags
+from musiclib import catalog, embedder, fewshot, neighbors, storage, tags, versions
 from musiclib.config import ConfigError, Layout
 from musiclib.datasets import clustered_vectors, tagged_embeddings
 
@@ -114,7 +114,7 @@ def test_index_job_builds_once_per_embeddings_version(root, capsys):
     again = index_job.main(["--root", root, "--kind", "ivf", "--nlist", "8"])
     assert again.version == first.version and again.created_at == first.created_at
     assert "already complete" in capsys.readouterr().out
-    assert storage.committed_versions(dataset) == [first.version]
+    assert versions.committed_versions(dataset) == [first.version]
 
     cat, emb = tagged_embeddings.make(n_tracks=300, seed=2)
     embedder.publish_table(Layout(root).embeddings, "synthetic", "v2", emb)
@@ -170,7 +170,7 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(root, capsys):
             tags.main([*argv, "--root", root])
         assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
     assert storage.read_bytes(layout.catalog) == before
-    assert storage.latest_version(neighbors.dataset_uri(root, "synthetic")) is None
+    assert versions.latest_version(neighbors.dataset_uri(root, "synthetic")) is None
 
 
 def test_confirmed_labels_reach_tune_and_tag(root, capsys):

@@ -9,7 +9,7 @@ import pytest
 from test_tune import MODEL, write_root  # noqa: E402
 
 from jobs import tag as tag_job
-from musiclib import catalog, embedder, fewshot, probes, storage, tags
+from musiclib import catalog, embedder, fewshot, probes, storage, tags, versions
 from musiclib.config import ConfigError, Layout
 from musiclib.datasets import demo, tagged_embeddings
 
@@ -21,9 +21,9 @@ def publish_probe_set(root: str, cat, emb, run_id: str = "tune-test", config=Non
     data = fewshot.prepare(cat, emb, MODEL)
     probe_set = fewshot.final_probe_set(data, config or LOGREG)
     layout = Layout(root)
-    uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
     probe_set.save(uri)
-    storage.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
+    versions.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
     return probe_set
 
 
@@ -60,14 +60,14 @@ def check_table(root: str, cat, emb, probe_set: probes.ProbeSet) -> None:
         (t, g) for t, gs in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist(), strict=True) for g in gs
     }
     assert set(zip(human["track_id"], human["tag"], strict=True)) == labels and len(human) == len(labels)
-    errors = tags.read_errors(storage.read_latest_manifest(Layout(root).tags))
+    errors = tags.read_errors(versions.read_latest_manifest(Layout(root).tags))
     assert set(errors["track_id"].to_pylist()) == set(
         emb.filter(pc.is_valid(emb["error"]))["track_id"].to_pylist()
     )
     assert all(r.startswith("embedding error") for r in errors["reason"].to_pylist())
 
 
-def first_run_checks(root: str) -> storage.Manifest:
+def first_run_checks(root: str) -> versions.Manifest:
     """Tag a fresh root, check the table against the probe set, then check a re-run is a no-op."""
     cat, emb = write_root(root, n_tracks=120)
     probe_set = publish_probe_set(root, cat, emb)
@@ -78,7 +78,7 @@ def first_run_checks(root: str) -> storage.Manifest:
     # a re-run with the same inputs is a no-op
     again = tag_job.main(["--root", root])
     assert again.version == first.version and again.created_at == first.created_at
-    assert storage.committed_versions(layout.tags) == [first.version]
+    assert versions.committed_versions(layout.tags) == [first.version]
     return first
 
 
@@ -97,15 +97,15 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
         raise RuntimeError("killed before the manifest and the pointer were written")
 
     with monkeypatch.context() as patch:
-        patch.setattr(storage, "publish", crash)
+        patch.setattr(versions, "publish", crash)
         with pytest.raises(RuntimeError, match="killed"):
             tag_job.main(["--root", root, "--only-new", "true"])
-    assert storage.latest_version(layout.tags) == first.version
+    assert versions.latest_version(layout.tags) == first.version
     assert tags.read_latest(layout.tags).equals(tags.read_version(first))
 
     # --only-new scores only the new tracks and carries the others over unchanged
     new = tag_job.main(["--root", root, "--only-new", "true"])
-    assert storage.latest_version(layout.tags) == new.version != first.version
+    assert versions.latest_version(layout.tags) == new.version != first.version
     before = tags.read_version(first).to_pandas()
     after = tags.read_version(new).to_pandas()
     old_model = before[before["source"] == "model"].sort_values(["track_id", "tag"]).reset_index(drop=True)
@@ -132,12 +132,12 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
         raise RuntimeError("killed after the manifest, before the pointer moved")
 
     with monkeypatch.context() as patch:
-        patch.setattr(storage, "set_latest", crash_pointer)
+        patch.setattr(versions, "set_latest", crash_pointer)
         with pytest.raises(RuntimeError, match="killed"):
             tag_job.main(["--root", root, "--only-new", "true"])
-    assert storage.latest_version(layout.tags) == new.version
+    assert versions.latest_version(layout.tags) == new.version
     third = tag_job.main(["--root", root, "--only-new", "true"])
-    assert storage.latest_version(layout.tags) == third.version not in (new.version, first.version)
+    assert versions.latest_version(layout.tags) == third.version not in (new.version, first.version)
     assert "already complete" in capsys.readouterr().out
     model = tags.read_version(third, ["source", "probe_run_id"]).filter(pc.field("source") == "model")
     assert set(model["probe_run_id"].to_pylist()) == {"tune-test2"}
@@ -161,15 +161,15 @@ def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
     monkeypatch.setattr(tag_job, "ray_session", no_ray)
     dataset = embedder.dataset_uri(layout.embeddings, MODEL)
     embedder.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
-    storage.publish(dataset, "v3", [], [], move_latest=False)  # no file at all
+    versions.publish(dataset, "v3", [], [], move_latest=False)  # no file at all
     for version in ("v2", "v3"):
-        storage.set_latest(dataset, version)
+        versions.set_latest(dataset, version)
         with pytest.raises(
             ConfigError, match=f"the embeddings of {MODEL} hold no rows: version {version}"
         ) as err:
             tag_job.main(["--root", root])
         assert "run embed on a non-empty catalog" in str(err.value) and "\n" not in str(err.value)
-    assert storage.latest_version(layout.tags) is None
+    assert versions.latest_version(layout.tags) is None
 
 
 def test_missing_catalog_or_probe_set_fails_before_ray(tmp_path):
