@@ -7,7 +7,8 @@ The vectors are a two-level mixture of clusters (``musiclib.datasets.clustered_v
 ``--queries`` more draws from the same mixture, not in the base. Ground truth is ``neighbors.exact_search``
 (blocked matrix products), whose own latency is measured at a few catalog sizes to set the size below
 which the index is exact. Each candidate runs in its own process (peak memory is its own): it builds once
-with ``--threads`` threads, then for each search setting reports recall@10 against exact search, single
+with ``--threads`` threads (wall and CPU seconds; faiss: build, then the safetensors round trip a
+query tool does, timed apart), then for each search setting reports recall@10 against exact search, single
 query latency (p50/p95 over ``--single`` queries, one at a time) and batch time per query. Memory: the
 index's own (anonymous resident memory after the build less before it; the vectors are a mapped file)
 and the process's peak resident set (which counts the mapped vectors it touched).
@@ -51,7 +52,17 @@ def build(name: str, x: np.ndarray, threads: int):
         import faiss
 
         faiss.omp_set_num_threads(threads)
-        index = neighbors.build(x, kind="ivf")
+        built = neighbors.build(x, kind="ivf")
+        start = time.perf_counter()
+        data = neighbors.to_bytes(built)
+        saved = time.perf_counter()
+        index = neighbors.from_bytes(data)  # what a query tool reads: the checked safetensors file
+        print(
+            f"index file {len(data) / 2**20:.0f} MB: to_bytes {saved - start:.1f} s, "
+            f"from_bytes (checks, faiss lists) {time.perf_counter() - saved:.1f} s",
+            file=sys.stderr,
+        )
+        del built, data
 
         def search(q, k, nprobe):
             index._index.nprobe = nprobe
@@ -95,9 +106,9 @@ def worker(args: argparse.Namespace) -> None:
     q = np.load(args.queries_file)
     truth = np.load(args.truth)
     base_mb = anon_mb()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     search = build(args.worker, x, args.threads)
-    build_s = time.perf_counter() - start
+    build_s, build_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     after_mb = anon_mb()
     settings = [int(s) for s in args.params.split(",")] if args.params else SEARCH[args.worker]
     for setting in settings:
@@ -119,6 +130,7 @@ def worker(args: argparse.Namespace) -> None:
             "single_p95_ms": round(1e3 * float(np.percentile(times, 95)), 3),
             "batch_ms_per_query": round(1e3 * batch_s / len(q), 3),
             "build_s": round(build_s, 1),
+            "build_cpu_s": round(build_cpu_s, 1),
             "index_mb": round(after_mb - base_mb),
             "peak_mb": round(peak_mb()),
             "data_mb": round(x.nbytes / 2**20),
@@ -210,6 +222,8 @@ def main() -> None:
         if done.returncode:
             print(f"{name} failed:\n{done.stderr[-2000:]}", flush=True)
             continue
+        if done.stderr.strip():
+            print(done.stderr.strip()[-2000:], flush=True)
         for line in done.stdout.splitlines():
             if line.startswith("{"):
                 print(line, flush=True)
