@@ -3,6 +3,10 @@
     python bench/bench_ann.py --n 100000 --candidates faiss-ivf,hnswlib,usearch
     python bench/bench_ann.py --n 1000000 --candidates faiss-ivf --params faiss-ivf=32,64
 
+faiss-cpu is a project dependency; hnswlib and usearch, the candidates it was chosen over, are not:
+``.venv/bin/pip install hnswlib==0.8.0 usearch==2.26.6`` to compare them again (a candidate that cannot
+be imported is reported as failed and the others still run).
+
 The vectors are a two-level mixture of clusters (``musiclib.datasets.clustered_vectors``); the queries are
 ``--queries`` more draws from the same mixture, not in the base. Ground truth is ``neighbors.exact_search``
 (blocked matrix products), whose own latency is measured at a few catalog sizes to set the size below
