@@ -200,15 +200,16 @@ def test_confirmed_labels_reach_tune_and_tag(root, capsys):
 
 
 def test_concurrent_confirmations_lose_nothing(root):
+    """Eight writers label one shared track and one of their own at once: every label survives."""
     uri = Layout(root).catalog
     threads = [
-        threading.Thread(target=neighbors.add_labels, args=(uri, f"new{i}", ["t00005", f"t0001{i}"]))
-        for i in range(4)
+        threading.Thread(target=neighbors.add_labels, args=(uri, f"new{i}", ["t00005", f"t0002{i}"]))
+        for i in range(8)
     ]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     labels = dict(zip(*catalog.read(uri, ["track_id", "tags"]).to_pydict().values(), strict=True))
-    assert {f"new{i}" for i in range(4)} <= set(labels["t00005"])
-    assert all(f"new{i}" in labels[f"t0001{i}"] for i in range(4))
+    assert {f"new{i}" for i in range(8)} <= set(labels["t00005"])
+    assert all(f"new{i}" in labels[f"t0002{i}"] for i in range(8))
