@@ -310,7 +310,12 @@ def from_bytes(data: bytes, name: str = "index", nprobe: int | None = None) -> I
         raise NeighborsError(f"{name}: list sizes do not add up to the {n} vectors")
     if n and ((rows < 0).any() or (rows >= n).any() or (np.bincount(rows, minlength=n) != 1).any()):
         raise NeighborsError(f"{name}: rows are not a permutation of 0..{n - 1}")
-    return IVFIndex(centroids, sizes, rows, vectors, nprobe or int(meta.get("nprobe", NPROBE)))
+    if nprobe is None:
+        raw = meta.get("nprobe", str(NPROBE))
+        nprobe = int(raw) if raw.isdigit() else 0
+    if nprobe < 1:
+        raise NeighborsError(f"{name}: nprobe must be a positive integer, got {meta.get('nprobe')!r}")
+    return IVFIndex(centroids, sizes, rows, vectors, nprobe)
 
 
 def _array(arrays: dict[str, np.ndarray], key: str, dtype: type, ndim: int, name: str) -> np.ndarray:

@@ -85,6 +85,7 @@ def test_bad_index_files_are_refused(clustered):
         ("not a readable safetensors", neighbors.to_bytes(neighbors.build(base[:50]))[:100]),  # truncated
         ("format", st_save(good, metadata={**meta, "format": "other/9"})),
         ("unknown index kind", st_save(good, metadata={**meta, "kind": "hnsw"})),
+        ("nprobe must be a positive integer", st_save(good, metadata={**meta, "nprobe": "-3"})),
         ("not a permutation", st_save({**good, "rows": np.zeros(400, np.int64)}, metadata=meta)),
         ("do not add up", st_save({**good, "list_sizes": good["list_sizes"] + 1}, metadata=meta)),
         (
