@@ -6,7 +6,7 @@ ROOT ?= data/demo
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo demo-catalog pretrain embed tune tag suggest study clean s3 docs-images
+.PHONY: setup test lint demo demo-catalog pretrain embed tune tag suggest study index clean s3 docs-images
 
 -include cluster/cluster.mk
 
@@ -54,6 +54,11 @@ suggest: $(STAMP)
 study: STUDY_ROOT := $(if $(filter file,$(origin ROOT)),data/bench-rendered,$(ROOT))
 study: $(STAMP)
 	$(PY) jobs/study.py --root $(STUDY_ROOT) $(ARGS)
+
+# The nearest-neighbour index over the latest embeddings (musiclib.tags similar / seed use it); a re-run
+# on the same embeddings is a no-op.
+index: $(STAMP)
+	$(PY) jobs/index.py --root $(ROOT) $(ARGS)
 
 # The whole pipeline on the embedded default (local Ray, local files, the generated demo catalog).
 demo: $(STAMP)

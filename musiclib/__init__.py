@@ -4,7 +4,7 @@ The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around
 
     catalog      ->  audio       ->  model          ->  embeddings   ->  probes          ->  tags
     catalog.py       audio.py        models.py          embedder.py      fewshot.py          tags.py
-                     shards.py       pretraining.py                      probes.py
+                     shards.py       pretraining.py                      probes.py           neighbors.py
                      augment.py      losses.py                           metrics.py
                                      gather.py                           report.py
                                                                          sweep.py
@@ -20,6 +20,8 @@ The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around
 - ``fewshot``, ``probes``, ``metrics``, ``report``, ``sweep``: support sets, linear probes, AP and ROC-AUC,
   the budget report, and the sweep's config, grid and outputs (job ``tune``).
 - ``tags``: the tag table, its config and a query tool (job ``tag``).
+- ``neighbors``: nearest tracks by cosine similarity (exact search, a faiss IVF index, job ``index``),
+  a new tag seeded from a few examples, confirmed labels written into the catalog.
 
 Shared by every stage: ``storage`` (local and S3 objects, atomic writes), ``versions`` (versioned
 datasets on it: version ids, manifests, ``publish``, ``_latest``, leases), ``config``

@@ -11,6 +11,12 @@ with the reason in ``<version>/errors/errors.parquet``.
     python -m musiclib.tags show TRACK_ID [--root ROOT]
     python -m musiclib.tags top TAG [--root ROOT] [--n 10]
     python -m musiclib.tags outputs [--root ROOT]     # what each job did, where the outputs are
+    python -m musiclib.tags similar TRACK_ID [--root ROOT] [--n 10] [--model-id M]
+    python -m musiclib.tags seed TAG [--examples ID,ID] [--confirm ID,ID] [--split train] [--root ROOT] [--n 10]
+
+``similar`` and ``seed`` are nearest-neighbour queries over the embeddings (``musiclib.neighbors``);
+``seed TAG --confirm ID,ID`` writes TAG as a human label of the confirmed tracks (and the examples) into
+the catalog, where the next tune and tag runs read it.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from musiclib import progress, storage, versions
+from musiclib import neighbors, progress, storage, versions
 from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
 from musiclib.probes import ProbeSet
 
@@ -254,14 +260,61 @@ def main(argv: list[str] | None = None) -> None:
     if args == ["outputs"]:
         print_outputs(Layout(root))
         return
+    if args and args[0] in ("similar", "seed"):
+        neighbors_command(args, root, n)
+        return
     if len(args) != 2 or args[0] not in ("show", "top"):
         raise SystemExit(
-            "usage: python -m musiclib.tags show TRACK_ID | top TAG | outputs [--root ROOT] [--n N]"
+            "usage: python -m musiclib.tags show TRACK_ID | top TAG | outputs | similar TRACK_ID | seed TAG "
+            "[--examples ID,ID] [--confirm ID,ID] [--root ROOT] [--n N]"
         )
     tags_root = Layout(root).tags
     table = show(tags_root, args[1]) if args[0] == "show" else top(tags_root, args[1], n)
     if len(table) == 0:
         raise SystemExit(f"no rows for {args[1]!r} in the latest tag version under {tags_root}")
+    print("  ".join(table.column_names))
+    _print(table)
+
+
+def neighbors_command(args: list[str], root: str, n: int) -> None:
+    """``similar TRACK_ID`` and ``seed TAG [--examples] [--confirm] [--split]``: options to ``neighbors`` calls.
+
+    Bad input (an unknown track or tag, an example without an embedding) ends with one line naming it.
+    """
+    options = {"--examples": "", "--confirm": "", "--model-id": "", "--split": "train"}
+    for flag in options:
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 >= len(args):
+                raise SystemExit(f"{flag} needs a value")
+            options[flag] = args[i + 1]
+            del args[i : i + 2]
+    if len(args) != 2 or (args[0] == "similar" and (options["--examples"] or options["--confirm"])):
+        raise SystemExit(
+            "usage: python -m musiclib.tags similar TRACK_ID | seed TAG [--examples ID,ID] [--confirm ID,ID] "
+            "[--split train] [--model-id M] [--root ROOT] [--n N]"
+        )
+    layout = Layout(root)
+    examples = [t for t in options["--examples"].split(",") if t]
+    confirmed = [t for t in options["--confirm"].split(",") if t]
+    try:
+        if confirmed:
+            change = neighbors.add_labels(layout.catalog, args[1], examples + confirmed, options["--split"])
+            print(
+                f"labeled {len(change.added)} track(s) {args[1]!r} in {layout.catalog} "
+                f"({len(change.already)} had it; {len(change.split_set)} without a split put in "
+                f"{options['--split']!r}); the next tune and tag runs use the label"
+            )
+            return
+        found = neighbors.load(root, options["--model-id"])
+        labels = neighbors.catalog_labels(layout.catalog)
+        if args[0] == "similar":
+            table = neighbors.similar(found, labels, layout.catalog, args[1], n)
+        else:
+            table = neighbors.seed(found, labels, layout.catalog, args[1], examples, n)
+    except (neighbors.NeighborsError, storage.StorageError) as exc:
+        raise SystemExit(str(exc).splitlines()[0]) from exc
+    print(f"# {found.source}")
     print("  ".join(table.column_names))
     _print(table)
 

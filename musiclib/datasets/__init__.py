@@ -3,4 +3,5 @@
 - ``demo``: the demo catalog, synthesised music with audible tags and few labels (``make demo``).
 - ``audio_files``: samples encoded as WAV, FLAC, Ogg Vorbis, Opus, MP3 or AAC files.
 - ``tagged_embeddings``: a catalog and embeddings correlated with its tags, for the tune and tag jobs.
+- ``clustered_vectors``: unit vectors from a mixture of clusters, for nearest-neighbour tests and benchmarks.
 """
