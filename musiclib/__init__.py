@@ -4,10 +4,12 @@ The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around
 
     catalog      ->  audio       ->  model          ->  embeddings   ->  probes          ->  tags
     catalog.py       audio.py        models.py          embedder.py      fewshot.py          tags.py
-                     shards.py       pretraining.py                      probes.py           neighbors.py
-                     augment.py      losses.py                           metrics.py
+                     shards.py       pretraining.py     logmel.py        probes.py           neighbors.py
+                     augment.py      losses.py                           metrics.py          suggest.py
                                      gather.py                           report.py
                                                                          sweep.py
+
+    and beside the path, ``study.py``: every encoder compared on one catalog (job ``study``).
 
 - ``catalog``: the catalog's schema, validation and tag vocabulary.
 - ``audio``: the one decoder (PyAV): resampling, windows, chunks, the reasons a track is unusable.
@@ -22,6 +24,9 @@ The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around
 - ``tags``: the tag table, its config and a query tool (job ``tag``).
 - ``neighbors``: nearest tracks by cosine similarity (exact search, a faiss IVF index, job ``index``),
   a new tag seeded from a few examples, confirmed labels written into the catalog.
+- ``suggest``: what to label next per tag: the probe's uncertainty, diverse batches (job ``suggest``).
+- ``logmel``, ``study``: the hand-crafted log-mel floor as an encoder, and the study's config, encoders,
+  results table, report and plot (job ``study``; docs/STUDY.md).
 
 Shared by every stage: ``storage`` (local and S3 objects, atomic writes), ``versions`` (versioned
 datasets on it: version ids, manifests, ``publish``, ``_latest``, leases), ``config``
