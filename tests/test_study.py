@@ -160,7 +160,7 @@ def test_tiny_study_writes_every_output(tmp_path):
     assert [u.rsplit("/", 1)[-1] for u in rows] == ["clmr-s0.parquet", "logmel-s0.parquet"]
     written = [storage.file_checksum(u) for u in rows]
     storage.delete(versions.manifest_uri(dataset, manifest.version))  # as if killed before its publish
-    storage.delete(storage.join(dataset, storage.LATEST))
+    storage.delete(storage.join(dataset, versions.LATEST))
     assert study_job.main(argv).version == manifest.version  # every variant written: none runs, no Ray
     assert [storage.file_checksum(u) for u in rows] == written
     results = storage.read_parquet([storage.join(out, "results.parquet")]).to_pandas()
