@@ -1,0 +1,79 @@
+"""The tag job's wall time on a demo-sized root: the job as an operator runs it, in its own process.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_tag.py [--tracks 300] [--tags 17] [--runs 2] [--repo PATH]
+
+Builds a root of synthetic embeddings that follow their tags (``musiclib.datasets.tagged_embeddings``, the
+demo's size by default) and a probe set fitted as the tune job fits it, then runs ``jobs/tag.py`` from
+``--repo`` (default: this checkout) ``--runs`` times, each on a fresh copy of the root, and prints the
+wall time of each run and of its no-op re-run. Comparing two checkouts (``--repo``) on the same machine
+gives what a change of the tag job costs. Results: ``docs/BENCHMARKS.md``, "tag".
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from musiclib import catalog, embedder, fewshot, storage
+from musiclib.config import Layout
+from musiclib.datasets import tagged_embeddings
+
+MODEL = "bench-model"
+
+
+def make_root(root: str, n_tracks: int, n_tags: int) -> None:
+    """Catalog, embeddings and a published probe set (logistic regression on all labels)."""
+    cat, emb = tagged_embeddings.make(n_tracks=n_tracks, n_tags=n_tags, dim=64, n_errors=3, model_id=MODEL)
+    layout = Layout(root)
+    catalog.write(cat, layout.catalog)
+    embedder.publish_table(layout.embeddings, MODEL, "v1", emb)
+    probe_set = fewshot.final_probe_set(
+        fewshot.prepare(cat, emb, MODEL),
+        {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0},
+    )
+    uri = storage.join(storage.version_uri(layout.probes, "tune-bench"), "probe_set.safetensors")
+    probe_set.save(uri)
+    storage.publish(layout.probes, "tune-bench", [uri], [len(probe_set.tags)])
+
+
+def timed(cmd: list[str], cwd: str) -> float:
+    began = time.perf_counter()
+    out = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": cwd})
+    if out.returncode != 0:
+        raise SystemExit(f"{cmd} failed:\n{out.stdout[-2000:]}{out.stderr[-2000:]}")
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracks", type=int, default=300)
+    parser.add_argument("--tags", type=int, default=17)
+    parser.add_argument("--runs", type=int, default=2)
+    parser.add_argument("--repo", default=str(Path(__file__).resolve().parents[1]))
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as tmp:
+        template = str(Path(tmp) / "template")
+        make_root(template, args.tracks, args.tags)
+        for i in range(args.runs):
+            root = str(Path(tmp) / f"run{i}")
+            shutil.copytree(template, root)
+            cmd = [
+                sys.executable,
+                str(Path(args.repo) / "jobs" / "tag.py"),
+                "--root",
+                root,
+                "--num-cpus",
+                "2",
+            ]
+            first, again = timed(cmd, args.repo), timed(cmd, args.repo)
+            print(f"{args.repo}: run {i}: tag {first:.1f} s, no-op re-run {again:.1f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
