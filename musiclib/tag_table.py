@@ -40,6 +40,7 @@ from pyiceberg.expressions import BooleanExpression
 from pyiceberg.io.pyarrow import parquet_file_to_data_file
 from pyiceberg.table import ALWAYS_TRUE, Table
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from musiclib import storage
 
@@ -76,6 +77,21 @@ class Where:
     def describe(self) -> str:
         """``<table> in <catalog>``, safe to print (``masked``)."""
         return f"{self.table} in {masked(self.resolved_catalog())}"
+
+
+def catalog_problem(catalog_uri: str) -> str | None:
+    """Why a ``--catalog-uri`` names no catalog, or None. A value with ``@`` (maybe a password) is not echoed."""
+    if catalog_uri in ("", "glue") or catalog_uri.startswith(("http://", "https://")):
+        return None
+    try:
+        make_url(catalog_uri)
+    except ArgumentError:
+        shown = "a value with '@'" if "@" in catalog_uri else repr(catalog_uri)
+        return (
+            f"--catalog-uri must be https://... (a REST catalog), glue, or a SQLAlchemy URL such as "
+            f"sqlite:///path/iceberg.db or postgresql://host/db; got {shown}"
+        )
+    return None
 
 
 def masked(catalog_uri: str) -> str:
@@ -232,6 +248,8 @@ def commit(
     attempt = 0
     while True:
         table.refresh()
+        if (landed := find_run(table, run_id)) is not None:  # an attempt whose answer was lost did land
+            return landed
         current = {f.file_path: f for f in data_files(table)}
         if missing := keep - current.keys():
             raise storage.StorageError(
@@ -277,7 +295,7 @@ def sql(table: Table, query: str, snapshot_id: int | None = None) -> pa.Table:
     pyiceberg reads the snapshot into Arrow (local or S3, honouring the table's metadata), so nothing
     needs DuckDB's downloadable extensions.
     """
-    import duckdb
+    import duckdb  # only this command needs it: the tag job and its Ray workers do not import it
 
     con = duckdb.connect()
     con.register("tags", read(table, snapshot_id=snapshot_id))

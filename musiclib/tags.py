@@ -75,6 +75,8 @@ class TagConfig(RayConfig):
         namespace, _, name = self.table.rpartition(".")
         if not namespace or not name:
             problems.append(f"--table must be <namespace>.<name>, got {self.table!r}")
+        if problem := tag_table.catalog_problem(self.catalog_uri):
+            problems.append(problem)
         check("tag", problems)
 
     @property
@@ -287,6 +289,8 @@ def main(argv: list[str] | None = None) -> None:
                 raise SystemExit(f"{flag} needs a value; {USAGE}")
             flags[flag] = args[i + 1]
             del args[i : i + 2]
+    if problem := tag_table.catalog_problem(flags["--catalog-uri"]):
+        raise SystemExit(problem)
     where = Where(storage.normalize_uri(flags["--root"]), flags["--catalog-uri"], flags["--table"])
     if args == ["outputs"]:
         print_outputs(Layout(where.root), where)

@@ -200,3 +200,14 @@ def test_missing_catalog_or_probe_set_fails_before_ray(tmp_path):
         tag_job.main(["--root", str(tmp_path)])
     with pytest.raises(ConfigError):
         tag_job.main(["--root", str(tmp_path), "--batch-size", "0"])
+    bad = ["--catalog-uri", "nonsense", "--table", "tags", "--batch-size", "0"]
+    with pytest.raises(ConfigError) as err:
+        tag_job.main(["--root", str(tmp_path), *bad])
+    assert "--catalog-uri must be" in str(err.value) and "got 'nonsense'" in str(err.value)
+    assert "--table must be <namespace>.<name>, got 'tags'" in str(err.value) and "--batch-size" in str(
+        err.value
+    )
+    with pytest.raises(ConfigError, match="got a value with '@'") as err:
+        tag_job.main(["--root", str(tmp_path), "--catalog-uri", "user:secret@host"])
+    assert "secret" not in str(err.value)
+    assert not (tmp_path / "tags" / "iceberg.db").exists()  # no table made for a run that could not start
