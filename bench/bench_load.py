@@ -43,7 +43,7 @@ from bench_embed import PeakMemory, format_pss, make_audio, make_root, ray_pss_b
 
 from cluster import local  # noqa: E402
 from cluster.s3server import SeaweedS3  # noqa: E402
-from musiclib import catalog, embedder, fewshot, models, storage, tag_table, tags  # noqa: E402
+from musiclib import catalog, embedder, fewshot, models, storage, tag_table, tags, versions  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
 
 SUMMARY = re.compile(r"embed: (\d+) tracks, .* in ([\d.]+) s: ([\d.]+) tracks/s")
@@ -101,7 +101,7 @@ def catalog_ids(root: str) -> pa.Array:
 def check_embeddings(root: str, model_id: str, ids: pa.Array) -> str:
     """Every catalog id exactly once in the latest embeddings, none with an error; raises otherwise."""
     dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
-    manifest = storage.read_latest_manifest(dataset)
+    manifest = versions.read_latest_manifest(dataset)
     table = storage.read_parquet(manifest.file_uris(), ["track_id", "error"])
     got = table.column("track_id").combine_chunks()
     distinct = pc.count_distinct(got).as_py()
@@ -123,16 +123,16 @@ def publish_probe_set(root: str, model_id: str, distinct: int, probe: str) -> tu
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "split"]).slice(0, distinct)
     dataset = embedder.dataset_uri(layout.embeddings, model_id)
     emb = storage.read_parquet(
-        storage.read_latest_manifest(dataset).file_uris(), ["track_id", "embedding", "error"]
+        versions.read_latest_manifest(dataset).file_uris(), ["track_id", "embedding", "error"]
     )
     emb = emb.filter(pc.is_in(emb.column("track_id"), cat.column("track_id")))
     data = fewshot.prepare(cat, emb, model_id)
     probe_set = fewshot.final_probe_set(data, {"probe": probe, "norm": "standardize", "C": 1.0})
     run_id = f"load-{uuid.uuid4().hex[:8]}"
     probe_set.config = {**probe_set.config, "probe_run_id": run_id}
-    uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
     probe_set.save(uri)
-    storage.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
+    versions.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
     return run_id, len(probe_set.tags)
 
 

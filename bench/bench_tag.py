@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from musiclib import catalog, embedder, fewshot, storage
+from musiclib import catalog, embedder, fewshot, storage, versions
 from musiclib.config import Layout
 from musiclib.datasets import tagged_embeddings
 
@@ -37,9 +37,9 @@ def make_root(root: str, n_tracks: int, n_tags: int) -> None:
         fewshot.prepare(cat, emb, MODEL),
         {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0},
     )
-    uri = storage.join(storage.version_uri(layout.probes, "tune-bench"), "probe_set.safetensors")
+    uri = storage.join(versions.version_uri(layout.probes, "tune-bench"), "probe_set.safetensors")
     probe_set.save(uri)
-    storage.publish(layout.probes, "tune-bench", [uri], [len(probe_set.tags)])
+    versions.publish(layout.probes, "tune-bench", [uri], [len(probe_set.tags)])
 
 
 def timed(cmd: list[str], cwd: str) -> float:

@@ -5,7 +5,7 @@
 Streams the catalog's rows (``track_id``, ``audio_uri``) → decodes each track into up to ``max_chunks``
 int16 chunks in CPU tasks → runs the encoder on an actor pool (one GPU per actor when the cluster has
 GPUs) → writes Parquet shards in the embeddings schema → publishes them as a new version of
-``<root>/embeddings/<model_id>/`` (``storage.publish``: manifest last, then ``_latest``).
+``<root>/embeddings/<model_id>/`` (``versions.publish``: manifest last, then ``_latest``).
 
 Resume. A run records its version in ``_pending.json`` and writes with Ray Data job-level checkpointing
 keyed by ``track_id``, so a killed run started again continues the same version: tracks already written
@@ -29,14 +29,10 @@ import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
-from musiclib import audio, catalog, embedder, models, progress, ray_env, storage
+from musiclib import catalog, embedder, models, progress, ray_env, storage, versions
 from musiclib.config import Layout, as_dict, parse
 from musiclib.embedder import EmbedConfig
 from musiclib.ray_env import ray_session, retry_transient_storage
-
-PENDING = "_pending.json"
-CHECKPOINTS = "_checkpoints"
-
 
 # --------------------------------------------------------------------------- Ray
 
@@ -123,29 +119,6 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
         ctx.checkpoint_config, ctx.op_resource_reservation_enabled = previous
 
 
-# --------------------------------------------------------------------------- versions
-
-
-def begin_version(dataset: str, only_new: bool) -> tuple[str, bool]:
-    """The version this run writes, and whether it is already committed.
-
-    The unfinished version of a killed run in the same mode is resumed; one that was committed but
-    whose run died before moving ``_latest`` is made current here (nothing left to embed); otherwise a
-    new version starts. Called under the dataset's lease, so no other run changes the marker meanwhile.
-    """
-    marker = storage.join(dataset, PENDING)
-    if storage.exists(marker):
-        pending = storage.read_json(marker)
-        if storage.already_complete(dataset, pending["version"], "embed") is not None:
-            return pending["version"], True
-        if pending["only_new"] == only_new:
-            print(f"resuming unfinished version {pending['version']}")
-            return pending["version"], False
-    version = storage.new_version()
-    storage.write_json(marker, {"version": version, "only_new": only_new})
-    return version, False
-
-
 # --------------------------------------------------------------------------- the job
 
 
@@ -160,48 +133,26 @@ def run(cfg: EmbedConfig) -> embedder.Summary:
     layout = Layout(cfg.root)
     model_id = models.resolve(layout.models, cfg.model_id)
     dataset = embedder.dataset_uri(layout.embeddings, model_id)
-    with storage.lease(dataset):
-        version, committed = begin_version(dataset, cfg.only_new)
-        out_dir = storage.version_uri(dataset, version)
-        checkpoint_dir = storage.join(dataset, CHECKPOINTS, version)
+    with versions.lease(dataset):
+        version, committed = embedder.begin_version(dataset, cfg.only_new)
         new: list[str] = []
         if not committed:
             with ray_session(cfg.ray_address, cfg.num_cpus):
-                new = write_version(cfg, model_id, dataset, version, out_dir, checkpoint_dir)
-        storage.delete(checkpoint_dir, recursive=True)
-        storage.delete(storage.join(dataset, PENDING))
+                new = write_version(cfg, model_id, dataset, version)
+        embedder.end_version(dataset, version)
     return embedder.summarize(new, time.perf_counter() - start)
 
 
-def write_version(
-    cfg: EmbedConfig, model_id: str, dataset: str, version: str, out_dir: str, checkpoint_dir: str
-) -> list[str]:
-    """Run the pipeline into ``out_dir`` and publish the version; return the URIs of the files it embedded."""
+def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str) -> list[str]:
+    """Run the pipeline into the version's folder and commit it; return the URIs of the files it embedded."""
+    out_dir = versions.version_uri(dataset, version)
     carried = embedder.carry_over(dataset, cfg.only_new, out_dir)
     fs, out_path = storage.arrow_filesystem(out_dir)
-    with data_context(checkpoint_dir, cfg.task_retries):
+    with data_context(embedder.checkpoint_uri(dataset, version), cfg.task_retries):
         ds = build_pipeline(cfg, model_id, carried.skip)
         ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
-    files = storage.list_files(out_dir, ".parquet")
-    embedded = [u for u in files if not u.rsplit("/", 1)[-1].startswith("carried-")]
-    if carried.kept and not embedded:
-        print(f"{dataset} is up to date: every catalog track has an embedding; nothing published")
-    elif carried.retried and embedder.unchanged(embedded, carried.retried):
-        storage.delete(out_dir, recursive=True)
-        print(f"{dataset} is up to date: {len(carried.retried)} track(s) still {'/'.join(audio.RETRIED)}")
-        return []
-    else:
-        config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
-        manifest = storage.publish(
-            dataset,
-            version,
-            files,
-            [storage.parquet_rows(u) for u in files],
-            config=config,
-            carried=carried.kept,
-        )
-        print(f"published {dataset} version {version}: {manifest.rows} rows in {len(manifest.files)} files")
-    return embedded
+    config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
+    return embedder.commit_version(dataset, version, carried, config)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -212,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     dataset = embedder.dataset_uri(
         Layout(cfg.root).embeddings, models.resolve(Layout(cfg.root).models, cfg.model_id)
     )
-    latest = storage.read_latest_manifest(dataset)
+    latest = versions.read_latest_manifest(dataset)
     failed = sum(done.errors.values())
     progress.summary(
         "embed",
@@ -222,7 +173,7 @@ def main(argv: list[str] | None = None) -> None:
         wrote=f"{done.tracks - failed} embeddings at {done.tracks / max(done.wall_s, 1e-9):.1f} tracks/s; "
         f"version {latest.version} holds {latest.rows} tracks",
         skipped=done.errors,
-        outputs={"version": storage.version_uri(dataset, latest.version)},
+        outputs={"version": versions.version_uri(dataset, latest.version)},
     )
 
 

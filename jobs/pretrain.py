@@ -26,7 +26,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
-from musiclib import catalog, models, progress, storage
+from musiclib import catalog, models, progress, storage, versions
 from musiclib.config import Layout, parse
 from musiclib.pretraining import (
     PretrainConfig,
@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> str:
     run_uri = storage.join(layout.runs, cfg.run_name)
     check_resume(cfg, run_uri)
     torch.manual_seed(cfg.seed)
-    with storage.lease(run_uri), ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True):
-        with storage.lease(layout.shards), retry_transient_storage(TASK_RETRIES):
+    with versions.lease(run_uri), ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True):
+        with versions.lease(layout.shards), retry_transient_storage(TASK_RETRIES):
             shards = prepare_shards(cfg, layout)
         result = train(cfg, layout)
         model_id = export(cfg, layout, result, shards)

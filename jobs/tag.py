@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import ray
 from pyiceberg.table import Table
 
-from musiclib import catalog, embedder, progress, ray_env, storage, tag_table, tags
+from musiclib import catalog, embedder, progress, ray_env, storage, tag_table, tags, versions
 from musiclib.config import ConfigError, Layout, parse
 from musiclib.probes import ProbeSet
 from musiclib.ray_env import ray_session, retry_transient_storage
@@ -45,19 +45,19 @@ class Inputs:
 
 def resolve(cfg: TagConfig, layout: Layout, previous: tag_table.Run | None) -> Inputs:
     """Find the probe set and its model's embeddings; a clear error when either is missing or empty."""
-    run_id = cfg.probe_run_id or storage.latest_version(layout.probes)
-    if run_id is None or storage.read_manifest(layout.probes, run_id) is None:
+    run_id = cfg.probe_run_id or versions.latest_version(layout.probes)
+    if run_id is None or versions.read_manifest(layout.probes, run_id) is None:
         raise ConfigError(
             f"no published probe run {cfg.probe_run_id or ''} under {layout.probes}: run tune first"
         )
-    probe_uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    probe_uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
     probe_set = ProbeSet.load(probe_uri)
     if probe_set.thresholds is None:
         raise ConfigError(f"probe set {probe_uri} has no thresholds")
     dataset = embedder.dataset_uri(layout.embeddings, probe_set.model_id)
-    if storage.latest_version(dataset) is None:
+    if versions.latest_version(dataset) is None:
         raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
-    emb = storage.read_latest_manifest(dataset)  # files and version from the same manifest
+    emb = versions.read_latest_manifest(dataset)  # files and version from the same manifest
     if emb.rows == 0:
         raise ConfigError(
             f"the embeddings of {probe_set.model_id} hold no rows: version {emb.version} of {dataset} "
@@ -78,7 +78,7 @@ def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:
         cfg.only_new,
         inputs.previous.run_id if cfg.only_new and inputs.previous else None,
     ]
-    return storage.digest_version("tags", parts)
+    return versions.digest_version("tags", parts)
 
 
 class ScoreBatch:
@@ -116,7 +116,7 @@ def write_run(cfg: TagConfig, layout: Layout, table: Table, inputs: Inputs, run_
     """Write every data file of the run (model, human and error rows), then commit them as one snapshot."""
     run_dir = tag_table.run_dir(table, run_id)
     storage.delete(run_dir, recursive=True)  # leftovers of a killed attempt were never committed
-    tagged_at = storage.utc_now().isoformat(timespec="seconds")
+    tagged_at = versions.utc_now().isoformat(timespec="seconds")
     cat = catalog.read(layout.catalog, columns=["track_id", "tags"])
     keep, skip = (
         tags.carried_files(table, inputs.probe_set.model_id, inputs.probe_run_id)
@@ -141,10 +141,10 @@ def write_run(cfg: TagConfig, layout: Layout, table: Table, inputs: Inputs, run_
         "embedding-version": inputs.embedding_version,
         "tagged-at": tagged_at,
         "carried-over-tracks": len(skip),
-        "code-version": storage.code_version(),
+        "code-version": versions.code_version(),
         "config": tag_table.config_properties(asdict(cfg)),
     }
-    storage.check_lease(layout.tags)  # a run that lost its lease while paused must not commit
+    versions.check_lease(layout.tags)  # a run that lost its lease while paused must not commit
     return tag_table.commit(table, run_id, files, provenance, keep)
 
 
@@ -178,11 +178,19 @@ def main(argv: list[str] | None = None) -> tag_table.Run:
     started = progress.start("tag")
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
-    with storage.lease(layout.tags):  # one tag run at a time: runs would delete each other's files
+    with versions.lease(layout.tags):  # one tag run at a time: runs would delete each other's files
         table = tag_table.open_table(cfg.where)
         inputs = resolve(cfg, layout, tag_table.current_run(table) if table else None)
         run_id = version_id(cfg, layout, inputs)
         if table is not None and (run := tag_table.already_complete(table, run_id, "tag")) is not None:
+            progress.summary(
+                "tag",
+                cfg.root,
+                started,
+                read=f"the same inputs as run {run.run_id}",
+                wrote=f"nothing: run {run.run_id} (snapshot {run.snapshot_id}, {run.rows} rows) was already complete",
+                outputs={"tags": cfg.where.describe()},
+            )
             return run
         table = table or tag_table.open_table(cfg.where, create_with=tags.SCHEMA)
         with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):

@@ -26,7 +26,7 @@ from typing import Any
 import ray
 from ray import tune
 
-from musiclib import catalog, fewshot, models, progress, storage, sweep
+from musiclib import catalog, fewshot, models, progress, storage, sweep, versions
 from musiclib.config import Layout, parse
 from musiclib.ray_env import ray_session
 from musiclib.sweep import TuneConfig
@@ -100,7 +100,7 @@ def run_sweep(
     }
 
 
-def main(argv: list[str] | None = None) -> storage.Manifest:
+def main(argv: list[str] | None = None) -> versions.Manifest:
     cfg = parse(TuneConfig, argv)
     started = progress.start("tune")
     layout = Layout(cfg.root)
@@ -108,10 +108,11 @@ def main(argv: list[str] | None = None) -> storage.Manifest:
     model_id = models.resolve(layout.models, cfg.model_id)
     data = sweep.load_data(cfg, layout, model_id)
     run_id = cfg.run_id or sweep.derive_run_id(cfg, layout, model_id)
-    run_dir = storage.version_uri(layout.probes, run_id)
-    with storage.lease(layout.probes):  # one sweep at a time writes the probe runs
-        done = storage.already_complete(layout.probes, run_id, "tune")
+    run_dir = versions.version_uri(layout.probes, run_id)
+    with versions.lease(layout.probes):  # one sweep at a time writes the probe runs
+        done = versions.already_complete(layout.probes, run_id, "tune")
         if done is not None:
+            progress.already_done("tune", cfg.root, started, layout.probes, done)
             return done
         configs = sweep.configurations(cfg)
         todo = [c for c in configs if not storage.exists(sweep.trial_uri(run_dir, c))]

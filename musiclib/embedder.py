@@ -11,8 +11,11 @@ The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU mach
 3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array.
 4. ``embed_catalog``: the plain single-process loop (decode, chunk, forward), the reference the tests compare
    the job against and the baseline the benchmark measures it by.
-5. The embeddings table the later stages read: ``<root>/embeddings/<model_id>/`` is a versioned dataset
-   (see ``storage``) whose latest manifest lists every Parquet file of the current, complete set (``files``,
+5. The version a run writes (``begin_version``, ``end_version``): a killed run resumes its unfinished
+   version (``_pending.json``, Ray Data checkpoints), and an incremental one keeps the latest version's
+   files (``carry_over``) and publishes only when it embedded something new (``commit_version``).
+6. The embeddings table the later stages read: ``<root>/embeddings/<model_id>/`` is a versioned dataset
+   (see ``versions``) whose latest manifest lists every Parquet file of the current, complete set (``files``,
    ``read``). One row per catalog track (``schema``): ``track_id``, ``embedding`` (fixed-size list of
    float32; null when ``error`` is set), ``n_chunks``, ``duration_s``, ``model_id``, ``error`` (the reason
    the track could not be embedded, null when fine).
@@ -24,13 +27,14 @@ import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from musiclib import audio, catalog, models, storage
+from musiclib import audio, catalog, models, storage, versions
 from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
 from musiclib.models import SampleCNN
 
@@ -319,14 +323,42 @@ def embed_catalog(catalog_uri: str, encoder: SampleCNN, model_id: str, **kwargs)
     return table, summary
 
 
-# --------------------------------------------------------------------------- incremental versions
+# --------------------------------------------------------------------------- versions of a run
+
+PENDING = "_pending.json"  # the version an unfinished run writes, and its mode
+CHECKPOINTS = "_checkpoints"  # Ray Data checkpoints of unfinished versions, one folder each
+
+
+def begin_version(dataset: str, only_new: bool) -> tuple[str, bool]:
+    """The version this run writes, and whether it is already committed.
+
+    The unfinished version of a killed run in the same mode is resumed; one that was committed but
+    whose run died before moving ``_latest`` is made current here (nothing left to embed); otherwise a
+    new version starts. Called under the dataset's lease, so no other run changes the marker meanwhile.
+    """
+    marker = storage.join(dataset, PENDING)
+    if storage.exists(marker):
+        pending = storage.read_json(marker)
+        if versions.already_complete(dataset, pending["version"], "embed") is not None:
+            return pending["version"], True
+        if pending["only_new"] == only_new:
+            print(f"resuming unfinished version {pending['version']}")
+            return pending["version"], False
+    version = versions.new_version()
+    storage.write_json(marker, {"version": version, "only_new": only_new})
+    return version, False
+
+
+def checkpoint_uri(dataset: str, version: str) -> str:
+    """Where Ray Data checkpoints the tracks written so far into ``version``, so a killed run resumes."""
+    return storage.join(dataset, CHECKPOINTS, version)
 
 
 @dataclass
 class CarryOver:
     """What an incremental version keeps of the latest one (see ``carry_over``)."""
 
-    kept: list[storage.FileEntry]  # files kept as they are
+    kept: list[versions.FileEntry]  # files kept as they are
     skip: np.ndarray  # sorted ids not to embed again
     retried: set[tuple[str, str]]  # (track_id, error) of the rows left out to be tried again
 
@@ -339,10 +371,10 @@ def carry_over(dataset: str, only_new: bool, out_dir: str) -> CarryOver:
     and every track still appears exactly once.
     """
     none = CarryOver([], np.array([], dtype=object), set())
-    if not only_new or storage.latest_version(dataset) is None:
+    if not only_new or versions.latest_version(dataset) is None:
         return none
     kept, ids, retried = [], [], set()
-    for entry in storage.read_latest_manifest(dataset).files:
+    for entry in versions.read_latest_manifest(dataset).files:
         uri = storage.join(dataset, entry.path)
         rows = storage.read_parquet([uri], ["track_id", "error"])
         retry = pc.fill_null(pc.is_in(rows["error"], pa.array(audio.RETRIED)), False)
@@ -363,6 +395,34 @@ def unchanged(embedded: list[str], retried: set[tuple[str, str]]) -> bool:
     """Whether the tracks embedded again gave exactly the errors they had (nothing to publish)."""
     rows = storage.read_parquet(embedded, ["track_id", "error"]) if embedded else None
     return rows is not None and set(zip(rows["track_id"].to_pylist(), rows["error"].to_pylist())) == retried
+
+
+def commit_version(dataset: str, version: str, carried: CarryOver, config: dict[str, Any]) -> list[str]:
+    """Publish the shards written into ``version`` with the files ``carried`` keeps; the URIs embedded anew.
+
+    Nothing is published when nothing new was embedded, or when the tracks tried again gave the errors
+    they had (their version folder is then removed): the latest version already says all of it.
+    """
+    out_dir = versions.version_uri(dataset, version)
+    files = storage.list_files(out_dir, ".parquet")
+    embedded = [u for u in files if not u.rsplit("/", 1)[-1].startswith("carried-")]
+    if carried.kept and not embedded:
+        print(f"{dataset} is up to date: every catalog track has an embedding; nothing published")
+    elif carried.retried and unchanged(embedded, carried.retried):
+        storage.delete(out_dir, recursive=True)
+        print(f"{dataset} is up to date: {len(carried.retried)} track(s) still {'/'.join(audio.RETRIED)}")
+        return []
+    else:
+        rows = [storage.parquet_rows(u) for u in files]
+        manifest = versions.publish(dataset, version, files, rows, config=config, carried=carried.kept)
+        print(f"published {dataset} version {version}: {manifest.rows} rows in {len(manifest.files)} files")
+    return embedded
+
+
+def end_version(dataset: str, version: str) -> None:
+    """Forget an ended run's version: its checkpoint and the pending marker (after the publish, never before)."""
+    storage.delete(checkpoint_uri(dataset, version), recursive=True)
+    storage.delete(storage.join(dataset, PENDING))
 
 
 # --------------------------------------------------------------------------- the embeddings table
@@ -387,7 +447,7 @@ def dataset_uri(embeddings_root: str, model_id: str) -> str:
 
 def files(embeddings_root: str, model_id: str) -> list[str]:
     """URIs of the Parquet files of the latest committed embedding set of a model."""
-    return storage.read_latest_manifest(dataset_uri(embeddings_root, model_id)).file_uris()
+    return versions.read_latest_manifest(dataset_uri(embeddings_root, model_id)).file_uris()
 
 
 def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) -> pa.Table:
@@ -398,11 +458,11 @@ def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) 
     return storage.read_parquet(uris, columns)
 
 
-def publish_table(embeddings_root: str, model_id: str, version: str, table: pa.Table) -> storage.Manifest:
+def publish_table(embeddings_root: str, model_id: str, version: str, table: pa.Table) -> versions.Manifest:
     """Publish ``table`` as one version of a model's embeddings, in one shard (synthetic data, small imports).
 
-    The embed job writes many shards itself and publishes them the same way (``storage.publish``).
+    The embed job writes many shards itself and publishes them the same way (``versions.publish``).
     """
     dataset = dataset_uri(embeddings_root, model_id)
-    uri = storage.join(storage.version_uri(dataset, version), "part-00000.parquet")
-    return storage.publish(dataset, version, [uri], [storage.write_parquet(table, uri)])
+    uri = storage.join(versions.version_uri(dataset, version), "part-00000.parquet")
+    return versions.publish(dataset, version, [uri], [storage.write_parquet(table, uri)])

@@ -21,7 +21,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 
-from musiclib import storage
+from musiclib import storage, versions
 from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE
 
 CHANNELS = (128, 128, 128, 256, 256, 256, 256, 256, 256, 512)  # stem, then the nine blocks' outputs
@@ -165,7 +165,7 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
 
 def export_encoder(encoder: SampleCNN, models_root: str, card: dict[str, Any] | None = None) -> str:
     """Write ``<models_root>/<model_id>/{encoder.safetensors,card.json}``, publish it as the latest version of
-    the models dataset (``storage.publish``, as every output) and return the model id.
+    the models dataset (``versions.publish``, as every output) and return the model id.
 
     The id is ``samplecnn-w<width>-<digest of the weights>``: the same weights always get the same id, and
     exporting weights already exported keeps the first export (its card included).
@@ -173,8 +173,8 @@ def export_encoder(encoder: SampleCNN, models_root: str, card: dict[str, Any] | 
     """
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     model_id = f"samplecnn-w{encoder.config.width:g}-{_weights_digest(state)}"
-    if storage.read_manifest(models_root, model_id) is not None:  # these weights are exported: keep that
-        storage.set_latest(models_root, model_id)
+    if versions.read_manifest(models_root, model_id) is not None:  # these weights are exported: keep that
+        versions.set_latest(models_root, model_id)
         return model_id
     root = storage.join(models_root, model_id)
     storage.write_bytes(storage.join(root, "encoder.safetensors"), st_save(state))
@@ -183,14 +183,14 @@ def export_encoder(encoder: SampleCNN, models_root: str, card: dict[str, Any] | 
         "architecture": "SampleCNN",
         "config": asdict(encoder.config),
         "parameters": count_parameters(encoder),
-        "code_version": storage.code_version(),
+        "code_version": versions.code_version(),
         **(card or {}),
     }
     storage.write_bytes(
         storage.join(root, "card.json"), json.dumps(full_card, indent=2, default=str).encode()
     )
     files = [storage.join(root, name) for name in ("encoder.safetensors", "card.json")]
-    storage.publish(models_root, model_id, files, [0, 0], config=full_card)
+    versions.publish(models_root, model_id, files, [0, 0], config=full_card)
     return model_id
 
 
@@ -223,7 +223,7 @@ def load_encoder(
 
 def resolve(models_root: str, model_id: str = "") -> str:
     """``model_id``, or when empty the latest exported model; a clear error when nothing was exported yet."""
-    model_id = model_id or storage.latest_version(models_root) or ""
+    model_id = model_id or versions.latest_version(models_root) or ""
     if not model_id:
         raise storage.StorageError(
             f"no exported model under {models_root}: run pretrain first or pass --model-id"

@@ -35,7 +35,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from musiclib import audio, storage
+from musiclib import audio, storage, versions
 from musiclib.augment import AugmentConfig, ViewAugment
 from musiclib.config import DEFAULT_ROOT, ConfigError, RayConfig, check
 from musiclib.gather import distributed, gather, gather_constant
@@ -444,7 +444,7 @@ def checkpoint_state(
         "optimizer": optimizer.state_dict(),
         "step": int(step),
         "config": cfg.as_dict(),
-        "code_version": storage.code_version(),
+        "code_version": versions.code_version(),
     }
 
 

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from musiclib import storage
+from musiclib import storage, versions
 
 VERBOSE_ENV = "MUSICLIB_VERBOSE"
 INTERVAL_S = 30.0  # seconds between two progress lines of one stage when stdout is not a terminal
@@ -278,6 +278,20 @@ def summary(
     print(format_summary(record), file=out or sys.stdout, flush=True)
     storage.write_json(storage.join(root, SUMMARIES, f"{job}.json"), record)
     return record
+
+
+def already_done(
+    job: str, root: str, started: float, dataset: str, manifest: versions.Manifest
+) -> dict[str, Any]:
+    """The summary of a re-run that found its version committed: nothing written, and where the outputs are."""
+    return summary(
+        job,
+        root,
+        started,
+        read=f"the same inputs as version {manifest.version}",
+        wrote=f"nothing: version {manifest.version} ({manifest.rows} rows) was already complete",
+        outputs={"version": versions.version_uri(dataset, manifest.version)},
+    )
 
 
 def _skipped(counts: Mapping[str, int]) -> str:

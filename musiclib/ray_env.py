@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -99,7 +100,9 @@ def read_parquet(uris: str | list[str], columns: list[str]) -> ray.data.Dataset:
     Data's first Parquet reader: the second one (``use_datasource_v2``, the 2.60 default) reads file
     footers in nested tasks that each wait for a new worker, seconds per run on a small node and one
     more Python process per footer reader at the job's peak memory (docs/BENCHMARKS.md). Ray Data picks
-    the reader when the read is called, so the setting is restored right after.
+    the reader when the read is called, so the setting is restored right after. The reader samples a few
+    files under a tqdm bar of its own, which a log file shows as one line garbled by carriage returns:
+    that bar is off when stdout is not a terminal (the job's progress lines say the rest).
     """
     import ray.data
 
@@ -109,8 +112,9 @@ def read_parquet(uris: str | list[str], columns: list[str]) -> ray.data.Dataset:
     fs, _ = storage.arrow_filesystem(uris[0])
     paths = [storage.split_uri(u)[1] for u in uris]
     ctx = ray.data.DataContext.get_current()
-    previous, ctx.use_datasource_v2 = ctx.use_datasource_v2, False
+    previous = ctx.use_datasource_v2, ctx.enable_progress_bars
+    ctx.use_datasource_v2, ctx.enable_progress_bars = False, previous[1] and sys.stdout.isatty()
     try:
         return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
     finally:
-        ctx.use_datasource_v2 = previous
+        ctx.use_datasource_v2, ctx.enable_progress_bars = previous

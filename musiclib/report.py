@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from musiclib import storage  # noqa: E402
+from musiclib import storage, versions  # noqa: E402
 
 METRICS = ("ap", "roc_auc")
 GROUPS = ("all", "head", "tail")
@@ -154,11 +154,11 @@ def plot_run(probes_root: str, out: str, run_id: str | None = None) -> str:
     The same figure the tune job writes beside its report, drawn again (e.g. for ``docs/``) without
     running the sweep; returns the run id.
     """
-    run_id = run_id or storage.latest_version(probes_root)
+    run_id = run_id or versions.latest_version(probes_root)
     if run_id is None:
         raise SystemExit(f"no published probe run under {probes_root}: run tune first")
     results = storage.read_parquet(
-        [storage.join(storage.version_uri(probes_root, run_id), "results.parquet")]
+        [storage.join(versions.version_uri(probes_root, run_id), "results.parquet")]
     )
     frame = results.to_pandas()
     plot_budget_curve(best_per_budget(trial_summary(frame)), out, int(frame["rep"].nunique()))

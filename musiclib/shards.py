@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from musiclib import audio, storage
+from musiclib import audio, storage, versions
 
 SHARD_SCHEMA = pa.schema(
     [
@@ -51,7 +51,7 @@ def training_tags(tags: Any) -> list[str]:
 
 def shard_version(track_ids: list[str]) -> str:
     """A shard's version id, from its tracks: the same tracks always give the same shard."""
-    return storage.digest_version("part", sorted(track_ids), length=16)
+    return versions.digest_version("part", sorted(track_ids), length=16)
 
 
 def prepare_shard(
@@ -78,10 +78,10 @@ def prepare_shard(
         for name, value in zip(SHARD_SCHEMA.names, (str(tid), tags, data, segment, error), strict=True):
             rows[name].append(value)
     version = shard_version(rows["track_id"])
-    file_uri = storage.join(storage.version_uri(shards_uri, version), "shard.parquet")
+    file_uri = storage.join(versions.version_uri(shards_uri, version), "shard.parquet")
     storage.write_parquet(pa.table(rows, schema=SHARD_SCHEMA), file_uri, compression="snappy")
     bad = audio.count_reasons(rows["error"])
-    storage.publish(
+    versions.publish(
         shards_uri,
         version,
         [file_uri],
@@ -100,8 +100,8 @@ def prepare_shard(
 def committed_shards(shards_uri: str) -> list[str]:
     """URIs of every committed shard file (uncommitted leftovers of a killed run are ignored)."""
     uris = []
-    for version in storage.committed_versions(shards_uri):
-        manifest = storage.read_manifest(shards_uri, version)
+    for version in versions.committed_versions(shards_uri):
+        manifest = versions.read_manifest(shards_uri, version)
         if manifest is not None:
             uris += manifest.file_uris()
     return uris

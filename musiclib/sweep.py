@@ -17,7 +17,7 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from musiclib import audio, catalog, embedder, fewshot, probes, report, storage
+from musiclib import audio, catalog, embedder, fewshot, probes, report, storage, versions
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
 
 LONGEST_FIRST = ("logreg", "linear", "centroid")  # probes by the cost of one trial
@@ -182,11 +182,11 @@ def load_data(cfg: TuneConfig, layout: Layout, model_id: str) -> fewshot.ProbeDa
 
 def derive_run_id(cfg: TuneConfig, layout: Layout, model_id: str) -> str:
     """``tune-<digest>`` of the sweep config, the model and the embedding version: same inputs, same run."""
-    emb_version = storage.latest_version(embedder.dataset_uri(layout.embeddings, model_id))
+    emb_version = versions.latest_version(embedder.dataset_uri(layout.embeddings, model_id))
     cat_sum = storage.file_checksum(layout.catalog) if storage.exists(layout.catalog) else ""
     operational = ("root", "run_id", "ray_address", "num_cpus", "max_concurrent", "max_failures")
     keys = {k: v for k, v in asdict(cfg).items() if k not in operational}
-    return storage.digest_version("tune", [keys, model_id, emb_version, cat_sum])
+    return versions.digest_version("tune", [keys, model_id, emb_version, cat_sum])
 
 
 def collect(run_dir: str, configs: list[dict[str, Any]]) -> pd.DataFrame:
@@ -224,13 +224,13 @@ def finish(
     run_id: str,
     results: pd.DataFrame,
     extra: dict[str, Any],
-) -> storage.Manifest:
+) -> versions.Manifest:
     """Write results, report, plot and the refit probe set, then publish the run (``_latest`` last).
 
     The final probe set's configuration is the one chosen on the validation split at the largest budget.
     ``extra`` (the sweep's timings) goes to the manifest only, not to the report.
     """
-    run_dir = storage.version_uri(layout.probes, run_id)
+    run_dir = versions.version_uri(layout.probes, run_id)
     summary = report.trial_summary(results)
     best = report.best_per_budget(summary)
     cheapest = report.cheapest_budgets(results, best, cfg.tolerance)
@@ -246,7 +246,7 @@ def finish(
     )
     report.plot_budget_curve(best, uris[2], cfg.repetitions)
     probe_set.save(uris[3])
-    return storage.publish(
+    return versions.publish(
         layout.probes,
         run_id,
         uris,

@@ -32,7 +32,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
-from musiclib import progress, storage, tag_table
+from musiclib import progress, storage, tag_table, versions
 from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
 from musiclib.tag_table import DEFAULT_CATALOG, DEFAULT_TABLE, Where
 
@@ -253,9 +253,9 @@ def print_outputs(layout: Layout, where: Where) -> None:
     if runs:
         print(progress.chain_table(runs))
         print()
-    probes_run = storage.latest_version(layout.probes)
+    probes_run = versions.latest_version(layout.probes)
     if probes_run is not None:
-        run_dir = storage.version_uri(layout.probes, probes_run)
+        run_dir = versions.version_uri(layout.probes, probes_run)
         for name in ("report.md", "budget_curve.png", "probe_set.safetensors"):
             print(f"{name:<22} {storage.join(run_dir, name)}")
     table = tag_table.open_table(where)

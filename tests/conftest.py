@@ -59,6 +59,14 @@ def s3_root(s3_server, monkeypatch) -> str:
     return _bucket_root(s3_server.endpoint, s3_server.env, monkeypatch)
 
 
+@pytest.fixture(params=["local", "s3"])
+def root(request, tmp_path) -> str:
+    """A storage root on local disk, then in a SeaweedFS bucket: a test that takes it runs on both."""
+    if request.param == "local":
+        return str(tmp_path / "store")
+    return request.getfixturevalue("s3_root") + "/store"
+
+
 @pytest.fixture(scope="session")
 def moto_endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1, only for tests that inject errors (not for end-to-end tests)."""

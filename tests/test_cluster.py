@@ -79,7 +79,7 @@ def publish_probe_set(layout, model_id: str) -> list[str]:
 
     The tune job sweeps probes on the same data; here two fixed tags are enough to exercise ``tag``.
     """
-    from musiclib import embedder, probes, storage
+    from musiclib import embedder, probes, storage, versions
 
     table = embedder.read(layout.embeddings, model_id, columns=["embedding"])
     x = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
@@ -88,15 +88,15 @@ def publish_probe_set(layout, model_id: str) -> list[str]:
     probe_set = probes.fit("centroid", x, y, ["drums", "piano"], model_id=model_id)
     probe_set.thresholds = np.zeros(2, np.float32)
     run_id = "tune-cluster-test"
-    uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
     probe_set.save(uri)
-    storage.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
+    versions.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
     return probe_set.tags
 
 
 def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     """embed, then tag with a probe set, run on the two-node cluster and leave complete outputs."""
-    from musiclib import catalog, embedder, storage, tag_table
+    from musiclib import catalog, embedder, tag_table, versions
     from musiclib.config import Layout
 
     model_id = catalog_on_s3
@@ -107,8 +107,8 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     with aws_env(s3_server):
         tracks = sorted(catalog.read(layout.catalog, columns=["track_id"]).column("track_id").to_pylist())
         assert sorted(embedder.read(layout.embeddings, model_id).column("track_id").to_pylist()) == tracks
-        manifest = storage.read_latest_manifest(embedder.dataset_uri(layout.embeddings, model_id))
-        assert not storage.verify(manifest)
+        manifest = versions.read_latest_manifest(embedder.dataset_uri(layout.embeddings, model_id))
+        assert not versions.verify(manifest)
         tag_names = publish_probe_set(layout, model_id)
 
     out = make("submit", cluster.submit_env, JOB="tag", ROOT=cluster.root, ARGS="--batch-size 64")

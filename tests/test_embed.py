@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from jobs import embed as job
-from musiclib import audio, catalog, embedder, models, storage
+from musiclib import audio, catalog, embedder, models, storage, versions
 from musiclib.config import Layout
 from musiclib.datasets import demo
 
@@ -160,10 +160,10 @@ def test_a_second_run_fails_clearly_while_one_is_writing(tmp_path):
     root = str(tmp_path)
     model_id = make_root(root, n_good=1, faults=False)
     dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
-    with storage.lease(dataset):
-        with pytest.raises(storage.LeaseHeld, match="being written by another run"):
+    with versions.lease(dataset):
+        with pytest.raises(versions.LeaseHeld, match="being written by another run"):
             job.run(config(root))
-    assert not storage.exists(storage.join(dataset, job.PENDING))
+    assert not storage.exists(storage.join(dataset, embedder.PENDING))
 
 
 def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
@@ -173,12 +173,75 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
     dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     rows = embedder.schema(128).empty_table()
     embedder.publish_table(Layout(root).embeddings, model_id, "v1", rows)
-    part = storage.join(storage.version_uri(dataset, "v2"), "part-00000.parquet")
-    storage.publish(dataset, "v2", [part], [storage.write_parquet(rows, part)], move_latest=False)
-    storage.write_json(storage.join(dataset, job.PENDING), {"version": "v2", "only_new": True})
+    part = storage.join(versions.version_uri(dataset, "v2"), "part-00000.parquet")
+    versions.publish(dataset, "v2", [part], [storage.write_parquet(rows, part)], move_latest=False)
+    storage.write_json(storage.join(dataset, embedder.PENDING), {"version": "v2", "only_new": True})
     assert job.run(config(root)).tracks == 0
-    assert storage.latest_version(dataset) == "v2"
-    assert not storage.exists(storage.join(dataset, job.PENDING))
+    assert versions.latest_version(dataset) == "v2"
+    assert not storage.exists(storage.join(dataset, embedder.PENDING))
+
+
+def test_begin_version_resumes_an_unfinished_run_of_the_same_mode(tmp_path):
+    dataset = str(tmp_path / "ds")
+    first, committed = embedder.begin_version(dataset, only_new=True)
+    assert not committed and storage.read_json(storage.join(dataset, embedder.PENDING))["version"] == first
+    assert embedder.begin_version(dataset, only_new=True) == (first, False)
+    recompute, _ = embedder.begin_version(dataset, only_new=False)  # another mode: a new version
+    assert recompute != first
+    embedder.end_version(dataset, recompute)
+    assert not storage.exists(storage.join(dataset, embedder.PENDING))
+    assert embedder.begin_version(dataset, only_new=False)[0] not in (first, recompute)
+
+
+def embedding_rows(ids: list[str], errors: list[str | None]) -> pa.Table:
+    """Rows of the embeddings table: a vector of ones where there is no error."""
+    n = len(ids)
+    columns = {
+        "track_id": ids,
+        "embedding": [None if e else [1.0] * 4 for e in errors],
+        "n_chunks": [1] * n,
+        "duration_s": [3.0] * n,
+        "model_id": ["m"] * n,
+        "error": errors,
+    }
+    return pa.table(columns, schema=embedder.schema(4))
+
+
+def test_commit_version_publishes_only_what_changed(tmp_path):
+    """An incremental version keeps clean files, retries ``missing`` rows, and publishes only news."""
+    dataset = str(tmp_path / "ds")
+    clean, gone = (
+        storage.join(versions.version_uri(dataset, "v1"), f"{n}.parquet") for n in ("clean", "gone")
+    )
+    rows = [
+        storage.write_parquet(embedding_rows(["a", "b"], [None, None]), clean),
+        storage.write_parquet(embedding_rows(["c", "d"], [None, "missing"]), gone),
+    ]
+    versions.publish(dataset, "v1", [clean, gone], rows)
+
+    def attempt(version: str, error: str | None) -> tuple[embedder.CarryOver, list[str]]:
+        out_dir = versions.version_uri(dataset, version)
+        carried = embedder.carry_over(dataset, True, out_dir)
+        storage.write_parquet(embedding_rows(["d"], [error]), storage.join(out_dir, "part-0.parquet"))
+        return carried, embedder.commit_version(dataset, version, carried, {"try": version})
+
+    carried, embedded = attempt("v2", "missing")  # the audio is still missing: nothing to publish
+    assert [e.path for e in carried.kept] == ["v1/clean.parquet"] and list(carried.skip) == ["a", "b", "c"]
+    assert carried.retried == {("d", "missing")} and embedded == []
+    assert versions.latest_version(dataset) == "v1"
+    assert not storage.exists(versions.version_uri(dataset, "v2"))
+
+    carried, embedded = attempt("v3", None)  # the audio appeared: d is embedded, the rest carried
+    assert embedded == [storage.join(versions.version_uri(dataset, "v3"), "part-0.parquet")]
+    latest = versions.read_latest_manifest(dataset)
+    table = storage.read_parquet(latest.file_uris())
+    assert latest.version == "v3" and latest.config == {"try": "v3"}
+    assert sorted(zip(table["track_id"].to_pylist(), table["error"].to_pylist())) == [
+        ("a", None),
+        ("b", None),
+        ("c", None),
+        ("d", None),
+    ]
 
 
 def test_encoder_resources_follow_the_cluster_unless_configured():
@@ -210,9 +273,9 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, 
     out = check_complete(root, model_id)
     assert_matches_reference(out, reference(root, model_id))
     assert summary.tracks == 14 and summary.errors["truncated"] == 1
-    manifest = storage.read_latest_manifest(embedder.dataset_uri(Layout(root).embeddings, model_id))
+    manifest = versions.read_latest_manifest(embedder.dataset_uri(Layout(root).embeddings, model_id))
     assert len(manifest.files) > 1 and manifest.config["model_id"] == model_id
-    assert not storage.exists(storage.join(manifest.dataset, job.PENDING))
+    assert not storage.exists(storage.join(manifest.dataset, embedder.PENDING))
 
 
 @pytest.mark.slow
@@ -229,10 +292,10 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
     model_id = make_root(root)
     job.run(config(root))
     dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
-    first = storage.read_latest_manifest(dataset)
+    first = versions.read_latest_manifest(dataset)
     lost, kept = first.files[0], first.files[1:]
     storage.delete(storage.join(dataset, lost.path))
-    storage.publish(
+    versions.publish(
         dataset, "v0-lost-one", [storage.join(dataset, f.path) for f in kept], [f.rows for f in kept]
     )
 
@@ -241,12 +304,12 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
 
     summary = job.run(config(root, only_new=True))
     check_complete(root, model_id)
-    final = storage.read_latest_manifest(dataset)
+    final = versions.read_latest_manifest(dataset)
     untouched = {(f.path, f.sha256) for f in kept if not retried[f.path]}
     assert untouched and untouched <= {(f.path, f.sha256) for f in final.files}
     assert summary.tracks == lost.rows + sum(retried.values())  # missing audio is looked for again
     assert job.run(config(root, only_new=True)).tracks == 0
-    assert storage.latest_version(dataset) == final.version
+    assert versions.latest_version(dataset) == final.version
 
 
 @pytest.mark.slow
@@ -263,7 +326,7 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluste
     ]
     log = open(tmp_path / "killed-run.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
-    checkpoints = storage.join(dataset, job.CHECKPOINTS)
+    checkpoints = storage.join(dataset, embedder.CHECKPOINTS)
     deadline = time.monotonic() + 480
     try:
         while time.monotonic() < deadline and proc.poll() is None:
@@ -277,15 +340,15 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluste
         proc.wait()
         log.close()
     assert proc.returncode == -signal.SIGKILL, (tmp_path / "killed-run.log").read_text()[-3000:]
-    assert storage.latest_version(dataset) is None, "the run finished before it could be killed"
-    version = storage.read_json(storage.join(dataset, job.PENDING))["version"]
-    before = {u: storage.file_checksum(u) for u in storage.list_files(storage.version_uri(dataset, version))}
+    assert versions.latest_version(dataset) is None, "the run finished before it could be killed"
+    version = storage.read_json(storage.join(dataset, embedder.PENDING))["version"]
+    before = {u: storage.file_checksum(u) for u in storage.list_files(versions.version_uri(dataset, version))}
     assert before, "no shard was written before the kill"
 
     summary = job.run(config(root))
     out = check_complete(root, model_id)
-    assert storage.latest_version(dataset) == version
-    after = {u: storage.file_checksum(u) for u in storage.list_files(storage.version_uri(dataset, version))}
+    assert versions.latest_version(dataset) == version
+    after = {u: storage.file_checksum(u) for u in storage.list_files(versions.version_uri(dataset, version))}
     survivors = {u for u in before if after.get(u) == before[u]}
     assert survivors, "every shard written before the kill was rewritten"
     assert len(out) == 30 and summary.tracks == 30
@@ -316,4 +379,4 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_cluste
         r["track_id"]: r["fault"] for r in cat if r["track_id"] != lost["track_id"]
     }
     assert job.run(config(root, only_new=True)).tracks == 0
-    assert storage.latest_version(dataset) is not None
+    assert versions.latest_version(dataset) is not None

@@ -38,9 +38,8 @@ import pytest
 from test_tag_table import rows as previous_rows
 from test_tag_table import write_and_commit
 
-from jobs import embed
 from jobs import tag as tag_job
-from musiclib import catalog, embedder, fewshot, models, probes, storage, sweep, tag_table
+from musiclib import catalog, embedder, fewshot, models, probes, storage, sweep, tag_table, versions
 from musiclib.config import Layout, parse
 from musiclib.datasets import demo, tagged_embeddings
 from musiclib.shards import committed_shards, read_shard_columns
@@ -239,9 +238,9 @@ class Reader(threading.Thread):
             self.stop.wait(self.interval)
 
     def poll(self) -> None:
-        if storage.latest_version(self.dataset) is None:
+        if versions.latest_version(self.dataset) is None:
             return
-        manifest = storage.read_latest_manifest(self.dataset)
+        manifest = versions.read_latest_manifest(self.dataset)
         self.polls += 1
         if not self.versions or self.versions[-1] != manifest.version:
             self.versions.append(manifest.version)
@@ -359,7 +358,7 @@ def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     checkpoints = count_files(storage.join(layout.runs, "pretrain"), "/state.pt")
     proc = start(cmd, tmp_path / "killed.log")
     kill_when(proc, lambda: checkpoints() >= after, rng, max_delay=1.0, timeout=400)
-    assert storage.latest_version(layout.models) is None, "exported before the kill"
+    assert versions.latest_version(layout.models) is None, "exported before the kill"
     assert checkpoints() >= 1, tail(tmp_path / "killed.log")
 
     run(cmd, tmp_path / "again.log", timeout=400)
@@ -438,18 +437,18 @@ def synthetic_root(root: str, n_files: int = 1) -> tuple[pa.Table, pa.Table]:
     dataset = embedder.dataset_uri(layout.embeddings, SYNTHETIC_MODEL)
     bounds = np.linspace(0, len(emb), n_files + 1).astype(int)
     files = [
-        storage.join(storage.version_uri(dataset, "v1"), f"part-{i:03d}.parquet") for i in range(n_files)
+        storage.join(versions.version_uri(dataset, "v1"), f"part-{i:03d}.parquet") for i in range(n_files)
     ]
     rows = [storage.write_parquet(emb.slice(a, b - a), f) for f, a, b in zip(files, bounds, bounds[1:])]
-    storage.publish(dataset, "v1", files, rows)
-    storage.publish(layout.models, SYNTHETIC_MODEL, [], [])
+    versions.publish(dataset, "v1", files, rows)
+    versions.publish(layout.models, SYNTHETIC_MODEL, [], [])
     return cat, emb
 
 
 def publish_previous(dataset: str, version: str) -> None:
     """An earlier committed version, so that a reader has something to read from the start."""
-    uri = storage.join(storage.version_uri(dataset, version), "note.parquet")
-    storage.publish(dataset, version, [uri], [storage.write_parquet(pa.table({"note": ["earlier"]}), uri)])
+    uri = storage.join(versions.version_uri(dataset, version), "note.parquet")
+    versions.publish(dataset, version, [uri], [storage.write_parquet(pa.table({"note": ["earlier"]}), uri)])
 
 
 def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
@@ -463,13 +462,13 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
     after = rng.randint(1, 3)
     cmd = job_command("tune", "--root", root, "--run-id", "tune-killed", *TUNE_ARGS)
     trials = count_files(
-        storage.join(storage.version_uri(layout.probes, "tune-killed"), "trials"), ".parquet"
+        storage.join(versions.version_uri(layout.probes, "tune-killed"), "trials"), ".parquet"
     )
     with Reader(layout.probes) as reader:
         proc = start(cmd, tmp_path / "killed.log")
         kill_when(proc, lambda: trials() >= after, rng, max_delay=0.5)
         written = trials()
-        assert storage.read_manifest(layout.probes, "tune-killed") is None, "published before the kill"
+        assert versions.read_manifest(layout.probes, "tune-killed") is None, "published before the kill"
         n_trials = len(sweep.configurations(parse(sweep.TuneConfig, ["--root", root, *TUNE_ARGS])))
         assert 0 < written < n_trials, f"seed {SEED}: {written} of {n_trials} trial files at the kill"
         text = run(cmd, tmp_path / "again.log")
@@ -487,7 +486,7 @@ def check_tune_results(root: str, run_id: str) -> None:
     rows = [
         r for c in sweep.configurations(cfg) for r in fewshot.run_config(data, c, cfg.repetitions, cfg.seed)
     ]
-    manifest = storage.read_manifest(layout.probes, run_id)
+    manifest = versions.read_manifest(layout.probes, run_id)
     results = storage.read_parquet([u for u in manifest.file_uris() if u.endswith("results.parquet")])
     keys, values = ["trial", "rep", "tag", "n_support"], ["valid_ap", "test_ap", "valid_roc_auc"]
     assert_same_rows(results, pa.Table.from_pylist(rows), keys, values)
@@ -526,9 +525,9 @@ def publish_probe_set(root: str, cat: pa.Table, emb: pa.Table, run_id: str = "tu
     config = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
     probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, SYNTHETIC_MODEL), config)
     layout = Layout(root)
-    uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
     probe_set.save(uri)
-    storage.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
+    versions.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
     return probe_set
 
 
@@ -548,7 +547,7 @@ def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
     commit_previous_tags(root)
     rng = rng_for("tag-driver")
     cmd = job_command("tag", "--root", root, "--run-id", "tags-killed", "--batch-size", "8")
-    lease = storage.join(layout.tags, storage.LEASE)
+    lease = storage.join(layout.tags, versions.LEASE)
     with TagTableReader(root) as reader:
         proc = start(cmd, tmp_path / "killed.log")
         delay = kill_when(proc, lambda: storage.exists(lease), rng, min_delay=2.0, max_delay=8.0)
@@ -596,7 +595,7 @@ def test_tag_survives_a_killed_scoring_actor(tmp_path):
 
 
 @pytest.mark.xfail(
-    "storage.lease(" not in inspect.getsource(tag_job.main),
+    "versions.lease(" not in inspect.getsource(tag_job.main),
     strict=True,
     reason="gap: jobs/tag.py holds no lease on <root>/tags (being added)",
 )
@@ -612,7 +611,7 @@ def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch
 
     monkeypatch.setattr(tag_job, "ray_session", lambda **kwargs: contextlib.nullcontext(False))
     monkeypatch.setattr(tag_job, "write_run", unguarded)
-    with storage.lease(Layout(root).tags), pytest.raises(storage.LeaseHeld, match=LEASE_MESSAGE):
+    with versions.lease(Layout(root).tags), pytest.raises(versions.LeaseHeld, match=LEASE_MESSAGE):
         tag_job.main(["--root", root])
 
 
@@ -627,7 +626,7 @@ def test_embed_survives_killed_decode_worker_and_encoder_actor(tmp_path):
     dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
     proc = start(job_command("embed", "--root", root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log")
     killed: list[str] = []
-    checkpoints = count_files(storage.join(dataset, embed.CHECKPOINTS), ".parquet", exclude=".pending.")
+    checkpoints = count_files(storage.join(dataset, embedder.CHECKPOINTS), ".parquet", exclude=".pending.")
     with Reader(dataset) as reader:
         try:
             for name, ready in (("decode_batch", lambda: True), ("EncoderActor", lambda: checkpoints() >= 1)):
@@ -650,7 +649,7 @@ def test_embed_survives_killed_decode_worker_and_encoder_actor(tmp_path):
     assert killed == ["decode_batch", "EncoderActor"], f"killed only {killed}\n{tail(tmp_path / 'embed.log')}"
     assert proc.returncode == 0, text[-4000:]
     check_embeddings(root, model_id, uninterrupted_embeddings(root, model_id))
-    assert reader.versions == [storage.latest_version(dataset)]
+    assert reader.versions == [versions.latest_version(dataset)]
 
 
 def test_two_embed_runs_of_one_model_one_works_one_fails_at_once(tmp_path):
@@ -693,7 +692,7 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     model_id = audio_root(s3_root, n_tracks=4)
     expected = uninterrupted_embeddings(s3_root, model_id)
     dataset = embedder.dataset_uri(Layout(s3_root).embeddings, model_id)
-    checkpoints = count_files(storage.join(dataset, embed.CHECKPOINTS), ".parquet", exclude=".pending.")
+    checkpoints = count_files(storage.join(dataset, embedder.CHECKPOINTS), ".parquet", exclude=".pending.")
     proc = start(
         job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log"
     )
@@ -886,7 +885,7 @@ def test_embed_without_write_permission_fails_before_work_and_keeps_the_previous
     previous = uninterrupted_embeddings(s3_root, model_id)
     embedder.publish_table(layout.embeddings, model_id, "v-previous", previous)
     dataset = embedder.dataset_uri(layout.embeddings, model_id)
-    before = storage.read_latest_manifest(dataset)
+    before = versions.read_latest_manifest(dataset)
     env = {**embed_env(), **read_only_key}
     cmd = job_command("embed", "--root", s3_root, "--only-new", "false", "--verbose", *EMBED_ARGS)
     proc = start(cmd, tmp_path / "embed.log", env=env)
@@ -894,17 +893,17 @@ def test_embed_without_write_permission_fails_before_work_and_keeps_the_previous
     last = text.strip().splitlines()[-1]
     assert proc.returncode == 1 and "permission denied writing" in last and dataset in last, text[-3000:]
     assert "decode_batch" not in text  # --verbose: Ray Data would have printed its plan
-    assert storage.latest_version(dataset) == "v-previous"
-    assert storage.read_latest_manifest(dataset) == before and storage.verify(before) == []
-    assert storage.committed_versions(dataset) == ["v-previous"]
-    assert not storage.exists(storage.join(dataset, embed.PENDING))
+    assert versions.latest_version(dataset) == "v-previous"
+    assert versions.read_latest_manifest(dataset) == before and versions.verify(before) == []
+    assert versions.committed_versions(dataset) == ["v-previous"]
+    assert not storage.exists(storage.join(dataset, embedder.PENDING))
 
 
 def test_a_denied_write_names_what_was_denied(s3_root, read_only_key, monkeypatch):
     """The error an operator reads when a job's key may not write: it says which object, so which dataset."""
     for key, value in read_only_key.items():
         monkeypatch.setenv(key, value)
-    uri = storage.join(s3_root, "embeddings", "some-model", storage.LEASE)
+    uri = storage.join(s3_root, "embeddings", "some-model", versions.LEASE)
     with pytest.raises(storage.StorageError, match="some-model"):
         storage.create_only(uri, b"{}")
 
@@ -914,15 +913,15 @@ def test_a_denied_write_names_what_was_denied(s3_root, read_only_key, monkeypatc
 HOLDER = """
 import sys, time
 import pyarrow as pa
-from musiclib import storage
+from musiclib import storage, versions
 dataset, go = sys.argv[1], sys.argv[2]
-with storage.lease(dataset, ttl_s=3.0):
-    uri = storage.join(storage.version_uri(dataset, "v-stale"), "part.parquet")
+with versions.lease(dataset, ttl_s=3.0):
+    uri = storage.join(versions.version_uri(dataset, "v-stale"), "part.parquet")
     rows = storage.write_parquet(pa.table({"run": ["stale"]}), uri)
     print("holding", flush=True)
     while not storage.exists(go):
         time.sleep(0.05)
-    storage.publish(dataset, "v-stale", [uri], [rows])
+    versions.publish(dataset, "v-stale", [uri], [rows])
     print("PUBLISHED v-stale", flush=True)
 """
 
@@ -950,23 +949,23 @@ def test_a_paused_lease_holder_resumed_after_a_takeover_does_not_publish(tmp_pat
         while process_state(holder.pid) != "T" and time.monotonic() < stopped_by:
             time.sleep(0.01)
         assert process_state(holder.pid) == "T", "the holder did not stop"
-        with pytest.raises(storage.LeaseHeld):  # still within its TTL: the lease is its own
-            with storage.lease(dataset):
+        with pytest.raises(versions.LeaseHeld):  # still within its TTL: the lease is its own
+            with versions.lease(dataset):
                 pass
-        expires = storage.read_json(storage.join(dataset, storage.LEASE))["expires_at"]
+        expires = storage.read_json(storage.join(dataset, versions.LEASE))["expires_at"]
         time.sleep(max(0.0, expires - time.time()) + 0.2)  # past the TTL, not renewed
-        with storage.lease(dataset, ttl_s=60):  # taken over
-            uri = storage.join(storage.version_uri(dataset, "v-new"), "part.parquet")
+        with versions.lease(dataset, ttl_s=60):  # taken over
+            uri = storage.join(versions.version_uri(dataset, "v-new"), "part.parquet")
             rows = storage.write_parquet(pa.table({"run": ["new"]}), uri)
             go.touch()
             os.kill(holder.pid, signal.SIGCONT)
             holder.wait(timeout=60)
-            storage.publish(dataset, "v-new", [uri], [rows])
+            versions.publish(dataset, "v-new", [uri], [rows])
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(holder.pid, signal.SIGCONT)
         kill(holder)
     text = tail(log)
     assert holder.returncode == 1 and "LeaseLost: lost the lease" in text and "PUBLISHED" not in text, text
-    assert storage.committed_versions(dataset) == ["v-new"] and storage.latest_version(dataset) == "v-new"
-    assert not storage.exists(storage.join(dataset, storage.LEASE))
+    assert versions.committed_versions(dataset) == ["v-new"] and versions.latest_version(dataset) == "v-new"
+    assert not storage.exists(storage.join(dataset, versions.LEASE))

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from musiclib import models, storage
+from musiclib import models, storage, versions
 from musiclib.audio import CHUNK_SAMPLES
 
 
@@ -33,7 +33,7 @@ def test_export_and_load_round_trip(tmp_path):
     root = str(tmp_path / "models")
     model_id = models.export_encoder(enc, root, card={"data": "unit test"})
     assert model_id == models.export_encoder(enc, root)  # same weights, same id
-    assert models.resolve(root) == model_id == storage.latest_version(root)  # published as the latest
+    assert models.resolve(root) == model_id == versions.latest_version(root)  # published as the latest
     assert models.resolve(root, "another-id") == "another-id"
     loaded, card = models.load_encoder(root, model_id)
     assert card["config"]["width"] == 0.125 and card["architecture"] == "SampleCNN"

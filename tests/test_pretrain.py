@@ -14,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from jobs import pretrain as job
-from musiclib import audio, catalog, storage
+from musiclib import audio, catalog, storage, versions
 from musiclib.config import ConfigError, Layout, parse
 from musiclib.pretraining import (
     PretrainConfig,
@@ -366,4 +366,4 @@ def test_two_worker_run_checkpoints_and_resumes_at_the_saved_step(tiny_catalog, 
     assert card["steps"] == 4 and card["metrics"]["start_step"] == 2
     assert card["data"]["usable"] == 4 and card["data"]["bad"] == {"missing": 1, "silent": 1}
     assert card["labels"]["labeled_tracks_used"] == 3
-    assert storage.latest_version(layout.models) == model_id
+    assert versions.latest_version(layout.models) == model_id

@@ -11,6 +11,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
 from musiclib import models, progress, tags
@@ -196,3 +198,30 @@ def test_a_job_prints_few_lines_and_every_warning(tmp_path):
     assert any("INJECTED worker warning" in line for line in lines), out
     assert any(line.startswith("== embed done in") for line in lines), out
     assert not any("Reporting training result" in line or "Total Progress" in line for line in lines), out
+
+
+READ = """
+import sys
+import ray
+from musiclib import ray_env
+
+ray.init(num_cpus=2, include_dashboard=False)
+print("rows", ray_env.read_parquet(sys.argv[1], ["a"]).count())
+"""
+
+
+@pytest.mark.slow
+def test_parquet_read_draws_no_bar_in_a_log(tmp_path):
+    """Ray Data's Parquet reader samples files under a tqdm bar: a log file must not get its carriage returns."""
+    for i in range(3):
+        pq.write_table(pa.table({"a": list(range(10))}), tmp_path / f"part-{i}.parquet")
+    run = subprocess.run(
+        [sys.executable, "-c", READ, str(tmp_path)],
+        cwd=ROOT_DIR,
+        env={**os.environ, "PYTHONPATH": str(ROOT_DIR)},
+        capture_output=True,
+        timeout=300,
+    )
+    out = (run.stdout + run.stderr).decode()  # bytes: text mode would turn the carriage returns into newlines
+    assert run.returncode == 0 and "rows 30" in out, out
+    assert "\r" not in out and "Parquet dataset sampling" not in out, out

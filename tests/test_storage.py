@@ -1,4 +1,4 @@
-"""The storage layer on local disk and on S3 over HTTP (moto): URIs, atomic writes, versioned publish."""
+"""The storage layer on local disk and on S3 (SeaweedFS): URIs, object I/O, atomic and conditional writes."""
 
 from __future__ import annotations
 
@@ -15,13 +15,6 @@ import pyarrow.parquet as pq
 import pytest
 
 from musiclib import storage
-
-
-@pytest.fixture(params=["local", "s3"])
-def root(request, tmp_path):
-    if request.param == "local":
-        return str(tmp_path / "store")
-    return request.getfixturevalue("s3_root") + "/store"
 
 
 def test_uri_parsing():
@@ -121,71 +114,9 @@ def test_a_write_killed_midway_leaves_readers_the_old_content(tmp_path):
     assert set(reads) == {b"old"}
 
 
-def _write_part(dataset: str, version: str, name: str, n: int) -> str:
-    uri = storage.join(storage.version_uri(dataset, version), name)
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.table({"i": list(range(n))}), sink)
-    storage.write_bytes(uri, sink.getvalue().to_pybytes())
-    return uri
-
-
-def test_publish_commits_a_version_and_moves_latest(root):
-    ds = storage.join(root, "ds")
-    assert storage.latest_version(ds) is None
-    files = [_write_part(ds, "v1", "part-0.parquet", 3), _write_part(ds, "v1", "part-1.parquet", 4)]
-    m = storage.publish(ds, "v1", files, [3, 4], config={"lr": 0.1})
-    assert storage.latest_version(ds) == "v1" and m.rows == 7
-    read = storage.read_latest_manifest(ds)
-    assert read.config == {"lr": 0.1} and read.code_version == storage.code_version()
-    assert [f.path for f in read.files] == ["v1/part-0.parquet", "v1/part-1.parquet"]
-    assert storage.verify(read) == []
-    assert storage.committed_versions(ds) == ["v1"]
-
-
-def test_publish_same_run_id_is_idempotent(root):
-    ds = storage.join(root, "ds")
-    files = [_write_part(ds, "run-a", "p.parquet", 5)]
-    first = storage.publish(ds, "run-a", files, [5])
-    again = storage.publish(ds, "run-a", files, [5])
-    assert again.created_at == first.created_at and storage.committed_versions(ds) == ["run-a"]
-    _write_part(ds, "run-a", "p.parquet", 6)  # different data under a committed id
-    with pytest.raises(storage.StorageError, match="already committed"):
-        storage.publish(ds, "run-a", files, [6])
-
-
-def test_crash_between_data_and_manifest_leaves_old_version_readable(root):
-    ds = storage.join(root, "ds")
-    storage.publish(ds, "v1", [_write_part(ds, "v1", "p.parquet", 2)], [2])
-    _write_part(ds, "v2", "p.parquet", 9)  # the job dies here: data written, no manifest
-    assert storage.latest_version(ds) == "v1"
-    assert storage.read_manifest(ds, "v2") is None
-    assert storage.committed_versions(ds) == ["v1"]
-    with pytest.raises(storage.StorageError, match="uncommitted"):
-        storage.set_latest(ds, "v2")
-
-
-def test_verify_finds_changed_and_missing_files(root):
-    ds = storage.join(root, "ds")
-    uri = _write_part(ds, "v1", "p.parquet", 2)
-    m = storage.publish(ds, "v1", [uri], [2])
-    storage.write_bytes(uri, b"tampered")
-    assert "checksum" in storage.verify(m)[0]
-    storage.delete(uri)
-    assert "missing" in storage.verify(m)[0]
-
-
-def test_publish_rejects_files_outside_the_dataset(root):
-    ds = storage.join(root, "ds")
-    stray = storage.join(root, "elsewhere.parquet")
-    storage.write_bytes(stray, b"x")
-    with pytest.raises(storage.StorageError, match="not under"):
-        storage.publish(ds, "v1", [stray], [1])
-    with pytest.raises(storage.StorageError, match="bad version"):
-        storage.publish(ds, "_bad", [], [])
-
-
 def test_arrow_filesystem_reads_what_fsspec_wrote(root):
-    uri = _write_part(storage.join(root, "ds"), "v1", "p.parquet", 4)
+    uri = storage.join(root, "p.parquet")
+    storage.write_parquet(pa.table({"i": list(range(4))}), uri)
     fs, path = storage.arrow_filesystem(uri)
     assert pq.read_table(path, filesystem=fs).num_rows == 4
 
@@ -260,112 +191,3 @@ def test_a_local_swap_never_leaves_the_object_missing(tmp_path):
         stop.set()
         thief.join()
     assert not stolen and storage.read_bytes(uri) == b"300"
-
-
-def test_lease_excludes_a_second_writer_and_is_released(root):
-    ds = storage.join(root, "ds")
-    with storage.lease(ds):
-        with pytest.raises(storage.LeaseHeld, match="being written by another run"):
-            with storage.lease(ds, wait_s=0.3):
-                pass
-    with storage.lease(ds):  # released on exit
-        pass
-    assert not storage.exists(storage.join(ds, storage.LEASE))
-
-
-def test_lease_of_a_dead_run_is_taken_over(root, monkeypatch):
-    """A killed run leaves its lease: expired, or (same host) held by a process that is gone."""
-    import json
-    import socket
-    import subprocess
-    import time
-
-    ds = storage.join(root, "ds")
-    uri = storage.join(ds, storage.LEASE)
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    dead_pid = {"token": "x", "host": socket.gethostname(), "pid": gone.pid, "expires_at": time.time() + 600}
-    storage.write_bytes(uri, json.dumps(dead_pid).encode())
-    monkeypatch.setattr(storage, "DEAD_RUN_GRACE_S", 0.5)
-    start = time.monotonic()
-    with storage.lease(ds):
-        assert json.loads(storage.read_bytes(uri))["pid"] == os.getpid()
-    assert time.monotonic() - start >= 0.5  # the dead driver's Ray workers get time to stop
-    expired = {"token": "y", "host": "elsewhere", "pid": 1, "expires_at": time.time() - 1}
-    storage.write_bytes(uri, json.dumps(expired).encode())
-    with storage.lease(ds):
-        pass
-    alive = {"token": "z", "host": "elsewhere", "pid": 1, "expires_at": time.time() + 600}
-    storage.write_bytes(uri, json.dumps(alive).encode())
-    with pytest.raises(storage.LeaseHeld, match="host elsewhere"):
-        with storage.lease(ds):
-            pass
-
-
-def test_lease_is_renewed_while_held(tmp_path):
-    import json
-    import time
-
-    ds = str(tmp_path / "ds")
-    with storage.lease(ds, ttl_s=0.4):
-        first = json.loads(storage.read_bytes(storage.join(ds, storage.LEASE)))["expires_at"]
-        time.sleep(0.5)
-        body = json.loads(storage.read_bytes(storage.join(ds, storage.LEASE)))
-        assert body["expires_at"] > first and body["pid"] == os.getpid()
-
-
-def test_a_run_whose_lease_was_taken_over_cannot_publish(tmp_path):
-    """A lease another run took over (this one paused past its TTL): publish and set_latest refuse."""
-    import json
-
-    ds = str(tmp_path / "ds")
-    uri = storage.join(ds, storage.LEASE)
-    data = storage.join(storage.version_uri(ds, "v1"), "a.parquet")
-    rows = storage.write_parquet(pa.table({"x": [1]}), data)
-    with storage.lease(ds, ttl_s=60):
-        storage.publish(ds, "v0", [data], [rows], move_latest=False)  # held: publishes
-        other = {"token": "other", "host": "elsewhere", "pid": 1, "expires_at": 1e12}
-        storage.write_bytes(uri, json.dumps(other).encode())
-        with pytest.raises(storage.LeaseLost, match="another run took it over"):
-            storage.publish(ds, "v1", [data], [rows])
-        with pytest.raises(storage.LeaseLost):
-            storage.set_latest(ds, "v0")
-    assert storage.committed_versions(ds) == ["v0"] and storage.latest_version(ds) is None
-    assert json.loads(storage.read_bytes(uri))["token"] == "other"  # the new holder's lease is left alone
-
-
-def test_an_expired_lease_nobody_took_is_renewed_before_a_publish(tmp_path, monkeypatch):
-    import json
-
-    ds = str(tmp_path / "ds")
-    uri = storage.join(ds, storage.LEASE)
-    data = storage.join(storage.version_uri(ds, "v1"), "a.parquet")
-    rows = storage.write_parquet(pa.table({"x": [1]}), data)
-    with storage.lease(ds, ttl_s=60):
-        held = storage._HELD[storage.normalize_uri(ds)]
-        with held.lock:  # as if paused past the TTL: the lease on storage has expired, still ours
-            expired = {**json.loads(held.body), "expires_at": 0.0}
-            held.body = json.dumps(expired).encode()
-            storage.write_bytes(uri, held.body)
-        storage.publish(ds, "v1", [data], [rows])
-        assert json.loads(storage.read_bytes(uri))["expires_at"] > 1e9
-    assert storage.latest_version(ds) == "v1"
-
-
-def test_latest_never_moves_backwards(root):
-    ds = storage.join(root, "ds")
-    storage.publish(ds, "old", [_write_part(ds, "old", "p.parquet", 1)], [1], move_latest=False)
-    storage.publish(ds, "new", [_write_part(ds, "new", "p.parquet", 2)], [2])
-    assert storage.latest_version(ds) == "new"
-    assert not storage.set_latest(ds, "old")  # e.g. an older run's "already complete" repair
-    assert storage.latest_version(ds) == "new"
-    assert storage.set_latest(ds, "new")
-
-
-def test_make_current_finishes_a_commit_but_never_goes_back(root):
-    ds = storage.join(root, "ds")
-    storage.publish(ds, "v1", [_write_part(ds, "v1", "p.parquet", 1)], [1], move_latest=False)
-    assert "is the current version" in storage.make_current(ds, "v1")
-    assert storage.latest_version(ds) == "v1"
-    storage.publish(ds, "v2", [_write_part(ds, "v2", "p.parquet", 2)], [2])
-    assert "stays on the newer version v2" in storage.make_current(ds, "v1")

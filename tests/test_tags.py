@@ -12,7 +12,7 @@ from pyiceberg.catalog.sql import SqlCatalog
 from test_tune import MODEL, write_root  # noqa: E402
 
 from jobs import tag as tag_job
-from musiclib import catalog, embedder, fewshot, probes, storage, tag_table, tags
+from musiclib import catalog, embedder, fewshot, probes, storage, tag_table, tags, versions
 from musiclib.config import ConfigError, Layout
 from musiclib.datasets import demo, tagged_embeddings
 from musiclib.tag_table import Where
@@ -25,9 +25,9 @@ def publish_probe_set(root: str, cat, emb, run_id: str = "tune-test", config=Non
     data = fewshot.prepare(cat, emb, MODEL)
     probe_set = fewshot.final_probe_set(data, config or LOGREG)
     layout = Layout(root)
-    uri = storage.join(storage.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
     probe_set.save(uri)
-    storage.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
+    versions.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
     return probe_set
 
 
@@ -181,9 +181,9 @@ def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
     monkeypatch.setattr(tag_job, "ray_session", no_ray)
     dataset = embedder.dataset_uri(layout.embeddings, MODEL)
     embedder.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
-    storage.publish(dataset, "v3", [], [], move_latest=False)  # no file at all
+    versions.publish(dataset, "v3", [], [], move_latest=False)  # no file at all
     for version in ("v2", "v3"):
-        storage.set_latest(dataset, version)
+        versions.set_latest(dataset, version)
         with pytest.raises(
             ConfigError, match=f"the embeddings of {MODEL} hold no rows: version {version}"
         ) as err:

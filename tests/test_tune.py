@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import tune as tune_job
-from musiclib import catalog, embedder, fewshot, probes, report, storage, sweep
+from musiclib import catalog, embedder, fewshot, probes, report, storage, sweep, versions
 from musiclib.config import ConfigError, Layout
 from musiclib.datasets import tagged_embeddings
 
@@ -60,7 +60,7 @@ def test_a_catalog_without_validation_labels_is_refused_before_ray(tmp_path):
     layout = Layout(str(tmp_path))
     catalog.write(cat.set_column(split, cat.schema.field(split), no_valid), layout.catalog)
     embedder.publish_table(layout.embeddings, MODEL, "v1", emb)
-    storage.publish(layout.models, MODEL, [], [])  # a model without an encoder: tune reads embeddings
+    versions.publish(layout.models, MODEL, [], [])  # a model without an encoder: tune reads embeddings
     with pytest.raises(ConfigError, match="0 labeled validation tracks"):
         tune_job.main(["--root", str(tmp_path)])
 
@@ -150,24 +150,24 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
     root = str(tmp_path / "root")
     write_root(root)
     layout = Layout(root)
-    older = storage.join(storage.version_uri(layout.probes, "tune-older"), "note.txt")
+    older = storage.join(versions.version_uri(layout.probes, "tune-older"), "note.txt")
     storage.write_bytes(older, b"an earlier run")
-    storage.publish(layout.probes, "tune-older", [older], [0])
+    versions.publish(layout.probes, "tune-older", [older], [0])
 
     # killed between writing the manifest and moving the pointer: _latest stays on the older run
     def crash(*args, **kwargs):
         raise RuntimeError("killed before the pointer moved")
 
     with monkeypatch.context() as patch:
-        patch.setattr(storage, "set_latest", crash)
+        patch.setattr(versions, "set_latest", crash)
         with pytest.raises(RuntimeError, match="killed"):
             tune_job.main(["--root", root, *SMALL])
-    assert storage.latest_version(layout.probes) == "tune-older"
+    assert versions.latest_version(layout.probes) == "tune-older"
     # the run is complete, so running it again does nothing but move the pointer
     manifest = tune_job.main(["--root", root, *SMALL])
     run_id = manifest.version
-    run_dir = storage.version_uri(layout.probes, run_id)
-    assert storage.latest_version(layout.probes) == run_id
+    run_dir = versions.version_uri(layout.probes, run_id)
+    assert versions.latest_version(layout.probes) == run_id
     assert {f.path.split("/")[-1] for f in manifest.files} == {
         "results.parquet", "report.md", "budget_curve.png", "probe_set.safetensors",
     }  # fmt: skip
@@ -198,7 +198,9 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
 
     # a finished run is a no-op; an interrupted one redoes only the missing trials
     assert tune_job.main(["--root", root, *SMALL]).created_at == manifest.created_at
-    storage.delete(storage.manifest_uri(layout.probes, run_id))
+    rerun = storage.read_json(storage.join(root, "summaries", "tune.json"))
+    assert rerun["wrote"].startswith(f"nothing: version {run_id} ") and rerun["outputs"]["version"] == run_dir
+    storage.delete(versions.manifest_uri(layout.probes, run_id))
     trial_files = storage.list_files(storage.join(run_dir, "trials"), ".parquet")
     assert len(trial_files) == n_configs
     storage.delete(trial_files[0])
@@ -206,4 +208,4 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
     tune_job.main(["--root", root, *SMALL])
     assert storage.exists(trial_files[0])
     assert all(os.path.getmtime(u) == t for u, t in mtimes.items())
-    assert storage.read_manifest(layout.probes, run_id) is not None
+    assert versions.read_manifest(layout.probes, run_id) is not None

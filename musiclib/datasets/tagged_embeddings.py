@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from musiclib import catalog, embedder, storage
+from musiclib import catalog, embedder, versions
 from musiclib.config import Layout
 
 
@@ -79,5 +79,5 @@ def write_root(root: str, model_id: str = "synthetic", **kwargs: Any) -> tuple[p
     layout = Layout(root)
     catalog.write(cat, layout.catalog)
     embedder.publish_table(layout.embeddings, model_id, "v1", emb)
-    storage.publish(layout.models, model_id, [], [])  # a model without an encoder
+    versions.publish(layout.models, model_id, [], [])  # a model without an encoder
     return cat, emb
