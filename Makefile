@@ -6,7 +6,7 @@ ROOT ?= data/demo
 ARGS ?=
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test lint demo demo-catalog pretrain embed tune tag clean s3 docs-images
+.PHONY: setup test lint demo demo-catalog pretrain embed tune tag suggest study clean s3 docs-images
 
 -include cluster/cluster.mk
 
@@ -43,6 +43,17 @@ tune: $(STAMP)
 
 tag: $(STAMP)
 	$(PY) jobs/tag.py --root $(ROOT) $(ARGS)
+
+# What to label next per tag (after tune): ARGS="--tags bell,drone --per-tag 20".
+suggest: $(STAMP)
+	$(PY) jobs/suggest.py --root $(ROOT) $(ARGS)
+
+# The encoder study (jobs/study.py, docs/STUDY.md): CLMR, SemiSupCon with few and all labels, supervised only,
+# the random encoder and a log-mel floor, by the tune job's few-shot protocol; outputs under ROOT/study/<run_id>/.
+# ROOT defaults to the bench corpus here, data/bench-rendered (make study ROOT=data/demo for the demo catalog).
+study: STUDY_ROOT := $(if $(filter file,$(origin ROOT)),data/bench-rendered,$(ROOT))
+study: $(STAMP)
+	$(PY) jobs/study.py --root $(STUDY_ROOT) $(ARGS)
 
 # The whole pipeline on the embedded default (local Ray, local files, the generated demo catalog).
 demo: $(STAMP)

@@ -1,0 +1,136 @@
+"""study: which encoder buys the most per label? No, few and all labels in pretraining, against two floors.
+
+    python jobs/study.py --root data/bench [--encoders clmr,supervised] [--seeds 0,1,2] [--steps 100] ...
+
+1. Check the config (every pass-through option by its own job's config) and the catalog, before Ray.
+2. Under the study's lease, in one Ray session, for each encoder and seed (``study.variants``) whose rows
+   are not written yet, under the study's own work root (``study.work_root``: the catalog's audio, its own
+   shards, runs, models, embeddings and probe runs):
+   - a trained encoder: the pretrain job (``jobs/pretrain.py``) with the encoder's label settings
+     (``study.label_settings``), then the embed job; the random encoder: the seed's initial weights
+     exported, then the embed job; the log-mel floor: the embed stage's decode and average with
+     ``logmel.LogMel`` as the encoder, mapped by Ray Data;
+   - the tune job's few-shot sweep on its embeddings; per budget, the configuration chosen on the
+     validation split and its test scores per repetition become the variant's rows.
+3. Write results.parquet, study.md and study.png under ``<root>/study/<run_id>/`` and publish the run.
+Running the same command again skips the variants already evaluated (and a finished study entirely).
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from contextlib import nullcontext
+
+import pandas as pd
+import pyarrow as pa
+
+from jobs import embed, pretrain, tune
+from musiclib import catalog, logmel, models, progress, ray_env, storage, study, versions
+from musiclib.config import Layout, parse
+from musiclib.ray_env import ray_session
+from musiclib.study import StudyConfig
+
+
+def embed_logmel(cfg: StudyConfig, work: Layout) -> str:
+    """Publish the log-mel floor's embeddings of the labeled tracks (once); return its model id."""
+    floor = logmel.LogMelConfig()
+    dataset = storage.join(work.embeddings, floor.model_id)
+    with versions.lease(dataset):
+        labeled = study.labeled_catalog(work.root)
+        version = versions.digest_version("logmel", [cfg.max_chunks, storage.file_checksum(labeled)])
+        if versions.already_complete(dataset, version, "study") is None:
+            out = versions.version_uri(dataset, version)
+            storage.delete(out, recursive=True)  # what a killed run left: written again whole
+            fs, path = storage.arrow_filesystem(out)
+            rows = ray_env.read_parquet(labeled, ["track_id", "audio_uri"])
+            rows.map_batches(
+                logmel.embed_rows,
+                fn_kwargs={"base_dir": catalog.base_dir(labeled), "max_chunks": cfg.max_chunks},
+                batch_size=16,
+                batch_format="pyarrow",
+            ).write_parquet(path, filesystem=fs)
+            files = storage.list_files(out, ".parquet")
+            versions.publish(dataset, version, files, [storage.parquet_rows(u) for u in files])
+    return floor.model_id
+
+
+def make_encoder(cfg: StudyConfig, work: Layout, encoder: str, seed: int) -> tuple[str, dict[str, float]]:
+    """Train (or initialise) and embed one encoder under the work root; its model id and the stages' seconds."""
+    seconds = {}
+    start = time.perf_counter()
+    if encoder == "logmel":
+        model_id = embed_logmel(cfg, work)
+        return model_id, {"pretrain_s": 0.0, "embed_s": time.perf_counter() - start}
+    if encoder == "random":
+        model_id = models.export_random_encoder(work.models, cfg.width, seed)
+    else:
+        model_id = pretrain.main(study.pretrain_argv(cfg, work.root, encoder, seed))
+    seconds["pretrain_s"] = time.perf_counter() - start
+    start = time.perf_counter()
+    embed.main(study.embed_argv(cfg, work.root, model_id))
+    seconds["embed_s"] = time.perf_counter() - start
+    return model_id, seconds
+
+
+def evaluate(cfg: StudyConfig, work: Layout, model_id: str, slots: list[str]) -> tuple[pd.DataFrame, float]:
+    """The tune job's sweep on a model's embeddings: its results table and its seconds."""
+    start = time.perf_counter()
+    manifest = tune.main(study.tune_argv(cfg, work.root, model_id) + slots)
+    results_uri = storage.join(versions.version_uri(work.probes, manifest.version), "results.parquet")
+    return storage.read_parquet([results_uri]).to_pandas(), time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> versions.Manifest:
+    cfg = parse(StudyConfig, argv)
+    started = progress.start("study")
+    layout = Layout(cfg.root)
+    catalog.validate(layout.catalog)
+    run_id = cfg.run_id or study.derive_run_id(cfg, layout)
+    work = Layout(study.work_root(cfg.root, run_id))
+    with versions.lease(study.dataset_uri(cfg.root)):  # one study at a time writes the study runs
+        done = versions.already_complete(study.dataset_uri(cfg.root), run_id, "study")
+        if done is not None:
+            return done
+        todo = [(e, s) for e, s in study.variants(cfg) if not storage.exists(study.rows_uri(work.root, e, s))]
+        print(f"study: run {run_id}: {len(study.variants(cfg))} encoder x seed variants, {len(todo)} to run")
+        if not storage.exists(work.catalog):
+            study.copy_catalog(layout.catalog, work.root)
+        session = (
+            ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True) if todo else nullcontext()
+        )
+        with session as local:
+            slots = study.trial_slots(cfg, local)
+            for encoder, seed in todo:
+                print(f"study: {encoder}, seed {seed}")
+                model_id, seconds = make_encoder(cfg, work, encoder, seed)
+                results, seconds["tune_s"] = evaluate(cfg, work, model_id, slots)
+                rows = study.variant_rows(results, encoder, seed, model_id).assign(**seconds)
+                storage.write_parquet(
+                    pa.Table.from_pandas(rows, preserve_index=False), study.rows_uri(work.root, encoder, seed)
+                )
+        rows = pd.concat(
+            [
+                storage.read_parquet([study.rows_uri(work.root, e, s)]).to_pandas()
+                for e, s in study.variants(cfg)
+            ]
+        )
+        facts = study.facts(cfg, run_id, layout.catalog, work.root, rows)
+        manifest = study.finish(cfg, run_id, rows, facts)
+    out = versions.version_uri(study.dataset_uri(cfg.root), run_id)
+    progress.summary(
+        "study",
+        cfg.root,
+        started,
+        read=f"catalog {layout.catalog}",
+        wrote=f"{len(todo)} encoder x seed variants evaluated ({len(study.variants(cfg)) - len(todo)} before); run {run_id}",
+        outputs={
+            name: storage.join(out, file)
+            for name, file in zip(("results", "report", "plot"), study.OUTPUTS, strict=True)
+        },
+    )
+    return manifest
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

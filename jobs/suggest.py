@@ -1,0 +1,128 @@
+"""suggest: per tag, rank the unlabeled tracks whose labels would help its probe most; write a version.
+
+    python jobs/suggest.py --root data/demo [--tags bell,drone] [--per-tag 20] [--probe-run-id tune-...]
+
+1. Resolve, before Ray: the probe set the tag job applies (``--probe-run-id``, else the latest tune run),
+   the tags asked for (an unknown tag, or one without a probe, is a one-line error and nothing is
+   written), the catalog's labeled tracks (never suggested) and the model's latest embeddings.
+2. Ray Data streams the embedding shards through the probe set: one matrix product per block gives every
+   tag's margin from its threshold, and each block keeps only its most uncertain tracks per tag
+   (``suggest.block_candidates``). The driver merges them into each tag's pool as they arrive.
+3. On the driver, each tag's batch is picked from its pool without near-duplicates (``suggest.select``)
+   and written as ``<root>/suggestions/<version>/rows/suggestions.parquet``; ``_latest`` moves last.
+The version id is derived from the inputs (or ``--run-id``): a re-run with the same inputs writes nothing.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+
+from musiclib import catalog, progress, ray_env, storage, suggest, versions
+from musiclib.config import Layout, parse
+from musiclib.probes import ProbeSet
+from musiclib.ray_env import ray_session, retry_transient_storage
+from musiclib.suggest import SuggestConfig
+
+TASK_RETRIES = 6  # read and scoring tasks run again after S3 errors (backing off ~1 min in all)
+
+
+class CandidateBlock:
+    """Ray Data actor: loads the probe set once, then turns embedding blocks into per-tag candidates."""
+
+    def __init__(self, probe_uri: str, tags: list[str], pool: int, labeled: frozenset[str]):
+        self.probe_set = ProbeSet.load(probe_uri)
+        self.columns = np.array([self.probe_set.tags.index(t) for t in tags], dtype=np.int64)
+        self.pool = pool
+        self.labeled = pa.array(sorted(labeled), pa.string())
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        ok = pc.and_(pc.is_null(batch["error"]), pc.is_valid(batch["embedding"]))
+        ok = pc.and_(ok, pc.invert(pc.is_in(batch["track_id"], self.labeled)))
+        rows = batch.filter(ok)
+        dim = self.probe_set.weights.shape[0]
+        x = (
+            rows["embedding"]
+            .combine_chunks()
+            .flatten()
+            .to_numpy(zero_copy_only=False)
+            .reshape(len(rows), dim)
+        )
+        ids = np.asarray(rows["track_id"].to_pylist(), dtype=str)
+        return suggest.block_candidates(ids, x, self.probe_set, self.columns, self.pool)
+
+
+def candidates_with_ray(cfg: SuggestConfig, inputs: suggest.Inputs) -> pa.Table:
+    """Every tag's pool of most uncertain unlabeled tracks, merged on the driver block by block."""
+    ds = ray_env.read_parquet(inputs.embedding_files, ["track_id", "embedding", "error"])
+    blocks = ds.map_batches(
+        CandidateBlock,
+        fn_constructor_args=(inputs.probe_uri, inputs.tags, cfg.pool, inputs.labeled),
+        batch_size=cfg.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+    )
+    pool = suggest.candidates_schema(inputs.probe_set.weights.shape[0]).empty_table()
+    for block in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
+        pool = suggest.merge_candidates(pool, block, cfg.pool)
+    return pool
+
+
+def write_version(
+    cfg: SuggestConfig, dataset: str, inputs: suggest.Inputs, version: str, pool: pa.Table
+) -> versions.Manifest:
+    """Pick each tag's batch from its pool, write the table and publish it as ``version``."""
+    thresholds = dict(zip(inputs.probe_set.tags, inputs.probe_set.thresholds.tolist()))
+    table = suggest.select(pool, inputs.tags, thresholds, cfg.per_tag, cfg.max_similarity)
+    uri = storage.join(versions.version_uri(dataset, version), suggest.ROWS_FILE)
+    rows = storage.write_parquet(table, uri)
+    provenance = {
+        "model_id": inputs.probe_set.model_id,
+        "probe_run_id": inputs.probe_run_id,
+        "embedding_version": inputs.embedding_version,
+        "suggested_at": versions.utc_now().isoformat(timespec="seconds"),
+    }
+    return versions.publish(dataset, version, [uri], [rows], config=asdict(cfg), extra=provenance)
+
+
+def main(argv: list[str] | None = None) -> versions.Manifest:
+    cfg = parse(SuggestConfig, argv)
+    started = progress.start("suggest")
+    layout = Layout(cfg.root)
+    catalog.validate(layout.catalog)
+    dataset = suggest.dataset_uri(cfg.root)
+    with versions.lease(dataset):  # one suggest run at a time writes the suggestions
+        inputs = suggest.resolve(cfg, layout)
+        version = suggest.version_id(cfg, layout, inputs)
+        manifest = versions.already_complete(dataset, version, "suggest")
+        if manifest is not None:
+            progress.already_done("suggest", cfg.root, started, dataset, manifest)
+            return manifest
+        with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
+            pool = candidates_with_ray(cfg, inputs)
+        manifest = write_version(cfg, dataset, inputs, version, pool)
+    errors = storage.read_parquet(inputs.embedding_files, ["error"])["error"]
+    table = suggest.read_version(manifest)
+    progress.summary(
+        "suggest",
+        cfg.root,
+        started,
+        read=f"embeddings {inputs.embedding_version} of {inputs.probe_set.model_id}, "
+        f"probe run {inputs.probe_run_id}",
+        wrote=f"{len(table)} suggestions for {len(inputs.tags)} tags ({cfg.per_tag} asked per tag) "
+        f"in version {manifest.version}",
+        skipped=+Counter(
+            {"labeled": len(inputs.labeled), "embedding error": len(errors) - errors.null_count}
+        ),
+        outputs={"suggestions": versions.version_uri(dataset, manifest.version)},
+    )
+    return manifest
+
+
+if __name__ == "__main__":
+    main()

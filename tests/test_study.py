@@ -1,0 +1,171 @@
+"""The study: the log-mel floor against torchaudio, the tables from sweep rows, and a tiny run of the job."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pytest
+import torch
+import torchaudio
+
+from musiclib import audio, catalog, config, logmel, storage, study, versions
+from musiclib.datasets.audio_files import encode
+
+
+def test_logmel_features_equal_a_direct_torchaudio_computation(tmp_path):
+    """Mean and standard deviation per band over the frames of every chunk the embed stage reads."""
+    rng = np.random.default_rng(0)
+    t = np.arange(int(3.4 * audio.CHUNK_SAMPLES)) / audio.SAMPLE_RATE
+    x = 0.3 * np.sin(2 * np.pi * 440 * t) * (1 + np.sin(2 * np.pi * 0.5 * t)) + 0.05 * rng.standard_normal(
+        len(t)
+    )
+    (tmp_path / "a.wav").write_bytes(encode(x, audio.SAMPLE_RATE, "wav"))
+    rows = pa.table({"track_id": ["a", "gone"], "audio_uri": ["a.wav", "gone.wav"]})
+    cfg = logmel.LogMelConfig(n_mels=32)
+
+    got = logmel.embed_rows(rows, str(tmp_path), max_chunks=8, config=cfg)
+
+    chunks = audio.from_int16(audio.to_int16(audio.chunk(audio.load(str(tmp_path / "a.wav")), max_chunks=8)))
+    assert len(chunks) == 3
+    mel = torchaudio.transforms.MelSpectrogram(
+        audio.SAMPLE_RATE, n_fft=cfg.n_fft, hop_length=cfg.hop, n_mels=32
+    )
+    frames = torch.cat(list(torch.log(mel(torch.from_numpy(chunks)).double() + logmel.LOG_OFFSET)), dim=1)
+    expected = torch.cat([frames.mean(1), frames.std(1, correction=0)]).numpy()
+    embedding = got.column("embedding").to_pylist()
+    np.testing.assert_allclose(np.asarray(embedding[0]), expected, rtol=1e-4, atol=1e-4)
+    assert embedding[1] is None and got.column("error").to_pylist() == [None, "missing"]
+    assert got.column("model_id").to_pylist() == [cfg.model_id] * 2
+
+
+def _sweep_rows(aps: dict[str, list[float]], budget: str) -> list[dict]:
+    """Tune-style rows of one configuration: per repetition, a head tag and a tail tag with these APs."""
+    rows = []
+    for trial, values in aps.items():
+        for rep, ap in enumerate(values):
+            for tag, group, shift in (("h", "head", 0.1), ("t", "tail", -0.1)):
+                rows.append(
+                    {"trial": trial, "budget": budget, "probe": "logreg", "norm": "l2", "params": "",
+                     "rep": rep, "tag": tag, "group": group, "n_support": 4, "fit_s": 0.0,
+                     "valid_ap": ap + shift, "test_ap": ap + shift + 0.01,
+                     "valid_roc_auc": 0.5 + ap / 2, "test_roc_auc": 0.5 + ap / 2}
+                )  # fmt: skip
+    return rows
+
+
+def test_variant_rows_take_each_budgets_configuration_chosen_on_valid():
+    results = pd.DataFrame(
+        _sweep_rows({"1-a": [0.2, 0.4], "1-b": [0.5, 0.7]}, "1") + _sweep_rows({"all-a": [0.8]}, "all")
+    )
+    rows = study.variant_rows(results, "clmr", seed=3, model_id="m")
+    assert list(rows["budget"]) == ["1", "1", "all"] and set(rows["trial"]) == {"1-b", "all-a"}
+    assert rows["test_ap_all"].tolist() == pytest.approx([0.51, 0.71, 0.81])
+    assert rows["test_ap_head"].tolist() == pytest.approx([0.61, 0.81, 0.91])
+    assert rows["test_ap_tail"].tolist() == pytest.approx([0.41, 0.61, 0.71])
+    assert set(rows["seed"]) == {3} and set(rows["encoder"]) == {"clmr"}
+
+
+def test_summary_pools_seeds_and_repetitions_and_flags_differences_beyond_the_spread():
+    frames = []
+    for encoder, shift in (("clmr", 0.0), ("supervised", 0.3), ("random", 0.01)):
+        for seed in (0, 1):
+            results = pd.DataFrame(
+                _sweep_rows({"1-a": [0.2 + shift + 0.02 * seed, 0.3 + shift]}, "1")
+                + _sweep_rows({"all-a": [0.6 + shift]}, "all")  # the whole pool: the same every time
+            )
+            frames.append(study.variant_rows(results, encoder, seed, model_id=f"{encoder}-{seed}"))
+    summary = study.summarize(pd.concat(frames), reference="clmr")
+    row = summary.set_index(["encoder", "budget", "metric", "group"]).loc[("supervised", "1", "ap", "all")]
+    values = 0.2 + 0.3 + 0.01 + np.array([0.0, 0.1, 0.02, 0.1])  # (seed, rep) of the sweep rows' test AP
+    assert row["mean"] == pytest.approx(values.mean())
+    assert row["std"] == pytest.approx(values.std(ddof=1))
+    assert row["delta"] == pytest.approx(0.3) and row["beyond_spread"]
+    near = summary.set_index(["encoder", "budget", "metric", "group"]).loc[("random", "1", "ap", "all")]
+    assert near["delta"] == pytest.approx(0.01) and not near["beyond_spread"]
+    whole = summary.set_index(["encoder", "budget", "metric", "group"]).loc[
+        ("supervised", "all", "ap", "all")
+    ]
+    assert whole["std"] == 0 and whole["delta"] == pytest.approx(0.3) and not whole["beyond_spread"]
+
+
+def test_config_lists_every_problem_and_refuses_options_the_study_sets(tmp_path):
+    with pytest.raises(config.ConfigError) as err:
+        config.parse(
+            study.StudyConfig,
+            ["--root", str(tmp_path), "--encoders", "clmr,nope", "--seeds", "", "--label-share", "1.5"]
+            + ["--pretrain-options", "--p-s 0.5 --lr -1", "--tune-options", "--budgets 0"],
+        )
+    message = str(err.value)
+    for expected in (
+        "nope",
+        "--seeds",
+        "--label-share 1.5",
+        "--p-s",
+        "--lr",
+        "--budgets",
+        "catalog not found",
+    ):
+        assert expected in message
+
+
+def test_work_catalog_points_at_the_same_audio_and_lists_the_labeled_tracks(tmp_path):
+    rows = {
+        "track_id": ["a", "b", "c"],
+        "audio_uri": ["audio/a.wav", "/elsewhere/b.flac", "s3://bucket/c.mp3"],
+        "tags": [["piano"], [], None],
+        "split": ["train", "valid", None],
+    }
+    catalog.write(pa.table(rows), str(tmp_path / "root" / "catalog" / "tracks.parquet"))
+    work = str(tmp_path / "work")
+
+    study.copy_catalog(str(tmp_path / "root" / "catalog" / "tracks.parquet"), work)
+
+    copied = catalog.read(config.Layout(work).catalog)
+    assert copied["audio_uri"].to_pylist() == [
+        str(tmp_path / "root" / "catalog" / "audio" / "a.wav"),
+        "/elsewhere/b.flac",
+        "s3://bucket/c.mp3",
+    ]
+    assert copied["track_id"].to_pylist() == ["a", "b", "c"]
+    assert catalog.read(study.labeled_catalog(work))["track_id"].to_pylist() == ["a"]
+
+
+@pytest.mark.slow
+def test_tiny_study_writes_every_output(tmp_path):
+    """Two encoders (CLMR through the pretrain job, the log-mel floor), one seed, two steps, a few tracks."""
+    import ray
+
+    from jobs import study as study_job
+    from musiclib.datasets import demo
+
+    root = str(tmp_path / "root")
+    demo.make_catalog(root, n_tracks=24, labeled_fraction=1.0, min_seconds=3.0, max_seconds=4.0, workers=1)
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        argv = ["--root", root, "--encoders", "clmr,logmel", "--seeds", "0", "--width", "0.0625"]
+        argv += ["--steps", "2", "--batch-size", "8", "--max-chunks", "1"]
+        argv += ["--pretrain-options", "--num-workers 1 --p-pitch 0 --log-every 1"]
+        argv += [
+            "--tune-options",
+            "--budgets 1,all --probes logreg --norms l2 --c-grid 1 --repetitions 2 --max-concurrent 1",
+        ]
+        manifest = study_job.main(argv)
+        assert study_job.main(argv).version == manifest.version  # complete: nothing runs again
+    finally:
+        ray.shutdown()
+    dataset = storage.join(root, "study")
+    out = versions.version_uri(dataset, manifest.version)
+    rows = sorted(storage.list_files(storage.join(out, "work", "rows"), ".parquet"))
+    assert [u.rsplit("/", 1)[-1] for u in rows] == ["clmr-s0.parquet", "logmel-s0.parquet"]
+    written = [storage.file_checksum(u) for u in rows]
+    storage.delete(versions.manifest_uri(dataset, manifest.version))  # as if killed before its publish
+    storage.delete(storage.join(dataset, storage.LATEST))
+    assert study_job.main(argv).version == manifest.version  # every variant written: none runs, no Ray
+    assert [storage.file_checksum(u) for u in rows] == written
+    results = storage.read_parquet([storage.join(out, "results.parquet")]).to_pandas()
+    assert set(results["encoder"]) == {"clmr", "logmel"} and set(results["budget"]) == {"1", "all"}
+    assert results["test_ap_all"].between(0, 1).all()
+    text = storage.read_bytes(storage.join(out, "study.md")).decode()
+    assert "| clmr |" in text and "| logmel |" in text and "study.png" in text
+    assert storage.read_bytes(storage.join(out, "study.png")).startswith(b"\x89PNG")
