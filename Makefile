@@ -65,7 +65,7 @@ demo: $(STAMP)
 	$(MAKE) --no-print-directory demo-catalog pretrain embed tune tag ROOT=$(ROOT)
 	@echo "--- what each job did (summaries in $(ROOT)/summaries/), and where the outputs are"
 	@$(PY) -m musiclib.tags outputs --root $(ROOT)
-	@echo "query: $(PY) -m musiclib.tags top TAG --root $(ROOT)   (or: show TRACK_ID)"
+	@echo "query: $(PY) -m musiclib.tags top TAG --root $(ROOT)   (or: show TRACK_ID, sql \"SELECT ... FROM tags\", history)"
 
 # The README's figures, drawn from the latest probe run under ROOT (after make demo).
 docs-images: $(STAMP)

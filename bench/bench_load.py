@@ -43,7 +43,7 @@ from bench_embed import PeakMemory, format_pss, make_audio, make_root, ray_pss_b
 
 from cluster import local  # noqa: E402
 from cluster.s3server import SeaweedS3  # noqa: E402
-from musiclib import catalog, embedder, fewshot, models, storage, tags, versions  # noqa: E402
+from musiclib import catalog, embedder, fewshot, models, storage, tag_table, tags, versions  # noqa: E402
 from musiclib.config import Layout, parse  # noqa: E402
 
 SUMMARY = re.compile(r"embed: (\d+) tracks, .* in ([\d.]+) s: ([\d.]+) tracks/s")
@@ -137,19 +137,19 @@ def publish_probe_set(root: str, model_id: str, distinct: int, probe: str) -> tu
 
 
 def check_tags(root: str, ids: pa.Array, n_tags: int) -> str:
-    """One model row per catalog track and tag in the latest tag version, no untagged track; raises otherwise."""
-    manifest = versions.read_latest_manifest(Layout(root).tags)
-    rows = tags.read_version(manifest, ["track_id", "tag", "source"])
+    """One model row per catalog track and tag in the current tag snapshot, no untagged track; raises otherwise."""
+    table = tag_table.require_table(tag_table.Where(root))
+    rows = tag_table.read(table, columns=("track_id", "tag", "source"))
     model = rows.filter(pc.equal(rows.column("source"), "model"))
     got = model.column("track_id").combine_chunks()
     pairs = pc.count_distinct(pc.binary_join_element_wise(got, model.column("tag"), "\x00")).as_py()
     distinct = pc.count_distinct(got).as_py()
     same = set(got.to_pylist()) == set(ids.to_pylist())
-    untagged = len(tags.read_errors(manifest))
+    untagged = len(tags.read_errors(table))
     line = (
         f"tags: {len(model)} model rows ({n_tags} tags x {len(ids)} tracks = {n_tags * len(ids)}), "
         f"{pairs} distinct (track, tag), {distinct} distinct ids, same id set {same}, "
-        f"{len(rows) - len(model)} human rows, untagged tracks {untagged}"
+        f"{len(rows) - len(model) - untagged} human rows, untagged tracks {untagged}"
     )
     if not (len(model) == pairs == n_tags * len(ids) and distinct == len(ids) and same and untagged == 0):
         raise SystemExit(f"EXACTLY-ONCE FAILED {line}")

@@ -1,16 +1,15 @@
-"""tag: apply the chosen probe set to every track's embedding and write a versioned tag table.
+"""tag: apply the chosen probe set to every track's embedding and commit a snapshot of the tag table.
 
-    python jobs/tag.py --root data/demo [--probe-run-id tune-...] [--only-new true]
+    python jobs/tag.py --root data/demo [--probe-run-id tune-...] [--only-new true] [--catalog-uri URI]
 
 Ray Data streams the embedding shards through the probe set (one matrix product for all tags, with its
-normalisation) and writes long-form Parquet under ``<root>/tags/<version>/rows/``; the catalog's human
-labels are carried over unchanged; tracks whose embedding carries an error are listed with the reason.
-The version is published with ``versions.publish``, so ``_latest`` moves only once it is complete.
-The version id is derived from the inputs (or ``--run-id``): a re-run with the same inputs writes nothing
-and only points ``_latest`` at that version (repairing a crash between the manifest and the pointer).
-``--only-new true`` scores only tracks without model rows of the same probe run (and model) in the latest
-version and carries those rows over; rows of any other probe run are never carried, so one version holds
-the scores of one probe set.
+normalisation) and writes long-form Parquet into the Iceberg table's data folder; the catalog's human
+labels are carried over unchanged; tracks whose embedding carries an error get a row with the reason.
+Then one snapshot commits the run (``tag_table.commit``): readers see it whole or not at all.
+The run id is derived from the inputs (or ``--run-id``) and stored in the snapshot: a re-run with the
+same inputs finds it and writes nothing. ``--only-new true`` scores only tracks without model rows of
+the same probe run (and model) in the current snapshot and keeps those rows' files as they are; rows of
+any other probe run are never kept, so one snapshot holds the scores of one probe set.
 """
 
 from __future__ import annotations
@@ -21,8 +20,9 @@ from dataclasses import asdict, dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
+from pyiceberg.table import Table
 
-from musiclib import catalog, embedder, progress, ray_env, storage, tags, versions
+from musiclib import catalog, embedder, progress, ray_env, storage, tag_table, tags, versions
 from musiclib.config import ConfigError, Layout, parse
 from musiclib.probes import ProbeSet
 from musiclib.ray_env import ray_session, retry_transient_storage
@@ -33,17 +33,17 @@ TASK_RETRIES = 6  # read and scoring tasks run again after S3 errors (backing of
 
 @dataclass
 class Inputs:
-    """Everything a tag version depends on, resolved and checked before Ray starts."""
+    """Everything a tag run depends on, resolved and checked before Ray starts."""
 
     probe_run_id: str
     probe_uri: str
     probe_set: ProbeSet
     embedding_files: list[str]
     embedding_version: str
-    previous: versions.Manifest | None  # the latest tag version, if any
+    previous: tag_table.Run | None  # the table's current snapshot, if any
 
 
-def resolve(cfg: TagConfig, layout: Layout) -> Inputs:
+def resolve(cfg: TagConfig, layout: Layout, previous: tag_table.Run | None) -> Inputs:
     """Find the probe set and its model's embeddings; a clear error when either is missing or empty."""
     run_id = cfg.probe_run_id or versions.latest_version(layout.probes)
     if run_id is None or versions.read_manifest(layout.probes, run_id) is None:
@@ -63,7 +63,6 @@ def resolve(cfg: TagConfig, layout: Layout) -> Inputs:
             f"the embeddings of {probe_set.model_id} hold no rows: version {emb.version} of {dataset} "
             f"lists {len(emb.files)} file(s); run embed on a non-empty catalog"
         )
-    previous = versions.read_latest_manifest(layout.tags) if versions.latest_version(layout.tags) else None
     return Inputs(run_id, probe_uri, probe_set, emb.file_uris(), emb.version, previous)
 
 
@@ -77,7 +76,7 @@ def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:
         inputs.embedding_version,
         storage.file_checksum(layout.catalog),
         cfg.only_new,
-        inputs.previous.version if cfg.only_new and inputs.previous else None,
+        inputs.previous.run_id if cfg.only_new and inputs.previous else None,
     ]
     return versions.digest_version("tags", parts)
 
@@ -113,79 +112,91 @@ def score_with_ray(
     scored.write_parquet(out_path, filesystem=out_fs)
 
 
-def write_version(cfg: TagConfig, layout: Layout, inputs: Inputs, version: str) -> versions.Manifest:
-    """Write every file of the version (model, carried-over, human rows and errors), then publish it."""
-    version_dir = versions.version_uri(layout.tags, version)
-    storage.delete(version_dir, recursive=True)  # leftovers of a crashed attempt are never committed
-    rows_dir = storage.join(version_dir, tags.ROWS_DIR)
+def write_run(cfg: TagConfig, layout: Layout, table: Table, inputs: Inputs, run_id: str) -> tag_table.Run:
+    """Write every data file of the run (model, human and error rows), then commit them as one snapshot."""
+    run_dir = tag_table.run_dir(table, run_id)
+    storage.delete(run_dir, recursive=True)  # leftovers of a killed attempt were never committed
     tagged_at = versions.utc_now().isoformat(timespec="seconds")
     cat = catalog.read(layout.catalog, columns=["track_id", "tags"])
-    carried = (
-        tags.already_tagged(inputs.previous, inputs.probe_set.model_id, inputs.probe_run_id)
+    keep, skip = (
+        tags.carried_files(table, inputs.probe_set.model_id, inputs.probe_run_id)
         if cfg.only_new
-        else tags.SCHEMA.empty_table()
+        else (frozenset(), frozenset())
     )
-    skip = frozenset(carried["track_id"].to_pylist())
-    score_with_ray(cfg, inputs, storage.join(rows_dir, "model"), tagged_at, skip)
-    files = storage.list_files(storage.join(rows_dir, "model"), ".parquet")
-    counts = [storage.parquet_rows(u) for u in files]
+    score_with_ray(cfg, inputs, storage.join(run_dir, "model"), tagged_at, skip)
+    files = storage.list_files(storage.join(run_dir, "model"), ".parquet")
     extra_files = {
-        storage.join(rows_dir, "human.parquet"): tags.human_rows(cat, tagged_at),
-        storage.join(rows_dir, "carried.parquet"): carried,
-        storage.join(version_dir, tags.ERRORS_FILE): tags.embedding_errors(
-            inputs.embedding_files, cat["track_id"].to_pylist()
+        storage.join(run_dir, "human.parquet"): tags.human_rows(cat, tagged_at),
+        storage.join(run_dir, "errors.parquet"): tags.embedding_errors(
+            inputs.embedding_files, cat["track_id"].to_pylist(), tagged_at
         ),
     }
-    for uri, table in extra_files.items():
-        files.append(uri)
-        counts.append(storage.write_parquet(table, uri))
+    for uri, rows in extra_files.items():
+        if len(rows):
+            storage.write_parquet(rows, uri)
+            files.append(uri)
     provenance = {
-        "model_id": inputs.probe_set.model_id,
-        "probe_run_id": inputs.probe_run_id,
-        "embedding_version": inputs.embedding_version,
-        "tagged_at": tagged_at,
-        "carried_over_tracks": len(skip),
+        "model-id": inputs.probe_set.model_id,
+        "probe-run-id": inputs.probe_run_id,
+        "embedding-version": inputs.embedding_version,
+        "tagged-at": tagged_at,
+        "carried-over-tracks": len(skip),
+        "code-version": versions.code_version(),
+        "config": tag_table.config_properties(asdict(cfg)),
     }
-    return versions.publish(layout.tags, version, files, counts, config=asdict(cfg), extra=provenance)
+    versions.check_lease(layout.tags)  # a run that lost its lease while paused must not commit
+    return tag_table.commit(table, run_id, files, provenance, keep)
 
 
 def print_summary(
-    layout: Layout, manifest: versions.Manifest, inputs: Inputs, cfg: TagConfig, started: float
+    layout: Layout, table: Table, run: tag_table.Run, inputs: Inputs, cfg: TagConfig, started: float
 ) -> None:
     """The end-of-job summary: counts per tag, new long-tail tags, what was read, written and skipped."""
-    table = tags.read_version(manifest, ["track_id", "tag", "score", "source", "predicted"])
+    rows = tag_table.read(
+        table,
+        columns=("track_id", "tag", "score", "source", "predicted", "reason"),
+        snapshot_id=run.snapshot_id,
+    )
     vocab = catalog.vocabulary(layout.catalog, split="train")
     tail = [t for t in reversed(vocab.tail) if t in inputs.probe_set.tags][: cfg.summary_tags]
-    errors = tags.read_errors(manifest)
-    print(tags.summarize(table, tail))
+    errors = rows.filter(pc.field("source") == "error")
+    print(tags.summarize(rows.filter(pc.field("source") != "error"), tail))
     progress.summary(
         "tag",
         cfg.root,
         started,
         read=f"embeddings {inputs.embedding_version} of {inputs.probe_set.model_id}, probe run {inputs.probe_run_id}",
-        wrote=f"{len(pc.unique(table.filter(pc.field('source') == 'model')['track_id']))} tracks tagged, "
-        f"{len(table)} rows in version {manifest.version}",
+        wrote=f"{len(pc.unique(rows.filter(pc.field('source') == 'model')['track_id']))} tracks tagged, "
+        f"{len(rows) - len(errors)} rows in snapshot {run.snapshot_id} (run {run.run_id})",
         skipped=Counter(r.removeprefix("embedding error: ") for r in errors["reason"].to_pylist()),
-        outputs={"tags": versions.version_uri(layout.tags, manifest.version)},
+        outputs={"tags": cfg.where.describe()},
     )
 
 
-def main(argv: list[str] | None = None) -> versions.Manifest:
+def main(argv: list[str] | None = None) -> tag_table.Run:
     cfg = parse(TagConfig, argv)
     started = progress.start("tag")
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
-    with versions.lease(layout.tags):  # one tag run at a time: runs would delete each other's folders
-        inputs = resolve(cfg, layout)
-        version = version_id(cfg, layout, inputs)
-        manifest = versions.already_complete(layout.tags, version, "tag")
-        if manifest is not None:
-            progress.already_done("tag", cfg.root, started, layout.tags, manifest)
-            return manifest
+    with versions.lease(layout.tags):  # one tag run at a time: runs would delete each other's files
+        table = tag_table.open_table(cfg.where)
+        inputs = resolve(cfg, layout, tag_table.current_run(table) if table else None)
+        run_id = version_id(cfg, layout, inputs)
+        if table is not None and (run := tag_table.already_complete(table, run_id, "tag")) is not None:
+            progress.summary(
+                "tag",
+                cfg.root,
+                started,
+                read=f"the same inputs as run {run.run_id}",
+                wrote=f"nothing: run {run.run_id} (snapshot {run.snapshot_id}, {run.rows} rows) was already complete",
+                outputs={"tags": cfg.where.describe()},
+            )
+            return run
+        table = table or tag_table.open_table(cfg.where, create_with=tags.SCHEMA)
         with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
-            manifest = write_version(cfg, layout, inputs, version)
-    print_summary(layout, manifest, inputs, cfg, started)
-    return manifest
+            run = write_run(cfg, layout, table, inputs, run_id)
+    print_summary(layout, table, run, inputs, cfg, started)
+    return run
 
 
 if __name__ == "__main__":

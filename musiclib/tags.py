@@ -1,22 +1,25 @@
 """The tag table: what the tag job writes beside the catalog, how to read it, and a small query tool.
 
-``<root>/tags/`` is a versioned dataset (see ``versions``). A version holds, in long form, one row per
-(track, tag): ``track_id``, ``tag``, ``score``, ``source`` (``human``: a catalog label, carried over
-unchanged with score 1; ``model``: a probe's score for every tag), ``predicted`` (the score reached the
-tag's threshold; always true for human labels) and provenance ``model_id``, ``probe_run_id``,
-``tagged_at``. All model rows of a version come from one probe run (``--only-new`` carries over only
-rows of the same run). Data rows live in ``<version>/rows/``; tracks that could not be tagged are listed
-with the reason in ``<version>/errors/errors.parquet``.
+The table is an Apache Iceberg table (``tag_table``: catalog, snapshots, commits), one snapshot per tag
+run. It holds, in long form, one row per (track, tag): ``track_id``, ``tag``, ``score``, ``source``
+(``human``: a catalog label, carried over unchanged with score 1; ``model``: a probe's score for every
+tag; ``error``: a track that could not be tagged, no tag, the reason in ``reason``), ``predicted`` (the
+score reached the tag's threshold; always true for human labels) and provenance ``model_id``,
+``probe_run_id``, ``tagged_at``. All model rows of a snapshot come from one probe run (``--only-new``
+keeps only rows of the same run).
 
-    python -m musiclib.tags show TRACK_ID [--root ROOT]
-    python -m musiclib.tags top TAG [--root ROOT] [--n 10]
-    python -m musiclib.tags outputs [--root ROOT]     # what each job did, where the outputs are
+    python -m musiclib.tags show TRACK_ID [--root ROOT] [--run RUN_ID]
+    python -m musiclib.tags top TAG [--root ROOT] [--n 10] [--run RUN_ID]
+    python -m musiclib.tags sql "SELECT tag, count(*) FROM tags GROUP BY tag" [--root ROOT]
+    python -m musiclib.tags history [--root ROOT]      # the runs (snapshots) of the table
+    python -m musiclib.tags outputs [--root ROOT]      # what each job did, where the outputs are
     python -m musiclib.tags similar TRACK_ID [--root ROOT] [--n 10] [--model-id M]
     python -m musiclib.tags seed TAG [--examples ID,ID] [--confirm ID,ID] [--split train] [--root ROOT] [--n 10]
 
-``similar`` and ``seed`` are nearest-neighbour queries over the embeddings (``musiclib.neighbors``);
-``seed TAG --confirm ID,ID`` writes TAG as a human label of the confirmed tracks (and the examples) into
-the catalog, where the next tune and tag runs read it.
+The table commands take ``--catalog-uri`` and ``--table`` (``tag_table``) and read the current snapshot,
+or the snapshot of ``--run`` (time travel). ``similar`` and ``seed`` are nearest-neighbour queries over
+the embeddings (``musiclib.neighbors``); ``seed TAG --confirm ID,ID`` writes TAG as a human label of the
+confirmed tracks (and the examples) into the catalog, where the next tune and tag runs read it.
 """
 
 from __future__ import annotations
@@ -24,33 +27,34 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
+from pyiceberg.expressions import EqualTo
+from pyiceberg.table import Table
 
-from musiclib import neighbors, progress, storage, versions
+from musiclib import neighbors, progress, storage, tag_table, versions
 from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
-from musiclib.probes import ProbeSet
+from musiclib.tag_table import DEFAULT_CATALOG, DEFAULT_TABLE, Where
 
-ROWS_DIR = "rows"
-ERRORS_FILE = "errors/errors.parquet"
+if TYPE_CHECKING:  # the query tool starts without torch
+    from musiclib.probes import ProbeSet
 
 SCHEMA = pa.schema(
     [
         pa.field("track_id", pa.string(), nullable=False),
-        pa.field("tag", pa.string(), nullable=False),
+        pa.field("tag", pa.string()),
         pa.field("score", pa.float32()),
         pa.field("source", pa.string(), nullable=False),
         pa.field("predicted", pa.bool_()),
         pa.field("model_id", pa.string()),
         pa.field("probe_run_id", pa.string()),
         pa.field("tagged_at", pa.string()),
+        pa.field("reason", pa.string()),
     ]
-)
-ERRORS_SCHEMA = pa.schema(
-    [pa.field("track_id", pa.string(), nullable=False), pa.field("reason", pa.string())]
 )
 
 
@@ -59,9 +63,11 @@ class TagConfig(RayConfig):
     """Write predicted tags, with scores and provenance, beside the catalog."""
 
     root: str = DEFAULT_ROOT
+    catalog_uri: str = DEFAULT_CATALOG  # the Iceberg catalog (empty: the root's default, see tag_table)
+    table: str = DEFAULT_TABLE  # the Iceberg table, <namespace>.<name>
     probe_run_id: str = ""  # empty: the latest published tune run
-    run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same version
-    only_new: bool = False  # tag only tracks without rows of this probe run in the latest version
+    run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same snapshot
+    only_new: bool = False  # tag only tracks without rows of this probe run in the current snapshot
     batch_size: int = 512
     concurrency: int = 1  # scoring actors
     summary_tags: int = 3  # long-tail tags whose most confident new tags the summary lists
@@ -70,38 +76,58 @@ class TagConfig(RayConfig):
         problems = RayConfig.problems(self)
         if self.batch_size < 1 or self.concurrency < 1 or self.summary_tags < 0:
             problems.append("--batch-size and --concurrency must be at least 1, --summary-tags at least 0")
+        namespace, _, name = self.table.rpartition(".")
+        if not namespace or not name:
+            problems.append(f"--table must be <namespace>.<name>, got {self.table!r}")
+        if problem := tag_table.catalog_problem(self.catalog_uri):
+            problems.append(problem)
         check("tag", problems)
 
+    @property
+    def where(self) -> Where:
+        return Where(self.root, self.catalog_uri, self.table)
 
-def already_tagged(previous: versions.Manifest | None, model_id: str, probe_run_id: str) -> pa.Table:
-    """Model rows of this probe run and model in the previous version: what ``--only-new`` carries over.
 
-    Rows of another probe run (an older sweep of the same model included) are not carried, so their tracks
-    are scored again with the current probe set and a version never mixes probe sets.
+def carried_files(table: Table, model_id: str, probe_run_id: str) -> tuple[frozenset[str], frozenset[str]]:
+    """What ``--only-new`` keeps of the current snapshot: its model files and their tracks, when its model
+    rows come from this probe run and model; nothing otherwise.
+
+    Rows of another probe run (an older sweep of the same model included) are not kept, so their tracks
+    are scored again with the current probe set and a snapshot never mixes probe sets.
     """
-    if previous is None:
-        return SCHEMA.empty_table()
-    rows = read_version(previous)
-    return rows.filter(
-        (pc.field("source") == "model")
-        & (pc.field("model_id") == model_id)
-        & (pc.field("probe_run_id") == probe_run_id)
-    )
+    current = tag_table.current_run(table)
+    if current is None or (current.properties.get("model-id"), current.properties.get("probe-run-id")) != (
+        model_id,
+        probe_run_id,
+    ):
+        return frozenset(), frozenset()
+    keep = frozenset(f.file_path for f in tag_table.data_files(table) if "/model/" in f.file_path)
+    rows = tag_table.read(table, EqualTo("source", "model"), ("track_id",))
+    return keep, frozenset(rows["track_id"].to_pylist())
 
 
-def embedding_errors(files: list[str], catalog_ids: list[str]) -> pa.Table:
-    """Tracks with an embedding error (its reason) and catalog tracks with no embedding row at all."""
+def embedding_errors(files: list[str], catalog_ids: list[str], tagged_at: str) -> pa.Table:
+    """Rows for tracks with an embedding error (its reason) and catalog tracks with no embedding row."""
     emb = storage.read_parquet(files, ["track_id", "error"])
     failed = emb.filter(pc.is_valid(emb["error"]))
     seen = set(emb["track_id"].to_pylist())
     missing = [t for t in catalog_ids if t not in seen]
+    ids = failed["track_id"].to_pylist() + missing
+    n = len(ids)
     return pa.table(
         {
-            "track_id": failed["track_id"].to_pylist() + missing,
+            "track_id": ids,
+            "tag": [None] * n,
+            "score": pa.nulls(n, pa.float32()),
+            "source": ["error"] * n,
+            "predicted": pa.nulls(n, pa.bool_()),
+            "model_id": [None] * n,
+            "probe_run_id": [None] * n,
+            "tagged_at": [tagged_at] * n,
             "reason": [f"embedding error: {e}" for e in failed["error"].to_pylist()]
             + ["no embedding"] * len(missing),
         },
-        schema=ERRORS_SCHEMA,
+        schema=SCHEMA,
     )
 
 
@@ -123,6 +149,7 @@ def model_rows(table: pa.Table, probe_set: ProbeSet, probe_run_id: str, tagged_a
             "model_id": np.full(n * n_tags, probe_set.model_id, dtype=object),
             "probe_run_id": np.full(n * n_tags, probe_run_id, dtype=object),
             "tagged_at": np.full(n * n_tags, tagged_at, dtype=object),
+            "reason": pa.nulls(n * n_tags, pa.string()),
         },
         schema=SCHEMA,
     )
@@ -148,49 +175,44 @@ def human_rows(catalog_table: pa.Table, tagged_at: str) -> pa.Table:
             "model_id": [None] * n,
             "probe_run_id": [None] * n,
             "tagged_at": [tagged_at] * n,
+            "reason": [None] * n,
         },
         schema=SCHEMA,
     )
 
 
-def read_version(manifest: versions.Manifest, columns: list[str] | None = None) -> pa.Table:
-    """The tag rows of one committed version (only the files its manifest lists)."""
-    uris = [
-        u
-        for u, f in zip(manifest.file_uris(), manifest.files, strict=True)
-        if "/" + ROWS_DIR + "/" in "/" + f.path
-    ]
-    return storage.read_parquet(uris, columns, SCHEMA)
+def read_errors(table: Table, snapshot_id: int | None = None) -> pa.Table:
+    """Tracks a snapshot (default: the current one) could not tag, with the reason."""
+    return tag_table.read(table, EqualTo("source", "error"), ("track_id", "reason"), snapshot_id)
 
 
-def read_errors(manifest: versions.Manifest) -> pa.Table:
-    """Tracks a version could not tag, with the reason."""
-    uris = [
-        u for u, f in zip(manifest.file_uris(), manifest.files, strict=True) if f.path.endswith(ERRORS_FILE)
-    ]
-    return storage.read_parquet(uris, schema=ERRORS_SCHEMA)
-
-
-def read_latest(tags_root: str, columns: list[str] | None = None) -> pa.Table:
-    """The rows of the version ``_latest`` points at; a clear error when nothing was tagged yet."""
-    return read_version(versions.read_latest_manifest(tags_root), columns)
-
-
-def show(tags_root: str, track_id: str) -> pa.Table:
+def show(table: Table, track_id: str, snapshot_id: int | None = None) -> pa.Table:
     """Every tag row of one track: human labels first, then model scores, highest first."""
-    table = read_latest(tags_root).filter(pc.field("track_id") == track_id)
-    return table.sort_by([("source", "ascending"), ("score", "descending")])
+    rows = tag_table.read(table, EqualTo("track_id", track_id), snapshot_id=snapshot_id)
+    return rows.sort_by([("source", "ascending"), ("score", "descending")])
 
 
-def top(tags_root: str, tag: str, n: int = 10) -> pa.Table:
+def top(table: Table, tag: str, n: int = 10, snapshot_id: int | None = None) -> pa.Table:
     """The ``n`` tracks the model scores highest for ``tag``, with whether a human labeled them so."""
-    table = read_latest(tags_root)
-    rows = table.filter((pc.field("tag") == tag) & (pc.field("source") == "model"))
-    human = set(
-        table.filter((pc.field("tag") == tag) & (pc.field("source") == "human"))["track_id"].to_pylist()
-    )
-    best = rows.sort_by([("score", "descending"), ("track_id", "ascending")]).slice(0, n)
+    rows = tag_table.read(table, EqualTo("tag", tag), snapshot_id=snapshot_id)
+    model = rows.filter(pc.field("source") == "model")
+    human = set(rows.filter(pc.field("source") == "human")["track_id"].to_pylist())
+    best = model.sort_by([("score", "descending"), ("track_id", "ascending")]).slice(0, n)
     return best.append_column("human_label", pa.array([t in human for t in best["track_id"].to_pylist()]))
+
+
+def history(table: Table) -> pa.Table:
+    """The table's runs, oldest first: snapshot, commit time, run id, probe run, rows."""
+    runs = tag_table.runs(table)
+    return pa.table(
+        {
+            "snapshot_id": [r.snapshot_id for r in runs],
+            "committed_at": [r.committed_at for r in runs],
+            "run_id": [r.run_id for r in runs],
+            "probe_run_id": [r.properties.get("probe-run-id") for r in runs],
+            "rows": [r.rows for r in runs],
+        }
+    )
 
 
 def summarize(table: pa.Table, long_tail: Sequence[str], n_top: int = 10) -> str:
@@ -228,7 +250,7 @@ def _print(table: pa.Table) -> None:
         print("  ".join(cells))
 
 
-def print_outputs(layout: Layout) -> None:
+def print_outputs(layout: Layout, where: Where) -> None:
     """The chain's table (one row per job, from the summaries the jobs wrote), then where the latest sweep
     report, budget curve, probe set and tag table of a root are."""
     runs = progress.read_summaries(layout.root)
@@ -240,40 +262,70 @@ def print_outputs(layout: Layout) -> None:
         run_dir = versions.version_uri(layout.probes, probes_run)
         for name in ("report.md", "budget_curve.png", "probe_set.safetensors"):
             print(f"{name:<22} {storage.join(run_dir, name)}")
-    tags_version = versions.latest_version(layout.tags)
-    if tags_version is not None:
-        print(f"{'tag table':<22} {versions.version_uri(layout.tags, tags_version)}")
-    if probes_run is None and tags_version is None:
-        raise SystemExit(f"no probe run and no tag version under {layout.root} yet")
+    table = tag_table.open_table(where)
+    current = None if table is None else tag_table.current_run(table)
+    if current is not None:
+        print(f"{'tag table':<22} {where.describe()}, snapshot {current.snapshot_id} (run {current.run_id})")
+    if probes_run is None and current is None:
+        raise SystemExit(f"no probe run and no tag table under {layout.root} yet")
+
+
+USAGE = (
+    "usage: python -m musiclib.tags show TRACK_ID | top TAG | sql QUERY | history | outputs "
+    "[--root ROOT] [--n N] [--run RUN_ID] [--catalog-uri URI] [--table NAMESPACE.NAME]"
+    " | similar TRACK_ID | seed TAG [--examples ID,ID] [--confirm ID,ID] [--split train] [--model-id M]"
+)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``show TRACK_ID``, ``top TAG`` or ``outputs`` against the latest versions under ``--root``."""
+    """``show``, ``top``, ``sql``, ``history`` or ``outputs`` against the current snapshot under ``--root``;
+    ``similar`` and ``seed`` over the embeddings (``neighbors_command``)."""
     args = list(sys.argv[1:] if argv is None else argv)
-    root, n = DEFAULT_ROOT, 10
-    for flag in ("--root", "--n"):
+    flags = {
+        "--root": DEFAULT_ROOT,
+        "--n": "10",
+        "--run": "",
+        "--catalog-uri": DEFAULT_CATALOG,
+        "--table": DEFAULT_TABLE,
+    }
+    for flag in flags:
         if flag in args:
             i = args.index(flag)
-            value = args[i + 1]
+            if i + 1 >= len(args):
+                raise SystemExit(f"{flag} needs a value; {USAGE}")
+            flags[flag] = args[i + 1]
             del args[i : i + 2]
-            root, n = (value, n) if flag == "--root" else (root, int(value))
-    if args == ["outputs"]:
-        print_outputs(Layout(root))
-        return
     if args and args[0] in ("similar", "seed"):
-        neighbors_command(args, root, n)
+        neighbors_command(args, storage.normalize_uri(flags["--root"]), int(flags["--n"]))
         return
-    if len(args) != 2 or args[0] not in ("show", "top"):
-        raise SystemExit(
-            "usage: python -m musiclib.tags show TRACK_ID | top TAG | outputs | similar TRACK_ID | seed TAG "
-            "[--examples ID,ID] [--confirm ID,ID] [--root ROOT] [--n N]"
-        )
-    tags_root = Layout(root).tags
-    table = show(tags_root, args[1]) if args[0] == "show" else top(tags_root, args[1], n)
-    if len(table) == 0:
-        raise SystemExit(f"no rows for {args[1]!r} in the latest tag version under {tags_root}")
-    print("  ".join(table.column_names))
-    _print(table)
+    if problem := tag_table.catalog_problem(flags["--catalog-uri"]):
+        raise SystemExit(problem)
+    where = Where(storage.normalize_uri(flags["--root"]), flags["--catalog-uri"], flags["--table"])
+    if args == ["outputs"]:
+        print_outputs(Layout(where.root), where)
+        return
+    command = args[0] if args else ""
+    if (command, len(args)) not in (("show", 2), ("top", 2), ("sql", 2), ("history", 1)):
+        raise SystemExit(USAGE)
+    table = tag_table.require_table(where)
+    snapshot_id = None
+    if flags["--run"]:
+        run = tag_table.find_run(table, flags["--run"])
+        if run is None:
+            raise SystemExit(f"no run {flags['--run']!r} in {where.describe()}; see: history")
+        snapshot_id = run.snapshot_id
+    if command == "history":
+        out = history(table)
+    elif command == "sql":
+        out = tag_table.sql(table, args[1], snapshot_id)
+    elif command == "show":
+        out = show(table, args[1], snapshot_id)
+    else:
+        out = top(table, args[1], int(flags["--n"]), snapshot_id)
+    if len(out) == 0 and command in ("show", "top"):
+        raise SystemExit(f"no rows for {args[1]!r} in {where.describe()}")
+    print("  ".join(out.column_names))
+    _print(out)
 
 
 def neighbors_command(args: list[str], root: str, n: int) -> None:

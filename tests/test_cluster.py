@@ -96,7 +96,7 @@ def publish_probe_set(layout, model_id: str) -> list[str]:
 
 def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     """embed, then tag with a probe set, run on the two-node cluster and leave complete outputs."""
-    from musiclib import catalog, embedder, tags, versions
+    from musiclib import catalog, embedder, tag_table, versions
     from musiclib.config import Layout
 
     model_id = catalog_on_s3
@@ -114,8 +114,8 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     out = make("submit", cluster.submit_env, JOB="tag", ROOT=cluster.root, ARGS="--batch-size 64")
     assert out.returncode == 0, out.stdout[-3000:]
     with aws_env(s3_server):
-        manifest = versions.read_latest_manifest(layout.tags)
-        assert not versions.verify(manifest)
-        rows = tags.read_version(manifest, ["track_id", "tag", "source"]).to_pylist()
+        table = tag_table.require_table(tag_table.Where(cluster.root))
+        assert not tag_table.verify(table)
+        rows = tag_table.read(table, columns=("track_id", "tag", "source")).to_pylist()
     model_rows = sorted((r["track_id"], r["tag"]) for r in rows if r["source"] == "model")
     assert model_rows == sorted((t, tag) for t in tracks for tag in tag_names)

@@ -35,12 +35,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from test_tag_table import rows as previous_rows
+from test_tag_table import write_and_commit
 
 from jobs import tag as tag_job
-from musiclib import catalog, embedder, fewshot, models, probes, storage, sweep, tags, versions
+from musiclib import catalog, embedder, fewshot, models, probes, storage, sweep, tag_table, versions
 from musiclib.config import Layout, parse
 from musiclib.datasets import demo, tagged_embeddings
 from musiclib.shards import committed_shards, read_shard_columns
+from musiclib.tag_table import Where
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -265,6 +268,25 @@ class Reader(threading.Thread):
         assert not self.problems, f"a reader saw a partial version: {self.problems[:5]}"
 
 
+class TagTableReader(Reader):
+    """A ``Reader`` of the Iceberg tag table under a root: each poll loads the table afresh and checks its
+    current snapshot's data files (``tag_table.verify``); ``versions`` are the runs seen."""
+
+    def __init__(self, root: str, interval: float = 0.2):
+        super().__init__(Layout(root).tags, interval)
+        self.where = Where(root)
+
+    def poll(self) -> None:
+        table = tag_table.open_table(self.where)
+        current = None if table is None else tag_table.current_run(table)
+        if current is None:
+            return
+        self.polls += 1
+        if not self.versions or self.versions[-1] != current.run_id:
+            self.versions.append(current.run_id)
+        self.problems += [f"{current.run_id}: {p}" for p in tag_table.verify(table, current.snapshot_id)]
+
+
 def assert_same_rows(got: pa.Table, expected: pa.Table, keys: list[str], values: list[str]) -> None:
     """The same rows, each key once: keys equal, values equal to float32 precision."""
     a, b = (
@@ -470,12 +492,12 @@ def check_tune_results(root: str, run_id: str) -> None:
     assert_same_rows(results, pa.Table.from_pylist(rows), keys, values)
 
 
-def run_killing_workers(cmd: list[str], log: Path, dataset: str, workers: list[str]) -> list[str]:
+def run_killing_workers(cmd: list[str], log: Path, reader: Reader, workers: list[str]) -> list[str]:
     """Run a job and SIGKILL one Ray worker process of each name in ``workers``, in turn, while it runs; the
-    job must still succeed. Returns the versions a reader polling ``dataset`` saw (it never saw a partial
+    job must still succeed. Returns the versions ``reader`` saw while polling (it never saw a partial
     one)."""
     proc = start(cmd, log)
-    with Reader(dataset) as reader:
+    with reader:
         try:
             killed = [kill_ray_worker(proc, log, name) for name in workers]
             text = finish(proc, log)
@@ -494,7 +516,7 @@ def test_tune_survives_a_trial_worker_killed_mid_trial(tmp_path):
     layout = Layout(root)
     log = tmp_path / "tune.log"
     cmd = job_command("tune", "--root", root, "--run-id", "tune-worker", *TUNE_ARGS)
-    assert run_killing_workers(cmd, log, layout.probes, ["ImplicitFunc.train"]) == ["tune-worker"]
+    assert run_killing_workers(cmd, log, Reader(layout.probes), ["ImplicitFunc.train"]) == ["tune-worker"]
     check_tune_results(root, "tune-worker")
 
 
@@ -509,23 +531,28 @@ def publish_probe_set(root: str, cat: pa.Table, emb: pa.Table, run_id: str = "tu
     return probe_set
 
 
+def commit_previous_tags(root: str) -> None:
+    """An earlier snapshot of the tag table (run ``tags-previous``), so that a reader has one from the start."""
+    write_and_commit(Where(root), "tags-previous", previous_rows("tags-previous", 2))
+
+
 def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
     """SIGKILL the tag driver a seeded 2-8 s after it takes its lease (during Ray's start or the scoring); the
-    same command takes the dead run's lease over, rebuilds the version, and its tags equal the probe set
-    applied to every embedding. A reader never sees a partial version."""
+    same command takes the dead run's lease over, writes the run again and commits it, and its tags equal
+    the probe set applied to every embedding. A reader never sees a partial snapshot."""
     root = str(tmp_path / "root")
     cat, emb = synthetic_root(root, n_files=6)
     probe_set = publish_probe_set(root, cat, emb)
     layout = Layout(root)
-    publish_previous(layout.tags, "tags-previous")
+    commit_previous_tags(root)
     rng = rng_for("tag-driver")
     cmd = job_command("tag", "--root", root, "--run-id", "tags-killed", "--batch-size", "8")
     lease = storage.join(layout.tags, versions.LEASE)
-    with Reader(layout.tags) as reader:
+    with TagTableReader(root) as reader:
         proc = start(cmd, tmp_path / "killed.log")
         delay = kill_when(proc, lambda: storage.exists(lease), rng, min_delay=2.0, max_delay=8.0)
-        assert versions.read_manifest(layout.tags, "tags-killed") is None, (
-            f"seed {SEED}: published before the kill {delay:.1f} s after the lease"
+        assert tag_table.find_run(tag_table.require_table(Where(root)), "tags-killed") is None, (
+            f"seed {SEED}: committed before the kill {delay:.1f} s after the lease"
         )
         run(cmd, tmp_path / "again.log")
     reader.check()
@@ -534,8 +561,8 @@ def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
 
 
 def check_tags(root: str, cat: pa.Table, emb: pa.Table, probe_set: probes.ProbeSet) -> None:
-    """The latest tags: the probe set applied to every embedding once, and the human labels once."""
-    table = tags.read_latest(Layout(root).tags)
+    """The current tags: the probe set applied to every embedding once, and the human labels once."""
+    table = tag_table.read(tag_table.require_table(Where(root)))
     model = table.filter(pc.equal(table["source"], "model"))
     ok = emb.filter(pc.is_null(emb["error"]))
     scores = probe_set.apply(np.array(ok["embedding"].to_pylist(), np.float32))
@@ -561,10 +588,9 @@ def test_tag_survives_a_killed_scoring_actor(tmp_path):
     root = str(tmp_path / "root")
     cat, emb = synthetic_root(root, n_files=6)
     probe_set = publish_probe_set(root, cat, emb)
-    layout = Layout(root)
     log = tmp_path / "tag.log"
     cmd = job_command("tag", "--root", root, "--run-id", "tags-actor", "--batch-size", "8")
-    assert run_killing_workers(cmd, log, layout.tags, ["MapBatches(ScoreBatch)"]) == ["tags-actor"]
+    assert run_killing_workers(cmd, log, TagTableReader(root), ["MapBatches(ScoreBatch)"]) == ["tags-actor"]
     check_tags(root, cat, emb, probe_set)
 
 
@@ -574,7 +600,7 @@ def test_tag_survives_a_killed_scoring_actor(tmp_path):
     reason="gap: jobs/tag.py holds no lease on <root>/tags (being added)",
 )
 def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch):
-    """Two tag runs of the same inputs write the same version folder (``write_version`` first deletes it), so
+    """Two tag runs of the same inputs write the same run folder (``write_run`` first deletes it), so
     the second must fail at once, as embed does. Here the first run is this test holding the lease."""
     root = str(tmp_path / "root")
     cat, emb = synthetic_root(root)
@@ -584,7 +610,7 @@ def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch
         raise AssertionError("the tag job started writing while another run held the lease")
 
     monkeypatch.setattr(tag_job, "ray_session", lambda **kwargs: contextlib.nullcontext(False))
-    monkeypatch.setattr(tag_job, "write_version", unguarded)
+    monkeypatch.setattr(tag_job, "write_run", unguarded)
     with versions.lease(Layout(root).tags), pytest.raises(versions.LeaseHeld, match=LEASE_MESSAGE):
         tag_job.main(["--root", root])
 
@@ -704,8 +730,7 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     every track's tags once."""
     cat, emb = synthetic_root(s3_root, n_files=6)
     probe_set = publish_probe_set(s3_root, cat, emb)
-    layout = Layout(s3_root)
-    publish_previous(layout.tags, "tags-previous")
+    commit_previous_tags(s3_root)
     cmd = job_command("tag", "--root", s3_root, "--run-id", "tags-outage", "--batch-size", "8")
     log = tmp_path / "tag.log"
     proc = start(cmd, log)
@@ -724,14 +749,15 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(log)}"
-    if proc.returncode != 0:  # failed: clearly, and with nothing published; the same command completes
+    if proc.returncode != 0:  # failed: clearly, and with nothing committed; the same command completes
         assert "Error" in text.strip().splitlines()[-1], text[-4000:]
-        assert versions.read_manifest(layout.tags, "tags-outage") is None
-        assert versions.latest_version(layout.tags) == "tags-previous"
+        table = tag_table.require_table(Where(s3_root))
+        assert [r.run_id for r in tag_table.runs(table)] == ["tags-previous"]
         run(cmd, tmp_path / "again.log")
     print(f"tag, S3 down {outage['s']:.1f} s: first run exited {proc.returncode}")
-    assert versions.committed_versions(layout.tags) == ["tags-outage", "tags-previous"]
-    assert versions.verify(versions.read_latest_manifest(layout.tags)) == []
+    table = tag_table.require_table(Where(s3_root))
+    assert [r.run_id for r in tag_table.runs(table)] == ["tags-previous", "tags-outage"]
+    assert tag_table.verify(table) == []
     check_tags(s3_root, cat, emb, probe_set)
 
 

@@ -10,9 +10,10 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from musiclib import catalog, embedder, models, progress, tags, versions
+from musiclib import catalog, embedder, models, progress, tag_table, tags
 from musiclib.config import Layout
 from musiclib.datasets import demo
+from musiclib.tag_table import Where
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 LINE_BUDGET = 150  # the whole chain's console output without --verbose (issue: a person can follow it)
@@ -74,12 +75,13 @@ def test_demo_chain_end_to_end(tmp_path):
     emb = embedder.read(layout.embeddings, model_id, columns=["track_id", "error"])
     assert sorted(emb["track_id"].to_pylist()) == sorted(cat["track_id"].to_pylist())
 
-    manifest = versions.read_latest_manifest(layout.tags)
-    table = tags.read_version(manifest)
+    iceberg = tag_table.require_table(Where(layout.root))
+    assert tag_table.verify(iceberg) == []
+    table = tag_table.read(iceberg)
     model_rows = table.filter(pc.equal(table["source"], "model"))
     assert set(model_rows["track_id"].to_pylist()) == good
     human = table.filter(pc.equal(table["source"], "human"))
     expected = {(t, tag) for t, ts in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) for tag in ts}
     assert set(zip(human["track_id"].to_pylist(), human["tag"].to_pylist())) == expected
-    errors = tags.read_errors(manifest)
+    errors = tags.read_errors(iceberg)
     assert set(errors["track_id"].to_pylist()) == set(cat["track_id"].to_pylist()) - good

@@ -1,17 +1,21 @@
 """The tag job: scores equal the probe applied directly, human labels survive, atomic, idempotent, S3;
-``--only-new`` never mixes probe runs; empty embeddings fail before Ray."""
+``--only-new`` never mixes probe runs; empty embeddings fail before Ray. The table's own guarantees
+without Ray are in ``test_tag_table.py``."""
 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from pyiceberg.catalog.sql import SqlCatalog
 from test_tune import MODEL, write_root  # noqa: E402
 
 from jobs import tag as tag_job
-from musiclib import catalog, embedder, fewshot, probes, storage, tags, versions
+from musiclib import catalog, embedder, fewshot, probes, storage, tag_table, tags, versions
 from musiclib.config import ConfigError, Layout
 from musiclib.datasets import demo, tagged_embeddings
+from musiclib.tag_table import Where
 
 LOGREG = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
 
@@ -45,7 +49,8 @@ def ray_local(s3_endpoint):
 
 def check_table(root: str, cat, emb, probe_set: probes.ProbeSet) -> None:
     """Model scores equal the probe applied directly; thresholds as saved; human labels unchanged."""
-    table = tags.read_latest(Layout(root).tags).to_pandas()
+    iceberg = tag_table.require_table(Where(root))
+    table = tag_table.read(iceberg).to_pandas()
     ok = emb.filter(pc.is_null(emb["error"]))
     x = np.array(ok["embedding"].to_pylist(), np.float32)
     expected = probe_set.apply(x)
@@ -60,26 +65,35 @@ def check_table(root: str, cat, emb, probe_set: probes.ProbeSet) -> None:
         (t, g) for t, gs in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist(), strict=True) for g in gs
     }
     assert set(zip(human["track_id"], human["tag"], strict=True)) == labels and len(human) == len(labels)
-    errors = tags.read_errors(versions.read_latest_manifest(Layout(root).tags))
+    errors = tags.read_errors(iceberg)
     assert set(errors["track_id"].to_pylist()) == set(
         emb.filter(pc.is_valid(emb["error"]))["track_id"].to_pylist()
     )
     assert all(r.startswith("embedding error") for r in errors["reason"].to_pylist())
 
 
-def first_run_checks(root: str) -> versions.Manifest:
+def first_run_checks(root: str) -> tag_table.Run:
     """Tag a fresh root, check the table against the probe set, then check a re-run is a no-op."""
     cat, emb = write_root(root, n_tracks=120)
     probe_set = publish_probe_set(root, cat, emb)
-    layout = Layout(root)
     first = tag_job.main(["--root", root, "--num-cpus", "2"])
     check_table(root, cat, emb, probe_set)
 
     # a re-run with the same inputs is a no-op
     again = tag_job.main(["--root", root])
-    assert again.version == first.version and again.created_at == first.created_at
-    assert versions.committed_versions(layout.tags) == [first.version]
+    assert again == first
+    assert [r.run_id for r in tag_table.runs(tag_table.require_table(Where(root)))] == [first.run_id]
     return first
+
+
+def run_ids(root: str) -> list[str]:
+    return [r.run_id for r in tag_table.runs(tag_table.require_table(Where(root)))]
+
+
+def rows_of(root: str, run: tag_table.Run) -> pa.Table:
+    """A run's rows (time travel to its snapshot), in a fixed order."""
+    rows = tag_table.read(tag_table.require_table(Where(root)), snapshot_id=run.snapshot_id)
+    return rows.sort_by([("source", "ascending"), ("track_id", "ascending"), ("tag", "ascending")])
 
 
 @pytest.mark.slow
@@ -88,26 +102,27 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     layout = Layout(root)
     first = first_run_checks(root)
 
-    # a crash before the pointer moves leaves latest on the previous complete version
+    # a crash after the data files, before the commit, leaves the previous snapshot current
     cat2, emb2 = tagged_embeddings.make(n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=MODEL)
     embedder.publish_table(layout.embeddings, MODEL, "v2", emb2)
     catalog.write(cat2, layout.catalog)
 
     def crash(*args, **kwargs):
-        raise RuntimeError("killed before the manifest and the pointer were written")
+        raise RuntimeError("killed before the commit")
 
     with monkeypatch.context() as patch:
-        patch.setattr(versions, "publish", crash)
+        patch.setattr(tag_table, "commit", crash)
         with pytest.raises(RuntimeError, match="killed"):
             tag_job.main(["--root", root, "--only-new", "true"])
-    assert versions.latest_version(layout.tags) == first.version
-    assert tags.read_latest(layout.tags).equals(tags.read_version(first))
+    assert run_ids(root) == [first.run_id]
+    current = tag_table.current_run(tag_table.require_table(Where(root)))
+    assert current == first and rows_of(root, current).equals(rows_of(root, first))
 
-    # --only-new scores only the new tracks and carries the others over unchanged
+    # --only-new scores only the new tracks and keeps the others' files unchanged
     new = tag_job.main(["--root", root, "--only-new", "true"])
-    assert versions.latest_version(layout.tags) == new.version != first.version
-    before = tags.read_version(first).to_pandas()
-    after = tags.read_version(new).to_pandas()
+    assert run_ids(root) == [first.run_id, new.run_id] and new.parent_id == first.snapshot_id
+    before = rows_of(root, first).to_pandas()
+    after = rows_of(root, new).to_pandas()
     old_model = before[before["source"] == "model"].sort_values(["track_id", "tag"]).reset_index(drop=True)
     kept = after[(after["source"] == "model") & after["track_id"].isin(old_model["track_id"])]
     assert kept.sort_values(["track_id", "tag"]).reset_index(drop=True).equals(old_model)
@@ -115,6 +130,11 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     # the new tracks, and the three whose embedding failed before and is fine now
     assert set(fresh["track_id"]) == {f"t{i:05d}" for i in range(117, 147)}
     assert len(fresh) == 30 * 8 and (fresh["probe_run_id"] == "tune-test").all()
+    table = tag_table.require_table(Where(root))
+    old_files = {
+        f.file_path for f in tag_table.data_files(table, first.snapshot_id) if "/model/" in f.file_path
+    }
+    assert old_files < {f.file_path for f in tag_table.data_files(table)}  # kept, not rewritten
 
     summary = capsys.readouterr().out
     assert "tracks tagged by the model" in summary and "most confident new" in summary
@@ -123,23 +143,23 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     out = capsys.readouterr().out.splitlines()
     assert out[0].startswith("track_id") and any("t00001" in line for line in out[1:])
 
-    # a new probe run of the same model: --only-new carries none of the older run's rows over, and a
-    # crash between the manifest and the pointer is repaired by running the same command again
+    # a new probe run of the same model: --only-new keeps none of the older run's rows, and a crash
+    # inside the catalog's commit (metadata written, the catalog not yet moved) is repaired by running
+    # the same command again
     centroid = {"budget": "all", "probe": "centroid", "norm": "l2"}
     second = publish_probe_set(root, cat2, emb2, run_id="tune-test2", config=centroid)
 
-    def crash_pointer(*args, **kwargs):
-        raise RuntimeError("killed after the manifest, before the pointer moved")
+    def crash_commit(*args, **kwargs):
+        raise RuntimeError("killed inside the catalog commit")
 
     with monkeypatch.context() as patch:
-        patch.setattr(versions, "set_latest", crash_pointer)
+        patch.setattr(SqlCatalog, "commit_table", crash_commit)
         with pytest.raises(RuntimeError, match="killed"):
             tag_job.main(["--root", root, "--only-new", "true"])
-    assert versions.latest_version(layout.tags) == new.version
+    assert run_ids(root) == [first.run_id, new.run_id]
     third = tag_job.main(["--root", root, "--only-new", "true"])
-    assert versions.latest_version(layout.tags) == third.version not in (new.version, first.version)
-    assert "already complete" in capsys.readouterr().out
-    model = tags.read_version(third, ["source", "probe_run_id"]).filter(pc.field("source") == "model")
+    assert run_ids(root) == [first.run_id, new.run_id, third.run_id]
+    model = rows_of(root, third).filter(pc.field("source") == "model")
     assert set(model["probe_run_id"].to_pylist()) == {"tune-test2"}
     check_table(root, cat2, emb2, second)
 
@@ -169,7 +189,7 @@ def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
         ) as err:
             tag_job.main(["--root", root])
         assert "run embed on a non-empty catalog" in str(err.value) and "\n" not in str(err.value)
-    assert versions.latest_version(layout.tags) is None
+    assert tag_table.open_table(Where(root)) is None
 
 
 def test_missing_catalog_or_probe_set_fails_before_ray(tmp_path):
@@ -180,3 +200,14 @@ def test_missing_catalog_or_probe_set_fails_before_ray(tmp_path):
         tag_job.main(["--root", str(tmp_path)])
     with pytest.raises(ConfigError):
         tag_job.main(["--root", str(tmp_path), "--batch-size", "0"])
+    bad = ["--catalog-uri", "nonsense", "--table", "tags", "--batch-size", "0"]
+    with pytest.raises(ConfigError) as err:
+        tag_job.main(["--root", str(tmp_path), *bad])
+    assert "--catalog-uri must be" in str(err.value) and "got 'nonsense'" in str(err.value)
+    assert "--table must be <namespace>.<name>, got 'tags'" in str(err.value) and "--batch-size" in str(
+        err.value
+    )
+    with pytest.raises(ConfigError, match="got a value with '@'") as err:
+        tag_job.main(["--root", str(tmp_path), "--catalog-uri", "user:secret@host"])
+    assert "secret" not in str(err.value)
+    assert not (tmp_path / "tags" / "iceberg.db").exists()  # no table made for a run that could not start

@@ -1,0 +1,308 @@
+"""The tag table as an Apache Iceberg table: one snapshot per tag run, readable by any Iceberg engine.
+
+Spark, Trino, Athena and DuckDB read Iceberg, so the tag job publishes its rows as an Iceberg table
+(``musiclib.tags`` by default) through pyiceberg. A tag run writes its Parquet data files first, then
+commits one snapshot that lists them: readers see the previous snapshot or the new one, never a
+half-written run, and the files of a run killed before its commit are never read. A full run replaces
+every data file; ``--only-new`` keeps the model files of the same probe run as they are and adds the
+new tracks' files. Each snapshot's summary carries the run's id and provenance (``musiclib.*``
+properties), so a re-run with the same inputs finds its snapshot and writes nothing, and earlier runs
+stay readable by snapshot (time travel).
+
+The catalog (``--catalog-uri``, else ``MUSICLIB_TAG_CATALOG``):
+
+- empty, local root: a SQLite file beside the table, ``sqlite:///<root>/tags/iceberg.db``;
+- empty, S3 root: a SQLite file on the machine that runs the job, ``~/.musiclib/iceberg/<bucket>/<key>/
+  iceberg.db``: fine for one machine, but other machines do not see it, so a cluster names a shared one;
+- ``http://…`` or ``https://…``: an Iceberg REST catalog; ``glue``: AWS Glue; any other URI is a
+  SQLAlchemy URL (``postgresql://…``, ``sqlite:///…``).
+
+The data and metadata files live under ``<root>/tags/warehouse`` (the catalog's warehouse). S3 settings
+come from the standard AWS variables; credentials are found by the AWS SDK on the machine that uses
+them and never pass through musiclib. A catalog's own secrets (a REST token, say) go in pyiceberg's
+variables, ``PYICEBERG_CATALOG__MUSICLIB__<PROPERTY>``; a password inside the URI is never printed.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import random
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, ValidationException
+from pyiceberg.expressions import BooleanExpression
+from pyiceberg.io.pyarrow import parquet_file_to_data_file
+from pyiceberg.table import ALWAYS_TRUE, Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+from musiclib import storage
+
+DEFAULT_TABLE = "musiclib.tags"
+DEFAULT_CATALOG = os.environ.get("MUSICLIB_TAG_CATALOG", "")
+CATALOG_NAME = "musiclib"  # pyiceberg reads PYICEBERG_CATALOG__MUSICLIB__* for this catalog
+S3_CATALOG_DIR = "~/.musiclib/iceberg"  # where an S3 root's default SQLite catalog lives
+PREFIX = "musiclib."  # snapshot summary properties musiclib writes
+RUN_ID = PREFIX + "run-id"
+COMMIT_ATTEMPTS = 8  # optimistic commits re-planned after a concurrent writer won
+
+
+@dataclass(frozen=True)
+class Where:
+    """Which table: the root (its warehouse), the catalog URI (empty: the default) and the table name."""
+
+    root: str
+    catalog_uri: str = DEFAULT_CATALOG
+    table: str = DEFAULT_TABLE
+
+    @property
+    def warehouse(self) -> str:
+        return storage.join(self.root, "tags", "warehouse")
+
+    def resolved_catalog(self) -> str:
+        """The catalog URI in use: the one given, else the default for the root (see the module doc)."""
+        if self.catalog_uri:
+            return self.catalog_uri
+        scheme, path = storage.split_uri(self.root)
+        if scheme == "s3":
+            return "sqlite:///" + os.path.join(os.path.expanduser(S3_CATALOG_DIR), path, "iceberg.db")
+        return "sqlite:///" + os.path.join(path, "tags", "iceberg.db")
+
+    def describe(self) -> str:
+        """``<table> in <catalog>``, safe to print (``masked``)."""
+        return f"{self.table} in {masked(self.resolved_catalog())}"
+
+
+def catalog_problem(catalog_uri: str) -> str | None:
+    """Why a ``--catalog-uri`` names no catalog, or None. A value with ``@`` (maybe a password) is not echoed."""
+    if catalog_uri in ("", "glue") or catalog_uri.startswith(("http://", "https://")):
+        return None
+    try:
+        make_url(catalog_uri)
+    except ArgumentError:
+        shown = "a value with '@'" if "@" in catalog_uri else repr(catalog_uri)
+        return (
+            f"--catalog-uri must be https://... (a REST catalog), glue, or a SQLAlchemy URL such as "
+            f"sqlite:///path/iceberg.db or postgresql://host/db; got {shown}"
+        )
+    return None
+
+
+def masked(catalog_uri: str) -> str:
+    """A catalog URI with the password of a SQLAlchemy URL replaced by ``***``."""
+    if "://" in catalog_uri and not catalog_uri.startswith(("http://", "https://")):
+        return make_url(catalog_uri).render_as_string(hide_password=True)
+    return catalog_uri
+
+
+@dataclass(frozen=True)
+class Run:
+    """One tag run as the table records it: its snapshot and the ``musiclib.*`` summary properties."""
+
+    run_id: str
+    snapshot_id: int
+    parent_id: int | None
+    committed_at: str
+    rows: int
+    properties: dict[str, str]
+
+    @classmethod
+    def of(cls, snapshot: Any) -> Run:
+        summary = snapshot.summary.additional_properties if snapshot.summary else {}
+        at = _dt.datetime.fromtimestamp(snapshot.timestamp_ms / 1000, _dt.UTC)
+        return cls(
+            run_id=summary.get(RUN_ID, ""),
+            snapshot_id=snapshot.snapshot_id,
+            parent_id=snapshot.parent_snapshot_id,
+            committed_at=at.isoformat(timespec="milliseconds"),
+            rows=int(summary.get("total-records", 0)),
+            properties={k.removeprefix(PREFIX): v for k, v in summary.items() if k.startswith(PREFIX)},
+        )
+
+
+def _catalog(where: Where, create: bool) -> Catalog | None:
+    """The pyiceberg catalog; None for a SQLite catalog whose file does not exist and is not to be made."""
+    uri = where.resolved_catalog()
+    props: dict[str, str] = {"warehouse": where.warehouse}
+    if uri.startswith(("http://", "https://")):
+        props |= {"type": "rest", "uri": uri}
+    elif uri == "glue":
+        props |= {"type": "glue"}
+    else:
+        props |= {"type": "sql", "uri": uri}
+        if uri.startswith("sqlite:///"):
+            path = make_url(uri).database or ""
+            if not create and not os.path.exists(path):
+                return None
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    if storage.split_uri(where.root)[0] == "s3":
+        s3 = storage.s3_settings()  # endpoint and region only: credentials stay with the AWS SDK
+        props |= {k: v for k, v in (("s3.endpoint", s3["endpoint_url"]), ("s3.region", s3["region"])) if v}
+    return load_catalog(CATALOG_NAME, **props)
+
+
+def open_table(where: Where, create_with: pa.Schema | None = None) -> Table | None:
+    """The tag table, or None when it does not exist yet; with ``create_with`` it is made with that schema.
+
+    A new table gets a name mapping, so the Parquet files the tag job writes (plain Arrow schemas,
+    without Iceberg field ids) are read by column name.
+    """
+    catalog = _catalog(where, create=create_with is not None)
+    if catalog is None:
+        return None
+    if create_with is None:
+        try:
+            return catalog.load_table(where.table)
+        except NoSuchTableError:
+            return None
+    catalog.create_namespace_if_not_exists(where.table.rpartition(".")[0])
+    table = catalog.create_table_if_not_exists(where.table, schema=create_with)
+    if table.metadata.name_mapping() is None:
+        mapping = table.schema().name_mapping.model_dump_json()
+        with table.transaction() as tx:
+            tx.set_properties(**{"schema.name-mapping.default": mapping})
+    return table
+
+
+def require_table(where: Where) -> Table:
+    """The tag table; a clear error naming the table and catalog when nothing was tagged yet."""
+    table = open_table(where)
+    if table is None or table.current_snapshot() is None:
+        raise storage.StorageError(f"no tag table {where.describe()} yet: run the tag job first")
+    return table
+
+
+def runs(table: Table) -> list[Run]:
+    """Every snapshot of the table, oldest first: the tag runs it holds (time travel by ``snapshot_id``)."""
+    return [Run.of(s) for s in sorted(table.metadata.snapshots, key=lambda s: s.timestamp_ms)]
+
+
+def current_run(table: Table) -> Run | None:
+    snapshot = table.current_snapshot()
+    return None if snapshot is None else Run.of(snapshot)
+
+
+def find_run(table: Table, run_id: str) -> Run | None:
+    """The snapshot committed by run ``run_id``, or None when that run never committed."""
+    return next((r for r in runs(table) if r.run_id == run_id), None)
+
+
+def already_complete(table: Table, run_id: str, job: str) -> Run | None:
+    """The snapshot of ``run_id`` when that run committed (a re-run with the same inputs: nothing to do)."""
+    run = find_run(table, run_id)
+    if run is not None:
+        current = current_run(table)
+        where = (
+            "it is the current snapshot"
+            if current and current.snapshot_id == run.snapshot_id
+            else f"the current snapshot is the newer run {current.run_id if current else None}"
+        )
+        print(
+            f"{job}: run {run_id} is already complete (snapshot {run.snapshot_id} of {table.name()}); {where}"
+        )
+    return run
+
+
+def run_dir(table: Table, run_id: str) -> str:
+    """Where run ``run_id`` writes its data files (a killed attempt's leftovers there are never committed)."""
+    return storage.join(table.location(), "data", run_id)
+
+
+def data_files(table: Table, snapshot_id: int | None = None) -> list[Any]:
+    """The data files of a snapshot (default: the current one), as pyiceberg ``DataFile`` records."""
+    return [task.file for task in table.scan(snapshot_id=snapshot_id).plan_files()]
+
+
+def read(
+    table: Table,
+    row_filter: str | BooleanExpression = ALWAYS_TRUE,
+    columns: tuple[str, ...] = ("*",),
+    snapshot_id: int | None = None,
+) -> pa.Table:
+    """Rows of a snapshot (default: the current one), filtered and projected by the scan itself."""
+    return table.scan(row_filter=row_filter, selected_fields=columns, snapshot_id=snapshot_id).to_arrow()
+
+
+def commit(
+    table: Table,
+    run_id: str,
+    files: list[str],
+    properties: dict[str, Any],
+    keep: frozenset[str] = frozenset(),
+) -> Run:
+    """Commit one snapshot whose rows are ``files`` (already written) plus the current files in ``keep``.
+
+    Every other current data file leaves the snapshot. Iceberg commits optimistically; when another
+    writer commits first, pyiceberg retries and checks the conflict, and here the snapshot is planned
+    again against the new current one (a full run replaces it; a run whose ``keep`` files are gone
+    fails, since what it scored depended on them), so no writer's snapshot is lost.
+    """
+    added = [parquet_file_to_data_file(table.io, table.metadata, f) for f in files]
+    summary = {RUN_ID: run_id} | {PREFIX + k: str(v) for k, v in properties.items()}
+    attempt = 0
+    while True:
+        table.refresh()
+        if (landed := find_run(table, run_id)) is not None:  # an attempt whose answer was lost did land
+            return landed
+        current = {f.file_path: f for f in data_files(table)}
+        if missing := keep - current.keys():
+            raise storage.StorageError(
+                f"the tag table {table.name()} changed during run {run_id}: {len(missing)} data file(s) it "
+                f"keeps are gone from the current snapshot; run it again"
+            )
+        tx = table.transaction()
+        with tx.update_snapshot(snapshot_properties=summary).overwrite() as snapshot:
+            for path, data_file in current.items():
+                if path not in keep:
+                    snapshot.delete_data_file(data_file)
+            for data_file in added:
+                snapshot.append_data_file(data_file)
+        try:
+            tx.commit_transaction()
+            return Run.of(table.current_snapshot())
+        except (CommitFailedException, ValidationException) as exc:
+            attempt += 1
+            if attempt == COMMIT_ATTEMPTS:
+                raise storage.StorageError(
+                    f"run {run_id} could not commit to {table.name()} after {attempt} attempts: {exc}"
+                ) from exc
+            time.sleep(random.uniform(0.05, 0.2) * 2**attempt)
+
+
+def verify(table: Table, snapshot_id: int | None = None) -> list[str]:
+    """Problems with a snapshot's data files (missing, or not the size and rows the table records)."""
+    problems = []
+    for f in data_files(table, snapshot_id):
+        uri = f.file_path.removeprefix("file://")
+        if not storage.exists(uri):
+            problems.append(f"missing: {uri}")
+            continue
+        fs, path = storage.filesystem(uri)
+        if fs.size(path) != f.file_size_in_bytes or storage.parquet_rows(uri) != f.record_count:
+            problems.append(f"size or rows differ from the table: {uri}")
+    return problems
+
+
+def sql(table: Table, query: str, snapshot_id: int | None = None) -> pa.Table:
+    """Run DuckDB SQL over a snapshot (default: the current one), registered as the view ``tags``.
+
+    pyiceberg reads the snapshot into Arrow (local or S3, honouring the table's metadata), so nothing
+    needs DuckDB's downloadable extensions.
+    """
+    import duckdb  # only this command needs it: the tag job and its Ray workers do not import it
+
+    con = duckdb.connect()
+    con.register("tags", read(table, snapshot_id=snapshot_id))
+    return con.sql(query).to_arrow_table()
+
+
+def config_properties(config: dict[str, Any]) -> str:
+    """A run's config as JSON for its snapshot summary, with the catalog URI's password masked."""
+    masked_uri = {"catalog_uri": masked(config["catalog_uri"])} if config.get("catalog_uri") else {}
+    return json.dumps(config | masked_uri, sort_keys=True, default=str)

@@ -1,0 +1,149 @@
+"""The Iceberg tag table without Ray: a killed commit leaves the previous snapshot current, concurrent
+writers both land (optimistic commits, retried), DuckDB reads what pyiceberg wrote; local files and S3."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+import pytest
+from pyiceberg.catalog.sql import SqlCatalog
+from pyiceberg.table import Transaction
+
+from musiclib import storage, tag_table, tags
+from musiclib.tag_table import Where
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(params=["local", "s3"])
+def table_root(request, tmp_path, monkeypatch) -> str:
+    """A root on local files or on the S3 test server; HOME is the test's (an S3 root's SQLite catalog)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    if request.param == "s3":
+        return request.getfixturevalue("s3_root") + "/lib"
+    return str(tmp_path / "root")
+
+
+def rows(run_id: str, n_tracks: int) -> pa.Table:
+    """Model rows of ``n_tracks`` tracks and two tags, scores ``i / 10``, labeled with the run."""
+    n = 2 * n_tracks
+    return pa.table(
+        {
+            "track_id": [f"t{i // 2:03d}" for i in range(n)],
+            "tag": ["a", "b"] * n_tracks,
+            "score": pa.array([i / 10 for i in range(n)], pa.float32()),
+            "source": ["model"] * n,
+            "predicted": [i % 3 == 0 for i in range(n)],
+            "model_id": ["m"] * n,
+            "probe_run_id": [run_id] * n,
+            "tagged_at": ["2026-01-01T00:00:00"] * n,
+            "reason": [None] * n,
+        },
+        schema=tags.SCHEMA,
+    )
+
+
+def write_and_commit(where: Where, run_id: str, table: pa.Table) -> tag_table.Run:
+    """What the tag job does after scoring: write the run's data file, then commit it as one snapshot."""
+    iceberg = tag_table.open_table(where, create_with=tags.SCHEMA)
+    uri = storage.join(tag_table.run_dir(iceberg, run_id), "model", "part-0.parquet")
+    storage.write_parquet(table, uri)
+    return tag_table.commit(iceberg, run_id, [uri], {"probe-run-id": run_id})
+
+
+KILLED_COMMIT = """
+import os, signal, sys
+from pyiceberg.catalog.sql import SqlCatalog
+from test_tag_table import rows, write_and_commit
+from musiclib.tag_table import Where
+
+def killed(*args, **kwargs):  # the data files and Iceberg metadata are written; the catalog never moves
+    os.kill(os.getpid(), signal.SIGKILL)
+
+SqlCatalog.commit_table = killed
+write_and_commit(Where(sys.argv[1]), "b", rows("b", 7))
+"""
+
+
+def test_a_killed_commit_leaves_the_previous_snapshot_current(table_root):
+    where = Where(table_root)
+    a = write_and_commit(where, "a", rows("a", 5))
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")]),
+    }
+    proc = subprocess.run([sys.executable, "-c", KILLED_COMMIT, table_root], env=env, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
+    table = tag_table.require_table(where)
+    assert storage.list_files(tag_table.run_dir(table, "b"), ".parquet"), "killed before its data files"
+    assert [r.run_id for r in tag_table.runs(table)] == ["a"] and tag_table.current_run(table) == a
+    assert tag_table.read(table).sort_by("score").equals(rows("a", 5)) and tag_table.verify(table) == []
+    b = write_and_commit(where, "b", rows("b", 7))  # the same run again: it lands
+    assert b.parent_id == a.snapshot_id and tag_table.read(tag_table.require_table(where)).num_rows == 14
+
+
+def test_concurrent_writers_both_land(table_root, monkeypatch):
+    """Two writers plan their snapshot on the same current one and commit at once: one wins, the other's
+    commit fails, is planned again on the winner's snapshot and lands after it."""
+    where = Where(table_root)
+    write_and_commit(where, "first", rows("first", 3))
+    both_planned = threading.Barrier(2, timeout=60)
+    calls: list[str] = []
+    real = Transaction.commit_transaction
+
+    def commit_together(self):
+        calls.append(threading.current_thread().name)
+        if calls.count(threading.current_thread().name) == 1:
+            both_planned.wait()
+        return real(self)
+
+    monkeypatch.setattr(Transaction, "commit_transaction", commit_together)
+    done: dict[str, tag_table.Run] = {}
+
+    def writer(run_id: str, n: int) -> None:
+        done[run_id] = write_and_commit(where, run_id, rows(run_id, n))
+
+    threads = [threading.Thread(target=writer, args=(r, n), name=r) for r, n in (("x", 4), ("y", 6))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert set(done) == {"x", "y"} and len(calls) >= 3  # a conflict happened and was retried
+    table = tag_table.require_table(where)
+    history = tag_table.runs(table)
+    assert [r.run_id for r in history][0] == "first" and {r.run_id for r in history[1:]} == {"x", "y"}
+    assert history[2].parent_id == history[1].snapshot_id  # the loser committed on top of the winner
+    last = history[2].run_id
+    assert tag_table.read(table).sort_by("score").equals(rows(last, {"x": 4, "y": 6}[last]))
+
+
+def test_duckdb_reads_what_pyiceberg_wrote(table_root, capsys):
+    where = Where(table_root)
+    write_and_commit(where, "a", rows("a", 5))
+    write_and_commit(where, "b", rows("b", 7))
+    query = "SELECT probe_run_id, count(*) AS n, round(sum(score), 4) AS s FROM tags GROUP BY 1"
+    tags.main(["sql", query, "--root", table_root])
+    tags.main(["sql", query, "--root", table_root, "--run", "a"])  # time travel
+    tags.main(["history", "--root", table_root])
+    out = capsys.readouterr().out.splitlines()
+    expected = [rows(r, n).to_pandas()["score"].astype(float).sum() for r, n in (("b", 7), ("a", 5))]
+    assert out[:2] == ["probe_run_id  n  s", f"b  14  {round(expected[0], 4):.3f}"]
+    assert out[2:4] == ["probe_run_id  n  s", f"a  10  {round(expected[1], 4):.3f}"]
+    assert out[4].split() == ["snapshot_id", "committed_at", "run_id", "probe_run_id", "rows"]
+    assert [line.split()[2] for line in out[5:]] == ["a", "b"]
+    if table_root.startswith("s3://"):
+        return  # DuckDB reads S3 only through its httpfs extension, downloaded at run time
+    # the README's query: DuckDB over the current snapshot's data files, listed by pyiceberg, no musiclib
+    catalog_ = SqlCatalog("musiclib", uri=f"sqlite:///{table_root}/tags/iceberg.db")
+    files = [t.file.file_path for t in catalog_.load_table("musiclib.tags").scan().plan_files()]
+    got = duckdb.sql(f"SELECT * FROM read_parquet({files}) ORDER BY track_id, tag").to_arrow_table()
+    assert got.cast(tags.SCHEMA).equals(
+        rows("b", 7).sort_by([("track_id", "ascending"), ("tag", "ascending")])
+    )
