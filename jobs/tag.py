@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import ray
 from pyiceberg.table import Table
 
-from musiclib import catalog, embedder, progress, ray_env, storage, tag_table, tags, versions
-from musiclib.config import ConfigError, Layout, parse
+from musiclib import catalog, progress, ray_env, storage, tag_table, tags, versions
+from musiclib.config import Layout, parse
 from musiclib.probes import ProbeSet
 from musiclib.ray_env import ray_session, retry_transient_storage
 from musiclib.tags import TagConfig
@@ -45,25 +45,11 @@ class Inputs:
 
 def resolve(cfg: TagConfig, layout: Layout, previous: tag_table.Run | None) -> Inputs:
     """Find the probe set and its model's embeddings; a clear error when either is missing or empty."""
-    run_id = cfg.probe_run_id or versions.latest_version(layout.probes)
-    if run_id is None or versions.read_manifest(layout.probes, run_id) is None:
-        raise ConfigError(
-            f"no published probe run {cfg.probe_run_id or ''} under {layout.probes}: run tune first"
-        )
-    probe_uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
-    probe_set = ProbeSet.load(probe_uri)
-    if probe_set.thresholds is None:
-        raise ConfigError(f"probe set {probe_uri} has no thresholds")
-    dataset = embedder.dataset_uri(layout.embeddings, probe_set.model_id)
-    if versions.latest_version(dataset) is None:
-        raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
-    emb = versions.read_latest_manifest(dataset)  # files and version from the same manifest
-    if emb.rows == 0:
-        raise ConfigError(
-            f"the embeddings of {probe_set.model_id} hold no rows: version {emb.version} of {dataset} "
-            f"lists {len(emb.files)} file(s); run embed on a non-empty catalog"
-        )
-    return Inputs(run_id, probe_uri, probe_set, emb.file_uris(), emb.version, previous)
+    applied = tags.applied_probes(layout, cfg.probe_run_id)
+    emb = applied.embeddings
+    return Inputs(
+        applied.run_id, applied.probe_uri, applied.probe_set, emb.file_uris(), emb.version, previous
+    )
 
 
 def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:

@@ -28,7 +28,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy.special import expit, logit
 
-from musiclib import catalog, embedder, fewshot, metrics, probes, storage, tags, versions
+from musiclib import catalog, fewshot, metrics, probes, storage, tags, versions
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
 
 SUGGESTIONS = "suggestions"
@@ -227,15 +227,8 @@ class Inputs:
 def resolve(cfg: SuggestConfig, layout: Layout) -> Inputs:
     """The probe set the tag job applies, the tags asked for and the model's latest embeddings; a clear
     one-line error for an unknown tag, a tag without a probe, or missing inputs."""
-    run_id = cfg.probe_run_id or versions.latest_version(layout.probes)
-    if run_id is None or versions.read_manifest(layout.probes, run_id) is None:
-        raise ConfigError(
-            f"no published probe run {cfg.probe_run_id!r} under {layout.probes}: run tune first"
-        )
-    probe_uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
-    probe_set = probes.ProbeSet.load(probe_uri)
-    if probe_set.thresholds is None:
-        raise ConfigError(f"probe set {probe_uri} has no thresholds")
+    applied = tags.applied_probes(layout, cfg.probe_run_id)
+    run_id, probe_set = applied.run_id, applied.probe_set
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "split"])
     vocabulary = set(catalog.vocabulary(cat, split=None).tags) | set(probe_set.tags)
     with_probe = [t for j, t in enumerate(probe_set.tags) if probe_set.weights[:, j].any()]
@@ -245,14 +238,11 @@ def resolve(cfg: SuggestConfig, layout: Layout) -> Inputs:
         if tag not in with_probe:
             raise ConfigError(f"tag {tag!r} has no probe in probe run {run_id}: label more tracks, run tune")
     wanted = [t for t in with_probe if not cfg.tags or t in cfg.tags]
-    dataset = embedder.dataset_uri(layout.embeddings, probe_set.model_id)
-    if versions.latest_version(dataset) is None:
-        raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
-    emb = versions.read_latest_manifest(dataset)
+    emb = applied.embeddings
     labeled = frozenset(
         t for t, labels in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) if labels
     )
-    return Inputs(run_id, probe_uri, probe_set, wanted, labeled, emb.file_uris(), emb.version)
+    return Inputs(run_id, applied.probe_uri, probe_set, wanted, labeled, emb.file_uris(), emb.version)
 
 
 def version_id(cfg: SuggestConfig, layout: Layout, inputs: Inputs) -> str:
@@ -399,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
             f"no suggestions for {args.tag!r} in the latest version under {dataset_uri(args.root)}"
         )
     print("  ".join(table.column_names))
-    tags._print(table)
+    tags.print_table(table)
 
 
 if __name__ == "__main__":

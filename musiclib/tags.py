@@ -37,7 +37,7 @@ from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
 from musiclib import neighbors, progress, storage, tag_table, versions
-from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
+from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
 from musiclib.tag_table import DEFAULT_CATALOG, DEFAULT_TABLE, Where
 
 if TYPE_CHECKING:  # the query tool starts without torch
@@ -243,7 +243,7 @@ def summarize(table: pa.Table, long_tail: Sequence[str], n_top: int = 10) -> str
     return "\n".join(lines)
 
 
-def _print(table: pa.Table) -> None:
+def print_table(table: pa.Table) -> None:
     """One line per row, floats to three decimals, nulls blank."""
     for row in table.to_pylist():
         cells = ["" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
@@ -268,6 +268,43 @@ def print_outputs(layout: Layout, where: Where) -> None:
         print(f"{'tag table':<22} {where.describe()}, snapshot {current.snapshot_id} (run {current.run_id})")
     if probes_run is None and current is None:
         raise SystemExit(f"no probe run and no tag table under {layout.root} yet")
+
+
+@dataclass(frozen=True)
+class Applied:
+    """The probe run the tag stage applies and the latest embeddings of its model (tag and suggest jobs)."""
+
+    run_id: str
+    probe_uri: str
+    probe_set: ProbeSet
+    embeddings: versions.Manifest
+
+
+def applied_probes(layout: Layout, probe_run_id: str = "") -> Applied:
+    """``probe_run_id`` (else the latest probe run) and its model's latest embeddings; a one-line
+    ``ConfigError`` when either is missing, has no thresholds, or holds no rows."""
+    from musiclib import embedder
+    from musiclib.probes import ProbeSet
+
+    run_id = probe_run_id or versions.latest_version(layout.probes)
+    if run_id is None or versions.read_manifest(layout.probes, run_id) is None:
+        raise ConfigError(
+            f"no published probe run {probe_run_id or ''} under {layout.probes}: run tune first"
+        )
+    probe_uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    probe_set = ProbeSet.load(probe_uri)
+    if probe_set.thresholds is None:
+        raise ConfigError(f"probe set {probe_uri} has no thresholds")
+    dataset = embedder.dataset_uri(layout.embeddings, probe_set.model_id)
+    if versions.latest_version(dataset) is None:
+        raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
+    emb = versions.read_latest_manifest(dataset)  # files and version from the same manifest
+    if emb.rows == 0:
+        raise ConfigError(
+            f"the embeddings of {probe_set.model_id} hold no rows: version {emb.version} of {dataset} "
+            f"lists {len(emb.files)} file(s); run embed on a non-empty catalog"
+        )
+    return Applied(run_id, probe_uri, probe_set, emb)
 
 
 USAGE = (
@@ -325,7 +362,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(out) == 0 and command in ("show", "top"):
         raise SystemExit(f"no rows for {args[1]!r} in {where.describe()}")
     print("  ".join(out.column_names))
-    _print(out)
+    print_table(out)
 
 
 def neighbors_command(args: list[str], root: str, n: int) -> None:
@@ -368,7 +405,7 @@ def neighbors_command(args: list[str], root: str, n: int) -> None:
         raise SystemExit(str(exc).splitlines()[0]) from exc
     print(f"# {found.source}")
     print("  ".join(table.column_names))
-    _print(table)
+    print_table(table)
 
 
 if __name__ == "__main__":
