@@ -41,7 +41,7 @@ DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNTIME_ENV = "cluster/runtime_env.yaml"
 
 # Each job runs as ``python jobs/<job>.py --root ROOT ARGS...`` in the working directory.
-JOBS = ("pretrain", "embed", "tune", "tag")
+JOBS = ("pretrain", "embed", "tune", "tag", "suggest", "index", "study")
 
 # What the working directory upload leaves out (gitignore-style patterns).
 EXCLUDES = [".venv/", "data/", "runs/", ".git/", "**/__pycache__/", ".pytest_cache/", ".ruff_cache/"]

@@ -20,7 +20,7 @@ import yaml
 PROJECT = Path(__file__).resolve().parent.parent
 CLUSTER = PROJECT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
-JOBS = ("pretrain", "embed", "tune", "tag")
+JOBS = ("pretrain", "embed", "tune", "tag", "suggest", "index", "study")
 
 
 def _load(path: Path) -> dict:
