@@ -88,8 +88,8 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
     catalog.validate(layout.catalog)
     run_id = cfg.run_id or study.derive_run_id(cfg, layout)
     work = Layout(study.work_root(cfg.root, run_id))
-    with versions.lease(study.dataset_uri(cfg.root)):  # one study at a time writes the study runs
-        done = versions.already_complete(study.dataset_uri(cfg.root), run_id, "study")
+    with versions.lease(Layout(cfg.root).study):  # one study at a time writes the study runs
+        done = versions.already_complete(Layout(cfg.root).study, run_id, "study")
         if done is not None:
             return done
         todo = [(e, s) for e, s in study.variants(cfg) if not storage.exists(study.rows_uri(work.root, e, s))]
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
         )
         facts = study.facts(cfg, run_id, layout.catalog, work.root, rows)
         manifest = study.finish(cfg, run_id, rows, facts)
-    out = versions.version_uri(study.dataset_uri(cfg.root), run_id)
+    out = versions.version_uri(Layout(cfg.root).study, run_id)
     progress.summary(
         "study",
         cfg.root,

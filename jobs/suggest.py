@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
     started = progress.start("suggest")
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
-    dataset = suggest.dataset_uri(cfg.root)
+    dataset = Layout(cfg.root).suggestions
     with versions.lease(dataset):  # one suggest run at a time writes the suggestions
         inputs = suggest.resolve(cfg, layout)
         version = suggest.version_id(cfg, layout, inputs)

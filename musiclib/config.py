@@ -180,3 +180,15 @@ class Layout:
     @property
     def tags(self) -> str:
         return self._at("tags")
+
+    @property
+    def suggestions(self) -> str:
+        return self._at("suggestions")
+
+    @property
+    def index(self) -> str:
+        return self._at("index")
+
+    @property
+    def study(self) -> str:
+        return self._at("study")

@@ -360,7 +360,7 @@ class IndexConfig:
 
 def dataset_uri(root: str, model_id: str) -> str:
     """``<root>/index/<model_id>``: one versioned dataset per model, beside its embeddings."""
-    return storage.join(root, "index", model_id)
+    return storage.join(Layout(root).index, model_id)
 
 
 def version_id(cfg: IndexConfig, embedding_version: str) -> str:

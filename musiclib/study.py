@@ -184,14 +184,10 @@ def trial_slots(cfg: StudyConfig, local: bool) -> list[str]:
 # --------------------------------------------------------------------------- where things go
 
 
-def dataset_uri(root: str) -> str:
-    return storage.join(root, "study")
-
-
 def work_root(root: str, run_id: str) -> str:
     """The root the study's jobs run under: its own shards, runs, models, embeddings and probe runs, so
     nothing of the catalog's own pipeline (its latest model, its summaries) changes."""
-    return storage.join(versions.version_uri(dataset_uri(root), run_id), "work")
+    return storage.join(versions.version_uri(Layout(root).study, run_id), "work")
 
 
 def labeled_catalog(work: str) -> str:
@@ -390,7 +386,7 @@ def plot(summary: pd.DataFrame, uri: str, encoders: list[str]) -> None:
 
 def finish(cfg: StudyConfig, run_id: str, rows: pd.DataFrame, facts: dict[str, Any]) -> versions.Manifest:
     """Write results.parquet, study.md and study.png, then publish the run (``_latest`` last)."""
-    dataset = dataset_uri(cfg.root)
+    dataset = Layout(cfg.root).study
     uris = [storage.join(versions.version_uri(dataset, run_id), name) for name in OUTPUTS]
     encoders = [e for e in cfg.encoders if e in set(rows["encoder"])]
     reference = REFERENCE if REFERENCE in encoders else encoders[0]

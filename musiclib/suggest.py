@@ -31,7 +31,6 @@ from scipy.special import expit, logit
 from musiclib import catalog, fewshot, metrics, probes, storage, tags, versions
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
 
-SUGGESTIONS = "suggestions"
 ROWS_FILE = "rows/suggestions.parquet"
 _EPS = 1e-6  # thresholds of probability probes are clipped to (eps, 1 - eps) before the logit
 
@@ -90,11 +89,6 @@ class SuggestConfig(RayConfig):
     @property
     def pool(self) -> int:
         return self.pool_factor * self.per_tag
-
-
-def dataset_uri(root: str) -> str:
-    """``<root>/suggestions``: where the versions of the suggestion table live."""
-    return storage.join(root, SUGGESTIONS)
 
 
 # --------------------------------------------------------------------------- scoring
@@ -271,7 +265,7 @@ def read_version(manifest: versions.Manifest, tag: str | None = None) -> pa.Tabl
 
 def read_latest(root: str, tag: str | None = None) -> pa.Table:
     """The rows of the version ``_latest`` points at; a clear error when nothing was suggested yet."""
-    return read_version(versions.read_latest_manifest(dataset_uri(root)), tag)
+    return read_version(versions.read_latest_manifest(Layout(root).suggestions), tag)
 
 
 # --------------------------------------------------------------------------- the simulation
@@ -386,7 +380,7 @@ def main(argv: list[str] | None = None) -> None:
     table = read_latest(args.root, args.tag).slice(0, args.n)
     if len(table) == 0:
         raise SystemExit(
-            f"no suggestions for {args.tag!r} in the latest version under {dataset_uri(args.root)}"
+            f"no suggestions for {args.tag!r} in the latest version under {Layout(args.root).suggestions}"
         )
     print("  ".join(table.column_names))
     tags.print_table(table)

@@ -252,7 +252,7 @@ def print_table(table: pa.Table) -> None:
 
 def print_outputs(layout: Layout, where: Where) -> None:
     """The chain's table (one row per job, from the summaries the jobs wrote), then where the latest sweep
-    report, budget curve, probe set and tag table of a root are."""
+    report, budget curve, probe set, tag table, suggestions and study report and plot of a root are."""
     runs = progress.read_summaries(layout.root)
     if runs:
         print(progress.chain_table(runs))
@@ -266,6 +266,13 @@ def print_outputs(layout: Layout, where: Where) -> None:
     current = None if table is None else tag_table.current_run(table)
     if current is not None:
         print(f"{'tag table':<22} {where.describe()}, snapshot {current.snapshot_id} (run {current.run_id})")
+    suggestions = versions.latest_version(layout.suggestions)
+    if suggestions is not None:
+        print(f"{'suggestions':<22} {versions.version_uri(layout.suggestions, suggestions)}")
+    study_run = versions.latest_version(layout.study)
+    if study_run is not None:
+        for name in ("study.md", "study.png"):
+            print(f"{name:<22} {storage.join(versions.version_uri(layout.study, study_run), name)}")
     if probes_run is None and current is None:
         raise SystemExit(f"no probe run and no tag table under {layout.root} yet")
 

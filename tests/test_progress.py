@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from musiclib import models, progress, tags
+from musiclib import models, progress, storage, tags, versions
 from musiclib.config import Layout, parse
 from musiclib.datasets import demo
 
@@ -124,6 +124,20 @@ def test_outputs_shows_the_chain_table(tmp_path, capsys):
     with pytest.raises(SystemExit):  # no probe run and no tag version yet
         tags.main(["outputs", "--root", str(tmp_path)])
     assert "8 configurations" in capsys.readouterr().out
+
+    layout = Layout(str(tmp_path))
+    for dataset, version, name in (
+        (layout.study, "study-1", "study.md"),
+        (layout.suggestions, "s-1", "rows.parquet"),
+    ):
+        uri = storage.join(versions.version_uri(dataset, version), name)
+        storage.write_bytes(uri, b"x")
+        versions.publish(dataset, version, [uri], [1])
+    with pytest.raises(SystemExit):
+        tags.main(["outputs", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert storage.join(layout.study, "study-1", "study.png") in out
+    assert versions.version_uri(layout.suggestions, "s-1") in out
 
 
 @dataclass

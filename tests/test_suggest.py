@@ -152,8 +152,8 @@ def test_bad_tags_and_config_fail_before_any_write(tmp_path, monkeypatch):
     for argv in (["--per-tag", "0"], ["--max-similarity", "1.5"], ["--pool-factor", "0"]):
         with pytest.raises(ConfigError, match=argv[0]):
             suggest_job.main(["--root", root, *argv])
-    assert versions.latest_version(suggest.dataset_uri(root)) is None
-    assert not storage.list_files(suggest.dataset_uri(root))
+    assert versions.latest_version(Layout(root).suggestions) is None
+    assert not storage.list_files(Layout(root).suggestions)
 
 
 def test_simulation_rounds_add_labels(corpus):
