@@ -4,9 +4,9 @@ The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around
 
     catalog      ->  audio       ->  model          ->  embeddings   ->  probes          ->  tags
     catalog.py       audio.py        models.py          embedder.py      fewshot.py          tags.py
-                     shards.py       pretraining.py     logmel.py        probes.py           neighbors.py
-                     augment.py      losses.py                           metrics.py          suggest.py
-                                     gather.py                           report.py
+                     shards.py       pretraining.py     logmel.py        probes.py           tag_table.py
+                     augment.py      losses.py                           metrics.py          neighbors.py
+                                     gather.py                           report.py           suggest.py
                                                                          sweep.py
 
     and beside the path, ``study.py``: every encoder compared on one catalog (job ``study``).
@@ -21,7 +21,8 @@ The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around
   the embeddings table and its reader (job ``embed``).
 - ``fewshot``, ``probes``, ``metrics``, ``report``, ``sweep``: support sets, linear probes, AP and ROC-AUC,
   the budget report, and the sweep's config, grid and outputs (job ``tune``).
-- ``tags``: the tag table, its config and a query tool (job ``tag``).
+- ``tags``, ``tag_table``: the tag table's rows, its config and a query tool (job ``tag``); the Apache
+  Iceberg table it is stored in (catalog, one snapshot per run, commits, DuckDB queries).
 - ``neighbors``: nearest tracks by cosine similarity (exact search, a faiss IVF index, job ``index``),
   a new tag seeded from a few examples, confirmed labels written into the catalog.
 - ``suggest``: what to label next per tag: the probe's uncertainty, diverse batches (job ``suggest``).
@@ -31,8 +32,9 @@ The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around
 Shared by every stage: ``storage`` (local and S3 objects, atomic writes), ``versions`` (versioned
 datasets on it: version ids, manifests, ``publish``, ``_latest``, leases), ``config``
 (dataclass configs, ``--field value`` overrides, the ``Layout`` under one root), ``ray_env`` (how jobs
-start or join Ray; the only Ray import outside ``jobs/``), and ``datasets`` (generated data: the demo
-catalog, audio files in every format, embeddings that follow their tags).
+start or join Ray; the only Ray import outside ``jobs/``), ``progress`` (what a job prints: progress
+lines, Ray kept quiet, end-of-job summaries), and ``datasets`` (generated data: the demo catalog, audio
+files in every format, embeddings that follow their tags, clustered vectors, the benchmark corpora).
 """
 
 __version__ = "0.1.0"
