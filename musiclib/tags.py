@@ -321,6 +321,17 @@ USAGE = (
 )
 
 
+def take_flags(args: list[str], flags: dict[str, str]) -> None:
+    """Move each ``--flag value`` of ``flags`` from ``args`` into ``flags`` (its default stays otherwise)."""
+    for flag in flags:
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 >= len(args):
+                raise SystemExit(f"{flag} needs a value; {USAGE}")
+            flags[flag] = args[i + 1]
+            del args[i : i + 2]
+
+
 def main(argv: list[str] | None = None) -> None:
     """``show``, ``top``, ``sql``, ``history`` or ``outputs`` against the current snapshot under ``--root``;
     ``similar`` and ``seed`` over the embeddings (``neighbors_command``)."""
@@ -332,13 +343,7 @@ def main(argv: list[str] | None = None) -> None:
         "--catalog-uri": DEFAULT_CATALOG,
         "--table": DEFAULT_TABLE,
     }
-    for flag in flags:
-        if flag in args:
-            i = args.index(flag)
-            if i + 1 >= len(args):
-                raise SystemExit(f"{flag} needs a value; {USAGE}")
-            flags[flag] = args[i + 1]
-            del args[i : i + 2]
+    take_flags(args, flags)
     if args and args[0] in ("similar", "seed"):
         neighbors_command(args, storage.normalize_uri(flags["--root"]), int(flags["--n"]))
         return
@@ -378,13 +383,7 @@ def neighbors_command(args: list[str], root: str, n: int) -> None:
     Bad input (an unknown track or tag, an example without an embedding) ends with one line naming it.
     """
     options = {"--examples": "", "--confirm": "", "--model-id": "", "--split": "train"}
-    for flag in options:
-        if flag in args:
-            i = args.index(flag)
-            if i + 1 >= len(args):
-                raise SystemExit(f"{flag} needs a value")
-            options[flag] = args[i + 1]
-            del args[i : i + 2]
+    take_flags(args, options)
     if len(args) != 2 or (args[0] == "similar" and (options["--examples"] or options["--confirm"])):
         raise SystemExit(
             "usage: python -m musiclib.tags similar TRACK_ID | seed TAG [--examples ID,ID] [--confirm ID,ID] "
