@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra --durations=15
 
 lint: $(STAMP)
@@ -70,3 +70,19 @@ s3: $(STAMP)
 .PHONY: bench-load
 bench-load: $(STAMP)
 	$(PY) bench/bench_load.py $(ARGS)
+
+# System packages (apt, as root; idempotent: nothing runs when they are there). The tests need FluidSynth and
+# a 6 MB GM soundfont; bench-corpus also the 142 MB FluidR3 soundfont, and KIND=soundtracks the game music.
+SYSTEM_DEPS := fluidsynth timgm6mb-soundfont
+BENCH_DEPS := fluid-soundfont-gm
+.PHONY: system-deps bench-corpus
+system-deps: $(STAMP)
+	$(PY) -m musiclib.datasets.system_packages $(SYSTEM_DEPS)
+
+# The labeled benchmark corpus (docs/CORPUS.md): KIND=rendered (2,000 tracks of 30 s rendered from scores,
+# ~N min on 2 cores) or KIND=soundtracks (Debian game soundtracks, one tag each) under BENCH_ROOT (default data/bench-KIND).
+KIND ?= rendered
+BENCH_ROOT ?= data/bench-$(KIND)
+bench-corpus: system-deps
+	$(PY) -m musiclib.datasets.system_packages $(BENCH_DEPS)
+	$(PY) jobs/make_bench_corpus.py --root $(BENCH_ROOT) --kind $(KIND) $(ARGS)
