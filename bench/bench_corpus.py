@@ -1,0 +1,93 @@
+"""Rendered bench corpus: where the time of one track goes, and the render rate per core.
+
+    python bench/bench_corpus.py [--tracks 12] [--seconds 30] [--soundfont PATH] [--pyfluidsynth DIR]
+
+One process, tracks drawn as ``make bench-corpus`` draws them: parse (music21, no cache between
+tracks), arrange (MIDI), render (the ``fluidsynth`` program, as the corpus does), encode (Opus). Times
+are CPU seconds (this process and its children), so the rate, seconds of audio per second of one core,
+holds on a loaded machine. With ``--pyfluidsynth DIR`` (a folder holding
+the ``pyfluidsynth`` module, which the project does not need) the same MIDI files are also rendered in
+process through libfluidsynth's player, the soundfont loaded once, to compare with the program, which
+loads it for every track. Results: ``docs/CORPUS.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from musiclib.datasets import rendered
+from musiclib.datasets.audio_files import encode
+
+
+def cpu_seconds() -> float:
+    """User and system CPU time of this process and its finished children (the fluidsynth program):
+    a per-core rate that other load on the machine does not change."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def render_in_process(midis: list[bytes], soundfont: str, seconds: float) -> float:
+    """CPU seconds to render every MIDI file with one pyfluidsynth synth (soundfont loaded once, included)."""
+    import fluidsynth
+
+    start = cpu_seconds()
+    synth = fluidsynth.Synth(samplerate=float(rendered.SR), **{"player.timing-source": "sample"})
+    synth.sfload(soundfont)
+    n = round(seconds * rendered.SR)
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, midi in enumerate(midis):
+            path = Path(tmp, f"{k}.mid")
+            path.write_bytes(midi)
+            synth.play_midi_file(str(path))
+            samples = synth.get_samples(n)
+            synth.play_midi_stop()
+            synth.system_reset()
+            assert np.abs(samples).max() > 0, "in-process render is silent"
+    return cpu_seconds() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tracks", type=int, default=12)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--seed", type=int, default=5)
+    parser.add_argument("--soundfont", default=rendered.SOUNDFONT)
+    parser.add_argument("--pyfluidsynth", default="", help="folder holding the pyfluidsynth module")
+    args = parser.parse_args()
+
+    stages = dict.fromkeys(("parse", "arrange", "render", "encode"), 0.0)
+    midis = []
+    for spec in rendered.sample_tracks(args.tracks, args.seed, args.seconds):
+        t0 = cpu_seconds()
+        score = rendered.first_score(spec)
+        t1 = cpu_seconds()
+        midi = rendered.midi_bytes(rendered.arrange(score, spec))
+        t2 = cpu_seconds()
+        x = rendered.synthesize(midi, args.soundfont, args.seconds, np.random.default_rng(0))
+        t3 = cpu_seconds()
+        encode(x, rendered.SR, "opus", bitrate=rendered.BITRATE)
+        t4 = cpu_seconds()
+        for name, dt in zip(stages, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
+            stages[name] += dt
+        midis.append(midi)
+    audio_s = args.tracks * args.seconds
+    total = sum(stages.values())
+    print(f"{args.tracks} tracks of {args.seconds:.0f} s, {Path(args.soundfont).name}, one process")
+    for name, seconds in stages.items():
+        print(f"  {name:8s} {seconds / args.tracks:6.3f} s/track  {100 * seconds / total:4.0f} %")
+    print(f"  all      {total / args.tracks:6.3f} s/track: {audio_s / total:.0f} s of audio per core-second")
+    print(f"  fluidsynth program: {audio_s / stages['render']:.0f} s of audio per core-second")
+    if args.pyfluidsynth:
+        sys.path.append(args.pyfluidsynth)
+        seconds = render_in_process(midis, args.soundfont, args.seconds)
+        print(f"  pyfluidsynth in process: {audio_s / seconds:.0f} s of audio per core-second")
+
+
+if __name__ == "__main__":
+    main()
