@@ -1,6 +1,7 @@
 """Rendered bench corpus: where the time of one track goes, and the render rate per core.
 
     python bench/bench_corpus.py [--tracks 12] [--seconds 30] [--soundfont PATH] [--pyfluidsynth DIR]
+    python bench/bench_corpus.py --catalog data/bench-rendered/catalog/tracks.parquet   # its tags' shape
 
 One process, tracks drawn as ``make bench-corpus`` draws them: parse (music21, no cache between
 tracks), arrange (MIDI), render (the ``fluidsynth`` program, as the corpus does), encode (Opus). Times
@@ -8,7 +9,9 @@ are CPU seconds (this process and its children), so the rate, seconds of audio p
 holds on a loaded machine. With ``--pyfluidsynth DIR`` (a folder holding
 the ``pyfluidsynth`` module, which the project does not need) the same MIDI files are also rendered in
 process through libfluidsynth's player, the soundfont loaded once, to compare with the program, which
-loads it for every track. Results: ``docs/CORPUS.md``.
+loads it for every track. With ``--catalog`` it prints the shape of a catalog's tag distribution
+instead: tracks per tag, the share of tag assignments held by the top fifth of tags, the median tag.
+Results: ``docs/CORPUS.md``.
 """
 
 from __future__ import annotations
@@ -17,10 +20,12 @@ import argparse
 import resource
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from musiclib import catalog
 from musiclib.datasets import rendered
 from musiclib.datasets.audio_files import encode
 
@@ -52,6 +57,23 @@ def render_in_process(midis: list[bytes], soundfont: str, seconds: float) -> flo
     return cpu_seconds() - start
 
 
+def tag_shape(uri: str) -> None:
+    """Print tracks per tag and how long its tail is."""
+    tags = catalog.read(uri, columns=["tags"]).column("tags").to_pylist()
+    counts = Counter(t for row in tags for t in row)
+    n = np.array(sorted(counts.values(), reverse=True))
+    print(f"{len(tags)} tracks, {len(counts)} tags, {n.sum() / len(tags):.1f} tags per track")
+    print(
+        f"  top fifth of tags ({len(n) // 5}) hold {100 * n[: len(n) // 5].sum() / n.sum():.0f} % of tag assignments"
+    )
+    print(
+        f"  largest tag on {100 * n[0] / len(tags):.0f} % of tracks, median tag on {100 * np.median(n) / len(tags):.1f} %"
+    )
+    for share in (0.01, 0.02, 0.05):
+        print(f"  tags on under {100 * share:.0f} % of tracks: {(n < share * len(tags)).sum()}")
+    print("  " + ", ".join(f"{t} {k}" for t, k in counts.most_common()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tracks", type=int, default=12)
@@ -59,7 +81,11 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--soundfont", default=rendered.SOUNDFONT)
     parser.add_argument("--pyfluidsynth", default="", help="folder holding the pyfluidsynth module")
+    parser.add_argument("--catalog", default="", help="print this catalog's tag distribution instead")
     args = parser.parse_args()
+    if args.catalog:
+        tag_shape(args.catalog)
+        return
 
     stages = dict.fromkeys(("parse", "arrange", "render", "encode"), 0.0)
     midis = []

@@ -629,17 +629,14 @@ def make_catalog(
     soundfont: str = SOUNDFONT,
     styles: Sequence[str] | None = None,
 ) -> str:
-    """Render the corpus under ``<root>/catalog`` (resuming tracks already stored) and return its URI.
-
-    Tracks go to the pool grouped by work, so each worker's score cache serves repeated works.
-    """
+    """Render the corpus under ``<root>/catalog`` (resuming tracks already stored) and return its URI."""
     system_packages.require(
         ["fluidsynth", *([SOUNDFONTS[soundfont]] if soundfont in SOUNDFONTS else [])], install=False
     )
     specs = sample_tracks(n_tracks, seed, seconds, styles)
     uri = Layout(root).catalog
     folder = storage.parent(uri)
-    jobs = [(s, folder, soundfont) for s in sorted(specs, key=lambda s: s.candidates[0])]
+    jobs = [(s, folder, soundfont) for s in specs]
     rows, started, throttle = [], time.monotonic(), progress.Throttle()
     with contextlib.ExitStack() as stack:
         if workers == 1:
