@@ -71,10 +71,10 @@ s3: $(STAMP)
 bench-load: $(STAMP)
 	$(PY) bench/bench_load.py $(ARGS)
 
-# System packages (apt, as root; idempotent: nothing runs when they are there). The tests need FluidSynth and
-# a 6 MB GM soundfont; bench-corpus also the 142 MB FluidR3 soundfont, and KIND=soundtracks the game music.
+# System packages (apt, as root; idempotent: nothing runs when they are there; without root it names the
+# command). The tests need FluidSynth and a 6 MB GM soundfont. bench-corpus installs the rest itself: the
+# 142 MB FluidR3 soundfont, or for KIND=soundtracks the game music (~300 MB).
 SYSTEM_DEPS := fluidsynth timgm6mb-soundfont
-BENCH_DEPS := fluid-soundfont-gm
 .PHONY: system-deps bench-corpus
 system-deps: $(STAMP)
 	$(PY) -m musiclib.datasets.system_packages $(SYSTEM_DEPS)
@@ -84,5 +84,4 @@ system-deps: $(STAMP)
 KIND ?= rendered
 BENCH_ROOT ?= data/bench-$(KIND)
 bench-corpus: system-deps
-	$(PY) -m musiclib.datasets.system_packages $(BENCH_DEPS)
 	$(PY) jobs/make_bench_corpus.py --root $(BENCH_ROOT) --kind $(KIND) $(ARGS)

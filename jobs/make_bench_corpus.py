@@ -9,7 +9,8 @@ tag per soundtrack (``musiclib.datasets.soundtracks``). Both write ``<root>/cata
 audio under ``<root>/catalog/audio/``, validate it and print every tag's count. Idempotent like
 ``make_demo_catalog``: the config is recorded in ``<root>/catalog/_bench.json`` once the catalog is
 written, and a run with the same config skips generation; a rendered run cut short resumes, re-rendering
-only tracks whose files are not both stored.
+only tracks whose files are not both stored. Missing Debian packages (FluidSynth, the soundfont, the
+soundtracks) are installed with apt when run as root; otherwise the job stops naming the command to run.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from musiclib import catalog, progress, storage
 from musiclib.config import Layout, as_dict, parse
 from musiclib.datasets import rendered, soundtracks
 from musiclib.datasets.rendered import BenchCorpusConfig
+from musiclib.datasets.system_packages import SystemPackageError
 
 
 def main(argv: list[str] | None = None) -> str:
@@ -39,12 +41,15 @@ def main(argv: list[str] | None = None) -> str:
         seconds = 0.0
     else:
         start = time.perf_counter()
-        if cfg.kind == "rendered":
-            rendered.make_catalog(
-                cfg.root, cfg.n_tracks, cfg.seed, cfg.seconds, cfg.workers, cfg.soundfont, cfg.styles
-            )
-        else:
-            skipped = soundtracks.make_catalog(cfg.root, cfg.seconds, cfg.seed)
+        try:
+            if cfg.kind == "rendered":
+                rendered.make_catalog(
+                    cfg.root, cfg.n_tracks, cfg.seed, cfg.seconds, cfg.workers, cfg.soundfont, cfg.styles
+                )
+            else:
+                skipped = soundtracks.make_catalog(cfg.root, cfg.seconds, cfg.seed)
+        except SystemPackageError as exc:
+            raise SystemExit(f"error: {exc}") from None
         seconds = time.perf_counter() - start
         storage.write_json(record_uri, wanted)
 

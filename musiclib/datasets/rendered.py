@@ -628,10 +628,14 @@ def make_catalog(
     workers: int = 2,
     soundfont: str = SOUNDFONT,
     styles: Sequence[str] | None = None,
+    install: bool = True,
 ) -> str:
-    """Render the corpus under ``<root>/catalog`` (resuming tracks already stored) and return its URI."""
+    """Render the corpus under ``<root>/catalog`` (resuming tracks already stored) and return its URI.
+
+    FluidSynth and a known soundfont's package are installed first when missing (``install``, as root).
+    """
     system_packages.require(
-        ["fluidsynth", *([SOUNDFONTS[soundfont]] if soundfont in SOUNDFONTS else [])], install=False
+        ["fluidsynth", *([SOUNDFONTS[soundfont]] if soundfont in SOUNDFONTS else [])], install=install
     )
     specs = sample_tracks(n_tracks, seed, seconds, styles)
     uri = Layout(root).catalog
