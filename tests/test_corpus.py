@@ -111,6 +111,7 @@ def test_every_tag_is_true_of_the_midi_the_score_and_the_audio(corpus):
         written = next(m for m in midi.tracks[0] if m.type == "time_signature")
         assert (written.numerator, written.denominator) == ts
         assert row["style"] in tags and row["score"] in rendered.works(row["style"])
+        assert all(t in rendered.TAGS or t.startswith("meter_") for t in tags)
         assert len(tags & {"major", "minor"}) == 1 and len(tags & {"slow", "moderate", "fast"}) == 1
         x = audio.load(str(root / "catalog" / row["audio_uri"]))
         assert abs(len(x) / audio.SAMPLE_RATE - 4.0) < 0.1

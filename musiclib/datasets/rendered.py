@@ -423,24 +423,21 @@ def arrange(score: Score, spec: TrackSpec) -> mido.MidiFile:
                 accent = 1.1 if (start % bar_q) < 1e-6 else 1.0
                 velocity = int(np.clip(round(100 * level * accent + rng.normal(0, 6)), 20, 127))
                 end = min(start + length, total_q)
-                events.append(
-                    (
-                        ticks(start),
-                        1,
-                        mido.Message("note_on", channel=channel, note=pitch + shift, velocity=velocity),
-                    )
-                )
-                events.append(
-                    (
-                        max(ticks(end) - 1, ticks(start) + 1),
-                        0,
-                        mido.Message("note_off", channel=channel, note=pitch + shift),
-                    )
+                events += _note(
+                    channel, pitch + shift, velocity, ticks(start), max(ticks(end) - 1, ticks(start) + 1)
                 )
         midi.tracks.append(mido.MidiTrack(_delta(events)))
     if rng.random() < COLLECTIONS[spec.style].p_drums:
         midi.tracks.append(mido.MidiTrack(_delta(_drum_events(score.meter, total_q, rng, reverb))))
     return midi
+
+
+def _note(channel: int, note: int, velocity: int, on: int, off: int) -> list[tuple[int, int, mido.Message]]:
+    """A note as its two events: ``(tick, order, message)``, a note-off sorting before a note-on."""
+    return [
+        (on, 1, mido.Message("note_on", channel=channel, note=note, velocity=velocity)),
+        (off, 0, mido.Message("note_off", channel=channel, note=note)),
+    ]
 
 
 def _controls(channel: int, rng: np.random.Generator, reverb: int) -> list[tuple[int, int, mido.Message]]:
@@ -468,8 +465,7 @@ def _drum_events(meter: tuple[int, int], total_q: float, rng: np.random.Generato
             if start < total_q:
                 velocity = int(np.clip(round(110 * level * accent + rng.normal(0, 5)), 20, 127))
                 tick = round(start * TICKS)
-                events.append((tick, 1, mido.Message("note_on", channel=DRUMS, note=note, velocity=velocity)))
-                events.append((tick + TICKS // 8, 0, mido.Message("note_off", channel=DRUMS, note=note)))
+                events += _note(DRUMS, note, velocity, tick, tick + TICKS // 8)
         bar += bar_q
     return events
 
