@@ -74,6 +74,16 @@ def test_job_validates_and_skips_a_finished_corpus(corpus, capsys):
     assert "skipping generation" in capsys.readouterr().out
 
 
+@needs_fluidsynth
+def test_a_run_cut_short_resumes_without_rendering_again(corpus):
+    root, rows = corpus
+    audio_files = sorted((root / "catalog" / "audio").iterdir())
+    stamps = [p.stat().st_mtime_ns for p in audio_files]
+    (root / "catalog" / "tracks.parquet").unlink()  # as if killed before the catalog was written
+    assert _build(root, seed=3) == rows
+    assert [p.stat().st_mtime_ns for p in audio_files] == stamps
+
+
 def _played(midi: mido.MidiFile) -> dict[int, int]:
     """channel: program, for every channel with a sounding note (read independently of midi_tags)."""
     programs, played = {}, {}
