@@ -2,6 +2,7 @@
 
     python bench/bench_corpus.py [--tracks 12] [--seconds 30] [--soundfont PATH] [--pyfluidsynth DIR]
     python bench/bench_corpus.py --catalog data/bench-rendered/catalog/tracks.parquet   # its tags' shape
+    python bench/bench_corpus.py --catalog ... --spectral   # and how far one spectral statistic gets
 
 One process, tracks drawn as ``make bench-corpus`` draws them: parse (music21, no cache between
 tracks), arrange (MIDI), render (the ``fluidsynth`` program, as the corpus does), encode (Opus). Times
@@ -11,6 +12,9 @@ the ``pyfluidsynth`` module, which the project does not need) the same MIDI file
 process through libfluidsynth's player, the soundfont loaded once, to compare with the program, which
 loads it for every track. With ``--catalog`` it prints the shape of a catalog's tag distribution
 instead: tracks per tag, the share of tag assignments held by the top fifth of tags, the median tag.
+With ``--spectral`` also, for every tag on at least 20 tracks, the best ROC-AUC that one statistic of
+the decoded audio reaches alone (RMS level, spectral centroid, roll-off, flatness, zero-crossing rate):
+a tag that one of them separates is a tag the benchmark does not need an encoder for.
 Results: ``docs/CORPUS.md``.
 """
 
@@ -25,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-from musiclib import catalog
+from musiclib import audio, catalog
 from musiclib.datasets import rendered
 from musiclib.datasets.audio_files import encode
+from musiclib.metrics import roc_auc
 
 
 def cpu_seconds() -> float:
@@ -74,6 +79,47 @@ def tag_shape(uri: str) -> None:
     print("  " + ", ".join(f"{t} {k}" for t, k in counts.most_common()))
 
 
+def spectral_statistics(x: np.ndarray, sr: int = 22050) -> dict[str, float]:
+    """Track-level means of frame statistics (2,048-sample Hann frames, hop 1,024)."""
+    frames = np.lib.stride_tricks.sliding_window_view(x, 2048)[::1024] * np.hanning(2048)
+    power = np.abs(np.fft.rfft(frames, axis=1)) ** 2 + 1e-12
+    freqs = np.fft.rfftfreq(2048, 1 / sr)
+    cumulative = np.cumsum(power, axis=1)
+    rolloff = freqs[np.argmax(cumulative >= 0.85 * cumulative[:, -1:], axis=1)]
+    return {
+        "rms": float(np.sqrt(np.mean(x**2))),
+        "centroid": float(np.mean(power @ freqs / power.sum(axis=1))),
+        "rolloff": float(np.mean(rolloff)),
+        "flatness": float(np.mean(np.exp(np.mean(np.log(power), axis=1)) / np.mean(power, axis=1))),
+        "zcr": float(np.mean(np.abs(np.diff(np.sign(x))) > 0)),
+    }
+
+
+def spectral_check(uri: str) -> None:
+    """Best single-statistic ROC-AUC per tag (either direction), the hardest a linear probe should beat."""
+    table = catalog.read(uri, columns=["audio_uri", "tags"]).to_pylist()
+    base = catalog.base_dir(uri)
+    stats = [spectral_statistics(audio.load(audio.locate(r["audio_uri"], base))) for r in table]
+    names = list(stats[0])
+    values = np.array([[s[n] for n in names] for s in stats])
+    counts = Counter(t for r in table for t in r["tags"])
+    best = {}
+    for tag, n in counts.items():
+        if n < 20 or n > len(table) - 20:
+            continue
+        y = np.array([tag in r["tags"] for r in table])
+        aucs = [roc_auc(y, values[:, k]) for k in range(len(names))]
+        k = int(np.argmax([max(a, 1 - a) for a in aucs]))
+        best[tag] = (max(aucs[k], 1 - aucs[k]), names[k])
+    ordered = sorted(best.items(), key=lambda kv: -kv[1][0])
+    print(f"best single-statistic ROC-AUC, {len(best)} tags on >= 20 tracks:")
+    print("  " + ", ".join(f"{t} {auc:.2f} ({name})" for t, (auc, name) in ordered))
+    aucs = np.array([auc for auc, _ in best.values()])
+    print(
+        f"  median {np.median(aucs):.2f}; tags above 0.9: {(aucs > 0.9).sum()}, above 0.8: {(aucs > 0.8).sum()}"
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tracks", type=int, default=12)
@@ -82,9 +128,12 @@ def main() -> None:
     parser.add_argument("--soundfont", default=rendered.SOUNDFONT)
     parser.add_argument("--pyfluidsynth", default="", help="folder holding the pyfluidsynth module")
     parser.add_argument("--catalog", default="", help="print this catalog's tag distribution instead")
+    parser.add_argument("--spectral", action="store_true", help="with --catalog: single-statistic AUCs")
     args = parser.parse_args()
     if args.catalog:
         tag_shape(args.catalog)
+        if args.spectral:
+            spectral_check(args.catalog)
         return
 
     stages = dict.fromkeys(("parse", "arrange", "render", "encode"), 0.0)
