@@ -128,6 +128,40 @@ def test_every_tag_is_true_of_the_midi_the_score_and_the_audio(corpus):
         assert np.abs(x).max() > 0.1
 
 
+def test_midi_tags_of_a_hand_written_file():
+    """6/8 at 90 quarter notes a minute is 60 dotted beats a minute: slow; a flute an octave above
+    middle C, a wet reverb send, drums: a duo."""
+    conductor = mido.MidiTrack(
+        [
+            mido.MetaMessage("time_signature", numerator=6, denominator=8),
+            mido.MetaMessage("key_signature", key="Em"),
+            mido.MetaMessage("set_tempo", tempo=round(6e7 / 90)),
+        ]
+    )
+    flute = mido.MidiTrack(
+        [
+            mido.Message("program_change", channel=0, program=73),
+            mido.Message("control_change", channel=0, control=91, value=100),
+        ]
+    )
+    for k in range(8):
+        flute += [
+            mido.Message("note_on", channel=0, note=72 + k % 3, velocity=90, time=0),
+            mido.Message("note_off", channel=0, note=72 + k % 3, time=240),
+        ]
+    drums = mido.MidiTrack(
+        [
+            mido.Message("note_on", channel=9, note=36, velocity=90),
+            mido.Message("note_off", channel=9, note=36, time=60),
+        ]
+    )
+    midi = mido.MidiFile(type=1, ticks_per_beat=480, tracks=[conductor, flute, drums])
+    assert rendered.midi_tags(midi, "essen_folk") == sorted(
+        ["essen_folk", "meter_6_8", "minor", "flute", "pipe_family", "drums", "duo", "slow"]
+        + ["register_high", "monophonic", "reverb"]
+    )
+
+
 def test_texture_from_notes():
     line = [(0, 480, 0, 60), (480, 960, 0, 62)]
     chords = [(t, t + 480, ch, 60 + ch) for t in (0, 480, 960) for ch in range(3)]
