@@ -80,7 +80,8 @@ system-deps: $(STAMP)
 	$(PY) -m musiclib.datasets.system_packages $(SYSTEM_DEPS)
 
 # The labeled benchmark corpus (docs/CORPUS.md): KIND=rendered (2,000 tracks of 30 s rendered from scores,
-# ~N min on 2 cores) or KIND=soundtracks (Debian game soundtracks, one tag each) under BENCH_ROOT (default data/bench-KIND).
+# about 15 min on 2 idle cores) or KIND=soundtracks (Debian game soundtracks, one tag each), written under
+# BENCH_ROOT (default data/bench-KIND). ARGS="--n-tracks 500 --seed 1" sets any option of the job.
 KIND ?= rendered
 BENCH_ROOT ?= data/bench-$(KIND)
 bench-corpus: system-deps
