@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+test: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra --durations=15
 
 lint: $(STAMP)
@@ -86,3 +86,19 @@ s3: $(STAMP)
 .PHONY: bench-load
 bench-load: $(STAMP)
 	$(PY) bench/bench_load.py $(ARGS)
+
+# System packages (apt, as root; idempotent: nothing runs when they are there; without root it names the
+# command). The tests need FluidSynth and a 6 MB GM soundfont. bench-corpus installs the rest itself: the
+# 142 MB FluidR3 soundfont, or for KIND=soundtracks the game music (~300 MB).
+SYSTEM_DEPS := fluidsynth timgm6mb-soundfont
+.PHONY: system-deps bench-corpus
+system-deps: $(STAMP)
+	$(PY) -m musiclib.datasets.system_packages $(SYSTEM_DEPS)
+
+# The labeled benchmark corpus (docs/CORPUS.md): KIND=rendered (2,000 tracks of 30 s rendered from scores,
+# about 15 min on 2 idle cores) or KIND=soundtracks (Debian game soundtracks, one tag each), written under
+# BENCH_ROOT (default data/bench-KIND). ARGS="--n-tracks 500 --seed 1" sets any option of the job.
+KIND ?= rendered
+BENCH_ROOT ?= data/bench-$(KIND)
+bench-corpus: system-deps
+	$(PY) jobs/make_bench_corpus.py --root $(BENCH_ROOT) --kind $(KIND) $(ARGS)
