@@ -21,15 +21,18 @@ from __future__ import annotations
 import sys
 import time
 from contextlib import nullcontext
+from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 
-from jobs import embed, pretrain, tune
 from musiclib import catalog, logmel, models, progress, ray_env, storage, study, versions
 from musiclib.config import Layout, parse
 from musiclib.ray_env import ray_session
 from musiclib.study import StudyConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, it imports the other jobs
+from jobs import embed, pretrain, tune  # noqa: E402
 
 
 def embed_logmel(cfg: StudyConfig, work: Layout) -> str:

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -169,3 +173,12 @@ def test_tiny_study_writes_every_output(tmp_path):
     text = storage.read_bytes(storage.join(out, "study.md")).decode()
     assert "| clmr |" in text and "| logmel |" in text and "study.png" in text
     assert storage.read_bytes(storage.join(out, "study.png")).startswith(b"\x89PNG")
+
+
+def test_the_study_runs_as_a_script():
+    """``make study`` runs ``python jobs/study.py``: the jobs it calls must import from a script too."""
+    project = Path(__file__).resolve().parents[1]
+    run = subprocess.run(
+        [sys.executable, "jobs/study.py", "--help"], cwd=project, capture_output=True, text=True, timeout=120
+    )
+    assert run.returncode == 0 and "--encoders" in run.stdout, run.stdout + run.stderr
