@@ -67,9 +67,11 @@ demo: $(STAMP)
 	@$(PY) -m musiclib.tags outputs --root $(ROOT)
 	@echo "query: $(PY) -m musiclib.tags top TAG --root $(ROOT)   (or: show TRACK_ID, sql \"SELECT ... FROM tags\", history)"
 
-# The README's figures, drawn from the latest probe run under ROOT (after make demo).
+# The README's figures: the budget curve of the latest probe run under ROOT (after make demo) and the plot of
+# the latest study under BENCH_ROOT (after make study).
 docs-images: $(STAMP)
 	$(PY) -m musiclib.report budget-curve docs/budget_curve.png --root $(ROOT)
+	$(PY) -m musiclib.report study-plot docs/study.png --root $(BENCH_ROOT)
 
 clean:
 	rm -rf $(ROOT)

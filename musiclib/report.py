@@ -243,7 +243,11 @@ def render_markdown(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m musiclib.report budget-curve OUT.png [--root ROOT] [--run-id RUN]``."""
+    """``python -m musiclib.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]``.
+
+    ``budget-curve`` draws a probe run's curve; ``study-plot`` copies a study run's ``study.png`` (the
+    README's figures come from these, ``make docs-images``).
+    """
     import sys
 
     from musiclib.config import DEFAULT_ROOT, Layout
@@ -255,10 +259,22 @@ def main(argv: list[str] | None = None) -> None:
             i = args.index(flag)
             options[flag] = args[i + 1]
             del args[i : i + 2]
-    if len(args) != 2 or args[0] != "budget-curve":
-        raise SystemExit("usage: python -m musiclib.report budget-curve OUT.png [--root ROOT] [--run-id RUN]")
-    root = storage.normalize_uri(options["--root"])
-    run_id = plot_run(Layout(root).probes, storage.normalize_uri(args[1]), options["--run-id"])
+    if len(args) != 2 or args[0] not in ("budget-curve", "study-plot"):
+        raise SystemExit(
+            "usage: python -m musiclib.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]"
+        )
+    root, out = storage.normalize_uri(options["--root"]), storage.normalize_uri(args[1])
+    if args[0] == "study-plot":
+        dataset = Layout(root).study
+        run_id = options["--run-id"] or versions.latest_version(dataset)
+        if run_id is None:
+            raise SystemExit(f"no study run under {dataset}: run make study first")
+        storage.write_bytes(
+            out, storage.read_bytes(storage.join(versions.version_uri(dataset, run_id), "study.png"))
+        )
+        print(f"study plot of run {run_id} under {root}: {args[1]}")
+        return
+    run_id = plot_run(Layout(root).probes, out, options["--run-id"])
     print(f"budget curve of probe run {run_id} under {root}: {args[1]}")
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torchaudio
 
-from musiclib import audio, catalog, config, logmel, storage, study, versions
+from musiclib import audio, catalog, config, logmel, report, storage, study, versions
 from musiclib.datasets.audio_files import encode
 
 
@@ -173,6 +173,8 @@ def test_tiny_study_writes_every_output(tmp_path):
     text = storage.read_bytes(storage.join(out, "study.md")).decode()
     assert "| clmr |" in text and "| logmel |" in text and "study.png" in text
     assert storage.read_bytes(storage.join(out, "study.png")).startswith(b"\x89PNG")
+    report.main(["study-plot", str(tmp_path / "study.png"), "--root", root])  # make docs-images
+    assert (tmp_path / "study.png").read_bytes() == storage.read_bytes(storage.join(out, "study.png"))
 
 
 def test_the_study_runs_as_a_script():
