@@ -66,7 +66,7 @@ def require(packages: list[str], install: bool = True) -> list[str]:
     if _no_lists():
         _apt("update")
     result = _apt("install", "-y", "--no-install-recommends", *todo)
-    if result.returncode != 0 and "Failed to fetch" in result.stderr:  # lists out of date: refresh once
+    if result.returncode != 0:  # lists out of date (a 404, or a package they do not know yet): refresh once
         _apt("update")
         result = _apt("install", "-y", "--no-install-recommends", *todo)
     if result.returncode != 0:
