@@ -93,6 +93,18 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
     return cfg
 
 
+def take_flags(args: list[str], flags: dict[str, Any], usage: str) -> None:
+    """Move each ``--flag value`` named in ``flags`` from ``args`` into ``flags`` (the defaults stay otherwise);
+    the small query tools' argument parsing (``python -m musiclib.tags``, ``python -m musiclib.report``)."""
+    for flag in flags:
+        if flag in args:
+            i = args.index(flag)
+            if i + 1 >= len(args):
+                raise SystemExit(f"{flag} needs a value; {usage}")
+            flags[flag] = args[i + 1]
+            del args[i : i + 2]
+
+
 def absolute_uris(cfg: T) -> T:
     """``cfg`` with its location fields (``URI_FIELDS``) as absolute URIs, resolved here in the driver.
 

@@ -250,19 +250,14 @@ def main(argv: list[str] | None = None) -> None:
     """
     import sys
 
-    from musiclib.config import DEFAULT_ROOT, Layout
+    from musiclib.config import DEFAULT_ROOT, Layout, take_flags
 
+    usage = "usage: python -m musiclib.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]"
     args = list(sys.argv[1:] if argv is None else argv)
     options = {"--root": DEFAULT_ROOT, "--run-id": None}
-    for flag in options:
-        if flag in args:
-            i = args.index(flag)
-            options[flag] = args[i + 1]
-            del args[i : i + 2]
+    take_flags(args, options, usage)
     if len(args) != 2 or args[0] not in ("budget-curve", "study-plot"):
-        raise SystemExit(
-            "usage: python -m musiclib.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]"
-        )
+        raise SystemExit(usage)
     root, out = storage.normalize_uri(options["--root"]), storage.normalize_uri(args[1])
     if args[0] == "study-plot":
         dataset = Layout(root).study

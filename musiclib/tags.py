@@ -37,7 +37,7 @@ from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
 from musiclib import neighbors, progress, storage, tag_table, versions
-from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
+from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, take_flags
 from musiclib.tag_table import DEFAULT_CATALOG, DEFAULT_TABLE, Where
 
 if TYPE_CHECKING:  # the query tool starts without torch
@@ -321,17 +321,6 @@ USAGE = (
 )
 
 
-def take_flags(args: list[str], flags: dict[str, str]) -> None:
-    """Move each ``--flag value`` of ``flags`` from ``args`` into ``flags`` (its default stays otherwise)."""
-    for flag in flags:
-        if flag in args:
-            i = args.index(flag)
-            if i + 1 >= len(args):
-                raise SystemExit(f"{flag} needs a value; {USAGE}")
-            flags[flag] = args[i + 1]
-            del args[i : i + 2]
-
-
 def main(argv: list[str] | None = None) -> None:
     """``show``, ``top``, ``sql``, ``history`` or ``outputs`` against the current snapshot under ``--root``;
     ``similar`` and ``seed`` over the embeddings (``neighbors_command``)."""
@@ -343,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         "--catalog-uri": DEFAULT_CATALOG,
         "--table": DEFAULT_TABLE,
     }
-    take_flags(args, flags)
+    take_flags(args, flags, USAGE)
     if args and args[0] in ("similar", "seed"):
         neighbors_command(args, storage.normalize_uri(flags["--root"]), int(flags["--n"]))
         return
@@ -383,7 +372,7 @@ def neighbors_command(args: list[str], root: str, n: int) -> None:
     Bad input (an unknown track or tag, an example without an embedding) ends with one line naming it.
     """
     options = {"--examples": "", "--confirm": "", "--model-id": "", "--split": "train"}
-    take_flags(args, options)
+    take_flags(args, options, USAGE)
     if len(args) != 2 or (args[0] == "similar" and (options["--examples"] or options["--confirm"])):
         raise SystemExit(
             "usage: python -m musiclib.tags similar TRACK_ID | seed TAG [--examples ID,ID] [--confirm ID,ID] "

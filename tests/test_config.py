@@ -63,3 +63,11 @@ def test_location_fields_become_absolute_in_the_driver(tmp_path, monkeypatch):
     assert config.parse(Demo, ["--root", "s3://bucket/lib/"]).root == "s3://bucket/lib"
     with pytest.raises(config.ConfigError, match="--root: unsupported URI scheme 'http'"):
         config.parse(Demo, ["--root", "http://example.com/x"])
+
+
+def test_take_flags_moves_values_and_names_a_missing_one():
+    args, flags = ["top", "drums", "--n", "3"], {"--root": "data/demo", "--n": "10"}
+    config.take_flags(args, flags, "usage: x")
+    assert args == ["top", "drums"] and flags == {"--root": "data/demo", "--n": "3"}
+    with pytest.raises(SystemExit, match="--root needs a value; usage: x"):
+        config.take_flags(["top", "--root"], {"--root": ""}, "usage: x")
