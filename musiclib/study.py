@@ -395,3 +395,38 @@ def finish(cfg: StudyConfig, run_id: str, rows: pd.DataFrame, facts: dict[str, A
     storage.write_bytes(uris[1], render_markdown(summary, facts, encoders, reference).encode())
     plot(summary, uris[2], encoders)
     return versions.publish(dataset, run_id, uris, [len(rows), 0, 0], config=dataclasses.asdict(cfg))
+
+
+SETTINGS = ("width", "steps", "batch_size", "max_chunks", "label_share", "pretrain_options", "tune_options")
+
+
+def compare_runs(dataset: str, budget: str = "20") -> pd.DataFrame:
+    """Every committed study run under ``dataset``, one row per run and encoder: the run's settings, its
+    seeds, and macro AP at ``budget`` on the validation split (to choose settings by) and the test split
+    (only to report). ``best_on_valid`` marks each encoder's run with the highest validation AP, so a
+    setting is chosen across runs on validation, as the probes' configurations are within one."""
+    rows = []
+    for run_id in versions.committed_versions(dataset):
+        manifest = versions.read_manifest(dataset, run_id)
+        results = storage.read_parquet([storage.join(versions.version_uri(dataset, run_id), OUTPUTS[0])])
+        at = results.to_pandas()
+        at = at[at["budget"] == budget]
+        for encoder, scores in at.groupby("encoder", sort=False):
+            rows.append(
+                {
+                    "run_id": run_id,
+                    "encoder": encoder,
+                    **{k: manifest.config.get(k) for k in SETTINGS},
+                    "seeds": scores["seed"].nunique(),
+                    **{
+                        f"{split}_ap_{group}": scores[f"{split}_ap_{group}"].mean()
+                        for split in report.SPLITS
+                        for group in ("all", "tail")
+                    },
+                }
+            )
+    table = pd.DataFrame(rows)
+    if not table.empty:
+        best = table.groupby("encoder")["valid_ap_all"].transform("max")
+        table["best_on_valid"] = table["valid_ap_all"] == best
+    return table

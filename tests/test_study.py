@@ -93,6 +93,30 @@ def test_summary_pools_seeds_and_repetitions_and_flags_differences_beyond_the_sp
     assert whole["std"] == 0 and whole["delta"] == pytest.approx(0.3) and not whole["beyond_spread"]
 
 
+def test_runs_are_compared_on_validation_and_the_test_split_only_reports(tmp_path, capsys):
+    dataset = str(tmp_path / "study")
+    for run_id, lr, valid, test in (("study-a", "5e-4", 0.30, 0.40), ("study-b", "2e-3", 0.35, 0.20)):
+        frames = [
+            study.variant_rows(
+                pd.DataFrame(_sweep_rows({"20-a": [valid, valid + 0.1]}, "20")), "clmr", seed, "m"
+            )
+            for seed in (0, 1)
+        ]
+        rows = pd.concat(frames).assign(test_ap_all=test)
+        uri = storage.join(versions.version_uri(dataset, run_id), "results.parquet")
+        storage.write_parquet(pa.Table.from_pandas(rows, preserve_index=False), uri)
+        config = {"steps": 70, "pretrain_options": f"--lr {lr}"}
+        versions.publish(dataset, run_id, [uri], [len(rows)], config=config)
+    table = study.compare_runs(dataset, "20").set_index("run_id")
+    assert table.loc["study-b", "valid_ap_all"] == pytest.approx(0.40)  # mean over seeds and repetitions
+    assert table.loc["study-b", "seeds"] == 2 and table.loc["study-a", "pretrain_options"] == "--lr 5e-4"
+    assert table["best_on_valid"].to_dict() == {"study-a": False, "study-b": True}  # not test's choice
+    assert study.compare_runs(dataset, "5").empty
+    report.print_study_runs(dataset, "20")
+    printed = capsys.readouterr().out
+    assert "study-b: width None, steps 70" in printed and "--lr 2e-3" in printed
+
+
 def test_config_lists_every_problem_and_refuses_options_the_study_sets(tmp_path):
     with pytest.raises(config.ConfigError) as err:
         config.parse(
