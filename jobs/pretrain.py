@@ -33,8 +33,10 @@ from musiclib.pretraining import (
     build,
     check_resume,
     checkpoint_state,
+    describe_labels,
     distributed,
     fit,
+    label_facts,
     load_checkpoint,
     load_training_data,
     plan_labels,
@@ -142,25 +144,24 @@ def train(cfg: PretrainConfig, layout: Layout) -> ray.train.Result:
     return trainer.fit()
 
 
-def export(cfg: PretrainConfig, layout: Layout, result: ray.train.Result, shards: dict[str, Any]) -> str:
+def export(
+    cfg: PretrainConfig,
+    layout: Layout,
+    result: ray.train.Result,
+    shards: dict[str, Any],
+    labels: dict[str, Any],
+) -> str:
     """Export the final encoder with its card (config, data, labels used, final metrics); return its id."""
     with result.checkpoint.as_directory() as directory:
         state = load_checkpoint(directory)
     model = models.ContrastiveModel(cfg.encoder_config())
     model.load_state_dict(state["model"])
-    labels = plan_labels(committed_shards(layout.shards), cfg.p_s, cfg.seed)
     card = {
         "run": cfg.run_name,
         "steps": state["step"],
         "pretrain_config": cfg.as_dict(),
         "data": {"catalog": layout.catalog, "shards_uri": layout.shards, **shards},
-        "labels": {
-            "p_s": cfg.p_s,
-            "b_s": cfg.b_s,
-            "labeled_tracks_in_catalog": labels.labeled_in_catalog,
-            "labeled_tracks_used": labels.labeled_used,
-            "tags_used": len(labels.vocabulary),
-        },
+        "labels": labels,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
     }
     return models.export_encoder(model.encoder, layout.models, card)
@@ -177,8 +178,10 @@ def main(argv: list[str] | None = None) -> str:
     with versions.lease(run_uri), ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True):
         with versions.lease(layout.shards), retry_transient_storage(TASK_RETRIES):
             shards = prepare_shards(cfg, layout)
+        labels = label_facts(plan_labels(committed_shards(layout.shards), cfg.p_s, cfg.seed), cfg)
+        print(f"pretrain: {describe_labels(labels)}")
         result = train(cfg, layout)
-        model_id = export(cfg, layout, result, shards)
+        model_id = export(cfg, layout, result, shards, labels)
     progress.summary(
         "pretrain",
         cfg.root,

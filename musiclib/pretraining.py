@@ -206,6 +206,58 @@ def plan_labels(shard_uris: list[str], p_s: float, seed: int) -> LabelPlan:
     return LabelPlan(kept, vocabulary, labeled_in_catalog=sum(1 for _, g in usable if g))
 
 
+POSITIVES_WARNING = 0.5  # above this mean label target, labels barely tell labeled clips apart
+
+
+def positive_share(plan: LabelPlan, threshold: int, weighted: bool, max_tracks: int = 2000) -> float | None:
+    """The mean label target ``P_ij`` between two distinct labeled tracks the plan keeps (``target_matrix``):
+    the share of labeled pairs that count as positives, or their mean Dice weight. Near 1, almost every
+    pair of labeled clips is a positive and the labels add little contrast (dense multi-label catalogs at
+    ``--label-threshold 1``). On a seeded sample of ``max_tracks``; None with fewer than two labeled tracks."""
+    labeled = sorted(t for t, tags in plan.kept.items() if tags)
+    if len(labeled) < 2:
+        return None
+    if len(labeled) > max_tracks:
+        labeled = sorted(np.random.default_rng(0).choice(labeled, max_tracks, replace=False).tolist())
+    column = {tag: i for i, tag in enumerate(plan.vocabulary)}
+    labels = torch.zeros(len(labeled), len(column), dtype=torch.float64)
+    for row, track in enumerate(labeled):
+        labels[row, [column[tag] for tag in plan.kept[track]]] = 1.0
+    targets = target_matrix(torch.arange(len(labeled)), labels, threshold, weighted)
+    return float(targets.sum()) / (len(labeled) * (len(labeled) - 1))
+
+
+def label_facts(plan: LabelPlan, cfg: PretrainConfig) -> dict[str, Any]:
+    """What a model card records of the labels pretraining used, with their mean target (``positive_share``)."""
+    return {
+        "p_s": cfg.p_s,
+        "b_s": cfg.b_s,
+        "labeled_tracks_in_catalog": plan.labeled_in_catalog,
+        "labeled_tracks_used": plan.labeled_used,
+        "tags_used": len(plan.vocabulary),
+        "positives": "Dice-weighted" if cfg.weighted else f"--label-threshold {cfg.label_threshold}",
+        "mean_label_target": positive_share(plan, cfg.label_threshold, cfg.weighted),
+    }
+
+
+def describe_labels(facts: dict[str, Any]) -> str:
+    """One line on the labels pretraining uses (``label_facts``), with a hint when most pairs are positives."""
+    line = (
+        f"labels: {facts['labeled_tracks_used']} of {facts['labeled_tracks_in_catalog']} labeled tracks used "
+        f"(p_s {facts['p_s']}), {facts['tags_used']} tags"
+    )
+    share = facts["mean_label_target"]
+    if share is None:
+        return line
+    line += f"; mean target between two labeled tracks {share:.0%} ({facts['positives']})"
+    if share > POSITIVES_WARNING:
+        line += (
+            ": most labeled pairs are positives, so labels add little contrast; "
+            "try --weighted true or a higher --label-threshold (docs/STUDY.md)"
+        )
+    return line
+
+
 # --------------------------------------------------------------------------- training data and batches
 
 

@@ -17,18 +17,22 @@ from jobs import pretrain as job
 from musiclib import audio, catalog, storage, versions
 from musiclib.config import ConfigError, Layout, parse
 from musiclib.pretraining import (
+    LabelPlan,
     PretrainConfig,
     TrainingData,
     build,
     check_resume,
     checkpoint_state,
     compose_batch,
+    describe_labels,
     fit,
     global_loss,
+    label_facts,
     learning_rate,
     load_checkpoint,
     load_training_data,
     plan_labels,
+    positive_share,
     restore,
     resume_conflicts,
     sample_batch,
@@ -134,6 +138,31 @@ def test_select_labels_uses_exactly_p_s_of_labeled_tracks_nested():
     assert sum(bool(g) for g in quarter.values()) == 25
     assert {t for t, g in quarter.items() if g} <= {t for t, g in half.items() if g}
     assert not any(select_labels(ids, tags, p_s=0.0, seed=1).values())
+
+
+def test_positive_share_is_the_mean_target_over_distinct_labeled_pairs():
+    rng = np.random.default_rng(3)
+    vocabulary = [f"g{i}" for i in range(6)]
+    kept = {
+        f"t{i}": sorted({vocabulary[j] for j in rng.integers(0, 6, rng.integers(1, 5))}) for i in range(30)
+    }
+    kept |= {"u0": [], "u1": []}  # unlabeled tracks are not pairs of labeled tracks
+    plan = LabelPlan(kept, vocabulary, labeled_in_catalog=30)
+    sets = [set(tags) for tags in kept.values() if tags]
+    pairs = [(a, b) for i, a in enumerate(sets) for j, b in enumerate(sets) if i != j]
+    for threshold in (1, 2):
+        expected = np.mean([float(len(a & b) >= threshold) for a, b in pairs], dtype=np.float64)
+        assert positive_share(plan, threshold, weighted=False) == pytest.approx(expected, rel=1e-12)
+    dice = np.mean([2 * len(a & b) / (len(a) + len(b)) for a, b in pairs], dtype=np.float64)
+    assert positive_share(plan, 1, weighted=True) == pytest.approx(dice, rel=1e-12)
+    assert positive_share(LabelPlan({"a": ["g0"], "b": []}, ["g0"], 1), 1, False) is None
+    dense = LabelPlan({f"t{i}": ["g0", f"g{i % 5 + 1}"] for i in range(10)}, vocabulary, 10)
+    facts = label_facts(dense, PretrainConfig(root="x", label_threshold=1))
+    assert facts["mean_label_target"] == 1.0 and "most labeled pairs are positives" in describe_labels(facts)
+    facts = label_facts(dense, PretrainConfig(root="x", label_threshold=2))
+    assert "most labeled pairs" not in describe_labels(facts) and "--label-threshold 2" in describe_labels(
+        facts
+    )
 
 
 def test_null_and_empty_tags_are_dropped_never_stringified(tiny_catalog, tmp_path):
