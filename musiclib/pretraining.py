@@ -252,8 +252,8 @@ def describe_labels(facts: dict[str, Any]) -> str:
     line += f"; mean target between two labeled tracks {share:.0%} ({facts['positives']})"
     if share > POSITIVES_WARNING:
         line += (
-            ": most labeled pairs are positives, so labels add little contrast; "
-            "try --weighted true or a higher --label-threshold (docs/STUDY.md)"
+            ": most labeled pairs are positives, so the labels separate few clips "
+            "(--weighted true or a higher --label-threshold lower this; docs/STUDY.md)"
         )
     return line
 
