@@ -38,6 +38,7 @@ from torch import nn
 from musiclib import audio, storage, versions
 from musiclib.augment import AugmentConfig, ViewAugment
 from musiclib.config import DEFAULT_ROOT, ConfigError, RayConfig, check
+from musiclib.fewshot import label_matrix
 from musiclib.gather import distributed, gather, gather_constant
 from musiclib.losses import semisupcon_anchor_losses, target_matrix
 from musiclib.models import ContrastiveModel, EncoderConfig, sync_batchnorm
@@ -219,10 +220,7 @@ def positive_share(plan: LabelPlan, threshold: int, weighted: bool, max_tracks: 
         return None
     if len(labeled) > max_tracks:
         labeled = sorted(np.random.default_rng(0).choice(labeled, max_tracks, replace=False).tolist())
-    column = {tag: i for i, tag in enumerate(plan.vocabulary)}
-    labels = torch.zeros(len(labeled), len(column), dtype=torch.float64)
-    for row, track in enumerate(labeled):
-        labels[row, [column[tag] for tag in plan.kept[track]]] = 1.0
+    labels = torch.from_numpy(label_matrix([plan.kept[t] for t in labeled], plan.vocabulary))
     targets = target_matrix(torch.arange(len(labeled)), labels, threshold, weighted)
     return float(targets.sum()) / (len(labeled) * (len(labeled) - 1))
 
@@ -307,15 +305,12 @@ def load_training_data(shard_uris: list[str], plan: LabelPlan, rank: int = 0, wo
         read_shard_columns([uri], list(SHARD_SCHEMA.names)).take(rows) for uri, rows in rows_by_shard.items()
     )
     chunks = [np.frombuffer(b, dtype="<i2") for b in table.column("audio").to_pylist()]
-    column = {tag: i for i, tag in enumerate(plan.vocabulary)}
-    labels = np.zeros((len(chunks), len(plan.vocabulary)), np.float32)
-    for row, tid in enumerate(table.column("track_id").to_pylist()):
-        labels[row, [column[t] for t in plan.kept.get(tid, [])]] = 1.0
+    kept = [plan.kept.get(tid, []) for tid in table.column("track_id").to_pylist()]
     return TrainingData(
         samples=np.concatenate(chunks).astype(np.int16),
         offsets=np.concatenate([[0], np.cumsum([len(c) for c in chunks])]),
         segments=np.asarray(table.column("segment_samples").to_pylist(), np.int64),
-        labels=labels,
+        labels=label_matrix(kept, plan.vocabulary).astype(np.float32),
     )
 
 
