@@ -3,7 +3,9 @@
 As in CLMR and SemiSupCon: gain, polarity inversion, coloured noise, one filter out of band-pass /
 band-stop / high-pass / low-pass, pitch shift and delay, each with its own probability, the whole chain
 applied to a view with probability ``p_chain``. Every random draw is per view, so the two views of a clip
-are augmented independently. Probabilities and ranges live in ``AugmentConfig``.
+are augmented independently. Draws come from torch's generator, and the pitch shift's transpositions from
+Python's ``random``: seeding both fixes every view (``pretraining.seed_augmentations``). Probabilities and
+ranges live in ``AugmentConfig``.
 """
 
 from __future__ import annotations
@@ -68,6 +70,25 @@ class Delay(nn.Module):
         return torch.where(apply[:, None, None], mixed, x)
 
 
+class OneFilter(nn.Module):
+    """Pass each view through one of ``filters``, chosen per view (torch-audiomentations' ``OneOf`` chooses
+    one per batch, with Python's ``random``); each filter keeps its own probability of acting."""
+
+    def __init__(self, filters: list[nn.Module], sample_rate: int = SAMPLE_RATE):
+        super().__init__()
+        self.filters, self.sample_rate = nn.ModuleList(filters), sample_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, C, T]``."""
+        choice = torch.randint(len(self.filters), (x.shape[0],), device=x.device)
+        out = x.clone()
+        for k, f in enumerate(self.filters):
+            views = torch.nonzero(choice == k).squeeze(1)
+            if len(views):
+                out[views] = f(samples=x[views], sample_rate=self.sample_rate).samples
+        return out
+
+
 class ViewAugment(nn.Module):
     """The per-view chain: ``[B, T]`` waveforms in, ``[B, T]`` augmented waveforms out."""
 
@@ -85,7 +106,7 @@ class ViewAugment(nn.Module):
                 ta.Gain(*c.gain_db, p=c.p_gain, output_type="dict"),
                 ta.PolarityInversion(p=c.p_polarity, output_type="dict"),
                 ta.AddColoredNoise(*c.noise_snr_db, p=c.p_noise, output_type="dict"),
-                ta.OneOf(filters, output_type="dict"),
+                OneFilter(filters, sample_rate),
                 ta.PitchShift(
                     -c.pitch_semitones,
                     c.pitch_semitones,

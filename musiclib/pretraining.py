@@ -22,6 +22,7 @@ import hashlib
 import io
 import math
 import queue
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -546,6 +547,13 @@ def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> 
 Report = Callable[[int, dict[str, float], bool], None]
 
 
+def seed_augmentations(seed: list[int]) -> None:
+    """Seed both generators the augmentations draw from: torch's, and Python's ``random`` (the pitch shift's)."""
+    state = int(np.random.SeedSequence(seed).generate_state(1)[0])
+    torch.manual_seed(state)
+    random.seed(state)
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -560,11 +568,14 @@ def fit(
 
     ``model`` may be wrapped in DDP. Metrics are averaged over the steps since the last report and over
     workers: total / labeled / unlabeled loss, learning rate, clips/s of the whole job, and the share of
-    step time this worker waited for a batch. Returns the last metrics.
+    step time this worker waited for a batch. Returns the last metrics. Batches and augmentations are
+    seeded from ``cfg.seed``, the worker's rank and ``start_step``: on CPU a run is reproducible from its
+    seed, and workers draw independent augmentations.
     """
     rank, world = distributed()
     n_clips = cfg.batch_size // world
     seed = [cfg.seed, rank, start_step]  # a resumed run draws new batches, not the first ones again
+    seed_augmentations(seed)
     stream = batches(data, n_clips, cfg.b_s, cfg.views, seed, cfg.prefetch, pin=device.type == "cuda")
     model.train()
     sums = torch.zeros(5, device=device)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
 
-from musiclib.augment import AugmentConfig, Delay, ViewAugment
+from musiclib.augment import AugmentConfig, Delay, OneFilter, ViewAugment
 
 
 def _delayed_reference(x: np.ndarray, d: int, volume: float) -> np.ndarray:
@@ -56,6 +58,38 @@ def test_the_chain_keeps_shape_and_skips_views_with_probability_one_minus_p_chai
     torch.testing.assert_close(ViewAugment(AugmentConfig(p_chain=0.0))(x), x)
     always = ViewAugment(AugmentConfig(p_chain=1.0, p_gain=1.0, p_pitch=0.0))(x)
     assert not any(torch.equal(a, b) for a, b in zip(always, x))  # every view changed
+
+
+class _Scale(torch.nn.Module):
+    """A stand-in filter with torch-audiomentations' call signature: multiplies by ``k``."""
+
+    def __init__(self, k: float):
+        super().__init__()
+        self.k = k
+
+    def forward(self, samples: torch.Tensor, sample_rate: int) -> SimpleNamespace:
+        return SimpleNamespace(samples=self.k * samples)
+
+
+def test_one_filter_chooses_per_view_from_torchs_generator():
+    x = torch.ones(64, 1, 10)
+    one = OneFilter([_Scale(k) for k in (2.0, 3.0, 5.0, 7.0)])
+    torch.manual_seed(0)
+    y = one(x)
+    factors = y[:, 0, 0]
+    assert set(factors.tolist()) == {2.0, 3.0, 5.0, 7.0}  # every filter is used within one batch
+    torch.testing.assert_close(y, factors[:, None, None].expand_as(x))  # one filter per view, whole view
+    torch.manual_seed(0)
+    torch.testing.assert_close(one(x), y)
+
+
+def test_the_chain_is_fixed_by_the_torch_seed():
+    x = 0.1 * torch.randn(16, 4096)
+    chain = ViewAugment(AugmentConfig(p_chain=1.0, p_filter=1.0, p_pitch=0.0))
+    torch.manual_seed(7)
+    y = chain(x)
+    torch.manual_seed(7)
+    torch.testing.assert_close(chain(x), y, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize(
