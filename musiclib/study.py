@@ -37,8 +37,8 @@ from musiclib.sweep import TuneConfig  # noqa: E402
 
 ENCODERS = {
     "clmr": "CLMR: self-supervised only, no labels (p_s = 0)",
-    "semisupcon-low": "SemiSupCon with a share of the labels (p_s = --label-share, default b_s)",
-    "semisupcon-all": "SemiSupCon with all labels (p_s = 1, default b_s)",
+    "semisupcon-low": "SemiSupCon with a share of the labels (p_s = --label-share, b_s = --batch-label-share)",
+    "semisupcon-all": "SemiSupCon with all labels (p_s = 1, b_s = --batch-label-share)",
     "supervised": "supervised contrastive on the labeled clips alone (p_s = 1, b_s = 1)",
     "random": "no training: the randomly initialised encoder (the first seed's initial weights)",
     "logmel": "hand-crafted floor: mean and std of each log-mel band over the track",
@@ -71,6 +71,7 @@ class StudyConfig(RayConfig):
         default_factory=lambda: [0, 1, 2]
     )  # pretraining seeds (untrained references: the first)
     label_share: float = 0.1  # p_s of semisupcon-low: the share of the labeled tracks whose labels it sees
+    batch_label_share: float = PretrainConfig.b_s  # b_s of both SemiSupCon encoders: labeled clips per batch
     width: float = 0.25
     steps: int = 70
     batch_size: int = 32
@@ -91,6 +92,10 @@ class StudyConfig(RayConfig):
             problems.append(f"--seeds {self.seeds}: give one or more distinct non-negative seeds")
         if not 0.0 < self.label_share < 1.0:
             problems.append(f"--label-share {self.label_share} must be in (0, 1) (p_s = 1 is semisupcon-all)")
+        if not 0.0 < self.batch_label_share < 1.0:
+            problems.append(
+                f"--batch-label-share {self.batch_label_share} must be in (0, 1) (b_s = 1 is supervised)"
+            )
         if self.max_chunks < 1:
             problems.append(f"--max-chunks must be at least 1, got {self.max_chunks}")
         for job, cls, argv in (
@@ -136,11 +141,10 @@ def option_problems(job: str, cls: type, text: str, argv: Callable[[], list[str]
 
 def label_settings(cfg: StudyConfig, encoder: str) -> tuple[float, float]:
     """``(p_s, b_s)`` of a trained encoder: which labels pretraining keeps, the labeled share of a batch."""
-    default_b_s = PretrainConfig.b_s
     return {
         "clmr": (0.0, 0.0),
-        "semisupcon-low": (cfg.label_share, default_b_s),
-        "semisupcon-all": (1.0, default_b_s),
+        "semisupcon-low": (cfg.label_share, cfg.batch_label_share),
+        "semisupcon-all": (1.0, cfg.batch_label_share),
         "supervised": (1.0, 1.0),
     }[encoder]
 
@@ -295,7 +299,8 @@ def facts(cfg: StudyConfig, run_id: str, catalog_uri: str, work: str, rows: pd.D
         "encoders": f"{', '.join(cfg.encoders)}; trained ones with seeds {', '.join(map(str, cfg.seeds))}, "
         "untrained references with the first",
         "pretraining": f"SampleCNN width {cfg.width}, {cfg.steps} steps of {cfg.batch_size} clips, "
-        f"label share of semisupcon-low {cfg.label_share}; options: {cfg.pretrain_options or 'none'}",
+        f"label share of semisupcon-low {cfg.label_share}, labeled share of a SemiSupCon batch "
+        f"{cfg.batch_label_share}; options: {cfg.pretrain_options or 'none'}",
         "embedding": f"the labeled tracks, up to {cfg.max_chunks} chunks of 2.7 s each; "
         f"options: {cfg.embed_options or 'none'}",
         "few-shot protocol": f"the tune job's sweep, {rows['rep'].max() + 1} repetitions; "
@@ -397,7 +402,10 @@ def finish(cfg: StudyConfig, run_id: str, rows: pd.DataFrame, facts: dict[str, A
     return versions.publish(dataset, run_id, uris, [len(rows), 0, 0], config=dataclasses.asdict(cfg))
 
 
-SETTINGS = ("width", "steps", "batch_size", "max_chunks", "label_share", "pretrain_options", "tune_options")
+SETTINGS = (
+    "width", "steps", "batch_size", "max_chunks", "label_share", "batch_label_share", "pretrain_options",
+    "tune_options",
+)  # fmt: skip
 
 
 def compare_runs(dataset: str, budget: str = "20") -> pd.DataFrame:

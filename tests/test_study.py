@@ -122,6 +122,7 @@ def test_config_lists_every_problem_and_refuses_options_the_study_sets(tmp_path)
         config.parse(
             study.StudyConfig,
             ["--root", str(tmp_path), "--encoders", "clmr,nope", "--seeds", "", "--label-share", "1.5"]
+            + ["--batch-label-share", "1"]
             + ["--pretrain-options", "--p-s 0.5 --lr -1", "--tune-options", "--budgets 0"],
         )
     message = str(err.value)
@@ -129,12 +130,26 @@ def test_config_lists_every_problem_and_refuses_options_the_study_sets(tmp_path)
         "nope",
         "--seeds",
         "--label-share 1.5",
+        "--batch-label-share 1",
         "--p-s",
         "--lr",
         "--budgets",
         "catalog not found",
     ):
         assert expected in message
+
+
+def test_each_trained_encoder_gets_its_label_settings():
+    cfg = study.StudyConfig(label_share=0.05, batch_label_share=0.25)
+
+    def p_s_b_s(encoder: str) -> tuple[str, str]:
+        argv = study.pretrain_argv(cfg, "/r", encoder, 1)
+        return argv[argv.index("--p-s") + 1], argv[argv.index("--b-s") + 1]
+
+    assert p_s_b_s("clmr") == ("0.0", "0.0")
+    assert p_s_b_s("semisupcon-low") == ("0.05", "0.25")
+    assert p_s_b_s("semisupcon-all") == ("1.0", "0.25")
+    assert p_s_b_s("supervised") == ("1.0", "1.0")
 
 
 def test_work_catalog_points_at_the_same_audio_and_lists_the_labeled_tracks(tmp_path):
