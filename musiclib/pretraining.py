@@ -315,23 +315,23 @@ def load_training_data(shard_uris: list[str], plan: LabelPlan, rank: int = 0, wo
     )
 
 
-def compose_batch(data: TrainingData, n_clips: int, b_s: float, rng: np.random.Generator) -> np.ndarray:
-    """Track indices of a batch: ``round(b_s * n_clips)`` labeled clips, the rest unlabeled.
+def compose_batch(
+    data: TrainingData, n_clips: int, b_s: float, rng: np.random.Generator
+) -> tuple[np.ndarray, int]:
+    """Track indices of a batch, and how many of them (the first) are labeled clips: ``round(b_s * n_clips)``.
 
-    When one pool is empty the batch is filled from the other (``p_s = 0`` trains self-supervised). Clips are
-    distinct within a batch while the pool is large enough.
+    Without labeled tracks (``p_s = 0``) every clip is unlabeled. Without unlabeled tracks (every track
+    labeled, ``p_s = 1``) the unlabeled share is drawn from all tracks with their labels hidden, so ``b_s``
+    still sets the mix: filling it with labeled clips would train on labels alone. Clips are distinct
+    within each share while its pool is large enough.
     """
-    labeled, unlabeled = data.labeled, data.unlabeled
-    n_lab = round(b_s * n_clips)
-    if len(labeled) == 0:
-        n_lab = 0
-    elif len(unlabeled) == 0:
-        n_lab = n_clips
+    n_lab = round(b_s * n_clips) if len(data.labeled) else 0
+    unlabeled = data.unlabeled if len(data.unlabeled) else np.arange(len(data))
 
     def draw(pool: np.ndarray, k: int) -> np.ndarray:
         return rng.choice(pool, size=k, replace=k > len(pool)) if k else np.zeros(0, np.int64)
 
-    return np.concatenate([draw(labeled, n_lab), draw(unlabeled, n_clips - n_lab)])
+    return np.concatenate([draw(data.labeled, n_lab), draw(unlabeled, n_clips - n_lab)]), n_lab
 
 
 def view_starts(n_samples: int, segment: int, mode: str, rng: np.random.Generator) -> tuple[int, int]:
@@ -362,7 +362,7 @@ class Batch:
 
 def sample_batch(data: TrainingData, n_clips: int, b_s: float, mode: str, rng: np.random.Generator) -> Batch:
     """Compose a batch and cut its views from memory (a slice per view, no decoding)."""
-    idx = compose_batch(data, n_clips, b_s, rng)
+    idx, n_lab = compose_batch(data, n_clips, b_s, rng)
     chunk = audio.CHUNK_SAMPLES
     views = np.empty((2, n_clips, chunk), np.int16)
     for k, i in enumerate(idx):
@@ -371,7 +371,9 @@ def sample_batch(data: TrainingData, n_clips: int, b_s: float, mode: str, rng: n
         views[0, k] = data.samples[lo + a : lo + a + chunk]
         views[1, k] = data.samples[lo + b : lo + b + chunk]
     x = torch.from_numpy(views.reshape(2 * n_clips, chunk)).float().div_(32767.0)
-    return Batch(views=x, labels=torch.from_numpy(data.labels[idx]))
+    labels = data.labels[idx]
+    labels[n_lab:] = 0.0  # the unlabeled share: a labeled track drawn there contributes its audio only
+    return Batch(views=x, labels=torch.from_numpy(labels))
 
 
 def batches(

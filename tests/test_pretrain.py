@@ -194,11 +194,26 @@ def test_batch_composition_honours_b_s():
     data = fake_data(40, 60)
     rng = np.random.default_rng(0)
     for b_s, n_lab in [(0.5, 8), (0.25, 4), (0.0, 0), (1.0, 16)]:
-        idx = compose_batch(data, 16, b_s, rng)
-        assert len(idx) == 16 and len(set(idx.tolist())) == 16
-        assert int((data.labels[idx, 0] > 0).sum()) == n_lab
+        idx, labeled = compose_batch(data, 16, b_s, rng)
+        assert len(idx) == 16 and len(set(idx.tolist())) == 16 and labeled == n_lab
+        assert (data.labels[idx[:n_lab], 0] > 0).all() and (data.labels[idx[n_lab:]] == 0).all()
     only_unlabeled = fake_data(0, 10)
-    assert (only_unlabeled.labels[compose_batch(only_unlabeled, 8, 0.5, rng)] == 0).all()
+    idx, labeled = compose_batch(only_unlabeled, 8, 0.5, rng)
+    assert labeled == 0 and (only_unlabeled.labels[idx] == 0).all()
+
+
+def test_an_all_labeled_catalog_keeps_the_unlabeled_share_with_labels_hidden():
+    """p_s = 1 on a catalog where every track is labeled: b_s still sets the mix, so SemiSupCon with all
+    labels (b_s 0.5) and supervised-only training (b_s 1) see different batches."""
+    data = fake_data(20, 0)
+    rng = np.random.default_rng(0)
+    idx, labeled = compose_batch(data, 16, 0.5, rng)
+    assert labeled == 8 and len(idx) == 16
+    batch = sample_batch(data, 16, 0.5, "adjacent", rng)
+    assert batch.labels[:8, 0].eq(1).all() and batch.labels[8:].eq(0).all()
+    assert data.labels.sum() == 20  # hiding labels in a batch leaves the training data as it was
+    supervised = sample_batch(data, 16, 1.0, "adjacent", rng)
+    assert supervised.labels[:, 0].eq(1).all()
 
 
 def test_plan_and_load_training_data_split_across_workers(tiny_catalog, tmp_path):
