@@ -356,15 +356,9 @@ def test_a_run_is_reproducible_from_its_seed():
     seeded); another seed trains another model."""
 
     def train(seed: int, draws_before: int = 0) -> list[torch.Tensor]:
+        augment_every_view = {"p_chain": 1.0, "p_filter": 1.0, "p_pitch": 0.5}
         cfg = PretrainConfig(
-            width=0.0625,
-            steps=2,
-            batch_size=4,
-            seed=seed,
-            p_chain=1.0,
-            p_filter=1.0,
-            p_pitch=0.5,
-            log_every=2,
+            width=0.0625, steps=2, batch_size=4, seed=seed, log_every=2, **augment_every_view
         )
         model, optimizer, augment = build(cfg, torch.device("cpu"))
         torch.rand(draws_before), random.random()  # draws before fit must not matter
