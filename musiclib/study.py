@@ -413,6 +413,7 @@ def compare_runs(dataset: str, budget: str = "20") -> pd.DataFrame:
     seeds, and macro AP at ``budget`` on the validation split (to choose settings by) and the test split
     (only to report). ``best_on_valid`` marks each encoder's run with the highest validation AP, so a
     setting is chosen across runs on validation, as the probes' configurations are within one."""
+    defaults = {f.name: f.default for f in dataclasses.fields(StudyConfig)}  # runs older than a setting
     rows = []
     for run_id in versions.committed_versions(dataset):
         manifest = versions.read_manifest(dataset, run_id)
@@ -424,7 +425,7 @@ def compare_runs(dataset: str, budget: str = "20") -> pd.DataFrame:
                 {
                     "run_id": run_id,
                     "encoder": encoder,
-                    **{k: manifest.config.get(k) for k in SETTINGS},
+                    **{k: manifest.config.get(k, defaults[k]) for k in SETTINGS},
                     "seeds": scores["seed"].nunique(),
                     **{
                         f"{split}_ap_{group}": scores[f"{split}_ap_{group}"].mean()

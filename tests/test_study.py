@@ -114,7 +114,8 @@ def test_runs_are_compared_on_validation_and_the_test_split_only_reports(tmp_pat
     assert study.compare_runs(dataset, "5").empty
     report.print_study_runs(dataset, "20")
     printed = capsys.readouterr().out
-    assert "study-b: width None, steps 70" in printed and "--lr 2e-3" in printed
+    assert "study-b: width 0.25, steps 70" in printed and "--lr 2e-3" in printed  # unrecorded: the default
+    assert table.loc["study-a", "batch_label_share"] == study.StudyConfig().batch_label_share
 
 
 def test_config_lists_every_problem_and_refuses_options_the_study_sets(tmp_path):
