@@ -3,18 +3,20 @@
 As in CLMR and SemiSupCon: gain, polarity inversion, coloured noise, one filter out of band-pass /
 band-stop / high-pass / low-pass, pitch shift and delay, each with its own probability, the whole chain
 applied to a view with probability ``p_chain``. Every random draw is per view, so the two views of a clip
-are augmented independently. Draws come from torch's generator, and the pitch shift's transpositions from
-Python's ``random``: seeding both fixes every view (``pretraining.seed_augmentations``). Probabilities and
-ranges live in ``AugmentConfig``.
+are augmented independently, and all come from torch's generator: seeding it fixes every view. The filters
+and the pitch shift are batched here (torch-audiomentations applies them one example at a time); gain,
+polarity and noise are torch-audiomentations'. Probabilities and ranges live in ``AugmentConfig``.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch_audiomentations as ta
 from torch import nn
+from torch_pitch_shift import get_fast_shifts, pitch_shift, semitones_to_ratio
 
 from musiclib.audio import SAMPLE_RATE
 
@@ -70,22 +72,143 @@ class Delay(nn.Module):
         return torch.where(apply[:, None, None], mixed, x)
 
 
-class OneFilter(nn.Module):
-    """Pass each view through one of ``filters``, chosen per view (torch-audiomentations' ``OneOf`` chooses
-    one per batch, with Python's ``random``); each filter keeps its own probability of acting."""
+def mel_uniform(low_hz: float, high_hz: float, n: int, device: torch.device) -> torch.Tensor:
+    """``n`` frequencies in Hz drawn uniformly on the mel scale, as torch-audiomentations draws its cutoffs."""
+    low, high = (2595.0 * math.log10(1.0 + f / 700.0) for f in (low_hz, high_hz))
+    return 700.0 * (10.0 ** (torch.empty(n, device=device).uniform_(low, high) / 2595.0) - 1.0)
 
-    def __init__(self, filters: list[nn.Module], sample_rate: int = SAMPLE_RATE):
+
+def lowpass_kernels(cutoffs: torch.Tensor, half_sizes: torch.Tensor, width: int) -> torch.Tensor:
+    """Windowed-sinc low-pass filters ``[n, 2 * width + 1]``, julius's design: cutoffs as fractions of the
+    sample rate, a Hann window of ``2 * half_size + 1`` taps, unit gain at DC; zero beyond each half size."""
+    t = torch.arange(-width, width + 1, device=cutoffs.device, dtype=torch.float32)
+    h = half_sizes[:, None].float()
+    window = torch.where(t.abs() <= h, 0.5 + 0.5 * torch.cos(math.pi * t / h), 0.0)
+    arg = 2.0 * math.pi * cutoffs[:, None] * t
+    sinc = torch.where(t == 0, 1.0, torch.sin(arg) / arg)
+    kernels = 2.0 * cutoffs[:, None] * window * sinc
+    return kernels / kernels.sum(dim=1, keepdim=True)
+
+
+def lowpass(x: torch.Tensor, cutoffs: torch.Tensor, half_sizes: torch.Tensor) -> torch.Tensor:
+    """Row ``i`` of ``x`` ``[n, T]`` low-passed at ``cutoffs[i]`` (fraction of the sample rate) with a filter of
+    ``half_sizes[i]`` taps each side, edges padded by repetition, as ``julius.lowpass_filter``; batched.
+
+    Rows are grouped by the FFT length their filter needs (a power of two), so one very long filter does
+    not make every row pay for its length; each group is one batched FFT convolution.
+    """
+    n, length = x.shape
+    out = torch.empty_like(x)
+    sizes = [1 << int(math.ceil(math.log2(length + 2 * int(h)))) for h in half_sizes.tolist()]
+    for size in sorted(set(sizes)):
+        rows = torch.tensor([i for i, s in enumerate(sizes) if s == size], device=x.device)
+        width = int(half_sizes[rows].max())
+        kernels = lowpass_kernels(cutoffs[rows], half_sizes[rows], width)
+        padded = nn.functional.pad(x[rows][:, None], (width, width), mode="replicate")[:, 0]
+        full = torch.fft.irfft(torch.fft.rfft(padded, size) * torch.fft.rfft(kernels, size), size)
+        out[rows] = full[:, 2 * width : 2 * width + length]
+    return out
+
+
+@dataclass
+class FilterDraw:
+    """Per view: whether it is filtered, which filter (an index into ``OneFilter.KINDS``), the cutoff of its
+    first low-pass (the upper one of a band), a band's lower cutoff, and the filter's half size in taps."""
+
+    apply: torch.Tensor
+    kind: torch.Tensor
+    cutoff: torch.Tensor
+    band_low: torch.Tensor
+    half: torch.Tensor
+
+
+def apply_filters(x: torch.Tensor, draw: FilterDraw) -> torch.Tensor:
+    """``x`` ``[B, T]`` through the drawn filters, built from low-passes ``L`` as julius builds them: high-pass
+    ``x - L(f)``, band-pass ``L(f_high) - L(f_low)``, band-stop ``x - band-pass``."""
+    views = torch.nonzero(draw.apply).squeeze(1)
+    bands = torch.nonzero(draw.apply & (draw.kind < 2)).squeeze(1)
+    rows = torch.cat([views, bands])
+    low_passed = lowpass(x[rows], torch.cat([draw.cutoff[views], draw.band_low[bands]]), draw.half[rows])
+    filtered = low_passed[: len(views)]
+    kind = draw.kind[views]
+    filtered[kind < 2] -= low_passed[len(views) :]
+    subtract = (kind == 1) | (kind == 2)  # band-stop and high-pass: what the low-passes leave out
+    filtered[subtract] = x[views][subtract] - filtered[subtract]
+    out = x.clone()
+    out[views] = filtered
+    return out
+
+
+class OneFilter(nn.Module):
+    """Each view, with probability ``p``, through one filter out of band-pass, band-stop, high-pass and
+    low-pass, chosen per view, with torch-audiomentations' parameter draws (mel-uniform frequencies, a
+    band 0.5 to 1.99 times its centre wide) and julius's windowed-sinc filters, batched.
+
+    torch-audiomentations filters one example at a time; its band filters, whose half size follows the
+    lower cutoff, took most of the chain's time on a GPU (docs/BENCHMARKS.md).
+    """
+
+    KINDS = ("band-pass", "band-stop", "high-pass", "low-pass")
+
+    def __init__(
+        self,
+        band_hz: tuple[float, float],
+        highpass_hz: tuple[float, float],
+        lowpass_hz: tuple[float, float],
+        p: float,
+        sample_rate: int = SAMPLE_RATE,
+        bandwidth: tuple[float, float] = (0.5, 1.99),
+        zeros: float = 8.0,
+    ):
         super().__init__()
-        self.filters, self.sample_rate = nn.ModuleList(filters), sample_rate
+        self.band_hz, self.highpass_hz, self.lowpass_hz = band_hz, highpass_hz, lowpass_hz
+        self.p, self.sample_rate, self.bandwidth, self.zeros = p, sample_rate, bandwidth, zeros
+
+    def draw(self, b: int, device: torch.device) -> FilterDraw:
+        """Parameters for ``b`` views; the half size follows the filter's lowest cutoff, as in julius."""
+        sr = self.sample_rate
+        apply = torch.rand(b, device=device) < self.p
+        kind = torch.randint(len(self.KINDS), (b,), device=device)
+        centre = mel_uniform(*self.band_hz, b, device)
+        width = torch.empty(b, device=device).uniform_(*self.bandwidth)
+        band_low, band_high = centre * (1 - 0.5 * width) / sr, centre * (1 + 0.5 * width) / sr
+        high = mel_uniform(*self.highpass_hz, b, device) / sr
+        low = mel_uniform(*self.lowpass_hz, b, device) / sr
+        cutoff = torch.stack([band_high, band_high, high, low], dim=1).gather(1, kind[:, None])[:, 0]
+        lowest = torch.where(kind < 2, band_low, cutoff)
+        half = torch.floor(self.zeros / lowest.double() / 2).long()
+        return FilterDraw(apply, kind, cutoff, band_low, half)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` ``[B, C, T]``."""
-        choice = torch.randint(len(self.filters), (x.shape[0],), device=x.device)
+        """``x`` ``[B, T]``."""
+        return apply_filters(x, self.draw(x.shape[0], x.device))
+
+
+class PitchShift(nn.Module):
+    """Each view, with probability ``p``, transposed by one of the shifts within ``semitones`` either way that
+    torch-pitch-shift computes fast at ``sample_rate``, chosen per view from torch's generator.
+
+    torch-audiomentations shifts one example at a time; here the views that share a shift go through
+    ``pitch_shift`` together.
+    """
+
+    def __init__(self, semitones: float, p: float, sample_rate: int = SAMPLE_RATE):
+        super().__init__()
+        low, high = semitones_to_ratio(-semitones), semitones_to_ratio(semitones)
+        self.shifts = get_fast_shifts(sample_rate, lambda r: low <= r <= high and r != 1)
+        if not self.shifts:
+            raise ValueError(f"no fast pitch shift within {semitones} semitones at {sample_rate} Hz")
+        self.p, self.sample_rate = p, sample_rate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, T]``."""
+        apply = torch.rand(x.shape[0], device=x.device) < self.p
+        choice = torch.randint(len(self.shifts), (x.shape[0],), device=x.device)
         out = x.clone()
-        for k, f in enumerate(self.filters):
-            views = torch.nonzero(choice == k).squeeze(1)
+        for k, shift in enumerate(self.shifts):
+            views = torch.nonzero(apply & (choice == k)).squeeze(1)
             if len(views):
-                out[views] = f(samples=x[views], sample_rate=self.sample_rate).samples
+                out[views] = pitch_shift(x[views][:, None], shift, self.sample_rate)[:, 0]
         return out
 
 
@@ -95,28 +218,15 @@ class ViewAugment(nn.Module):
     def __init__(self, config: AugmentConfig, sample_rate: int = SAMPLE_RATE):
         super().__init__()
         c = config
-        filters = [
-            ta.BandPassFilter(*c.band_hz, p=c.p_filter, output_type="dict"),
-            ta.BandStopFilter(*c.band_hz, p=c.p_filter, output_type="dict"),
-            ta.HighPassFilter(*c.highpass_hz, p=c.p_filter, output_type="dict"),
-            ta.LowPassFilter(*c.lowpass_hz, p=c.p_filter, output_type="dict"),
-        ]
-        self.chain = ta.Compose(
+        self.waveform = nn.ModuleList(
             [
                 ta.Gain(*c.gain_db, p=c.p_gain, output_type="dict"),
                 ta.PolarityInversion(p=c.p_polarity, output_type="dict"),
                 ta.AddColoredNoise(*c.noise_snr_db, p=c.p_noise, output_type="dict"),
-                OneFilter(filters, sample_rate),
-                ta.PitchShift(
-                    -c.pitch_semitones,
-                    c.pitch_semitones,
-                    p=c.p_pitch,
-                    sample_rate=sample_rate,
-                    output_type="dict",
-                ),
-            ],
-            output_type="dict",
+            ]
         )
+        self.filter = OneFilter(c.band_hz, c.highpass_hz, c.lowpass_hz, c.p_filter, sample_rate)
+        self.pitch = PitchShift(c.pitch_semitones, c.p_pitch, sample_rate) if c.p_pitch > 0 else nn.Identity()
         self.delay = Delay(c.delay_ms, c.p_delay, sample_rate)
         self.p_chain = c.p_chain
         self.sample_rate = sample_rate
@@ -125,7 +235,10 @@ class ViewAugment(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p_chain == 0.0:
             return x
-        y = self.chain(x[:, None, :], sample_rate=self.sample_rate).samples
-        y = self.delay(y)[:, 0, :]
+        y = x[:, None, :]
+        for transform in self.waveform:
+            y = transform(y, sample_rate=self.sample_rate).samples
+        y = self.pitch(self.filter(y[:, 0]))
+        y = self.delay(y[:, None, :])[:, 0, :]
         keep = torch.rand(x.shape[0], device=x.device) >= self.p_chain  # these views skip the whole chain
         return torch.where(keep[:, None], x, y)

@@ -22,7 +22,6 @@ import hashlib
 import io
 import math
 import queue
-import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -550,10 +549,8 @@ Report = Callable[[int, dict[str, float], bool], None]
 
 
 def seed_augmentations(seed: list[int]) -> None:
-    """Seed both generators the augmentations draw from: torch's, and Python's ``random`` (the pitch shift's)."""
-    state = int(np.random.SeedSequence(seed).generate_state(1)[0])
-    torch.manual_seed(state)
-    random.seed(state)
+    """Seed torch's generator, which every augmentation draws from."""
+    torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
 
 
 def fit(

@@ -1,14 +1,15 @@
-"""The view augmentations: the delay's index arithmetic against a float64 loop, probabilities, the chain."""
+"""The view augmentations: the delay against a float64 loop, the batched filters and pitch shift against
+julius and torch-pitch-shift one example at a time, probabilities, the chain."""
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
+import julius
 import numpy as np
 import pytest
 import torch
+from torch_pitch_shift import pitch_shift
 
-from musiclib.augment import AugmentConfig, Delay, OneFilter, ViewAugment
+from musiclib.augment import AugmentConfig, Delay, OneFilter, PitchShift, ViewAugment, apply_filters, lowpass
 
 
 def _delayed_reference(x: np.ndarray, d: int, volume: float) -> np.ndarray:
@@ -60,32 +61,79 @@ def test_the_chain_keeps_shape_and_skips_views_with_probability_one_minus_p_chai
     assert not any(torch.equal(a, b) for a, b in zip(always, x))  # every view changed
 
 
-class _Scale(torch.nn.Module):
-    """A stand-in filter with torch-audiomentations' call signature: multiplies by ``k``."""
-
-    def __init__(self, k: float):
-        super().__init__()
-        self.k = k
-
-    def forward(self, samples: torch.Tensor, sample_rate: int) -> SimpleNamespace:
-        return SimpleNamespace(samples=self.k * samples)
+def _julius_filter(x: torch.Tensor, kind: int, cutoff: float, band_low: float) -> torch.Tensor:
+    """One view through torch-audiomentations' filter of ``OneFilter.KINDS[kind]`` (julius, one example)."""
+    if kind < 2:
+        band = julius.bandpass_filter(x, band_low, cutoff)
+        return band if kind == 0 else x - band
+    return julius.highpass_filter(x, cutoff) if kind == 2 else julius.lowpass_filter(x, cutoff)
 
 
-def test_one_filter_chooses_per_view_from_torchs_generator():
-    x = torch.ones(64, 1, 10)
-    one = OneFilter([_Scale(k) for k in (2.0, 3.0, 5.0, 7.0)])
+def test_lowpass_matches_julius_for_short_and_very_long_filters():
+    x = torch.randn(5, 3000, dtype=torch.float64).float()
+    cutoffs = torch.tensor([0.4, 0.1, 0.01, 0.002, 0.0004])  # half sizes 10 to 10,000 taps (> T: all edge)
+    half = torch.floor(8.0 / cutoffs.double() / 2).long()
+    got = lowpass(x, cutoffs, half)
+    for i in range(len(x)):
+        torch.testing.assert_close(got[i], julius.lowpass_filter(x[i], float(cutoffs[i])), rtol=0, atol=2e-5)
+
+
+def test_one_filter_applies_each_drawn_filter_as_julius_does():
     torch.manual_seed(0)
-    y = one(x)
-    factors = y[:, 0, 0]
-    assert set(factors.tolist()) == {2.0, 3.0, 5.0, 7.0}  # every filter is used within one batch
-    torch.testing.assert_close(y, factors[:, None, None].expand_as(x))  # one filter per view, whole view
+    x = torch.randn(48, 2000)
+    one = OneFilter((200.0, 4000.0), (200.0, 2400.0), (150.0, 7500.0), p=0.75, sample_rate=22050)
+    draw = one.draw(len(x), x.device)
+    y = apply_filters(x, draw)
+    assert set(draw.kind[draw.apply].tolist()) == {0, 1, 2, 3} and 0 < int(draw.apply.sum()) < len(x)
+    for i in range(len(x)):
+        if not draw.apply[i]:
+            torch.testing.assert_close(y[i], x[i], rtol=0, atol=0)
+            continue
+        want = _julius_filter(x[i], int(draw.kind[i]), float(draw.cutoff[i]), float(draw.band_low[i]))
+        torch.testing.assert_close(y[i], want, rtol=0, atol=2e-5)
+
+
+def test_filter_draws_stay_in_their_ranges():
     torch.manual_seed(0)
-    torch.testing.assert_close(one(x), y)
+    one = OneFilter((200.0, 4000.0), (300.0, 2400.0), (150.0, 7500.0), p=1.0, sample_rate=20000)
+    d = one.draw(4000, torch.device("cpu"))
+    hz = d.cutoff * 20000
+    for kind, (low, high) in [(2, (300.0, 2400.0)), (3, (150.0, 7500.0))]:
+        sel = hz[d.kind == kind]
+        assert low - 1e-3 <= float(sel.min()) and float(sel.max()) <= high + 1e-3
+    bands = d.kind < 2
+    centre = (d.cutoff[bands] + d.band_low[bands]) / 2 * 20000
+    assert 200.0 - 1e-2 <= float(centre.min()) and float(centre.max()) <= 4000.0 + 1e-2
+    width = (d.cutoff[bands] - d.band_low[bands]) / ((d.cutoff[bands] + d.band_low[bands]) / 2)
+    assert 0.5 - 1e-4 <= float(width.min()) and float(width.max()) <= 1.99 + 1e-4
+    lowest = torch.where(bands, d.band_low, d.cutoff).double()
+    torch.testing.assert_close(d.half, torch.floor(8.0 / lowest / 2).long())
+    assert 0.2 < float((d.kind == 0).double().mean()) < 0.3  # one of four, chosen per view
+
+
+def test_pitch_shift_gives_each_view_one_fast_shift_or_leaves_it():
+    torch.manual_seed(0)
+    x = 0.1 * torch.randn(12, 4096)
+    shift = PitchShift(4.0, p=0.5, sample_rate=22050)
+    y = shift(x)
+    used = set()
+    for i in range(len(x)):
+        if torch.equal(y[i], x[i]):
+            used.add(None)
+            continue
+        matches = [
+            k
+            for k, s in enumerate(shift.shifts)
+            if torch.allclose(y[i], pitch_shift(x[i][None, None], s, 22050)[0, 0], atol=1e-5)
+        ]
+        assert matches, f"view {i} is no fast shift of its input"
+        used.add(matches[0])
+    assert None in used and len(used) >= 4  # some views left, several shifts drawn in one batch
 
 
 def test_the_chain_is_fixed_by_the_torch_seed():
     x = 0.1 * torch.randn(16, 4096)
-    chain = ViewAugment(AugmentConfig(p_chain=1.0, p_filter=1.0, p_pitch=0.0))
+    chain = ViewAugment(AugmentConfig(p_chain=1.0, p_filter=1.0, p_pitch=1.0))
     torch.manual_seed(7)
     y = chain(x)
     torch.manual_seed(7)
