@@ -45,6 +45,7 @@ from musiclib.models import ContrastiveModel, EncoderConfig, sync_batchnorm
 from musiclib.shards import SHARD_SCHEMA, read_shard_columns
 
 VIEW_MODES = ("adjacent", "crops")
+PRECISIONS = ("bf16", "fp32")
 CHECKPOINT_FILE = "state.pt"
 
 
@@ -83,6 +84,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
     segment_seconds: float = 10.0  # length of each segment read from a long track
     prefetch: int = 4  # batches sampled ahead by the background thread
     sync_bn: bool = True  # BatchNorm statistics of the global batch when there are several workers (CLMR)
+    precision: str = "bf16"  # on CUDA: "bf16" runs the model under bf16 autocast, "fp32" does not; CPU: fp32
 
     def validate(self) -> None:
         """Fail in seconds with a clear message, before Ray or any decoding starts."""
@@ -108,6 +110,8 @@ class PretrainConfig(AugmentConfig, RayConfig):
             problems.append(f"--b-s {self.b_s} and --p-s {self.p_s} must be in [0, 1]")
         if self.views not in VIEW_MODES:
             problems.append(f"--views {self.views!r} must be one of {VIEW_MODES}")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision {self.precision!r} must be one of {PRECISIONS}")
         if self.checkpoint_every < 1 or self.keep_checkpoints < 1 or self.log_every < 1:
             problems.append("--checkpoint-every, --keep-checkpoints and --log-every must be >= 1")
         if self.max_failures < -1:
@@ -438,11 +442,13 @@ def train_step(
     """One optimisation step; returns ``[loss, labeled sum, labeled count, unlabeled sum, unlabeled count]``.
 
     The sums are detached, for logging, and are all-reduced across workers by the caller when it logs.
-    bf16 autocast runs the encoder on GPU; the loss is computed in float32.
+    On CUDA with ``precision="bf16"`` the model runs under bf16 autocast; the loss is always float32.
     """
     x = augment(batch.views.to(device, non_blocking=True))
     labels = batch.labels.to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with torch.autocast(
+        device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.precision == "bf16"
+    ):
         z = model(x)
     loss, per_anchor, is_labeled = global_loss(z.float(), labels, cfg.tau, cfg.label_threshold, cfg.weighted)
     optimizer.zero_grad(set_to_none=True)
