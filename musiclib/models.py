@@ -104,10 +104,11 @@ def count_parameters(module: nn.Module) -> int:
 class SyncBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d over the global batch of every worker, on any device (torch's SyncBatchNorm is GPU-only).
 
-    In training with several workers, each worker's per-channel count, mean and variance are combined by
-    two all-reduces of ``[C]`` vectors (``torch.distributed.nn``: gradients flow back to every worker), so
-    each worker normalises exactly as one process would on the whole batch, and the running statistics
-    follow the global batch too. The normalisation is one fused ``x * scale + shift``, as BatchNorm's CPU
+    In training with several workers, each worker's count and per-channel mean and variance are gathered in
+    one collective (``torch.distributed.nn``: gradients flow back to every worker) and merged as torch's
+    CUDA SyncBatchNorm merges them, so each worker normalises exactly as one process would on the whole
+    batch, and the running statistics follow the global batch too. One collective per layer, not two: each
+    is a point where every worker waits for the slowest (docs/BENCHMARKS.md, pretrain). The normalisation is one fused ``x * scale + shift``, as BatchNorm's CPU
     kernel does it. With one worker, or in eval mode, it is ``BatchNorm1d``. Affine and tracking running
     statistics, as SampleCNN's; parameters and buffers are BatchNorm1d's, so state dicts load either way.
     """
@@ -120,9 +121,11 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
         shape = [1, -1] + [1] * (x.dim() - 2)
         local_var, local_mean = torch.var_mean(x, dims, correction=0)
         count = x.new_tensor([x.numel() / x.shape[1]])
-        totals = dist_nn.all_reduce(torch.cat([count, count * local_mean]))
-        n, mean = totals[0], totals[1:] / totals[0]
-        var = dist_nn.all_reduce(count * (local_var + (local_mean - mean).square())) / n
+        stats = torch.stack(dist_nn.all_gather(torch.cat([count, local_mean, local_var])))  # [world, 1 + 2C]
+        counts, means, variances = stats[:, :1], stats[:, 1 : 1 + x.shape[1]], stats[:, 1 + x.shape[1] :]
+        n = counts.sum()
+        mean = (counts * means).sum(0) / n
+        var = (counts * (variances + (means - mean).square())).sum(0) / n
         scale = self.weight * torch.rsqrt(var + self.eps)
         shift = self.bias - mean * scale
         with torch.no_grad():
