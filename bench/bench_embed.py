@@ -2,14 +2,14 @@
 
     python bench/bench_embed.py --root /tmp/bench_embed --distinct 100 --sizes 1000,10000
 
-One run, on the same files and model: (1) the decode-only floor (``decode_batch`` in one process),
-(2) the plain single-process loop (decode, chunk, forward: ``embedder.embed_catalog``), (3) the Ray Data
-job (``jobs/embed.py``'s ``run`` on a local Ray, once cold and then warm), each as tracks/s and as ratios;
-the plain loop and the warm job are timed ``repeats`` times and the fastest run of each counts. Then the
-job on each catalog size with the summed proportional set size (PSS) of the driver and every process it
-started (Ray's GCS, raylet, workers), sampled every 0.25 s, to show memory does not grow with the catalog;
-the sampler costs CPU, so those runs are not used for the throughput ratio. Bigger catalogs reuse the
-``distinct`` demo audio files under new track ids.
+One run, on the same files and model: (1) the decode-only floor (``decode_batch`` in one process), (2) the
+plain single-process loop (decode, chunk, forward: ``embedder.embed_catalog``; on the GPU when there is one,
+as the job's actors), (3) the Ray Data job (``jobs/embed.py``'s ``run`` on a local Ray, once cold and then
+warm), each as tracks/s and as ratios; the plain loop and the warm job are timed ``repeats`` times and the
+fastest run of each counts. Then the job on each catalog size with the summed proportional set size (PSS) of
+the driver and every process it started (Ray's GCS, raylet, workers), sampled every 0.25 s, to show memory
+does not grow with the catalog; the sampler costs CPU, so those runs are not used for the throughput ratio.
+Bigger catalogs reuse the ``distinct`` demo audio files under new track ids.
 """
 
 from __future__ import annotations
@@ -193,13 +193,17 @@ def main(argv: list[str] | None = None) -> None:
     small = roots[cfg.throughput_tracks]
     catalog_uri = Layout(small).catalog
     model_id = models.resolve(Layout(small).models)
-    encoder, _ = models.load_encoder(Layout(small).models, model_id)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the job's encoder actors run
+    encoder, _ = models.load_encoder(Layout(small).models, model_id, device)
+    print(f"encoder on {device}")
 
     floor = decode_floor(catalog_uri, cfg.batch_size)
     print(f"decode-only floor (1 process): {floor:.1f} tracks/s")
     plain = fastest(
         [
-            embedder.embed_catalog(catalog_uri, encoder, model_id, batch_size=cfg.batch_size)[1]
+            embedder.embed_catalog(catalog_uri, encoder, model_id, batch_size=cfg.batch_size, device=device)[
+                1
+            ]
             for _ in range(cfg.repeats)
         ]
     )

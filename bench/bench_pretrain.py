@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import ray
 import torch
 
 from musiclib.config import Layout, parse
 from musiclib.pretraining import PretrainConfig, build, fit, load_training_data, plan_labels
+from musiclib.ray_env import ray_session
 from musiclib.shards import committed_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -44,12 +44,10 @@ def main(argv: list[str]) -> dict[str, float]:
     cfg = PretrainConfig(
         **{**vars(cfg), "run_name": run, "log_every": cfg.steps // 2, "checkpoint_every": cfg.steps}
     )
-    ray.init(num_cpus=cfg.num_workers * cfg.cpus_per_worker + 1, include_dashboard=False)
-    try:
+    # the dashboard serves the State API that Ray Train's placement-group cleaner polls (ray_env.ray_session)
+    with ray_session(num_cpus=cfg.num_workers * cfg.cpus_per_worker + 1, include_dashboard=True):
         job.prepare_shards(cfg, Layout(cfg.root))
         ray_metrics = job.train(cfg, Layout(cfg.root)).metrics
-    finally:
-        ray.shutdown()
     plain = plain_loop(cfg)
     result = {
         "ray_clips_per_s": ray_metrics["clips_per_s"],

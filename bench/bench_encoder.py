@@ -1,0 +1,69 @@
+"""The encoder's own rate, without decoding: hours of audio per second through ``embedder.forward_chunks``
+(int16 chunks in, embeddings out, host-to-device copies included), in float32 and under bf16 autocast.
+
+    python bench/bench_encoder.py --chunks 8192 --width 1.0
+
+On CUDA when there is a GPU, else on the CPU. This is the "GPU rate" of the sizing rule in the README
+(decode cores per GPU). Prints one JSON line per setting.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from musiclib import audio, embedder, models  # noqa: E402
+from musiclib.config import parse  # noqa: E402
+
+
+@dataclass
+class BenchConfig:
+    """Work and model of the encoder benchmark."""
+
+    chunks: int = 8192  # 2.7 s chunks per timed pass
+    width: float = 1.0
+    chunk_batches: tuple[int, ...] = (64, 256)  # forward batch sizes to try
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    cfg = parse(BenchConfig, argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.manual_seed(0)
+    encoder = models.SampleCNN(models.EncoderConfig(width=cfg.width)).eval().to(device)
+    rng = np.random.default_rng(0)
+    chunks = (rng.standard_normal((cfg.chunks, audio.CHUNK_SAMPLES), np.float32) * 3000).astype(np.int16)
+    results = []
+    for chunk_batch in cfg.chunk_batches:
+        for bf16 in (False, True):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                embedder.forward_chunks(encoder, chunks[: 2 * chunk_batch], chunk_batch, device)  # warm-up
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                embedder.forward_chunks(encoder, chunks, chunk_batch, device)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+            result = {
+                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                "width": cfg.width,
+                "chunk_batch": chunk_batch,
+                "dtype": "bf16" if bf16 else "fp32",
+                "chunks_per_s": cfg.chunks / seconds,
+                "audio_hours_per_s": cfg.chunks * audio.CHUNK_SECONDS / 3600 / seconds,
+            }
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    return results
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
