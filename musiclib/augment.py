@@ -97,7 +97,7 @@ def lowpass(x: torch.Tensor, cutoffs: torch.Tensor, half_sizes: torch.Tensor) ->
     Rows are grouped by the FFT length their filter needs (a power of two), so one very long filter does
     not make every row pay for its length; each group is one batched FFT convolution.
     """
-    n, length = x.shape
+    length = x.shape[1]
     out = torch.empty_like(x)
     sizes = [1 << int(math.ceil(math.log2(length + 2 * int(h)))) for h in half_sizes.tolist()]
     for size in sorted(set(sizes)):
