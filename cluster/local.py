@@ -169,7 +169,7 @@ def _job_server_up(url: str, token_file: Path) -> bool:
         return resp.status == 200
 
 
-def _alive_nodes(env: dict[str, str], gcs_address: str) -> int:
+def alive_nodes(env: dict[str, str], gcs_address: str) -> int:
     """Nodes the cluster reports alive, asked through ``ray status`` with the node environment."""
     out = subprocess.run(
         [str(RAY), "status", f"--address={gcs_address}"], env=env, capture_output=True, text=True, timeout=30
@@ -249,7 +249,7 @@ def start(s3_server: SeaweedS3) -> Iterator[LocalCluster]:
             worker_args,
             node_env,
             Path(temp_dir) / "worker.log",
-            lambda: _alive_nodes(node_env, gcs) == 2,
+            lambda: alive_nodes(node_env, gcs) == 2,
             nodes,
         )
         bucket = f"cluster-{uuid.uuid4().hex[:12]}"

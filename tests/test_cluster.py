@@ -8,7 +8,10 @@ only the endpoint and region, which travel in the runtime env. It is stopped at 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
+import signal
 import time
 import uuid
 from collections.abc import Iterator
@@ -18,6 +21,7 @@ import pytest
 
 from cluster import local
 from cluster.local import LocalCluster, aws_env, make
+from tests.test_faults import descendants
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a loaded 2-core machine is slow
 
@@ -34,7 +38,7 @@ def job_status(cluster: LocalCluster, job_id: str) -> str:
     out = make("status", cluster.submit_env, timeout=60, JOB_ID=job_id)
     text = (out.stdout + out.stderr).lower()
     for word in ("succeeded", "failed", "stopped", "running", "pending"):
-        if f"job '{job_id}' {word}".lower() in text:
+        if f"job '{job_id}' {word}".lower() in text or f"job '{job_id}': {word}".lower() in text:
             return word.upper()
     raise AssertionError(f"no job status in:\n{text}")
 
@@ -119,3 +123,59 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
         rows = tag_table.read(table, columns=("track_id", "tag", "source")).to_pylist()
     model_rows = sorted((r["track_id"], r["tag"]) for r in rows if r["source"] == "model")
     assert model_rows == sorted((t, tag) for t in tracks for tag in tag_names)
+
+
+def job_tasks(node_pid: int) -> list[str]:
+    """Titles of the Ray workers below a node's ``ray start`` that run a task or an actor: not idle, and not
+    the node's own agents."""
+    own = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
+    return [c for c in descendants(node_pid).values() if c.startswith("ray::") and not c.startswith(own)]
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
+def test_embed_survives_losing_the_worker_node(cluster, s3_server):
+    """The worker node dies while it runs a task of the job (SIGKILL of every process it started): Ray runs
+    the lost work again on the head, and the job publishes every track once. Last in the module: the
+    cluster keeps one node after it."""
+    from musiclib import catalog, embedder, models, versions
+    from musiclib.config import Layout
+    from musiclib.datasets import demo
+
+    root = f"s3://{cluster.bucket}/node-loss"
+    layout = Layout(root)
+    with aws_env(s3_server):
+        demo.make_catalog(root, n_tracks=120, seed=1, min_seconds=3.0, max_seconds=5.0, workers=1)
+        model_id = models.export_random_encoder(layout.models, width=0.125)
+    dataset = embedder.dataset_uri(layout.embeddings, model_id)
+    job_id = f"node-loss-{uuid.uuid4().hex[:6]}"
+    args = "--max-chunks 2 --batch-size 2 --decode-cpus 1 --actors 1"
+    out = make(
+        "submit",
+        cluster.submit_env,
+        JOB="embed",
+        ROOT=root,
+        ARGS=args,
+        JOB_ID=job_id,
+        SUBMIT_FLAGS="--no-wait",
+    )
+    assert out.returncode == 0, out.stdout[-3000:]
+    node = cluster.node_pids[-1]  # the worker node's `ray start`
+    wait_for(lambda: job_tasks(node), 300, "a task of the job on the worker node", interval=0.2)
+    for pid in [*descendants(node), node]:  # Ray workers run in process groups of their own
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert job_status(cluster, job_id) == "RUNNING", "the job ended before the node was lost"
+    wait_for(lambda: local.alive_nodes(cluster.node_env, cluster.gcs_address) == 1, 120, "the node's death")
+    wait_for(lambda: job_status(cluster, job_id) not in ("PENDING", "RUNNING"), 600, "the job", interval=5)
+    logs = make("logs", cluster.submit_env, timeout=60, JOB_ID=job_id).stdout
+    assert job_status(cluster, job_id) == "SUCCEEDED", logs[-3000:]
+    with aws_env(s3_server):
+        tracks = sorted(catalog.read(layout.catalog, columns=["track_id"]).column("track_id").to_pylist())
+        assert sorted(embedder.read(layout.embeddings, model_id).column("track_id").to_pylist()) == tracks
+        assert not versions.verify(versions.read_latest_manifest(dataset))
