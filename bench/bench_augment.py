@@ -1,13 +1,13 @@
-"""The augmentation chain's cost per batch, against the training step it feeds, and the batched filters and
-pitch shift against torch-audiomentations' one-example-at-a-time versions, on the same batch.
+"""The augmentation chain's cost per batch, against the training step it feeds, and the batched noise, filters
+and pitch shift against torch-audiomentations' one-example-at-a-time versions, on the same batch.
 
     python bench/bench_augment.py --batch-size 96 --width 1.0
 
 On CUDA when there is a GPU, else on the CPU. Seconds per batch of ``2 * batch_size`` views (median of
-``repeats`` after a warm-up): one filter per view with probability 1 (``OneFilter``, and the four
-torch-audiomentations filters each applied to the views that chose it), the pitch shift with probability 1,
-the default chain (``ViewAugment``), and one training step of the encoder on an augmented batch (bf16 on
-CUDA, as pretraining runs it). Prints one JSON line at the end.
+``repeats`` after a warm-up): coloured noise with probability 1, one filter per view with probability 1
+(``OneFilter``, and the four torch-audiomentations filters each applied to the views that chose it), the pitch
+shift with probability 1, the default chain (``ViewAugment``), and one training step of the encoder on an
+augmented batch (bf16 on CUDA, as pretraining runs it). Prints one JSON line at the end.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE  # noqa: E402
-from musiclib.augment import AugmentConfig, OneFilter, PitchShift, ViewAugment  # noqa: E402
+from musiclib.augment import AugmentConfig, ColoredNoise, OneFilter, PitchShift, ViewAugment  # noqa: E402
 from musiclib.config import parse  # noqa: E402
 from musiclib.pretraining import Batch, PretrainConfig, build, train_step  # noqa: E402
 
@@ -89,6 +89,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     pitch_theirs = ta.PitchShift(
         -c.pitch_semitones, c.pitch_semitones, p=1.0, sample_rate=SAMPLE_RATE, output_type="dict"
     )
+    noise = ColoredNoise(c.noise_snr_db, p=1.0)
+    noise_theirs = ta.AddColoredNoise(*c.noise_snr_db, p=1.0, output_type="dict")
     chain = ViewAugment(c).to(device)
     train = PretrainConfig(width=cfg.width, num_workers=1, batch_size=cfg.batch_size)
     model, optimizer, _ = build(train, device)
@@ -97,6 +99,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     result = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "views": 2 * cfg.batch_size,
+        "noise_batched_s": seconds(lambda: noise(x), r, device),
+        "noise_per_example_s": seconds(lambda: noise_theirs(x[:, None], sample_rate=SAMPLE_RATE), r, device),
         "filter_batched_s": seconds(lambda: ours(x), r, device),
         "filter_per_example_s": seconds(lambda: theirs(x), r, device),
         "pitch_batched_s": seconds(lambda: pitch(x), r, device),
@@ -106,6 +110,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             lambda: train_step(model, nn.Identity(), optimizer, Batch(x, labels), train, device), r, device
         ),
     }
+    result["noise_speedup"] = result["noise_per_example_s"] / result["noise_batched_s"]
     result["filter_speedup"] = result["filter_per_example_s"] / result["filter_batched_s"]
     result["pitch_speedup"] = result["pitch_per_example_s"] / result["pitch_batched_s"]
     result["chain_over_step"] = result["chain_s"] / result["train_step_s"]

@@ -3,9 +3,9 @@
 As in CLMR and SemiSupCon: gain, polarity inversion, coloured noise, one filter out of band-pass /
 band-stop / high-pass / low-pass, pitch shift and delay, each with its own probability, the whole chain
 applied to a view with probability ``p_chain``. Every random draw is per view, so the two views of a clip
-are augmented independently, and all come from torch's generator: seeding it fixes every view. The filters
-and the pitch shift are batched here (torch-audiomentations applies them one example at a time); gain,
-polarity and noise are torch-audiomentations'. Probabilities and ranges live in ``AugmentConfig``.
+are augmented independently, and all come from torch's generator: seeding it fixes every view. The noise,
+the filters and the pitch shift are batched here (torch-audiomentations applies them one example at a
+time); gain and polarity are torch-audiomentations'. Probabilities and ranges live in ``AugmentConfig``.
 """
 
 from __future__ import annotations
@@ -70,6 +70,46 @@ class Delay(nn.Module):
         delayed = x.gather(2, idx.clamp_min(0)[:, None, :].expand_as(x)) * (idx >= 0)[:, None, :]
         mixed = (x + self.volume * delayed) / (1.0 + self.volume)
         return torch.where(apply[:, None, None], mixed, x)
+
+
+def shape_noise(white: torch.Tensor, decay: torch.Tensor, sample_rate: int) -> torch.Tensor:
+    """Rows of white noise ``[n, sample_rate]`` coloured as torch-audiomentations colours them: the amplitude
+    spectrum divided by ``linspace(1, sqrt(sample_rate / 2))`` to the power ``decay`` (power about
+    ``1 / f ** decay``: 0 white, 1 pink, 2 brown, negative blue and violet), then scaled to unit RMS."""
+    spectrum = torch.fft.rfft(white)
+    ramp = torch.linspace(1.0, (sample_rate / 2) ** 0.5, spectrum.shape[1], device=white.device)
+    noise = torch.fft.irfft(spectrum / ramp ** decay[:, None])
+    return noise / (noise.square().mean(dim=1, keepdim=True).sqrt() + 1e-8)
+
+
+class ColoredNoise(nn.Module):
+    """Each view, with probability ``p``, plus coloured noise (``shape_noise``, one second repeated, a decay
+    drawn in ``decay``) at a signal-to-noise ratio drawn in ``snr_db``, as torch-audiomentations'
+    ``AddColoredNoise`` does one example at a time; batched."""
+
+    def __init__(
+        self,
+        snr_db: tuple[float, float],
+        p: float,
+        sample_rate: int = SAMPLE_RATE,
+        decay: tuple[float, float] = (-2.0, 2.0),
+    ):
+        super().__init__()
+        self.snr_db, self.p, self.sample_rate, self.decay = snr_db, p, sample_rate, decay
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, T]``."""
+        views = torch.nonzero(torch.rand(x.shape[0], device=x.device) < self.p).squeeze(1)
+        snr = torch.empty(len(views), device=x.device).uniform_(*self.snr_db)
+        decay = torch.empty(len(views), device=x.device).uniform_(*self.decay)
+        white = torch.randn(len(views), self.sample_rate, device=x.device)
+        noise = shape_noise(white, decay, self.sample_rate)
+        noise = noise.repeat(1, math.ceil(x.shape[1] / noise.shape[1]))[:, : x.shape[1]]
+        clean = x[views]
+        rms = clean.square().mean(dim=1, keepdim=True).sqrt()
+        out = x.clone()
+        out[views] = clean + rms / 10 ** (snr[:, None] / 20) * noise
+        return out
 
 
 def mel_uniform(low_hz: float, high_hz: float, n: int, device: torch.device) -> torch.Tensor:
@@ -222,9 +262,9 @@ class ViewAugment(nn.Module):
             [
                 ta.Gain(*c.gain_db, p=c.p_gain, output_type="dict"),
                 ta.PolarityInversion(p=c.p_polarity, output_type="dict"),
-                ta.AddColoredNoise(*c.noise_snr_db, p=c.p_noise, output_type="dict"),
             ]
         )
+        self.noise = ColoredNoise(c.noise_snr_db, c.p_noise, sample_rate)
         self.filter = OneFilter(c.band_hz, c.highpass_hz, c.lowpass_hz, c.p_filter, sample_rate)
         self.pitch = PitchShift(c.pitch_semitones, c.p_pitch, sample_rate) if c.p_pitch > 0 else nn.Identity()
         self.delay = Delay(c.delay_ms, c.p_delay, sample_rate)
@@ -238,7 +278,7 @@ class ViewAugment(nn.Module):
         y = x[:, None, :]
         for transform in self.waveform:
             y = transform(y, sample_rate=self.sample_rate).samples
-        y = self.pitch(self.filter(y[:, 0]))
+        y = self.pitch(self.filter(self.noise(y[:, 0])))
         y = self.delay(y[:, None, :])[:, 0, :]
         keep = torch.rand(x.shape[0], device=x.device) >= self.p_chain  # these views skip the whole chain
         return torch.where(keep[:, None], x, y)

@@ -1,5 +1,5 @@
-"""The view augmentations: the delay against a float64 loop, the batched filters and pitch shift against
-julius and torch-pitch-shift one example at a time, probabilities, the chain."""
+"""The view augmentations: the delay and the noise against float64 references, the batched filters and pitch
+shift against julius and torch-pitch-shift one example at a time, probabilities, the chain."""
 
 from __future__ import annotations
 
@@ -9,7 +9,17 @@ import pytest
 import torch
 from torch_pitch_shift import pitch_shift
 
-from musiclib.augment import AugmentConfig, Delay, OneFilter, PitchShift, ViewAugment, apply_filters, lowpass
+from musiclib.augment import (
+    AugmentConfig,
+    ColoredNoise,
+    Delay,
+    OneFilter,
+    PitchShift,
+    ViewAugment,
+    apply_filters,
+    lowpass,
+    shape_noise,
+)
 
 
 def _delayed_reference(x: np.ndarray, d: int, volume: float) -> np.ndarray:
@@ -59,6 +69,34 @@ def test_the_chain_keeps_shape_and_skips_views_with_probability_one_minus_p_chai
     torch.testing.assert_close(ViewAugment(AugmentConfig(p_chain=0.0))(x), x)
     always = ViewAugment(AugmentConfig(p_chain=1.0, p_gain=1.0, p_pitch=0.0))(x)
     assert not any(torch.equal(a, b) for a, b in zip(always, x))  # every view changed
+
+
+def test_shape_noise_matches_its_definition_in_float64():
+    white = torch.randn(3, 1000)
+    decay = torch.tensor([-2.0, 0.0, 1.5])
+    w = white.double().numpy()
+    ramp = np.linspace(1.0, np.sqrt(500.0), 501)
+    ref = np.fft.irfft(np.fft.rfft(w) / ramp ** decay.double().numpy()[:, None])
+    ref /= np.sqrt((ref**2).mean(axis=1, keepdims=True)) + 1e-8
+    np.testing.assert_allclose(shape_noise(white, decay, 1000).numpy(), ref, rtol=0, atol=2e-5)
+
+
+def test_colored_noise_is_one_second_repeated_at_the_drawn_snr():
+    torch.manual_seed(0)
+    t = torch.arange(3000) / 1000.0
+    x = (
+        torch.sin(2 * np.pi * torch.linspace(50, 400, 64)[:, None] * t)
+        * torch.linspace(0.1, 1.0, 64)[:, None]
+    )
+    y = ColoredNoise((3.0, 30.0), p=0.5, sample_rate=1000)(x)
+    noise = y - x
+    changed = noise.abs().amax(dim=1) > 0
+    assert 10 < int(changed.sum()) < 54  # about half the views
+    torch.testing.assert_close(
+        noise[:, :1000], noise[:, 1000:2000], rtol=0, atol=1e-6
+    )  # one second, repeated
+    snr = 20 * torch.log10(x[changed].square().mean(1).sqrt() / noise[changed].square().mean(1).sqrt())
+    assert 3.0 - 1e-3 <= float(snr.min()) and float(snr.max()) <= 30.0 + 1e-3 and float(snr.std()) > 3.0
 
 
 def _julius_filter(x: torch.Tensor, kind: int, cutoff: float, band_low: float) -> torch.Tensor:
