@@ -105,12 +105,13 @@ class SyncBatchNorm1d(nn.BatchNorm1d):
     """BatchNorm1d over the global batch of every worker, on any device (torch's SyncBatchNorm is GPU-only).
 
     In training with several workers, each worker's count and per-channel mean and variance are gathered in
-    one collective (``torch.distributed.nn``: gradients flow back to every worker) and merged as torch's
-    CUDA SyncBatchNorm merges them, so each worker normalises exactly as one process would on the whole
-    batch, and the running statistics follow the global batch too. One collective per layer, not two: each
-    is a point where every worker waits for the slowest (docs/BENCHMARKS.md, pretrain). The normalisation is one fused ``x * scale + shift``, as BatchNorm's CPU
-    kernel does it. With one worker, or in eval mode, it is ``BatchNorm1d``. Affine and tracking running
-    statistics, as SampleCNN's; parameters and buffers are BatchNorm1d's, so state dicts load either way.
+    one collective (``torch.distributed.nn``: gradients flow back to every worker) and merged as torch's CUDA
+    SyncBatchNorm merges them, so each worker normalises exactly as one process would on the whole batch, and
+    the running statistics follow the global batch too. One collective per layer, not two: each is a point
+    where every worker waits for the slowest (docs/BENCHMARKS.md, pretrain). The normalisation is one fused
+    ``x * scale + shift``, as BatchNorm's CPU kernel does it. With one worker, or in eval mode, it is
+    ``BatchNorm1d``. Affine and tracking running statistics, as SampleCNN's; parameters and buffers are
+    BatchNorm1d's, so state dicts load either way.
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

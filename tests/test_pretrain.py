@@ -83,9 +83,24 @@ def tiny_catalog(tmp_path: Path, sine) -> str:
 
 def test_config_rejects_bad_values_with_clear_messages():
     with pytest.raises(ConfigError) as err:
-        parse(PretrainConfig, ["--batch-size", "7", "--num-workers", "2", "--b-s", "1.5", "--views", "pairs"])
+        parse(
+            PretrainConfig,
+            [
+                "--batch-size",
+                "7",
+                "--num-workers",
+                "2",
+                "--b-s",
+                "1.5",
+                "--views",
+                "pairs",
+                "--precision",
+                "fp16",
+            ],
+        )
     message = str(err.value)
     assert "--batch-size 7" in message and "--b-s 1.5" in message and "--views 'pairs'" in message
+    assert "--precision 'fp16'" in message
     with pytest.raises(ConfigError, match="p_noise"):
         parse(PretrainConfig, ["--p-noise", "2"])
     cfg = parse(PretrainConfig, ["--gain-db", "-6,3", "--width", "0.25"])
