@@ -82,22 +82,9 @@ def tiny_catalog(tmp_path: Path, sine) -> str:
 
 
 def test_config_rejects_bad_values_with_clear_messages():
+    argv = "--batch-size 7 --num-workers 2 --b-s 1.5 --views pairs --precision fp16".split()
     with pytest.raises(ConfigError) as err:
-        parse(
-            PretrainConfig,
-            [
-                "--batch-size",
-                "7",
-                "--num-workers",
-                "2",
-                "--b-s",
-                "1.5",
-                "--views",
-                "pairs",
-                "--precision",
-                "fp16",
-            ],
-        )
+        parse(PretrainConfig, argv)
     message = str(err.value)
     assert "--batch-size 7" in message and "--b-s 1.5" in message and "--views 'pairs'" in message
     assert "--precision 'fp16'" in message
