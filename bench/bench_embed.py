@@ -194,7 +194,9 @@ def main(argv: list[str] | None = None) -> None:
     catalog_uri = Layout(small).catalog
     model_id = models.resolve(Layout(small).models)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the job's encoder actors run
-    encoder, _ = models.load_encoder(Layout(small).models, model_id, device)
+    encoder = models.fold_batchnorm(
+        models.load_encoder(Layout(small).models, model_id, device)[0]
+    )  # as the actors
     print(f"encoder on {device}")
 
     floor = decode_floor(catalog_uri, cfg.batch_size)

@@ -1,5 +1,6 @@
 """The encoder's own rate, without decoding: hours of audio per second through ``embedder.forward_chunks``
-(int16 chunks in, embeddings out, host-to-device copies included), in float32 and under bf16 autocast.
+(int16 chunks in, embeddings out, host-to-device copies included), in float32 and under bf16 autocast, with
+BatchNorm as trained and folded into the convolutions (``models.fold_batchnorm``, what the embed job runs).
 
     python bench/bench_encoder.py --chunks 8192 --width 1.0
 
@@ -9,6 +10,7 @@ On CUDA when there is a GPU, else on the CPU. This is the "GPU rate" of the sizi
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import time
@@ -37,31 +39,33 @@ def main(argv: list[str] | None = None) -> list[dict]:
     cfg = parse(BenchConfig, argv)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
-    encoder = models.SampleCNN(models.EncoderConfig(width=cfg.width)).eval().to(device)
+    trained = models.SampleCNN(models.EncoderConfig(width=cfg.width)).eval().to(device)
+    encoders = {"batchnorm": trained, "folded": models.fold_batchnorm(trained)}
     rng = np.random.default_rng(0)
     chunks = (rng.standard_normal((cfg.chunks, audio.CHUNK_SAMPLES), np.float32) * 3000).astype(np.int16)
     results = []
-    for chunk_batch in cfg.chunk_batches:
-        for bf16 in (False, True):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                embedder.forward_chunks(encoder, chunks[: 2 * chunk_batch], chunk_batch, device)  # warm-up
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                embedder.forward_chunks(encoder, chunks, chunk_batch, device)
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds = time.perf_counter() - start
-            result = {
-                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-                "width": cfg.width,
-                "chunk_batch": chunk_batch,
-                "dtype": "bf16" if bf16 else "fp32",
-                "chunks_per_s": cfg.chunks / seconds,
-                "audio_hours_per_s": cfg.chunks * audio.CHUNK_SECONDS / 3600 / seconds,
-            }
-            print(json.dumps(result), flush=True)
-            results.append(result)
+    settings = itertools.product(encoders.items(), cfg.chunk_batches, (False, True))
+    for (batchnorm, encoder), chunk_batch, bf16 in settings:
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            embedder.forward_chunks(encoder, chunks[: 2 * chunk_batch], chunk_batch, device)  # warm-up
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            embedder.forward_chunks(encoder, chunks, chunk_batch, device)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        result = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+            "width": cfg.width,
+            "batchnorm": batchnorm,
+            "chunk_batch": chunk_batch,
+            "dtype": "bf16" if bf16 else "fp32",
+            "chunks_per_s": cfg.chunks / seconds,
+            "audio_hours_per_s": cfg.chunks * audio.CHUNK_SECONDS / 3600 / seconds,
+        }
+        print(json.dumps(result), flush=True)
+        results.append(result)
     return results
 
 

@@ -193,7 +193,9 @@ def main(argv: list[str] | None = None) -> None:
         print(f"catalogs on {server.endpoint}: {', '.join(roots.values())}; model {model_id}", flush=True)
 
         small = Layout(roots[cfg.plain_tracks]).catalog
-        encoder, _ = models.load_encoder(Layout(roots[cfg.plain_tracks]).models, model_id)
+        encoder = models.fold_batchnorm(
+            models.load_encoder(Layout(roots[cfg.plain_tracks]).models, model_id)[0]
+        )
         runs = [embedder.embed_catalog(small, encoder, model_id)[1] for _ in range(cfg.repeats)]
         plain = min(runs, key=lambda s: s.wall_s)
         plain_rate = plain.tracks / plain.wall_s

@@ -523,10 +523,13 @@ def read_windows(
 # --------------------------------------------------------------------------- compact transport
 
 
+INT16_SCALE = 32767.0  # full scale of int16 audio: to_int16(1.0)
+
+
 def to_int16(x: np.ndarray) -> np.ndarray:
     """Float audio in [-1, 1] to int16 (half the bytes of float32 in object stores and between tasks)."""
-    return np.clip(np.round(x * 32767.0), -32768, 32767).astype(np.int16)
+    return np.clip(np.round(x * INT16_SCALE), -32768, 32767).astype(np.int16)
 
 
 def from_int16(x: np.ndarray) -> np.ndarray:
-    return x.astype(np.float32) / 32767.0
+    return x.astype(np.float32) / INT16_SCALE

@@ -9,6 +9,7 @@ safetensors plus a JSON card, so loading one never unpickles anything.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -20,6 +21,7 @@ import torch.distributed.nn.functional as dist_nn
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from musiclib import storage, versions
 from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE
@@ -96,6 +98,23 @@ class ContrastiveModel(nn.Module):
 
 def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
+
+
+def fold_batchnorm(encoder: SampleCNN) -> SampleCNN:
+    """An inference copy of ``encoder``: each BatchNorm folded into the convolution before it, in eval mode.
+
+    In eval mode BatchNorm is a per-channel affine map, so it can live in the convolution's weights and
+    bias; the copy computes the same function (up to rounding) with one elementwise pass per layer fewer,
+    a large share of the encoder's time on a GPU (docs/BENCHMARKS.md, embed). For embedding only: the
+    copy has no BatchNorm left to train. ``encoder`` itself is unchanged.
+    """
+    folded = copy.deepcopy(encoder).eval()
+    layers = list(folded.net)
+    for i, (conv, bn) in enumerate(zip(layers, layers[1:])):
+        if isinstance(conv, nn.Conv1d) and isinstance(bn, nn.BatchNorm1d):
+            layers[i], layers[i + 1] = fuse_conv_bn_eval(conv, bn), nn.Identity()
+    folded.net = nn.Sequential(*layers)
+    return folded
 
 
 # --------------------------------------------------------------------------- synchronised BatchNorm

@@ -373,7 +373,7 @@ def sample_batch(data: TrainingData, n_clips: int, b_s: float, mode: str, rng: n
         a, b = view_starts(int(hi - lo), int(data.segments[i]), mode, rng)
         views[0, k] = data.samples[lo + a : lo + a + chunk]
         views[1, k] = data.samples[lo + b : lo + b + chunk]
-    x = torch.from_numpy(views.reshape(2 * n_clips, chunk)).float().div_(32767.0)
+    x = torch.from_numpy(views.reshape(2 * n_clips, chunk)).float().div_(audio.INT16_SCALE)
     labels = data.labels[idx]
     labels[n_lab:] = 0.0  # the unlabeled share: a labeled track drawn there contributes its audio only
     return Batch(views=x, labels=torch.from_numpy(labels))

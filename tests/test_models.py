@@ -88,3 +88,20 @@ def test_random_encoder_is_seeded_exported_latest_and_leaves_torch_rng_alone(tmp
     assert models.export_random_encoder(root, width=0.0625, seed=1) != model_id
     encoder, _ = models.load_encoder(root, model_id)
     assert encoder.config.width == 0.0625
+
+
+def test_fold_batchnorm_computes_the_same_function():
+    """The folded copy equals conv → BatchNorm (eval) → … in float64, with non-trivial BatchNorm statistics."""
+    torch.manual_seed(0)
+    encoder = models.SampleCNN(models.EncoderConfig(width=0.125)).double().eval()
+    for bn in (m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    folded = models.fold_batchnorm(encoder)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
+    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in encoder.modules())  # the original is untouched
+    x = torch.randn(3, CHUNK_SAMPLES, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), encoder(x), rtol=1e-9, atol=1e-9)
