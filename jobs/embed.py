@@ -58,9 +58,8 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
     resumes from what was written. Blocks of ``batch_size`` tracks are the unit of work: a catalog row
     group of a million rows becomes many small decode tasks, and the re-blocking between decode and
     encode keeps them separate operators (Ray would otherwise fuse the decoding into the encoder actors,
-    starving the accelerator). At most ``embedder.decode_tasks`` decode tasks are in flight.
+    starving the accelerator).
     """
-    gpus, actors = embedder.encoder_resources(cfg, ray.cluster_resources())
     rows = ray_env.read_parquet(cfg.catalog_uri, ["track_id", "audio_uri"])
     if len(skip):
         rows = rows.map_batches(embedder.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
@@ -74,8 +73,8 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
-        compute=ray.data.TaskPoolStrategy(size=embedder.decode_tasks(cfg, ray.cluster_resources(), actors)),
     )
+    gpus, actors = embedder.encoder_resources(cfg, ray.cluster_resources())
     return decoded.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         EncoderActor,
         fn_constructor_kwargs={
@@ -103,8 +102,10 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
       not write its tracks a second time.
     - No per-operator resource reservation. Ray Data would reserve an equal share of the CPUs for each
       running operator, the Parquet writer included, which sits idle until the end; on a small node that
-      holds decoding to one task at a time while CPUs stay free. The decode operator's own cap
-      (``embedder.decode_tasks``) then bounds what Ray Data submits.
+      holds decoding to one task at a time while CPUs stay free. Nothing then caps the decode tasks Ray
+      Data submits (the whole catalog's at once), and no cap may be added without the reservation: the
+      re-blocking tasks before a capped decode operator hold the CPU slots its tasks wait for
+      (docs/BENCHMARKS.md, load).
     """
     fs, path = storage.arrow_filesystem(checkpoint_dir)
     ctx = ray.data.DataContext.get_current()

@@ -64,7 +64,6 @@ class EmbedConfig(RayConfig):
     batch_size: int = 16  # tracks per decode task batch and per encoder call
     chunk_batch: int = 64  # chunks per encoder forward
     decode_cpus: float = 1.0  # CPUs per decode task
-    decode_tasks: int = 0  # most decode tasks in flight; 0: twice the decode slots the encoder actors leave
     actors: int = 0  # most encoder actors; 0: one per GPU, or half the CPUs on a cluster without GPUs
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
@@ -83,8 +82,6 @@ class EmbedConfig(RayConfig):
         for name in ("max_chunks", "batch_size", "chunk_batch", "shard_rows"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        if self.decode_tasks < 0:
-            problems.append(f"--decode-tasks must not be negative (0: automatic), got {self.decode_tasks}")
         if self.task_retries < 0:
             problems.append(f"--task-retries must not be negative, got {self.task_retries}")
         if self.actors < 0:
@@ -123,21 +120,6 @@ def encoder_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> tuple[floa
     if gpus > 0:
         return gpus, max(1, int(cluster.get("GPU", 0) // gpus))
     return gpus, max(1, int(cluster.get("CPU", 1) / 2 // max(cfg.cpus_per_actor, 1.0)))
-
-
-def decode_tasks(cfg: EmbedConfig, cluster: dict[str, float], actors: int) -> int:
-    """Most decode tasks in flight: ``--decode-tasks``, or twice the decode slots the encoder actors leave.
-
-    A cap keeps the job's bookkeeping (pending task specs in the driver, their input blocks in the object
-    store) independent of the catalog's size; without one Ray Data submits every decode task of the
-    catalog at once (docs/BENCHMARKS.md, load). Twice the slots keeps each slot busy while the next task
-    is scheduled. Computed from the cluster at start: on an autoscaling cluster, set it to the CPUs the
-    cluster may grow to.
-    """
-    if cfg.decode_tasks:
-        return cfg.decode_tasks
-    free = cluster.get("CPU", 1) - actors * cfg.cpus_per_actor
-    return max(1, 2 * int(free // cfg.decode_cpus))
 
 
 # --------------------------------------------------------------------------- decoding

@@ -262,15 +262,6 @@ def test_encoder_resources_follow_the_cluster_unless_configured():
     )
 
 
-def test_decode_tasks_are_capped_by_the_slots_the_encoder_leaves():
-    auto = job.EmbedConfig()
-    assert embedder.decode_tasks(auto, {"CPU": 6.0}, actors=1) == 10  # 5 free slots, twice
-    assert embedder.decode_tasks(auto, {"CPU": 16.0, "GPU": 1.0}, actors=1) == 30  # GPU actors hold a CPU
-    assert embedder.decode_tasks(job.EmbedConfig(decode_cpus=2.0), {"CPU": 8.0}, actors=2) == 6
-    assert embedder.decode_tasks(auto, {"CPU": 1.0}, actors=1) == 1
-    assert embedder.decode_tasks(job.EmbedConfig(decode_tasks=7), {"CPU": 64.0}, actors=1) == 7
-
-
 # --------------------------------------------------------------------------- the Ray job
 
 
