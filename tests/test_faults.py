@@ -335,10 +335,10 @@ def check_embeddings(root: str, model_id: str, expected: pa.Table) -> pa.Table:
 # --------------------------------------------------------------------------- driver killed, run again
 
 
-def pretrain_command(tmp_path: Path, *args: str) -> tuple[str, list[str]]:
-    """A fully labeled 8-track demo root and a pretrain command on it: one narrow worker, a checkpoint
-    every 4 steps; ``args`` adds the steps and any other option."""
-    root = str(tmp_path / "root")
+def pretrain_command(tmp_path: Path, *args: str, root: str = "") -> tuple[str, list[str]]:
+    """A fully labeled 8-track demo root (``root``, default a folder of ``tmp_path``) and a pretrain command
+    on it: one narrow worker, a checkpoint every 4 steps; ``args`` adds the steps and any other option."""
+    root = root or str(tmp_path / "root")
     demo.make_catalog(root, n_tracks=8, labeled_fraction=1.0, min_seconds=3.0, max_seconds=5.0, workers=1)
     cmd = job_command(
         "pretrain", "--root", root, "--width", "0.0625", "--num-workers", "1", "--batch-size", "4",
@@ -346,6 +346,14 @@ def pretrain_command(tmp_path: Path, *args: str) -> tuple[str, list[str]]:
         "--keep-checkpoints", "2", *args,
     )  # fmt: skip
     return root, cmd
+
+
+def check_shards(layout: Layout) -> None:
+    """The committed training shards hold every train track of the catalog exactly once."""
+    shard_ids = read_shard_columns(committed_shards(layout.shards), ["track_id"])["track_id"].to_pylist()
+    cat = catalog.read(layout.catalog, columns=["track_id", "split"])
+    train = cat.filter(pc.equal(cat["split"], "train"))["track_id"].to_pylist()
+    assert len(shard_ids) == len(set(shard_ids)) and sorted(shard_ids) == sorted(train)
 
 
 def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
@@ -365,10 +373,7 @@ def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     model_id = models.resolve(layout.models)
     card = storage.read_json(storage.join(layout.models, model_id, "card.json"))
     assert card["steps"] == 40 and card["metrics"]["start_step"] >= 4, (SEED, after, card["metrics"])
-    shard_ids = read_shard_columns(committed_shards(layout.shards), ["track_id"])["track_id"].to_pylist()
-    cat = catalog.read(layout.catalog, columns=["track_id", "split"])
-    train = cat.filter(pc.equal(cat["split"], "train"))["track_id"].to_pylist()
-    assert len(shard_ids) == len(set(shard_ids)) and sorted(shard_ids) == sorted(train)
+    check_shards(layout)
 
 
 def registered_checkpoints(snapshot: str) -> int:
@@ -402,10 +407,7 @@ def test_pretrain_survives_a_killed_train_worker(tmp_path):
     assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
     card = storage.read_json(storage.join(layout.models, models.resolve(layout.models), "card.json"))
     assert card["steps"] == 24 and card["metrics"]["start_step"] >= 4, card["metrics"]  # resumed, not step 0
-    shard_ids = read_shard_columns(committed_shards(layout.shards), ["track_id"])["track_id"].to_pylist()
-    cat = catalog.read(layout.catalog, columns=["track_id", "split"])
-    train = cat.filter(pc.equal(cat["split"], "train"))["track_id"].to_pylist()
-    assert len(shard_ids) == len(set(shard_ids)) and sorted(shard_ids) == sorted(train)
+    check_shards(layout)
 
 
 TUNE_ARGS = [
@@ -686,6 +688,33 @@ def embed_env(endpoint: str | None = None) -> dict[str, str]:
     return env
 
 
+def endpoint_answers(endpoint: str) -> bool:
+    """Whether anything accepts a connection on the endpoint's port (the server is up)."""
+    host, port = endpoint.split("//")[1].split(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
+
+def take_s3_away_when(
+    proc: subprocess.Popen, s3_server, ready: Callable[[], bool], seconds: float = 5.0
+) -> float:
+    """Once ``ready()`` holds (polled while ``proc`` runs), stop the S3 server for ``seconds``, check that its
+    port refuses connections, and start it again. Returns the outage's length; 0 if the job ended first."""
+    while proc.poll() is None and not ready():
+        time.sleep(0.1)
+    if proc.poll() is not None:
+        return 0.0
+    began = time.monotonic()
+    s3_server.stop()
+    assert not endpoint_answers(s3_server.endpoint), "the S3 endpoint still answers"
+    time.sleep(seconds)
+    s3_server.start()
+    return time.monotonic() - began
+
+
 def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_path):
     """Take the S3 endpoint away for ~5 s (plus its restart) once the first shard is checkpointed: decode
     retries, task retries and the S3 clients' own retries carry the job through, nothing lost."""
@@ -696,32 +725,14 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     proc = start(
         job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log"
     )
-    outage = {}
     try:
-        while proc.poll() is None and checkpoints() < 1:
-            time.sleep(0.1)
-        if proc.poll() is None:
-            began = time.monotonic()
-            s3_server.stop()
-            time.sleep(5)
-            s3_server.start()
-            outage["s"] = time.monotonic() - began
+        outage = take_s3_away_when(proc, s3_server, lambda: checkpoints() >= 1)
         text = finish(proc, tmp_path / "embed.log")
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(tmp_path / 'embed.log')}"
-    assert proc.returncode == 0, f"failed after a {outage['s']:.1f} s outage\n{text[-4000:]}"
+    assert proc.returncode == 0, f"failed after a {outage:.1f} s outage\n{text[-4000:]}"
     check_embeddings(s3_root, model_id, expected)
-
-
-def endpoint_answers(endpoint: str) -> bool:
-    """Whether anything accepts a connection on the endpoint's port (the server is up)."""
-    host, port = endpoint.split("//")[1].split(":")
-    try:
-        socket.create_connection((host, int(port)), timeout=1).close()
-    except OSError:
-        return False
-    return True
 
 
 def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_path):
@@ -734,17 +745,12 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     cmd = job_command("tag", "--root", s3_root, "--run-id", "tags-outage", "--batch-size", "8")
     log = tmp_path / "tag.log"
     proc = start(cmd, log)
-    outage: dict[str, float] = {}
+
+    def scoring() -> bool:
+        return any("ScoreBatch" in c for c in descendants(proc.pid).values())
+
     try:
-        while proc.poll() is None and not any("ScoreBatch" in c for c in descendants(proc.pid).values()):
-            time.sleep(0.1)
-        if proc.poll() is None:
-            began = time.monotonic()
-            s3_server.stop()
-            assert not endpoint_answers(s3_server.endpoint), "the S3 endpoint still answers"
-            time.sleep(5)
-            s3_server.start()
-            outage["s"] = time.monotonic() - began
+        outage = take_s3_away_when(proc, s3_server, scoring)
         text = finish(proc, log)
     finally:
         kill(proc)
@@ -754,11 +760,63 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
         table = tag_table.require_table(Where(s3_root))
         assert [r.run_id for r in tag_table.runs(table)] == ["tags-previous"]
         run(cmd, tmp_path / "again.log")
-    print(f"tag, S3 down {outage['s']:.1f} s: first run exited {proc.returncode}")
+    print(f"tag, S3 down {outage:.1f} s: first run exited {proc.returncode}")
     table = tag_table.require_table(Where(s3_root))
     assert [r.run_id for r in tag_table.runs(table)] == ["tags-previous", "tags-outage"]
     assert tag_table.verify(table) == []
     check_tags(s3_root, cat, emb, probe_set)
+
+
+def test_tune_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_path):
+    """Take the S3 endpoint away for ~5 s once the sweep has written a trial file: the job either finishes
+    or fails naming the error with nothing published; either way its results (after the same command
+    again, if it failed) equal the trials computed directly."""
+    synthetic_root(s3_root)
+    layout = Layout(s3_root)
+    cmd = job_command("tune", "--root", s3_root, "--run-id", "tune-outage", *TUNE_ARGS)
+    trials = count_files(
+        storage.join(versions.version_uri(layout.probes, "tune-outage"), "trials"), ".parquet"
+    )
+    log = tmp_path / "tune.log"
+    proc = start(cmd, log)
+    try:
+        outage = take_s3_away_when(proc, s3_server, lambda: trials() >= 1)
+        text = finish(proc, log)
+    finally:
+        kill(proc)
+    assert outage, f"the job ended before the outage\n{tail(log)}"
+    if proc.returncode != 0:
+        assert "Error" in text.strip().splitlines()[-1], text[-4000:]
+        assert versions.read_manifest(layout.probes, "tune-outage") is None, "published after failing"
+        run(cmd, tmp_path / "again.log")
+    print(f"tune, S3 down {outage:.1f} s: first run exited {proc.returncode}")
+    check_tune_results(s3_root, "tune-outage")
+
+
+def test_pretrain_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_path):
+    """Take the S3 endpoint away for ~5 s once pretraining has checkpointed to S3: the run either finishes
+    (Ray Train restarting its workers from the checkpoint if a write failed) or fails naming the error with
+    no model exported; either way the model is exported (after the same command again, if it failed) and
+    the shards hold every train track once."""
+    root, cmd = pretrain_command(tmp_path, "--steps", "40", root=s3_root)
+    layout = Layout(root)
+    checkpoints = count_files(storage.join(layout.runs, "pretrain"), "/state.pt")
+    log = tmp_path / "pretrain.log"
+    proc = start(cmd, log)
+    try:
+        outage = take_s3_away_when(proc, s3_server, lambda: checkpoints() >= 1)
+        text = finish(proc, log, timeout=400)
+    finally:
+        kill(proc)
+    assert outage, f"the job ended before the outage\n{tail(log)}"
+    if proc.returncode != 0:
+        assert "Error" in text.strip().splitlines()[-1], text[-4000:]
+        assert versions.latest_version(layout.models) is None, "exported after failing"
+        run(cmd, tmp_path / "again.log", timeout=400)
+    print(f"pretrain, S3 down {outage:.1f} s: first run exited {proc.returncode}")
+    card = storage.read_json(storage.join(layout.models, models.resolve(layout.models), "card.json"))
+    assert card["steps"] == 40
+    check_shards(layout)
 
 
 SLOWDOWN = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
