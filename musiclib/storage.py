@@ -91,18 +91,28 @@ def parent(uri: str) -> str:
 # --------------------------------------------------------------------------- filesystems
 
 
+S3_MAX_ATTEMPTS = 6  # tries of one S3 request, both clients, unless AWS_MAX_ATTEMPTS says otherwise
+
+
 def s3_settings() -> dict[str, Any]:
-    """Non-secret S3 settings from the standard AWS variables: endpoint and region.
+    """Non-secret S3 settings from the standard AWS variables: endpoint, region and retries.
 
     Credentials are not read here: boto3 and the AWS SDK inside pyarrow each find them on the node that
     uses them (environment, profile, instance or pod role). Filesystem objects are pickled into Ray
     tasks and actors; with credentials inside, a secret would travel in every task and a session token
     could not refresh there.
+
+    Retries: both clients try each request ``AWS_MAX_ATTEMPTS`` times (default ``S3_MAX_ATTEMPTS``) with
+    AWS's standard exponential backoff (botocore's ``AWS_RETRY_MODE`` may choose another mode). The
+    default rides out an endpoint gone for about 15 s (a restart, a failover), where the clients' own
+    defaults gave up within a second or two and failed the job (docs/RELIABILITY.md).
     """
     env = os.environ
     return {
         "endpoint_url": env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None,
         "region": env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or None,
+        "max_attempts": int(env.get("AWS_MAX_ATTEMPTS") or S3_MAX_ATTEMPTS),
+        "retry_mode": env.get("AWS_RETRY_MODE") or "standard",
     }
 
 
@@ -113,14 +123,20 @@ def _credentials_fingerprint() -> str:
 
 
 @lru_cache(maxsize=8)
-def _fsspec_s3(endpoint_url: str | None, region: str | None, _credentials: str) -> fsspec.AbstractFileSystem:
+def _fsspec_s3(
+    endpoint_url: str | None, region: str | None, max_attempts: int, retry_mode: str, _credentials: str
+) -> fsspec.AbstractFileSystem:
     client_kwargs: dict[str, Any] = {}
     if endpoint_url:
         client_kwargs["endpoint_url"] = endpoint_url
     if region:
         client_kwargs["region_name"] = region
     return fsspec.filesystem(
-        "s3", client_kwargs=client_kwargs, skip_instance_cache=True, use_listings_cache=False
+        "s3",
+        client_kwargs=client_kwargs,
+        config_kwargs={"retries": {"total_max_attempts": max_attempts, "mode": retry_mode}},
+        skip_instance_cache=True,
+        use_listings_cache=False,
     )
 
 
@@ -129,8 +145,27 @@ def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     scheme, path = split_uri(uri)
     if scheme == "s3":
         s = s3_settings()
-        return _fsspec_s3(s["endpoint_url"], s["region"], _credentials_fingerprint()), path
+        fs = _fsspec_s3(
+            s["endpoint_url"], s["region"], s["max_attempts"], s["retry_mode"], _credentials_fingerprint()
+        )
+        return fs, path
     return fsspec.filesystem("file"), path
+
+
+class RetryingS3FileSystem(pafs.S3FileSystem):
+    """pyarrow's S3 filesystem, ``max_attempts`` tries per request, also after pickling into a Ray task or
+    actor (pyarrow's own pickle drops the retry strategy, and the copy would fall back to 3 tries)."""
+
+    def __init__(self, max_attempts: int, **kwargs: Any):
+        super().__init__(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts), **kwargs)
+        self._args = (max_attempts, kwargs)
+
+    def __reduce__(self) -> tuple[Any, tuple[int, dict[str, Any]]]:
+        return _retrying_s3, self._args
+
+
+def _retrying_s3(max_attempts: int, kwargs: dict[str, Any]) -> RetryingS3FileSystem:
+    return RetryingS3FileSystem(max_attempts, **kwargs)
 
 
 def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -144,7 +179,7 @@ def arrow_filesystem(uri: str) -> tuple[pafs.FileSystem, str]:
         parsed = urlparse(s["endpoint_url"])
         kwargs["endpoint_override"] = parsed.netloc or parsed.path
         kwargs["scheme"] = parsed.scheme or "https"
-    return pafs.S3FileSystem(**kwargs), path
+    return RetryingS3FileSystem(s["max_attempts"], **kwargs), path
 
 
 # --------------------------------------------------------------------------- object I/O

@@ -36,11 +36,34 @@ def test_s3_settings_come_from_standard_variables(monkeypatch):
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "secret-value")
     monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.delenv("AWS_REGION", raising=False)
+    monkeypatch.delenv("AWS_MAX_ATTEMPTS", raising=False)
     s = storage.s3_settings()
     assert s["endpoint_url"] == "http://127.0.0.1:9" and s["region"] == "eu-west-1"
+    assert s["max_attempts"] == storage.S3_MAX_ATTEMPTS and s["retry_mode"] == "standard"
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "2")
+    assert storage.s3_settings()["max_attempts"] == 2
+    assert storage.filesystem("s3://b/k")[0].config_kwargs["retries"]["total_max_attempts"] == 2
     fs, path = storage.arrow_filesystem("s3://bucket/key")
     assert path == "bucket/key" and fs.region == "eu-west-1"
     assert "secret-value" not in repr(fs) and "secret-value" not in str(storage.filesystem("s3://b/k")[0])
+
+
+def test_arrow_s3_keeps_its_retries_when_pickled(monkeypatch):
+    """A Ray task gets the filesystem pickled: it must still retry a refused connection, not give up at once."""
+    import pickle
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on port 9
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
+    timings = {}
+    for attempts in (1, 5):
+        monkeypatch.setenv("AWS_MAX_ATTEMPTS", str(attempts))
+        fs = pickle.loads(pickle.dumps(storage.arrow_filesystem("s3://bucket/key")[0]))
+        start = time.perf_counter()
+        with pytest.raises(OSError, match="NETWORK_CONNECTION"):
+            fs.get_file_info("bucket/key")
+        timings[attempts] = time.perf_counter() - start
+    assert timings[1] < 1.0 < timings[5], timings  # AWS's standard backoff: about 7 s over five tries
 
 
 def test_pickled_filesystems_hold_no_credentials(s3_root):
