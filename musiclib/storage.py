@@ -103,9 +103,9 @@ def s3_settings() -> dict[str, Any]:
     could not refresh there.
 
     Retries: both clients try each request ``AWS_MAX_ATTEMPTS`` times (default ``S3_MAX_ATTEMPTS``) with
-    AWS's standard exponential backoff (botocore's ``AWS_RETRY_MODE`` may choose another mode). The
-    default rides out an endpoint gone for about 15 s (a restart, a failover), where the clients' own
-    defaults gave up within a second or two and failed the job (docs/RELIABILITY.md).
+    AWS's standard exponential backoff, which is random (botocore's ``AWS_RETRY_MODE`` may choose another
+    mode). The default rides out an endpoint gone for several seconds (a restart, a failover), where the
+    clients' own defaults gave up within a second or two and failed the job (docs/RELIABILITY.md).
     """
     env = os.environ
     return {

@@ -63,7 +63,7 @@ def test_arrow_s3_keeps_its_retries_when_pickled(monkeypatch):
         with pytest.raises(OSError, match="NETWORK_CONNECTION"):
             fs.get_file_info("bucket/key")
         timings[attempts] = time.perf_counter() - start
-    assert timings[1] < 1.0 < timings[5], timings  # AWS's standard backoff: about 7 s over five tries
+    assert timings[1] < 0.5 < timings[5], timings  # AWS's standard backoff: random, up to 15 s
 
 
 def test_pickled_filesystems_hold_no_credentials(s3_root):
