@@ -8,7 +8,8 @@
    int16 shards under ``<root>/shards``; tracks already in committed shards are skipped, bad ones counted.
 3. Train with a Ray Train ``TorchTrainer`` (DDP, projections gathered from every worker), checkpointing
    every ``--checkpoint-every`` steps to ``<root>/runs/<run-name>``. Running the same command again
-   resumes from the latest checkpoint; failed workers are retried from it (``--max-failures``).
+   resumes from the latest checkpoint; failed workers, and a controller that lost storage, are retried
+   from it (``--max-failures``).
 4. Export the encoder to ``<root>/models/<model_id>`` with a JSON card, published as the latest model.
 """
 
@@ -44,10 +45,11 @@ from musiclib.pretraining import (
     restore,
     save_checkpoint,
 )
-from musiclib.ray_env import ray_session, retry_transient_storage
+from musiclib.ray_env import is_transient_storage_failure, ray_session, retry_transient_storage
 from musiclib.shards import committed_shards, plan_shards, prepare_shard, read_shard_columns, shard_report
 
 TASK_RETRIES = 3  # shard tasks run again after storage errors that outlast the decoder's retries
+STORAGE_WAIT_S = 10.0  # first wait before a run whose controller lost storage starts again; doubles
 
 
 def prepare_shards(cfg: PretrainConfig, layout: Layout) -> dict[str, Any]:
@@ -121,10 +123,36 @@ def train_loop(config: dict[str, Any]) -> None:
 
 
 def train(cfg: PretrainConfig, layout: Layout) -> ray.train.Result:
-    """Run (or resume) the Ray Train job named ``cfg.run_name`` under ``<root>/runs``."""
-    fs, path = storage.arrow_filesystem(layout.runs)
+    """Run (or resume) the Ray Train job named ``cfg.run_name`` under ``<root>/runs``.
+
+    Ray Train retries failed workers itself but not its controller, which fails the run when it cannot
+    write its state to storage (an S3 outage). Such a run is started again here, after a wait, and resumes
+    from its last registered checkpoint, as the same command would; at most ``--max-failures`` times.
+    """
     storage.makedirs(layout.runs)
-    trainer = TorchTrainer(
+    restart = 0
+    while True:
+        try:
+            return trainer(cfg, layout).fit()
+        except ray.train.ControllerError as exc:
+            restart += 1
+            out_of_restarts = cfg.max_failures != -1 and restart > cfg.max_failures
+            if out_of_restarts or not is_transient_storage_failure(exc):
+                raise
+            wait = STORAGE_WAIT_S * 2 ** (restart - 1)
+            cause = str(exc.controller_failure).strip().splitlines()[0]
+            limit = "no limit" if cfg.max_failures == -1 else cfg.max_failures
+            print(
+                f"pretrain: Ray Train's controller failed on storage ({cause}); resuming from the last "
+                f"checkpoint in {wait:.0f} s (restart {restart} of {limit})"
+            )
+            time.sleep(wait)
+
+
+def trainer(cfg: PretrainConfig, layout: Layout) -> TorchTrainer:
+    """The Ray Train trainer of the run ``cfg.run_name``: the same name and storage resume it."""
+    fs, path = storage.arrow_filesystem(layout.runs)
+    return TorchTrainer(
         train_loop,
         train_loop_config=cfg.as_dict(),
         scaling_config=ScalingConfig(
@@ -141,7 +169,6 @@ def train(cfg: PretrainConfig, layout: Layout) -> ray.train.Result:
             logging_config=LoggingConfig(log_level=progress.train_log_level()),
         ),
     )
-    return trainer.fit()
 
 
 def export(

@@ -76,7 +76,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
     views: str = "adjacent"
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
-    max_failures: int = 3  # worker failures retried from the latest checkpoint (-1: without limit)
+    max_failures: int = 3  # failed workers, and storage lost by the controller, retried (-1: no limit)
     log_every: int = 20
     seed: int = 0
     shard_tracks: int = 32  # tracks per preparation shard

@@ -69,6 +69,32 @@ def ray_session(
             ray.shutdown()
 
 
+def transient_storage_markers() -> list[str]:
+    """Text that marks a storage failure that may pass: the decoder's ``audio.TransientError`` and the S3
+    errors Ray Data retries in its own I/O (``retried_io_errors``: "AWS Error NETWORK_CONNECTION", ...)."""
+    import ray.data
+
+    from musiclib import audio
+
+    return [audio.TRANSIENT, *ray.data.DataContext.get_current().retried_io_errors]
+
+
+def is_transient_storage_failure(exc: BaseException) -> bool:
+    """Whether ``exc``, or an exception it was raised from, names a storage failure that may pass.
+
+    The text of each exception in the chain is searched, as Ray Data matches its own retries; the chain
+    includes what Ray Train's ``ControllerError`` wraps (``controller_failure``), which it does not chain.
+    """
+    markers = transient_storage_markers()
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if any(marker in str(exc) for marker in markers):
+            return True
+        exc = exc.__cause__ or exc.__context__ or getattr(exc, "controller_failure", None)
+    return False
+
+
 @contextlib.contextmanager
 def retry_transient_storage(retries: int) -> Iterator[None]:
     """Ray Data map tasks that fail on unreachable storage run again, up to ``retries`` times.
@@ -82,11 +108,9 @@ def retry_transient_storage(retries: int) -> Iterator[None]:
     """
     import ray.data
 
-    from musiclib import audio
-
     ctx = ray.data.DataContext.get_current()
     previous = ctx.retried_map_errors, ctx.max_map_retries
-    ctx.retried_map_errors, ctx.max_map_retries = [audio.TRANSIENT, *ctx.retried_io_errors], retries
+    ctx.retried_map_errors, ctx.max_map_retries = transient_storage_markers(), retries
     try:
         yield
     finally:

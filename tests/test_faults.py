@@ -731,6 +731,7 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(tmp_path / 'embed.log')}"
+    assert "Exception in thread" not in text, "a background thread died (the lease's heartbeat?)"
     assert proc.returncode == 0, f"failed after a {outage:.1f} s outage\n{text[-4000:]}"
     check_embeddings(s3_root, model_id, expected)
 
@@ -755,6 +756,7 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(log)}"
+    assert "Exception in thread" not in text, "a background thread died (the lease's heartbeat?)"
     if proc.returncode != 0:  # failed: clearly, and with nothing committed; the same command completes
         assert "Error" in text.strip().splitlines()[-1], text[-4000:]
         table = tag_table.require_table(Where(s3_root))
@@ -785,6 +787,7 @@ def test_tune_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_p
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(log)}"
+    assert "Exception in thread" not in text, "a background thread died (the lease's heartbeat?)"
     if proc.returncode != 0:
         assert "Error" in text.strip().splitlines()[-1], text[-4000:]
         assert versions.read_manifest(layout.probes, "tune-outage") is None, "published after failing"
@@ -794,26 +797,25 @@ def test_tune_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_p
 
 
 def test_pretrain_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_path):
-    """Take the S3 endpoint away for ~5 s once pretraining has checkpointed to S3: the run either finishes
-    (Ray Train restarting its workers from the checkpoint if a write failed) or fails naming the error with
-    no model exported; either way the model is exported (after the same command again, if it failed) and
-    the shards hold every train track once."""
+    """Take the S3 endpoint away for ~20 s once pretraining has checkpointed to S3, longer than the S3
+    clients' tries: the run finishes, Ray Train restarting failed workers and the job restarting a
+    controller that could not write its state, each from the last registered checkpoint; the lease's
+    heartbeat lives through it; the shards hold every train track once."""
     root, cmd = pretrain_command(tmp_path, "--steps", "40", root=s3_root)
     layout = Layout(root)
     checkpoints = count_files(storage.join(layout.runs, "pretrain"), "/state.pt")
     log = tmp_path / "pretrain.log"
     proc = start(cmd, log)
     try:
-        outage = take_s3_away_when(proc, s3_server, lambda: checkpoints() >= 1)
+        outage = take_s3_away_when(proc, s3_server, lambda: checkpoints() >= 1, seconds=20)
         text = finish(proc, log, timeout=400)
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(log)}"
-    if proc.returncode != 0:
-        assert "Error" in text.strip().splitlines()[-1], text[-4000:]
-        assert versions.latest_version(layout.models) is None, "exported after failing"
-        run(cmd, tmp_path / "again.log", timeout=400)
-    print(f"pretrain, S3 down {outage:.1f} s: first run exited {proc.returncode}")
+    assert "Exception in thread" not in text, "a background thread died (the lease's heartbeat?)"
+    assert proc.returncode == 0, f"failed after a {outage:.1f} s outage\n{text[-4000:]}"
+    restarted = "controller failed on storage" in text
+    print(f"pretrain, S3 down {outage:.1f} s: controller restarted by the job: {restarted}")
     card = storage.read_json(storage.join(layout.models, models.resolve(layout.models), "card.json"))
     assert card["steps"] == 40
     check_shards(layout)

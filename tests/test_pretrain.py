@@ -433,3 +433,24 @@ def test_two_worker_run_checkpoints_and_resumes_at_the_saved_step(tiny_catalog, 
     assert card["data"]["usable"] == 4 and card["data"]["bad"] == {"missing": 1, "silent": 1}
     assert card["labels"]["labeled_tracks_used"] == 3
     assert versions.latest_version(layout.models) == model_id
+
+
+def test_only_storage_failures_that_may_pass_restart_the_controller():
+    """The pretrain job restarts a run whose controller failed on storage that may come back (the S3
+    error Ray Train wraps, or one raised from it), and nothing else: a bug or a missing bucket still fails."""
+    import ray.train
+
+    from musiclib.ray_env import is_transient_storage_failure
+
+    unreachable = OSError("When initiating multiple part upload: AWS Error NETWORK_CONNECTION during ...")
+    assert is_transient_storage_failure(ray.train.ControllerError(unreachable))
+    try:
+        try:
+            raise unreachable
+        except OSError as exc:
+            raise RuntimeError("could not write the snapshot") from exc
+    except RuntimeError as exc:
+        assert is_transient_storage_failure(ray.train.ControllerError(exc))
+    assert is_transient_storage_failure(audio.TransientError(f"{audio.TRANSIENT}: s3://b/x: failed 4 times"))
+    assert not is_transient_storage_failure(ray.train.ControllerError(ValueError("bad config")))
+    assert not is_transient_storage_failure(ray.train.ControllerError(FileNotFoundError("bucket absent")))

@@ -125,6 +125,26 @@ def test_lease_is_renewed_while_held(tmp_path):
         assert body["expires_at"] > first and body["pid"] == os.getpid()
 
 
+def test_a_lease_is_renewed_again_after_storage_was_unreachable(s3_server, s3_root, monkeypatch, capsys):
+    """An S3 outage fails some renewals (botocore's connection errors, which are not ``OSError``); the
+    heartbeat says so and renews the lease once storage is back, so a run that outlives an outage keeps it."""
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")  # each renewal fails at once while S3 is away
+    ds = s3_root + "/ds"
+    with versions.lease(ds, ttl_s=2.0):
+        s3_server.stop()
+        time.sleep(1.5)  # three beats
+        s3_server.start()
+        back, renewed = time.time(), False
+        for _ in range(50):
+            body = json.loads(storage.read_bytes(storage.join(ds, versions.LEASE)))
+            if renewed := body["expires_at"] > back + 1.0:
+                break
+            time.sleep(0.2)
+        assert renewed, "the lease was not renewed after the outage"
+        versions.check_lease(ds)
+    assert "could not renew the lease" in capsys.readouterr().out
+
+
 def test_a_run_whose_lease_was_taken_over_cannot_publish(tmp_path):
     """A lease another run took over (this one paused past its TTL): publish and set_latest refuse."""
 
