@@ -50,17 +50,25 @@ class EncoderActor:
         return embedder.embed_batch(self.encoder, decoded, self.model_id, self.chunk_batch, self.device)
 
 
-def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
-    """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming.
+def build_pipeline(
+    cfg: EmbedConfig, model_id: str, skip: np.ndarray, window: int = 0, windows: int = 1
+) -> ray.data.Dataset:
+    """Catalog rows of window ``window`` of ``windows`` → skip ``skip`` ids → decode (CPU tasks) → encode
+    (actor pool), lazily and streaming.
 
     A decode task that meets storage it cannot reach (``audio.TransientError``, after the decoder's own
     backoff) is retried ``task_retries`` times (``data_context``); then the job fails, and the next run
     resumes from what was written. Blocks of ``batch_size`` tracks are the unit of work: a catalog row
     group of a million rows becomes many small decode tasks, and the re-blocking between decode and
     encode keeps them separate operators (Ray would otherwise fuse the decoding into the encoder actors,
-    starving the accelerator).
+    starving the accelerator). A decode worker is replaced after ``decode_max_calls`` tasks: what a
+    long-lived decoding process accumulates (allocator fragmentation, per-task bookkeeping) stays bounded.
     """
     rows = ray_env.read_parquet(cfg.catalog_uri, ["track_id", "audio_uri"])
+    if windows > 1:
+        rows = rows.map_batches(
+            embedder.in_window, fn_kwargs={"index": window, "count": windows}, batch_format="pyarrow"
+        )
     if len(skip):
         rows = rows.map_batches(embedder.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
     decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
@@ -73,6 +81,7 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
+        max_calls=cfg.decode_max_calls or None,
     )
     gpus, actors = embedder.encoder_resources(cfg, ray.cluster_resources())
     return decoded.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
@@ -146,13 +155,24 @@ def run(cfg: EmbedConfig) -> embedder.Summary:
 
 
 def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str) -> list[str]:
-    """Run the pipeline into the version's folder and commit it; return the URIs of the files it embedded."""
+    """Run the pipeline into the version's folder and commit it; return the URIs of the files it embedded.
+
+    A catalog larger than ``--window-tracks`` runs as several pipelines, one window of it each, in turn:
+    Ray Data keeps per-task state in the driver for a whole run (pending task specs, every output
+    block's stats), which would otherwise grow with the catalog. They share the version and its checkpoint.
+    """
     out_dir = versions.version_uri(dataset, version)
     carried = embedder.carry_over(dataset, cfg.only_new, out_dir)
     fs, out_path = storage.arrow_filesystem(out_dir)
+    count = embedder.windows(
+        catalog.dataset(cfg.catalog_uri).count_rows() - len(carried.skip), cfg.window_tracks
+    )
     with data_context(embedder.checkpoint_uri(dataset, version), cfg.task_retries):
-        ds = build_pipeline(cfg, model_id, carried.skip)
-        ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
+        for window in range(count):
+            if count > 1:
+                print(f"embed: window {window + 1} of {count} (about {cfg.window_tracks} tracks each)")
+            ds = build_pipeline(cfg, model_id, carried.skip, window, count)
+            ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
     config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
     return embedder.commit_version(dataset, version, carried, config)
 
