@@ -61,8 +61,7 @@ def build_pipeline(
     resumes from what was written. Blocks of ``batch_size`` tracks are the unit of work: a catalog row
     group of a million rows becomes many small decode tasks, and the re-blocking between decode and
     encode keeps them separate operators (Ray would otherwise fuse the decoding into the encoder actors,
-    starving the accelerator). A decode worker is replaced after ``decode_max_calls`` tasks: what a
-    long-lived decoding process accumulates (allocator fragmentation, per-task bookkeeping) stays bounded.
+    starving the accelerator).
     """
     rows = ray_env.read_parquet(cfg.catalog_uri, ["track_id", "audio_uri"])
     if windows > 1:
@@ -81,7 +80,6 @@ def build_pipeline(
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
-        max_calls=cfg.decode_max_calls or None,
     )
     gpus, actors = embedder.encoder_resources(cfg, ray.cluster_resources())
     return decoded.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(

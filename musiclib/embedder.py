@@ -68,7 +68,6 @@ class EmbedConfig(RayConfig):
     batch_size: int = 16  # tracks per decode task batch and per encoder call
     chunk_batch: int = 64  # chunks per encoder forward
     decode_cpus: float = 1.0  # CPUs per decode task
-    decode_max_calls: int = 256  # decode tasks a worker process runs before Ray starts a fresh one; 0: never
     actors: int = 0  # most encoder actors; 0: one per GPU, or half the CPUs on a cluster without GPUs
     cpus_per_actor: float = 1.0
     gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
@@ -88,9 +87,8 @@ class EmbedConfig(RayConfig):
         for name in ("max_chunks", "batch_size", "chunk_batch", "shard_rows", "window_tracks"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
-        for name in ("task_retries", "decode_max_calls"):
-            if getattr(self, name) < 0:
-                problems.append(f"--{name.replace('_', '-')} must not be negative, got {getattr(self, name)}")
+        if self.task_retries < 0:
+            problems.append(f"--task-retries must not be negative, got {self.task_retries}")
         if self.actors < 0:
             problems.append(f"--actors must not be negative (0: automatic), got {self.actors}")
         if self.decode_cpus <= 0 or self.cpus_per_actor < 0:
