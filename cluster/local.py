@@ -231,7 +231,10 @@ def start(s3_server: SeaweedS3) -> Iterator[LocalCluster]:
     ]
     head_args += ["--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}"]
     head_args += ["--num-cpus=4", "--num-gpus=0", *_node_args([*ports[:6], head_workers])]
-    worker_args = [f"--address={gcs}", "--num-cpus=2", "--num-gpus=0", '--resources={"decode": 2}']
+    # Each node its own temp dir: a node replaces a job's unpacked working directory (runtime_resources)
+    # the first time it needs it, which under a shared one deleted the other node's processes' cwd.
+    worker_args = [f"--address={gcs}", f"--temp-dir={temp_dir}/w", "--num-cpus=2", "--num-gpus=0"]
+    worker_args += ['--resources={"decode": 2}']
     worker_args += _node_args([*ports[6:], node_workers])
     url = f"http://127.0.0.1:{dashboard}"
     nodes: list[subprocess.Popen] = []
