@@ -107,6 +107,9 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
     - Job-level checkpointing keyed by ``track_id``. The checkpoint is kept after success: it is deleted
       only once the version is published, so a run killed between the last write and the publish does
       not write its tracks a second time.
+    - Ray Data's first Parquet reader for the checkpoint too (``ray_env.read_parquet`` says why): the
+      checkpoint is read at the start of every window and of every resumed run, and the second reader
+      started a footer-reader process per file there.
     - No per-operator resource reservation. Ray Data would reserve an equal share of the CPUs for each
       running operator, the Parquet writer included, which sits idle until the end; on a small node that
       holds decoding to one task at a time while CPUs stay free. Nothing then caps the decode tasks Ray
@@ -116,16 +119,16 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
     """
     fs, path = storage.arrow_filesystem(checkpoint_dir)
     ctx = ray.data.DataContext.get_current()
-    previous = ctx.checkpoint_config, ctx.op_resource_reservation_enabled
+    previous = ctx.checkpoint_config, ctx.op_resource_reservation_enabled, ctx.use_datasource_v2
     ctx.checkpoint_config = CheckpointConfig(
         id_column="track_id", checkpoint_path=path, delete_checkpoint_on_success=False, override_filesystem=fs
     )
-    ctx.op_resource_reservation_enabled = False
+    ctx.op_resource_reservation_enabled = ctx.use_datasource_v2 = False
     try:
         with retry_transient_storage(task_retries):
             yield
     finally:
-        ctx.checkpoint_config, ctx.op_resource_reservation_enabled = previous
+        ctx.checkpoint_config, ctx.op_resource_reservation_enabled, ctx.use_datasource_v2 = previous
 
 
 # --------------------------------------------------------------------------- the job
