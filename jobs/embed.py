@@ -50,11 +50,8 @@ class EncoderActor:
         return embedder.embed_batch(self.encoder, decoded, self.model_id, self.chunk_batch, self.device)
 
 
-def build_pipeline(
-    cfg: EmbedConfig, model_id: str, skip: np.ndarray, window: int = 0, windows: int = 1
-) -> ray.data.Dataset:
-    """Catalog rows of window ``window`` of ``windows`` → skip ``skip`` ids → decode (CPU tasks) → encode
-    (actor pool), lazily and streaming.
+def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
+    """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming.
 
     A decode task that meets storage it cannot reach (``audio.TransientError``, after the decoder's own
     backoff) is retried ``task_retries`` times (``data_context``); then the job fails, and the next run
@@ -64,10 +61,6 @@ def build_pipeline(
     starving the accelerator).
     """
     rows = ray_env.read_parquet(cfg.catalog_uri, ["track_id", "audio_uri"])
-    if windows > 1:
-        rows = rows.map_batches(
-            embedder.in_window, fn_kwargs={"index": window, "count": windows}, batch_format="pyarrow"
-        )
     if len(skip):
         rows = rows.map_batches(embedder.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
     decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
@@ -107,9 +100,9 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
     - Job-level checkpointing keyed by ``track_id``. The checkpoint is kept after success: it is deleted
       only once the version is published, so a run killed between the last write and the publish does
       not write its tracks a second time.
-    - Ray Data's first Parquet reader for the checkpoint too (``ray_env.read_parquet`` says why): the
-      checkpoint is read at the start of every window and of every resumed run, and the second reader
-      started a footer-reader process per file there.
+    - Ray Data's first Parquet reader for the checkpoint too (``ray_env.read_parquet`` says why): a
+      resumed run reads the checkpoint before it starts, and the second reader started a footer-reader
+      process per checkpoint file there (docs/BENCHMARKS.md, load, fourth session).
     - No per-operator resource reservation. Ray Data would reserve an equal share of the CPUs for each
       running operator, the Parquet writer included, which sits idle until the end; on a small node that
       holds decoding to one task at a time while CPUs stay free. Nothing then caps the decode tasks Ray
@@ -156,24 +149,13 @@ def run(cfg: EmbedConfig) -> embedder.Summary:
 
 
 def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str) -> list[str]:
-    """Run the pipeline into the version's folder and commit it; return the URIs of the files it embedded.
-
-    A catalog larger than ``--window-tracks`` runs as several pipelines, one window of it each, in turn:
-    Ray Data keeps per-task state in the driver for a whole run (pending task specs, every output
-    block's stats), which would otherwise grow with the catalog. They share the version and its checkpoint.
-    """
+    """Run the pipeline into the version's folder and commit it; return the URIs of the files it embedded."""
     out_dir = versions.version_uri(dataset, version)
     carried = embedder.carry_over(dataset, cfg.only_new, out_dir)
     fs, out_path = storage.arrow_filesystem(out_dir)
-    count = embedder.windows(
-        catalog.dataset(cfg.catalog_uri).count_rows() - len(carried.skip), cfg.window_tracks
-    )
     with data_context(embedder.checkpoint_uri(dataset, version), cfg.task_retries):
-        for window in range(count):
-            if count > 1:
-                print(f"embed: window {window + 1} of {count} (about {cfg.window_tracks} tracks each)")
-            ds = build_pipeline(cfg, model_id, carried.skip, window, count)
-            ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
+        ds = build_pipeline(cfg, model_id, carried.skip)
+        ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
     config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
     return embedder.commit_version(dataset, version, carried, config)
 

@@ -8,9 +8,7 @@ The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU mach
    ``audio.TransientError``, so Ray retries the task.
 2. ``embed_batch``: the encoder on every chunk of a batch of decoded tracks, in fixed-size forward batches,
    averaged per track into one row of the embeddings table (``schema``).
-3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array;
-   ``in_window``: one of the windows (a stable hash of ``track_id``) a large catalog is embedded in, one
-   Ray Data run each, so what the driver keeps per task grows with the window, not the catalog.
+3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array.
 4. ``embed_catalog``: the plain single-process loop (decode, chunk, forward), the reference the tests compare
    the job against and the baseline the benchmark measures it by.
 5. The version a run writes (``begin_version``, ``end_version``): a killed run resumes its unfinished
@@ -25,9 +23,7 @@ The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU mach
 
 from __future__ import annotations
 
-import math
 import time
-import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -75,7 +71,6 @@ class EmbedConfig(RayConfig):
     validate_catalog: bool = True  # check every row before Ray starts; false: bad rows become error rows
     allowed_prefixes: list[str] = field(default_factory=list)  # audio only under these; empty: anywhere
     task_retries: int = 3  # decode tasks retried after storage errors that outlast the decoder's own retries
-    window_tracks: int = 25000  # catalog tracks per Ray Data run; the driver's bookkeeping grows with it
 
     @property
     def catalog_uri(self) -> str:
@@ -84,7 +79,7 @@ class EmbedConfig(RayConfig):
     def validate(self) -> None:
         """Fail fast, before Ray starts: bad numbers, unreachable storage, a missing catalog or model."""
         problems = RayConfig.problems(self)
-        for name in ("max_chunks", "batch_size", "chunk_batch", "shard_rows", "window_tracks"):
+        for name in ("max_chunks", "batch_size", "chunk_batch", "shard_rows"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.task_retries < 0:
@@ -265,21 +260,6 @@ def drop_written(rows: pa.Table, written: np.ndarray) -> pa.Table:
     ids = pc.fill_null(rows.column("track_id").cast(pa.string()), "").to_numpy(zero_copy_only=False)
     pos = np.minimum(np.searchsorted(written, ids), len(written) - 1)
     return rows.filter(pa.array(written[pos] != ids))
-
-
-def windows(tracks: int, window_tracks: int) -> int:
-    """How many windows of at most about ``window_tracks`` tracks ``tracks`` catalog rows are embedded in."""
-    return max(1, math.ceil(tracks / window_tracks))
-
-
-def in_window(rows: pa.Table, index: int, count: int) -> pa.Table:
-    """Rows of window ``index`` of ``count``: CRC-32 of ``track_id`` (as ``drop_written`` compares ids),
-    modulo ``count``. Stable across runs and machines, so a resumed run puts each track in the same window."""
-    if count == 1 or len(rows) == 0:
-        return rows
-    ids = pc.fill_null(rows.column("track_id").cast(pa.string()), "").to_pylist()
-    window = np.fromiter((zlib.crc32(i.encode()) % count for i in ids), dtype=np.int64, count=len(ids))
-    return rows.filter(pa.array(window == index))
 
 
 # --------------------------------------------------------------------------- summary

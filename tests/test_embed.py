@@ -127,22 +127,6 @@ def test_drop_written_is_an_anti_join():
     assert kept.column("track_id").to_pylist() == [8]
 
 
-def test_windows_split_a_catalog_into_stable_disjoint_parts():
-    ids = [f"track-{i}" for i in range(1000)] + [None, "7"]  # a null id too (an unvalidated catalog)
-    rows = pa.table({"track_id": pa.array(ids), "audio_uri": ["u"] * 1002})
-    count = embedder.windows(len(rows), 300)
-    assert count == 4 and embedder.windows(0, 300) == 1 and embedder.windows(300, 300) == 1
-    parts = [embedder.in_window(rows, k, count).column("track_id").to_pylist() for k in range(count)]
-    assert sorted(sum(parts, []), key=str) == sorted(rows.column("track_id").to_pylist(), key=str)
-    assert all(150 < len(part) < 350 for part in parts), [len(part) for part in parts]
-    reversed_rows = rows.take(list(range(len(rows) - 1, -1, -1)))  # another block order, same windows
-    again = [
-        set(embedder.in_window(reversed_rows, k, count).column("track_id").to_pylist()) for k in range(count)
-    ]
-    assert again == [set(part) for part in parts]
-    assert embedder.in_window(rows, 0, 1) is rows
-
-
 def test_config_fails_fast(tmp_path):
     from musiclib.config import ConfigError, parse
 
@@ -295,11 +279,9 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, 
 
 
 @pytest.mark.slow
-def test_job_on_s3(s3_root, ray_cluster, capsys):
-    """On S3, in windows of about six tracks (one Ray Data run each): every track once, the encoder's numbers."""
+def test_job_on_s3(s3_root, ray_cluster):
     model_id = make_root(s3_root, n_good=4)
-    job.run(config(s3_root, window_tracks=6))
-    assert "window 2 of 2" in capsys.readouterr().out
+    job.run(config(s3_root))
     out = check_complete(s3_root, model_id)
     assert_matches_reference(out, reference(s3_root, model_id))
 
@@ -341,7 +323,6 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluste
         f"--root={root}",
         "--batch-size=2",
         "--shard-rows=1",
-        "--window-tracks=16",  # killed in a window, resumed in windows
     ]
     log = open(tmp_path / "killed-run.log", "wb")
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
@@ -364,7 +345,7 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluste
     before = {u: storage.file_checksum(u) for u in storage.list_files(versions.version_uri(dataset, version))}
     assert before, "no shard was written before the kill"
 
-    summary = job.run(config(root, window_tracks=16))
+    summary = job.run(config(root))
     out = check_complete(root, model_id)
     assert versions.latest_version(dataset) == version
     after = {u: storage.file_checksum(u) for u in storage.list_files(versions.version_uri(dataset, version))}
