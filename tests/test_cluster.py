@@ -139,6 +139,30 @@ def wait_for(condition, timeout: float, what: str, interval: float = 1.0) -> Non
         time.sleep(interval)
 
 
+def test_a_jobs_working_directory_survives_its_first_task_on_the_other_node(cluster, tmp_path, capfd):
+    """Both nodes run on this machine. A node replaces a job's unpacked working directory the first time it
+    needs it (Ray's runtime env agent removes and unpacks it again), so nodes sharing one temp dir deleted
+    the driver's current directory under it: the tag job's driver then failed in ``os.getcwd()``. Each node
+    has its own temp dir; a new working directory (never unpacked before) checks it."""
+    from cluster.submit import ray_job
+
+    work = tmp_path / "job"
+    work.mkdir()
+    (work / "check.py").write_text(
+        f"# {uuid.uuid4().hex}: a package no node has unpacked yet\n"
+        "import os\n"
+        "import ray\n\n"
+        "ray.init()\n"
+        "before = os.getcwd()\n"
+        "where = ray.remote(resources={'decode': 1}, num_cpus=0)(lambda: ray.get_runtime_context().get_node_id())\n"
+        "assert ray.get(where.remote()) != ray.get_runtime_context().get_node_id(), 'not on the other node'\n"
+        "print('driver cwd after the task:', os.getcwd() == before)\n"
+    )
+    status = ray_job(["submit", "--working-dir", str(work), "--", "python", "check.py"], cluster.submit_env)
+    out = capfd.readouterr().out
+    assert status == 0 and "driver cwd after the task: True" in out, out[-3000:]
+
+
 def test_embed_survives_losing_the_worker_node(cluster, s3_server):
     """The worker node dies while it runs a task of the job (SIGKILL of every process it started): Ray runs
     the lost work again on the head, and the job publishes every track once. Last in the module: the
@@ -179,27 +203,3 @@ def test_embed_survives_losing_the_worker_node(cluster, s3_server):
         tracks = sorted(catalog.read(layout.catalog, columns=["track_id"]).column("track_id").to_pylist())
         assert sorted(embedder.read(layout.embeddings, model_id).column("track_id").to_pylist()) == tracks
         assert not versions.verify(versions.read_latest_manifest(dataset))
-
-
-def test_a_jobs_working_directory_survives_its_first_task_on_the_other_node(cluster, tmp_path, capfd):
-    """Both nodes run on this machine. A node replaces a job's unpacked working directory the first time it
-    needs it (Ray's runtime env agent removes and unpacks it again), so nodes sharing one temp dir deleted
-    the driver's current directory under it: the tag job's driver then failed in ``os.getcwd()``. Each node
-    has its own temp dir; a new working directory (never unpacked before) checks it."""
-    from cluster.submit import ray_job
-
-    work = tmp_path / "job"
-    work.mkdir()
-    (work / "check.py").write_text(
-        f"# {uuid.uuid4().hex}: a package no node has unpacked yet\n"
-        "import os\n"
-        "import ray\n\n"
-        "ray.init()\n"
-        "before = os.getcwd()\n"
-        "where = ray.remote(resources={'decode': 1}, num_cpus=0)(lambda: ray.get_runtime_context().get_node_id())\n"
-        "assert ray.get(where.remote()) != ray.get_runtime_context().get_node_id(), 'not on the other node'\n"
-        "print('driver cwd after the task:', os.getcwd() == before)\n"
-    )
-    status = ray_job(["submit", "--working-dir", str(work), "--", "python", "check.py"], cluster.submit_env)
-    out = capfd.readouterr().out
-    assert status == 0 and "driver cwd after the task: True" in out, out[-3000:]
