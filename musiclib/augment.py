@@ -5,18 +5,23 @@ band-stop / high-pass / low-pass, pitch shift and delay, each with its own proba
 applied to a view with probability ``p_chain``. Every random draw is per view, so the two views of a clip
 are augmented independently, and all come from torch's generator: seeding it fixes every view. The noise,
 the filters and the pitch shift are batched here (torch-audiomentations applies them one example at a
-time); gain and polarity are torch-audiomentations'. Probabilities and ranges live in ``AugmentConfig``.
+time; the pitch shift also moved from torch-pitch-shift's vocoder to librosa's method, ``transpose``);
+gain and polarity are torch-audiomentations'. Probabilities and ranges live in ``AugmentConfig``.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass
+from fractions import Fraction
 
 import torch
 import torch_audiomentations as ta
 from torch import nn
-from torch_pitch_shift import get_fast_shifts, pitch_shift, semitones_to_ratio
+from torch_pitch_shift import get_fast_shifts, semitones_to_ratio
+from torchaudio.transforms import Resample
 
 from musiclib.audio import SAMPLE_RATE
 
@@ -224,12 +229,81 @@ class OneFilter(nn.Module):
         return apply_filters(x, self.draw(x.shape[0], x.device))
 
 
-class PitchShift(nn.Module):
-    """Each view, with probability ``p``, transposed by one of the shifts within ``semitones`` either way that
-    torch-pitch-shift computes fast at ``sample_rate``, chosen per view from torch's generator.
+ENVELOPE_FLOOR = 1e-4  # the first samples, under almost no window, fade in rather than divide by nearly 0
 
-    torch-audiomentations shifts one example at a time; here the views that share a shift go through
-    ``pitch_shift`` together.
+
+def stretch(x: torch.Tensor, rates: list[float], n_fft: int, hop: int) -> tuple[torch.Tensor, list[int]]:
+    """Rows of ``x`` ``[n, T]`` time-stretched by ``rates`` (one per row; above 1 shortens): torchaudio's phase
+    vocoder (``phase_vocoder``) on Hann frames, overlap-added back, all rows in one batch of frames. Returns
+    the rows, zero past each one's length: up to the centre of its last frame, where frames overlap fully.
+
+    The frames lie inside the clip, which is padded with ``n_fft`` zeros at its end only. The vocoder carries
+    each frame's phase advance on to every later frame, so frames that reach before the start (``torch.stft``'s
+    centred default, padded by reflection) would corrupt a raised clip from its first frame on.
+    """
+    window = torch.hann_window(n_fft, device=x.device)
+    n_frames = 1 + math.ceil(x.shape[1] / hop)
+    padded = nn.functional.pad(x, (0, n_fft + hop * (n_frames - 1) - x.shape[1]))
+    spec = torch.stft(padded, n_fft, hop, window=window, center=False, return_complex=True)  # [n, F, N]
+    n_freq = spec.shape[1]
+    counts = [math.ceil(n_frames / rate) for rate in rates]  # frames out: the length of arange(0, N, rate)
+    lengths = [hop * (count - 1) + n_fft // 2 for count in counts]
+    rate = torch.tensor(rates, dtype=torch.float64, device=x.device)[:, None]
+    ends = torch.tensor(list(zip(counts, lengths)), device=x.device)  # [n, 2]: frames and samples out
+    j = torch.arange(max(counts), device=x.device)
+    steps = (j * rate).float()  # [n, M]: where each output frame reads the input
+    valid = (j < ends[:, :1])[:, None, :]
+    first = steps.long().clamp(max=n_frames)[:, None, :].expand(-1, n_freq, -1)
+    spec = nn.functional.pad(spec, (0, 2))
+    norm, angle = spec.abs(), spec.angle()
+    advance = torch.linspace(0, math.pi * hop, n_freq, device=x.device)[:, None]
+    phase = angle.gather(2, first + 1) - angle.gather(2, first) - advance
+    phase = phase - 2 * math.pi * torch.round(phase / (2 * math.pi)) + advance
+    phase = torch.cat([angle[..., :1], phase[..., :-1]], dim=-1).cumsum(-1)
+    alpha = (steps % 1.0)[:, None, :]
+    magnitude = alpha * norm.gather(2, first + 1) + (1 - alpha) * norm.gather(2, first)
+    frames = torch.fft.irfft(torch.polar(magnitude * valid, phase), n_fft, dim=1) * window[:, None]
+    fold = dict(output_size=(1, n_fft + hop * (len(j) - 1)), kernel_size=(1, n_fft), stride=(1, hop))
+    signal = nn.functional.fold(frames, **fold)[:, 0, 0]
+    envelope = nn.functional.fold(window[None, :, None].square() * valid, **fold)[:, 0, 0]
+    inside = torch.arange(signal.shape[1], device=x.device) < ends[:, 1:]
+    return torch.where(inside, signal / envelope.clamp_min(ENVELOPE_FLOOR), 0.0), lengths
+
+
+def transpose(x: torch.Tensor, shifts: list[Fraction], n_fft: int = 2048, hop: int = 512) -> torch.Tensor:
+    """Row ``i`` of ``x`` ``[n, T]`` raised in pitch by the frequency ratio ``shifts[i]``, its length kept, by
+    librosa's method: ``stretch`` lengthens it by the shift (on librosa's STFT by default) and torchaudio's
+    resampler brings it back to its length. The rows that share a shift are resampled together, with no wait
+    for the GPU between groups."""
+    order = sorted(range(len(shifts)), key=lambda i: shifts[i])  # each shift's rows together
+    sorted_shifts = [shifts[i] for i in order]
+    order_on_device = torch.tensor(order, device=x.device)
+    stretched, lengths = stretch(x[order_on_device], [float(1 / s) for s in sorted_shifts], n_fft, hop)
+    groups, start, length = [], 0, x.shape[1]
+    for shift, rows in itertools.groupby(sorted_shifts):
+        end = start + len(list(rows))
+        y = resampler(shift, x.device)(stretched[start:end, : lengths[start]])
+        groups.append(nn.functional.pad(y[:, :length], (0, max(0, length - y.shape[1]))))
+        start = end
+    out = torch.empty_like(x)
+    out[order_on_device] = torch.cat(groups)
+    return out
+
+
+@functools.cache
+def resampler(shift: Fraction, device: torch.device) -> nn.Module:
+    """torchaudio's resampler from ``shift.numerator`` to ``shift.denominator`` on ``device``, its kernel built
+    once: building it takes longer on a GPU than applying it."""
+    return Resample(shift.numerator, shift.denominator).to(device)
+
+
+class PitchShift(nn.Module):
+    """Each view, with probability ``p``, transposed (``transpose``) by one of the shifts within ``semitones``
+    either way that torch-audiomentations draws from (torch-pitch-shift's fast shifts at ``sample_rate``),
+    chosen per view from torch's generator.
+
+    torch-audiomentations transposes one view at a time with torch-pitch-shift, whose vocoder (a rectangular
+    window, 32 frames per window) took most of the chain's time; here all views are stretched in one batch.
     """
 
     def __init__(self, semitones: float, p: float, sample_rate: int = SAMPLE_RATE):
@@ -244,11 +318,10 @@ class PitchShift(nn.Module):
         """``x`` ``[B, T]``."""
         apply = torch.rand(x.shape[0], device=x.device) < self.p
         choice = torch.randint(len(self.shifts), (x.shape[0],), device=x.device)
+        views = torch.nonzero(apply).squeeze(1)
         out = x.clone()
-        for k, shift in enumerate(self.shifts):
-            views = torch.nonzero(apply & (choice == k)).squeeze(1)
-            if len(views):
-                out[views] = pitch_shift(x[views][:, None], shift, self.sample_rate)[:, 0]
+        if len(views):
+            out[views] = transpose(x[views], [self.shifts[k] for k in choice[views].tolist()])
         return out
 
 

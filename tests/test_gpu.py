@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from musiclib import audio, catalog, embedder, models
+from musiclib.augment import FilterDraw, OneFilter, PitchShift, apply_filters, transpose
 from musiclib.config import Layout
 from musiclib.datasets import demo
 from musiclib.pretraining import Batch, PretrainConfig, build, train_step
@@ -87,6 +88,19 @@ def test_encoder_outputs_on_the_gpu_match_the_cpu():
     on_gpu = embedder.forward_chunks(encoder.to(CUDA), chunks, chunk_batch=4, device=CUDA)
     assert on_gpu.dtype == np.float32 and on_gpu.shape == on_cpu.shape
     assert row_cosines(on_gpu, on_cpu).min() > 0.9999
+
+
+def test_the_augmentations_on_the_gpu_match_the_cpu():
+    """The batched filters and pitch shift (the chain's costly parts) give the CPU's views on CUDA."""
+    torch.manual_seed(0)
+    x = 0.1 * torch.randn(24, audio.CHUNK_SAMPLES)
+    shifts = PitchShift(4.0, p=1.0).shifts
+    chosen = [shifts[i % len(shifts)] for i in range(len(x))]
+    on_gpu = transpose(x.to(CUDA), chosen).cpu()
+    assert row_cosines(on_gpu.numpy(), transpose(x, chosen).numpy()).min() > 0.9999
+    draw = OneFilter((200.0, 4000.0), (200.0, 2400.0), (150.0, 7500.0), p=1.0).draw(len(x), CPU)
+    on_gpu = apply_filters(x.to(CUDA), FilterDraw(*(t.to(CUDA) for t in vars(draw).values()))).cpu()
+    assert row_cosines(on_gpu.numpy(), apply_filters(x, draw).numpy()).min() > 0.9999
 
 
 @pytest.mark.slow
