@@ -1,12 +1,13 @@
-"""The augmentation chain applied to each view (torch-audiomentations, batched, on the training device).
+"""The augmentation chain applied to each view, batched, on the training device.
 
 As in CLMR and SemiSupCon: gain, polarity inversion, coloured noise, one filter out of band-pass /
 band-stop / high-pass / low-pass, pitch shift and delay, each with its own probability, the whole chain
 applied to a view with probability ``p_chain``. Every random draw is per view, so the two views of a clip
-are augmented independently, and all come from torch's generator: seeding it fixes every view. The noise,
-the filters and the pitch shift are batched here (torch-audiomentations applies them one example at a
-time; the pitch shift also moved from torch-pitch-shift's vocoder to librosa's method, ``transpose``);
-gain and polarity are torch-audiomentations'. Probabilities and ranges live in ``AugmentConfig``.
+are augmented independently, and all come from torch's generator: seeding it fixes every view. The
+parameters are torch-audiomentations' draws; it applies the noise, the filters and the pitch shift one
+example at a time, and this module batches them (the pitch shift by librosa's method, ``transpose``,
+rather than torch-pitch-shift's vocoder). Per-view decisions are drawn on the host (``to_device``).
+Probabilities and ranges live in ``AugmentConfig``.
 """
 
 from __future__ import annotations
@@ -18,12 +19,46 @@ from dataclasses import dataclass
 from fractions import Fraction
 
 import torch
-import torch_audiomentations as ta
 from torch import nn
 from torch_pitch_shift import get_fast_shifts, semitones_to_ratio
 from torchaudio.transforms import Resample
 
 from musiclib.audio import SAMPLE_RATE
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A tensor drawn on the host, on ``device`` without waiting for the GPU (pinned memory, copied
+    asynchronously). Every per-view decision is drawn on the host, so the chain never waits for the GPU and
+    the CPU queues it while the GPU still runs the previous step."""
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
+
+
+class Gain(nn.Module):
+    """Each view, with probability ``p``, scaled by a gain drawn uniformly in ``gain_db``, as
+    torch-audiomentations' ``Gain`` draws it."""
+
+    def __init__(self, gain_db: tuple[float, float], p: float):
+        super().__init__()
+        self.gain_db, self.p = gain_db, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, T]``."""
+        apply = torch.rand(x.shape[0]) < self.p
+        db = torch.empty(x.shape[0]).uniform_(*self.gain_db)
+        return x * to_device(torch.where(apply, 10.0 ** (db / 20.0), 1.0), x.device)[:, None]
+
+
+class PolarityInversion(nn.Module):
+    """Each view, with probability ``p``, turned upside down."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, T]``."""
+        sign = torch.where(torch.rand(x.shape[0]) < self.p, -1.0, 1.0)
+        return x * to_device(sign, x.device)[:, None]
 
 
 @dataclass
@@ -104,9 +139,12 @@ class ColoredNoise(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, T]``."""
-        views = torch.nonzero(torch.rand(x.shape[0], device=x.device) < self.p).squeeze(1)
-        snr = torch.empty(len(views), device=x.device).uniform_(*self.snr_db)
-        decay = torch.empty(len(views), device=x.device).uniform_(*self.decay)
+        views = torch.nonzero(torch.rand(x.shape[0]) < self.p).squeeze(1)
+        if not len(views):
+            return x
+        snr = torch.empty(len(views)).uniform_(*self.snr_db)
+        decay = torch.empty(len(views)).uniform_(*self.decay)
+        views, snr, decay = (to_device(t, x.device) for t in (views, snr, decay))
         white = torch.randn(len(views), self.sample_rate, device=x.device)
         noise = shape_noise(white, decay, self.sample_rate)
         noise = noise.repeat(1, math.ceil(x.shape[1] / noise.shape[1]))[:, : x.shape[1]]
@@ -117,10 +155,10 @@ class ColoredNoise(nn.Module):
         return out
 
 
-def mel_uniform(low_hz: float, high_hz: float, n: int, device: torch.device) -> torch.Tensor:
+def mel_uniform(low_hz: float, high_hz: float, n: int) -> torch.Tensor:
     """``n`` frequencies in Hz drawn uniformly on the mel scale, as torch-audiomentations draws its cutoffs."""
     low, high = (2595.0 * math.log10(1.0 + f / 700.0) for f in (low_hz, high_hz))
-    return 700.0 * (10.0 ** (torch.empty(n, device=device).uniform_(low, high) / 2595.0) - 1.0)
+    return 700.0 * (10.0 ** (torch.empty(n).uniform_(low, high) / 2595.0) - 1.0)
 
 
 def lowpass_kernels(cutoffs: torch.Tensor, half_sizes: torch.Tensor, width: int) -> torch.Tensor:
@@ -138,6 +176,7 @@ def lowpass_kernels(cutoffs: torch.Tensor, half_sizes: torch.Tensor, width: int)
 def lowpass(x: torch.Tensor, cutoffs: torch.Tensor, half_sizes: torch.Tensor) -> torch.Tensor:
     """Row ``i`` of ``x`` ``[n, T]`` low-passed at ``cutoffs[i]`` (fraction of the sample rate) with a filter of
     ``half_sizes[i]`` taps each side, edges padded by repetition, as ``julius.lowpass_filter``; batched.
+    ``cutoffs`` and ``half_sizes`` are on the host.
 
     Rows are grouped by the FFT length their filter needs (a power of two), so one very long filter does
     not make every row pay for its length; each group is one batched FFT convolution.
@@ -146,9 +185,12 @@ def lowpass(x: torch.Tensor, cutoffs: torch.Tensor, half_sizes: torch.Tensor) ->
     out = torch.empty_like(x)
     sizes = [1 << int(math.ceil(math.log2(length + 2 * int(h)))) for h in half_sizes.tolist()]
     for size in sorted(set(sizes)):
-        rows = torch.tensor([i for i, s in enumerate(sizes) if s == size], device=x.device)
+        rows = torch.tensor([i for i, s in enumerate(sizes) if s == size])
         width = int(half_sizes[rows].max())
-        kernels = lowpass_kernels(cutoffs[rows], half_sizes[rows], width)
+        kernels = lowpass_kernels(
+            to_device(cutoffs[rows], x.device), to_device(half_sizes[rows], x.device), width
+        )
+        rows = to_device(rows, x.device)
         padded = nn.functional.pad(x[rows][:, None], (width, width), mode="replicate")[:, 0]
         full = torch.fft.irfft(torch.fft.rfft(padded, size) * torch.fft.rfft(kernels, size), size)
         out[rows] = full[:, 2 * width : 2 * width + length]
@@ -168,16 +210,20 @@ class FilterDraw:
 
 
 def apply_filters(x: torch.Tensor, draw: FilterDraw) -> torch.Tensor:
-    """``x`` ``[B, T]`` through the drawn filters, built from low-passes ``L`` as julius builds them: high-pass
-    ``x - L(f)``, band-pass ``L(f_high) - L(f_low)``, band-stop ``x - band-pass``."""
+    """``x`` ``[B, T]`` through the drawn filters (``draw`` on the host), built from low-passes ``L`` as julius
+    builds them: high-pass ``x - L(f)``, band-pass ``L(f_high) - L(f_low)``, band-stop ``x - band-pass``."""
     views = torch.nonzero(draw.apply).squeeze(1)
-    bands = torch.nonzero(draw.apply & (draw.kind < 2)).squeeze(1)
-    rows = torch.cat([views, bands])
-    low_passed = lowpass(x[rows], torch.cat([draw.cutoff[views], draw.band_low[bands]]), draw.half[rows])
-    filtered = low_passed[: len(views)]
+    if not len(views):
+        return x
     kind = draw.kind[views]
-    filtered[kind < 2] -= low_passed[len(views) :]
-    subtract = (kind == 1) | (kind == 2)  # band-stop and high-pass: what the low-passes leave out
+    bands = torch.nonzero(kind < 2).squeeze(1)  # positions among ``views``
+    subtract = torch.nonzero((kind == 1) | (kind == 2)).squeeze(1)  # band-stop and high-pass
+    rows = torch.cat([views, views[bands]])
+    cutoffs = torch.cat([draw.cutoff[views], draw.band_low[views[bands]]])
+    low_passed = lowpass(x[to_device(rows, x.device)], cutoffs, draw.half[rows])
+    views, bands, subtract = (to_device(t, x.device) for t in (views, bands, subtract))
+    filtered = low_passed[: len(views)]
+    filtered[bands] -= low_passed[len(views) :]
     filtered[subtract] = x[views][subtract] - filtered[subtract]
     out = x.clone()
     out[views] = filtered
@@ -209,16 +255,17 @@ class OneFilter(nn.Module):
         self.band_hz, self.highpass_hz, self.lowpass_hz = band_hz, highpass_hz, lowpass_hz
         self.p, self.sample_rate, self.bandwidth, self.zeros = p, sample_rate, bandwidth, zeros
 
-    def draw(self, b: int, device: torch.device) -> FilterDraw:
-        """Parameters for ``b`` views; the half size follows the filter's lowest cutoff, as in julius."""
+    def draw(self, b: int) -> FilterDraw:
+        """Parameters for ``b`` views, on the host; the half size follows the filter's lowest cutoff, as in
+        julius."""
         sr = self.sample_rate
-        apply = torch.rand(b, device=device) < self.p
-        kind = torch.randint(len(self.KINDS), (b,), device=device)
-        centre = mel_uniform(*self.band_hz, b, device)
-        width = torch.empty(b, device=device).uniform_(*self.bandwidth)
+        apply = torch.rand(b) < self.p
+        kind = torch.randint(len(self.KINDS), (b,))
+        centre = mel_uniform(*self.band_hz, b)
+        width = torch.empty(b).uniform_(*self.bandwidth)
         band_low, band_high = centre * (1 - 0.5 * width) / sr, centre * (1 + 0.5 * width) / sr
-        high = mel_uniform(*self.highpass_hz, b, device) / sr
-        low = mel_uniform(*self.lowpass_hz, b, device) / sr
+        high = mel_uniform(*self.highpass_hz, b) / sr
+        low = mel_uniform(*self.lowpass_hz, b) / sr
         cutoff = torch.stack([band_high, band_high, high, low], dim=1).gather(1, kind[:, None])[:, 0]
         lowest = torch.where(kind < 2, band_low, cutoff)
         half = torch.floor(self.zeros / lowest.double() / 2).long()
@@ -226,7 +273,7 @@ class OneFilter(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, T]``."""
-        return apply_filters(x, self.draw(x.shape[0], x.device))
+        return apply_filters(x, self.draw(x.shape[0]))
 
 
 ENVELOPE_FLOOR = 1e-4  # the first samples, under almost no window, fade in rather than divide by nearly 0
@@ -248,8 +295,8 @@ def stretch(x: torch.Tensor, rates: list[float], n_fft: int, hop: int) -> tuple[
     n_freq = spec.shape[1]
     counts = [math.ceil(n_frames / rate) for rate in rates]  # frames out: the length of arange(0, N, rate)
     lengths = [hop * (count - 1) + n_fft // 2 for count in counts]
-    rate = torch.tensor(rates, dtype=torch.float64, device=x.device)[:, None]
-    ends = torch.tensor(list(zip(counts, lengths)), device=x.device)  # [n, 2]: frames and samples out
+    rate = to_device(torch.tensor(rates, dtype=torch.float64), x.device)[:, None]
+    ends = to_device(torch.tensor(list(zip(counts, lengths))), x.device)  # [n, 2]: frames and samples out
     j = torch.arange(max(counts), device=x.device)
     steps = (j * rate).float()  # [n, M]: where each output frame reads the input
     valid = (j < ends[:, :1])[:, None, :]
@@ -277,7 +324,7 @@ def transpose(x: torch.Tensor, shifts: list[Fraction], n_fft: int = 2048, hop: i
     for the GPU between groups."""
     order = sorted(range(len(shifts)), key=lambda i: shifts[i])  # each shift's rows together
     sorted_shifts = [shifts[i] for i in order]
-    order_on_device = torch.tensor(order, device=x.device)
+    order_on_device = to_device(torch.tensor(order), x.device)
     stretched, lengths = stretch(x[order_on_device], [float(1 / s) for s in sorted_shifts], n_fft, hop)
     groups, start, length = [], 0, x.shape[1]
     for shift, rows in itertools.groupby(sorted_shifts):
@@ -316,12 +363,13 @@ class PitchShift(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` ``[B, T]``."""
-        apply = torch.rand(x.shape[0], device=x.device) < self.p
-        choice = torch.randint(len(self.shifts), (x.shape[0],), device=x.device)
-        views = torch.nonzero(apply).squeeze(1)
+        views = torch.nonzero(torch.rand(x.shape[0]) < self.p).squeeze(1)
+        choice = torch.randint(len(self.shifts), (len(views),))
+        if not len(views):
+            return x
+        views = to_device(views, x.device)
         out = x.clone()
-        if len(views):
-            out[views] = transpose(x[views], [self.shifts[k] for k in choice[views].tolist()])
+        out[views] = transpose(x[views], [self.shifts[k] for k in choice.tolist()])
         return out
 
 
@@ -331,27 +379,19 @@ class ViewAugment(nn.Module):
     def __init__(self, config: AugmentConfig, sample_rate: int = SAMPLE_RATE):
         super().__init__()
         c = config
-        self.waveform = nn.ModuleList(
-            [
-                ta.Gain(*c.gain_db, p=c.p_gain, output_type="dict"),
-                ta.PolarityInversion(p=c.p_polarity, output_type="dict"),
-            ]
-        )
+        self.gain = Gain(c.gain_db, c.p_gain)
+        self.polarity = PolarityInversion(c.p_polarity)
         self.noise = ColoredNoise(c.noise_snr_db, c.p_noise, sample_rate)
         self.filter = OneFilter(c.band_hz, c.highpass_hz, c.lowpass_hz, c.p_filter, sample_rate)
         self.pitch = PitchShift(c.pitch_semitones, c.p_pitch, sample_rate) if c.p_pitch > 0 else nn.Identity()
         self.delay = Delay(c.delay_ms, c.p_delay, sample_rate)
         self.p_chain = c.p_chain
-        self.sample_rate = sample_rate
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p_chain == 0.0:
             return x
-        y = x[:, None, :]
-        for transform in self.waveform:
-            y = transform(y, sample_rate=self.sample_rate).samples
-        y = self.pitch(self.filter(self.noise(y[:, 0])))
+        y = self.pitch(self.filter(self.noise(self.polarity(self.gain(x)))))
         y = self.delay(y[:, None, :])[:, 0, :]
         keep = torch.rand(x.shape[0], device=x.device) >= self.p_chain  # these views skip the whole chain
         return torch.where(keep[:, None], x, y)

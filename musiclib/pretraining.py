@@ -454,9 +454,10 @@ def train_step(
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    lab, unl = per_anchor[is_labeled], per_anchor[~is_labeled]
+    labeled = is_labeled.float()  # masks, not indexing: the step never waits for the GPU
+    unlabeled = 1.0 - labeled
     return torch.stack(
-        [loss.detach(), lab.sum(), lab.new_tensor(len(lab)), unl.sum(), unl.new_tensor(len(unl))]
+        [loss.detach(), per_anchor @ labeled, labeled.sum(), per_anchor @ unlabeled, unlabeled.sum()]
     )
 
 

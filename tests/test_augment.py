@@ -17,8 +17,10 @@ from musiclib.augment import (
     AugmentConfig,
     ColoredNoise,
     Delay,
+    Gain,
     OneFilter,
     PitchShift,
+    PolarityInversion,
     ViewAugment,
     apply_filters,
     lowpass,
@@ -64,6 +66,26 @@ def test_delay_probability_zero_and_one():
     x = torch.randn(8, 1, 100)
     torch.testing.assert_close(Delay((5.0, 5.0), p=0.0, sample_rate=1000)(x), x)
     assert not torch.allclose(Delay((5.0, 5.0), p=1.0, sample_rate=1000)(x), x)
+
+
+def test_gain_scales_views_by_a_drawn_decibel_gain_with_probability_p():
+    torch.manual_seed(0)
+    x = torch.ones(4000, 3)
+    ratio = Gain((-15.0, 5.0), p=0.4)(x)[:, 0]
+    gained = ratio != 1.0
+    db = 20 * torch.log10(ratio[gained].double())
+    assert 0.37 < float(gained.double().mean()) < 0.43
+    assert (
+        -15.0 - 1e-4 <= float(db.min()) and float(db.max()) <= 5.0 + 1e-4 and abs(float(db.mean()) + 5) < 0.5
+    )
+
+
+def test_polarity_inversion_flips_views_with_probability_p():
+    torch.manual_seed(0)
+    x = torch.randn(4000, 3)
+    y = PolarityInversion(p=0.6)(x)
+    flipped = (y == -x).all(dim=1)
+    assert bool(((y == x).all(dim=1) | flipped).all()) and 0.57 < float(flipped.double().mean()) < 0.63
 
 
 def test_the_chain_keeps_shape_and_skips_views_with_probability_one_minus_p_chain():
@@ -126,7 +148,7 @@ def test_one_filter_applies_each_drawn_filter_as_julius_does():
     torch.manual_seed(0)
     x = torch.randn(48, 2000)
     one = OneFilter((200.0, 4000.0), (200.0, 2400.0), (150.0, 7500.0), p=0.75, sample_rate=22050)
-    draw = one.draw(len(x), x.device)
+    draw = one.draw(len(x))
     y = apply_filters(x, draw)
     assert set(draw.kind[draw.apply].tolist()) == {0, 1, 2, 3} and 0 < int(draw.apply.sum()) < len(x)
     for i in range(len(x)):
@@ -140,7 +162,7 @@ def test_one_filter_applies_each_drawn_filter_as_julius_does():
 def test_filter_draws_stay_in_their_ranges():
     torch.manual_seed(0)
     one = OneFilter((200.0, 4000.0), (300.0, 2400.0), (150.0, 7500.0), p=1.0, sample_rate=20000)
-    d = one.draw(4000, torch.device("cpu"))
+    d = one.draw(4000)
     hz = d.cutoff * 20000
     for kind, (low, high) in [(2, (300.0, 2400.0)), (3, (150.0, 7500.0))]:
         sel = hz[d.kind == kind]

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from musiclib import audio, catalog, embedder, models
-from musiclib.augment import FilterDraw, OneFilter, PitchShift, apply_filters, transpose
+from musiclib.augment import OneFilter, PitchShift, apply_filters, transpose
 from musiclib.config import Layout
 from musiclib.datasets import demo
 from musiclib.pretraining import Batch, PretrainConfig, build, train_step
@@ -98,9 +98,24 @@ def test_the_augmentations_on_the_gpu_match_the_cpu():
     chosen = [shifts[i % len(shifts)] for i in range(len(x))]
     on_gpu = transpose(x.to(CUDA), chosen).cpu()
     assert row_cosines(on_gpu.numpy(), transpose(x, chosen).numpy()).min() > 0.9999
-    draw = OneFilter((200.0, 4000.0), (200.0, 2400.0), (150.0, 7500.0), p=1.0).draw(len(x), CPU)
-    on_gpu = apply_filters(x.to(CUDA), FilterDraw(*(t.to(CUDA) for t in vars(draw).values()))).cpu()
+    draw = OneFilter((200.0, 4000.0), (200.0, 2400.0), (150.0, 7500.0), p=1.0).draw(len(x))
+    on_gpu = apply_filters(x.to(CUDA), draw).cpu()
     assert row_cosines(on_gpu.numpy(), apply_filters(x, draw).numpy()).min() > 0.9999
+
+
+def test_the_augmentation_chain_and_the_step_never_wait_for_the_gpu():
+    """Every per-view decision is drawn on the host and the step's statistics are masked sums, so the CPU
+    queues the next batch's chain and step while the GPU still runs this one: torch raises on any
+    synchronising call in them."""
+    cfg = PretrainConfig(width=0.25, num_workers=1, batch_size=8, p_chain=1.0, p_filter=1.0, p_pitch=1.0)
+    model, optimizer, chain = build(cfg, CUDA)
+    batch = Batch(0.1 * torch.randn(16, audio.CHUNK_SAMPLES).pin_memory(), torch.ones(8, 2).pin_memory())
+    train_step(model, chain, optimizer, batch, cfg, CUDA)  # the first builds FFT plans, kernels, Adam state
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        train_step(model, chain, optimizer, batch, cfg, CUDA)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.slow
