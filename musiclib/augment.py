@@ -6,8 +6,9 @@ applied to a view with probability ``p_chain``. Every random draw is per view, s
 are augmented independently, and all come from torch's generator: seeding it fixes every view. The
 parameters are torch-audiomentations' draws; it applies the noise, the filters and the pitch shift one
 example at a time, and this module batches them (the pitch shift by librosa's method, ``transpose``,
-rather than torch-pitch-shift's vocoder). Per-view decisions are drawn on the host (``to_device``).
-Probabilities and ranges live in ``AugmentConfig``.
+rather than torch-pitch-shift's vocoder). Draws that pick views out of the batch, or set a per-view
+scale, are made on the host (``to_device``), so the chain never waits for the GPU. Probabilities and
+ranges live in ``AugmentConfig``.
 """
 
 from __future__ import annotations
@@ -28,8 +29,7 @@ from musiclib.audio import SAMPLE_RATE
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A tensor drawn on the host, on ``device`` without waiting for the GPU (pinned memory, copied
-    asynchronously). Every per-view decision is drawn on the host, so the chain never waits for the GPU and
-    the CPU queues it while the GPU still runs the previous step."""
+    asynchronously): the CPU queues the chain while the GPU still runs the previous step."""
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t.to(device)
 
 
