@@ -9,7 +9,9 @@
 3. Train with a Ray Train ``TorchTrainer`` (DDP, projections gathered from every worker), checkpointing
    every ``--checkpoint-every`` steps to ``<root>/runs/<run-name>``. Running the same command again
    resumes from the latest checkpoint; failed workers, and a controller that lost storage, are retried
-   from it (``--max-failures``).
+   from it (``--max-failures``). With ``--min-workers`` the run is elastic: when workers cannot be
+   placed again (a node lost), it goes on from the checkpoint with as few as that many, the global batch
+   unchanged, and grows back when the cluster does.
 4. Export the encoder to ``<root>/models/<model_id>`` with a JSON card, published as the latest model.
 """
 
@@ -156,7 +158,7 @@ def trainer(cfg: PretrainConfig, layout: Layout) -> TorchTrainer:
         train_loop,
         train_loop_config=cfg.as_dict(),
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
+            num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
             use_gpu=cfg.use_gpu,
             resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),

@@ -60,6 +60,8 @@ class PretrainConfig(AugmentConfig, RayConfig):
     run_name: str = "pretrain"
     width: float = 1.0  # channel multiplier of the SampleCNN; 0.25 trains on CPU in minutes
     num_workers: int = 2
+    # elastic below num_workers: a run that loses workers (a node) goes on with as few as this; 0: fixed size
+    min_workers: int = 0
     use_gpu: bool = False
     cpus_per_worker: int = 1
     batch_size: int = 96  # clips per step over all workers; each clip gives two views
@@ -95,10 +97,17 @@ class PretrainConfig(AugmentConfig, RayConfig):
             problems.append(f"--width {self.width} must be in (0, 4]")
         if self.num_workers < 1 or self.cpus_per_worker < 1:
             problems.append("--num-workers and --cpus-per-worker must be >= 1")
-        if self.batch_size < 2 * self.num_workers or self.batch_size % self.num_workers:
+        if not 0 <= self.min_workers <= self.num_workers:
             problems.append(
-                f"--batch-size {self.batch_size} must be a multiple of --num-workers {self.num_workers} "
-                "with at least 2 clips per worker"
+                f"--min-workers {self.min_workers} must be in [0, --num-workers {self.num_workers}]"
+            )
+        sizes = self.world_sizes()
+        if self.num_workers >= 1 and any(self.batch_size < 2 * n or self.batch_size % n for n in sizes):
+            lcm = math.lcm(*sizes)
+            problems.append(
+                f"--batch-size {self.batch_size} must be a multiple of every worker count the run may have "
+                f"({', '.join(map(str, sizes))}) with at least 2 clips per worker; the smallest that is: "
+                f"{lcm * math.ceil(2 * self.num_workers / lcm)}"
             )
         if self.steps < 1 or self.lr <= 0 or self.tau <= 0:
             problems.append("--steps must be >= 1, --lr and --tau > 0")
@@ -129,6 +138,10 @@ class PretrainConfig(AugmentConfig, RayConfig):
             problems.append(str(exc))
         check("pretrain", problems)
 
+    def world_sizes(self) -> range:
+        """The worker counts the run may have: ``num_workers``, or any down to ``min_workers`` (elastic)."""
+        return range(self.min_workers or self.num_workers, self.num_workers + 1)
+
     def augment_config(self) -> AugmentConfig:
         return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
 
@@ -141,12 +154,12 @@ class PretrainConfig(AugmentConfig, RayConfig):
 
 
 # The fields a resumed run may change: how long it trains, how it logs, checkpoints, retries and feeds the
-# step, and where the run lives. Every other field changes what a step computes (``num_workers`` sets the
+# step, how few workers it may go on with, and where the run lives. Every other field changes what a step computes (``num_workers`` sets the
 # per-worker batch, the BatchNorm statistics without ``sync_bn`` and the batch streams; ``use_gpu`` the
 # precision), so resuming with another value would train a model no config describes. With ``--cosine``,
 # more ``--steps`` stretch the decay to the new end from the resumed step.
 RESUMABLE_FIELDS = frozenset(
-    {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "prefetch"}
+    {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "prefetch", "min_workers"}
     | {"cpus_per_worker", "root", "run_name", "ray_address", "num_cpus"}
 )
 
@@ -484,7 +497,7 @@ def build(
     """
     torch.manual_seed(cfg.seed)
     model = ContrastiveModel(cfg.encoder_config())
-    if cfg.sync_bn and cfg.num_workers > 1:
+    if cfg.sync_bn and distributed()[1] > 1:
         model = sync_batchnorm(model, device)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)

@@ -1,7 +1,7 @@
 """Fault injection: each job killed, its workers killed, its storage taken away, denied and throttled.
 
 Every case runs a job the way an operator does (``python jobs/<job>.py ...`` in its own process, with its
-own local Ray), injects one fault, and checks the outcome against what an uninterrupted run gives: the
+own local Ray, or on a two-node Ray cluster for the loss of a node), injects one fault, and checks the outcome against what an uninterrupted run gives: the
 same tracks, each exactly once, the same tags. While a job writes, a ``Reader`` thread polls the
 dataset's latest committed version the way any consumer would, and checks that every file it lists is
 there with the rows it claims. ``docs/RELIABILITY.md`` has one row per case.
@@ -337,7 +337,8 @@ def check_embeddings(root: str, model_id: str, expected: pa.Table) -> pa.Table:
 
 def pretrain_command(tmp_path: Path, *args: str, root: str = "") -> tuple[str, list[str]]:
     """A fully labeled 8-track demo root (``root``, default a folder of ``tmp_path``) and a pretrain command
-    on it: one narrow worker, a checkpoint every 4 steps; ``args`` adds the steps and any other option."""
+    on it: one narrow worker, a checkpoint every 4 steps; ``args`` adds the steps and any other option
+    (an option given again in ``args`` overrides the one here)."""
     root = root or str(tmp_path / "root")
     demo.make_catalog(root, n_tracks=8, labeled_fraction=1.0, min_seconds=3.0, max_seconds=5.0, workers=1)
     cmd = job_command(
@@ -407,6 +408,44 @@ def test_pretrain_survives_a_killed_train_worker(tmp_path):
     assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
     card = storage.read_json(storage.join(layout.models, models.resolve(layout.models), "card.json"))
     assert card["steps"] == 24 and card["metrics"]["start_step"] >= 4, card["metrics"]  # resumed, not step 0
+    check_shards(layout)
+
+
+def test_pretrain_goes_on_with_fewer_workers_after_losing_a_node(tmp_path, monkeypatch):
+    """A two-node Ray cluster (``ray.cluster_utils.Cluster``: two raylets on this machine, 2 CPUs each) and
+    an elastic run of two 2-CPU workers, one per node (``--min-workers 1``). Once a checkpoint is
+    registered the second node is killed; the run starts again from the checkpoint on the one worker the
+    head can hold, reaches the last step and exports; every train track once."""
+    from ray.cluster_utils import Cluster
+
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "20")  # the try at the old size; Ray's: 60 s
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 2})
+    try:
+        node = cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        elastic = ["--num-workers", "2", "--min-workers", "1", "--cpus-per-worker", "2"]
+        root, cmd = pretrain_command(tmp_path, "--steps", "24", *elastic, "--ray-address", cluster.address)
+        layout = Layout(root)
+        snapshot = storage.join(layout.runs, "pretrain", "checkpoint_manager_snapshot.json")
+        log = tmp_path / "pretrain.log"
+        proc = start(cmd, log)
+        try:
+            deadline = time.monotonic() + 300
+            while (
+                registered_checkpoints(snapshot) < 1 and proc.poll() is None and time.monotonic() < deadline
+            ):
+                time.sleep(0.1)
+            assert proc.poll() is None and registered_checkpoints(snapshot) >= 1, tail(log)
+            cluster.remove_node(node, allow_graceful=False)
+            text = finish(proc, log, timeout=400)
+        finally:
+            kill(proc)
+    finally:
+        cluster.shutdown()
+    assert proc.returncode == 0, text[-4000:]
+    assert "worker 0 of 2:" in text and "worker 0 of 1:" in text.split("worker 0 of 2:")[-1], text[-4000:]
+    card = storage.read_json(storage.join(layout.models, models.resolve(layout.models), "card.json"))
+    assert card["steps"] == 24 and card["metrics"]["start_step"] >= 4, card["metrics"]
     check_shards(layout)
 
 

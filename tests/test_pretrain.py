@@ -94,6 +94,17 @@ def test_config_rejects_bad_values_with_clear_messages():
     assert cfg.augment_config().gain_db == (-6.0, 3.0) and cfg.encoder_config().width == 0.25
 
 
+def test_an_elastic_run_needs_a_batch_every_worker_count_divides():
+    """With ``--min-workers`` the run may go on with any count down to it: each must split the batch."""
+    with pytest.raises(ConfigError, match=r"worker count the run may have \(2, 3, 4\).*smallest that is: 12"):
+        parse(PretrainConfig, "--num-workers 4 --min-workers 2 --batch-size 32".split())
+    with pytest.raises(ConfigError, match="--min-workers 3 must be in"):
+        parse(PretrainConfig, "--num-workers 2 --min-workers 3".split())
+    elastic = parse(PretrainConfig, "--num-workers 4 --min-workers 2 --batch-size 24".split())
+    assert list(elastic.world_sizes()) == [2, 3, 4]
+    assert list(parse(PretrainConfig, "--num-workers 4 --batch-size 8".split()).world_sizes()) == [4]
+
+
 def test_learning_rate_warmup_and_cosine():
     cfg = PretrainConfig(steps=100, warmup=10, cosine=True, lr=1e-3)
     assert learning_rate(0, cfg) == pytest.approx(1e-4)
@@ -374,7 +385,9 @@ def test_a_run_is_reproducible_from_its_seed():
 
 def test_resume_conflicts_name_each_changed_field_with_both_values():
     saved = PretrainConfig().as_dict()
-    changed = PretrainConfig(lr=1e-3, p_s=0.5, steps=20000, log_every=5, prefetch=8, root="s3://b/moved")
+    changed = PretrainConfig(
+        lr=1e-3, p_s=0.5, steps=20000, log_every=5, prefetch=8, min_workers=1, root="s3://b/moved"
+    )
     assert resume_conflicts(saved, changed) == [
         "--lr: 0.0001 in the checkpoint, 0.001 now",
         "--p-s: 1.0 in the checkpoint, 0.5 now",
