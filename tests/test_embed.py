@@ -43,7 +43,7 @@ def ray_cluster(s3_endpoint):
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
-        ray.init(num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
+        ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
         yield
         ray.shutdown()
 

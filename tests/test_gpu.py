@@ -131,7 +131,7 @@ def test_pretrain_and_embed_jobs_train_and_embed_on_the_gpu(tmp_path):
     demo.make_catalog(root, n_tracks=24, min_seconds=6.0, max_seconds=8.0)
     argv = ["--root", root, "--width", "0.25", "--num-workers", "1", "--use-gpu", "true", "--batch-size", "8"]
     argv += ["--steps", "4", "--log-every", "2", "--checkpoint-every", "2", "--p-pitch", "0"]
-    ray.init(num_cpus=8, include_dashboard=False)
+    ray.init(address="local", num_cpus=8, include_dashboard=False)
     try:
         assert ray.cluster_resources().get("GPU", 0) >= 1
         model_id = pretrain_job.main(argv)

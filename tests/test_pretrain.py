@@ -428,7 +428,7 @@ def test_two_worker_run_checkpoints_and_resumes_at_the_saved_step(tiny_catalog, 
     root = str(tmp_path)
     argv = ["--root", root, "--width", "0.0625", "--num-workers", "2", "--batch-size", "4"]
     argv += ["--checkpoint-every", "2", "--log-every", "1", "--p-pitch", "0", "--shard-tracks", "2"]
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     try:
         layout = Layout(root)
         job.prepare_shards(parse(PretrainConfig, argv), layout)

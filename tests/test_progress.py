@@ -219,7 +219,7 @@ import sys
 import ray
 from musiclib import ray_env
 
-ray.init(num_cpus=2, include_dashboard=False)
+ray.init(address="local", num_cpus=2, include_dashboard=False)
 print("rows", ray_env.read_parquet(sys.argv[1], ["a"]).count())
 """
 

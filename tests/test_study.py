@@ -185,7 +185,7 @@ def test_tiny_study_writes_every_output(tmp_path):
 
     root = str(tmp_path / "root")
     demo.make_catalog(root, n_tracks=24, labeled_fraction=1.0, min_seconds=3.0, max_seconds=4.0, workers=1)
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         argv = ["--root", root, "--encoders", "clmr,logmel", "--seeds", "0", "--width", "0.0625"]
         argv += ["--steps", "2", "--batch-size", "8", "--max-chunks", "1"]

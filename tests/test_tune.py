@@ -33,7 +33,7 @@ def write_root(root: str, n_tracks: int = 240, **kwargs) -> tuple[pa.Table, pa.T
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 
