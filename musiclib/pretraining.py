@@ -154,10 +154,10 @@ class PretrainConfig(AugmentConfig, RayConfig):
 
 
 # The fields a resumed run may change: how long it trains, how it logs, checkpoints, retries and feeds the
-# step, how few workers it may go on with, and where the run lives. Every other field changes what a step computes (``num_workers`` sets the
-# per-worker batch, the BatchNorm statistics without ``sync_bn`` and the batch streams; ``use_gpu`` the
-# precision), so resuming with another value would train a model no config describes. With ``--cosine``,
-# more ``--steps`` stretch the decay to the new end from the resumed step.
+# step, how few workers it may go on with, and where the run lives. Every other field changes what a step
+# computes (``num_workers`` sets the per-worker batch, the BatchNorm statistics without ``sync_bn`` and the
+# batch streams; ``use_gpu`` the precision), so resuming with another value would train a model no config
+# describes. With ``--cosine``, more ``--steps`` stretch the decay to the new end from the resumed step.
 RESUMABLE_FIELDS = frozenset(
     {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "prefetch", "min_workers"}
     | {"cpus_per_worker", "root", "run_name", "ray_address", "num_cpus"}

@@ -1,10 +1,10 @@
 """Fault injection: each job killed, its workers killed, its storage taken away, denied and throttled.
 
 Every case runs a job the way an operator does (``python jobs/<job>.py ...`` in its own process, with its
-own local Ray, or on a two-node Ray cluster for the loss of a node), injects one fault, and checks the outcome against what an uninterrupted run gives: the
-same tracks, each exactly once, the same tags. While a job writes, a ``Reader`` thread polls the
-dataset's latest committed version the way any consumer would, and checks that every file it lists is
-there with the rows it claims. ``docs/RELIABILITY.md`` has one row per case.
+own local Ray, or on a two-node Ray cluster for the loss of a node), injects one fault, and checks the
+outcome against what an uninterrupted run gives: the same tracks, each exactly once, the same tags.
+While a job writes, a ``Reader`` thread polls the dataset's latest committed version the way any
+consumer would, and checks that every file it lists is there with the rows it claims. ``docs/RELIABILITY.md`` has one row per case.
 
 Where a fault is injected at a random point, the point comes from ``random.Random`` seeded with
 ``MUSICLIB_FAULT_SEED`` (default below) and the case's name, so a failure is reproduced by running the
