@@ -10,12 +10,13 @@ STAMP := $(VENV)/.installed
 
 -include cluster/cluster.mk
 
-# uv installs the same packages as pip, from PyPI, downloading in parallel: about 30 s instead of about
-# 2 minutes on a new machine (docs/BENCHMARKS.md, "make setup").
+# uv installs the same packages as pip, from PyPI, downloading in parallel (about 80 s instead of about
+# 2 minutes on a new machine: docs/BENCHMARKS.md, "make setup"). --compile-bytecode as pip does: where
+# PYTHONDONTWRITEBYTECODE is set (CI), every process would otherwise compile torch and Ray at each import.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q 'uv>=0.13,<0.14'
-	$(PY) -m uv pip install -q --python $(PY) -e '.[test]'
+	$(PY) -m uv pip install -q --compile-bytecode --python $(PY) -e '.[test]'
 	@touch $(STAMP)
 
 setup: $(STAMP)
