@@ -98,8 +98,9 @@ def test_an_elastic_run_needs_a_batch_every_worker_count_divides():
     """With ``--min-workers`` the run may go on with any count down to it: each must split the batch."""
     with pytest.raises(ConfigError, match=r"worker count the run may have \(2, 3, 4\).*smallest that is: 12"):
         parse(PretrainConfig, "--num-workers 4 --min-workers 2 --batch-size 32".split())
-    with pytest.raises(ConfigError, match="--min-workers 3 must be in"):
-        parse(PretrainConfig, "--num-workers 2 --min-workers 3".split())
+    for bad in ("3", "-1"):
+        with pytest.raises(ConfigError, match=f"--min-workers {bad} must be in"):
+            parse(PretrainConfig, f"--num-workers 2 --min-workers {bad}".split())
     elastic = parse(PretrainConfig, "--num-workers 4 --min-workers 2 --batch-size 24".split())
     assert list(elastic.world_sizes()) == [2, 3, 4]
     assert list(parse(PretrainConfig, "--num-workers 4 --batch-size 8".split()).world_sizes()) == [4]
