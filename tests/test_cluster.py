@@ -21,7 +21,7 @@ import pytest
 
 from cluster import local
 from cluster.local import LocalCluster, aws_env, make
-from tests.test_faults import descendants
+from tests.test_faults import descendants, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]  # a loaded 2-core machine is slow
 
@@ -130,13 +130,6 @@ def job_tasks(node_pid: int) -> list[str]:
     the node's own agents."""
     own = ("ray::IDLE", "ray::DashboardAgent", "ray::RuntimeEnvAgent")
     return [c for c in descendants(node_pid).values() if c.startswith("ray::") and not c.startswith(own)]
-
-
-def wait_for(condition, timeout: float, what: str, interval: float = 1.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(interval)
 
 
 def test_a_jobs_working_directory_survives_its_first_task_on_the_other_node(cluster, tmp_path, capfd):

@@ -128,6 +128,14 @@ def descendants(pid: int) -> dict[int, str]:
     return below
 
 
+def wait_for(condition: Callable[[], object], timeout: float, what: str, interval: float = 1.0) -> None:
+    """Poll ``condition`` every ``interval`` s until it holds; fail the test after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(interval)
+
+
 def kill(proc: subprocess.Popen, grace: float = 30.0) -> None:
     """SIGKILL a job's process group (the driver, its GCS and raylet), then wait for its Ray workers.
 
@@ -430,11 +438,12 @@ def test_pretrain_goes_on_with_fewer_workers_after_losing_a_node(tmp_path, monke
         log = tmp_path / "pretrain.log"
         proc = start(cmd, log)
         try:
-            deadline = time.monotonic() + 300
-            while (
-                registered_checkpoints(snapshot) < 1 and proc.poll() is None and time.monotonic() < deadline
-            ):
-                time.sleep(0.1)
+            wait_for(
+                lambda: registered_checkpoints(snapshot) >= 1 or proc.poll() is not None,
+                300,
+                "a registered checkpoint",
+                interval=0.1,
+            )
             assert proc.poll() is None and registered_checkpoints(snapshot) >= 1, tail(log)
             cluster.remove_node(node, allow_graceful=False)
             text = finish(proc, log, timeout=400)
