@@ -87,6 +87,12 @@ def process_label(pid: int) -> str:
     return os.path.basename(scripts[0] if scripts else argv[0])
 
 
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """The memory totals of one process (``Pss``, ``Pss_Anon``, ...) from /proc, in bytes."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        return {k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)}
+
+
 def ray_pss(roots: Sequence[int] = ()) -> dict[str, tuple[int, int, int, int]]:
     """PSS of ``roots`` (default: this process) and all their descendants (Ray's daemons and workers),
     from /proc, summed by process label as (anonymous, file-backed, shared memory) bytes and a count of
@@ -106,10 +112,7 @@ def ray_pss(roots: Sequence[int] = ()) -> dict[str, tuple[int, int, int, int]]:
         pid = todo.pop()
         todo += children.get(pid, [])
         try:
-            with open(f"/proc/{pid}/smaps_rollup") as f:
-                fields = {
-                    k: int(v.split()[0]) * 1024 for k, v in (line.split(":", 1) for line in f if ":" in line)
-                }
+            fields = smaps_rollup(pid)
         except (OSError, ValueError):
             continue
         part = (fields.get("Pss_Anon", 0), fields.get("Pss_File", 0), fields.get("Pss_Shmem", 0), 1)

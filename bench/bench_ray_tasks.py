@@ -2,18 +2,20 @@
 
     .venv/bin/python bench/bench_ray_tasks.py --rows 1000,10000 --block-rows 16,64
 
-For each catalog size and block size, in a new process with its own local Ray (4 logical CPUs): a Parquet catalog of
-``rows`` ids is read, re-blocked to ``block_rows`` rows, passed through a task that appends a small
-payload per row (the decode stage), re-blocked, passed through one actor (the encoder stage) and written
-to Parquet, as ``jobs/embed.py`` does. It prints the wall time and the driver's growth over the run: PSS,
-the Python heap that ``tracemalloc`` sees, and glibc's heap (``mallinfo2``: in use and free). Growth
-that the Python heap does not show is native bookkeeping (Ray's core worker, gRPC, the allocator).
+For each catalog size and block size, in a new process with its own local Ray (4 logical CPUs): a
+Parquet catalog of ``rows`` ids is read, re-blocked to ``block_rows`` rows, passed through a task that
+appends a small payload per row (the decode stage), re-blocked, passed through one actor (the encoder
+stage) and written to Parquet, as ``jobs/embed.py`` does. It prints the wall time and the driver's
+growth over the run: PSS, the Python heap that ``tracemalloc`` sees, and glibc's heap (``mallinfo2``:
+in use and free). Growth that the Python heap does not show is native bookkeeping (Ray's core worker,
+gRPC, the allocator).
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_embed import smaps_rollup  # noqa: E402
 
 from musiclib.config import parse  # noqa: E402
 from musiclib.ray_env import ray_session  # noqa: E402
@@ -57,8 +62,7 @@ def glibc_heap_mib() -> tuple[float, float]:
 
 
 def pss_mib() -> float:
-    with open("/proc/self/smaps_rollup") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("Pss:")) / 1024
+    return smaps_rollup(os.getpid())["Pss"] / 2**20
 
 
 def decode_stage(block: pa.Table, payload_bytes: int) -> pa.Table:
@@ -74,47 +78,46 @@ class EncoderStage:
 
 def run_once(rows: int, block_rows: int, payload_bytes: int) -> str:
     """One pipeline run in a local Ray started here; the line to print."""
-    with tempfile.TemporaryDirectory() as folder:
-        return run_in(folder, rows, block_rows, payload_bytes)
-
-
-def run_in(folder: str, rows: int, block_rows: int, payload_bytes: int) -> str:
     import ray.data
 
-    catalog = f"{folder}/catalog.parquet"
-    pq.write_table(pa.table({"track_id": [f"t{i:08d}" for i in range(rows)]}), catalog, row_group_size=10000)
-    with ray_session():
-        ctx = ray.data.DataContext.get_current()
-        ctx.enable_progress_bars = False
-        ctx.op_resource_reservation_enabled = ctx.use_datasource_v2 = False  # as jobs/embed.py runs
-        gc.collect()
-        tracemalloc.start()
-        start_pss, start_py, start_glibc = pss_mib(), tracemalloc.get_traced_memory()[0], glibc_heap_mib()
-        start = time.perf_counter()
-        ds = ray.data.read_parquet(catalog).repartition(target_num_rows_per_block=block_rows)
-        ds = ds.map_batches(
-            decode_stage,
-            fn_kwargs={"payload_bytes": payload_bytes},
-            batch_size=block_rows,
-            batch_format="pyarrow",
+    with tempfile.TemporaryDirectory() as folder:
+        catalog = f"{folder}/catalog.parquet"
+        pq.write_table(
+            pa.table({"track_id": [f"t{i:08d}" for i in range(rows)]}), catalog, row_group_size=10000
         )
-        ds = ds.repartition(target_num_rows_per_block=block_rows).map_batches(
-            EncoderStage,
-            compute=ray.data.ActorPoolStrategy(size=1),
-            batch_size=block_rows,
-            batch_format="pyarrow",
-        )
-        ds.write_parquet(f"{folder}/out")
-        wall = time.perf_counter() - start
-        gc.collect()
-        py = (tracemalloc.get_traced_memory()[0] - start_py) / 2**20
-        tracemalloc.stop()
-        used, free = (b - a for a, b in zip(start_glibc, glibc_heap_mib()))
-        return (
-            f"rows {rows:>7,} blocks of {block_rows:>3} ({-(-rows // block_rows):>5,} tasks per stage): {wall:6.1f} s, "
-            f"{rows / wall:6.0f} rows/s; driver growth: PSS {pss_mib() - start_pss:+6.1f} MiB, Python heap {py:+5.1f}, "
-            f"glibc in use {used:+5.1f}, glibc free {free:+5.1f}"
-        )
+        with ray_session():
+            ctx = ray.data.DataContext.get_current()
+            ctx.enable_progress_bars = False
+            ctx.op_resource_reservation_enabled = ctx.use_datasource_v2 = False  # as jobs/embed.py runs
+            gc.collect()
+            tracemalloc.start()
+            start_pss, start_py, start_glibc = pss_mib(), tracemalloc.get_traced_memory()[0], glibc_heap_mib()
+            start = time.perf_counter()
+            ds = ray.data.read_parquet(catalog).repartition(target_num_rows_per_block=block_rows)
+            ds = ds.map_batches(
+                decode_stage,
+                fn_kwargs={"payload_bytes": payload_bytes},
+                batch_size=block_rows,
+                batch_format="pyarrow",
+            )
+            ds = ds.repartition(target_num_rows_per_block=block_rows).map_batches(
+                EncoderStage,
+                compute=ray.data.ActorPoolStrategy(size=1),
+                batch_size=block_rows,
+                batch_format="pyarrow",
+            )
+            ds.write_parquet(f"{folder}/out")
+            wall = time.perf_counter() - start
+            gc.collect()
+            py = (tracemalloc.get_traced_memory()[0] - start_py) / 2**20
+            tracemalloc.stop()
+            used, free = (b - a for a, b in zip(start_glibc, glibc_heap_mib()))
+            pss, tasks = pss_mib() - start_pss, -(-rows // block_rows)
+            return (
+                f"rows {rows:>7,} blocks of {block_rows:>3} ({tasks:>5,} tasks per stage): {wall:6.1f} s, "
+                f"{rows / wall:6.0f} rows/s; driver growth: PSS {pss:+6.1f} MiB, Python heap {py:+5.1f}, "
+                f"glibc in use {used:+5.1f}, glibc free {free:+5.1f}"
+            )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -124,15 +127,10 @@ def main(argv: list[str] | None = None) -> None:
         return
     for rows in cfg.rows:  # each run in a new process, so that its driver starts from nothing
         for block_rows in cfg.block_rows:
-            one = [
-                "--rows",
-                str(rows),
-                "--block-rows",
-                str(block_rows),
-                "--payload-bytes",
-                str(cfg.payload_bytes),
-            ]
-            subprocess.run([sys.executable, __file__, *one], check=True)
+            one = {"--rows": rows, "--block-rows": block_rows, "--payload-bytes": cfg.payload_bytes}
+            subprocess.run(
+                [sys.executable, __file__, *(str(x) for kv in one.items() for x in kv)], check=True
+            )
 
 
 if __name__ == "__main__":
