@@ -55,7 +55,7 @@ def make_audio(cfg: BenchConfig) -> pa.Table:
     uri = Layout(base).catalog
     if not storage.exists(uri):
         demo.make_catalog(base, n_tracks=cfg.distinct, min_seconds=cfg.seconds, max_seconds=cfg.seconds)
-    table = catalog.read(uri, columns=["track_id", "audio_uri", "tags", "split"])
+    table = catalog.read(uri, columns=["track_id", "audio_uri", "duration_s", "tags", "split"])
     folder = catalog.base_dir(uri)
     uris = [storage.resolve(folder, u) for u in table.column("audio_uri").to_pylist()]
     return table.set_column(1, "audio_uri", pa.array(uris))

@@ -1,6 +1,6 @@
 """embed: Ray Data backfill of track embeddings across the catalog.
 
-    python jobs/embed.py --root data/demo [--model-id ID] [--only-new true] [--batch-size 16] ...
+    python jobs/embed.py --root data/demo [--model-id ID] [--only-new true] [--batch-size 0] ...
 
 Streams the catalog's rows (``track_id``, ``audio_uri``) → decodes each track into up to ``max_chunks``
 int16 chunks in CPU tasks → runs the encoder on an actor pool (one GPU per actor when the cluster has
@@ -19,6 +19,7 @@ every track into a new version (a new encoder export gets its own model id, so t
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
 import time
 from collections.abc import Iterator
@@ -148,10 +149,33 @@ def run(cfg: EmbedConfig) -> embedder.Summary:
     return embedder.summarize(new, time.perf_counter() - start)
 
 
+def sized(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> EmbedConfig:
+    """The config with ``--batch-size 0`` and ``--chunk-batch 0`` made numbers for this catalog and cluster.
+
+    Tracks per task come from the catalog's durations and Ray Data's block size target
+    (``embedder.tracks_per_task``), chunks per forward from the encoder's device and width
+    (``embedder.chunks_per_forward``); the version's card records the numbers used.
+    """
+    cluster = ray.cluster_resources()
+    batch = cfg.batch_size
+    if not batch:
+        durations = catalog.durations(cfg.catalog_uri)
+        block_bytes = ray.data.DataContext.get_current().target_max_block_size
+        batch = embedder.tracks_per_task(
+            durations, len(durations) - len(skip), cfg.max_chunks, block_bytes, cluster.get("CPU", 1)
+        )
+    gpus, _ = embedder.encoder_resources(cfg, cluster)
+    encoder = models.EncoderConfig(**models.load_card(Layout(cfg.root).models, model_id)["config"])
+    chunk_batch = embedder.chunks_per_forward(cfg.chunk_batch, gpus > 0, encoder)
+    print(f"embed: {batch} tracks per decode task and encoder call, {chunk_batch} chunks per forward")
+    return dataclasses.replace(cfg, batch_size=batch, chunk_batch=chunk_batch)
+
+
 def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str) -> list[str]:
     """Run the pipeline into the version's folder and commit it; return the URIs of the files it embedded."""
     out_dir = versions.version_uri(dataset, version)
     carried = embedder.carry_over(dataset, cfg.only_new, out_dir)
+    cfg = sized(cfg, model_id, carried.skip)
     fs, out_path = storage.arrow_filesystem(out_dir)
     with data_context(embedder.checkpoint_uri(dataset, version), cfg.task_retries):
         ds = build_pipeline(cfg, model_id, carried.skip)

@@ -12,6 +12,7 @@ from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
@@ -73,6 +74,21 @@ def iter_batches(
 def read(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read the whole catalog (or some columns). For small catalogs and tests; jobs stream instead."""
     return dataset(uri).to_table(columns=columns)
+
+
+def durations(uri: str) -> np.ndarray:
+    """Every row's ``duration_s`` as float64; NaN where unknown (null, no such column, or not numeric)."""
+    schema = dataset(uri).schema
+    if "duration_s" not in schema.names or not (
+        pa.types.is_floating(schema.field("duration_s").type)
+        or pa.types.is_integer(schema.field("duration_s").type)
+    ):
+        return np.full(dataset(uri).count_rows(), np.nan)
+    parts = [
+        b.column(0).cast(pa.float64()).to_numpy(zero_copy_only=False)
+        for b in iter_batches(uri, ["duration_s"])
+    ]
+    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def write(table: pa.Table, uri: str) -> None:

@@ -36,7 +36,7 @@ import torch
 
 from musiclib import audio, catalog, models, storage, versions
 from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
-from musiclib.models import SampleCNN
+from musiclib.models import EncoderConfig, SampleCNN
 
 DECODED_SCHEMA = pa.schema(
     [
@@ -61,8 +61,8 @@ class EmbedConfig(RayConfig):
     model_id: str = ""  # default: the latest exported model under <root>/models
     only_new: bool = True  # embed only tracks absent from the latest embeddings; false: recompute all
     max_chunks: int = 64  # chunks of 2.7 s per track, spread evenly over it
-    batch_size: int = 16  # tracks per decode task batch and per encoder call
-    chunk_batch: int = 64  # chunks per encoder forward
+    batch_size: int = 0  # tracks per decode task and encoder call; 0: sized from durations (tracks_per_task)
+    chunk_batch: int = 0  # chunks per encoder forward; 0: 64 on a GPU, fewer on CPU (chunks_per_forward)
     decode_cpus: float = 1.0  # CPUs per decode task
     actors: int = 0  # most encoder actors; 0: one per GPU, or half the CPUs on a cluster without GPUs
     cpus_per_actor: float = 1.0
@@ -79,9 +79,13 @@ class EmbedConfig(RayConfig):
     def validate(self) -> None:
         """Fail fast, before Ray starts: bad numbers, unreachable storage, a missing catalog or model."""
         problems = RayConfig.problems(self)
-        for name in ("max_chunks", "batch_size", "chunk_batch", "shard_rows"):
+        for name in ("max_chunks", "shard_rows"):
             if getattr(self, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        for name in ("batch_size", "chunk_batch"):
+            if getattr(self, name) < 0:
+                flag = name.replace("_", "-")
+                problems.append(f"--{flag} must not be negative (0: automatic), got {getattr(self, name)}")
         if self.task_retries < 0:
             problems.append(f"--task-retries must not be negative, got {self.task_retries}")
         if self.actors < 0:
@@ -120,6 +124,44 @@ def encoder_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> tuple[floa
     if gpus > 0:
         return gpus, max(1, int(cluster.get("GPU", 0) // gpus))
     return gpus, max(1, int(cluster.get("CPU", 1) / 2 // max(cfg.cpus_per_actor, 1.0)))
+
+
+MIN_TRACKS_PER_TASK = 16  # full-length tracks: 16 of 64 chunks are about Ray Data's 128 MiB block target
+MAX_TRACKS_PER_TASK = 64  # short clips: larger tasks cost each decode worker and encoder actor more memory
+# than they save in bookkeeping (docs/BENCHMARKS.md, load, sixth session)
+
+
+def tracks_per_task(durations: np.ndarray, todo: int, max_chunks: int, block_bytes: int, slots: float) -> int:
+    """Tracks per decode task and encoder call, for ``--batch-size 0``: as many as a block allows.
+
+    Every Ray task leaves bookkeeping that lasts as long as the job (the driver's, the workers' and the
+    GCS's memory grow with the tasks run, not the tracks: docs/BENCHMARKS.md, load), so tasks are made
+    as large as a block of ``block_bytes`` of int16 chunks holds for the catalog's longer tracks (the 99th
+    percentile of the catalog's ``durations``; unknown ones count as ``max_chunks`` chunks), kept between
+    ``MIN_TRACKS_PER_TASK`` and ``MAX_TRACKS_PER_TASK``. When the ``todo`` tracks to embed are too few to
+    give each of ``slots`` CPUs four tasks, they are cut finer, so every decoder and encoder actor has work.
+    """
+    per_chunk = audio.CHUNK_SAMPLES * np.dtype(np.int16).itemsize
+    chunks = np.floor(np.nan_to_num(durations, nan=np.inf) * audio.SAMPLE_RATE / audio.CHUNK_SAMPLES)
+    longer = np.percentile(np.clip(chunks, 1, max_chunks), 99) if len(chunks) else max_chunks
+    fits = int(block_bytes // (per_chunk * longer))
+    tracks = min(max(fits, MIN_TRACKS_PER_TASK), MAX_TRACKS_PER_TASK)
+    return max(1, min(tracks, -(-todo // max(int(4 * slots), 1))))
+
+
+CPU_FORWARD_BYTES = 8 * 2**20  # the widest float32 activation of one CPU forward: about an L3 cache's share
+
+
+def chunks_per_forward(chunk_batch: int, on_gpu: bool, encoder: EncoderConfig) -> int:
+    """Chunks per encoder forward: ``chunk_batch``, or for 0 64 on a GPU and on CPU as many as keep the
+    widest activation within ``CPU_FORWARD_BYTES``.
+
+    On CPU a forward is fastest when its activations stay in cache: larger forwards were up to 3x slower
+    per chunk, and hold more memory (docs/BENCHMARKS.md, embed); a GPU wants large batches to fill its cores.
+    """
+    if chunk_batch:
+        return chunk_batch
+    return 64 if on_gpu else max(1, CPU_FORWARD_BYTES // (4 * encoder.widest_activation()))
 
 
 # --------------------------------------------------------------------------- decoding
@@ -310,11 +352,15 @@ def iter_embedded(
     model_id: str,
     batch_size: int = 16,
     max_chunks: int = 64,
-    chunk_batch: int = 64,
+    chunk_batch: int = 0,
     device: str | torch.device = "cpu",
 ) -> Iterator[pa.Table]:
-    """Embeddings rows of a catalog, ``batch_size`` tracks at a time, in one process: decode, chunk, forward."""
+    """Embeddings rows of a catalog, ``batch_size`` tracks at a time, in one process: decode, chunk, forward.
+
+    ``chunk_batch`` 0 picks what the job picks on the same device (``chunks_per_forward``).
+    """
     base = catalog.base_dir(catalog_uri)
+    chunk_batch = chunks_per_forward(chunk_batch, torch.device(device).type == "cuda", encoder.config)
     for batch in catalog.iter_batches(catalog_uri, columns=["track_id", "audio_uri"], batch_size=batch_size):
         decoded = decode_batch(pa.Table.from_batches([batch]), base, max_chunks)
         yield embed_batch(encoder, decoded, model_id, chunk_batch, device)

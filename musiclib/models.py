@@ -45,6 +45,16 @@ class EncoderConfig:
     def embed_dim(self) -> int:
         return self.channels()[-1]
 
+    def widest_activation(self) -> int:
+        """Values in the largest activation of one chunk's forward: the stem's or a block's conv output."""
+        ch = self.channels()
+        length = (self.chunk_samples - 3) // 3 + 1  # the stem: kernel 3, stride 3, no padding
+        widest = length * ch[0]
+        for c_out in ch[1:]:  # a block's conv keeps the length, its max-pool divides it by 3
+            widest = max(widest, length * c_out)
+            length //= 3
+        return widest
+
 
 def _conv_bn_relu(c_in: int, c_out: int, stride: int = 1, padding: int = 1) -> list[nn.Module]:
     return [nn.Conv1d(c_in, c_out, 3, stride=stride, padding=padding), nn.BatchNorm1d(c_out), nn.ReLU()]
@@ -233,15 +243,22 @@ def load_encoder(
     models_root: str, model_id: str, device: str | torch.device = "cpu"
 ) -> tuple[SampleCNN, dict]:
     """Load an exported encoder in eval mode and its card; safetensors only, nothing is unpickled."""
-    root = storage.join(models_root, model_id)
+    card = load_card(models_root, model_id)
     try:
-        card = json.loads(storage.read_bytes(storage.join(root, "card.json")))
-        state = st_load(storage.read_bytes(storage.join(root, "encoder.safetensors")))
+        state = st_load(storage.read_bytes(storage.join(models_root, model_id, "encoder.safetensors")))
     except storage.StorageError as exc:
         raise storage.StorageError(f"no exported model {model_id!r} under {models_root}: {exc}") from exc
     encoder = SampleCNN(EncoderConfig(**card["config"]))
     encoder.load_state_dict(state)
     return encoder.to(device).eval(), card
+
+
+def load_card(models_root: str, model_id: str) -> dict:
+    """An exported encoder's card (``config`` holds its ``EncoderConfig``), without its weights."""
+    try:
+        return json.loads(storage.read_bytes(storage.join(models_root, model_id, "card.json")))
+    except storage.StorageError as exc:
+        raise storage.StorageError(f"no exported model {model_id!r} under {models_root}: {exc}") from exc
 
 
 def resolve(models_root: str, model_id: str = "") -> str:

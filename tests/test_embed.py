@@ -130,8 +130,8 @@ def test_drop_written_is_an_anti_join():
 def test_config_fails_fast(tmp_path):
     from musiclib.config import ConfigError, parse
 
-    with pytest.raises(ConfigError, match="batch-size"):
-        parse(job.EmbedConfig, ["--root", str(tmp_path), "--batch-size", "0"])
+    with pytest.raises(ConfigError, match="batch-size must not be negative"):
+        parse(job.EmbedConfig, ["--root", str(tmp_path), "--batch-size", "-1"])
     with pytest.raises(ConfigError, match="catalog not found"):
         parse(job.EmbedConfig, ["--root", str(tmp_path)])
     make_root(str(tmp_path), n_good=1, faults=False)
@@ -262,6 +262,58 @@ def test_encoder_resources_follow_the_cluster_unless_configured():
     )
 
 
+def test_tracks_per_task_fill_a_block_of_the_longer_tracks():
+    chunk_bytes = audio.CHUNK_SAMPLES * 2
+    block = 128 * 2**20
+
+    def per_task(seconds, todo=10**6, slots=8.0, max_chunks=64, block=block):
+        return embedder.tracks_per_task(np.asarray(seconds, float), todo, max_chunks, block, slots)
+
+    assert per_task([600.0] * 100) == block // (64 * chunk_bytes)  # full length: max_chunks each
+    assert per_task([np.nan] * 100) == per_task([600.0] * 100)  # unknown counts as full length
+    assert per_task([120.0] * 100) == block // (44 * chunk_bytes)  # 44 whole chunks each
+    assert per_task([30.0] * 100) == embedder.MAX_TRACKS_PER_TASK  # 11 chunks each: the cap
+    assert per_task([3.0] * 100) == embedder.MAX_TRACKS_PER_TASK  # one chunk each: the cap
+    assert per_task([1.0] * 100) == embedder.MAX_TRACKS_PER_TASK  # shorter than a chunk: counted as one
+    assert per_task([3.0] * 98 + [600.0] * 2) == per_task([600.0])  # the 99th percentile decides
+    assert per_task([600.0] * 100, max_chunks=2) == embedder.MAX_TRACKS_PER_TASK
+    assert per_task([600.0], block=block // 4) == embedder.MIN_TRACKS_PER_TASK  # a small block: the floor
+    assert per_task([3.0] * 100, todo=100, slots=2.0) == 13  # four tasks per CPU: ceil(100 / 8)
+    assert per_task([3.0] * 100, todo=0) == 1
+    assert per_task([], todo=5, slots=1.0) == 2
+
+
+def test_chunks_per_forward_follow_the_device_and_width_unless_configured():
+    narrow, full = models.EncoderConfig(width=0.0625), models.EncoderConfig(width=1.0)
+    assert embedder.chunks_per_forward(0, True, full) == embedder.chunks_per_forward(0, True, narrow) == 64
+    assert embedder.chunks_per_forward(0, False, full) == 1  # 128 channels x 19,845 steps: 9.7 MiB a chunk
+    assert embedder.chunks_per_forward(0, False, narrow) == embedder.CPU_FORWARD_BYTES // (4 * 8 * 19845)
+    assert embedder.chunks_per_forward(8, False, full) == 8
+
+
+def test_widest_activation_is_what_the_encoder_computes():
+    config = models.EncoderConfig(width=0.125)
+    encoder = models.SampleCNN(config).eval()
+    sizes = []
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel())) for m in encoder.net]
+    with torch.inference_mode():
+        encoder(torch.zeros(1, audio.CHUNK_SAMPLES))
+    for h in hooks:
+        h.remove()
+    assert config.widest_activation() == max(sizes)
+
+
+def test_catalog_durations_are_nan_where_unknown(tmp_path):
+    uri = str(tmp_path / "c.parquet")
+    rows = {"track_id": ["a", "b", "c"], "audio_uri": ["x"] * 3, "tags": [[]] * 3, "split": [None] * 3}
+    storage.write_parquet(pa.table({**rows, "duration_s": pa.array([3, None, 7], pa.int32())}), uri)
+    np.testing.assert_array_equal(catalog.durations(uri), [3.0, np.nan, 7.0])
+    storage.write_parquet(pa.table({**rows, "duration_s": ["3", "4", "5"]}), uri)
+    assert np.isnan(catalog.durations(uri)).all() and len(catalog.durations(uri)) == 3
+    storage.write_parquet(pa.table(rows), uri)
+    assert np.isnan(catalog.durations(uri)).all() and len(catalog.durations(uri)) == 3
+
+
 # --------------------------------------------------------------------------- the Ray job
 
 
@@ -280,10 +332,13 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, 
 
 @pytest.mark.slow
 def test_job_on_s3(s3_root, ray_cluster):
+    """With the default sizes: one track per task here (10 tracks, 4 CPUs), recorded on the version's card."""
     model_id = make_root(s3_root, n_good=4)
-    job.run(config(s3_root))
+    job.run(job.EmbedConfig(root=s3_root, shard_rows=1))
     out = check_complete(s3_root, model_id)
     assert_matches_reference(out, reference(s3_root, model_id))
+    manifest = versions.read_latest_manifest(embedder.dataset_uri(Layout(s3_root).embeddings, model_id))
+    assert (manifest.config["batch_size"], manifest.config["chunk_batch"]) == (1, 3)  # width 0.25
 
 
 @pytest.mark.slow
