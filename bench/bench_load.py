@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_embed import BenchConfig as EmbedBenchConfig  # noqa: E402
-from bench_embed import PeakMemory, format_pss, make_audio, make_root, ray_pss_bytes  # noqa: E402
+from bench_embed import PeakMemory, format_pss, make_audio, make_root, ray_pss, ray_pss_bytes  # noqa: E402
 
 from cluster import local  # noqa: E402
 from cluster.s3server import SeaweedS3  # noqa: E402
@@ -65,6 +65,7 @@ class LoadConfig:
     probe: str = "logreg"  # probe kind of the fitted probe set (C = 1, standardised)
     sample_s: float = 0.5  # memory sampling period
     job_timeout_s: float = 7200.0  # most seconds one submitted job may take
+    settle_s: float = 0.0  # seconds between the embed job's end and the tag job (idle workers may exit)
 
 
 @dataclass
@@ -222,6 +223,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"embed {n}: PSS by process at the peak\n{format_pss(emb.at_peak)}", flush=True)
                 print(f"CHECK {n} {check_embeddings(root, model_id, ids)}", flush=True)
                 run_id, n_tags = publish_probe_set(root, model_id, cfg.distinct, cfg.probe)
+                time.sleep(cfg.settle_s)
+                before = format_pss(ray_pss(cluster.node_pids))
+                print(f"before tag {n}, after {cfg.settle_s:g} s: PSS by process\n{before}", flush=True)
                 tag = submit(cluster, "tag", root, cfg.tag_args, cfg)
                 print(
                     f"TAG {n}: probe run {run_id} ({n_tags} tags), {tag.wall_s:.1f} s through make submit "
