@@ -78,15 +78,12 @@ def read(uri: str, columns: list[str] | None = None) -> pa.Table:
 
 def durations(uri: str) -> np.ndarray:
     """Every row's ``duration_s`` as float64; NaN where unknown (null, no such column, or not numeric)."""
-    schema = dataset(uri).schema
-    if "duration_s" not in schema.names or not (
-        pa.types.is_floating(schema.field("duration_s").type)
-        or pa.types.is_integer(schema.field("duration_s").type)
-    ):
-        return np.full(dataset(uri).count_rows(), np.nan)
+    ds = dataset(uri)
+    if "duration_s" not in ds.schema.names or not _is_number(ds.schema.field("duration_s").type):
+        return np.full(ds.count_rows(), np.nan)
     parts = [
         b.column(0).cast(pa.float64()).to_numpy(zero_copy_only=False)
-        for b in iter_batches(uri, ["duration_s"])
+        for b in ds.to_batches(columns=["duration_s"])
     ]
     return np.concatenate(parts) if parts else np.zeros(0)
 
@@ -140,6 +137,10 @@ def bad_tag(tag: object) -> str | None:
     return None
 
 
+def _is_number(stored: pa.DataType) -> bool:
+    return pa.types.is_floating(stored) or pa.types.is_integer(stored)
+
+
 def _type_problems(schema: pa.Schema) -> list[str]:
     """Columns whose stored type is not the schema's (an integer ``track_id`` is not silently cast)."""
     problems = []
@@ -148,7 +149,7 @@ def _type_problems(schema: pa.Schema) -> list[str]:
             continue
         stored = schema.field(f.name).type
         if f.name == "duration_s":
-            ok = pa.types.is_floating(stored) or pa.types.is_integer(stored) or pa.types.is_null(stored)
+            ok = _is_number(stored) or pa.types.is_null(stored)
         elif f.name == "tags":
             ok = pa.types.is_null(stored) or (
                 (pa.types.is_list(stored) or pa.types.is_large_list(stored))

@@ -244,10 +244,7 @@ def load_encoder(
 ) -> tuple[SampleCNN, dict]:
     """Load an exported encoder in eval mode and its card; safetensors only, nothing is unpickled."""
     card = load_card(models_root, model_id)
-    try:
-        state = st_load(storage.read_bytes(storage.join(models_root, model_id, "encoder.safetensors")))
-    except storage.StorageError as exc:
-        raise storage.StorageError(f"no exported model {model_id!r} under {models_root}: {exc}") from exc
+    state = st_load(_model_file(models_root, model_id, "encoder.safetensors"))
     encoder = SampleCNN(EncoderConfig(**card["config"]))
     encoder.load_state_dict(state)
     return encoder.to(device).eval(), card
@@ -255,8 +252,12 @@ def load_encoder(
 
 def load_card(models_root: str, model_id: str) -> dict:
     """An exported encoder's card (``config`` holds its ``EncoderConfig``), without its weights."""
+    return json.loads(_model_file(models_root, model_id, "card.json"))
+
+
+def _model_file(models_root: str, model_id: str, name: str) -> bytes:
     try:
-        return json.loads(storage.read_bytes(storage.join(models_root, model_id, "card.json")))
+        return storage.read_bytes(storage.join(models_root, model_id, name))
     except storage.StorageError as exc:
         raise storage.StorageError(f"no exported model {model_id!r} under {models_root}: {exc}") from exc
 

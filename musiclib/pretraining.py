@@ -97,14 +97,12 @@ class PretrainConfig(AugmentConfig, RayConfig):
             problems.append(f"--width {self.width} must be in (0, 4]")
         if self.num_workers < 1 or self.cpus_per_worker < 1:
             problems.append("--num-workers and --cpus-per-worker must be >= 1")
+        sizes = self.world_sizes()
         if not 0 <= self.min_workers <= self.num_workers:
             problems.append(
                 f"--min-workers {self.min_workers} must be in [0, --num-workers {self.num_workers}]"
             )
-        elif self.num_workers >= 1 and any(
-            self.batch_size < 2 * n or self.batch_size % n for n in self.world_sizes()
-        ):
-            sizes = self.world_sizes()
+        elif self.num_workers >= 1 and any(self.batch_size < 2 * n or self.batch_size % n for n in sizes):
             lcm = math.lcm(*sizes)
             problems.append(
                 f"--batch-size {self.batch_size} must be a multiple of every worker count the run may have "
