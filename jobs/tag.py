@@ -2,8 +2,9 @@
 
     python jobs/tag.py --root data/demo [--probe-run-id tune-...] [--only-new true] [--catalog-uri URI]
 
-Ray Data streams the embedding shards through the probe set (one matrix product for all tags, with its
-normalisation) and writes long-form Parquet into the Iceberg table's data folder; the catalog's human
+Ray Data reads each embedding file, scores it with the probe set (one matrix product for all tags, with
+its normalisation) and writes its long-form rows as one Parquet file into the Iceberg table's data folder,
+all in one task (``tags.write_model_rows``, ``--concurrency`` tasks at once); the catalog's human
 labels are carried over unchanged; tracks whose embedding carries an error get a row with the reason.
 Then one snapshot commits the run (``tag_table.commit``): readers see it whole or not at all.
 The run id is derived from the inputs (or ``--run-id``) and stored in the snapshot: a re-run with the
@@ -67,35 +68,24 @@ def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:
     return versions.digest_version("tags", parts)
 
 
-class ScoreBatch:
-    """Ray Data actor: loads the probe set once, then turns embedding batches into long-form tag rows."""
-
-    def __init__(self, probe_uri: str, probe_run_id: str, tagged_at: str, skip: frozenset[str]):
-        self.probe_set = ProbeSet.load(probe_uri)
-        self.probe_run_id, self.tagged_at = probe_run_id, tagged_at
-        self.skip = pa.array(sorted(skip), pa.string())
-
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = pc.and_(pc.is_null(batch["error"]), pc.is_valid(batch["embedding"]))
-        if len(self.skip):
-            ok = pc.and_(ok, pc.invert(pc.is_in(batch["track_id"], self.skip)))
-        return tags.model_rows(batch.filter(ok), self.probe_set, self.probe_run_id, self.tagged_at)
-
-
 def score_with_ray(
     cfg: TagConfig, inputs: Inputs, rows_dir: str, tagged_at: str, skip: frozenset[str]
-) -> None:
-    """Stream the embedding shards through the probe set and write the model rows as Parquet."""
-    ds = ray_env.read_parquet(inputs.embedding_files, ["track_id", "embedding", "error"])
-    scored = ds.map_batches(
-        ScoreBatch,
-        fn_constructor_args=(inputs.probe_uri, inputs.probe_run_id, tagged_at, skip),
-        batch_size=cfg.batch_size,
+) -> list[str]:
+    """Read, score and write each embedding file in one Ray task, ``--concurrency`` at a time; the files.
+
+    The model rows go from the task straight to Parquet, never through the object store, and the tasks
+    at once are set by the config, not by the catalog: the job's memory does not grow with the catalog.
+    """
+    ds = ray_env.read_parquet(inputs.embedding_files, ["track_id", "embedding", "error"], cfg.concurrency)
+    written = ds.map_batches(
+        tags.write_model_rows,
+        fn_args=(inputs.probe_set, inputs.probe_run_id, tagged_at, rows_dir),
+        fn_kwargs={"skip": pa.array(sorted(skip), pa.string()), "batch_size": cfg.batch_size},
+        batch_size=None,  # a whole file's block: one task reads, scores and writes it
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
+        compute=ray.data.TaskPoolStrategy(size=cfg.concurrency),
     )
-    out_fs, out_path = storage.arrow_filesystem(rows_dir)
-    scored.write_parquet(out_path, filesystem=out_fs)
+    return [row["file"] for row in written.take_all()]
 
 
 def write_run(cfg: TagConfig, layout: Layout, table: Table, inputs: Inputs, run_id: str) -> tag_table.Run:
@@ -109,8 +99,7 @@ def write_run(cfg: TagConfig, layout: Layout, table: Table, inputs: Inputs, run_
         if cfg.only_new
         else (frozenset(), frozenset())
     )
-    score_with_ray(cfg, inputs, storage.join(run_dir, "model"), tagged_at, skip)
-    files = storage.list_files(storage.join(run_dir, "model"), ".parquet")
+    files = score_with_ray(cfg, inputs, storage.join(run_dir, "model"), tagged_at, skip)
     extra_files = {
         storage.join(run_dir, "human.parquet"): tags.human_rows(cat, tagged_at),
         storage.join(run_dir, "errors.parquet"): tags.embedding_errors(

@@ -7,7 +7,8 @@ Three probes (Ma & Lerch 2024), each ending as one linear map ``z @ W + b`` on n
   mean positive embedding.
 Normalisation (``none``, ``l2``, ``standardize``) is fitted on the support set only. A :class:`ProbeSet`
 holds plain arrays and saves to safetensors, so loading one never unpickles anything, and ``apply`` is
-one matrix product for all tags.
+one matrix product for all tags. torch and scikit-learn are imported by the fits that use them, so
+applying a saved probe set (the tag job's tasks) loads neither.
 """
 
 from __future__ import annotations
@@ -15,16 +16,17 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from scipy.special import expit
-from sklearn.linear_model import LogisticRegression
 
 from musiclib import storage
+
+if TYPE_CHECKING:
+    import torch
 
 PROBES = ("logreg", "linear", "centroid")
 NORMS = ("none", "l2", "standardize")
@@ -74,6 +76,8 @@ def fit_logreg(
 
     Returns ``(W [dim, n_tags], b [n_tags])`` in logit space.
     """
+    from sklearn.linear_model import LogisticRegression
+
     dim, n_tags = z.shape[1], y.shape[1]
     w = np.zeros((dim, n_tags), np.float32)
     b = np.zeros(n_tags, np.float32)
@@ -102,6 +106,8 @@ def fit_linear(
     Positive weights (negatives / positives per tag) play the role of scikit-learn's balanced class weights,
     so rare tags are not drowned by their negatives. Returns ``(W [dim, n_tags], b [n_tags])``.
     """
+    import torch
+
     gen = torch.Generator().manual_seed(seed)
     x_t = torch.from_numpy(np.ascontiguousarray(z, dtype=np.float32))
     y_t = torch.from_numpy(y.astype(np.float32))

@@ -117,7 +117,9 @@ def retry_transient_storage(retries: int) -> Iterator[None]:
         ctx.retried_map_errors, ctx.max_map_retries = previous
 
 
-def read_parquet(uris: str | list[str], columns: list[str]) -> ray.data.Dataset:
+def read_parquet(
+    uris: str | list[str], columns: list[str], concurrency: int | None = None
+) -> ray.data.Dataset:
     """The one Ray Data read of Parquet files (or folders of them) on any storage, only ``columns``.
 
     Every URI is on the storage of the first (a catalog, or the files of one manifest). It uses Ray
@@ -127,6 +129,9 @@ def read_parquet(uris: str | list[str], columns: list[str]) -> ray.data.Dataset:
     the reader when the read is called, so the setting is restored right after. The reader samples a few
     files under a tqdm bar of its own, which a log file shows as one line garbled by carriage returns:
     that bar is off when stdout is not a terminal (the job's progress lines say the rest).
+
+    With ``concurrency`` (``uris`` are then files) at most that many files are read at once, each as one
+    block, so a map of the same concurrency fuses with the read into one task per file.
     """
     import ray.data
 
@@ -139,6 +144,7 @@ def read_parquet(uris: str | list[str], columns: list[str]) -> ray.data.Dataset:
     previous = ctx.use_datasource_v2, ctx.enable_progress_bars
     ctx.use_datasource_v2, ctx.enable_progress_bars = False, previous[1] and sys.stdout.isatty()
     try:
-        return ray.data.read_parquet(paths, filesystem=fs).select_columns(columns)
+        per_file = {"concurrency": concurrency, "override_num_blocks": len(paths)} if concurrency else {}
+        return ray.data.read_parquet(paths, filesystem=fs, **per_file).select_columns(columns)
     finally:
         ctx.use_datasource_v2, ctx.enable_progress_bars = previous

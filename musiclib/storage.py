@@ -15,6 +15,7 @@ import json
 import os
 import posixpath
 import uuid
+from collections.abc import Iterable
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -326,10 +327,23 @@ def replace_if_unchanged(uri: str, expected: bytes, data: bytes) -> bool:
 
 def write_parquet(table: pa.Table, uri: str, compression: str = "zstd") -> int:
     """Write a table as one Parquet file, atomically (``write_bytes``); returns its row count."""
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink, compression=compression)
+    return write_parquet_parts([table], table.schema, uri, compression)
+
+
+def write_parquet_parts(
+    parts: Iterable[pa.Table], schema: pa.Schema, uri: str, compression: str = "zstd"
+) -> int:
+    """Write tables made one at a time as the row groups of one Parquet file, atomically; returns its rows.
+
+    Only the compressed file is held while the parts are made, never all of them uncompressed.
+    """
+    sink, rows = pa.BufferOutputStream(), 0
+    with pq.ParquetWriter(sink, schema, compression=compression) as writer:
+        for part in parts:
+            writer.write_table(part)
+            rows += len(part)
     write_bytes(uri, sink.getvalue().to_pybytes())
-    return len(table)
+    return rows
 
 
 def read_parquet(

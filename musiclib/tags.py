@@ -24,6 +24,7 @@ confirmed tracks (and the examples) into the catalog, where the next tune and ta
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
-from musiclib import neighbors, progress, storage, tag_table, versions
+from musiclib import progress, storage, tag_table, versions
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, take_flags
 from musiclib.tag_table import DEFAULT_CATALOG, DEFAULT_TABLE, Where
 
@@ -68,8 +69,8 @@ class TagConfig(RayConfig):
     probe_run_id: str = ""  # empty: the latest published tune run
     run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same snapshot
     only_new: bool = False  # tag only tracks without rows of this probe run in the current snapshot
-    batch_size: int = 512
-    concurrency: int = 1  # scoring actors
+    batch_size: int = 4096  # tracks scored at a time in a task (one row group of its model-row file)
+    concurrency: int = 1  # embedding files read, scored and written at once (one task each)
     summary_tags: int = 3  # long-tail tags whose most confident new tags the summary lists
 
     def validate(self) -> None:
@@ -131,6 +132,40 @@ def embedding_errors(files: list[str], catalog_ids: list[str], tagged_at: str) -
     )
 
 
+WRITTEN = pa.schema([pa.field("file", pa.string()), pa.field("tracks", pa.int64())])
+
+
+def write_model_rows(
+    embeddings: pa.Table,
+    probe_set: ProbeSet,
+    probe_run_id: str,
+    tagged_at: str,
+    folder: str,
+    skip: pa.Array | None = None,
+    batch_size: int = 4096,
+) -> pa.Table:
+    """Score a block of embedding rows and write their model rows as one Parquet file in ``folder``.
+
+    Rows with an error or no embedding, and tracks in ``skip``, get none. ``batch_size`` tracks are scored
+    at a time, each batch one row group, so memory follows the batch, not the block. The file is named
+    by a digest of its track ids: a retried task rewrites its own file. Returns the file and its track
+    count (``WRITTEN``; no row when nothing was scored).
+    """
+    ok = pc.and_(pc.is_null(embeddings["error"]), pc.is_valid(embeddings["embedding"]))
+    if skip is not None and len(skip):
+        ok = pc.and_(ok, pc.invert(pc.is_in(embeddings["track_id"], skip)))
+    scored = embeddings.filter(ok)
+    if len(scored) == 0:
+        return WRITTEN.empty_table()
+    name = hashlib.sha256("\n".join(scored["track_id"].to_pylist()).encode()).hexdigest()[:32]
+    uri = storage.join(folder, f"model-{name}.parquet")
+    batches = range(0, len(scored), batch_size)
+    parts = (model_rows(scored.slice(i, batch_size), probe_set, probe_run_id, tagged_at) for i in batches)
+    storage.write_parquet_parts(parts, SCHEMA, uri)
+    pa.default_memory_pool().release_unused()  # an idle worker then holds no more after a large block
+    return pa.table({"file": [uri], "tracks": [len(scored)]}, schema=WRITTEN)
+
+
 def model_rows(table: pa.Table, probe_set: ProbeSet, probe_run_id: str, tagged_at: str) -> pa.Table:
     """Score a batch of embedding rows (no errors) with every tag: one matrix product, then long form."""
     n, n_tags = len(table), len(probe_set.tags)
@@ -139,17 +174,18 @@ def model_rows(table: pa.Table, probe_set: ProbeSet, probe_run_id: str, tagged_a
     dim = probe_set.weights.shape[0]
     flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     scores = probe_set.apply(flat.reshape(n, dim))
+    rows = n * n_tags  # track-major: track i's tags are rows i * n_tags ... (i + 1) * n_tags - 1
     return pa.table(
         {
-            "track_id": np.repeat(np.asarray(table.column("track_id").to_pylist(), dtype=object), n_tags),
-            "tag": np.tile(np.asarray(probe_set.tags, dtype=object), n),
+            "track_id": table.column("track_id").take(np.repeat(np.arange(n), n_tags)),
+            "tag": pa.array(probe_set.tags, pa.string()).take(np.tile(np.arange(n_tags), n)),
             "score": scores.astype(np.float32).ravel(),
-            "source": np.full(n * n_tags, "model", dtype=object),
+            "source": pa.repeat(pa.scalar("model"), rows),
             "predicted": probe_set.predict(scores).ravel(),
-            "model_id": np.full(n * n_tags, probe_set.model_id, dtype=object),
-            "probe_run_id": np.full(n * n_tags, probe_run_id, dtype=object),
-            "tagged_at": np.full(n * n_tags, tagged_at, dtype=object),
-            "reason": pa.nulls(n * n_tags, pa.string()),
+            "model_id": pa.repeat(pa.scalar(probe_set.model_id, pa.string()), rows),
+            "probe_run_id": pa.repeat(pa.scalar(probe_run_id, pa.string()), rows),
+            "tagged_at": pa.repeat(pa.scalar(tagged_at, pa.string()), rows),
+            "reason": pa.nulls(rows, pa.string()),
         },
         schema=SCHEMA,
     )
@@ -371,6 +407,8 @@ def neighbors_command(args: list[str], root: str, n: int) -> None:
 
     Bad input (an unknown track or tag, an example without an embedding) ends with one line naming it.
     """
+    from musiclib import neighbors  # loads the encoder's modules: only these two commands need them
+
     options = {"--examples": "", "--confirm": "", "--model-id": "", "--split": "train"}
     take_flags(args, options, USAGE)
     if len(args) != 2 or (args[0] == "similar" and (options["--examples"] or options["--confirm"])):

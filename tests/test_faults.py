@@ -632,15 +632,16 @@ def check_tags(root: str, cat: pa.Table, emb: pa.Table, probe_set: probes.ProbeS
     assert len(pairs) == len(labels) and set(pairs) == labels
 
 
-def test_tag_survives_a_killed_scoring_actor(tmp_path):
-    """SIGKILL the tag job's scoring actor (``MapBatches(ScoreBatch)``) once it is up: Ray Data restarts it
-    and the job finishes with every track's tags once. A reader polls throughout."""
+def test_tag_survives_a_killed_scoring_task(tmp_path):
+    """SIGKILL a tag task (``ReadParquet->MapBatches(write_model_rows)``: read, score and write one embedding
+    file) while it runs: Ray runs the task again, which rewrites the same file, and the job finishes with
+    every track's tags once. A reader polls throughout."""
     root = str(tmp_path / "root")
     cat, emb = synthetic_root(root, n_files=6)
     probe_set = publish_probe_set(root, cat, emb)
     log = tmp_path / "tag.log"
-    cmd = job_command("tag", "--root", root, "--run-id", "tags-actor", "--batch-size", "8")
-    assert run_killing_workers(cmd, log, TagTableReader(root), ["MapBatches(ScoreBatch)"]) == ["tags-actor"]
+    cmd = job_command("tag", "--root", root, "--run-id", "tags-task", "--batch-size", "1")
+    assert run_killing_workers(cmd, log, TagTableReader(root), ["write_model_rows"]) == ["tags-task"]
     check_tags(root, cat, emb, probe_set)
 
 
@@ -796,7 +797,7 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     proc = start(cmd, log)
 
     def scoring() -> bool:
-        return any("ScoreBatch" in c for c in descendants(proc.pid).values())
+        return any("write_model_rows" in c for c in descendants(proc.pid).values())
 
     try:
         outage = take_s3_away_when(proc, s3_server, scoring)

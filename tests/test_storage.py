@@ -157,6 +157,24 @@ def test_parquet_files_read_as_one_table(root):
         storage.read_parquet([])
 
 
+def test_parquet_parts_become_row_groups_of_one_file(root):
+    schema = pa.schema([("i", pa.int64())])
+    uri = storage.join(root, "parts.parquet")
+    made = []
+
+    def parts():
+        for start in (0, 3, 6):
+            made.append(start)
+            yield pa.table({"i": list(range(start, start + 3))}, schema=schema)
+
+    assert storage.write_parquet_parts(parts(), schema, uri) == 9 and made == [0, 3, 6]
+    fs, path = storage.arrow_filesystem(uri)
+    meta = pq.read_metadata(path, filesystem=fs)
+    assert meta.num_row_groups == 3 and meta.num_rows == 9
+    assert pq.read_table(path, filesystem=fs)["i"].to_pylist() == list(range(9))
+    assert storage.write_parquet_parts([], schema, uri) == 0 and storage.parquet_rows(uri) == 0
+
+
 def test_unreachable_s3_gives_a_clear_error(monkeypatch):
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on port 9
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")

@@ -4,9 +4,13 @@ without Ray are in ``test_tag_table.py``."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
 from test_tune import MODEL, write_root  # noqa: E402
@@ -173,6 +177,56 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
 @pytest.mark.slow
 def test_tags_s3(s3_root, ray_local):
     first_run_checks(s3_root + "/musiclib")
+
+
+def test_write_model_rows_scores_one_block_into_one_file(tmp_path):
+    """One block: its tracks without errors, less ``skip``, scored as the probe set applied directly, in
+    row groups of ``batch_size`` tracks; the same block again rewrites the same file."""
+    cat, emb = tagged_embeddings.make(n_tracks=60, n_tags=5, dim=8, n_errors=3, seed=1, model_id=MODEL)
+    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, MODEL), LOGREG)
+    block = emb.select(["track_id", "embedding", "error"])
+    ok = block.filter(pc.is_null(block["error"]))
+    skip = pa.array(ok["track_id"].to_pylist()[:4])
+    folder = str(tmp_path / "model")
+    args = (probe_set, "tune-x", "2026-11-23T00:00:00", folder)
+    written = tags.write_model_rows(block, *args, skip=skip, batch_size=10)
+    ids = ok["track_id"].to_pylist()[4:]
+    assert written.schema == tags.WRITTEN and written["tracks"].to_pylist() == [len(ids)]
+    uri = written["file"][0].as_py()
+    assert storage.list_files(folder, ".parquet") == [uri]
+    fs, path = storage.arrow_filesystem(uri)
+    assert pq.read_metadata(path, filesystem=fs).num_row_groups == -(-len(ids) // 10)
+    rows = pq.read_table(path, filesystem=fs)
+    assert rows.schema == tags.SCHEMA and len(rows) == len(ids) * len(probe_set.tags)
+    assert probe_set.link == "sigmoid" and not (probe_set.norm.pre_l2 or probe_set.norm.post_l2)
+    x = np.array(ok["embedding"].to_pylist()[4:], np.float64)
+    z = (x - probe_set.norm.mean) / probe_set.norm.scale  # standardised, as fitted
+    expected = 1 / (1 + np.exp(-(z @ probe_set.weights.astype(np.float64) + probe_set.biases)))
+    np.testing.assert_array_equal(rows["track_id"].to_numpy(zero_copy_only=False), np.repeat(ids, 5))
+    assert rows["tag"].to_pylist() == probe_set.tags * len(ids)
+    np.testing.assert_allclose(rows["score"].to_numpy().reshape(-1, 5), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(
+        rows["predicted"].to_numpy(zero_copy_only=False).reshape(-1, 5),
+        rows["score"].to_numpy().reshape(-1, 5) >= probe_set.thresholds,
+    )
+    for column, value in (("source", "model"), ("model_id", MODEL), ("probe_run_id", "tune-x")):
+        assert set(rows[column].to_pylist()) == {value}
+    assert rows["reason"].null_count == len(rows)
+
+    again = tags.write_model_rows(block, *args, skip=skip, batch_size=7)  # a retried task: the same file
+    assert again["file"].to_pylist() == [uri] and storage.list_files(folder, ".parquet") == [uri]
+    assert len(tags.write_model_rows(block.filter(pc.is_valid(block["error"])), *args)) == 0
+    assert storage.list_files(folder, ".parquet") == [uri]
+
+
+def test_the_scoring_side_loads_without_torch():
+    """The tag job's tasks import ``musiclib.tags`` and load a probe set: neither may pull in torch or
+    scikit-learn (hundreds of MiB in every worker), which only fitting needs."""
+    code = (
+        "import sys, musiclib.tags, musiclib.probes; print(sorted({'torch', 'sklearn'} & set(sys.modules)))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
