@@ -71,7 +71,8 @@ def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:
 def score_with_ray(
     cfg: TagConfig, inputs: Inputs, rows_dir: str, tagged_at: str, skip: frozenset[str]
 ) -> list[str]:
-    """Read, score and write each embedding file in one Ray task, ``--concurrency`` at a time; the files.
+    """Read, score and write each embedding file in one Ray task, ``--concurrency`` at a time; returns the
+    model-row files the tasks wrote.
 
     The model rows go from the task straight to Parquet, never through the object store, and the tasks
     at once are set by the config, not by the catalog: the job's memory does not grow with the catalog.
