@@ -20,33 +20,17 @@ import json
 import shlex
 import time
 
-import numpy as np
+import pandas as pd
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from musiclib import catalog, embedder, fewshot, pretraining, shards
+from musiclib import catalog, embedder, fewshot, pretraining, report, shards
 from musiclib.config import Layout, parse
 from musiclib.pretraining import PretrainConfig
 from musiclib.sweep import TuneConfig, configurations
 
 # the demo's encoder and batch (Makefile: PRETRAIN_DEMO)
 DEMO = "--width 0.25 --num-workers 1 --batch-size 20 --p-pitch 0"
-
-
-def labeled_tracks(root: str) -> tuple[pa.Table, str]:
-    """The catalog rows of ``root`` that carry tags, and the folder their audio paths are relative to."""
-    uri = Layout(root).catalog
-    table = catalog.read(uri)
-    return table.filter(pc.greater(pc.list_value_length(table["tags"]), 0)), catalog.base_dir(uri)
-
-
-def macro_ap(rows: list[dict], split: str) -> float:
-    """Macro AP over tags (those with a positive in the split), averaged over the repetitions."""
-    per_rep: dict[int, list[float]] = {}
-    for row in rows:
-        per_rep.setdefault(row["rep"], []).append(row[f"{split}_ap"])
-    return float(np.mean([np.nanmean(aps) for aps in per_rep.values()]))
 
 
 def main() -> None:
@@ -72,12 +56,14 @@ def main() -> None:
     device = torch.device("cpu")
     model, optimizer, augment = pretraining.build(cfg, device)
 
-    tracks, base = labeled_tracks(args.eval_root)
+    eval_catalog = Layout(args.eval_root).catalog
+    tracks, base = catalog.labeled(catalog.read(eval_catalog)), catalog.base_dir(eval_catalog)
     cols = ["track_id", "audio_uri"]
-    decoded = [
+    decoded = [  # once: every evaluation embeds the same audio
         embedder.decode_batch(tracks.slice(i, 16).select(cols), base, args.max_chunks)
         for i in range(0, tracks.num_rows, 16)
     ]
+    chunk_batch = embedder.chunks_per_forward(0, False, model.encoder.config)
     probes = TuneConfig(budgets=args.budgets.split(","), probes=["linear", "centroid"], norms=["standardize"])
 
     def evaluate(step: int) -> None:
@@ -85,27 +71,33 @@ def main() -> None:
         model.encoder.eval()
         with torch.no_grad():
             emb = pa.concat_tables(
-                embedder.embed_batch(model.encoder, batch, "curve", 16, device) for batch in decoded
+                embedder.embed_batch(model.encoder, batch, "curve", chunk_batch, device) for batch in decoded
             )
         model.encoder.train()
         probe_data = fewshot.prepare(tracks, emb, "curve")
+        rows = [
+            row
+            for config in configurations(probes)
+            for row in fewshot.run_config(probe_data, config, probes.repetitions, probes.seed)
+        ]
         line: dict = {"step": step}
-        for config in configurations(probes):
-            rows = fewshot.run_config(probe_data, config, probes.repetitions, probes.seed)
-            key = f"{config['probe']}-{config['budget']}"
-            line[key] = {split: round(macro_ap(rows, split), 4) for split in ("valid", "test")}
+        for trial in report.trial_summary(pd.DataFrame(rows)).itertuples():
+            line[f"{trial.probe}-{trial.budget}"] = {
+                split: round(getattr(trial, f"{split}_ap_all_mean"), 4) for split in ("valid", "test")
+            }
         line["eval_s"] = round(time.perf_counter() - start, 1)
-        print(json.dumps(line), flush=True)
+        text = json.dumps(line)
+        print(text, flush=True)
         with open(args.out, "a") as f:
-            f.write(json.dumps(line) + "\n")
+            f.write(text + "\n")
 
-    def report(step: int, metrics: dict[str, float], due: bool) -> None:
+    def on_log(step: int, metrics: dict[str, float], due: bool) -> None:
         print(pretraining.progress_line(metrics, cfg.steps), flush=True)
         if due:
             evaluate(step)
 
     evaluate(0)
-    pretraining.fit(model, optimizer, augment, data, cfg, device, report=report)
+    pretraining.fit(model, optimizer, augment, data, cfg, device, report=on_log)
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
@@ -74,6 +75,11 @@ def iter_batches(
 def read(uri: str, columns: list[str] | None = None) -> pa.Table:
     """Read the whole catalog (or some columns). For small catalogs and tests; jobs stream instead."""
     return dataset(uri).to_table(columns=columns)
+
+
+def labeled(table: pa.Table) -> pa.Table:
+    """The rows that carry at least one tag (a null tag list is unlabeled)."""
+    return table.filter(pc.fill_null(pc.greater(pc.list_value_length(table["tags"]), 0), False))
 
 
 def durations(uri: str) -> np.ndarray:

@@ -27,7 +27,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
-import pyarrow.compute as pc  # noqa: E402
 
 from musiclib import catalog, report, storage, versions  # noqa: E402
 from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, parse  # noqa: E402
@@ -228,8 +227,7 @@ def copy_catalog(source: str, work: str) -> None:
 
     uris = [absolute(u) for u in table["audio_uri"].to_pylist()]
     table = table.set_column(table.column_names.index("audio_uri"), "audio_uri", pa.array(uris, pa.string()))
-    labeled = pc.fill_null(pc.greater(pc.list_value_length(table["tags"]), 0), False)
-    catalog.write(table.filter(labeled), labeled_catalog(work))
+    catalog.write(catalog.labeled(table), labeled_catalog(work))
     catalog.write(table, Layout(work).catalog)
 
 

@@ -59,6 +59,16 @@ def test_missing_columns_and_unknown_tags(tmp_path):
         catalog.validate(str(tmp_path / "absent.parquet"))
 
 
+def test_labeled_keeps_rows_with_a_tag():
+    table = pa.table(
+        {
+            "track_id": ["a", "b", "c", "d"],
+            "tags": pa.array([["x"], [], None, ["x", "y"]], pa.list_(pa.string())),
+        }
+    )
+    assert catalog.labeled(table).column("track_id").to_pylist() == ["a", "d"]
+
+
 def test_vocabulary_counts_head_and_tail():
     tags = [["rock"]] * 6 + [["rock", "jazz"]] * 3 + [["flute"], ["harp"], []]
     t = _table(
