@@ -162,8 +162,10 @@ def kill_when(
     max_delay: float,
     timeout: float = 300,
     min_delay: float = 0.0,
+    cutoff: Callable[[], bool] = lambda: False,
 ) -> float:
-    """SIGKILL the job's process group once ``ready()`` holds, after a seeded delay in ``[min_delay, max_delay]``.
+    """SIGKILL the job's process group once ``ready()`` holds, after a seeded delay in ``[min_delay, max_delay]``,
+    or at once when ``cutoff()`` holds first (the last point the kill must come before, on a fast machine).
 
     Returns the delay used. Fails the test when the job ends by itself first (nothing was interrupted).
     """
@@ -172,7 +174,10 @@ def kill_when(
     try:
         while proc.poll() is None and time.monotonic() < deadline:
             if ready():
-                time.sleep(delay)
+                waited = time.monotonic()
+                while time.monotonic() - waited < delay and not cutoff():
+                    time.sleep(0.02)
+                delay = time.monotonic() - waited
                 break
             time.sleep(0.1)
     finally:
@@ -587,9 +592,10 @@ def commit_previous_tags(root: str) -> None:
 
 
 def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
-    """SIGKILL the tag driver a seeded 2-8 s after it takes its lease (during Ray's start or the scoring); the
-    same command takes the dead run's lease over, writes the run again and commits it, and its tags equal
-    the probe set applied to every embedding. A reader never sees a partial snapshot."""
+    """SIGKILL the tag driver a seeded 2-8 s after it takes its lease (during Ray's start), or as soon as its
+    first scored file appears, whichever comes first; the same command takes the dead run's lease over,
+    writes the run again and commits it, and its tags equal the probe set applied to every embedding.
+    A reader never sees a partial snapshot."""
     root = str(tmp_path / "root")
     cat, emb = synthetic_root(root, n_files=6)
     probe_set = publish_probe_set(root, cat, emb)
@@ -598,9 +604,18 @@ def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
     rng = rng_for("tag-driver")
     cmd = job_command("tag", "--root", root, "--run-id", "tags-killed", "--batch-size", "8")
     lease = storage.join(layout.tags, versions.LEASE)
+    run_dir = tag_table.run_dir(tag_table.require_table(Where(root)), "tags-killed")
+    scored = count_files(storage.join(run_dir, "model"), ".parquet")
     with TagTableReader(root) as reader:
         proc = start(cmd, tmp_path / "killed.log")
-        delay = kill_when(proc, lambda: storage.exists(lease), rng, min_delay=2.0, max_delay=8.0)
+        delay = kill_when(
+            proc,
+            lambda: storage.exists(lease),
+            rng,
+            min_delay=2.0,
+            max_delay=8.0,
+            cutoff=lambda: scored() > 0,
+        )
         assert tag_table.find_run(tag_table.require_table(Where(root)), "tags-killed") is None, (
             f"seed {SEED}: committed before the kill {delay:.1f} s after the lease"
         )
