@@ -21,6 +21,7 @@ import inspect
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -215,6 +216,17 @@ def kill_ray_worker(
     pytest.fail(
         f"no {name} worker was killed: the job ended ({proc.returncode}) or timed out first\n{tail(log)}"
     )
+
+
+# Ray Train's placement-group cleaner asks the State API for its controller without an address; when another
+# Ray runs on the machine (a developer's study beside the tests) it finds two and its thread dies. That is
+# Ray's own monitor, not a thread of the job.
+RAY_NOISE_THREADS = ("PlacementGroupCleanerMonitor",)
+
+
+def dead_threads(text: str) -> list[str]:
+    """The threads a job's output says died (``Exception in thread NAME:``), Ray's known noise aside."""
+    return [n for n in re.findall(r"Exception in thread (.*):\s*$", text, re.M) if n not in RAY_NOISE_THREADS]
 
 
 def count_files(uri: str, suffix: str, exclude: str = "\0") -> Callable[[], int]:
@@ -795,7 +807,7 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(tmp_path / 'embed.log')}"
-    assert "Exception in thread" not in text, "a background thread died (the lease's heartbeat?)"
+    assert not dead_threads(text), f"a background thread died: {dead_threads(text)}"
     assert proc.returncode == 0, f"failed after a {outage:.1f} s outage\n{text[-4000:]}"
     check_embeddings(s3_root, model_id, expected)
 
@@ -820,7 +832,7 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(log)}"
-    assert "Exception in thread" not in text, "a background thread died (the lease's heartbeat?)"
+    assert not dead_threads(text), f"a background thread died: {dead_threads(text)}"
     if proc.returncode != 0:  # failed: clearly, and with nothing committed; the same command completes
         assert "Error" in text.strip().splitlines()[-1], text[-4000:]
         table = tag_table.require_table(Where(s3_root))
@@ -851,7 +863,7 @@ def test_tune_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_p
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(log)}"
-    assert "Exception in thread" not in text, "a background thread died (the lease's heartbeat?)"
+    assert not dead_threads(text), f"a background thread died: {dead_threads(text)}"
     if proc.returncode != 0:
         assert "Error" in text.strip().splitlines()[-1], text[-4000:]
         assert versions.read_manifest(layout.probes, "tune-outage") is None, "published after failing"
@@ -876,7 +888,7 @@ def test_pretrain_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, t
     finally:
         kill(proc)
     assert outage, f"the job ended before the outage\n{tail(log)}"
-    assert "Exception in thread" not in text, "a background thread died (the lease's heartbeat?)"
+    assert not dead_threads(text), f"a background thread died: {dead_threads(text)}"
     assert proc.returncode == 0, f"failed after a {outage:.1f} s outage\n{text[-4000:]}"
     restarted = "controller failed on storage" in text
     print(f"pretrain, S3 down {outage:.1f} s: controller restarted by the job: {restarted}")
