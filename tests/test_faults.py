@@ -383,17 +383,25 @@ def check_shards(layout: Layout) -> None:
 
 
 def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
-    """SIGKILL the pretrain driver after its 1st or 2nd checkpoint; the same command resumes from the saved
+    """SIGKILL the pretrain driver once its 1st or 2nd checkpoint is registered, after a seeded delay of up
+    to 1 s, or at once when a checkpoint past half the steps is; the same command resumes from the saved
     step (not step 0), reaches the last step and exports; the shards hold every train track once."""
     root, cmd = pretrain_command(tmp_path, "--steps", "40")
     layout = Layout(root)
     rng = rng_for("pretrain-driver")
     after = rng.randint(1, 2)
-    checkpoints = count_files(storage.join(layout.runs, "pretrain"), "/state.pt")
+    snapshot = storage.join(layout.runs, "pretrain", "checkpoint_manager_snapshot.json")
     proc = start(cmd, tmp_path / "killed.log")
-    kill_when(proc, lambda: checkpoints() >= after, rng, max_delay=1.0, timeout=400)
+    kill_when(
+        proc,
+        lambda: len(registered_steps(snapshot)) >= after,
+        rng,
+        max_delay=1.0,
+        timeout=400,
+        cutoff=lambda: max(registered_steps(snapshot), default=0) >= 20,
+    )
     assert versions.latest_version(layout.models) is None, "exported before the kill"
-    assert checkpoints() >= 1, tail(tmp_path / "killed.log")
+    assert registered_steps(snapshot), tail(tmp_path / "killed.log")
 
     run(cmd, tmp_path / "again.log", timeout=400)
     model_id = models.resolve(layout.models)
@@ -402,16 +410,17 @@ def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     check_shards(layout)
 
 
-def registered_checkpoints(snapshot: str) -> int:
-    """How many checkpoints Ray Train's controller has registered (its snapshot file; 0 before one exists).
+def registered_steps(snapshot: str) -> list[int]:
+    """The steps of the checkpoints Ray Train's controller has registered and kept (its snapshot file;
+    none before one exists).
 
     A checkpoint folder on storage counts for a restart only once the controller has registered the
-    worker's report: a worker killed in between restarts from the previous registered one.
+    worker's report: a worker or driver killed in between restarts from the previous registered one.
     """
     try:
-        return len(storage.read_json(snapshot)["checkpoint_results"])
+        return [r["metrics"]["step"] for r in storage.read_json(snapshot)["checkpoint_results"]]
     except (storage.StorageError, OSError, ValueError, KeyError):
-        return 0
+        return []
 
 
 def test_pretrain_survives_a_killed_train_worker(tmp_path):
@@ -424,9 +433,7 @@ def test_pretrain_survives_a_killed_train_worker(tmp_path):
     log = tmp_path / "pretrain.log"
     proc = start(cmd, log)
     try:
-        killed = kill_ray_worker(
-            proc, log, "RayTrainWorker", lambda: registered_checkpoints(snapshot) >= 1, 400
-        )
+        killed = kill_ray_worker(proc, log, "RayTrainWorker", lambda: bool(registered_steps(snapshot)), 400)
         text = finish(proc, log, timeout=400)
     finally:
         kill(proc)
@@ -456,12 +463,12 @@ def test_pretrain_goes_on_with_fewer_workers_after_losing_a_node(tmp_path, monke
         proc = start(cmd, log)
         try:
             wait_for(
-                lambda: registered_checkpoints(snapshot) >= 1 or proc.poll() is not None,
+                lambda: bool(registered_steps(snapshot)) or proc.poll() is not None,
                 300,
                 "a registered checkpoint",
                 interval=0.1,
             )
-            assert proc.poll() is None and registered_checkpoints(snapshot) >= 1, tail(log)
+            assert proc.poll() is None and registered_steps(snapshot), tail(log)
             cluster.remove_node(node, allow_graceful=False)
             text = finish(proc, log, timeout=400)
         finally:
