@@ -390,18 +390,17 @@ def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     layout = Layout(root)
     rng = rng_for("pretrain-driver")
     after = rng.randint(1, 2)
-    snapshot = storage.join(layout.runs, "pretrain", "checkpoint_manager_snapshot.json")
     proc = start(cmd, tmp_path / "killed.log")
     kill_when(
         proc,
-        lambda: len(registered_steps(snapshot)) >= after,
+        lambda: len(registered_steps(layout)) >= after,
         rng,
         max_delay=1.0,
         timeout=400,
-        cutoff=lambda: max(registered_steps(snapshot), default=0) >= 20,
+        cutoff=lambda: max(registered_steps(layout), default=0) >= 20,
     )
     assert versions.latest_version(layout.models) is None, "exported before the kill"
-    assert registered_steps(snapshot), tail(tmp_path / "killed.log")
+    assert registered_steps(layout), tail(tmp_path / "killed.log")
 
     run(cmd, tmp_path / "again.log", timeout=400)
     model_id = models.resolve(layout.models)
@@ -410,15 +409,18 @@ def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     check_shards(layout)
 
 
-def registered_steps(snapshot: str) -> list[int]:
-    """The steps of the checkpoints Ray Train's controller has registered and kept (its snapshot file;
-    none before one exists).
+def registered_steps(layout: Layout) -> list[int]:
+    """The steps of the checkpoints Ray Train's controller has registered and kept for the pretrain run
+    (its snapshot file; none before one exists).
 
     A checkpoint folder on storage counts for a restart only once the controller has registered the
     worker's report: a worker or driver killed in between restarts from the previous registered one.
     """
     try:
-        return [r["metrics"]["step"] for r in storage.read_json(snapshot)["checkpoint_results"]]
+        snapshot = storage.read_json(
+            storage.join(layout.runs, "pretrain", "checkpoint_manager_snapshot.json")
+        )
+        return [r["metrics"]["step"] for r in snapshot["checkpoint_results"]]
     except (storage.StorageError, OSError, ValueError, KeyError):
         return []
 
@@ -429,11 +431,10 @@ def test_pretrain_survives_a_killed_train_worker(tmp_path):
     once."""
     root, cmd = pretrain_command(tmp_path, "--steps", "24", "--max-failures", "2")
     layout = Layout(root)
-    snapshot = storage.join(layout.runs, "pretrain", "checkpoint_manager_snapshot.json")
     log = tmp_path / "pretrain.log"
     proc = start(cmd, log)
     try:
-        killed = kill_ray_worker(proc, log, "RayTrainWorker", lambda: bool(registered_steps(snapshot)), 400)
+        killed = kill_ray_worker(proc, log, "RayTrainWorker", lambda: bool(registered_steps(layout)), 400)
         text = finish(proc, log, timeout=400)
     finally:
         kill(proc)
@@ -458,17 +459,16 @@ def test_pretrain_goes_on_with_fewer_workers_after_losing_a_node(tmp_path, monke
         elastic = ["--num-workers", "2", "--min-workers", "1", "--cpus-per-worker", "2"]
         root, cmd = pretrain_command(tmp_path, "--steps", "24", *elastic, "--ray-address", cluster.address)
         layout = Layout(root)
-        snapshot = storage.join(layout.runs, "pretrain", "checkpoint_manager_snapshot.json")
         log = tmp_path / "pretrain.log"
         proc = start(cmd, log)
         try:
             wait_for(
-                lambda: bool(registered_steps(snapshot)) or proc.poll() is not None,
+                lambda: bool(registered_steps(layout)) or proc.poll() is not None,
                 300,
                 "a registered checkpoint",
                 interval=0.1,
             )
-            assert proc.poll() is None and registered_steps(snapshot), tail(log)
+            assert proc.poll() is None and registered_steps(layout), tail(log)
             cluster.remove_node(node, allow_graceful=False)
             text = finish(proc, log, timeout=400)
         finally:
