@@ -64,7 +64,7 @@ study: STUDY_ROOT := $(if $(filter file,$(origin ROOT)),data/bench-rendered,$(RO
 study: $(STAMP)
 	$(PY) jobs/study.py --root $(STUDY_ROOT) $(ARGS)
 
-# The nearest-neighbour index over the latest embeddings (musiclib.tags similar / seed use it); a re-run
+# The nearest-neighbour index over the latest embeddings (musiclib.tag.tags similar / seed use it); a re-run
 # on the same embeddings is a no-op.
 index: $(STAMP)
 	$(PY) jobs/index.py --root $(ROOT) $(ARGS)
@@ -73,14 +73,14 @@ index: $(STAMP)
 demo: $(STAMP)
 	$(MAKE) --no-print-directory demo-catalog pretrain embed tune tag ROOT=$(ROOT)
 	@echo "--- what each job did (summaries in $(ROOT)/summaries/), and where the outputs are"
-	@$(PY) -m musiclib.tags outputs --root $(ROOT)
-	@echo "query: $(PY) -m musiclib.tags top TAG --root $(ROOT)   (or: show TRACK_ID, sql \"SELECT ... FROM tags\", history)"
+	@$(PY) -m musiclib.tag.tags outputs --root $(ROOT)
+	@echo "query: $(PY) -m musiclib.tag.tags top TAG --root $(ROOT)   (or: show TRACK_ID, sql \"SELECT ... FROM tags\", history)"
 
 # The README's figures: the budget curve of the latest probe run under ROOT (after make demo) and the plot of
 # the latest study under BENCH_ROOT (after make study).
 docs-images: $(STAMP)
-	$(PY) -m musiclib.report budget-curve docs/budget_curve.png --root $(ROOT)
-	$(PY) -m musiclib.report study-plot docs/study.png --root $(BENCH_ROOT)
+	$(PY) -m musiclib.probe.report budget-curve docs/budget_curve.png --root $(ROOT)
+	$(PY) -m musiclib.probe.report study-plot docs/study.png --root $(BENCH_ROOT)
 
 clean:
 	rm -rf $(ROOT)

@@ -7,7 +7,7 @@
 On a fully labeled corpus (labels of the training pool hidden until revealed), each repetition starts from
 ``--start-k`` positives per tag and runs ``--rounds`` of: fit the probe set as the tune job's final fit
 does (thresholds on the validation split), then reveal the labels of the union of every tag's
-``--per-tag`` suggestions per tag (``musiclib.suggest.simulate``, ``active``) or of as many random
+``--per-tag`` suggestions per tag (``musiclib.tag.suggest.simulate``, ``active``) or of as many random
 tracks (``random``); ``--reveal`` says whether a label is one tag's answer about a track or a whole
 track. It prints the mean test AP per round and the labels each strategy needs to reach ``--targets``
 shares of the AP that all training labels give, for the head and the tail tags.
@@ -29,9 +29,13 @@ import threadpoolctl
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from musiclib import catalog, embedder, fewshot, metrics, models, probes, suggest  # noqa: E402
-from musiclib.config import Layout  # noqa: E402
+from musiclib import catalog  # noqa: E402
+from musiclib.core.config import Layout  # noqa: E402
 from musiclib.datasets import tagged_embeddings  # noqa: E402
+from musiclib.embed import embedder
+from musiclib.probe import fewshot, metrics, probes
+from musiclib.tag import suggest
+from musiclib.train import models
 
 PROBE = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
 

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from musiclib import neighbors
 from musiclib.datasets import clustered_vectors
+from musiclib.tag import neighbors
 
 K = 10
 SEARCH = {"faiss-ivf": [8, 16, 32, 64], "hnswlib": [32, 64, 128], "usearch": [32, 64, 128]}

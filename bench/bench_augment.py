@@ -27,9 +27,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE  # noqa: E402
-from musiclib.augment import AugmentConfig, ColoredNoise, OneFilter, PitchShift, ViewAugment  # noqa: E402
-from musiclib.config import parse  # noqa: E402
-from musiclib.pretraining import Batch, PretrainConfig, build, train_step  # noqa: E402
+from musiclib.core.config import parse  # noqa: E402
+from musiclib.train.augment import AugmentConfig, ColoredNoise, OneFilter, PitchShift, ViewAugment  # noqa: E402
+from musiclib.train.pretraining import Batch, PretrainConfig, build, train_step  # noqa: E402
 
 
 @dataclass

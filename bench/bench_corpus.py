@@ -32,7 +32,7 @@ import numpy as np
 from musiclib import audio, catalog
 from musiclib.datasets import rendered
 from musiclib.datasets.audio_files import encode
-from musiclib.metrics import roc_auc
+from musiclib.probe.metrics import roc_auc
 
 
 def cpu_seconds() -> float:

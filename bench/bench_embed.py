@@ -28,10 +28,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs import embed as job  # noqa: E402
-from musiclib import catalog, embedder, models, storage  # noqa: E402
-from musiclib.config import Layout, parse  # noqa: E402
+from musiclib import catalog  # noqa: E402
+from musiclib.core import storage
+from musiclib.core.config import Layout, parse  # noqa: E402
+from musiclib.core.ray_env import ray_session
 from musiclib.datasets import demo  # noqa: E402
-from musiclib.ray_env import ray_session
+from musiclib.embed import embedder
+from musiclib.train import models
 
 
 @dataclass

@@ -22,8 +22,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from musiclib import audio, embedder, models  # noqa: E402
-from musiclib.config import parse  # noqa: E402
+from musiclib import audio  # noqa: E402
+from musiclib.core.config import parse  # noqa: E402
+from musiclib.embed import embedder
+from musiclib.train import models
 
 
 @dataclass

@@ -24,10 +24,13 @@ import pandas as pd
 import pyarrow as pa
 import torch
 
-from musiclib import catalog, embedder, fewshot, pretraining, report, shards
-from musiclib.config import Layout, parse
-from musiclib.pretraining import PretrainConfig
-from musiclib.sweep import TuneConfig, configurations
+from musiclib import catalog
+from musiclib.core.config import Layout, parse
+from musiclib.embed import embedder
+from musiclib.probe import fewshot, report
+from musiclib.probe.sweep import TuneConfig, configurations
+from musiclib.train import pretraining, shards
+from musiclib.train.pretraining import PretrainConfig
 
 # the demo's encoder and batch (Makefile: PRETRAIN_DEMO)
 DEMO = "--width 0.25 --num-workers 1 --batch-size 20 --p-pitch 0"

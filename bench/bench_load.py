@@ -43,8 +43,13 @@ from bench_embed import PeakMemory, format_pss, make_audio, make_root, ray_pss, 
 
 from cluster import local  # noqa: E402
 from cluster.s3server import SeaweedS3  # noqa: E402
-from musiclib import catalog, embedder, fewshot, models, storage, tag_table, tags, versions  # noqa: E402
-from musiclib.config import Layout, parse  # noqa: E402
+from musiclib import catalog  # noqa: E402
+from musiclib.core import storage, versions
+from musiclib.core.config import Layout, parse  # noqa: E402
+from musiclib.embed import embedder
+from musiclib.probe import fewshot
+from musiclib.tag import tag_table, tags
+from musiclib.train import models
 
 SUMMARY = re.compile(r"embed: (\d+) tracks, .* in ([\d.]+) s: ([\d.]+) tracks/s")
 

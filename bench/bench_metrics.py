@@ -1,4 +1,4 @@
-"""Tag metrics: ``musiclib.metrics`` against scikit-learn's functions on one tag of a small split.
+"""Tag metrics: ``musiclib.probe.metrics`` against scikit-learn's functions on one tag of a small split.
 
     python bench/bench_metrics.py [--n 200] [--repeat 200]
 
@@ -14,7 +14,7 @@ import timeit
 import numpy as np
 from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score
 
-from musiclib import metrics
+from musiclib.probe import metrics
 
 
 def main() -> None:

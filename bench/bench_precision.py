@@ -23,8 +23,8 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from musiclib.config import Layout, parse  # noqa: E402
-from musiclib.pretraining import (  # noqa: E402
+from musiclib.core.config import Layout, parse  # noqa: E402
+from musiclib.train.pretraining import (  # noqa: E402
     PretrainConfig,
     build,
     fit,
@@ -34,7 +34,7 @@ from musiclib.pretraining import (  # noqa: E402
     sample_batch,
     train_step,
 )
-from musiclib.shards import committed_shards  # noqa: E402
+from musiclib.train.shards import committed_shards  # noqa: E402
 
 
 @dataclass

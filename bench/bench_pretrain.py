@@ -2,7 +2,7 @@
 
     python bench/bench_pretrain.py --root data/demo --width 0.25 --num-workers 2 --batch-size 16 --steps 40
 
-Both sides run ``musiclib.pretraining.fit`` on the same model, global batch and training shards; the plain
+Both sides run ``musiclib.train.pretraining.fit`` on the same model, global batch and training shards; the plain
 loop gets as many torch threads as the Ray job has CPUs in total. Each side trains ``--steps`` steps and is
 timed over the second half (the first half warms up). Prints clips/s of both, their ratio and the share
 of step time spent waiting for a batch, as one JSON line at the end.
@@ -17,10 +17,10 @@ from pathlib import Path
 
 import torch
 
-from musiclib.config import Layout, parse
-from musiclib.pretraining import PretrainConfig, build, fit, load_training_data, plan_labels
-from musiclib.ray_env import ray_session
-from musiclib.shards import committed_shards
+from musiclib.core.config import Layout, parse
+from musiclib.core.ray_env import ray_session
+from musiclib.train.pretraining import PretrainConfig, build, fit, load_training_data, plan_labels
+from musiclib.train.shards import committed_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs import pretrain as job  # noqa: E402

@@ -16,9 +16,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from musiclib import storage  # noqa: E402
-from musiclib.config import parse  # noqa: E402
-from musiclib.ray_env import ray_session  # noqa: E402
+from musiclib.core import storage  # noqa: E402
+from musiclib.core.config import parse  # noqa: E402
+from musiclib.core.ray_env import ray_session  # noqa: E402
 
 
 @dataclass

@@ -33,8 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_embed import smaps_rollup  # noqa: E402
 
-from musiclib.config import parse  # noqa: E402
-from musiclib.ray_env import ray_session  # noqa: E402
+from musiclib.core.config import parse  # noqa: E402
+from musiclib.core.ray_env import ray_session  # noqa: E402
 
 
 @dataclass

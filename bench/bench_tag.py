@@ -23,9 +23,12 @@ import tempfile
 import time
 from pathlib import Path
 
-from musiclib import catalog, embedder, fewshot, storage, versions
-from musiclib.config import Layout
+from musiclib import catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import Layout
 from musiclib.datasets import tagged_embeddings
+from musiclib.embed import embedder
+from musiclib.probe import fewshot
 
 MODEL = "bench-model"
 
@@ -56,7 +59,7 @@ def timed(cmd: list[str], cwd: str) -> float:
 def phases(root: str) -> None:
     """The tag job in this process: seconds spent opening the table, scoring (Ray), committing; the no-op."""
     from jobs import tag as tag_job
-    from musiclib import tag_table
+    from musiclib.tag import tag_table
 
     spent: dict[str, float] = {}
 

@@ -31,7 +31,7 @@ BENCH = Path(__file__).resolve().parent
 
 def files_of(folder: str, n_files: int, rows: int, dim: int) -> list[str]:
     """``n_files`` Parquet files of ``rows`` tracks each (track_id, embedding, error), made once per size."""
-    from musiclib import storage
+    from musiclib.core import storage
 
     rng = np.random.default_rng(0)
     uris = []
@@ -55,7 +55,7 @@ def files_of(folder: str, n_files: int, rows: int, dim: int) -> list[str]:
 
 def probe_set_of(dim: int, n_tags: int):
     """A random logistic-regression probe set (standardised, thresholds 0.5)."""
-    from musiclib.probes import Normalizer, ProbeSet
+    from musiclib.probe.probes import Normalizer, ProbeSet
 
     rng = np.random.default_rng(1)
     return ProbeSet(
@@ -73,7 +73,7 @@ def pipeline(args: argparse.Namespace, n_files: int, rows: int) -> None:
     import ray
 
     from jobs import tag as tag_job  # before bench_embed, which puts this checkout first on the path
-    from musiclib.tags import TagConfig
+    from musiclib.tag.tags import TagConfig
 
     from bench_embed import PeakMemory, format_pss, ray_pss  # isort: skip
 
@@ -99,7 +99,8 @@ def pipeline(args: argparse.Namespace, n_files: int, rows: int) -> None:
 
 def rss(args: argparse.Namespace, rows: int) -> None:
     """One block of ``rows`` tracks scored and written in this process: RSS before, after, after release."""
-    from musiclib import storage, tags
+    from musiclib.core import storage
+    from musiclib.tag import tags
 
     def mib() -> float:
         with open("/proc/self/statm") as f:

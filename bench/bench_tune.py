@@ -29,9 +29,10 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from jobs import tune as tune_job  # noqa: E402
-from musiclib import fewshot, metrics, models, probes, sweep  # noqa: E402
-from musiclib.config import Layout, parse  # noqa: E402
+from musiclib.core.config import Layout, parse  # noqa: E402
 from musiclib.datasets import tagged_embeddings  # noqa: E402
+from musiclib.probe import fewshot, metrics, probes, sweep  # noqa: E402
+from musiclib.train import models
 
 
 def bench_probe(n_train: int, n_test: int, dim: int, n_tags: int, seed: int) -> None:
@@ -108,11 +109,11 @@ STARTUP_STEPS = {  # what a Tune trial worker imports, cumulatively, then the fi
     "+ ray.tune": "import ray, ray.tune",
     "+ torch": "import ray, ray.tune, torch",
     "+ sklearn.linear_model": "import ray, ray.tune, torch, sklearn.linear_model",
-    "+ musiclib.fewshot": "import ray, ray.tune, torch, sklearn.linear_model, musiclib.fewshot",
+    "+ musiclib.probe.fewshot": "import ray, ray.tune, torch, sklearn.linear_model, musiclib.probe.fewshot",
 }
 FIRST_FIT = """
 import time, numpy as np, torch
-from musiclib import probes
+from musiclib.probe import probes
 z, y = np.random.default_rng(0).normal(size=(40, 128)).astype(np.float32), np.eye(40, 16, dtype=bool)
 start = time.perf_counter()
 {fit}

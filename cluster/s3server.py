@@ -122,7 +122,7 @@ class SeaweedS3:
 
     @property
     def env(self) -> dict[str, str]:
-        """The standard AWS variables that point boto3, s3fs and musiclib.storage at this server."""
+        """The standard AWS variables that point boto3, s3fs and musiclib.core.storage at this server."""
         return {
             "AWS_ENDPOINT_URL": self.endpoint,
             "AWS_ACCESS_KEY_ID": ACCESS_KEY,

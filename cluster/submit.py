@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from musiclib import ray_env
+from musiclib.core import ray_env
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"

@@ -30,10 +30,13 @@ import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
-from musiclib import catalog, embedder, models, progress, ray_env, storage, versions
-from musiclib.config import Layout, as_dict, parse
-from musiclib.embedder import EmbedConfig
-from musiclib.ray_env import ray_session, retry_transient_storage
+from musiclib import catalog
+from musiclib.core import progress, ray_env, storage, versions
+from musiclib.core.config import Layout, as_dict, parse
+from musiclib.core.ray_env import ray_session, retry_transient_storage
+from musiclib.embed import embedder
+from musiclib.embed.embedder import EmbedConfig
+from musiclib.train import models
 
 # --------------------------------------------------------------------------- Ray
 

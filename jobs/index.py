@@ -6,7 +6,7 @@ A driver job (no Ray): reads the latest embeddings of the model (``models.resolv
 this process (``neighbors.build``: exact below ``--exact-below`` tracks, else faiss IVF) and publishes
 ``<root>/index/<model_id>/<version>/`` (``index.safetensors``, ``ids.parquet``) as a versioned dataset.
 The version id is a digest of the embeddings version and the build settings: a re-run on the same
-embeddings finds it complete and writes nothing; new embeddings give a new version. ``musiclib.tags seed``
+embeddings finds it complete and writes nothing; new embeddings give a new version. ``musiclib.tag.tags seed``
 and ``similar`` use the index when it matches the latest embeddings.
 """
 
@@ -15,9 +15,12 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict
 
-from musiclib import embedder, models, neighbors, progress, versions
-from musiclib.config import ConfigError, Layout, parse
-from musiclib.neighbors import IndexConfig
+from musiclib.core import progress, versions
+from musiclib.core.config import ConfigError, Layout, parse
+from musiclib.embed import embedder
+from musiclib.tag import neighbors
+from musiclib.tag.neighbors import IndexConfig
+from musiclib.train import models
 
 
 def main(argv: list[str] | None = None) -> versions.Manifest:

@@ -18,8 +18,9 @@ from __future__ import annotations
 import time
 from collections import Counter
 
-from musiclib import catalog, progress, storage
-from musiclib.config import Layout, as_dict, parse
+from musiclib import catalog
+from musiclib.core import progress, storage
+from musiclib.core.config import Layout, as_dict, parse
 from musiclib.datasets import rendered, soundtracks
 from musiclib.datasets.rendered import BenchCorpusConfig
 from musiclib.datasets.system_packages import SystemPackageError

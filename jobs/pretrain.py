@@ -29,9 +29,12 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
-from musiclib import catalog, models, progress, storage, versions
-from musiclib.config import Layout, parse
-from musiclib.pretraining import (
+from musiclib import catalog
+from musiclib.core import progress, storage, versions
+from musiclib.core.config import Layout, parse
+from musiclib.core.ray_env import is_transient_storage_failure, ray_session, retry_transient_storage
+from musiclib.train import models
+from musiclib.train.pretraining import (
     PretrainConfig,
     build,
     check_resume,
@@ -47,8 +50,13 @@ from musiclib.pretraining import (
     restore,
     save_checkpoint,
 )
-from musiclib.ray_env import is_transient_storage_failure, ray_session, retry_transient_storage
-from musiclib.shards import committed_shards, plan_shards, prepare_shard, read_shard_columns, shard_report
+from musiclib.train.shards import (
+    committed_shards,
+    plan_shards,
+    prepare_shard,
+    read_shard_columns,
+    shard_report,
+)
 
 TASK_RETRIES = 3  # shard tasks run again after storage errors that outlast the decoder's retries
 STORAGE_WAIT_S = 10.0  # first wait before a run whose controller lost storage starts again; doubles

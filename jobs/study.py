@@ -26,10 +26,14 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 
-from musiclib import catalog, logmel, models, progress, ray_env, storage, study, versions
-from musiclib.config import Layout, parse
-from musiclib.ray_env import ray_session
-from musiclib.study import StudyConfig
+from musiclib import catalog
+from musiclib.core import progress, ray_env, storage, versions
+from musiclib.core.config import Layout, parse
+from musiclib.core.ray_env import ray_session
+from musiclib.embed import logmel
+from musiclib.study import study
+from musiclib.study.study import StudyConfig
+from musiclib.train import models
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, it imports the other jobs
 from jobs import embed, pretrain, tune  # noqa: E402

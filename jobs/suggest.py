@@ -23,11 +23,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 
-from musiclib import catalog, progress, ray_env, storage, suggest, versions
-from musiclib.config import Layout, parse
-from musiclib.probes import ProbeSet
-from musiclib.ray_env import ray_session, retry_transient_storage
-from musiclib.suggest import SuggestConfig
+from musiclib import catalog
+from musiclib.core import progress, ray_env, storage, versions
+from musiclib.core.config import Layout, parse
+from musiclib.core.ray_env import ray_session, retry_transient_storage
+from musiclib.probe.probes import ProbeSet
+from musiclib.tag import suggest
+from musiclib.tag.suggest import SuggestConfig
 
 TASK_RETRIES = 6  # read and scoring tasks run again after S3 errors (backing off ~1 min in all)
 

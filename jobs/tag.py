@@ -23,11 +23,13 @@ import pyarrow.compute as pc
 import ray
 from pyiceberg.table import Table
 
-from musiclib import catalog, progress, ray_env, storage, tag_table, tags, versions
-from musiclib.config import Layout, parse
-from musiclib.probes import ProbeSet
-from musiclib.ray_env import ray_session, retry_transient_storage
-from musiclib.tags import TagConfig
+from musiclib import catalog
+from musiclib.core import progress, ray_env, storage, versions
+from musiclib.core.config import Layout, parse
+from musiclib.core.ray_env import ray_session, retry_transient_storage
+from musiclib.probe.probes import ProbeSet
+from musiclib.tag import tag_table, tags
+from musiclib.tag.tags import TagConfig
 
 TASK_RETRIES = 6  # read and scoring tasks run again after S3 errors (backing off ~1 min in all)
 

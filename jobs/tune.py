@@ -4,7 +4,7 @@
 
 1. Check the config and the catalog, load the labels joined with the model's embeddings (before Ray).
 2. Under the probes' lease: a run already complete is only made current. Otherwise the configurations
-   without a trial file (``musiclib.sweep``) run as Ray Tune trials, one per budget x probe x
+   without a trial file (``musiclib.probe.sweep``) run as Ray Tune trials, one per budget x probe x
    hyperparameters with its normalisations and repetitions inside (a single fit takes milliseconds).
    Embeddings and labels go to the object store once (``tune.with_parameters``); actors are reused.
 3. Write results.parquet, report.md, budget_curve.png and probe_set.safetensors under
@@ -26,10 +26,13 @@ from typing import Any
 import ray
 from ray import tune
 
-from musiclib import catalog, fewshot, models, progress, storage, sweep, versions
-from musiclib.config import Layout, parse
-from musiclib.ray_env import ray_session
-from musiclib.sweep import TuneConfig
+from musiclib import catalog
+from musiclib.core import progress, storage, versions
+from musiclib.core.config import Layout, parse
+from musiclib.core.ray_env import ray_session
+from musiclib.probe import fewshot, sweep
+from musiclib.probe.sweep import TuneConfig
+from musiclib.train import models
 
 
 def run_trial(

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torchaudio.functional as AF
 
-from musiclib import storage
+from musiclib.core import storage
 
 SAMPLE_RATE = 22050
 CHUNK_SECONDS = 2.7

@@ -18,8 +18,8 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 
-from musiclib import storage
-from musiclib.config import ConfigError
+from musiclib.core import storage
+from musiclib.core.config import ConfigError
 
 SPLITS = ("train", "valid", "test")
 REQUIRED = ("track_id", "audio_uri", "tags", "split")

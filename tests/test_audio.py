@@ -13,8 +13,10 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from musiclib import audio, embedder, storage
+from musiclib import audio
+from musiclib.core import storage
 from musiclib.datasets import audio_files
+from musiclib.embed import embedder
 
 FORMATS = [("wav", 44100), ("flac", 22050), ("ogg", 44100), ("opus", 48000), ("mp3", 44100), ("m4a", 32000)]
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from musiclib import audio, storage
+from musiclib import audio
+from musiclib.core import storage
 from musiclib.datasets import audio_files
 
 MAX_CHUNKS = 4

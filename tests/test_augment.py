@@ -12,7 +12,7 @@ import pytest
 import torch
 from torchaudio.functional import phase_vocoder, resample
 
-from musiclib.augment import (
+from musiclib.train.augment import (
     ENVELOPE_FLOOR,
     AugmentConfig,
     ColoredNoise,

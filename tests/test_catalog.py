@@ -5,7 +5,8 @@ from __future__ import annotations
 import pyarrow as pa
 import pytest
 
-from musiclib import catalog, storage
+from musiclib import catalog
+from musiclib.core import storage
 
 
 def _table(**overrides) -> pa.Table:

@@ -46,8 +46,8 @@ def job_status(cluster: LocalCluster, job_id: str) -> str:
 @pytest.fixture(scope="module")
 def catalog_on_s3(cluster, s3_server) -> Iterator[str]:
     """A tiny demo catalog and a random narrow encoder under the cluster's S3 root; returns the model id."""
-    from musiclib import models
     from musiclib.datasets import demo
+    from musiclib.train import models
 
     with aws_env(s3_server):
         demo.make_catalog(cluster.root, n_tracks=12, seed=0, min_seconds=3.0, max_seconds=5.0, workers=1)
@@ -83,7 +83,9 @@ def publish_probe_set(layout, model_id: str) -> list[str]:
 
     The tune job sweeps probes on the same data; here two fixed tags are enough to exercise ``tag``.
     """
-    from musiclib import embedder, probes, storage, versions
+    from musiclib.core import storage, versions
+    from musiclib.embed import embedder
+    from musiclib.probe import probes
 
     table = embedder.read(layout.embeddings, model_id, columns=["embedding"])
     x = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
@@ -100,8 +102,11 @@ def publish_probe_set(layout, model_id: str) -> list[str]:
 
 def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     """embed, then tag with a probe set, run on the two-node cluster and leave complete outputs."""
-    from musiclib import catalog, embedder, tag_table, versions
-    from musiclib.config import Layout
+    from musiclib import catalog
+    from musiclib.core import versions
+    from musiclib.core.config import Layout
+    from musiclib.embed import embedder
+    from musiclib.tag import tag_table
 
     model_id = catalog_on_s3
     layout = Layout(cluster.root)
@@ -160,9 +165,12 @@ def test_embed_survives_losing_the_worker_node(cluster, s3_server):
     """The worker node dies while it runs a task of the job (SIGKILL of every process it started): Ray runs
     the lost work again on the head, and the job publishes every track once. Last in the module: the
     cluster keeps one node after it."""
-    from musiclib import catalog, embedder, models, versions
-    from musiclib.config import Layout
+    from musiclib import catalog
+    from musiclib.core import versions
+    from musiclib.core.config import Layout
     from musiclib.datasets import demo
+    from musiclib.embed import embedder
+    from musiclib.train import models
 
     root = f"s3://{cluster.bucket}/node-loss"
     layout = Layout(root)

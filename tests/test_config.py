@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from musiclib import config
+from musiclib.core import config
 
 
 @dataclass

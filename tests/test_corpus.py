@@ -15,7 +15,7 @@ import pytest
 
 from jobs import make_bench_corpus
 from musiclib import audio, catalog
-from musiclib.config import ConfigError
+from musiclib.core.config import ConfigError
 from musiclib.datasets import rendered, soundtracks, system_packages
 from musiclib.datasets.audio_files import encode
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from jobs import make_demo_catalog as job
-from musiclib import audio, catalog, storage
+from musiclib import audio, catalog
+from musiclib.core import storage
 from musiclib.datasets import demo
 
 REPO = Path(__file__).resolve().parents[1]

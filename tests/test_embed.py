@@ -16,9 +16,12 @@ import pytest
 import torch
 
 from jobs import embed as job
-from musiclib import audio, catalog, embedder, models, storage, versions
-from musiclib.config import Layout
+from musiclib import audio, catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import Layout
 from musiclib.datasets import demo
+from musiclib.embed import embedder
+from musiclib.train import models
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -128,7 +131,7 @@ def test_drop_written_is_an_anti_join():
 
 
 def test_config_fails_fast(tmp_path):
-    from musiclib.config import ConfigError, parse
+    from musiclib.core.config import ConfigError, parse
 
     with pytest.raises(ConfigError, match="batch-size must not be negative"):
         parse(job.EmbedConfig, ["--root", str(tmp_path), "--batch-size", "-1"])
@@ -143,7 +146,7 @@ def test_config_fails_fast(tmp_path):
 
 
 def test_config_validates_the_catalog_before_ray_starts(tmp_path):
-    from musiclib.config import ConfigError, parse
+    from musiclib.core.config import ConfigError, parse
 
     root = str(tmp_path)
     make_root(root, n_good=2, faults=False)

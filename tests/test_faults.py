@@ -40,11 +40,16 @@ from test_tag_table import rows as previous_rows
 from test_tag_table import write_and_commit
 
 from jobs import tag as tag_job
-from musiclib import catalog, embedder, fewshot, models, probes, storage, sweep, tag_table, versions
-from musiclib.config import Layout, parse
+from musiclib import catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import Layout, parse
 from musiclib.datasets import demo, tagged_embeddings
-from musiclib.shards import committed_shards, read_shard_columns
-from musiclib.tag_table import Where
+from musiclib.embed import embedder
+from musiclib.probe import fewshot, probes, sweep
+from musiclib.tag import tag_table
+from musiclib.tag.tag_table import Where
+from musiclib.train import models
+from musiclib.train.shards import committed_shards, read_shard_columns
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -1056,7 +1061,7 @@ def test_a_denied_write_names_what_was_denied(s3_root, read_only_key, monkeypatc
 HOLDER = """
 import sys, time
 import pyarrow as pa
-from musiclib import storage, versions
+from musiclib.core import storage, versions
 dataset, go = sys.argv[1], sys.argv[2]
 with versions.lease(dataset, ttl_s=3.0):
     uri = storage.join(versions.version_uri(dataset, "v-stale"), "part.parquet")

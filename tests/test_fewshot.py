@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from musiclib import fewshot, metrics, probes
 from musiclib.datasets import tagged_embeddings
+from musiclib.probe import fewshot, metrics, probes
 
 
 def _pool(seed: int = 0, n: int = 200, n_tags: int = 8) -> np.ndarray:

@@ -15,11 +15,13 @@ import pytest
 import torch
 from torch import nn
 
-from musiclib import audio, catalog, embedder, models
-from musiclib.augment import OneFilter, PitchShift, apply_filters, transpose
-from musiclib.config import Layout
+from musiclib import audio, catalog
+from musiclib.core.config import Layout
 from musiclib.datasets import demo
-from musiclib.pretraining import Batch, PretrainConfig, build, train_step
+from musiclib.embed import embedder
+from musiclib.train import models
+from musiclib.train.augment import OneFilter, PitchShift, apply_filters, transpose
+from musiclib.train.pretraining import Batch, PretrainConfig, build, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

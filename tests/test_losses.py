@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from musiclib.losses import semisupcon_anchor_losses, semisupcon_loss, target_matrix
+from musiclib.train.losses import semisupcon_anchor_losses, semisupcon_loss, target_matrix
 
 
 def reference_loss(

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support, roc_auc_score
 
-from musiclib import metrics
+from musiclib.probe import metrics
 
 
 def _auc_reference(y: np.ndarray, s: np.ndarray) -> float:

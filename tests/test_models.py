@@ -7,8 +7,9 @@ import json
 import pytest
 import torch
 
-from musiclib import models, storage, versions
 from musiclib.audio import CHUNK_SAMPLES
+from musiclib.core import storage, versions
+from musiclib.train import models
 
 
 def test_samplecnn_matches_clmr_size_and_shapes():

@@ -1,5 +1,5 @@
 """Nearest tracks: exact search against a float64 reference, IVF recall, the index file (local and S3), the
-index job's versions, and ``musiclib.tags similar/seed`` with confirmed labels reaching tune and tag."""
+index job's versions, and ``musiclib.tag.tags similar/seed`` with confirmed labels reaching tune and tag."""
 
 from __future__ import annotations
 
@@ -12,9 +12,13 @@ import pytest
 from safetensors.numpy import save as st_save
 
 from jobs import index as index_job
-from musiclib import catalog, embedder, fewshot, neighbors, storage, tags, versions
-from musiclib.config import ConfigError, Layout
+from musiclib import catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import clustered_vectors, tagged_embeddings
+from musiclib.embed import embedder
+from musiclib.probe import fewshot
+from musiclib.tag import neighbors, tags
 
 
 def reference(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -10,10 +10,14 @@ from pathlib import Path
 import pyarrow.compute as pc
 import pytest
 
-from musiclib import catalog, embedder, models, progress, tag_table, tags
-from musiclib.config import Layout
+from musiclib import catalog
+from musiclib.core import progress
+from musiclib.core.config import Layout
 from musiclib.datasets import demo
-from musiclib.tag_table import Where
+from musiclib.embed import embedder
+from musiclib.tag import tag_table, tags
+from musiclib.tag.tag_table import Where
+from musiclib.train import models
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 LINE_BUDGET = 150  # the whole chain's console output without --verbose (issue: a person can follow it)
@@ -25,7 +29,7 @@ CHAIN = [
     ["jobs/tune.py", "--budgets", "2,all", "--probes", "logreg,centroid", "--norms", "l2", "--c-grid", "1"]
     + ["--repetitions", "2"],
     ["jobs/tag.py"],
-    ["-m", "musiclib.tags", "outputs"],
+    ["-m", "musiclib.tag.tags", "outputs"],
 ]
 
 

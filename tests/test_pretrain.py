@@ -15,9 +15,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from jobs import pretrain as job
-from musiclib import audio, catalog, storage, versions
-from musiclib.config import ConfigError, Layout, parse
-from musiclib.pretraining import (
+from musiclib import audio, catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import ConfigError, Layout, parse
+from musiclib.train.pretraining import (
     LabelPlan,
     PretrainConfig,
     TrainingData,
@@ -40,7 +41,13 @@ from musiclib.pretraining import (
     save_checkpoint,
     select_labels,
 )
-from musiclib.shards import committed_shards, plan_shards, prepare_shard, read_shard_columns, shard_report
+from musiclib.train.shards import (
+    committed_shards,
+    plan_shards,
+    prepare_shard,
+    read_shard_columns,
+    shard_report,
+)
 
 SR = audio.SAMPLE_RATE
 CHUNK = audio.CHUNK_SAMPLES
@@ -454,7 +461,7 @@ def test_only_storage_failures_that_may_pass_restart_the_controller():
     error Ray Train wraps, or one raised from it), and nothing else: a bug or a missing bucket still fails."""
     import ray.train
 
-    from musiclib.ray_env import is_transient_storage_failure
+    from musiclib.core.ray_env import is_transient_storage_failure
 
     unreachable = OSError("When initiating multiple part upload: AWS Error NETWORK_CONNECTION during ...")
     assert is_transient_storage_failure(ray.train.ControllerError(unreachable))

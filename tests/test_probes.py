@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from musiclib import metrics, probes
+from musiclib.probe import metrics, probes
 
 TAGS = [f"t{j}" for j in range(5)]
 

@@ -1,4 +1,4 @@
-"""Progress lines, Ray's console output and the end-of-job summaries (``musiclib.progress``)."""
+"""Progress lines, Ray's console output and the end-of-job summaries (``musiclib.core.progress``)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from musiclib import models, progress, storage, tags, versions
-from musiclib.config import Layout, parse
+from musiclib.core import progress, storage, versions
+from musiclib.core.config import Layout, parse
 from musiclib.datasets import demo
+from musiclib.tag import tags
+from musiclib.train import models
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
 
@@ -217,7 +219,7 @@ def test_a_job_prints_few_lines_and_every_warning(tmp_path):
 READ = """
 import sys
 import ray
-from musiclib import ray_env
+from musiclib.core import ray_env
 
 ray.init(address="local", num_cpus=2, include_dashboard=False)
 print("rows", ray_env.read_parquet(sys.argv[1], ["a"]).count())

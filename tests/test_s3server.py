@@ -14,7 +14,7 @@ from botocore.config import Config
 from botocore.exceptions import ClientError, EndpointConnectionError
 
 from cluster.s3server import SeaweedS3
-from musiclib import storage
+from musiclib.core import storage
 
 MIB = 1 << 20
 

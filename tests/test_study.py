@@ -13,8 +13,12 @@ import pytest
 import torch
 import torchaudio
 
-from musiclib import audio, catalog, config, logmel, report, storage, study, versions
+from musiclib import audio, catalog
+from musiclib.core import config, storage, versions
 from musiclib.datasets.audio_files import encode
+from musiclib.embed import logmel
+from musiclib.probe import report
+from musiclib.study import study
 
 
 def test_logmel_features_equal_a_direct_torchaudio_computation(tmp_path):

@@ -12,9 +12,11 @@ from test_tags import publish_probe_set
 from test_tune import MODEL, write_root
 
 from jobs import suggest as suggest_job
-from musiclib import fewshot, storage, suggest, versions
-from musiclib.config import ConfigError, Layout
+from musiclib.core import storage, versions
+from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import tagged_embeddings
+from musiclib.probe import fewshot
+from musiclib.tag import suggest
 
 
 @functools.cache

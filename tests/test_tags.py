@@ -16,10 +16,14 @@ from pyiceberg.catalog.sql import SqlCatalog
 from test_tune import MODEL, write_root  # noqa: E402
 
 from jobs import tag as tag_job
-from musiclib import catalog, embedder, fewshot, probes, storage, tag_table, tags, versions
-from musiclib.config import ConfigError, Layout
+from musiclib import catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import demo, tagged_embeddings
-from musiclib.tag_table import Where
+from musiclib.embed import embedder
+from musiclib.probe import fewshot, probes
+from musiclib.tag import tag_table, tags
+from musiclib.tag.tag_table import Where
 
 LOGREG = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
 
@@ -220,11 +224,9 @@ def test_write_model_rows_scores_one_block_into_one_file(tmp_path):
 
 
 def test_the_scoring_side_loads_without_torch():
-    """The tag job's tasks import ``musiclib.tags`` and load a probe set: neither may pull in torch or
+    """The tag job's tasks import ``musiclib.tag.tags`` and load a probe set: neither may pull in torch or
     scikit-learn (hundreds of MiB in every worker), which only fitting needs."""
-    code = (
-        "import sys, musiclib.tags, musiclib.probes; print(sorted({'torch', 'sklearn'} & set(sys.modules)))"
-    )
+    code = "import sys, musiclib.tag.tags, musiclib.probe.probes; print(sorted({'torch', 'sklearn'} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 

@@ -11,9 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 
 from jobs import tune as tune_job
-from musiclib import catalog, embedder, fewshot, probes, report, storage, sweep, versions
-from musiclib.config import ConfigError, Layout
+from musiclib import catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import tagged_embeddings
+from musiclib.embed import embedder
+from musiclib.probe import fewshot, probes, report, sweep
 
 MODEL = "synthetic-m1"
 SMALL = [

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from musiclib import storage, versions
+from musiclib.core import storage, versions
 
 
 def _write_part(dataset: str, version: str, name: str, n: int) -> str:

@@ -8,7 +8,7 @@ instrument's idiom, a bass line and a drum kit, all accented by the meter. Tags 
 few (drums, major, piano) are on about half the tracks, a few (bell, flute, reverb, lofi) on about 5 %.
 
 ``make_catalog`` renders and encodes the tracks in a process pool and writes them through
-``musiclib.storage``, so the root may be a local folder or ``s3://bucket/prefix``. With ``faults=True`` it
+``musiclib.core.storage``, so the root may be a local folder or ``s3://bucket/prefix``. With ``faults=True`` it
 adds one track per decoder failure; its ``fault`` column names the reason ``musiclib.audio`` reports.
 """
 
@@ -23,8 +23,9 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 import pyarrow as pa
 
-from musiclib import catalog, storage
-from musiclib.config import DEFAULT_ROOT, Layout, check
+from musiclib import catalog
+from musiclib.core import storage
+from musiclib.core.config import DEFAULT_ROOT, Layout, check
 from musiclib.datasets.audio_files import encode
 
 SR = 22050  # synthesis rate; 44100 Hz files are upsampled from it

@@ -43,8 +43,9 @@ import numpy as np
 import pyarrow as pa
 import soundfile
 
-from musiclib import catalog, progress, storage
-from musiclib.config import DEFAULT_ROOT, Layout, check
+from musiclib import catalog
+from musiclib.core import progress, storage
+from musiclib.core.config import DEFAULT_ROOT, Layout, check
 from musiclib.datasets import system_packages
 from musiclib.datasets.audio_files import encode
 from musiclib.datasets.demo import SPLIT_SHARES

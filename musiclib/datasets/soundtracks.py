@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from musiclib import audio, catalog, storage
-from musiclib.config import Layout
+from musiclib import audio, catalog
+from musiclib.core import storage
+from musiclib.core.config import Layout
 from musiclib.datasets import system_packages
 from musiclib.datasets.demo import SPLIT_SHARES
 

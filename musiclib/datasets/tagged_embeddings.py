@@ -11,8 +11,10 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from musiclib import catalog, embedder, versions
-from musiclib.config import Layout
+from musiclib import catalog
+from musiclib.core import versions
+from musiclib.core.config import Layout
+from musiclib.embed import embedder
 
 
 def make(

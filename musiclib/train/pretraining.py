@@ -9,7 +9,7 @@ Read top to bottom:
 4. ``fit``: the loop both the Ray Train job and the plain single-process benchmark run, with a background
    batch sampler so the accelerator never waits on numpy, and checkpoints of plain tensors and values.
 
-Training data comes from the shards of ``musiclib.shards``; the cross-worker gather is ``musiclib.gather``.
+Training data comes from the shards of ``musiclib.train.shards``; the cross-worker gather is ``musiclib.train.gather``.
 The shard reader keeps a worker's share of the audio in memory as int16, so sampling a window is a slice,
 never a decode.
 """
@@ -35,14 +35,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from musiclib import audio, storage, versions
-from musiclib.augment import AugmentConfig, ViewAugment
-from musiclib.config import DEFAULT_ROOT, ConfigError, RayConfig, check
-from musiclib.fewshot import label_matrix
-from musiclib.gather import distributed, gather, gather_constant
-from musiclib.losses import semisupcon_anchor_losses, target_matrix
-from musiclib.models import ContrastiveModel, EncoderConfig, sync_batchnorm
-from musiclib.shards import SHARD_SCHEMA, read_shard_columns
+from musiclib import audio
+from musiclib.core import storage, versions
+from musiclib.core.config import DEFAULT_ROOT, ConfigError, RayConfig, check
+from musiclib.probe.fewshot import label_matrix
+from musiclib.train.augment import AugmentConfig, ViewAugment
+from musiclib.train.gather import distributed, gather, gather_constant
+from musiclib.train.losses import semisupcon_anchor_losses, target_matrix
+from musiclib.train.models import ContrastiveModel, EncoderConfig, sync_batchnorm
+from musiclib.train.shards import SHARD_SCHEMA, read_shard_columns
 
 VIEW_MODES = ("adjacent", "crops")
 PRECISIONS = ("bf16", "fp32")

@@ -34,9 +34,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import torch
 
-from musiclib import audio, catalog, models, storage, versions
-from musiclib.config import DEFAULT_ROOT, Layout, RayConfig, check
-from musiclib.models import EncoderConfig, SampleCNN
+from musiclib import audio, catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import DEFAULT_ROOT, Layout, RayConfig, check
+from musiclib.train import models
+from musiclib.train.models import EncoderConfig, SampleCNN
 
 DECODED_SCHEMA = pa.schema(
     [

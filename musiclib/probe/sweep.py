@@ -17,8 +17,11 @@ from typing import Any
 import pandas as pd
 import pyarrow as pa
 
-from musiclib import audio, catalog, embedder, fewshot, probes, report, storage, versions
-from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
+from musiclib import audio, catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
+from musiclib.embed import embedder
+from musiclib.probe import fewshot, probes, report
 
 LONGEST_FIRST = ("logreg", "linear", "centroid")  # probes by the cost of one trial
 OUTPUTS = ("results.parquet", "report.md", "budget_curve.png", "probe_set.safetensors")

@@ -23,7 +23,7 @@ from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 from scipy.special import expit
 
-from musiclib import storage
+from musiclib.core import storage
 
 if TYPE_CHECKING:
     import torch

@@ -4,7 +4,7 @@ Every trained encoder has the same architecture, data, steps, batch size and see
 the labels pretraining sees (``label_settings``): CLMR (none), SemiSupCon with a share of them or all of
 them, supervised contrastive on the labeled clips alone. Two untrained references bound them: the randomly
 initialised encoder (each seed's initial weights, those the trained ones start from) and a hand-crafted
-floor (``musiclib.logmel``). Each is embedded by the embed stage and evaluated by the tune job's few-shot
+floor (``musiclib.embed.logmel``). Each is embedded by the embed stage and evaluated by the tune job's few-shot
 protocol; ``variant_rows`` keeps, per budget, the configuration chosen on the validation split and its
 per-repetition macro scores; ``summarize`` pools seeds and repetitions and compares every encoder with a
 reference. ``jobs/study.py`` runs the chain; outputs go to ``<root>/study/<run_id>/``.
@@ -28,11 +28,13 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
-from musiclib import catalog, report, storage, versions  # noqa: E402
-from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, parse  # noqa: E402
-from musiclib.embedder import EmbedConfig  # noqa: E402
-from musiclib.pretraining import PretrainConfig  # noqa: E402
-from musiclib.sweep import TuneConfig  # noqa: E402
+from musiclib import catalog  # noqa: E402
+from musiclib.core import storage, versions
+from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, parse  # noqa: E402
+from musiclib.embed.embedder import EmbedConfig  # noqa: E402
+from musiclib.probe import report
+from musiclib.probe.sweep import TuneConfig  # noqa: E402
+from musiclib.train.pretraining import PretrainConfig  # noqa: E402
 
 ENCODERS = {
     "clmr": "CLMR: self-supervised only, no labels (p_s = 0)",

@@ -32,8 +32,11 @@ import pyarrow.parquet as pq
 from safetensors.numpy import load as st_load
 from safetensors.numpy import save as st_save
 
-from musiclib import catalog, embedder, models, storage, versions
-from musiclib.config import DEFAULT_ROOT, Layout, check
+from musiclib import catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import DEFAULT_ROOT, Layout, check
+from musiclib.embed import embedder
+from musiclib.train import models
 
 FORMAT = "musiclib-neighbors/1"
 INDEX_FILE = "index.safetensors"

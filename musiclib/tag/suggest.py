@@ -13,7 +13,7 @@ uncertainty, never two tracks whose cosine similarity in the probe's normalised 
 reason``; ``simulate`` replays the loop "suggest, reveal, refit" on a labeled corpus
 (``bench/bench_active.py``).
 
-    python -m musiclib.suggest show TAG [--root ROOT] [--n 20]
+    python -m musiclib.tag.suggest show TAG [--root ROOT] [--n 20]
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from scipy.special import expit, logit
 
-from musiclib import catalog, fewshot, metrics, probes, storage, tags, versions
-from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
+from musiclib import catalog
+from musiclib.core import storage, versions
+from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
+from musiclib.probe import fewshot, metrics, probes
+from musiclib.tag import tags
 
 ROWS_FILE = "rows/suggestions.parquet"
 _EPS = 1e-6  # thresholds of probability probes are clipped to (eps, 1 - eps) before the logit
@@ -371,7 +374,7 @@ def simulate(
 
 def main(argv: list[str] | None = None) -> None:
     """``show TAG``: the latest suggestions for a tag, best first."""
-    parser = argparse.ArgumentParser(prog="python -m musiclib.suggest")
+    parser = argparse.ArgumentParser(prog="python -m musiclib.tag.suggest")
     parser.add_argument("command", choices=["show"])
     parser.add_argument("tag")
     parser.add_argument("--root", default=DEFAULT_ROOT)

@@ -24,7 +24,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from musiclib import storage
+from musiclib.core import storage
 
 MANIFEST_DIR = "_manifests"
 LATEST = "_latest"

@@ -15,7 +15,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from musiclib import catalog, metrics, probes
+from musiclib import catalog
+from musiclib.probe import metrics, probes
 
 EVAL_SPLITS = ("valid", "test")  # configurations are chosen on valid; test only reports the chosen ones
 

@@ -4,7 +4,7 @@ Every path in musiclib is a URI: a plain path or ``file://...`` on the embedded 
 on a cluster. S3 settings come only from the standard AWS variables (``AWS_ENDPOINT_URL``,
 ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ``AWS_REGION``), so one job runs
 unchanged against AWS, MinIO or a moto server. Credentials are never logged or written anywhere.
-Versioned datasets and their leases are built on these objects in ``musiclib.versions``.
+Versioned datasets and their leases are built on these objects in ``musiclib.core.versions``.
 """
 
 from __future__ import annotations

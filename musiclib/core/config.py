@@ -49,7 +49,7 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
     ``--help`` prints the fields with their defaults and exits. ``--verbose``, which every job takes, is
     not a field: it lets Ray's INFO output through to the console (``progress.verbose``).
     """
-    from musiclib import progress
+    from musiclib.core import progress
 
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--verbose" in argv:
@@ -95,7 +95,7 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
 
 def take_flags(args: list[str], flags: dict[str, Any], usage: str) -> None:
     """Move each ``--flag value`` named in ``flags`` from ``args`` into ``flags`` (the defaults stay otherwise);
-    the small query tools' argument parsing (``python -m musiclib.tags``, ``python -m musiclib.report``)."""
+    the small query tools' argument parsing (``python -m musiclib.tag.tags``, ``python -m musiclib.probe.report``)."""
     for flag in flags:
         if flag in args:
             i = args.index(flag)
@@ -111,7 +111,7 @@ def absolute_uris(cfg: T) -> T:
     Ray workers run in another working directory, so a relative local path handed to them names
     another place (or nothing); an S3 URI is only put in canonical form.
     """
-    from musiclib import storage
+    from musiclib.core import storage
 
     def absolute(name: str, value: str) -> str:
         try:
@@ -161,7 +161,7 @@ class Layout:
     root: str
 
     def _at(self, *parts: str) -> str:
-        from musiclib import storage
+        from musiclib.core import storage
 
         return storage.join(self.root, *parts)
 

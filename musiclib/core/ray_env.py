@@ -44,7 +44,7 @@ def ray_session(
     """
     import ray
 
-    from musiclib import progress
+    from musiclib.core import progress
 
     started = local = False
     if not ray.is_initialized():
@@ -135,7 +135,7 @@ def read_parquet(
     """
     import ray.data
 
-    from musiclib import storage
+    from musiclib.core import storage
 
     uris = [uris] if isinstance(uris, str) else uris
     fs, _ = storage.arrow_filesystem(uris[0])

@@ -18,8 +18,8 @@ import torch
 import torchaudio
 from torch import nn
 
-from musiclib import embedder
 from musiclib.audio import SAMPLE_RATE
+from musiclib.embed import embedder
 
 LOG_OFFSET = 1e-6  # log(mel power + LOG_OFFSET): silence stays finite
 

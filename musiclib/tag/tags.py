@@ -8,17 +8,17 @@ score reached the tag's threshold; always true for human labels) and provenance 
 ``probe_run_id``, ``tagged_at``. All model rows of a snapshot come from one probe run (``--only-new``
 keeps only rows of the same run).
 
-    python -m musiclib.tags show TRACK_ID [--root ROOT] [--run RUN_ID]
-    python -m musiclib.tags top TAG [--root ROOT] [--n 10] [--run RUN_ID]
-    python -m musiclib.tags sql "SELECT tag, count(*) FROM tags GROUP BY tag" [--root ROOT]
-    python -m musiclib.tags history [--root ROOT]      # the runs (snapshots) of the table
-    python -m musiclib.tags outputs [--root ROOT]      # what each job did, where the outputs are
-    python -m musiclib.tags similar TRACK_ID [--root ROOT] [--n 10] [--model-id M]
-    python -m musiclib.tags seed TAG [--examples ID,ID] [--confirm ID,ID] [--split train] [--root ROOT] [--n 10]
+    python -m musiclib.tag.tags show TRACK_ID [--root ROOT] [--run RUN_ID]
+    python -m musiclib.tag.tags top TAG [--root ROOT] [--n 10] [--run RUN_ID]
+    python -m musiclib.tag.tags sql "SELECT tag, count(*) FROM tags GROUP BY tag" [--root ROOT]
+    python -m musiclib.tag.tags history [--root ROOT]      # the runs (snapshots) of the table
+    python -m musiclib.tag.tags outputs [--root ROOT]      # what each job did, where the outputs are
+    python -m musiclib.tag.tags similar TRACK_ID [--root ROOT] [--n 10] [--model-id M]
+    python -m musiclib.tag.tags seed TAG [--examples ID,ID] [--confirm ID,ID] [--split train] [--root ROOT] [--n 10]
 
 The table commands take ``--catalog-uri`` and ``--table`` (``tag_table``) and read the current snapshot,
 or the snapshot of ``--run`` (time travel). ``similar`` and ``seed`` are nearest-neighbour queries over
-the embeddings (``musiclib.neighbors``); ``seed TAG --confirm ID,ID`` writes TAG as a human label of the
+the embeddings (``musiclib.tag.neighbors``); ``seed TAG --confirm ID,ID`` writes TAG as a human label of the
 confirmed tracks (and the examples) into the catalog, where the next tune and tag runs read it.
 """
 
@@ -37,12 +37,13 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
-from musiclib import progress, storage, tag_table, versions
-from musiclib.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, take_flags
-from musiclib.tag_table import DEFAULT_CATALOG, DEFAULT_TABLE, Where
+from musiclib.core import progress, storage, versions
+from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, take_flags
+from musiclib.tag import tag_table
+from musiclib.tag.tag_table import DEFAULT_CATALOG, DEFAULT_TABLE, Where
 
 if TYPE_CHECKING:  # the query tool starts without torch
-    from musiclib.probes import ProbeSet
+    from musiclib.probe.probes import ProbeSet
 
 SCHEMA = pa.schema(
     [
@@ -326,8 +327,8 @@ class Applied:
 def applied_probes(layout: Layout, probe_run_id: str = "") -> Applied:
     """``probe_run_id`` (else the latest probe run) and its model's latest embeddings; a one-line
     ``ConfigError`` when either is missing, has no thresholds, or holds no rows."""
-    from musiclib import embedder
-    from musiclib.probes import ProbeSet
+    from musiclib.embed import embedder
+    from musiclib.probe.probes import ProbeSet
 
     run_id = probe_run_id or versions.latest_version(layout.probes)
     if run_id is None or versions.read_manifest(layout.probes, run_id) is None:
@@ -351,7 +352,7 @@ def applied_probes(layout: Layout, probe_run_id: str = "") -> Applied:
 
 
 USAGE = (
-    "usage: python -m musiclib.tags show TRACK_ID | top TAG | sql QUERY | history | outputs "
+    "usage: python -m musiclib.tag.tags show TRACK_ID | top TAG | sql QUERY | history | outputs "
     "[--root ROOT] [--n N] [--run RUN_ID] [--catalog-uri URI] [--table NAMESPACE.NAME]"
     " | similar TRACK_ID | seed TAG [--examples ID,ID] [--confirm ID,ID] [--split train] [--model-id M]"
 )
@@ -407,13 +408,13 @@ def neighbors_command(args: list[str], root: str, n: int) -> None:
 
     Bad input (an unknown track or tag, an example without an embedding) ends with one line naming it.
     """
-    from musiclib import neighbors  # loads the encoder's modules: only these two commands need them
+    from musiclib.tag import neighbors  # loads the encoder's modules: only these two commands need them
 
     options = {"--examples": "", "--confirm": "", "--model-id": "", "--split": "train"}
     take_flags(args, options, USAGE)
     if len(args) != 2 or (args[0] == "similar" and (options["--examples"] or options["--confirm"])):
         raise SystemExit(
-            "usage: python -m musiclib.tags similar TRACK_ID | seed TAG [--examples ID,ID] [--confirm ID,ID] "
+            "usage: python -m musiclib.tag.tags similar TRACK_ID | seed TAG [--examples ID,ID] [--confirm ID,ID] "
             "[--split train] [--model-id M] [--root ROOT] [--n N]"
         )
     layout = Layout(root)

@@ -23,8 +23,8 @@ from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from musiclib import storage, versions
 from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE
+from musiclib.core import storage, versions
 
 CHANNELS = (128, 128, 128, 256, 256, 256, 256, 256, 256, 512)  # stem, then the nine blocks' outputs
 

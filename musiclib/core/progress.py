@@ -9,7 +9,7 @@
   at most one per interval, and the last one always.
 - ``summary(...)``: the end of every job: what it read, wrote and skipped (and why), how long it took and
   where its outputs are; printed, and written as JSON to ``<root>/summaries/<job>.json`` so that
-  ``python -m musiclib.tags outputs`` can show the whole chain as one table from what was written.
+  ``python -m musiclib.tag.tags outputs`` can show the whole chain as one table from what was written.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
-from musiclib import storage, versions
+from musiclib.core import storage, versions
 
 VERBOSE_ENV = "MUSICLIB_VERBOSE"
 INTERVAL_S = 30.0  # seconds between two progress lines of one stage when stdout is not a terminal

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from musiclib import storage, versions  # noqa: E402
+from musiclib.core import storage, versions  # noqa: E402
 
 METRICS = ("ap", "roc_auc")
 GROUPS = ("all", "head", "tail")
@@ -245,7 +245,7 @@ def render_markdown(
 def print_study_runs(dataset: str, budget: str) -> None:
     """The table of ``study.compare_runs``: scores per run and encoder (``*``: best on validation), then
     each run's settings."""
-    from musiclib import study
+    from musiclib.study import study
 
     table = study.compare_runs(dataset, budget)
     if table.empty:
@@ -264,8 +264,8 @@ def print_study_runs(dataset: str, budget: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``python -m musiclib.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]`` or
-    ``python -m musiclib.report study-runs [--root ROOT] [--budget 20]``.
+    """``python -m musiclib.probe.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]`` or
+    ``python -m musiclib.probe.report study-runs [--root ROOT] [--budget 20]``.
 
     ``budget-curve`` draws a probe run's curve; ``study-plot`` copies a study run's ``study.png`` (the
     README's figures come from these, ``make docs-images``); ``study-runs`` compares every study run of a
@@ -273,11 +273,11 @@ def main(argv: list[str] | None = None) -> None:
     """
     import sys
 
-    from musiclib.config import DEFAULT_ROOT, Layout, take_flags
+    from musiclib.core.config import DEFAULT_ROOT, Layout, take_flags
 
     usage = (
-        "usage: python -m musiclib.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]\n"
-        "       python -m musiclib.report study-runs [--root ROOT] [--budget 20]"
+        "usage: python -m musiclib.probe.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]\n"
+        "       python -m musiclib.probe.report study-runs [--root ROOT] [--budget 20]"
     )
     args = list(sys.argv[1:] if argv is None else argv)
     options = {"--root": DEFAULT_ROOT, "--run-id": None, "--budget": "20"}

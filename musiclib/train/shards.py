@@ -13,7 +13,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from musiclib import audio, storage, versions
+from musiclib import audio
+from musiclib.core import storage, versions
 
 SHARD_SCHEMA = pa.schema(
     [

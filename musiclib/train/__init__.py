@@ -1,0 +1,6 @@
+"""The model stage: the encoder, its pretraining (SemiSupCon) and the data pretraining reads.
+
+``shards`` (the train split decoded once to int16), ``augment`` (the view augmentations), ``losses``
+(the SemiSupCon loss), ``gather`` (the all-gather across DDP workers), ``models`` (the encoders, the
+projection head, export and loading) and ``pretraining`` (config, batches, step, loop, checkpoints).
+"""
