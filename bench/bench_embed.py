@@ -71,7 +71,7 @@ def make_root(cfg: BenchConfig, audio: pa.Table, n: int) -> str:
     table = reps.set_column(0, "track_id", pa.array([f"t{i:08d}" for i in range(n)]))
     catalog.write(table, Layout(root).catalog)
     storage.delete(Layout(root).embeddings, recursive=True)
-    models.export_random_encoder(Layout(root).models, width=cfg.width)
+    models.export_random_encoder(Layout(root).models, models.EncoderConfig(width=cfg.width))
     return root
 
 

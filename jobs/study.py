@@ -70,7 +70,7 @@ def make_encoder(cfg: StudyConfig, work: Layout, encoder: str, seed: int) -> tup
         model_id = embed_logmel(cfg, work)
         return model_id, {"pretrain_s": 0.0, "embed_s": time.perf_counter() - start}
     if encoder == "random":
-        model_id = models.export_random_encoder(work.models, cfg.width, seed)
+        model_id = models.export_random_encoder(work.models, models.EncoderConfig(width=cfg.width), seed)
     else:
         model_id = pretrain.main(study.pretrain_argv(cfg, work.root, encoder, seed))
     seconds["pretrain_s"] = time.perf_counter() - start

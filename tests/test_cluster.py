@@ -51,7 +51,7 @@ def catalog_on_s3(cluster, s3_server) -> Iterator[str]:
 
     with aws_env(s3_server):
         demo.make_catalog(cluster.root, n_tracks=12, seed=0, min_seconds=3.0, max_seconds=5.0, workers=1)
-        yield models.export_random_encoder(f"{cluster.root}/models", width=0.125)
+        yield models.export_random_encoder(f"{cluster.root}/models", models.EncoderConfig(width=0.125))
 
 
 # --------------------------------------------------------------------------- tests
@@ -176,7 +176,7 @@ def test_embed_survives_losing_the_worker_node(cluster, s3_server):
     layout = Layout(root)
     with aws_env(s3_server):
         demo.make_catalog(root, n_tracks=120, seed=1, min_seconds=3.0, max_seconds=5.0, workers=1)
-        model_id = models.export_random_encoder(layout.models, width=0.125)
+        model_id = models.export_random_encoder(layout.models, models.EncoderConfig(width=0.125))
     dataset = embedder.dataset_uri(layout.embeddings, model_id)
     job_id = f"node-loss-{uuid.uuid4().hex[:6]}"
     args = "--max-chunks 2 --batch-size 2 --decode-cpus 1 --actors 1"

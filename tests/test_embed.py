@@ -34,7 +34,7 @@ S3_VARIABLES = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testin
 def make_root(root: str, n_good: int = 8, faults: bool = True) -> str:
     """The demo catalog (short tracks in mixed formats, plus one track per decoder fault) and a narrow encoder."""
     demo.make_catalog(root, n_tracks=n_good, faults=faults, min_seconds=3.0, max_seconds=9.0, workers=1)
-    return models.export_random_encoder(Layout(root).models, width=0.25)
+    return models.export_random_encoder(Layout(root).models, models.EncoderConfig(width=0.25))
 
 
 @pytest.fixture(scope="module")

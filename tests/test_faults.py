@@ -333,7 +333,7 @@ def assert_same_rows(got: pa.Table, expected: pa.Table, keys: list[str], values:
 def audio_root(root: str, n_tracks: int = 6, faults: bool = True) -> str:
     """A demo catalog of short tracks (plus one per decoder fault) and a narrow random encoder; its model id."""
     demo.make_catalog(root, n_tracks=n_tracks, faults=faults, min_seconds=3.0, max_seconds=5.0, workers=1)
-    return models.export_random_encoder(Layout(root).models, width=0.0625)
+    return models.export_random_encoder(Layout(root).models, models.EncoderConfig(width=0.0625))
 
 
 EMBED_ARGS = ["--batch-size", "2", "--shard-rows", "1", "--max-chunks", "2"]

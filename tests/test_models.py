@@ -1,4 +1,5 @@
-"""SampleCNN shapes and parameter count; export and safe load of an encoder."""
+"""Both encoder families: shapes and cost, the log-mel front end, export and safe load, BatchNorm folding
+and synchronisation."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torchaudio
 
 from musiclib.audio import CHUNK_SAMPLES
 from musiclib.core import storage, versions
@@ -83,10 +85,14 @@ def test_random_encoder_is_seeded_exported_latest_and_leaves_torch_rng_alone(tmp
     torch.manual_seed(123)
     before = torch.rand(1)
     torch.manual_seed(123)
-    model_id = models.export_random_encoder(root, width=0.0625, seed=0)
+    model_id = models.export_random_encoder(root, models.EncoderConfig(width=0.0625), seed=0)
     assert torch.rand(1) == before  # the caller's random stream is untouched
-    assert models.resolve(root) == model_id == models.export_random_encoder(root, width=0.0625, seed=0)
-    assert models.export_random_encoder(root, width=0.0625, seed=1) != model_id
+    assert (
+        models.resolve(root)
+        == model_id
+        == models.export_random_encoder(root, models.EncoderConfig(width=0.0625), seed=0)
+    )
+    assert models.export_random_encoder(root, models.EncoderConfig(width=0.0625), seed=1) != model_id
     encoder, _ = models.load_encoder(root, model_id)
     assert encoder.config.width == 0.0625
 
@@ -106,3 +112,95 @@ def test_fold_batchnorm_computes_the_same_function():
     x = torch.randn(3, CHUNK_SAMPLES, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), encoder(x), rtol=1e-9, atol=1e-9)
+
+
+# --------------------------------------------------------------------------- the log-mel CNN
+
+MEL = models.EncoderConfig(family="melcnn", width=0.125, n_mels=32, hop=1024)
+
+
+def test_melcnn_shapes_cost_and_widest_activation():
+    """The embedding is mean and max over time of every (channel, band) of the last block; the widest
+    activation the config names is the one a forward makes (CPU forwards are sized by it)."""
+    torch.manual_seed(0)
+    enc = models.build_encoder(MEL)
+    assert isinstance(enc, models.MelCNN) and MEL.embed_dim == 2 * 64 * 2
+    assert enc(torch.zeros(3, CHUNK_SAMPLES)).shape == (3, MEL.embed_dim)
+    sizes = [enc.frontend.mel.spectrogram(torch.zeros(1, CHUNK_SAMPLES)).numel()]
+    hooks = [m.register_forward_hook(lambda m, i, o: sizes.append(o.numel())) for m in enc.net]
+    enc(torch.zeros(1, CHUNK_SAMPLES))
+    for h in hooks:
+        h.remove()
+    assert MEL.widest_activation() == max(sizes)
+    same_width = models.SampleCNN(models.EncoderConfig(width=0.125))
+    assert models.count_parameters(enc) < models.count_parameters(same_width)
+    assert models.ContrastiveModel(MEL)(torch.zeros(2, CHUNK_SAMPLES)).shape == (2, 128)
+
+
+def test_melcnn_front_end_is_the_log_mel_spectrogram():
+    """The front end equals torchaudio's spectrogram and mel filter bank computed directly, in float64."""
+    enc = models.build_encoder(MEL).double()
+    x = 0.1 * torch.randn(2, CHUNK_SAMPLES, dtype=torch.float64)
+    window = torch.hann_window(MEL.n_fft).double()  # the module builds its window in float32
+    power = torchaudio.functional.spectrogram(
+        x, 0, window, MEL.n_fft, MEL.hop, MEL.n_fft, power=2.0, normalized=False
+    )
+    fb = torchaudio.functional.melscale_fbanks(
+        MEL.n_fft // 2 + 1, 0.0, MEL.sample_rate / 2, MEL.n_mels, MEL.sample_rate
+    )
+    expected = torch.log(
+        torch.matmul(power.transpose(-1, -2), fb.double()).transpose(-1, -2) + models.LOG_OFFSET
+    )
+    got = enc.frontend(x)
+    assert got.dtype == torch.float64 and got.shape == (2, MEL.n_mels, MEL.frames)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-9)
+    bf16 = x.float().to(torch.bfloat16)
+    assert models.build_encoder(MEL).frontend(bf16).dtype == torch.float32  # never an STFT in bf16
+
+
+def test_melcnn_export_and_load_round_trip_with_its_preprocessing(tmp_path):
+    torch.manual_seed(0)
+    enc = models.build_encoder(MEL).eval()
+    root = str(tmp_path / "models")
+    model_id = models.export_encoder(enc, root)
+    assert model_id.startswith("melcnn-w0.125-")
+    loaded, card = models.load_encoder(root, model_id)
+    assert isinstance(loaded, models.MelCNN) and card["architecture"] == "MelCNN"
+    assert card["config"]["n_mels"] == 32 and card["config"]["hop"] == 1024
+    assert "MelSpectrogram" in card["preprocessing"]["frontend"] and "32767" in card["preprocessing"]["scale"]
+    x = torch.randn(2, CHUNK_SAMPLES)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), enc(x))
+    assert models.export_random_encoder(root, MEL, seed=0) != models.export_random_encoder(root, MEL, seed=1)
+
+
+def test_melcnn_fold_batchnorm_computes_the_same_function():
+    torch.manual_seed(0)
+    encoder = models.build_encoder(MEL).double().eval()
+    for bn in (m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)):
+        bn.running_mean.normal_()
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.data.normal_()
+        bn.bias.data.normal_()
+    folded = models.fold_batchnorm(encoder)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
+    x = torch.randn(3, CHUNK_SAMPLES, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(folded(x), encoder(x), rtol=1e-9, atol=1e-9)
+
+
+def test_melcnn_sync_batchnorm_converts_every_batchnorm_and_keeps_the_state_dict():
+    plain = models.build_encoder(MEL)
+    synced = models.sync_batchnorm(models.build_encoder(MEL), torch.device("cpu"))
+    assert sum(isinstance(m, models.SyncBatchNorm2d) for m in synced.modules()) == 4
+    assert sum(isinstance(m, models.SyncBatchNorm1d) for m in synced.modules()) == 1  # the bands
+    plain.load_state_dict(synced.state_dict())
+
+
+def test_encoder_config_problems_name_the_option():
+    assert models.EncoderConfig(family="vit").problems() == [
+        "--encoder 'vit' must be one of samplecnn, melcnn"
+    ]
+    assert "--n-mels 40" in models.EncoderConfig(family="melcnn", n_mels=40).problems()[0]
+    assert "--hop" in models.EncoderConfig(family="melcnn", hop=4096, n_fft=1024).problems()[0]
+    assert models.EncoderConfig(family="samplecnn", n_mels=40).problems() == []  # SampleCNN has no front end

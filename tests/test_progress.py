@@ -194,7 +194,7 @@ def test_a_job_prints_few_lines_and_every_warning(tmp_path):
     """embed on a small catalog, stdout not a terminal (as in ``make logs``): a line budget, every warning."""
     root = str(tmp_path / "demo")
     demo.make_catalog(root, n_tracks=12, faults=True, min_seconds=3.0, max_seconds=4.0, workers=1)
-    models.export_random_encoder(Layout(root).models, width=0.0625)
+    models.export_random_encoder(Layout(root).models, models.EncoderConfig(width=0.0625))
     env = {**os.environ, "PYTHONPATH": str(ROOT_DIR)}
     env.pop(progress.VERBOSE_ENV, None)
     env.pop("RAY_ADDRESS", None)
