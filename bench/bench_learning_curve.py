@@ -1,16 +1,19 @@
-"""Few-shot probe AP as pretraining goes, from the random encoder (step 0) on: when does training pay?
+"""Few-shot probe AP as pretraining goes, against training minutes: when does training pay, and how fast?
 
-    PYTHONPATH=. .venv/bin/python bench/bench_learning_curve.py --root data/demo --eval-root data/demo-eval \
-        --every 20 --out curve.jsonl --pretrain "--steps 100 --lr 1e-3 --warmup 10 --cosine true"
+    PYTHONPATH=. .venv/bin/python bench/bench_learning_curve.py --root data/bench-rendered \
+        --pretrain "--encoder melcnn --width 0.25 --batch-size 64 --lr 1e-3" --minutes 10 --every 1 \
+        --out curve.jsonl
 
-Trains in this process with the pretrain job's own code (``pretraining.build``, ``pretraining.fit``; the
-demo's encoder, one worker) on the shards the pretrain job prepared under ``--root``. At step 0 and every
-``--every`` steps it embeds the labeled tracks of ``--eval-root`` with the current encoder and runs the
-tune job's few-shot protocol on them (linear and centroid probes, standardised, 5 repetitions), printing
-and appending one JSON line of macro AP on the validation and the test split per budget. The demo's own
-splits hold about 25 labeled tracks each, too few to tell two encoders apart, so ``--eval-root`` is a
-catalog from the same generator with another seed and every track labeled
-(``jobs/make_demo_catalog.py --n-tracks 900 --labeled-fraction 1 --seed 7``). Results: docs/STUDY.md.
+Trains in this process with the pretrain job's own code (``pretraining.build``, ``pretraining.fit``; one
+worker, every core) on the train split of ``--root``, decoded once into training shards as the pretrain
+job decodes them (prepared here without Ray when the root has none). At 0 minutes (the random encoder) and
+every ``--every`` minutes of training (steps only: evaluations and checkpoints are not counted), it embeds
+the labeled tracks (``--max-chunks`` chunks each, as the study embeds them) with the current encoder and
+runs the tune job's few-shot protocol on them (the study's probes and normalisations, 5 repetitions); per
+budget the configuration chosen on the validation split gives the macro AP on validation and test, for
+all and tail tags. ``--floor`` adds the log-mel floor's line and ``--fused`` each step's fused
+representation (the learned embedding beside the log-mel statistics). One JSON line per evaluation,
+printed and appended to ``--out``. Results: docs/BENCHMARKS.md and docs/STUDY.md.
 """
 
 from __future__ import annotations
@@ -20,86 +23,173 @@ import json
 import shlex
 import time
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 
 from musiclib import catalog
 from musiclib.core.config import Layout, parse
-from musiclib.embed import embedder
+from musiclib.embed import embedder, logmel
 from musiclib.probe import fewshot, report
 from musiclib.probe.sweep import TuneConfig, configurations
 from musiclib.train import pretraining, shards
 from musiclib.train.pretraining import PretrainConfig
 
-# the demo's encoder and batch (Makefile: PRETRAIN_DEMO)
-DEMO = "--width 0.25 --num-workers 1 --batch-size 20 --p-pitch 0"
+
+def prepare_shards(cfg: PretrainConfig) -> list[str]:
+    """The root's training shards, prepared in this process (as the pretrain job does with Ray) if missing."""
+    layout = Layout(cfg.root)
+    table = catalog.read(layout.catalog, columns=["track_id", "audio_uri", "tags", "split"])
+    train = table.filter(pc.equal(table.column("split"), "train"))
+    done = set(
+        shards.read_shard_columns(shards.committed_shards(layout.shards), ["track_id"])
+        .column("track_id")
+        .to_pylist()
+    )
+    for group in shards.plan_shards(train, done, cfg.shard_tracks):
+        shards.prepare_shard(
+            group, layout.shards, catalog.base_dir(layout.catalog), cfg.max_track_seconds, cfg.segment_seconds
+        )
+    return shards.committed_shards(layout.shards)
+
+
+def decode_labeled(root: str, max_chunks: int) -> tuple[pa.Table, list[pa.Table]]:
+    """The catalog's labeled tracks and their decoded chunks, in batches of 16 (decoded once per run)."""
+    uri = Layout(root).catalog
+    tracks, base = catalog.labeled(catalog.read(uri)), catalog.base_dir(uri)
+    cols = ["track_id", "audio_uri"]
+    return tracks, [
+        embedder.decode_batch(tracks.slice(i, 16).select(cols), base, max_chunks)
+        for i in range(0, tracks.num_rows, 16)
+    ]
+
+
+def embed(encoder: torch.nn.Module, decoded: list[pa.Table], name: str) -> pa.Table:
+    chunk_batch = embedder.chunks_per_forward(0, False, encoder.config)
+    with torch.no_grad():
+        return pa.concat_tables(embedder.embed_batch(encoder, b, name, chunk_batch) for b in decoded)
+
+
+def logmel_table(decoded: list[pa.Table]) -> pa.Table:
+    """The log-mel floor's embeddings of the decoded tracks (mean and std per band)."""
+    floor = logmel.LogMelConfig()
+    table = embed(logmel.LogMel(floor), decoded, floor.model_id)
+    ok = table.column("error").is_null().to_numpy(zero_copy_only=False)
+    values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    stats = logmel.finish(values.reshape(-1, floor.embed_dim))
+    return with_vectors(table, np.where(ok[:, None], stats, 0.0))
+
+
+def with_vectors(table: pa.Table, x: np.ndarray) -> pa.Table:
+    column = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).reshape(-1)), x.shape[1])
+    return table.set_column(table.column_names.index("embedding"), "embedding", column)
+
+
+def fused(learned: pa.Table, floor: pa.Table) -> pa.Table:
+    """Each part standardised over the tracks and scaled to unit total variance, side by side."""
+    parts = []
+    for table in (learned, floor):
+        x = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        x = x.reshape(len(table), -1).astype(np.float64)
+        x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6) / np.sqrt(x.shape[1])
+        parts.append(x)
+    return with_vectors(learned, np.concatenate(parts, axis=1))
+
+
+def probe_scores(tracks: pa.Table, emb: pa.Table, probes: TuneConfig) -> dict[str, dict[str, float]]:
+    """Per budget, the validation-chosen configuration's macro AP: valid and test, all and tail tags."""
+    data = fewshot.prepare(tracks, emb, "curve")
+    rows = [
+        row
+        for config in configurations(probes)
+        for row in fewshot.run_config(data, config, probes.repetitions, probes.seed)
+    ]
+    best = report.best_per_budget(report.trial_summary(pd.DataFrame(rows)))
+    return {
+        b.budget: {
+            f"{split}_{group}": round(getattr(b, f"{split}_ap_{group}_mean"), 4)
+            for split in ("valid", "test")
+            for group in ("all", "tail")
+        }
+        | {"trial": b.trial}
+        for b in best.itertuples()
+    }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--root", default="data/demo", help="where the pretrain job prepared its shards")
-    parser.add_argument("--eval-root", required=True, help="a demo catalog with every track labeled")
-    parser.add_argument("--pretrain", default="", help="pretrain options on top of the demo's encoder")
-    parser.add_argument("--every", type=int, default=20, help="steps between two evaluations")
+    parser.add_argument("--root", required=True, help="a labeled catalog (train/valid/test splits)")
+    parser.add_argument("--pretrain", default="", help="pretrain options (the encoder, batch, lr, ...)")
+    parser.add_argument("--minutes", type=float, default=10.0, help="training minutes (the time budget)")
+    parser.add_argument("--every", type=float, default=1.0, help="training minutes between evaluations")
     parser.add_argument("--budgets", default="5,20,all")
-    parser.add_argument("--max-chunks", type=int, default=16, help="chunks embedded per evaluation track")
+    parser.add_argument("--probes", default="linear,centroid", help="the study's probes by default")
+    parser.add_argument("--max-chunks", type=int, default=2, help="chunks embedded per track (the study's)")
+    parser.add_argument("--floor", action="store_true", help="also evaluate the log-mel floor")
+    parser.add_argument("--fused", action="store_true", help="also evaluate learned + log-mel, fused")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", required=True, help="JSON lines, appended")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cfg = parse(
         PretrainConfig,
-        ["--root", args.root, *shlex.split(DEMO), "--log-every", str(args.every)]
-        + ["--checkpoint-every", str(args.every), *shlex.split(args.pretrain)],
+        ["--root", args.root, "--num-workers", "1", "--steps", "1000000", "--minutes", str(args.minutes)]
+        + ["--log-every", "5", "--checkpoint-every", "1000000", *shlex.split(args.pretrain)],
     )
-    uris = shards.committed_shards(Layout(cfg.root).shards)
-    if not uris:
-        raise SystemExit(f"no training shards under {cfg.root}: run `make demo-catalog pretrain` first")
+    uris = prepare_shards(cfg)
     data = pretraining.load_training_data(uris, pretraining.plan_labels(uris, cfg.p_s, cfg.seed))
     device = torch.device("cpu")
     model, optimizer, augment = pretraining.build(cfg, device)
+    tracks, decoded = decode_labeled(args.root, args.max_chunks)
+    probes = TuneConfig(budgets=args.budgets.split(","), probes=args.probes.split(","))
+    floor = logmel_table(decoded) if args.fused or args.floor else None
 
-    eval_catalog = Layout(args.eval_root).catalog
-    tracks, base = catalog.labeled(catalog.read(eval_catalog)), catalog.base_dir(eval_catalog)
-    cols = ["track_id", "audio_uri"]
-    decoded = [  # once: every evaluation embeds the same audio
-        embedder.decode_batch(tracks.slice(i, 16).select(cols), base, args.max_chunks)
-        for i in range(0, tracks.num_rows, 16)
-    ]
-    chunk_batch = embedder.chunks_per_forward(0, False, model.encoder.config)
-    probes = TuneConfig(budgets=args.budgets.split(","), probes=["linear", "centroid"], norms=["standardize"])
-
-    def evaluate(step: int) -> None:
-        start = time.perf_counter()
-        model.encoder.eval()
-        with torch.no_grad():
-            emb = pa.concat_tables(
-                embedder.embed_batch(model.encoder, batch, "curve", chunk_batch, device) for batch in decoded
-            )
-        model.encoder.train()
-        probe_data = fewshot.prepare(tracks, emb, "curve")
-        rows = [
-            row
-            for config in configurations(probes)
-            for row in fewshot.run_config(probe_data, config, probes.repetitions, probes.seed)
-        ]
-        line: dict = {"step": step}
-        for trial in report.trial_summary(pd.DataFrame(rows)).itertuples():
-            line[f"{trial.probe}-{trial.budget}"] = {
-                split: round(getattr(trial, f"{split}_ap_all_mean"), 4) for split in ("valid", "test")
-            }
-        line["eval_s"] = round(time.perf_counter() - start, 1)
+    def write(line: dict) -> None:
         text = json.dumps(line)
         print(text, flush=True)
         with open(args.out, "a") as f:
             f.write(text + "\n")
 
-    def on_log(step: int, metrics: dict[str, float], due: bool) -> None:
-        print(pretraining.progress_line(metrics, cfg.steps), flush=True)
-        if due:
-            evaluate(step)
+    if args.floor:
+        write({"encoder": "logmel", "pretrain": args.pretrain, "scores": probe_scores(tracks, floor, probes)})
 
-    evaluate(0)
+    def evaluate(step: int, metrics: dict[str, float]) -> None:
+        start = time.perf_counter()
+        model.encoder.eval()
+        emb = embed(model.encoder, decoded, "curve")
+        model.encoder.train()
+        line = {
+            "encoder": cfg.encoder,
+            "pretrain": args.pretrain,
+            "step": step,
+            "minutes": round(metrics.get("trained_s", 0.0) / 60, 2),
+            "loss": round(metrics.get("loss", float("nan")), 4),
+            "clips_per_s": round(metrics.get("clips_per_s", float("nan")), 1),
+            "scores": probe_scores(tracks, emb, probes),
+        }
+        if floor is not None and args.fused:
+            line["fused"] = probe_scores(tracks, fused(emb, floor), probes)
+        line["eval_s"] = round(time.perf_counter() - start, 1)
+        write(line)
+
+    due = [args.every]
+    window: list[float] = []
+
+    def on_log(step: int, metrics: dict[str, float], last: bool) -> None:
+        window.append(metrics["clips_per_s"])
+        if metrics["trained_s"] >= 60 * due[0] or last:
+            metrics = {**metrics, "clips_per_s": float(np.mean(window))}
+            print(pretraining.progress_line(metrics, cfg.steps), flush=True)
+            evaluate(step, metrics)
+            window.clear()
+            while due[0] * 60 <= metrics["trained_s"]:
+                due[0] += args.every
+
+    evaluate(0, {})
     pretraining.fit(model, optimizer, augment, data, cfg, device, report=on_log)
 
 

@@ -106,11 +106,11 @@ def train_loop(config: dict[str, Any]) -> None:
     shard_uris = committed_shards(Layout(cfg.root).shards)
     data = load_training_data(shard_uris, plan_labels(shard_uris, cfg.p_s, cfg.seed), rank, world)
     model, optimizer, augment = build(cfg, device)
-    start = 0
+    start, trained_s = 0, 0.0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
-            start = restore(model, optimizer, load_checkpoint(directory))
+            start, trained_s = restore(model, optimizer, load_checkpoint(directory))
     if rank == 0:
         say(f"worker 0 of {world}: {len(data)} tracks in memory, starting at step {start}")
     ddp_model = prepare_model(model)
@@ -126,10 +126,12 @@ def train_loop(config: dict[str, Any]) -> None:
             return
         with tempfile.TemporaryDirectory() as directory:
             if rank == 0:
-                save_checkpoint(checkpoint_state(model, optimizer, step, cfg), directory)
+                save_checkpoint(
+                    checkpoint_state(model, optimizer, step, cfg, metrics["trained_s"]), directory
+                )
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory) if rank == 0 else None)
 
-    fit(ddp_model, optimizer, augment, data, cfg, device, start, report)
+    fit(ddp_model, optimizer, augment, data, cfg, device, start, report, trained_s)
 
 
 def train(cfg: PretrainConfig, layout: Layout) -> ray.train.Result:
@@ -224,7 +226,7 @@ def main(argv: list[str] | None = None) -> str:
         cfg.root,
         started,
         read=f"{shards['tracks']} train tracks in {shards['shards']} shards, {shards['usable']} usable",
-        wrote=f"encoder {model_id} after {cfg.steps} steps",
+        wrote=f"encoder {model_id} after {(result.metrics or {}).get('step', cfg.steps)} steps",
         skipped=shards["bad"],
         outputs={"model": storage.join(layout.models, model_id), "run": run_uri},
     )

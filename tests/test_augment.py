@@ -1,5 +1,6 @@
 """The view augmentations: the delay and the noise against float64 references, the batched filters and pitch
-shift against julius and torchaudio one example at a time, probabilities, the chain."""
+shift against julius and torchaudio one example at a time, probabilities, the chain; the log-mel views'
+mixing, crops and masks."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from musiclib.train.augment import (
     OneFilter,
     PitchShift,
     PolarityInversion,
+    SpecAugment,
     ViewAugment,
     apply_filters,
     lowpass,
@@ -271,3 +273,65 @@ def test_the_chain_is_fixed_by_the_torch_seed():
 def test_bad_augment_config_is_refused(field, value):
     with pytest.raises(ValueError):
         AugmentConfig(**{field: value}).validate()
+
+
+# --------------------------------------------------------------------------- log-mel views (SpecAugment)
+
+
+def _spec(b: int = 6, f: int = 16, t: int = 40) -> torch.Tensor:
+    return torch.randn(b, f, t, dtype=torch.float64)
+
+
+def test_spec_augment_off_is_the_identity_and_draws_are_seeded():
+    x = _spec()
+    off = SpecAugment(AugmentConfig())
+    assert not off.enabled() and torch.equal(off(x), x)
+    on = SpecAugment(AugmentConfig(p_mix=0.5, p_crop=0.5, p_freq_mask=0.5, p_time_mask=0.5))
+    torch.manual_seed(3)
+    first = on(x)
+    torch.manual_seed(3)
+    assert torch.equal(on(x), first) and not torch.equal(first, x)
+
+
+def test_mixing_is_in_the_power_domain_with_the_next_view():
+    """Every view mixed: exp(out) = (1 - r) exp(x) + r exp(x_next), float64, r in [0, mix_ratio]."""
+    x = _spec()
+    torch.manual_seed(0)
+    out = SpecAugment(AugmentConfig(p_mix=1.0, mix_ratio=0.4))(x)
+    other = x.roll(1, dims=0)
+    moved, apart = out.exp() - x.exp(), other.exp() - x.exp()
+    r = (moved * apart).sum(dim=(1, 2)) / apart.square().sum(dim=(1, 2))  # each view's r, least squares
+    torch.testing.assert_close(out.exp(), (1 - r)[:, None, None] * x.exp() + r[:, None, None] * other.exp())
+    assert ((r >= 0) & (r <= 0.4)).all() and r.std() > 0
+
+
+def test_masks_set_one_range_per_view_to_its_mean():
+    x = _spec()
+    torch.manual_seed(1)
+    out = SpecAugment(AugmentConfig(p_freq_mask=1.0, freq_mask=0.25))(x)
+    for view, y in zip(x, out, strict=True):
+        changed = (y != view).any(dim=1)  # which bands changed
+        bands = torch.nonzero(changed).squeeze(1)
+        assert len(bands) <= 4 and (len(bands) == 0 or bands.max() - bands.min() + 1 == len(bands))
+        torch.testing.assert_close(y[changed], torch.full_like(y[changed], float(view.mean())))
+    torch.manual_seed(1)
+    out = SpecAugment(AugmentConfig(p_time_mask=1.0, time_mask=0.5))(x)
+    assert ((out != x).any(dim=1).sum(dim=1) <= 20).all() and (out != x).any()
+
+
+def test_a_full_size_crop_is_the_identity_and_a_smaller_one_zooms_in():
+    x = _spec()
+    torch.manual_seed(2)
+    torch.testing.assert_close(SpecAugment(AugmentConfig(p_crop=1.0, crop_scale=(1.0, 1.0)))(x), x)
+    ramp = torch.arange(40, dtype=torch.float64).expand(2, 16, 40).contiguous()  # time index as value
+    torch.manual_seed(2)
+    zoomed = SpecAugment(AugmentConfig(p_crop=1.0, crop_scale=(0.5, 0.5)))(ramp)
+    steps = zoomed[:, :, 1:-1].diff(dim=2)  # inside the crop, half a frame per output frame
+    torch.testing.assert_close(steps, torch.full_like(steps, 0.5))
+
+
+def test_spec_augment_ranges_are_checked():
+    with pytest.raises(ValueError, match="shares"):
+        AugmentConfig(freq_mask=1.5).validate()
+    with pytest.raises(ValueError, match="shares"):
+        AugmentConfig(crop_scale=(0.0, 1.0)).validate()

@@ -367,9 +367,26 @@ def test_checkpoint_round_trip_is_weights_only(tmp_path):
     state = torch.load(io.BytesIO((tmp_path / "state.pt").read_bytes()), weights_only=True)
     assert state["step"] == 2 and state["config"]["width"] == 0.0625 and state["code_version"]
     fresh, fresh_opt, _ = build(PretrainConfig(width=0.0625, seed=1), torch.device("cpu"))
-    assert restore(fresh, fresh_opt, load_checkpoint(str(tmp_path))) == 2
+    assert restore(fresh, fresh_opt, load_checkpoint(str(tmp_path))) == (2, 0.0)
     for a, b in zip(fresh.state_dict().values(), model.state_dict().values(), strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_a_time_budget_ends_training_at_a_checkpoint_and_spans_resumes():
+    """With ``--minutes``, training stops once its step time reaches the budget (counted from the seconds a
+    resumed run has already trained), at a step that is reported as the last checkpoint; the cosine
+    schedule decays over whichever ends first, the steps or the budget."""
+    cfg = PretrainConfig(width=0.0625, steps=1000, minutes=0.5, batch_size=4, p_pitch=0.0, log_every=100)
+    seen = []
+    model, optimizer, augment = build(cfg, torch.device("cpu"))
+    data = fake_data(4, 4)
+    fit(model, optimizer, augment, data, cfg, torch.device("cpu"), 7, lambda *a: seen.append(a), 29.9)
+    (step, metrics, due), *_ = seen
+    assert len(seen) == 1 and due and 8 <= step < 1000 and metrics["trained_s"] >= 30.0
+    cosine = PretrainConfig(steps=100, minutes=1.0, cosine=True, lr=1e-3)
+    assert learning_rate(10, cosine, trained_s=30.0) == pytest.approx(5e-4)  # half the budget: half the lr
+    assert learning_rate(50, cosine, trained_s=6.0) == pytest.approx(5e-4)  # half the steps
+    assert learning_rate(10, PretrainConfig(steps=100, cosine=True, lr=1e-3), 30.0) > 9e-4  # no budget
 
 
 def test_a_run_is_reproducible_from_its_seed():

@@ -9,6 +9,10 @@ example at a time, and this module batches them (the pitch shift by librosa's me
 rather than torch-pitch-shift's vocoder). Draws that pick views out of the batch, or set a per-view
 scale, are made on the host (``to_device``), so the chain never waits for the GPU. Probabilities and
 ranges live in ``AugmentConfig``.
+
+A log-mel encoder's views are augmented a second time, as spectrograms (``SpecAugment``, between the
+model's front end and its convolutions): mixing with another view, random resized crops (BYOL-A) and
+frequency and time masks (SpecAugment).
 """
 
 from __future__ import annotations
@@ -79,6 +83,15 @@ class AugmentConfig:
     pitch_semitones: float = 4.0
     p_delay: float = 0.6
     delay_ms: tuple[float, float] = (100.0, 500.0)
+    # log-mel views of a melcnn encoder (SpecAugment); off at 0
+    p_mix: float = 0.0  # mixed with another view of the batch, in the power domain
+    mix_ratio: float = 0.4  # the other view's share is drawn in [0, mix_ratio]
+    p_crop: float = 0.0  # a random resized crop, stretched back to the view's size
+    crop_scale: tuple[float, float] = (0.6, 1.0)  # the crop's side, as a share of each side of the view
+    p_freq_mask: float = 0.0
+    freq_mask: float = 0.15  # a masked band range is up to this share of the bands
+    p_time_mask: float = 0.0
+    time_mask: float = 0.15  # a masked time range is up to this share of the frames
 
     def validate(self) -> None:
         """Raise ValueError on a probability outside [0, 1] or a range whose low end is above its high end."""
@@ -89,6 +102,9 @@ class AugmentConfig:
                 raise ValueError(f"augmentation range {name}={value} must be (low, high) with low <= high")
         if self.pitch_semitones < 0 or self.delay_ms[0] <= 0:
             raise ValueError("pitch_semitones must be >= 0 and delay_ms must be positive")
+        shares = (self.mix_ratio, self.freq_mask, self.time_mask, *self.crop_scale)
+        if not all(0.0 <= s <= 1.0 for s in shares) or self.crop_scale[0] <= 0:
+            raise ValueError("mix_ratio, freq_mask, time_mask and crop_scale must be shares in [0, 1]")
 
 
 class Delay(nn.Module):
@@ -395,3 +411,69 @@ class ViewAugment(nn.Module):
         y = self.delay(y[:, None, :])[:, 0, :]
         keep = torch.rand(x.shape[0], device=x.device) >= self.p_chain  # these views skip the whole chain
         return torch.where(keep[:, None], x, y)
+
+
+def band_masks(n: int, size: int, p: float, max_share: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per view, with probability ``p``, a range ``[start, stop)`` of ``size`` bins up to ``max_share`` of them
+    wide (SpecAugment's masks); ``start == stop`` where a view is not masked. Drawn on the host."""
+    apply = torch.rand(n) < p
+    width = (torch.rand(n) * max_share * size).long() * apply
+    start = (torch.rand(n) * (size - width + 1)).long()
+    return start, start + width
+
+
+class SpecAugment(nn.Module):
+    """Log-mel views ``[B, F, T]`` in, augmented log-mel views out: mixing, a random resized crop, masks.
+
+    - mixing (BYOL-A's mixup): with probability ``p_mix``, a view becomes ``log((1 - r) exp(x) + r exp(y))``
+      with ``y`` another view of the batch (the next one, so a clip's two views never mix together when the
+      batch holds more than two views) and ``r`` drawn in ``[0, mix_ratio]``;
+    - random resized crop (BYOL-A): with probability ``p_crop``, a region whose sides are drawn in
+      ``crop_scale`` of the view's, stretched back to its size (bilinear);
+    - masks (SpecAugment): with probability ``p_freq_mask`` / ``p_time_mask``, a band / time range up to
+      ``freq_mask`` / ``time_mask`` of the view set to the view's mean.
+    All draws come from torch's generator, on the host, so seeding it fixes every view.
+    """
+
+    def __init__(self, config: AugmentConfig):
+        super().__init__()
+        self.config = config
+
+    def enabled(self) -> bool:
+        c = self.config
+        return any(p > 0 for p in (c.p_mix, c.p_crop, c.p_freq_mask, c.p_time_mask))
+
+    @torch.no_grad()
+    def forward(self, spec: torch.Tensor) -> torch.Tensor:
+        c, b, device = self.config, spec.shape[0], spec.device
+        if c.p_mix > 0 and b > 2:
+            ratio = torch.where(torch.rand(b) < c.p_mix, torch.rand(b) * c.mix_ratio, 0.0)
+            r = to_device(ratio, device)[:, None, None]
+            other = spec.roll(1, dims=0)
+            mixed = torch.logaddexp(spec + torch.log1p(-r), other + torch.log(r.clamp_min(1e-12)))
+            spec = torch.where(r > 0, mixed, spec)
+        if c.p_crop > 0:
+            spec = self.crop(spec)
+        mean = spec.mean(dim=(1, 2), keepdim=True)
+        for dim, (p, share) in ((1, (c.p_freq_mask, c.freq_mask)), (2, (c.p_time_mask, c.time_mask))):
+            if p > 0:
+                start, stop = (to_device(v, device) for v in band_masks(b, spec.shape[dim], p, share))
+                pos = torch.arange(spec.shape[dim], device=device)[None, :]
+                masked = (pos >= start[:, None]) & (pos < stop[:, None])
+                masked = masked[:, :, None] if dim == 1 else masked[:, None, :]
+                spec = torch.where(masked, mean, spec)
+        return spec
+
+    def crop(self, spec: torch.Tensor) -> torch.Tensor:
+        """Random resized crops of the views drawn to be cropped, as one batched ``grid_sample``."""
+        c, b = self.config, spec.shape[0]
+        apply = torch.rand(b) < self.config.p_crop
+        low, high = c.crop_scale
+        sides = torch.where(apply[:, None], low + torch.rand(b, 2) * (high - low), 1.0)  # [B, (freq, time)]
+        centres = (torch.rand(b, 2) * 2 - 1) * (1 - sides)  # inside [-1, 1], the crop within the view
+        theta = torch.zeros(b, 2, 3)
+        theta[:, 0, 0], theta[:, 1, 1] = sides[:, 1], sides[:, 0]  # grid x is time, y is frequency
+        theta[:, 0, 2], theta[:, 1, 2] = centres[:, 1], centres[:, 0]
+        theta = to_device(theta, spec.device).to(spec.dtype)
+        grid = nn.functional.affine_grid(theta, [b, 1, *spec.shape[1:]], align_corners=False)
+        return nn.functional.grid_sample(spec[:, None], grid, align_corners=False)[:, 0]

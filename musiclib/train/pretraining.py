@@ -39,7 +39,7 @@ from musiclib import audio
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, RayConfig, check
 from musiclib.probe.fewshot import label_matrix
-from musiclib.train.augment import AugmentConfig, ViewAugment
+from musiclib.train.augment import AugmentConfig, SpecAugment, ViewAugment
 from musiclib.train.gather import distributed, gather, gather_constant
 from musiclib.train.losses import semisupcon_anchor_losses, target_matrix
 from musiclib.train.models import ContrastiveModel, EncoderConfig, sync_batchnorm
@@ -55,11 +55,15 @@ CHECKPOINT_FILE = "state.pt"
 
 @dataclass
 class PretrainConfig(AugmentConfig, RayConfig):
-    """SemiSupCon pretraining of a SampleCNN on the catalog's train split (augmentation fields inherited)."""
+    """SemiSupCon pretraining of an encoder on the catalog's train split (augmentation fields inherited)."""
 
     root: str = DEFAULT_ROOT
     run_name: str = "pretrain"
-    width: float = 1.0  # channel multiplier of the SampleCNN; 0.25 trains on CPU in minutes
+    encoder: str = "samplecnn"  # "samplecnn" (raw waveform, the papers') or "melcnn" (log-mel CNN)
+    width: float = 1.0  # channel multiplier of the encoder; 0.25 trains on CPU in minutes
+    n_mels: int = 64  # melcnn: log-mel bands
+    n_fft: int = 1024  # melcnn: STFT size
+    hop: int = 512  # melcnn: samples between two log-mel frames
     num_workers: int = 2
     # elastic below num_workers: a run that loses workers (a node) goes on with as few as this; 0: fixed size
     min_workers: int = 0
@@ -67,6 +71,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
     cpus_per_worker: int = 1
     batch_size: int = 96  # clips per step over all workers; each clip gives two views
     steps: int = 10000
+    minutes: float = 0.0  # also stop after this many minutes of training (0: no time budget)
     lr: float = 1e-4
     warmup: int = 0  # linear warm-up steps
     cosine: bool = False  # cosine decay to zero after the warm-up
@@ -94,8 +99,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
         problems = RayConfig.problems(self)
         if not self.root:
             problems.append("--root is empty")
-        if not 0.0 < self.width <= 4.0:
-            problems.append(f"--width {self.width} must be in (0, 4]")
+        problems += self.encoder_config().problems()
         if self.num_workers < 1 or self.cpus_per_worker < 1:
             problems.append("--num-workers and --cpus-per-worker must be >= 1")
         sizes = self.world_sizes()
@@ -110,8 +114,8 @@ class PretrainConfig(AugmentConfig, RayConfig):
                 f"({', '.join(map(str, sizes))}) with at least 2 clips per worker; the smallest that is: "
                 f"{lcm * math.ceil(2 * self.num_workers / lcm)}"
             )
-        if self.steps < 1 or self.lr <= 0 or self.tau <= 0:
-            problems.append("--steps must be >= 1, --lr and --tau > 0")
+        if self.steps < 1 or self.lr <= 0 or self.tau <= 0 or self.minutes < 0:
+            problems.append("--steps must be >= 1, --lr and --tau > 0, --minutes >= 0")
         if not 0 <= self.warmup < self.steps:
             problems.append(f"--warmup {self.warmup} must be in [0, steps)")
         if self.label_threshold < 1:
@@ -147,7 +151,9 @@ class PretrainConfig(AugmentConfig, RayConfig):
         return AugmentConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(AugmentConfig)})
 
     def encoder_config(self) -> EncoderConfig:
-        return EncoderConfig(width=self.width)
+        return EncoderConfig(
+            width=self.width, family=self.encoder, n_mels=self.n_mels, n_fft=self.n_fft, hop=self.hop
+        )
 
     def as_dict(self) -> dict[str, Any]:
         """Plain values only (tuples become lists), safe in a ``weights_only`` checkpoint and a JSON card."""
@@ -475,13 +481,16 @@ def train_step(
     )
 
 
-def learning_rate(step: int, cfg: PretrainConfig) -> float:
-    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to zero at ``steps``."""
+def learning_rate(step: int, cfg: PretrainConfig, trained_s: float = 0.0) -> float:
+    """Linear warm-up over ``warmup`` steps, then constant or cosine decay to zero at the end of training:
+    at ``steps``, or with a time budget (``minutes``) at whichever comes first, steps or training time."""
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     if not cfg.cosine:
         return cfg.lr
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    if cfg.minutes:
+        progress = max(progress, trained_s / (60.0 * cfg.minutes))
     return cfg.lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -497,7 +506,8 @@ def build(
     the step one process would on the whole batch.
     """
     torch.manual_seed(cfg.seed)
-    model = ContrastiveModel(cfg.encoder_config())
+    spec_augment = SpecAugment(cfg.augment_config())
+    model = ContrastiveModel(cfg.encoder_config(), spec_augment if spec_augment.enabled() else None)
     if cfg.sync_bn and distributed()[1] > 1:
         model = sync_batchnorm(model, device)
     model = model.to(device)
@@ -506,13 +516,15 @@ def build(
 
 
 def checkpoint_state(
-    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, cfg: PretrainConfig
+    model: nn.Module, optimizer: torch.optim.Optimizer, step: int, cfg: PretrainConfig, trained_s: float = 0.0
 ) -> dict:
-    """Everything a resume needs, as tensors and plain values only (safe for ``weights_only`` loading)."""
+    """Everything a resume needs, as tensors and plain values only (safe for ``weights_only`` loading):
+    weights, optimizer, the step and the seconds trained so far (a time budget spans resumes)."""
     return {
         "model": {k: v.detach().cpu() for k, v in model.state_dict().items()},
         "optimizer": optimizer.state_dict(),
         "step": int(step),
+        "trained_s": float(trained_s),
         "config": cfg.as_dict(),
         "code_version": versions.code_version(),
     }
@@ -557,11 +569,11 @@ def check_resume(cfg: PretrainConfig, run_uri: str) -> None:
         )
 
 
-def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> int:
-    """Load model and optimizer state; return the step to continue from."""
+def restore(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> tuple[int, float]:
+    """Load model and optimizer state; return the step to continue from and the seconds trained so far."""
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    return int(state["step"]), float(state.get("trained_s", 0.0))
 
 
 # --------------------------------------------------------------------------- the loop
@@ -574,6 +586,18 @@ def seed_augmentations(seed: list[int]) -> None:
     torch.manual_seed(int(np.random.SeedSequence(seed).generate_state(1)[0]))
 
 
+def out_of_time(trained_s: float, cfg: PretrainConfig, world: int, device: torch.device) -> bool:
+    """Whether the time budget (``minutes``) is spent. With several workers, by the slowest worker's clock
+    (one all-reduce), so every worker stops at the same step."""
+    if not cfg.minutes:
+        return False
+    if world > 1:
+        clock = torch.tensor([trained_s], device=device)
+        dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+        trained_s = float(clock)
+    return trained_s >= 60.0 * cfg.minutes
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -583,14 +607,17 @@ def fit(
     device: torch.device,
     start_step: int = 0,
     report: Report | None = None,
+    start_seconds: float = 0.0,
 ) -> dict[str, float]:
-    """Train from ``start_step`` to ``cfg.steps``; call ``report(step, metrics, checkpoint_due)`` every log.
+    """Train from ``start_step`` to ``cfg.steps`` (or until ``cfg.minutes`` of training, counted from
+    ``start_seconds``); call ``report(step, metrics, checkpoint_due)`` every log and at the end.
 
     ``model`` may be wrapped in DDP. Metrics are averaged over the steps since the last report and over
-    workers: total / labeled / unlabeled loss, learning rate, clips/s of the whole job, and the share of
-    step time this worker waited for a batch. Returns the last metrics. Batches and augmentations are
-    seeded from ``cfg.seed``, the worker's rank and ``start_step``: on CPU a run is reproducible from its
-    seed, and workers draw independent augmentations.
+    workers: total / labeled / unlabeled loss, learning rate, clips/s of the whole job, the share of step
+    time this worker waited for a batch, and the seconds trained so far (``trained_s``: steps only, not
+    reports or checkpoints). Returns the last metrics. Batches and augmentations are seeded from
+    ``cfg.seed``, the worker's rank and ``start_step``: on CPU a run with no time budget is reproducible
+    from its seed, and workers draw independent augmentations.
     """
     rank, world = distributed()
     n_clips = cfg.batch_size // world
@@ -600,19 +627,22 @@ def fit(
     model.train()
     sums = torch.zeros(5, device=device)
     wait = steps_done = 0
+    trained_s = start_seconds
     metrics: dict[str, float] = {}
     t0 = time.perf_counter()
     for step in range(start_step, cfg.steps):
         t_wait = time.perf_counter()
         batch = next(stream)
         wait += time.perf_counter() - t_wait
-        lr = learning_rate(step, cfg)
+        lr = learning_rate(step, cfg, trained_s)
         for group in optimizer.param_groups:
             group["lr"] = lr
         sums += train_step(model, augment, optimizer, batch, cfg, device)
         steps_done += 1
         done = step + 1
-        checkpoint_due = done % cfg.checkpoint_every == 0 or done == cfg.steps
+        trained_s += time.perf_counter() - t_wait
+        last = done == cfg.steps or out_of_time(trained_s, cfg, world, device)
+        checkpoint_due = done % cfg.checkpoint_every == 0 or last
         if done % cfg.log_every == 0 or checkpoint_due:
             if world > 1:
                 dist.all_reduce(sums)
@@ -626,12 +656,15 @@ def fit(
                 "lr": lr,
                 "clips_per_s": steps_done * cfg.batch_size / elapsed,
                 "data_wait": wait / elapsed,
+                "trained_s": trained_s,
             }
             if report is not None:
                 report(done, metrics, checkpoint_due)
             sums.zero_()
             wait = steps_done = 0
             t0 = time.perf_counter()
+        if last:
+            break
     stream.close()
     return metrics
 
