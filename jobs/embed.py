@@ -35,6 +35,7 @@ from musiclib.core import progress, ray_env, storage, versions
 from musiclib.core.config import Layout, as_dict, parse
 from musiclib.core.ray_env import ray_session, retry_transient_storage
 from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.embed.embedder import EmbedConfig
 from musiclib.train import models
 
@@ -141,7 +142,7 @@ def run(cfg: EmbedConfig) -> embedder.Summary:
     start = time.perf_counter()
     layout = Layout(cfg.root)
     model_id = models.resolve(layout.models, cfg.model_id)
-    dataset = embedder.dataset_uri(layout.embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(layout.embeddings, model_id)
     with versions.lease(dataset):
         version, committed = embedder.begin_version(dataset, cfg.only_new)
         new: list[str] = []
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     started = progress.start("embed")
     done = run(cfg)
     print(f"embed: {done}")  # the rate line bench/bench_load.py reads
-    dataset = embedder.dataset_uri(
+    dataset = embeddings_table.dataset_uri(
         Layout(cfg.root).embeddings, models.resolve(Layout(cfg.root).models, cfg.model_id)
     )
     latest = versions.read_latest_manifest(dataset)
