@@ -29,7 +29,7 @@ from musiclib.core.config import Layout, parse
 from musiclib.embed import embedder
 from musiclib.probe import fewshot, report
 from musiclib.probe.sweep import TuneConfig, configurations
-from musiclib.train import pretraining, shards
+from musiclib.train import data, labels, pretraining, shards
 from musiclib.train.pretraining import PretrainConfig
 
 # the demo's encoder and batch (Makefile: PRETRAIN_DEMO)
@@ -55,7 +55,7 @@ def main() -> None:
     uris = shards.committed_shards(Layout(cfg.root).shards)
     if not uris:
         raise SystemExit(f"no training shards under {cfg.root}: run `make demo-catalog pretrain` first")
-    data = pretraining.load_training_data(uris, pretraining.plan_labels(uris, cfg.p_s, cfg.seed))
+    training_data = data.load_training_data(uris, labels.plan_labels(uris, cfg.p_s, cfg.seed))
     device = torch.device("cpu")
     model, optimizer, augment = pretraining.build(cfg, device)
 
@@ -100,7 +100,7 @@ def main() -> None:
             evaluate(step)
 
     evaluate(0)
-    pretraining.fit(model, optimizer, augment, data, cfg, device, report=on_log)
+    pretraining.fit(model, optimizer, augment, training_data, cfg, device, report=on_log)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,8 @@ from musiclib.embed import embedder
 from musiclib.embed import table as embeddings_table
 from musiclib.train import models
 from musiclib.train.augment import OneFilter, PitchShift, apply_filters, transpose
-from musiclib.train.pretraining import Batch, PretrainConfig, build, train_step
+from musiclib.train.data import Batch
+from musiclib.train.pretraining import PretrainConfig, build, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
