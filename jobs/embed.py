@@ -58,7 +58,7 @@ class EncoderActor:
 def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
     """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming.
 
-    A decode task that meets storage it cannot reach (``audio.TransientError``, after the decoder's own
+    A decode task that meets storage it cannot reach (``storage.TransientError``, after the decoder's own
     backoff) is retried ``task_retries`` times (``data_context``); then the job fails, and the next run
     resumes from what was written. Blocks of ``batch_size`` tracks are the unit of work: a catalog row
     group of a million rows becomes many small decode tasks, and the re-blocking between decode and
@@ -100,7 +100,7 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
 def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
     """Ray Data settings for the datasets created and run inside the block; the previous ones after it.
 
-    - Map tasks that fail with ``audio.TransientError`` are run again, up to ``task_retries`` times
+    - Map tasks that fail with ``storage.TransientError`` are run again, up to ``task_retries`` times
       (``ray_env.retry_transient_storage``).
     - Job-level checkpointing keyed by ``track_id``. The checkpoint is kept after success: it is deleted
       only once the version is published, so a run killed between the last write and the publish does

@@ -471,6 +471,8 @@ def test_only_storage_failures_that_may_pass_restart_the_controller():
             raise RuntimeError("could not write the snapshot") from exc
     except RuntimeError as exc:
         assert is_transient_storage_failure(ray.train.ControllerError(exc))
-    assert is_transient_storage_failure(audio.TransientError(f"{audio.TRANSIENT}: s3://b/x: failed 4 times"))
+    assert is_transient_storage_failure(
+        storage.TransientError(f"{storage.TRANSIENT}: s3://b/x: failed 4 times")
+    )
     assert not is_transient_storage_failure(ray.train.ControllerError(ValueError("bad config")))
     assert not is_transient_storage_failure(ray.train.ControllerError(FileNotFoundError("bucket absent")))

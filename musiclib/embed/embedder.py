@@ -5,7 +5,7 @@ The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU mach
 1. ``decode_batch``: catalog rows (``track_id``, ``audio_uri``) to up to N chunks per track as int16
    (half the bytes of float32 between tasks), or the reason the track cannot be used; a bad row (null
    or non-string id or URI) is a reason too, never a failed job. Storage that stays unreachable raises
-   ``audio.TransientError``, so Ray retries the task.
+   ``storage.TransientError``, so Ray retries the task.
 2. ``embed_batch``: the encoder on every chunk of a batch of decoded tracks, in fixed-size forward batches,
    averaged per track into one row of the embeddings table (``embeddings_table.schema``).
 3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array.
@@ -179,13 +179,13 @@ def decode_track(
     ``allowed_prefixes`` only URIs under them are read (``audio.load_chunks``). Every way a track can be
     unusable becomes a reason from ``audio.REASONS``: the decoder's own ``AudioError`` (``bad_uri`` for
     a row that names no readable URI) and anything else it throws (``corrupt``), so one bad file never
-    stops a job over millions. Only ``audio.TransientError`` (storage unreachable after retries)
+    stops a job over millions. Only ``storage.TransientError`` (storage unreachable after retries)
     propagates: it says nothing about the track, and the task is retried.
     """
     try:
         source = audio.locate(uri, base_dir)
         chunks, duration = audio.load_chunks(source, max_chunks=max_chunks, allowed_prefixes=allowed_prefixes)
-    except audio.TransientError:
+    except storage.TransientError:
         raise
     except audio.AudioError as exc:
         return None, None, exc.reason
