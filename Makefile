@@ -80,7 +80,7 @@ demo: $(STAMP)
 # the latest study under BENCH_ROOT (after make study).
 docs-images: $(STAMP)
 	$(PY) -m musiclib.probe.report budget-curve docs/budget_curve.png --root $(ROOT)
-	$(PY) -m musiclib.probe.report study-plot docs/study.png --root $(BENCH_ROOT)
+	$(PY) -m musiclib.study.study study-plot docs/study.png --root $(BENCH_ROOT)
 
 clean:
 	rm -rf $(ROOT)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from musiclib import catalog  # noqa: E402
 from musiclib.core.config import Layout  # noqa: E402
 from musiclib.datasets import tagged_embeddings  # noqa: E402
-from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot, metrics, probes
 from musiclib.tag import suggest
 from musiclib.train import models
@@ -46,7 +46,7 @@ def load(args: argparse.Namespace) -> fewshot.ProbeData:
         layout = Layout(args.root)
         model_id = models.resolve(layout.models, "")
         cat = catalog.read(layout.catalog)
-        emb = embedder.read(layout.embeddings, model_id)
+        emb = embeddings_table.read(layout.embeddings, model_id)
         return fewshot.prepare(cat, emb, model_id)
     cat, emb = tagged_embeddings.make(
         n_tracks=args.n_tracks,

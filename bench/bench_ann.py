@@ -8,7 +8,7 @@ faiss-cpu is a project dependency; hnswlib and usearch, the candidates it was ch
 be imported is reported as failed and the others still run).
 
 The vectors are a two-level mixture of clusters (``musiclib.datasets.clustered_vectors``); the queries are
-``--queries`` more draws from the same mixture, not in the base. Ground truth is ``neighbors.exact_search``
+``--queries`` more draws from the same mixture, not in the base. Ground truth is ``index.exact_search``
 (blocked matrix products), whose own latency is measured at a few catalog sizes to set the size below
 which the index is exact. Each candidate runs in its own process (peak memory is its own): it builds once
 with ``--threads`` threads (wall and CPU seconds; faiss: build, then the safetensors round trip a
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from musiclib.datasets import clustered_vectors
-from musiclib.tag import neighbors
+from musiclib.tag.index import build, exact_search, from_bytes, to_bytes
 
 K = 10
 SEARCH = {"faiss-ivf": [8, 16, 32, 64], "hnswlib": [32, 64, 128], "usearch": [32, 64, 128]}
@@ -50,17 +50,17 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build(name: str, x: np.ndarray, threads: int):
+def build_candidate(name: str, x: np.ndarray, threads: int):
     """Build one candidate; returns ``search(queries, k, setting) -> rows``."""
     if name == "faiss-ivf":
         import faiss
 
         faiss.omp_set_num_threads(threads)
-        built = neighbors.build(x, kind="ivf")
+        built = build(x, kind="ivf")
         start = time.perf_counter()
-        data = neighbors.to_bytes(built)
+        data = to_bytes(built)
         saved = time.perf_counter()
-        index = neighbors.from_bytes(data)  # what a query tool reads: the checked safetensors file
+        index = from_bytes(data)  # what a query tool reads: the checked safetensors file
         print(
             f"index file {len(data) / 2**20:.0f} MB: to_bytes {saved - start:.1f} s, "
             f"from_bytes (checks, faiss lists) {time.perf_counter() - saved:.1f} s",
@@ -111,7 +111,7 @@ def worker(args: argparse.Namespace) -> None:
     truth = np.load(args.truth)
     base_mb = anon_mb()
     start, cpu = time.perf_counter(), time.process_time()
-    search = build(args.worker, x, args.threads)
+    search = build_candidate(args.worker, x, args.threads)
     build_s, build_cpu_s = time.perf_counter() - start, time.process_time() - cpu
     after_mb = anon_mb()
     settings = [int(s) for s in args.params.split(",")] if args.params else SEARCH[args.worker]
@@ -150,10 +150,10 @@ def exact_latency(x: np.ndarray, q: np.ndarray, sizes: list[int], single: int) -
         times = []
         for i in range(min(single, len(q))):
             t = time.perf_counter()
-            neighbors.exact_search(base, q[i : i + 1], K)
+            exact_search(base, q[i : i + 1], K)
             times.append(time.perf_counter() - t)
         t = time.perf_counter()
-        neighbors.exact_search(base, q, K)
+        exact_search(base, q, K)
         batch_s = time.perf_counter() - t
         out.append(
             {
@@ -198,7 +198,7 @@ def main() -> None:
         np.save(queries, both[args.n :])
         print(f"generated {args.n} + {args.queries} vectors in {time.perf_counter() - t:.1f} s", flush=True)
         t = time.perf_counter()
-        np.save(truth, neighbors.exact_search(both[: args.n], both[args.n :], K)[1])
+        np.save(truth, exact_search(both[: args.n], both[args.n :], K)[1])
         print(f"exact ground truth in {time.perf_counter() - t:.1f} s", flush=True)
         del both
     records = []

@@ -29,7 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE  # noqa: E402
 from musiclib.core.config import parse  # noqa: E402
 from musiclib.train.augment import AugmentConfig, ColoredNoise, OneFilter, PitchShift, ViewAugment  # noqa: E402
-from musiclib.train.pretraining import Batch, PretrainConfig, build, train_step  # noqa: E402
+from musiclib.train.data import Batch  # noqa: E402
+from musiclib.train.pretraining import PretrainConfig, build, train_step  # noqa: E402
 
 
 @dataclass

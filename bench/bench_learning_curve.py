@@ -34,7 +34,7 @@ from musiclib.core.config import Layout, parse
 from musiclib.embed import embedder, logmel
 from musiclib.probe import fewshot, report
 from musiclib.probe.sweep import TuneConfig, configurations
-from musiclib.train import pretraining, shards
+from musiclib.train import data, labels, pretraining, shards
 from musiclib.train.pretraining import PretrainConfig
 
 
@@ -78,7 +78,7 @@ def logmel_table(decoded: list[pa.Table]) -> pa.Table:
     table = embed(logmel.LogMel(floor), decoded, floor.model_id)
     ok = table.column("error").is_null().to_numpy(zero_copy_only=False)
     values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    stats = logmel.finish(values.reshape(-1, floor.embed_dim))
+    stats = logmel.moments_to_stats(values.reshape(-1, floor.embed_dim))
     return with_vectors(table, np.where(ok[:, None], stats, 0.0))
 
 
@@ -141,7 +141,7 @@ def main() -> None:
         + ["--log-every", "5", "--checkpoint-every", "1000000", *shlex.split(args.pretrain)],
     )
     uris = prepare_shards(cfg)
-    data = pretraining.load_training_data(uris, pretraining.plan_labels(uris, cfg.p_s, cfg.seed))
+    training_data = data.load_training_data(uris, labels.plan_labels(uris, cfg.p_s, cfg.seed))
     device = torch.device("cpu")
     model, optimizer, augment = pretraining.build(cfg, device)
     tracks, decoded = decode_labeled(args.root, args.max_chunks)
@@ -190,7 +190,7 @@ def main() -> None:
                 due[0] += args.every
 
     evaluate(0, {})
-    pretraining.fit(model, optimizer, augment, data, cfg, device, report=on_log)
+    pretraining.fit(model, optimizer, augment, training_data, cfg, device, report=on_log)
 
 
 if __name__ == "__main__":

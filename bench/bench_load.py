@@ -47,6 +47,7 @@ from musiclib import catalog  # noqa: E402
 from musiclib.core import storage, versions
 from musiclib.core.config import Layout, parse  # noqa: E402
 from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot
 from musiclib.tag import tag_table, tags
 from musiclib.train import models
@@ -106,7 +107,7 @@ def catalog_ids(root: str) -> pa.Array:
 
 def check_embeddings(root: str, model_id: str, ids: pa.Array) -> str:
     """Every catalog id exactly once in the latest embeddings, none with an error; raises otherwise."""
-    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(Layout(root).embeddings, model_id)
     manifest = versions.read_latest_manifest(dataset)
     table = storage.read_parquet(manifest.file_uris(), ["track_id", "error"])
     got = table.column("track_id").combine_chunks()
@@ -127,7 +128,7 @@ def publish_probe_set(root: str, model_id: str, distinct: int, probe: str) -> tu
     as the tune job refits its final probe set, and publish it as a probe run; returns (run id, tags)."""
     layout = Layout(root)
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "split"]).slice(0, distinct)
-    dataset = embedder.dataset_uri(layout.embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(layout.embeddings, model_id)
     emb = storage.read_parquet(
         versions.read_latest_manifest(dataset).file_uris(), ["track_id", "embedding", "error"]
     )

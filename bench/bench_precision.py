@@ -24,16 +24,9 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from musiclib.core.config import Layout, parse  # noqa: E402
-from musiclib.train.pretraining import (  # noqa: E402
-    PretrainConfig,
-    build,
-    fit,
-    global_loss,
-    load_training_data,
-    plan_labels,
-    sample_batch,
-    train_step,
-)
+from musiclib.train.data import load_training_data, sample_batch  # noqa: E402
+from musiclib.train.labels import plan_labels  # noqa: E402
+from musiclib.train.pretraining import PretrainConfig, build, fit, global_loss, train_step  # noqa: E402
 from musiclib.train.shards import committed_shards  # noqa: E402
 
 

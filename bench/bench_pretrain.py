@@ -19,7 +19,9 @@ import torch
 
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
-from musiclib.train.pretraining import PretrainConfig, build, fit, load_training_data, plan_labels
+from musiclib.train.data import load_training_data
+from musiclib.train.labels import plan_labels
+from musiclib.train.pretraining import PretrainConfig, build, fit
 from musiclib.train.shards import committed_shards
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))

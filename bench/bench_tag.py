@@ -27,7 +27,7 @@ from musiclib import catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import Layout
 from musiclib.datasets import tagged_embeddings
-from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot
 
 MODEL = "bench-model"
@@ -38,7 +38,7 @@ def make_root(root: str, n_tracks: int, n_tags: int) -> None:
     cat, emb = tagged_embeddings.make(n_tracks=n_tracks, n_tags=n_tags, dim=64, n_errors=3, model_id=MODEL)
     layout = Layout(root)
     catalog.write(cat, layout.catalog)
-    embedder.publish_table(layout.embeddings, MODEL, "v1", emb)
+    embeddings_table.publish_table(layout.embeddings, MODEL, "v1", emb)
     probe_set = fewshot.final_probe_set(
         fewshot.prepare(cat, emb, MODEL),
         {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0},

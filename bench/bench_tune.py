@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from jobs import tune as tune_job  # noqa: E402
+from musiclib import catalog  # noqa: E402
 from musiclib.core.config import Layout, parse  # noqa: E402
 from musiclib.datasets import tagged_embeddings  # noqa: E402
 from musiclib.probe import fewshot, metrics, probes, sweep  # noqa: E402
@@ -42,7 +43,7 @@ def bench_probe(n_train: int, n_test: int, dim: int, n_tags: int, seed: int) -> 
         n_tracks=n_train + n_test, n_tags=n_tags, dim=dim, labeled_fraction=1.0, noise=8.0, seed=seed
     )
     x = np.array(emb["embedding"].to_pylist(), np.float32)
-    y = fewshot.label_matrix(cat["tags"].to_pylist(), [f"tag{j:02d}" for j in range(n_tags)])
+    y = catalog.label_matrix(cat["tags"].to_pylist(), [f"tag{j:02d}" for j in range(n_tags)])
     norm = probes.fit_normalizer("standardize", x[:n_train])
     z_train, z_test = norm(x[:n_train]), norm(x[n_train:])
     tags = [f"tag{j:02d}" for j in range(n_tags)]

@@ -35,6 +35,7 @@ from musiclib.core import progress, ray_env, storage, versions
 from musiclib.core.config import Layout, as_dict, parse
 from musiclib.core.ray_env import ray_session, retry_transient_storage
 from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.embed.embedder import EmbedConfig
 from musiclib.train import models
 
@@ -57,7 +58,7 @@ class EncoderActor:
 def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
     """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming.
 
-    A decode task that meets storage it cannot reach (``audio.TransientError``, after the decoder's own
+    A decode task that meets storage it cannot reach (``storage.TransientError``, after the decoder's own
     backoff) is retried ``task_retries`` times (``data_context``); then the job fails, and the next run
     resumes from what was written. Blocks of ``batch_size`` tracks are the unit of work: a catalog row
     group of a million rows becomes many small decode tasks, and the re-blocking between decode and
@@ -99,7 +100,7 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
 def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
     """Ray Data settings for the datasets created and run inside the block; the previous ones after it.
 
-    - Map tasks that fail with ``audio.TransientError`` are run again, up to ``task_retries`` times
+    - Map tasks that fail with ``storage.TransientError`` are run again, up to ``task_retries`` times
       (``ray_env.retry_transient_storage``).
     - Job-level checkpointing keyed by ``track_id``. The checkpoint is kept after success: it is deleted
       only once the version is published, so a run killed between the last write and the publish does
@@ -141,7 +142,7 @@ def run(cfg: EmbedConfig) -> embedder.Summary:
     start = time.perf_counter()
     layout = Layout(cfg.root)
     model_id = models.resolve(layout.models, cfg.model_id)
-    dataset = embedder.dataset_uri(layout.embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(layout.embeddings, model_id)
     with versions.lease(dataset):
         version, committed = embedder.begin_version(dataset, cfg.only_new)
         new: list[str] = []
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     started = progress.start("embed")
     done = run(cfg)
     print(f"embed: {done}")  # the rate line bench/bench_load.py reads
-    dataset = embedder.dataset_uri(
+    dataset = embeddings_table.dataset_uri(
         Layout(cfg.root).embeddings, models.resolve(Layout(cfg.root).models, cfg.model_id)
     )
     latest = versions.read_latest_manifest(dataset)

@@ -3,7 +3,7 @@
     python jobs/index.py --root data/demo [--model-id M] [--kind auto|exact|ivf] [--nprobe 32]
 
 A driver job (no Ray): reads the latest embeddings of the model (``models.resolve``), builds the index in
-this process (``neighbors.build``: exact below ``--exact-below`` tracks, else faiss IVF) and publishes
+this process (``index.build``: exact below ``--exact-below`` tracks, else faiss IVF) and publishes
 ``<root>/index/<model_id>/<version>/`` (``index.safetensors``, ``ids.parquet``) as a versioned dataset.
 The version id is a digest of the embeddings version and the build settings: a re-run on the same
 embeddings finds it complete and writes nothing; new embeddings give a new version. ``musiclib.tag.tags seed``
@@ -17,8 +17,9 @@ from dataclasses import asdict
 
 from musiclib.core import progress, versions
 from musiclib.core.config import ConfigError, Layout, parse
-from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.tag import neighbors
+from musiclib.tag.index import build
 from musiclib.tag.neighbors import IndexConfig
 from musiclib.train import models
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
     started = progress.start("index")
     layout = Layout(cfg.root)
     model_id = models.resolve(layout.models, cfg.model_id)
-    embeddings = embedder.dataset_uri(layout.embeddings, model_id)
+    embeddings = embeddings_table.dataset_uri(layout.embeddings, model_id)
     if versions.latest_version(embeddings) is None:
         raise ConfigError(f"no embeddings of {model_id} under {layout.embeddings}: run embed first")
     emb = versions.read_latest_manifest(embeddings)
@@ -45,7 +46,7 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
             import faiss
 
             faiss.omp_set_num_threads(cfg.threads)
-        index = neighbors.build(vectors, cfg.kind, cfg.exact_below, cfg.nlist, cfg.nprobe, cfg.train_size)
+        index = build(vectors, cfg.kind, cfg.exact_below, cfg.nlist, cfg.nprobe, cfg.train_size)
         extra = {"model_id": model_id, "embedding_version": emb.version, "kind": index.kind, "dim": index.dim}
         manifest = neighbors.write_version(dataset, version, index, ids, asdict(cfg), extra)
     progress.summary(

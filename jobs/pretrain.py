@@ -34,18 +34,16 @@ from musiclib.core import progress, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import is_transient_storage_failure, ray_session, retry_transient_storage
 from musiclib.train import models
+from musiclib.train.data import load_training_data
+from musiclib.train.labels import describe_labels, label_facts, plan_labels
 from musiclib.train.pretraining import (
     PretrainConfig,
     build,
     check_resume,
     checkpoint_state,
-    describe_labels,
     distributed,
     fit,
-    label_facts,
     load_checkpoint,
-    load_training_data,
-    plan_labels,
     progress_line,
     restore,
     save_checkpoint,

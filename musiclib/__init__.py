@@ -1,40 +1,49 @@
 """musiclib: tag a music catalog with few labels (SemiSupCon pretraining, embeddings, few-shot probes).
 
-The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around these modules):
+The data path, in order, and where each stage lives (the jobs in ``jobs/`` wire Ray around these
+modules; a stage imports only the stages before it, ``tests/test_layout.py``):
 
-    catalog      ->  audio       ->  model          ->  embeddings   ->  probes          ->  tags
-    catalog.py       audio.py        models.py          embedder.py      fewshot.py          tags.py
-                     shards.py       pretraining.py     logmel.py        probes.py           tag_table.py
-                     augment.py      losses.py                           metrics.py          neighbors.py
-                                     gather.py                           report.py           suggest.py
-                                                                         sweep.py
+    core         core/: storage, versions, config, progress, outputs, ray_env (shared by every stage)
+    catalog      catalog.py
+    audio        audio.py, train/shards.py
+    model        train/: labels, data, augment, losses, gather, models, pretraining
+    embeddings   embed/: embedder, table, logmel
+    probes       probe/: fewshot, probes, metrics, report, sweep
+    tags         tag/: tags, tag_table, suggest, index, neighbors
+    study        study/: study (every encoder compared on one catalog, beside the path)
 
-    and beside the path, ``study.py``: every encoder compared on one catalog (job ``study``).
+    and ``datasets/``, generated data beside the path (it may import any stage; none imports it).
 
-- ``catalog``: the catalog's schema, validation and tag vocabulary.
+- ``catalog``: the catalog's schema, validation and tag vocabulary; its human labels by track and as a
+  multi-hot matrix; confirmed labels written by compare-and-swap.
 - ``audio``: the one decoder (PyAV): resampling, windows, chunks, the reasons a track is unusable.
-- ``shards``: the train split decoded once into int16 shards for pretraining.
-- ``augment``, ``losses``, ``gather``, ``pretraining``: the views' augmentations, the SemiSupCon loss,
-  the cross-worker gather, and the config, batches, step, loop and checkpoints (job ``pretrain``).
-- ``models``: the SampleCNN encoder, its export as a version of the models dataset, ``resolve``.
-- ``embedder``: decode, encode and average per track, the version a run writes (resume, carry-over),
-  the embeddings table and its reader (job ``embed``).
-- ``fewshot``, ``probes``, ``metrics``, ``report``, ``sweep``: support sets, linear probes, AP and ROC-AUC,
-  the budget report, and the sweep's config, grid and outputs (job ``tune``).
-- ``tags``, ``tag_table``: the tag table's rows, its config and a query tool (job ``tag``); the Apache
-  Iceberg table it is stored in (catalog, one snapshot per run, commits, DuckDB queries).
-- ``neighbors``: nearest tracks by cosine similarity (exact search, a faiss IVF index, job ``index``),
-  a new tag seeded from a few examples, confirmed labels written into the catalog.
-- ``suggest``: what to label next per tag: the probe's uncertainty, diverse batches (job ``suggest``).
-- ``logmel``, ``study``: the hand-crafted log-mel floor as an encoder, and the study's config, encoders,
-  results table, report and plot (job ``study``; docs/STUDY.md).
+- ``train.shards``: the train split decoded once into int16 shards for pretraining.
+- ``train.labels``, ``train.data``: which labeled tracks keep their tags (``p_s``); a worker's share of
+  the shards in memory and its batches of views.
+- ``train.augment``, ``train.losses``, ``train.gather``, ``train.pretraining``: the views' augmentations,
+  the SemiSupCon loss, the cross-worker gather, and the config, step, loop and checkpoints (job
+  ``pretrain``).
+- ``train.models``: the SampleCNN encoder, its export as a version of the models dataset, ``resolve``.
+- ``embed.embedder``: decode, encode and average per track, the version a run writes (resume, carry-over)
+  (job ``embed``); ``embed.table``: the embeddings table the later stages read (no torch);
+  ``embed.logmel``: the hand-crafted log-mel floor as an encoder.
+- ``probe.fewshot``, ``probe.probes``, ``probe.metrics``, ``probe.report``, ``probe.sweep``: support sets,
+  linear probes, AP and ROC-AUC, the budget report, and the sweep's config, grid and outputs (job ``tune``).
+- ``tag.tags``, ``tag.tag_table``: the tag table's rows, its config and a query tool (job ``tag``); the
+  Apache Iceberg table it is stored in (catalog, one snapshot per run, commits, DuckDB queries).
+- ``tag.index``: the nearest-neighbour index (exact search, faiss IVF) and its safetensors file;
+  ``tag.neighbors``: the index dataset (job ``index``), nearest tracks, a new tag seeded from a few examples.
+- ``tag.suggest``: what to label next per tag: the probe's uncertainty, diverse batches (job ``suggest``).
+- ``study.study``: the study's config, encoders, results table, report and plot, and its runs side by side
+  (job ``study``; docs/STUDY.md).
 
-Shared by every stage: ``storage`` (local and S3 objects, atomic writes), ``versions`` (versioned
-datasets on it: version ids, manifests, ``publish``, ``_latest``, leases), ``config``
-(dataclass configs, ``--field value`` overrides, the ``Layout`` under one root), ``ray_env`` (how jobs
-start or join Ray; the only Ray import outside ``jobs/``), ``progress`` (what a job prints: progress
-lines, Ray kept quiet, end-of-job summaries), and ``datasets`` (generated data: the demo catalog, audio
-files in every format, embeddings that follow their tags, clustered vectors, the benchmark corpora).
+``core``, shared by every stage: ``storage`` (local and S3 objects, atomic writes, failures that may
+pass), ``versions`` (versioned datasets on it: version ids, manifests, ``publish``, ``_latest``, leases),
+``config`` (dataclass configs, ``--field value`` overrides, the ``Layout`` under one root), ``ray_env``
+(how jobs start or join Ray), ``progress`` (what a job prints: progress lines, Ray kept quiet, end-of-job
+summaries) and ``outputs`` (what the query tools print: where a root's outputs are, tables). ``datasets``:
+the demo catalog, audio files in every format, embeddings that follow their tags, clustered vectors, the
+benchmark corpora.
 """
 
 __version__ = "0.1.0"

@@ -12,7 +12,7 @@ is an ``AudioError`` whose ``reason`` jobs record per track before going on:
   further files are refused), ``too_short``, ``too_long``, ``silent``.
 
 A storage failure that may pass (unreachable endpoint, timeout, 5xx, throttling) is retried, then raised
-as ``TransientError``: not the track's fault, so jobs let the task fail and Ray run it again.
+as ``storage.TransientError``: not the track's fault, so jobs let the task fail and Ray run it again.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ CHUNK_SAMPLES = 59535  # 2.7 s at 22050 Hz, the SampleCNN input
 SILENCE_PEAK = 1e-4  # -80 dBFS: quieter than this everywhere is silence, not music
 MAX_FULL_DECODE_S = 3600.0  # a full decode longer than this is refused; read windows instead
 _MARGIN_S = 0.05  # extra audio decoded around a window so resampling has no edge effects inside it
-RETRY_ATTEMPTS = 4  # tries of a storage call that fails transiently before TransientError
+RETRY_ATTEMPTS = 4  # tries of a storage call that fails transiently before storage.TransientError
 RETRY_BACKOFF_S = 0.5  # wait after the first failed try, doubling after each: 3.5 s in all by default
 # FFmpeg demuxers allowed to open a source: audio containers only. Playlists (hls), concat scripts and
 # other demuxers that open further files or URLs are refused before they read anything.
@@ -74,17 +74,6 @@ class AudioError(Exception):
         assert reason in REASONS, reason
         super().__init__(f"{reason}: {message}")
         self.reason = reason
-
-
-class TransientError(RuntimeError):
-    """Storage kept failing in a way that may pass (unreachable, timeout, 5xx, throttling).
-
-    Not an ``AudioError``: nothing is wrong with the track, so it gets no reason; the task fails and Ray
-    retries it. Its message starts with ``TRANSIENT``, which Ray Data's retry setting matches.
-    """
-
-
-TRANSIENT = "transient storage failure"
 
 
 @dataclass(frozen=True)
@@ -139,7 +128,7 @@ def _storage_call(uri: str, fn: Callable[..., T], *args) -> T:
     Not found is ``missing``, access denied ``forbidden`` (S3's 404 and 403 arrive as ``FileNotFoundError``
     and ``PermissionError``), a path the filesystem cannot take ``bad_uri``; anything else (refused
     connections, timeouts, 5xx, throttling) is tried ``RETRY_ATTEMPTS`` times, then raised as
-    ``TransientError``. These tries come on top of botocore's own inside each S3 call
+    ``storage.TransientError``. These tries come on top of botocore's own inside each S3 call
     (``AWS_MAX_ATTEMPTS``, ``AWS_RETRY_MODE``).
     """
     attempt = 0
@@ -160,8 +149,8 @@ def _storage_call(uri: str, fn: Callable[..., T], *args) -> T:
             failure = exc
         attempt += 1
         if attempt == RETRY_ATTEMPTS:
-            raise TransientError(
-                f"{TRANSIENT}: {uri}: failed {attempt} times: {type(failure).__name__}: {failure}"
+            raise storage.TransientError(
+                f"{storage.TRANSIENT}: {uri}: failed {attempt} times: {type(failure).__name__}: {failure}"
             ) from failure
         time.sleep(RETRY_BACKOFF_S * 2 ** (attempt - 1))
 

@@ -1,15 +1,18 @@
-"""The catalog schema: one Parquet table of tracks, its validation, tag vocabulary and streaming reads.
+"""The catalog schema: one Parquet table of tracks, its validation, tag vocabulary, reads and label writes.
 
 Columns: ``track_id`` (string, unique), ``audio_uri`` (string: absolute URI, or a path relative to the
 catalog's folder), ``duration_s`` (float, optional), ``tags`` (list of strings, the human labels; empty
 when unlabeled), ``split`` (``train``/``valid``/``test`` or null), and any free metadata columns.
 A catalog URI names a Parquet file or a folder of Parquet files.
+
+The human labels as every stage takes them: by track (``track_labels``), as a multi-hot matrix
+(``label_matrix``); ``add_labels`` writes confirmed labels into a one-file catalog by compare-and-swap.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +20,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
 from musiclib.core import storage
 from musiclib.core.config import ConfigError
@@ -262,3 +266,92 @@ def vocabulary(
     names = list(ordered)
     n_head = max(1, round(head_fraction * len(names))) if names else 0
     return Vocabulary(counts=ordered, head=names[:n_head], tail=names[n_head:])
+
+
+# --------------------------------------------------------------------------- human labels
+
+
+def track_labels(uri: str) -> dict[str, list[str]]:
+    """Every catalog track's human labels, by track id."""
+    table = read(uri, columns=["track_id", "tags"])
+    return dict(zip(table["track_id"].to_pylist(), (t or [] for t in table["tags"].to_pylist())))
+
+
+def label_matrix(tag_lists: Sequence[Sequence[str] | None], tags: Sequence[str]) -> np.ndarray:
+    """``[n_tracks, n_tags]`` boolean matrix from per-track tag lists; tags outside ``tags`` are ignored."""
+    column = {t: j for j, t in enumerate(tags)}
+    y = np.zeros((len(tag_lists), len(tags)), dtype=bool)
+    for i, track_tags in enumerate(tag_lists):
+        for t in track_tags or ():
+            j = column.get(t)
+            if j is not None:
+                y[i, j] = True
+    return y
+
+
+@dataclass
+class LabelChange:
+    """What ``add_labels`` did: tracks that got the tag, tracks that had it, tracks given a split."""
+
+    added: list[str]
+    already: list[str]
+    split_set: list[str]
+
+
+def with_label(
+    table: pa.Table, tag: str, track_ids: Sequence[str], split: str
+) -> tuple[pa.Table, LabelChange]:
+    """``table`` (a catalog) with ``tag`` added to the tags of ``track_ids``; tracks without a split get
+    ``split``, so that tune uses the label. Every other column and row is kept as it was."""
+    if reason := bad_tag(tag):
+        raise CatalogError(f"bad tag: {reason}")
+    if split not in SPLITS:
+        raise CatalogError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+    wanted = set(track_ids)
+    ids = table["track_id"].to_pylist()
+    unknown = sorted(wanted - set(ids))
+    if unknown:
+        raise CatalogError(f"track {unknown[0]!r} is not in the catalog ({len(unknown)} unknown id(s))")
+    tags = table["tags"].to_pylist()
+    splits = table["split"].to_pylist()
+    change = LabelChange([], [], [])
+    for i, t in enumerate(ids):
+        if t not in wanted:
+            continue
+        if tag in (tags[i] or []):
+            change.already.append(t)
+        else:
+            tags[i] = [*(tags[i] or []), tag]
+            change.added.append(t)
+        if splits[i] is None:
+            splits[i] = split
+            change.split_set.append(t)
+    table = table.set_column(
+        table.column_names.index("tags"), "tags", pa.array(tags, table.schema.field("tags").type)
+    )
+    table = table.set_column(
+        table.column_names.index("split"), "split", pa.array(splits, table.schema.field("split").type)
+    )
+    return table, change
+
+
+def add_labels(uri: str, tag: str, track_ids: Sequence[str], split: str = "train") -> LabelChange:
+    """Label ``track_ids`` with ``tag`` in the catalog file, atomically and without losing concurrent edits.
+
+    Read, change, then ``storage.replace_if_unchanged``: when another writer changed the catalog in
+    between, read it again and redo the change. The tune and tag jobs read the new labels on their next
+    run. Nothing is written when an id is unknown, the tag is unusable, or every track already has it.
+    """
+    fs, path = storage.filesystem(uri)
+    if fs.isdir(path):
+        raise CatalogError(f"catalog {uri} is a folder: labels are written to one-file catalogs only")
+    for _ in range(20):
+        body = storage.read_bytes(uri)
+        table, change = with_label(pq.read_table(pa.BufferReader(body)), tag, track_ids, split)
+        if not change.added and not change.split_set:
+            return change
+        sink = pa.BufferOutputStream()
+        pq.write_table(conform(table), sink, compression="zstd")
+        if storage.replace_if_unchanged(uri, body, sink.getvalue().to_pybytes()):
+            return change
+    raise storage.StorageError(f"catalog {uri} kept changing while labels were added; try again")

@@ -195,13 +195,13 @@ def _closed_port() -> int:
 def test_unreachable_endpoint_is_transient_after_retries(monkeypatch, fast_retries):
     _point_s3_at(monkeypatch, f"http://127.0.0.1:{_closed_port()}")
     start = time.perf_counter()
-    with pytest.raises(audio.TransientError, match=f"failed {audio.RETRY_ATTEMPTS} times"):
+    with pytest.raises(storage.TransientError, match=f"failed {audio.RETRY_ATTEMPTS} times"):
         audio.load_chunks("s3://bucket/track.flac")
     assert time.perf_counter() - start >= 0.02 * (2 ** (audio.RETRY_ATTEMPTS - 1) - 1)  # every backoff waited
-    assert not issubclass(audio.TransientError, audio.AudioError)  # no per-track reason: the task fails
-    with pytest.raises(audio.TransientError):
+    assert not issubclass(storage.TransientError, audio.AudioError)  # no per-track reason: the task fails
+    with pytest.raises(storage.TransientError):
         embedder.decode_track("s3://bucket/track.flac")
-    with pytest.raises(audio.TransientError):
+    with pytest.raises(storage.TransientError):
         embedder.decode_batch(pa.table({"track_id": ["a"], "audio_uri": ["s3://bucket/track.flac"]}), "/")
 
 
@@ -261,10 +261,10 @@ def test_denied_object_is_forbidden_at_once(s3_errors):
 
 
 def test_throttled_or_failing_storage_is_retried_then_transient(s3_errors):
-    with pytest.raises(audio.TransientError, match="SlowDown|Service Unavailable|503"):
+    with pytest.raises(storage.TransientError, match="SlowDown|Service Unavailable|503"):
         audio.load_chunks("s3://bucket/503-busy.flac")
     assert s3_errors["/bucket/503-busy.flac"] == audio.RETRY_ATTEMPTS
-    with pytest.raises(audio.TransientError):  # the object exists, but reading it keeps failing
+    with pytest.raises(storage.TransientError):  # the object exists, but reading it keeps failing
         audio.load_chunks("s3://bucket/ok-get-500.flac")
 
 

@@ -84,10 +84,10 @@ def publish_probe_set(layout, model_id: str) -> list[str]:
     The tune job sweeps probes on the same data; here two fixed tags are enough to exercise ``tag``.
     """
     from musiclib.core import storage, versions
-    from musiclib.embed import embedder
+    from musiclib.embed import table as embeddings_table
     from musiclib.probe import probes
 
-    table = embedder.read(layout.embeddings, model_id, columns=["embedding"])
+    table = embeddings_table.read(layout.embeddings, model_id, columns=["embedding"])
     x = np.stack(table.column("embedding").to_numpy(zero_copy_only=False)).astype(np.float32)
     index = np.arange(len(x))
     y = np.stack([index % 2 == 0, index % 3 == 0], axis=1)
@@ -105,7 +105,7 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     from musiclib import catalog
     from musiclib.core import versions
     from musiclib.core.config import Layout
-    from musiclib.embed import embedder
+    from musiclib.embed import table as embeddings_table
     from musiclib.tag import tag_table
 
     model_id = catalog_on_s3
@@ -115,8 +115,11 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
     assert out.returncode == 0, out.stdout[-3000:]
     with aws_env(s3_server):
         tracks = sorted(catalog.read(layout.catalog, columns=["track_id"]).column("track_id").to_pylist())
-        assert sorted(embedder.read(layout.embeddings, model_id).column("track_id").to_pylist()) == tracks
-        manifest = versions.read_latest_manifest(embedder.dataset_uri(layout.embeddings, model_id))
+        assert (
+            sorted(embeddings_table.read(layout.embeddings, model_id).column("track_id").to_pylist())
+            == tracks
+        )
+        manifest = versions.read_latest_manifest(embeddings_table.dataset_uri(layout.embeddings, model_id))
         assert not versions.verify(manifest)
         tag_names = publish_probe_set(layout, model_id)
 
@@ -169,7 +172,7 @@ def test_embed_survives_losing_the_worker_node(cluster, s3_server):
     from musiclib.core import versions
     from musiclib.core.config import Layout
     from musiclib.datasets import demo
-    from musiclib.embed import embedder
+    from musiclib.embed import table as embeddings_table
     from musiclib.train import models
 
     root = f"s3://{cluster.bucket}/node-loss"
@@ -177,7 +180,7 @@ def test_embed_survives_losing_the_worker_node(cluster, s3_server):
     with aws_env(s3_server):
         demo.make_catalog(root, n_tracks=120, seed=1, min_seconds=3.0, max_seconds=5.0, workers=1)
         model_id = models.export_random_encoder(layout.models, models.EncoderConfig(width=0.125))
-    dataset = embedder.dataset_uri(layout.embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(layout.embeddings, model_id)
     job_id = f"node-loss-{uuid.uuid4().hex[:6]}"
     args = "--max-chunks 2 --batch-size 2 --decode-cpus 1 --actors 1"
     out = make(
@@ -202,5 +205,8 @@ def test_embed_survives_losing_the_worker_node(cluster, s3_server):
     assert job_status(cluster, job_id) == "SUCCEEDED", logs[-3000:]
     with aws_env(s3_server):
         tracks = sorted(catalog.read(layout.catalog, columns=["track_id"]).column("track_id").to_pylist())
-        assert sorted(embedder.read(layout.embeddings, model_id).column("track_id").to_pylist()) == tracks
+        assert (
+            sorted(embeddings_table.read(layout.embeddings, model_id).column("track_id").to_pylist())
+            == tracks
+        )
         assert not versions.verify(versions.read_latest_manifest(dataset))

@@ -21,6 +21,7 @@ from musiclib.core import storage, versions
 from musiclib.core.config import Layout
 from musiclib.datasets import demo
 from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.train import models
 
 REPO = Path(__file__).resolve().parents[1]
@@ -57,7 +58,7 @@ def config(root: str, **overrides) -> job.EmbedConfig:
 
 def check_complete(root: str, model_id: str) -> pa.Table:
     """The latest embeddings hold every catalog track exactly once with the reason the catalog expects."""
-    out = embedder.read(Layout(root).embeddings, model_id)
+    out = embeddings_table.read(Layout(root).embeddings, model_id)
     cat = catalog.read(Layout(root).catalog, columns=["track_id", "fault"])
     ids = out.column("track_id").to_pylist()
     assert len(ids) == len(set(ids)), "duplicate tracks"
@@ -162,7 +163,7 @@ def test_config_validates_the_catalog_before_ray_starts(tmp_path):
 def test_a_second_run_fails_clearly_while_one_is_writing(tmp_path):
     root = str(tmp_path)
     model_id = make_root(root, n_good=1, faults=False)
-    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(Layout(root).embeddings, model_id)
     with versions.lease(dataset):
         with pytest.raises(versions.LeaseHeld, match="being written by another run"):
             job.run(config(root))
@@ -173,9 +174,9 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
     """A crash between the manifest and the ``_latest`` move: the re-run finishes the move, embeds nothing."""
     root = str(tmp_path)
     model_id = make_root(root, n_good=1, faults=False)
-    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
-    rows = embedder.schema(128).empty_table()
-    embedder.publish_table(Layout(root).embeddings, model_id, "v1", rows)
+    dataset = embeddings_table.dataset_uri(Layout(root).embeddings, model_id)
+    rows = embeddings_table.schema(128).empty_table()
+    embeddings_table.publish_table(Layout(root).embeddings, model_id, "v1", rows)
     part = storage.join(versions.version_uri(dataset, "v2"), "part-00000.parquet")
     versions.publish(dataset, "v2", [part], [storage.write_parquet(rows, part)], move_latest=False)
     storage.write_json(storage.join(dataset, embedder.PENDING), {"version": "v2", "only_new": True})
@@ -207,7 +208,7 @@ def embedding_rows(ids: list[str], errors: list[str | None]) -> pa.Table:
         "model_id": ["m"] * n,
         "error": errors,
     }
-    return pa.table(columns, schema=embedder.schema(4))
+    return pa.table(columns, schema=embeddings_table.schema(4))
 
 
 def test_commit_version_publishes_only_what_changed(tmp_path):
@@ -328,7 +329,7 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, 
     out = check_complete(root, model_id)
     assert_matches_reference(out, reference(root, model_id))
     assert summary.tracks == 14 and summary.errors["truncated"] == 1
-    manifest = versions.read_latest_manifest(embedder.dataset_uri(Layout(root).embeddings, model_id))
+    manifest = versions.read_latest_manifest(embeddings_table.dataset_uri(Layout(root).embeddings, model_id))
     assert len(manifest.files) > 1 and manifest.config["model_id"] == model_id
     assert not storage.exists(storage.join(manifest.dataset, embedder.PENDING))
 
@@ -340,7 +341,9 @@ def test_job_on_s3(s3_root, ray_cluster):
     job.run(job.EmbedConfig(root=s3_root, shard_rows=1))
     out = check_complete(s3_root, model_id)
     assert_matches_reference(out, reference(s3_root, model_id))
-    manifest = versions.read_latest_manifest(embedder.dataset_uri(Layout(s3_root).embeddings, model_id))
+    manifest = versions.read_latest_manifest(
+        embeddings_table.dataset_uri(Layout(s3_root).embeddings, model_id)
+    )
     assert (manifest.config["batch_size"], manifest.config["chunk_batch"]) == (1, 3)  # width 0.25
 
 
@@ -349,7 +352,7 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
     root = str(tmp_path)
     model_id = make_root(root)
     job.run(config(root))
-    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(Layout(root).embeddings, model_id)
     first = versions.read_latest_manifest(dataset)
     lost, kept = first.files[0], first.files[1:]
     storage.delete(storage.join(dataset, lost.path))
@@ -374,7 +377,7 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
 def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluster):
     root = str(tmp_path)
     model_id = make_root(root, n_good=24)
-    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(Layout(root).embeddings, model_id)
     cmd = [
         sys.executable,
         str(REPO / "jobs" / "embed.py"),
@@ -417,7 +420,7 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_cluste
     root = str(tmp_path)
     model_id = make_root(root, n_good=3)
     job.run(config(root))
-    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(Layout(root).embeddings, model_id)
     cat = catalog.read(Layout(root).catalog, columns=["track_id", "audio_uri", "fault"]).to_pylist()
     base = catalog.base_dir(Layout(root).catalog)
     lost = next(r for r in cat if r["fault"] == "missing")
@@ -428,7 +431,7 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_cluste
 
     summary = job.run(config(root, only_new=True))
     assert summary.tracks == 1 and summary.errors == {}
-    out = embedder.read(Layout(root).embeddings, model_id)
+    out = embeddings_table.read(Layout(root).embeddings, model_id)
     ids = out["track_id"].to_pylist()
     assert len(ids) == len(set(ids)) == len(cat)
     errors = dict(zip(ids, out["error"].to_pylist()))

@@ -45,6 +45,7 @@ from musiclib.core import storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.datasets import demo, tagged_embeddings
 from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot, probes, sweep
 from musiclib.tag import tag_table
 from musiclib.tag.tag_table import Where
@@ -347,7 +348,7 @@ def uninterrupted_embeddings(root: str, model_id: str) -> pa.Table:
 
 def check_embeddings(root: str, model_id: str, expected: pa.Table) -> pa.Table:
     """The latest embeddings hold every catalog track exactly once, with the uninterrupted run's values."""
-    out = embedder.read(Layout(root).embeddings, model_id)
+    out = embeddings_table.read(Layout(root).embeddings, model_id)
     ids = out["track_id"].to_pylist()
     assert len(ids) == len(set(ids)), "duplicate tracks"
     cat = catalog.read(Layout(root).catalog, columns=["track_id"])["track_id"].to_pylist()
@@ -513,7 +514,7 @@ def synthetic_root(root: str, n_files: int = 1) -> tuple[pa.Table, pa.Table]:
     )
     layout = Layout(root)
     catalog.write(cat, layout.catalog)
-    dataset = embedder.dataset_uri(layout.embeddings, SYNTHETIC_MODEL)
+    dataset = embeddings_table.dataset_uri(layout.embeddings, SYNTHETIC_MODEL)
     bounds = np.linspace(0, len(emb), n_files + 1).astype(int)
     files = [
         storage.join(versions.version_uri(dataset, "v1"), f"part-{i:03d}.parquet") for i in range(n_files)
@@ -713,7 +714,7 @@ def test_embed_survives_killed_decode_worker_and_encoder_actor(tmp_path):
     the actor; every track is embedded exactly once with the uninterrupted values. A reader polls throughout."""
     root = str(tmp_path / "root")
     model_id = audio_root(root, n_tracks=8)
-    dataset = embedder.dataset_uri(Layout(root).embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(Layout(root).embeddings, model_id)
     proc = start(job_command("embed", "--root", root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log")
     killed: list[str] = []
     checkpoints = count_files(storage.join(dataset, embedder.CHECKPOINTS), ".parquet", exclude=".pending.")
@@ -808,7 +809,7 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     retries, task retries and the S3 clients' own retries carry the job through, nothing lost."""
     model_id = audio_root(s3_root, n_tracks=4)
     expected = uninterrupted_embeddings(s3_root, model_id)
-    dataset = embedder.dataset_uri(Layout(s3_root).embeddings, model_id)
+    dataset = embeddings_table.dataset_uri(Layout(s3_root).embeddings, model_id)
     checkpoints = count_files(storage.join(dataset, embedder.CHECKPOINTS), ".parquet", exclude=".pending.")
     proc = start(
         job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log"
@@ -1031,8 +1032,8 @@ def test_embed_without_write_permission_fails_before_work_and_keeps_the_previous
     model_id = audio_root(s3_root, n_tracks=2, faults=False)
     layout = Layout(s3_root)
     previous = uninterrupted_embeddings(s3_root, model_id)
-    embedder.publish_table(layout.embeddings, model_id, "v-previous", previous)
-    dataset = embedder.dataset_uri(layout.embeddings, model_id)
+    embeddings_table.publish_table(layout.embeddings, model_id, "v-previous", previous)
+    dataset = embeddings_table.dataset_uri(layout.embeddings, model_id)
     before = versions.read_latest_manifest(dataset)
     env = {**embed_env(), **read_only_key}
     cmd = job_command("embed", "--root", s3_root, "--only-new", "false", "--verbose", *EMBED_ARGS)

@@ -19,9 +19,11 @@ from musiclib import audio, catalog
 from musiclib.core.config import Layout
 from musiclib.datasets import demo
 from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.train import models
 from musiclib.train.augment import OneFilter, PitchShift, apply_filters, transpose
-from musiclib.train.pretraining import Batch, PretrainConfig, build, train_step
+from musiclib.train.data import Batch
+from musiclib.train.pretraining import PretrainConfig, build, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -143,7 +145,7 @@ def test_pretrain_and_embed_jobs_train_and_embed_on_the_gpu(tmp_path):
     finally:
         ray.shutdown()
     layout = Layout(root)
-    out = embedder.read(layout.embeddings, model_id)
+    out = embeddings_table.read(layout.embeddings, model_id)
     ids = out.column("track_id").to_pylist()
     assert sorted(ids) == sorted(
         catalog.read(layout.catalog, columns=["track_id"]).column("track_id").to_pylist()

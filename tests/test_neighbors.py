@@ -1,5 +1,6 @@
-"""Nearest tracks: exact search against a float64 reference, IVF recall, the index file (local and S3), the
-index job's versions, and ``musiclib.tag.tags similar/seed`` with confirmed labels reaching tune and tag."""
+"""Nearest tracks: the index (``musiclib.tag.index``: exact search against a float64 reference, IVF recall,
+the index file, local and S3), the index job's versions, and ``musiclib.tag.tags similar/seed`` with
+confirmed labels reaching tune and tag (``catalog.add_labels``)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from musiclib import catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import clustered_vectors, tagged_embeddings
-from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot
-from musiclib.tag import neighbors, tags
+from musiclib.tag import index, neighbors, tags
 
 
 def reference(base: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -40,10 +41,10 @@ def test_exact_search_equals_float64_reference():
     rng = np.random.default_rng(0)
     base, queries = rng.normal(size=(2000, 24)), rng.normal(size=(7, 24))
     want_s, want_r = reference(base, queries, 9)
-    got_s, got_r = neighbors.exact_search(neighbors.normalize(base), neighbors.normalize(queries), 9, 301)
+    got_s, got_r = index.exact_search(index.normalize(base), index.normalize(queries), 9, 301)
     np.testing.assert_array_equal(got_r, want_r)
     np.testing.assert_allclose(got_s, want_s, atol=1e-5)
-    small_s, small_r = neighbors.exact_search(neighbors.normalize(base[:4]), neighbors.normalize(queries), 9)
+    small_s, small_r = index.exact_search(index.normalize(base[:4]), index.normalize(queries), 9)
     assert small_r.shape == (7, 4)  # k larger than the base: every row, best first
     np.testing.assert_array_equal(small_r, reference(base[:4], queries, 4)[1])
 
@@ -57,36 +58,36 @@ def clustered() -> tuple[np.ndarray, np.ndarray]:
 def test_ivf_recall_on_clustered_vectors(clustered):
     base, queries = clustered
     truth = reference(base, queries, 10)[1]
-    index = neighbors.build(base, kind="ivf", nlist=64, nprobe=8)
-    assert isinstance(index, neighbors.IVFIndex) and len(index) == len(base)
-    assert recall(index.search(neighbors.normalize(queries), 10)[1], truth) >= 0.9
-    every_cell = neighbors.from_bytes(neighbors.to_bytes(index), nprobe=64)
-    np.testing.assert_array_equal(every_cell.search(neighbors.normalize(queries), 10)[1], truth)
-    np.testing.assert_allclose(index.vectors(np.array([5, 4000])), neighbors.normalize(base[[5, 4000]]))
-    assert isinstance(neighbors.build(base), neighbors.ExactIndex)  # below EXACT_BELOW: a scan
+    ivf = index.build(base, kind="ivf", nlist=64, nprobe=8)
+    assert isinstance(ivf, index.IVFIndex) and len(ivf) == len(base)
+    assert recall(ivf.search(index.normalize(queries), 10)[1], truth) >= 0.9
+    every_cell = index.from_bytes(index.to_bytes(ivf), nprobe=64)
+    np.testing.assert_array_equal(every_cell.search(index.normalize(queries), 10)[1], truth)
+    np.testing.assert_allclose(ivf.vectors(np.array([5, 4000])), index.normalize(base[[5, 4000]]))
+    assert isinstance(index.build(base), index.ExactIndex)  # below EXACT_BELOW: a scan
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
 def test_index_file_round_trip(clustered, tmp_path, request, where):
     base, queries = clustered
     root = str(tmp_path) if where == "local" else request.getfixturevalue("s3_root")
-    q = neighbors.normalize(queries)
-    for index in (neighbors.build(base, kind="ivf", nlist=32, nprobe=4), neighbors.build(base[:500])):
-        uri = storage.join(root, "index", f"{index.kind}.safetensors")
-        storage.write_bytes(uri, neighbors.to_bytes(index))
-        loaded = neighbors.from_bytes(storage.read_bytes(uri), uri)
-        assert type(loaded) is type(index) and len(loaded) == len(index)
-        for got, want in zip(loaded.search(q, 10), index.search(q, 10), strict=True):
+    q = index.normalize(queries)
+    for built in (index.build(base, kind="ivf", nlist=32, nprobe=4), index.build(base[:500])):
+        uri = storage.join(root, "index", f"{built.kind}.safetensors")
+        storage.write_bytes(uri, index.to_bytes(built))
+        loaded = index.from_bytes(storage.read_bytes(uri), uri)
+        assert type(loaded) is type(built) and len(loaded) == len(built)
+        for got, want in zip(loaded.search(q, 10), built.search(q, 10), strict=True):
             np.testing.assert_array_equal(got, want)
 
 
 def test_bad_index_files_are_refused(clustered):
     base, _ = clustered
-    good = neighbors.build(base[:400], kind="ivf", nlist=4).arrays()
-    meta = {"format": neighbors.FORMAT, "kind": "ivf", "nprobe": "2"}
+    good = index.build(base[:400], kind="ivf", nlist=4).arrays()
+    meta = {"format": index.FORMAT, "kind": "ivf", "nprobe": "2"}
     cases = [
         ("not a readable safetensors", b"\x80\x04\x95 a pickle, not an index"),
-        ("not a readable safetensors", neighbors.to_bytes(neighbors.build(base[:50]))[:100]),  # truncated
+        ("not a readable safetensors", index.to_bytes(index.build(base[:50]))[:100]),  # truncated
         ("format", st_save(good, metadata={**meta, "format": "other/9"})),
         ("unknown index kind", st_save(good, metadata={**meta, "kind": "hnsw"})),
         ("nprobe must be a positive integer", st_save(good, metadata={**meta, "nprobe": "-3"})),
@@ -99,8 +100,8 @@ def test_bad_index_files_are_refused(clustered):
         ("NaN", st_save({**good, "vectors": np.full_like(good["vectors"], np.nan)}, metadata=meta)),
     ]
     for expected, data in cases:
-        with pytest.raises(neighbors.NeighborsError, match=expected):
-            neighbors.from_bytes(data, "bucket/index.safetensors")
+        with pytest.raises(index.NeighborsError, match=expected):
+            index.from_bytes(data, "bucket/index.safetensors")
 
 
 @pytest.fixture
@@ -115,16 +116,16 @@ def test_index_job_builds_once_per_embeddings_version(root, capsys):
     dataset = neighbors.dataset_uri(root, "synthetic")
     assert first.extra["embedding_version"] == "v1" and first.rows == 2 * 297
     found = neighbors.load(root)
-    assert isinstance(found.index, neighbors.IVFIndex) and found.source.startswith("index ")
+    assert isinstance(found.index, index.IVFIndex) and found.source.startswith("index ")
     again = index_job.main(["--root", root, "--kind", "ivf", "--nlist", "8"])
     assert again.version == first.version and again.created_at == first.created_at
     assert "already complete" in capsys.readouterr().out
     assert versions.committed_versions(dataset) == [first.version]
 
     cat, emb = tagged_embeddings.make(n_tracks=300, seed=2)
-    embedder.publish_table(Layout(root).embeddings, "synthetic", "v2", emb)
+    embeddings_table.publish_table(Layout(root).embeddings, "synthetic", "v2", emb)
     stale = neighbors.load(root)  # new embeddings: the old index is not used
-    assert isinstance(stale.index, neighbors.ExactIndex) and "no index" in stale.source
+    assert isinstance(stale.index, index.ExactIndex) and "no index" in stale.source
     second = index_job.main(["--root", root, "--kind", "ivf", "--nlist", "8"])
     assert second.version != first.version and second.extra["embedding_version"] == "v2"
     assert neighbors.load(root).source.endswith(second.version)
@@ -208,7 +209,7 @@ def test_concurrent_confirmations_lose_nothing(root):
     """Eight writers label one shared track and one of their own at once: every label survives."""
     uri = Layout(root).catalog
     threads = [
-        threading.Thread(target=neighbors.add_labels, args=(uri, f"new{i}", ["t00005", f"t0002{i}"]))
+        threading.Thread(target=catalog.add_labels, args=(uri, f"new{i}", ["t00005", f"t0002{i}"]))
         for i in range(8)
     ]
     for t in threads:

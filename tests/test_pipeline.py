@@ -14,7 +14,7 @@ from musiclib import catalog
 from musiclib.core import progress
 from musiclib.core.config import Layout
 from musiclib.datasets import demo
-from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.tag import tag_table, tags
 from musiclib.tag.tag_table import Where
 from musiclib.train import models
@@ -76,7 +76,7 @@ def test_demo_chain_end_to_end(tmp_path):
     model_id = models.resolve(layout.models, "")
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "fault"])
     good = set(cat.filter(pc.is_null(cat["fault"]))["track_id"].to_pylist())
-    emb = embedder.read(layout.embeddings, model_id, columns=["track_id", "error"])
+    emb = embeddings_table.read(layout.embeddings, model_id, columns=["track_id", "error"])
     assert sorted(emb["track_id"].to_pylist()) == sorted(cat["track_id"].to_pylist())
 
     iceberg = tag_table.require_table(Where(layout.root))

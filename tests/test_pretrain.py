@@ -18,28 +18,27 @@ from jobs import pretrain as job
 from musiclib import audio, catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import ConfigError, Layout, parse
-from musiclib.train.pretraining import (
+from musiclib.train.data import TrainingData, compose_batch, load_training_data, sample_batch
+from musiclib.train.labels import (
     LabelPlan,
+    describe_labels,
+    label_facts,
+    plan_labels,
+    positive_share,
+    select_labels,
+)
+from musiclib.train.pretraining import (
     PretrainConfig,
-    TrainingData,
     build,
     check_resume,
     checkpoint_state,
-    compose_batch,
-    describe_labels,
     fit,
     global_loss,
-    label_facts,
     learning_rate,
     load_checkpoint,
-    load_training_data,
-    plan_labels,
-    positive_share,
     restore,
     resume_conflicts,
-    sample_batch,
     save_checkpoint,
-    select_labels,
 )
 from musiclib.train.shards import (
     committed_shards,
@@ -489,6 +488,8 @@ def test_only_storage_failures_that_may_pass_restart_the_controller():
             raise RuntimeError("could not write the snapshot") from exc
     except RuntimeError as exc:
         assert is_transient_storage_failure(ray.train.ControllerError(exc))
-    assert is_transient_storage_failure(audio.TransientError(f"{audio.TRANSIENT}: s3://b/x: failed 4 times"))
+    assert is_transient_storage_failure(
+        storage.TransientError(f"{storage.TRANSIENT}: s3://b/x: failed 4 times")
+    )
     assert not is_transient_storage_failure(ray.train.ControllerError(ValueError("bad config")))
     assert not is_transient_storage_failure(ray.train.ControllerError(FileNotFoundError("bucket absent")))

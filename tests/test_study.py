@@ -17,7 +17,6 @@ from musiclib import audio, catalog
 from musiclib.core import config, storage, versions
 from musiclib.datasets.audio_files import encode
 from musiclib.embed import logmel
-from musiclib.probe import report
 from musiclib.study import study
 
 
@@ -116,7 +115,7 @@ def test_runs_are_compared_on_validation_and_the_test_split_only_reports(tmp_pat
     assert table.loc["study-b", "seeds"] == 2 and table.loc["study-a", "pretrain_options"] == "--lr 5e-4"
     assert table["best_on_valid"].to_dict() == {"study-a": False, "study-b": True}  # not test's choice
     assert study.compare_runs(dataset, "5").empty
-    report.print_study_runs(dataset, "20")
+    study.print_runs(dataset, "20")
     printed = capsys.readouterr().out
     assert "study-b: width 0.25, steps 70" in printed and "--lr 2e-3" in printed  # unrecorded: the default
     assert table.loc["study-a", "batch_label_share"] == study.StudyConfig().batch_label_share
@@ -217,7 +216,7 @@ def test_tiny_study_writes_every_output(tmp_path):
     text = storage.read_bytes(storage.join(out, "study.md")).decode()
     assert "| clmr |" in text and "| logmel |" in text and "study.png" in text
     assert storage.read_bytes(storage.join(out, "study.png")).startswith(b"\x89PNG")
-    report.main(["study-plot", str(tmp_path / "study.png"), "--root", root])  # make docs-images
+    study.main(["study-plot", str(tmp_path / "study.png"), "--root", root])  # make docs-images
     assert (tmp_path / "study.png").read_bytes() == storage.read_bytes(storage.join(out, "study.png"))
 
 

@@ -20,7 +20,7 @@ from musiclib import catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import demo, tagged_embeddings
-from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot, probes
 from musiclib.tag import tag_table, tags
 from musiclib.tag.tag_table import Where
@@ -118,7 +118,7 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
 
     # a crash after the data files, before the commit, leaves the previous snapshot current
     cat2, emb2 = tagged_embeddings.make(n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=MODEL)
-    embedder.publish_table(layout.embeddings, MODEL, "v2", emb2)
+    embeddings_table.publish_table(layout.embeddings, MODEL, "v2", emb2)
     catalog.write(cat2, layout.catalog)
 
     def crash(*args, **kwargs):
@@ -224,9 +224,11 @@ def test_write_model_rows_scores_one_block_into_one_file(tmp_path):
 
 
 def test_the_scoring_side_loads_without_torch():
-    """The tag job's tasks import ``musiclib.tag.tags`` and load a probe set: neither may pull in torch or
-    scikit-learn (hundreds of MiB in every worker), which only fitting needs."""
-    code = "import sys, musiclib.tag.tags, musiclib.probe.probes; print(sorted({'torch', 'sklearn'} & set(sys.modules)))"
+    """The tag job's tasks import ``musiclib.tag.tags`` and load a probe set, and every later stage reads the
+    embeddings table (``musiclib.embed.table``): none may pull in torch or scikit-learn (hundreds of MiB in
+    every worker), which only fitting and embedding need."""
+    modules = "musiclib.tag.tags, musiclib.probe.probes, musiclib.embed.table"
+    code = f"import sys, {modules}; print(sorted({{'torch', 'sklearn'}} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
@@ -241,8 +243,8 @@ def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(tag_job, "ray_session", no_ray)
-    dataset = embedder.dataset_uri(layout.embeddings, MODEL)
-    embedder.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
+    dataset = embeddings_table.dataset_uri(layout.embeddings, MODEL)
+    embeddings_table.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
     versions.publish(dataset, "v3", [], [], move_latest=False)  # no file at all
     for version in ("v2", "v3"):
         versions.set_latest(dataset, version)

@@ -15,7 +15,7 @@ from musiclib import catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import tagged_embeddings
-from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot, probes, report, sweep
 
 MODEL = "synthetic-m1"
@@ -62,7 +62,7 @@ def test_a_catalog_without_validation_labels_is_refused_before_ray(tmp_path):
     no_valid = pc.if_else(pc.equal(cat["split"], "valid"), "train", cat["split"])
     layout = Layout(str(tmp_path))
     catalog.write(cat.set_column(split, cat.schema.field(split), no_valid), layout.catalog)
-    embedder.publish_table(layout.embeddings, MODEL, "v1", emb)
+    embeddings_table.publish_table(layout.embeddings, MODEL, "v1", emb)
     versions.publish(layout.models, MODEL, [], [])  # a model without an encoder: tune reads embeddings
     with pytest.raises(ConfigError, match="0 labeled validation tracks"):
         tune_job.main(["--root", str(tmp_path)])

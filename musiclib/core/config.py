@@ -95,7 +95,7 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
 
 def take_flags(args: list[str], flags: dict[str, Any], usage: str) -> None:
     """Move each ``--flag value`` named in ``flags`` from ``args`` into ``flags`` (the defaults stay otherwise);
-    the small query tools' argument parsing (``python -m musiclib.tag.tags``, ``python -m musiclib.probe.report``)."""
+    the small query tools' argument parsing (``musiclib.tag.tags``, ``musiclib.probe.report``, ``musiclib.study.study``)."""
     for flag in flags:
         if flag in args:
             i = args.index(flag)

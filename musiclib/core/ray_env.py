@@ -70,13 +70,14 @@ def ray_session(
 
 
 def transient_storage_markers() -> list[str]:
-    """Text that marks a storage failure that may pass: the decoder's ``audio.TransientError`` and the S3
-    errors Ray Data retries in its own I/O (``retried_io_errors``: "AWS Error NETWORK_CONNECTION", ...)."""
+    """Text that marks a storage failure that may pass: ``storage.TransientError`` (the decoder's, after its
+    own retries) and the S3 errors Ray Data retries in its own I/O (``retried_io_errors``: "AWS Error
+    NETWORK_CONNECTION", ...)."""
     import ray.data
 
-    from musiclib import audio
+    from musiclib.core import storage
 
-    return [audio.TRANSIENT, *ray.data.DataContext.get_current().retried_io_errors]
+    return [storage.TRANSIENT, *ray.data.DataContext.get_current().retried_io_errors]
 
 
 def is_transient_storage_failure(exc: BaseException) -> bool:
@@ -99,7 +100,7 @@ def is_transient_storage_failure(exc: BaseException) -> bool:
 def retry_transient_storage(retries: int) -> Iterator[None]:
     """Ray Data map tasks that fail on unreachable storage run again, up to ``retries`` times.
 
-    Retried: ``audio.TransientError`` (storage that stayed unreachable through the decoder's own backoff
+    Retried: ``storage.TransientError`` (storage that stayed unreachable through the decoder's own backoff
     fails the task rather than the track) and the S3 errors Ray Data itself treats as transient in its
     I/O (``retried_io_errors``: "AWS Error NETWORK_CONNECTION", 503 SlowDown, ...), which its listing
     of input files (``ListFiles``) otherwise lets fail the job at the first attempt. Ray Data waits

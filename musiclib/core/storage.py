@@ -37,6 +37,18 @@ class NotFound(StorageError):
     """The object does not exist (as opposed to storage that cannot be reached)."""
 
 
+class TransientError(RuntimeError):
+    """Storage kept failing in a way that may pass (unreachable, timeout, 5xx, throttling), after retries.
+
+    Not a ``StorageError`` and not an ``audio.AudioError``: nothing is wrong with the object or the track,
+    so it gets no reason; the task fails and Ray retries it. Its message starts with ``TRANSIENT``, which
+    Ray Data's retry setting matches (``ray_env.retry_transient_storage``).
+    """
+
+
+TRANSIENT = "transient storage failure"
+
+
 # --------------------------------------------------------------------------- URIs
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 from musiclib import catalog
 from musiclib.core import versions
 from musiclib.core.config import Layout
-from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 
 
 def make(
@@ -69,7 +69,7 @@ def make(
             "model_id": [model_id] * n_tracks,
             "error": errors,
         },
-        schema=embedder.schema(dim),
+        schema=embeddings_table.schema(dim),
     )
     return cat, emb
 
@@ -80,6 +80,6 @@ def write_root(root: str, model_id: str = "synthetic", **kwargs: Any) -> tuple[p
     cat, emb = make(model_id=model_id, **kwargs)
     layout = Layout(root)
     catalog.write(cat, layout.catalog)
-    embedder.publish_table(layout.embeddings, model_id, "v1", emb)
+    embeddings_table.publish_table(layout.embeddings, model_id, "v1", emb)
     versions.publish(layout.models, model_id, [], [])  # a model without an encoder
     return cat, emb

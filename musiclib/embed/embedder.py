@@ -1,24 +1,21 @@
-"""The embed stage: decode tracks to int16 chunks, encode and average them per track, the embeddings table.
+"""The embed stage: decode tracks to int16 chunks, encode and average them per track, write the versions.
 
 The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU machines call them directly:
 
 1. ``decode_batch``: catalog rows (``track_id``, ``audio_uri``) to up to N chunks per track as int16
    (half the bytes of float32 between tasks), or the reason the track cannot be used; a bad row (null
    or non-string id or URI) is a reason too, never a failed job. Storage that stays unreachable raises
-   ``audio.TransientError``, so Ray retries the task.
+   ``storage.TransientError``, so Ray retries the task.
 2. ``embed_batch``: the encoder on every chunk of a batch of decoded tracks, in fixed-size forward batches,
-   averaged per track into one row of the embeddings table (``schema``).
+   averaged per track into one row of the embeddings table (``embeddings_table.schema``).
 3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array.
 4. ``embed_catalog``: the plain single-process loop (decode, chunk, forward), the reference the tests compare
    the job against and the baseline the benchmark measures it by.
 5. The version a run writes (``begin_version``, ``end_version``): a killed run resumes its unfinished
    version (``_pending.json``, Ray Data checkpoints), and an incremental one keeps the latest version's
    files (``carry_over``) and publishes only when it embedded something new (``commit_version``).
-6. The embeddings table the later stages read: ``<root>/embeddings/<model_id>/`` is a versioned dataset
-   (see ``versions``) whose latest manifest lists every Parquet file of the current, complete set (``files``,
-   ``read``). One row per catalog track (``schema``): ``track_id``, ``embedding`` (fixed-size list of
-   float32; null when ``error`` is set), ``n_chunks``, ``duration_s``, ``model_id``, ``error`` (the reason
-   the track could not be embedded, null when fine).
+
+The rows it writes are the embeddings table's (``musiclib.embed.table``: schema, dataset, readers).
 """
 
 from __future__ import annotations
@@ -37,6 +34,7 @@ import torch
 from musiclib import audio, catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, Layout, RayConfig, check
+from musiclib.embed import table as embeddings_table
 from musiclib.train import models
 from musiclib.train.models import EncoderConfig, SampleCNN
 
@@ -181,13 +179,13 @@ def decode_track(
     ``allowed_prefixes`` only URIs under them are read (``audio.load_chunks``). Every way a track can be
     unusable becomes a reason from ``audio.REASONS``: the decoder's own ``AudioError`` (``bad_uri`` for
     a row that names no readable URI) and anything else it throws (``corrupt``), so one bad file never
-    stops a job over millions. Only ``audio.TransientError`` (storage unreachable after retries)
+    stops a job over millions. Only ``storage.TransientError`` (storage unreachable after retries)
     propagates: it says nothing about the track, and the task is retried.
     """
     try:
         source = audio.locate(uri, base_dir)
         chunks, duration = audio.load_chunks(source, max_chunks=max_chunks, allowed_prefixes=allowed_prefixes)
-    except audio.TransientError:
+    except storage.TransientError:
         raise
     except audio.AudioError as exc:
         return None, None, exc.reason
@@ -285,7 +283,7 @@ def embed_batch(
             "model_id": pa.array([model_id] * len(decoded), pa.string()),
             "error": decoded.column("error"),
         },
-        schema=schema(dim),
+        schema=embeddings_table.schema(dim),
     )
 
 
@@ -372,7 +370,11 @@ def embed_catalog(catalog_uri: str, encoder: SampleCNN, model_id: str, **kwargs)
     """The whole catalog's embeddings as one table, and its summary (``kwargs`` as for ``iter_embedded``)."""
     start = time.perf_counter()
     tables = list(iter_embedded(catalog_uri, encoder, model_id, **kwargs))
-    table = pa.concat_tables(tables) if tables else schema(encoder.config.embed_dim).empty_table()
+    table = (
+        pa.concat_tables(tables)
+        if tables
+        else embeddings_table.schema(encoder.config.embed_dim).empty_table()
+    )
     summary = Summary()
     summary.add(table)
     summary.wall_s = time.perf_counter() - start
@@ -479,46 +481,3 @@ def end_version(dataset: str, version: str) -> None:
     """Forget an ended run's version: its checkpoint and the pending marker (after the publish, never before)."""
     storage.delete(checkpoint_uri(dataset, version), recursive=True)
     storage.delete(storage.join(dataset, PENDING))
-
-
-# --------------------------------------------------------------------------- the embeddings table
-
-
-def schema(dim: int) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("track_id", pa.string(), nullable=False),
-            pa.field("embedding", pa.list_(pa.float32(), dim)),
-            pa.field("n_chunks", pa.int32()),
-            pa.field("duration_s", pa.float64()),
-            pa.field("model_id", pa.string()),
-            pa.field("error", pa.string()),
-        ]
-    )
-
-
-def dataset_uri(embeddings_root: str, model_id: str) -> str:
-    return storage.join(embeddings_root, model_id)
-
-
-def files(embeddings_root: str, model_id: str) -> list[str]:
-    """URIs of the Parquet files of the latest committed embedding set of a model."""
-    return versions.read_latest_manifest(dataset_uri(embeddings_root, model_id)).file_uris()
-
-
-def read(embeddings_root: str, model_id: str, columns: list[str] | None = None) -> pa.Table:
-    """The latest committed embeddings of a model as one table (probes fit on these; jobs stream instead)."""
-    uris = files(embeddings_root, model_id)
-    if not uris:
-        raise storage.StorageError(f"embeddings of {model_id} under {embeddings_root} hold no files")
-    return storage.read_parquet(uris, columns)
-
-
-def publish_table(embeddings_root: str, model_id: str, version: str, table: pa.Table) -> versions.Manifest:
-    """Publish ``table`` as one version of a model's embeddings, in one shard (synthetic data, small imports).
-
-    The embed job writes many shards itself and publishes them the same way (``versions.publish``).
-    """
-    dataset = dataset_uri(embeddings_root, model_id)
-    uri = storage.join(versions.version_uri(dataset, version), "part-00000.parquet")
-    return versions.publish(dataset, version, [uri], [storage.write_parquet(table, uri)])

@@ -4,8 +4,8 @@
 stage's own code runs it (``embedder.embed_batch``, which averages each track's chunk outputs). Per chunk
 it gives each mel band's mean log-mel value and mean squared value over the chunk's frames; the embed
 stage's average over a track's equal-length chunks makes them means over the track's frames, and
-``finish`` turns those two moments into the band's mean and standard deviation. The track is what the
-encoders see too: up to ``max_chunks`` chunks of 2.7 s spread evenly over it.
+``moments_to_stats`` turns those two moments into the band's mean and standard deviation. The track is
+what the encoders see too: up to ``max_chunks`` chunks of 2.7 s spread evenly over it.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class LogMel(nn.Module):
         return torch.cat([logmel.mean(-1), logmel.square().mean(-1)], dim=1).float()
 
 
-def finish(moments: np.ndarray) -> np.ndarray:
+def moments_to_stats(moments: np.ndarray) -> np.ndarray:
     """Per-track ``[mean, mean square]`` per band (the averaged ``LogMel`` outputs) to ``[mean, std]``."""
     n = moments.shape[1] // 2
     mean, square = moments[:, :n].astype(np.float64), moments[:, n:].astype(np.float64)
@@ -79,7 +79,7 @@ def embed_rows(
     means = np.zeros((len(table), config.embed_dim), np.float32)
     if ok.any():
         values = table.column("embedding").filter(pa.array(ok)).combine_chunks().flatten()
-        means[ok] = finish(values.to_numpy(zero_copy_only=False).reshape(-1, config.embed_dim))
+        means[ok] = moments_to_stats(values.to_numpy(zero_copy_only=False).reshape(-1, config.embed_dim))
     embedding = pa.FixedSizeListArray.from_arrays(
         pa.array(means.reshape(-1)), config.embed_dim, mask=pa.array(~ok)
     )

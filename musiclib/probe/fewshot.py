@@ -8,7 +8,6 @@ track is a negative for every tag it does not carry. Budget ``None`` ("all") use
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,18 +35,6 @@ def parse_budget(raw: str | int | None) -> int | None:
 
 def budget_name(budget: int | None) -> str:
     return "all" if budget is None else str(budget)
-
-
-def label_matrix(tag_lists: Sequence[Sequence[str] | None], tags: Sequence[str]) -> np.ndarray:
-    """``[n_tracks, n_tags]`` boolean matrix from per-track tag lists; tags outside ``tags`` are ignored."""
-    column = {t: j for j, t in enumerate(tags)}
-    y = np.zeros((len(tag_lists), len(tags)), dtype=bool)
-    for i, track_tags in enumerate(tag_lists):
-        for t in track_tags or ():
-            j = column.get(t)
-            if j is not None:
-                y[i, j] = True
-    return y
 
 
 def sample_support(y: np.ndarray, budget: int | None, seed: int) -> np.ndarray:
@@ -136,7 +123,7 @@ def prepare(
     for split, items in rows.items():
         ids[split] = [tid for tid, _ in items]
         x[split] = np.array([vectors[tid] for tid in ids[split]], dtype=np.float32).reshape(len(items), dim)
-        y[split] = label_matrix([t for _, t in items], vocab.tags)
+        y[split] = catalog.label_matrix([t for _, t in items], vocab.tags)
     return ProbeData(vocab.tags, vocab.head, vocab.tail, vocab.counts, x, y, ids, model_id, excluded)
 
 

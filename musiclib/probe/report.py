@@ -242,62 +242,23 @@ def render_markdown(
     return "\n".join(lines)
 
 
-def print_study_runs(dataset: str, budget: str) -> None:
-    """The table of ``study.compare_runs``: scores per run and encoder (``*``: best on validation), then
-    each run's settings."""
-    from musiclib.study import study
-
-    table = study.compare_runs(dataset, budget)
-    if table.empty:
-        raise SystemExit(f"no study run with budget {budget} under {dataset}: run make study first")
-    print(
-        f"macro AP at {budget} labels per tag; choose on valid, test only reports (* best valid per encoder)"
-    )
-    scores = table[
-        ["run_id", "encoder", "seeds", "valid_ap_all", "valid_ap_tail", "test_ap_all", "test_ap_tail"]
-    ]
-    scores = scores.assign(best=table["best_on_valid"].map({True: "*", False: ""}))
-    print(scores.to_string(index=False, float_format="{:.3f}".format))
-    for run_id, settings in table.groupby("run_id", sort=False):
-        first = settings.iloc[0]
-        print(f"{run_id}: " + ", ".join(f"{k} {first[k]}" for k in study.SETTINGS))
-
-
 def main(argv: list[str] | None = None) -> None:
-    """``python -m musiclib.probe.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]`` or
-    ``python -m musiclib.probe.report study-runs [--root ROOT] [--budget 20]``.
+    """``python -m musiclib.probe.report budget-curve OUT.png [--root ROOT] [--run-id RUN]``: draw a probe
+    run's budget curve (default: the latest run; the README's figure comes from it, ``make docs-images``).
 
-    ``budget-curve`` draws a probe run's curve; ``study-plot`` copies a study run's ``study.png`` (the
-    README's figures come from these, ``make docs-images``); ``study-runs`` compares every study run of a
-    root at one budget, validation first, to choose pretraining settings on it (``study.compare_runs``).
+    The study's commands (``study-runs``, ``study-plot``) are ``python -m musiclib.study.study``.
     """
     import sys
 
     from musiclib.core.config import DEFAULT_ROOT, Layout, take_flags
 
-    usage = (
-        "usage: python -m musiclib.probe.report budget-curve|study-plot OUT.png [--root ROOT] [--run-id RUN]\n"
-        "       python -m musiclib.probe.report study-runs [--root ROOT] [--budget 20]"
-    )
+    usage = "usage: python -m musiclib.probe.report budget-curve OUT.png [--root ROOT] [--run-id RUN]"
     args = list(sys.argv[1:] if argv is None else argv)
-    options = {"--root": DEFAULT_ROOT, "--run-id": None, "--budget": "20"}
+    options = {"--root": DEFAULT_ROOT, "--run-id": None}
     take_flags(args, options, usage)
-    if args == ["study-runs"]:
-        print_study_runs(Layout(storage.normalize_uri(options["--root"])).study, options["--budget"])
-        return
-    if len(args) != 2 or args[0] not in ("budget-curve", "study-plot"):
+    if len(args) != 2 or args[0] != "budget-curve":
         raise SystemExit(usage)
     root, out = storage.normalize_uri(options["--root"]), storage.normalize_uri(args[1])
-    if args[0] == "study-plot":
-        dataset = Layout(root).study
-        run_id = options["--run-id"] or versions.latest_version(dataset)
-        if run_id is None:
-            raise SystemExit(f"no study run under {dataset}: run make study first")
-        storage.write_bytes(
-            out, storage.read_bytes(storage.join(versions.version_uri(dataset, run_id), "study.png"))
-        )
-        print(f"study plot of run {run_id} under {root}: {args[1]}")
-        return
     run_id = plot_run(Layout(root).probes, out, options["--run-id"])
     print(f"budget curve of probe run {run_id} under {root}: {args[1]}")
 

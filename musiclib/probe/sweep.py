@@ -20,7 +20,7 @@ import pyarrow as pa
 from musiclib import audio, catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
-from musiclib.embed import embedder
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot, probes, report
 
 LONGEST_FIRST = ("logreg", "linear", "centroid")  # probes by the cost of one trial
@@ -159,7 +159,7 @@ def load_data(cfg: TuneConfig, layout: Layout, model_id: str) -> fewshot.ProbeDa
     """Human labels joined with the model's embeddings; an unknown ``--tags`` entry is an error, and so is a
     validation split on which no tag can be scored (configurations are chosen there)."""
     table = catalog.read(layout.catalog, columns=["track_id", "tags", "split"])
-    emb = embedder.read(layout.embeddings, model_id, columns=["track_id", "embedding", "error"])
+    emb = embeddings_table.read(layout.embeddings, model_id, columns=["track_id", "embedding", "error"])
     data = fewshot.prepare(table, emb, model_id, cfg.head_fraction)
     if cfg.tags:
         unknown = sorted(set(cfg.tags) - set(data.tags))
@@ -185,7 +185,7 @@ def load_data(cfg: TuneConfig, layout: Layout, model_id: str) -> fewshot.ProbeDa
 
 def derive_run_id(cfg: TuneConfig, layout: Layout, model_id: str) -> str:
     """``tune-<digest>`` of the sweep config, the model and the embedding version: same inputs, same run."""
-    emb_version = versions.latest_version(embedder.dataset_uri(layout.embeddings, model_id))
+    emb_version = versions.latest_version(embeddings_table.dataset_uri(layout.embeddings, model_id))
     cat_sum = storage.file_checksum(layout.catalog) if storage.exists(layout.catalog) else ""
     operational = ("root", "run_id", "ray_address", "num_cpus", "max_concurrent", "max_failures")
     keys = {k: v for k, v in asdict(cfg).items() if k not in operational}

@@ -8,6 +8,9 @@ floor (``musiclib.embed.logmel``). Each is embedded by the embed stage and evalu
 protocol; ``variant_rows`` keeps, per budget, the configuration chosen on the validation split and its
 per-repetition macro scores; ``summarize`` pools seeds and repetitions and compares every encoder with a
 reference. ``jobs/study.py`` runs the chain; outputs go to ``<root>/study/<run_id>/``.
+
+    python -m musiclib.study.study study-runs [--root ROOT] [--budget 20]   # every run of a root, side by side
+    python -m musiclib.study.study study-plot OUT.png [--root ROOT] [--run-id RUN]   # a run's study.png
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 import io
 import os
 import shlex
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,7 +34,15 @@ import pyarrow as pa  # noqa: E402
 
 from musiclib import catalog  # noqa: E402
 from musiclib.core import storage, versions
-from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, parse  # noqa: E402
+from musiclib.core.config import (  # noqa: E402
+    DEFAULT_ROOT,
+    ConfigError,
+    Layout,
+    RayConfig,
+    check,
+    parse,
+    take_flags,
+)
 from musiclib.embed.embedder import EmbedConfig  # noqa: E402
 from musiclib.probe import report
 from musiclib.probe.sweep import TuneConfig  # noqa: E402
@@ -439,3 +451,59 @@ def compare_runs(dataset: str, budget: str = "20") -> pd.DataFrame:
         best = table.groupby("encoder")["valid_ap_all"].transform("max")
         table["best_on_valid"] = table["valid_ap_all"] == best
     return table
+
+
+# --------------------------------------------------------------------------- the command line
+
+
+def print_runs(dataset: str, budget: str) -> None:
+    """The table of ``compare_runs``: scores per run and encoder (``*``: best on validation), then each
+    run's settings."""
+    table = compare_runs(dataset, budget)
+    if table.empty:
+        raise SystemExit(f"no study run with budget {budget} under {dataset}: run make study first")
+    print(
+        f"macro AP at {budget} labels per tag; choose on valid, test only reports (* best valid per encoder)"
+    )
+    scores = table[
+        ["run_id", "encoder", "seeds", "valid_ap_all", "valid_ap_tail", "test_ap_all", "test_ap_tail"]
+    ]
+    scores = scores.assign(best=table["best_on_valid"].map({True: "*", False: ""}))
+    print(scores.to_string(index=False, float_format="{:.3f}".format))
+    for run_id, settings in table.groupby("run_id", sort=False):
+        first = settings.iloc[0]
+        print(f"{run_id}: " + ", ".join(f"{k} {first[k]}" for k in SETTINGS))
+
+
+USAGE = (
+    "usage: python -m musiclib.study.study study-runs [--root ROOT] [--budget 20]\n"
+    "       python -m musiclib.study.study study-plot OUT.png [--root ROOT] [--run-id RUN]"
+)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``study-runs`` compares every study run of a root at one budget, validation first, to choose
+    pretraining settings on it (``compare_runs``); ``study-plot`` copies a study run's ``study.png``
+    (default: the latest run; the README's figure comes from it, ``make docs-images``)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    options = {"--root": DEFAULT_ROOT, "--run-id": None, "--budget": "20"}
+    take_flags(args, options, USAGE)
+    root = storage.normalize_uri(options["--root"])
+    dataset = Layout(root).study
+    if args == ["study-runs"]:
+        print_runs(dataset, options["--budget"])
+        return
+    if len(args) != 2 or args[0] != "study-plot":
+        raise SystemExit(USAGE)
+    run_id = options["--run-id"] or versions.latest_version(dataset)
+    if run_id is None:
+        raise SystemExit(f"no study run under {dataset}: run make study first")
+    out = storage.normalize_uri(args[1])
+    storage.write_bytes(
+        out, storage.read_bytes(storage.join(versions.version_uri(dataset, run_id), "study.png"))
+    )
+    print(f"study plot of run {run_id} under {root}: {args[1]}")
+
+
+if __name__ == "__main__":
+    main()

@@ -31,6 +31,7 @@ from scipy.special import expit, logit
 from musiclib import catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
+from musiclib.core.outputs import print_table
 from musiclib.probe import fewshot, metrics, probes
 from musiclib.tag import tags
 
@@ -386,7 +387,7 @@ def main(argv: list[str] | None = None) -> None:
             f"no suggestions for {args.tag!r} in the latest version under {Layout(args.root).suggestions}"
         )
     print("  ".join(table.column_names))
-    tags.print_table(table)
+    print_table(table)
 
 
 if __name__ == "__main__":

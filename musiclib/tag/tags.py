@@ -18,8 +18,9 @@ keeps only rows of the same run).
 
 The table commands take ``--catalog-uri`` and ``--table`` (``tag_table``) and read the current snapshot,
 or the snapshot of ``--run`` (time travel). ``similar`` and ``seed`` are nearest-neighbour queries over
-the embeddings (``musiclib.tag.neighbors``); ``seed TAG --confirm ID,ID`` writes TAG as a human label of the
-confirmed tracks (and the examples) into the catalog, where the next tune and tag runs read it.
+the embeddings (``neighbors.command``); ``seed TAG --confirm ID,ID`` writes TAG as a human label of the
+confirmed tracks (and the examples) into the catalog, where the next tune and tag runs read it. ``outputs``
+is ``musiclib.core.outputs``, told where the tag table's current snapshot is.
 """
 
 from __future__ import annotations
@@ -37,8 +38,10 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
-from musiclib.core import progress, storage, versions
+from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, take_flags
+from musiclib.core.outputs import print_outputs, print_table
+from musiclib.embed import table as embeddings_table
 from musiclib.tag import tag_table
 from musiclib.tag.tag_table import DEFAULT_CATALOG, DEFAULT_TABLE, Where
 
@@ -152,10 +155,9 @@ def write_model_rows(
     by a digest of its track ids: a retried task rewrites its own file. Returns the file and its track
     count (``WRITTEN``; no row when nothing was scored).
     """
-    ok = pc.and_(pc.is_null(embeddings["error"]), pc.is_valid(embeddings["embedding"]))
+    scored = embeddings_table.usable(embeddings)
     if skip is not None and len(skip):
-        ok = pc.and_(ok, pc.invert(pc.is_in(embeddings["track_id"], skip)))
-    scored = embeddings.filter(ok)
+        scored = scored.filter(pc.invert(pc.is_in(scored["track_id"], skip)))
     if len(scored) == 0:
         return WRITTEN.empty_table()
     name = hashlib.sha256("\n".join(scored["track_id"].to_pylist()).encode()).hexdigest()[:32]
@@ -172,9 +174,7 @@ def model_rows(table: pa.Table, probe_set: ProbeSet, probe_run_id: str, tagged_a
     n, n_tags = len(table), len(probe_set.tags)
     if n == 0:
         return SCHEMA.empty_table()
-    dim = probe_set.weights.shape[0]
-    flat = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    scores = probe_set.apply(flat.reshape(n, dim))
+    scores = probe_set.apply(embeddings_table.matrix(table))
     rows = n * n_tags  # track-major: track i's tags are rows i * n_tags ... (i + 1) * n_tags - 1
     return pa.table(
         {
@@ -280,40 +280,6 @@ def summarize(table: pa.Table, long_tail: Sequence[str], n_top: int = 10) -> str
     return "\n".join(lines)
 
 
-def print_table(table: pa.Table) -> None:
-    """One line per row, floats to three decimals, nulls blank."""
-    for row in table.to_pylist():
-        cells = ["" if v is None else f"{v:.3f}" if isinstance(v, float) else str(v) for v in row.values()]
-        print("  ".join(cells))
-
-
-def print_outputs(layout: Layout, where: Where) -> None:
-    """The chain's table (one row per job, from the summaries the jobs wrote), then where the latest sweep
-    report, budget curve, probe set, tag table, suggestions and study report and plot of a root are."""
-    runs = progress.read_summaries(layout.root)
-    if runs:
-        print(progress.chain_table(runs))
-        print()
-    probes_run = versions.latest_version(layout.probes)
-    if probes_run is not None:
-        run_dir = versions.version_uri(layout.probes, probes_run)
-        for name in ("report.md", "budget_curve.png", "probe_set.safetensors"):
-            print(f"{name:<22} {storage.join(run_dir, name)}")
-    table = tag_table.open_table(where)
-    current = None if table is None else tag_table.current_run(table)
-    if current is not None:
-        print(f"{'tag table':<22} {where.describe()}, snapshot {current.snapshot_id} (run {current.run_id})")
-    suggestions = versions.latest_version(layout.suggestions)
-    if suggestions is not None:
-        print(f"{'suggestions':<22} {versions.version_uri(layout.suggestions, suggestions)}")
-    study_run = versions.latest_version(layout.study)
-    if study_run is not None:
-        for name in ("study.md", "study.png"):
-            print(f"{name:<22} {storage.join(versions.version_uri(layout.study, study_run), name)}")
-    if probes_run is None and current is None:
-        raise SystemExit(f"no probe run and no tag table under {layout.root} yet")
-
-
 @dataclass(frozen=True)
 class Applied:
     """The probe run the tag stage applies and the latest embeddings of its model (tag and suggest jobs)."""
@@ -327,7 +293,6 @@ class Applied:
 def applied_probes(layout: Layout, probe_run_id: str = "") -> Applied:
     """``probe_run_id`` (else the latest probe run) and its model's latest embeddings; a one-line
     ``ConfigError`` when either is missing, has no thresholds, or holds no rows."""
-    from musiclib.embed import embedder
     from musiclib.probe.probes import ProbeSet
 
     run_id = probe_run_id or versions.latest_version(layout.probes)
@@ -339,7 +304,7 @@ def applied_probes(layout: Layout, probe_run_id: str = "") -> Applied:
     probe_set = ProbeSet.load(probe_uri)
     if probe_set.thresholds is None:
         raise ConfigError(f"probe set {probe_uri} has no thresholds")
-    dataset = embedder.dataset_uri(layout.embeddings, probe_set.model_id)
+    dataset = embeddings_table.dataset_uri(layout.embeddings, probe_set.model_id)
     if versions.latest_version(dataset) is None:
         raise ConfigError(f"no embeddings of {probe_set.model_id} under {layout.embeddings}: run embed first")
     emb = versions.read_latest_manifest(dataset)  # files and version from the same manifest
@@ -351,6 +316,15 @@ def applied_probes(layout: Layout, probe_run_id: str = "") -> Applied:
     return Applied(run_id, probe_uri, probe_set, emb)
 
 
+def current_snapshot(where: Where) -> str | None:
+    """Where the tag table's current snapshot is, as the outputs listing shows it (None: no snapshot yet)."""
+    table = tag_table.open_table(where)
+    current = None if table is None else tag_table.current_run(table)
+    if current is None:
+        return None
+    return f"{where.describe()}, snapshot {current.snapshot_id} (run {current.run_id})"
+
+
 USAGE = (
     "usage: python -m musiclib.tag.tags show TRACK_ID | top TAG | sql QUERY | history | outputs "
     "[--root ROOT] [--n N] [--run RUN_ID] [--catalog-uri URI] [--table NAMESPACE.NAME]"
@@ -360,7 +334,7 @@ USAGE = (
 
 def main(argv: list[str] | None = None) -> None:
     """``show``, ``top``, ``sql``, ``history`` or ``outputs`` against the current snapshot under ``--root``;
-    ``similar`` and ``seed`` over the embeddings (``neighbors_command``)."""
+    ``similar`` and ``seed`` over the embeddings (``neighbors.command``)."""
     args = list(sys.argv[1:] if argv is None else argv)
     flags = {
         "--root": DEFAULT_ROOT,
@@ -371,13 +345,15 @@ def main(argv: list[str] | None = None) -> None:
     }
     take_flags(args, flags, USAGE)
     if args and args[0] in ("similar", "seed"):
-        neighbors_command(args, storage.normalize_uri(flags["--root"]), int(flags["--n"]))
+        from musiclib.tag import neighbors  # loads the encoder's modules: only these two commands need them
+
+        neighbors.command(args, storage.normalize_uri(flags["--root"]), int(flags["--n"]))
         return
     if problem := tag_table.catalog_problem(flags["--catalog-uri"]):
         raise SystemExit(problem)
     where = Where(storage.normalize_uri(flags["--root"]), flags["--catalog-uri"], flags["--table"])
     if args == ["outputs"]:
-        print_outputs(Layout(where.root), where)
+        print_outputs(Layout(where.root), current_snapshot(where))
         return
     command = args[0] if args else ""
     if (command, len(args)) not in (("show", 2), ("top", 2), ("sql", 2), ("history", 1)):
@@ -401,45 +377,6 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"no rows for {args[1]!r} in {where.describe()}")
     print("  ".join(out.column_names))
     print_table(out)
-
-
-def neighbors_command(args: list[str], root: str, n: int) -> None:
-    """``similar TRACK_ID`` and ``seed TAG [--examples] [--confirm] [--split]``: options to ``neighbors`` calls.
-
-    Bad input (an unknown track or tag, an example without an embedding) ends with one line naming it.
-    """
-    from musiclib.tag import neighbors  # loads the encoder's modules: only these two commands need them
-
-    options = {"--examples": "", "--confirm": "", "--model-id": "", "--split": "train"}
-    take_flags(args, options, USAGE)
-    if len(args) != 2 or (args[0] == "similar" and (options["--examples"] or options["--confirm"])):
-        raise SystemExit(
-            "usage: python -m musiclib.tag.tags similar TRACK_ID | seed TAG [--examples ID,ID] [--confirm ID,ID] "
-            "[--split train] [--model-id M] [--root ROOT] [--n N]"
-        )
-    layout = Layout(root)
-    examples = [t for t in options["--examples"].split(",") if t]
-    confirmed = [t for t in options["--confirm"].split(",") if t]
-    try:
-        if confirmed:
-            change = neighbors.add_labels(layout.catalog, args[1], examples + confirmed, options["--split"])
-            print(
-                f"labeled {len(change.added)} track(s) {args[1]!r} in {layout.catalog} "
-                f"({len(change.already)} had it; {len(change.split_set)} without a split put in "
-                f"{options['--split']!r}); the next tune and tag runs use the label"
-            )
-            return
-        found = neighbors.load(root, options["--model-id"])
-        labels = neighbors.catalog_labels(layout.catalog)
-        if args[0] == "similar":
-            table = neighbors.similar(found, labels, layout.catalog, args[1], n)
-        else:
-            table = neighbors.seed(found, labels, layout.catalog, args[1], examples, n)
-    except (neighbors.NeighborsError, storage.StorageError) as exc:
-        raise SystemExit(str(exc).splitlines()[0]) from exc
-    print(f"# {found.source}")
-    print("  ".join(table.column_names))
-    print_table(table)
 
 
 if __name__ == "__main__":

@@ -1,36 +1,28 @@
-"""SemiSupCon pretraining without Ray: config, labels, batches of views, the step, the loop, checkpoints.
+"""SemiSupCon pretraining without Ray: config, the step, the loop, checkpoints.
 
 Read top to bottom:
 1. ``PretrainConfig``: every knob, checked by ``validate()`` before a cluster is busy.
-2. Labels and batches: ``p_s`` picks which labeled tracks keep their tags; a batch holds a fraction
-   ``b_s`` of labeled clips; each clip gives two views (adjacent chunks or independent crops).
-3. The step: augment, encode, gather projections from every worker (gradients flow back through the
+2. The step: augment, encode, gather projections from every worker (gradients flow back through the
    gather), SemiSupCon loss over the global batch, Adam.
-4. ``fit``: the loop both the Ray Train job and the plain single-process benchmark run, with a background
+3. ``fit``: the loop both the Ray Train job and the plain single-process benchmark run, with a background
    batch sampler so the accelerator never waits on numpy, and checkpoints of plain tensors and values.
 
-Training data comes from the shards of ``musiclib.train.shards``; the cross-worker gather is ``musiclib.train.gather``.
-The shard reader keeps a worker's share of the audio in memory as int16, so sampling a window is a slice,
-never a decode.
+Which labeled tracks keep their tags (``p_s``) is ``musiclib.train.labels``; the training data in memory
+and its batches of views (a share ``b_s`` of labeled clips, two views each) are ``musiclib.train.data``,
+read from the shards of ``musiclib.train.shards``; the cross-worker gather is ``musiclib.train.gather``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import hashlib
 import io
 import math
-import queue
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -38,12 +30,11 @@ from torch import nn
 from musiclib import audio
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, RayConfig, check
-from musiclib.probe.fewshot import label_matrix
 from musiclib.train.augment import AugmentConfig, SpecAugment, ViewAugment
+from musiclib.train.data import Batch, TrainingData, batches
 from musiclib.train.gather import distributed, gather, gather_constant
 from musiclib.train.losses import semisupcon_anchor_losses, target_matrix
 from musiclib.train.models import ContrastiveModel, EncoderConfig, sync_batchnorm
-from musiclib.train.shards import SHARD_SCHEMA, read_shard_columns
 
 VIEW_MODES = ("adjacent", "crops")
 PRECISIONS = ("bf16", "fp32")
@@ -187,244 +178,6 @@ def resume_conflicts(saved: dict[str, Any], cfg: PretrainConfig) -> list[str]:
         now = repr(current[name]) if name in current else "not a field any more"
         lines.append(f"{_option(name)}: {was} in the checkpoint, {now} now")
     return lines
-
-
-# --------------------------------------------------------------------------- labels
-
-
-def _unit_hash(seed: int, key: str) -> float:
-    return int.from_bytes(hashlib.sha256(f"{seed}:{key}".encode()).digest()[:8], "big") / 2.0**64
-
-
-def select_labels(track_ids: list[str], tags: list[list[str]], p_s: float, seed: int) -> dict[str, list[str]]:
-    """Tags kept for training: exactly ``round(p_s * n_labeled)`` labeled tracks keep theirs.
-
-    The choice is a seeded hash order, so every worker computes the same subset without talking, and a
-    smaller ``p_s`` keeps a subset of what a larger one keeps (label budgets are nested).
-    """
-    labeled = sorted((_unit_hash(seed, t), t) for t, g in zip(track_ids, tags, strict=True) if g)
-    kept = {t for _, t in labeled[: round(p_s * len(labeled))]}
-    return {t: sorted(set(g)) if t in kept else [] for t, g in zip(track_ids, tags, strict=True)}
-
-
-@dataclass
-class LabelPlan:
-    """Which tracks keep which tags, the tag vocabulary, and the counts a model card reports."""
-
-    kept: dict[str, list[str]]
-    vocabulary: list[str]
-    labeled_in_catalog: int
-
-    @property
-    def labeled_used(self) -> int:
-        return sum(1 for g in self.kept.values() if g)
-
-
-def plan_labels(shard_uris: list[str], p_s: float, seed: int) -> LabelPlan:
-    """The label plan over every usable track in the shards (reads only the small metadata columns)."""
-    meta = read_shard_columns(shard_uris, ["track_id", "tags", "error"]).to_pydict()
-    usable = [
-        (t, g or []) for t, g, e in zip(meta["track_id"], meta["tags"], meta["error"], strict=True) if not e
-    ]
-    kept = select_labels([t for t, _ in usable], [g for _, g in usable], p_s, seed)
-    vocabulary = sorted({tag for g in kept.values() for tag in g})
-    return LabelPlan(kept, vocabulary, labeled_in_catalog=sum(1 for _, g in usable if g))
-
-
-POSITIVES_WARNING = 0.5  # above this mean label target, labels barely tell labeled clips apart
-
-
-def positive_share(plan: LabelPlan, threshold: int, weighted: bool, max_tracks: int = 2000) -> float | None:
-    """The mean label target ``P_ij`` between two distinct labeled tracks the plan keeps (``target_matrix``):
-    the share of labeled pairs that count as positives, or their mean Dice weight. Near 1, almost every
-    pair of labeled clips is a positive and the labels add little contrast (dense multi-label catalogs at
-    ``--label-threshold 1``). On a seeded sample of ``max_tracks``; None with fewer than two labeled tracks."""
-    labeled = sorted(t for t, tags in plan.kept.items() if tags)
-    if len(labeled) < 2:
-        return None
-    if len(labeled) > max_tracks:
-        labeled = sorted(np.random.default_rng(0).choice(labeled, max_tracks, replace=False).tolist())
-    labels = torch.from_numpy(label_matrix([plan.kept[t] for t in labeled], plan.vocabulary))
-    targets = target_matrix(torch.arange(len(labeled)), labels, threshold, weighted)
-    return float(targets.sum()) / (len(labeled) * (len(labeled) - 1))
-
-
-def label_facts(plan: LabelPlan, cfg: PretrainConfig) -> dict[str, Any]:
-    """What a model card records of the labels pretraining used, with their mean target (``positive_share``)."""
-    return {
-        "p_s": cfg.p_s,
-        "b_s": cfg.b_s,
-        "labeled_tracks_in_catalog": plan.labeled_in_catalog,
-        "labeled_tracks_used": plan.labeled_used,
-        "tags_used": len(plan.vocabulary),
-        "positives": "Dice-weighted" if cfg.weighted else f"--label-threshold {cfg.label_threshold}",
-        "mean_label_target": positive_share(plan, cfg.label_threshold, cfg.weighted),
-    }
-
-
-def describe_labels(facts: dict[str, Any]) -> str:
-    """One line on the labels pretraining uses (``label_facts``), with a hint when most pairs are positives."""
-    line = (
-        f"labels: {facts['labeled_tracks_used']} of {facts['labeled_tracks_in_catalog']} labeled tracks used "
-        f"(p_s {facts['p_s']}), {facts['tags_used']} tags"
-    )
-    share = facts["mean_label_target"]
-    if share is None:
-        return line
-    line += f"; mean target between two labeled tracks {share:.0%} ({facts['positives']})"
-    if share > POSITIVES_WARNING:
-        line += (
-            ": most labeled pairs are positives, so the labels separate few clips "
-            "(--weighted true or a higher --label-threshold lower this; docs/STUDY.md)"
-        )
-    return line
-
-
-# --------------------------------------------------------------------------- training data and batches
-
-
-@dataclass
-class TrainingData:
-    """A worker's share of the training audio in memory: int16 samples, segments and multi-hot labels."""
-
-    samples: np.ndarray  # all tracks' int16 audio, concatenated
-    offsets: np.ndarray  # [n + 1] start of each track in ``samples``
-    segments: np.ndarray  # [n] segment length of each track
-    labels: np.ndarray  # [n, V] float32 multi-hot; all zeros for an unlabeled track
-
-    @cached_property
-    def labeled(self) -> np.ndarray:
-        return np.flatnonzero(self.labels.sum(axis=1) > 0)
-
-    @cached_property
-    def unlabeled(self) -> np.ndarray:
-        return np.flatnonzero(self.labels.sum(axis=1) == 0)
-
-    def __len__(self) -> int:
-        return len(self.segments)
-
-
-def load_training_data(shard_uris: list[str], plan: LabelPlan, rank: int = 0, world: int = 1) -> TrainingData:
-    """Load worker ``rank``'s share: a contiguous block of ``1/world`` of the usable tracks.
-
-    Blocks are cut over usable tracks (not shards), so workers get equal shares however the bad tracks
-    fall, and each worker reads the audio of only the shards its block touches.
-    """
-    usable = [
-        (uri, row)
-        for uri in shard_uris
-        for row, error in enumerate(read_shard_columns([uri], ["error"]).column("error").to_pylist())
-        if not error
-    ]
-    mine = np.array_split(np.arange(len(usable)), world)[rank]
-    if len(mine) == 0:
-        raise ValueError(
-            f"worker {rank} of {world}: only {len(usable)} usable training track(s) in the shards"
-        )
-    rows_by_shard: dict[str, list[int]] = {}
-    for i in mine:
-        uri, row = usable[i]
-        rows_by_shard.setdefault(uri, []).append(row)
-    table = pa.concat_tables(
-        read_shard_columns([uri], list(SHARD_SCHEMA.names)).take(rows) for uri, rows in rows_by_shard.items()
-    )
-    chunks = [np.frombuffer(b, dtype="<i2") for b in table.column("audio").to_pylist()]
-    kept = [plan.kept.get(tid, []) for tid in table.column("track_id").to_pylist()]
-    return TrainingData(
-        samples=np.concatenate(chunks).astype(np.int16),
-        offsets=np.concatenate([[0], np.cumsum([len(c) for c in chunks])]),
-        segments=np.asarray(table.column("segment_samples").to_pylist(), np.int64),
-        labels=label_matrix(kept, plan.vocabulary).astype(np.float32),
-    )
-
-
-def compose_batch(
-    data: TrainingData, n_clips: int, b_s: float, rng: np.random.Generator
-) -> tuple[np.ndarray, int]:
-    """Track indices of a batch, and how many of them (the first) are labeled clips: ``round(b_s * n_clips)``.
-
-    Without labeled tracks (``p_s = 0``) every clip is unlabeled. Without unlabeled tracks (every track
-    labeled, ``p_s = 1``) the unlabeled share is drawn from all tracks with their labels hidden, so ``b_s``
-    still sets the mix: filling it with labeled clips would train on labels alone. Clips are distinct
-    within each share while its pool is large enough.
-    """
-    n_lab = round(b_s * n_clips) if len(data.labeled) else 0
-    unlabeled = data.unlabeled if len(data.unlabeled) else np.arange(len(data))
-
-    def draw(pool: np.ndarray, k: int) -> np.ndarray:
-        return rng.choice(pool, size=k, replace=k > len(pool)) if k else np.zeros(0, np.int64)
-
-    return np.concatenate([draw(data.labeled, n_lab), draw(unlabeled, n_clips - n_lab)]), n_lab
-
-
-def view_starts(n_samples: int, segment: int, mode: str, rng: np.random.Generator) -> tuple[int, int]:
-    """Start samples of a clip's two views inside one random segment of a track.
-
-    ``adjacent``: two adjacent non-overlapping chunks of a random 5.4 s window (SemiSupCon); ``crops``: two
-    independent random crops (CLMR). A segment too short for two adjacent chunks falls back to crops.
-    """
-    chunk = audio.CHUNK_SAMPLES
-    base = int(rng.integers(0, n_samples // segment)) * segment
-    if mode == "adjacent" and segment >= 2 * chunk:
-        first = base + audio.random_window(segment, 2 * chunk, rng)
-        return first, first + chunk
-    return base + audio.random_window(segment, chunk, rng), base + audio.random_window(segment, chunk, rng)
-
-
-@dataclass
-class Batch:
-    """Views ``[2B, T]`` (all first views, then all second views) and the clips' labels ``[B, V]``."""
-
-    views: torch.Tensor
-    labels: torch.Tensor
-
-    @property
-    def n_clips(self) -> int:
-        return self.labels.shape[0]
-
-
-def sample_batch(data: TrainingData, n_clips: int, b_s: float, mode: str, rng: np.random.Generator) -> Batch:
-    """Compose a batch and cut its views from memory (a slice per view, no decoding)."""
-    idx, n_lab = compose_batch(data, n_clips, b_s, rng)
-    chunk = audio.CHUNK_SAMPLES
-    views = np.empty((2, n_clips, chunk), np.int16)
-    for k, i in enumerate(idx):
-        lo, hi = data.offsets[i], data.offsets[i + 1]
-        a, b = view_starts(int(hi - lo), int(data.segments[i]), mode, rng)
-        views[0, k] = data.samples[lo + a : lo + a + chunk]
-        views[1, k] = data.samples[lo + b : lo + b + chunk]
-    x = torch.from_numpy(views.reshape(2 * n_clips, chunk)).float().div_(audio.INT16_SCALE)
-    labels = data.labels[idx]
-    labels[n_lab:] = 0.0  # the unlabeled share: a labeled track drawn there contributes its audio only
-    return Batch(views=x, labels=torch.from_numpy(labels))
-
-
-def batches(
-    data: TrainingData, n_clips: int, b_s: float, mode: str, seed: list[int], depth: int, pin: bool = False
-) -> Iterator[Batch]:
-    """An endless stream of batches sampled by a background thread, ``depth`` ahead of the consumer."""
-    q: queue.Queue[Batch] = queue.Queue(maxsize=depth)
-    stop = threading.Event()
-
-    def produce() -> None:
-        rng = np.random.default_rng(seed)
-        while not stop.is_set():
-            batch = sample_batch(data, n_clips, b_s, mode, rng)
-            if pin:
-                batch = Batch(batch.views.pin_memory(), batch.labels.pin_memory())
-            while not stop.is_set():
-                with contextlib.suppress(queue.Full):
-                    q.put(batch, timeout=0.1)
-                    break
-
-    thread = threading.Thread(target=produce, daemon=True, name="batch-sampler")
-    thread.start()
-    try:
-        while True:
-            yield q.get()
-    finally:
-        stop.set()
-        thread.join(timeout=5)
 
 
 # --------------------------------------------------------------------------- the step

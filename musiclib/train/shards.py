@@ -62,7 +62,7 @@ def prepare_shard(
 
     ``tracks`` has the catalog columns ``track_id``, ``audio_uri`` and ``tags``. A track that cannot be
     used is kept as a row with its reason (so a re-run does not retry it) and counted, never fatal;
-    storage that stays unreachable (``audio.TransientError``) fails the task instead, so it is retried.
+    storage that stays unreachable (``storage.TransientError``) fails the task instead, so it is retried.
     """
     rows: dict[str, list] = {name: [] for name in SHARD_SCHEMA.names}
     for tid, uri, tags in zip(tracks["track_id"], tracks["audio_uri"], tracks["tags"], strict=True):
@@ -71,7 +71,7 @@ def prepare_shard(
             data, error = x.astype("<i2").tobytes(), None
         except audio.AudioError as exc:
             data, segment, error = b"", 0, str(exc)
-        except audio.TransientError:  # storage down: fail the task (Ray retries it), record nothing
+        except storage.TransientError:  # storage down: fail the task (Ray retries it), record nothing
             raise
         except Exception as exc:  # anything else a broken file or object store throws: record it, go on
             data, segment, error = b"", 0, f"corrupt: {type(exc).__name__}: {exc}"
