@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import http.client
-import inspect
 import json
 import os
 import random
@@ -684,11 +683,6 @@ def test_tag_survives_a_killed_scoring_task(tmp_path):
     check_tags(root, cat, emb, probe_set)
 
 
-@pytest.mark.xfail(
-    "versions.lease(" not in inspect.getsource(tag_job.main),
-    strict=True,
-    reason="gap: jobs/tag.py holds no lease on <root>/tags (being added)",
-)
 def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch):
     """Two tag runs of the same inputs write the same run folder (``write_run`` first deletes it), so
     the second must fail at once, as embed does. Here the first run is this test holding the lease."""
@@ -699,7 +693,7 @@ def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch
     def unguarded(*args, **kwargs):
         raise AssertionError("the tag job started writing while another run held the lease")
 
-    monkeypatch.setattr(tag_job, "ray_session", lambda **kwargs: contextlib.nullcontext(False))
+    monkeypatch.setattr(tag_job, "ray_session", lambda *args, **kwargs: contextlib.nullcontext(False))
     monkeypatch.setattr(tag_job, "write_run", unguarded)
     with versions.lease(Layout(root).tags), pytest.raises(versions.LeaseHeld, match=LEASE_MESSAGE):
         tag_job.main(["--root", root])
