@@ -35,6 +35,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from conftest import SYNTHETIC_MODEL, publish_probe_set
 from test_tag_table import rows as previous_rows
 from test_tag_table import write_and_commit
 
@@ -502,11 +503,11 @@ TUNE_ARGS = [
     "--num-cpus",
     "2",
 ]  # fmt: skip  (36 trials: on an idle machine 9 were all written within the kill's delay)
-SYNTHETIC_MODEL = "synthetic-m1"
 
 
 def synthetic_root(root: str, n_files: int = 1) -> tuple[pa.Table, pa.Table]:
-    """A labeled catalog and its embeddings (``n_files`` shards): what tune and tag read, without audio."""
+    """The data ``write_synthetic_root`` (conftest) writes, with the embeddings in ``n_files`` shards: a tag
+    task per shard, for the cases that kill one."""
     cat, emb = tagged_embeddings.make(
         n_tracks=240, n_tags=8, dim=16, n_errors=3, seed=0, model_id=SYNTHETIC_MODEL
     )
@@ -596,17 +597,6 @@ def test_tune_survives_a_trial_worker_killed_mid_trial(tmp_path):
     cmd = job_command("tune", "--root", root, "--run-id", "tune-worker", *TUNE_ARGS)
     assert run_killing_workers(cmd, log, Reader(layout.probes), ["ImplicitFunc.train"]) == ["tune-worker"]
     check_tune_results(root, "tune-worker")
-
-
-def publish_probe_set(root: str, cat: pa.Table, emb: pa.Table, run_id: str = "tune-test") -> probes.ProbeSet:
-    """Fit and publish a probe set as the tune job does, without a sweep."""
-    config = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
-    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, SYNTHETIC_MODEL), config)
-    layout = Layout(root)
-    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
-    probe_set.save(uri)
-    versions.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
-    return probe_set
 
 
 def commit_previous_tags(root: str) -> None:
