@@ -131,6 +131,21 @@ def moto_root(moto_endpoint, monkeypatch) -> str:
     return _bucket_root(moto_endpoint, env, monkeypatch)
 
 
+@pytest.fixture(autouse=True)
+def ray_only_in_slow_tests(request, monkeypatch) -> None:
+    """A test that starts Ray must be marked ``slow`` (``make test-fast`` leaves those out): in any other
+    test, starting Ray fails the test."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray: mark it slow")
+
+    assert "ray_local" not in request.fixturenames, f"{request.node.nodeid} uses ray_local: mark it slow"
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 @pytest.fixture(scope="module")
 def ray_local(s3_server) -> Iterator[None]:
     """One local Ray (4 logical CPUs) for the module, its workers pointed at the SeaweedFS server through

@@ -325,6 +325,7 @@ def _one_worker(encoder: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, loss.detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["mlp", "sync-bn"])
 def test_global_gather_matches_one_worker_on_the_whole_batch(two_workers, encoder):
     two = two_workers[encoder]
@@ -338,6 +339,7 @@ def test_global_gather_matches_one_worker_on_the_whole_batch(two_workers, encode
         torch.testing.assert_close(value, state[name])
 
 
+@pytest.mark.slow
 def test_without_sync_bn_two_workers_differ_from_one_worker(two_workers):
     two = two_workers["plain-bn"]
     model, loss = _one_worker("plain-bn")
