@@ -24,6 +24,12 @@ setup: $(STAMP)
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra --durations=15
 
+# The edit-test loop: every test but those marked slow (they start Ray or a server, or wait long); CI runs
+# make test, all of them.
+.PHONY: test-fast
+test-fast: $(STAMP) system-deps
+	$(PY) -m pytest -q -ra -m "not slow" --durations=10
+
 lint: $(STAMP)
 	$(PY) -m ruff check musiclib jobs tests bench cluster
 	$(PY) -m ruff format --check musiclib jobs tests bench cluster

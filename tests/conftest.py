@@ -1,8 +1,10 @@
-"""Shared fixtures: a real S3 server (SeaweedFS on 127.0.0.1), a moto server, and small synthetic audio.
+"""Shared fixtures and helpers: a real S3 server (SeaweedFS on 127.0.0.1), a moto server, one local Ray per
+module, small synthetic audio, and the synthetic root and probe set the tune, tag and suggest tests read.
 
 End-to-end tests use SeaweedFS (``s3_server``, ``s3_endpoint``, ``s3_root``): a real S3 implementation with
 signed requests and multipart uploads. moto (``moto_endpoint``, ``moto_root``) is kept for tests that
-inject errors into S3 responses, never for end-to-end tests.
+inject errors into S3 responses, never for end-to-end tests. Test modules import the plain helpers with
+``from conftest import ...`` (pytest puts ``tests/``, a folder without ``__init__.py``, on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -11,17 +13,55 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
 from cluster.s3server import SeaweedS3
 
+if TYPE_CHECKING:
+    import pyarrow as pa
 
-def _free_port() -> int:
+    from musiclib.probe import probes
+
+
+SYNTHETIC_MODEL = "synthetic-m1"
+LOGREG = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def write_synthetic_root(root: str, n_tracks: int = 240, **kwargs) -> tuple[pa.Table, pa.Table]:
+    """A synthetic catalog, its embeddings of ``SYNTHETIC_MODEL`` (8 tags, 16 dimensions, the last 3 tracks
+    with an embedding error) and the latest-model pointer under ``root``: what tune and tag read."""
+    from musiclib.datasets import tagged_embeddings
+
+    return tagged_embeddings.write_root(
+        root, SYNTHETIC_MODEL, n_tracks=n_tracks, n_errors=3, n_tags=8, dim=16, **kwargs
+    )
+
+
+def publish_probe_set(
+    root: str, cat: pa.Table, emb: pa.Table, run_id: str = "tune-test", config: dict | None = None
+) -> probes.ProbeSet:
+    """Fit a probe set (``LOGREG`` unless ``config``) on ``SYNTHETIC_MODEL``'s embeddings and publish it as
+    the tune job does, without running a sweep."""
+    from musiclib.core import storage, versions
+    from musiclib.core.config import Layout
+    from musiclib.probe import fewshot
+
+    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, SYNTHETIC_MODEL), config or LOGREG)
+    layout = Layout(root)
+    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    probe_set.save(uri)
+    versions.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
+    return probe_set
 
 
 def _bucket_root(endpoint: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> str:
@@ -72,7 +112,7 @@ def moto_endpoint() -> Iterator[str]:
     """A moto S3 server on 127.0.0.1, only for tests that inject errors (not for end-to-end tests)."""
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     yield f"http://127.0.0.1:{port}"
@@ -89,6 +129,38 @@ def moto_root(moto_endpoint, monkeypatch) -> str:
         "AWS_REGION": "us-east-1",
     }
     return _bucket_root(moto_endpoint, env, monkeypatch)
+
+
+@pytest.fixture(autouse=True)
+def ray_only_in_slow_tests(request, monkeypatch) -> None:
+    """A test that starts Ray must be marked ``slow`` (``make test-fast`` leaves those out): in any other
+    test, starting Ray fails the test."""
+    if request.node.get_closest_marker("slow") is not None:
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"{request.node.nodeid} starts Ray: mark it slow")
+
+    assert "ray_local" not in request.fixturenames, f"{request.node.nodeid} uses ray_local: mark it slow"
+    monkeypatch.setattr(ray, "init", refuse)
+
+
+@pytest.fixture(scope="module")
+def ray_local(s3_server) -> Iterator[None]:
+    """One local Ray (4 logical CPUs) for the module, its workers pointed at the SeaweedFS server through
+    the standard AWS variables. Jobs called in the module join it (``ray_session``): Ray starts once."""
+    import ray
+
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": s3_server.env},
+    )
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture

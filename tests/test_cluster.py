@@ -78,7 +78,7 @@ def test_job_server_refuses_a_wrong_token(cluster):
     assert "Authentication failed" in out.stdout + out.stderr
 
 
-def publish_probe_set(layout, model_id: str) -> list[str]:
+def publish_centroid_probe_set(layout, model_id: str) -> list[str]:
     """Fit a centroid probe set on the published embeddings and publish it as a probe run (tune's output).
 
     The tune job sweeps probes on the same data; here two fixed tags are enough to exercise ``tag``.
@@ -121,7 +121,7 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
         )
         manifest = versions.read_latest_manifest(embeddings_table.dataset_uri(layout.embeddings, model_id))
         assert not versions.verify(manifest)
-        tag_names = publish_probe_set(layout, model_id)
+        tag_names = publish_centroid_probe_set(layout, model_id)
 
     out = make("submit", cluster.submit_env, JOB="tag", ROOT=cluster.root, ARGS="--batch-size 64")
     assert out.returncode == 0, out.stdout[-3000:]

@@ -26,8 +26,6 @@ from musiclib.train import models
 
 REPO = Path(__file__).resolve().parents[1]
 
-S3_VARIABLES = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_REGION": "us-east-1"}
-
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -36,20 +34,6 @@ def make_root(root: str, n_good: int = 8, faults: bool = True) -> str:
     """The demo catalog (short tracks in mixed formats, plus one track per decoder fault) and a narrow encoder."""
     demo.make_catalog(root, n_tracks=n_good, faults=faults, min_seconds=3.0, max_seconds=9.0, workers=1)
     return models.export_random_encoder(Layout(root).models, models.EncoderConfig(width=0.25))
-
-
-@pytest.fixture(scope="module")
-def ray_cluster(s3_endpoint):
-    """One local Ray for the module; its workers see the moto server through the AWS variables."""
-    import ray
-
-    env = {"AWS_ENDPOINT_URL": s3_endpoint, **S3_VARIABLES}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        ray.init(address="local", num_cpus=4, include_dashboard=False, runtime_env={"env_vars": env})
-        yield
-        ray.shutdown()
 
 
 def config(root: str, **overrides) -> job.EmbedConfig:
@@ -322,7 +306,7 @@ def test_catalog_durations_are_nan_where_unknown(tmp_path):
 
 
 @pytest.mark.slow
-def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, capsys):
+def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_local, capsys):
     root = str(tmp_path)
     model_id = make_root(root)
     summary = job.run(config(root))
@@ -335,7 +319,7 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_cluster, 
 
 
 @pytest.mark.slow
-def test_job_on_s3(s3_root, ray_cluster):
+def test_job_on_s3(s3_root, ray_local):
     """With the default sizes: one track per task here (10 tracks, 4 CPUs), recorded on the version's card."""
     model_id = make_root(s3_root, n_good=4)
     job.run(job.EmbedConfig(root=s3_root, shard_rows=1))
@@ -348,7 +332,7 @@ def test_job_on_s3(s3_root, ray_cluster):
 
 
 @pytest.mark.slow
-def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ray_cluster):
+def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ray_local):
     root = str(tmp_path)
     model_id = make_root(root)
     job.run(config(root))
@@ -374,7 +358,7 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluster):
+def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_local):
     root = str(tmp_path)
     model_id = make_root(root, n_good=24)
     dataset = embeddings_table.dataset_uri(Layout(root).embeddings, model_id)
@@ -416,7 +400,7 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_cluste
 
 
 @pytest.mark.slow
-def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_cluster):
+def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_local):
     root = str(tmp_path)
     model_id = make_root(root, n_good=3)
     job.run(config(root))

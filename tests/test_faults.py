@@ -16,10 +16,11 @@ same test with the same seed; the assertion messages name the seed and the point
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
-import inspect
 import json
 import os
+import pickle
 import random
 import re
 import signal
@@ -36,6 +37,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
+from conftest import SYNTHETIC_MODEL, publish_probe_set
 from test_tag_table import rows as previous_rows
 from test_tag_table import write_and_commit
 
@@ -504,11 +506,11 @@ TUNE_ARGS = [
     "--num-cpus",
     "2",
 ]  # fmt: skip  (36 trials: on an idle machine 9 were all written within the kill's delay)
-SYNTHETIC_MODEL = "synthetic-m1"
 
 
 def synthetic_root(root: str, n_files: int = 1) -> tuple[pa.Table, pa.Table]:
-    """A labeled catalog and its embeddings (``n_files`` shards): what tune and tag read, without audio."""
+    """The data ``write_synthetic_root`` (conftest) writes, with the embeddings in ``n_files`` shards: a tag
+    task per shard, for the cases that kill one."""
     cat, emb = tagged_embeddings.make(
         n_tracks=240, n_tags=8, dim=16, n_errors=3, seed=0, model_id=SYNTHETIC_MODEL
     )
@@ -558,14 +560,27 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
     check_tune_results(root, "tune-killed")
 
 
+DIRECT_TRIALS: dict[str, list[dict]] = {}
+
+
+def direct_trials(data: fewshot.ProbeData, cfg: sweep.TuneConfig) -> list[dict]:
+    """Every trial of the sweep computed directly (``fewshot.run_config``, no Tune). The tune cases sweep
+    the same data with the same configurations: each distinct input (data, configurations, repetitions,
+    seed; by the digest of its pickle) is computed once."""
+    configs = sweep.configurations(cfg)
+    key = hashlib.sha256(pickle.dumps((data, configs, cfg.repetitions, cfg.seed))).hexdigest()
+    if key not in DIRECT_TRIALS:
+        DIRECT_TRIALS[key] = [
+            r for c in configs for r in fewshot.run_config(data, c, cfg.repetitions, cfg.seed)
+        ]
+    return DIRECT_TRIALS[key]
+
+
 def check_tune_results(root: str, run_id: str) -> None:
-    """The run's published results equal the trials computed directly (``fewshot.run_config``, no Tune)."""
+    """The run's published results equal the trials computed directly from the data it read."""
     layout = Layout(root)
     cfg = parse(sweep.TuneConfig, ["--root", root, *TUNE_ARGS])
-    data = sweep.load_data(cfg, layout, SYNTHETIC_MODEL)
-    rows = [
-        r for c in sweep.configurations(cfg) for r in fewshot.run_config(data, c, cfg.repetitions, cfg.seed)
-    ]
+    rows = direct_trials(sweep.load_data(cfg, layout, SYNTHETIC_MODEL), cfg)
     manifest = versions.read_manifest(layout.probes, run_id)
     results = storage.read_parquet([u for u in manifest.file_uris() if u.endswith("results.parquet")])
     keys, values = ["trial", "rep", "tag", "n_support"], ["valid_ap", "test_ap", "valid_roc_auc"]
@@ -598,17 +613,6 @@ def test_tune_survives_a_trial_worker_killed_mid_trial(tmp_path):
     cmd = job_command("tune", "--root", root, "--run-id", "tune-worker", *TUNE_ARGS)
     assert run_killing_workers(cmd, log, Reader(layout.probes), ["ImplicitFunc.train"]) == ["tune-worker"]
     check_tune_results(root, "tune-worker")
-
-
-def publish_probe_set(root: str, cat: pa.Table, emb: pa.Table, run_id: str = "tune-test") -> probes.ProbeSet:
-    """Fit and publish a probe set as the tune job does, without a sweep."""
-    config = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
-    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, SYNTHETIC_MODEL), config)
-    layout = Layout(root)
-    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
-    probe_set.save(uri)
-    versions.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
-    return probe_set
 
 
 def commit_previous_tags(root: str) -> None:
@@ -685,11 +689,6 @@ def test_tag_survives_a_killed_scoring_task(tmp_path):
     check_tags(root, cat, emb, probe_set)
 
 
-@pytest.mark.xfail(
-    "versions.lease(" not in inspect.getsource(tag_job.main),
-    strict=True,
-    reason="gap: jobs/tag.py holds no lease on <root>/tags (being added)",
-)
 def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch):
     """Two tag runs of the same inputs write the same run folder (``write_run`` first deletes it), so
     the second must fail at once, as embed does. Here the first run is this test holding the lease."""
@@ -700,7 +699,7 @@ def test_tag_run_refuses_while_another_run_writes_the_tags(tmp_path, monkeypatch
     def unguarded(*args, **kwargs):
         raise AssertionError("the tag job started writing while another run held the lease")
 
-    monkeypatch.setattr(tag_job, "ray_session", lambda **kwargs: contextlib.nullcontext(False))
+    monkeypatch.setattr(tag_job, "ray_session", lambda *args, **kwargs: contextlib.nullcontext(False))
     monkeypatch.setattr(tag_job, "write_run", unguarded)
     with versions.lease(Layout(root).tags), pytest.raises(versions.LeaseHeld, match=LEASE_MESSAGE):
         tag_job.main(["--root", root])

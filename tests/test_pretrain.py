@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import random
-import socket
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import free_port
 
 from jobs import pretrain as job
 from musiclib import audio, catalog
@@ -267,12 +267,6 @@ def test_views_are_cut_from_one_track(mode):
 # --------------------------------------------------------------------------- gather across workers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _gather_setup(encoder: str, world: int) -> tuple[torch.nn.Module, torch.Tensor, torch.Tensor]:
     """A float64 model and a batch of 6 clips (12 views) with some labels, identical in every process.
 
@@ -318,7 +312,7 @@ def two_workers(tmp_path_factory) -> dict[str, dict]:
     """Loss, averaged gradients and running statistics of each ``_gather_setup`` model from two gloo
     processes, each on half the batch (one spawn for all: starting the processes costs most)."""
     out = str(tmp_path_factory.mktemp("gather") / "two_workers.pt")
-    mp.spawn(_gather_worker, args=(2, _free_port(), out), nprocs=2, join=True)
+    mp.spawn(_gather_worker, args=(2, free_port(), out), nprocs=2, join=True)
     return torch.load(out, weights_only=True)
 
 
@@ -330,6 +324,7 @@ def _one_worker(encoder: str) -> tuple[torch.nn.Module, torch.Tensor]:
     return model, loss.detach()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("encoder", ["mlp", "sync-bn"])
 def test_global_gather_matches_one_worker_on_the_whole_batch(two_workers, encoder):
     two = two_workers[encoder]
@@ -343,6 +338,7 @@ def test_global_gather_matches_one_worker_on_the_whole_batch(two_workers, encode
         torch.testing.assert_close(value, state[name])
 
 
+@pytest.mark.slow
 def test_without_sync_bn_two_workers_differ_from_one_worker(two_workers):
     two = two_workers["plain-bn"]
     model, loss = _one_worker("plain-bn")

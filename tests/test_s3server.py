@@ -87,6 +87,7 @@ def test_conditional_writes(s3_server, s3_root):
     assert client.get_object(Bucket=bucket, Key="lease")["Body"].read() == b"two"
 
 
+@pytest.mark.slow
 def test_stop_and_restart_keep_the_data(tmp_path):
     """After ``stop()`` the endpoint refuses connections; ``start()`` brings it back with the objects."""
     with SeaweedS3(tmp_path / "s3") as server:

@@ -48,6 +48,7 @@ def test_s3_settings_come_from_standard_variables(monkeypatch):
     assert "secret-value" not in repr(fs) and "secret-value" not in str(storage.filesystem("s3://b/k")[0])
 
 
+@pytest.mark.slow
 def test_arrow_s3_keeps_its_retries_when_pickled(monkeypatch):
     """A Ray task gets the filesystem pickled: it must still retry a refused connection, not give up at once."""
     import pickle

@@ -220,6 +220,7 @@ def test_tiny_study_writes_every_output(tmp_path):
     assert (tmp_path / "study.png").read_bytes() == storage.read_bytes(storage.join(out, "study.png"))
 
 
+@pytest.mark.slow
 def test_the_study_runs_as_a_script():
     """``make study`` runs ``python jobs/study.py``: the jobs it calls must import from a script too."""
     project = Path(__file__).resolve().parents[1]

@@ -8,8 +8,7 @@ import functools
 import numpy as np
 import pyarrow as pa
 import pytest
-from test_tags import publish_probe_set
-from test_tune import MODEL, write_root
+from conftest import SYNTHETIC_MODEL, publish_probe_set, write_synthetic_root
 
 from jobs import suggest as suggest_job
 from musiclib.core import storage, versions
@@ -21,13 +20,13 @@ from musiclib.tag import suggest
 
 @functools.cache
 def _corpus() -> tuple[pa.Table, pa.Table]:
-    return tagged_embeddings.make(n_tracks=200, n_tags=6, dim=8, noise=1.0, seed=3, model_id=MODEL)
+    return tagged_embeddings.make(n_tracks=200, n_tags=6, dim=8, noise=1.0, seed=3, model_id=SYNTHETIC_MODEL)
 
 
 @functools.cache
 def _fit(probe: str, norm: str):
     cat, emb = _corpus()
-    data = fewshot.prepare(cat, emb, MODEL)
+    data = fewshot.prepare(cat, emb, SYNTHETIC_MODEL)
     return data, fewshot.final_probe_set(data, {"budget": "all", "probe": probe, "norm": norm})
 
 
@@ -121,7 +120,7 @@ def test_near_duplicates_never_share_a_batch(corpus):
 def test_labeled_and_failed_tracks_are_never_candidates(tmp_path, corpus):
     """The scoring actor (called here without Ray) drops labeled tracks and embedding errors."""
     root = str(tmp_path)
-    cat, emb = write_root(root, n_tracks=120)
+    cat, emb = write_synthetic_root(root, n_tracks=120)
     publish_probe_set(root, cat, emb)
     inputs = suggest.resolve(suggest.SuggestConfig(root=root), Layout(root))
     block = suggest_job.CandidateBlock(inputs.probe_uri, inputs.tags, 1000, inputs.labeled)(emb)
@@ -133,7 +132,7 @@ def test_labeled_and_failed_tracks_are_never_candidates(tmp_path, corpus):
 
 def test_bad_tags_and_config_fail_before_any_write(tmp_path, monkeypatch):
     root = str(tmp_path)
-    cat, emb = write_root(root, n_tracks=120)
+    cat, emb = write_synthetic_root(root, n_tracks=120)
     # a tag carried only by a validation track: known to the catalog, but the probe set has no probe for it
     tags = cat["tags"].to_pylist()
     i = next(i for i, s in enumerate(cat["split"].to_pylist()) if s == "valid" and tags[i])
@@ -175,7 +174,7 @@ def test_simulation_rounds_add_labels(corpus):
 @pytest.mark.slow
 def test_suggest_job_writes_a_version_and_reruns_as_a_no_op(tmp_path, capsys):
     root = str(tmp_path)
-    cat, emb = write_root(root, n_tracks=120)
+    cat, emb = write_synthetic_root(root, n_tracks=120)
     publish_probe_set(root, cat, emb)
     first = suggest_job.main(["--root", root, "--per-tag", "4", "--num-cpus", "4", "--batch-size", "32"])
     table = suggest.read_latest(root)

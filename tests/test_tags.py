@@ -12,8 +12,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import LOGREG, SYNTHETIC_MODEL, publish_probe_set, write_synthetic_root
 from pyiceberg.catalog.sql import SqlCatalog
-from test_tune import MODEL, write_root  # noqa: E402
 
 from jobs import tag as tag_job
 from musiclib import catalog
@@ -24,41 +24,6 @@ from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot, probes
 from musiclib.tag import tag_table, tags
 from musiclib.tag.tag_table import Where
-
-LOGREG = {"budget": "all", "probe": "logreg", "norm": "standardize", "C": 1.0}
-
-
-def publish_probe_set(root: str, cat, emb, run_id: str = "tune-test", config=None) -> probes.ProbeSet:
-    """Fit and publish a probe set the way the tune job does, without running a sweep."""
-    data = fewshot.prepare(cat, emb, MODEL)
-    probe_set = fewshot.final_probe_set(data, config or LOGREG)
-    layout = Layout(root)
-    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
-    probe_set.save(uri)
-    versions.publish(layout.probes, run_id, [uri], [len(probe_set.tags)])
-    return probe_set
-
-
-@pytest.fixture(scope="module")
-def ray_local(s3_endpoint):
-    """One Ray for the module; workers get the moto settings ``s3_root`` gives the driver."""
-    import ray
-
-    env = {
-        "AWS_ENDPOINT_URL": s3_endpoint,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_REGION": "us-east-1",
-    }
-    ray.init(
-        address="local",
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"env_vars": env},
-    )
-    yield
-    ray.shutdown()
 
 
 def check_table(root: str, cat, emb, probe_set: probes.ProbeSet) -> None:
@@ -88,7 +53,7 @@ def check_table(root: str, cat, emb, probe_set: probes.ProbeSet) -> None:
 
 def first_run_checks(root: str) -> tag_table.Run:
     """Tag a fresh root, check the table against the probe set, then check a re-run is a no-op."""
-    cat, emb = write_root(root, n_tracks=120)
+    cat, emb = write_synthetic_root(root, n_tracks=120)
     probe_set = publish_probe_set(root, cat, emb)
     first = tag_job.main(["--root", root, "--num-cpus", "2"])
     check_table(root, cat, emb, probe_set)
@@ -117,8 +82,10 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     first = first_run_checks(root)
 
     # a crash after the data files, before the commit, leaves the previous snapshot current
-    cat2, emb2 = tagged_embeddings.make(n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=MODEL)
-    embeddings_table.publish_table(layout.embeddings, MODEL, "v2", emb2)
+    cat2, emb2 = tagged_embeddings.make(
+        n_tracks=150, n_tags=8, dim=16, n_errors=3, seed=0, model_id=SYNTHETIC_MODEL
+    )
+    embeddings_table.publish_table(layout.embeddings, SYNTHETIC_MODEL, "v2", emb2)
     catalog.write(cat2, layout.catalog)
 
     def crash(*args, **kwargs):
@@ -186,8 +153,10 @@ def test_tags_s3(s3_root, ray_local):
 def test_write_model_rows_scores_one_block_into_one_file(tmp_path):
     """One block: its tracks without errors, less ``skip``, scored as the probe set applied directly, in
     row groups of ``batch_size`` tracks; the same block again rewrites the same file."""
-    cat, emb = tagged_embeddings.make(n_tracks=60, n_tags=5, dim=8, n_errors=3, seed=1, model_id=MODEL)
-    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, MODEL), LOGREG)
+    cat, emb = tagged_embeddings.make(
+        n_tracks=60, n_tags=5, dim=8, n_errors=3, seed=1, model_id=SYNTHETIC_MODEL
+    )
+    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, SYNTHETIC_MODEL), LOGREG)
     block = emb.select(["track_id", "embedding", "error"])
     ok = block.filter(pc.is_null(block["error"]))
     skip = pa.array(ok["track_id"].to_pylist()[:4])
@@ -213,7 +182,7 @@ def test_write_model_rows_scores_one_block_into_one_file(tmp_path):
         rows["predicted"].to_numpy(zero_copy_only=False).reshape(-1, 5),
         rows["score"].to_numpy().reshape(-1, 5) >= probe_set.thresholds,
     )
-    for column, value in (("source", "model"), ("model_id", MODEL), ("probe_run_id", "tune-x")):
+    for column, value in (("source", "model"), ("model_id", SYNTHETIC_MODEL), ("probe_run_id", "tune-x")):
         assert set(rows[column].to_pylist()) == {value}
     assert rows["reason"].null_count == len(rows)
 
@@ -236,20 +205,22 @@ def test_the_scoring_side_loads_without_torch():
 def test_empty_embeddings_fail_before_ray(tmp_path, monkeypatch):
     root = str(tmp_path / "root")
     layout = Layout(root)
-    cat, emb = write_root(root, n_tracks=80)
+    cat, emb = write_synthetic_root(root, n_tracks=80)
     publish_probe_set(root, cat, emb)
 
     def no_ray(*args, **kwargs):
         raise AssertionError("Ray started")
 
     monkeypatch.setattr(tag_job, "ray_session", no_ray)
-    dataset = embeddings_table.dataset_uri(layout.embeddings, MODEL)
-    embeddings_table.publish_table(layout.embeddings, MODEL, "v2", emb.slice(0, 0))  # one file, no rows
+    dataset = embeddings_table.dataset_uri(layout.embeddings, SYNTHETIC_MODEL)
+    embeddings_table.publish_table(
+        layout.embeddings, SYNTHETIC_MODEL, "v2", emb.slice(0, 0)
+    )  # one file, no rows
     versions.publish(dataset, "v3", [], [], move_latest=False)  # no file at all
     for version in ("v2", "v3"):
         versions.set_latest(dataset, version)
         with pytest.raises(
-            ConfigError, match=f"the embeddings of {MODEL} hold no rows: version {version}"
+            ConfigError, match=f"the embeddings of {SYNTHETIC_MODEL} hold no rows: version {version}"
         ) as err:
             tag_job.main(["--root", root])
         assert "run embed on a non-empty catalog" in str(err.value) and "\n" not in str(err.value)

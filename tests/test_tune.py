@@ -5,10 +5,10 @@ from __future__ import annotations
 import os
 
 import pandas as pd
-import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+from conftest import SYNTHETIC_MODEL, write_synthetic_root
 
 from jobs import tune as tune_job
 from musiclib import catalog
@@ -18,27 +18,10 @@ from musiclib.datasets import tagged_embeddings
 from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot, probes, report, sweep
 
-MODEL = "synthetic-m1"
 SMALL = [
     "--budgets", "2,all", "--probes", "logreg,linear,centroid", "--norms", "standardize",
     "--c-grid", "1", "--epochs", "60", "--repetitions", "2", "--tolerance", "0.05",
 ]  # fmt: skip
-
-
-def write_root(root: str, n_tracks: int = 240, **kwargs) -> tuple[pa.Table, pa.Table]:
-    """A synthetic catalog, its embeddings of ``MODEL`` and the latest-model pointer under ``root``."""
-    return tagged_embeddings.write_root(
-        root, MODEL, n_tracks=n_tracks, n_errors=3, n_tags=8, dim=16, **kwargs
-    )
-
-
-@pytest.fixture(scope="module")
-def ray_local():
-    import ray
-
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
 
 
 def test_config_is_validated_before_any_work(tmp_path):
@@ -48,7 +31,7 @@ def test_config_is_validated_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="--max-failures"):
         tune_job.main(["--root", str(tmp_path), "--max-failures", "-2"])
     root = str(tmp_path / "r")
-    write_root(root, n_tracks=80)
+    write_synthetic_root(root, n_tracks=80)
     with pytest.raises(ConfigError, match="no training labels for jazz"):
         tune_job.main(["--root", root, "--tags", "jazz"])
     with pytest.raises(ConfigError, match="catalog not found"):
@@ -57,13 +40,15 @@ def test_config_is_validated_before_any_work(tmp_path):
 
 def test_a_catalog_without_validation_labels_is_refused_before_ray(tmp_path):
     """Configurations are chosen on the validation split: without it there is nothing honest to choose on."""
-    cat, emb = tagged_embeddings.make(n_tracks=80, n_tags=8, dim=16, model_id=MODEL)
+    cat, emb = tagged_embeddings.make(n_tracks=80, n_tags=8, dim=16, model_id=SYNTHETIC_MODEL)
     split = cat.schema.get_field_index("split")
     no_valid = pc.if_else(pc.equal(cat["split"], "valid"), "train", cat["split"])
     layout = Layout(str(tmp_path))
     catalog.write(cat.set_column(split, cat.schema.field(split), no_valid), layout.catalog)
-    embeddings_table.publish_table(layout.embeddings, MODEL, "v1", emb)
-    versions.publish(layout.models, MODEL, [], [])  # a model without an encoder: tune reads embeddings
+    embeddings_table.publish_table(layout.embeddings, SYNTHETIC_MODEL, "v1", emb)
+    versions.publish(
+        layout.models, SYNTHETIC_MODEL, [], []
+    )  # a model without an encoder: tune reads embeddings
     with pytest.raises(ConfigError, match="0 labeled validation tracks"):
         tune_job.main(["--root", str(tmp_path)])
 
@@ -151,7 +136,7 @@ def test_trials_hold_every_configuration_once_longest_first():
 @pytest.mark.slow
 def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkeypatch):
     root = str(tmp_path / "root")
-    write_root(root)
+    write_synthetic_root(root)
     layout = Layout(root)
     older = storage.join(versions.version_uri(layout.probes, "tune-older"), "note.txt")
     storage.write_bytes(older, b"an earlier run")
@@ -192,7 +177,11 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
     assert open(storage.join(run_dir, "budget_curve.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
     probe_set = probes.ProbeSet.load(storage.join(run_dir, "probe_set.safetensors"))
-    assert probe_set.model_id == MODEL and len(probe_set.tags) == 8 and probe_set.thresholds is not None
+    assert (
+        probe_set.model_id == SYNTHETIC_MODEL
+        and len(probe_set.tags) == 8
+        and probe_set.thresholds is not None
+    )
     assert probe_set.config["probe_run_id"] == run_id
     summary = report.trial_summary(results)
     chosen = summary.loc[summary[summary["budget"] == "all"]["valid_ap_all_mean"].idxmax()]

@@ -125,6 +125,7 @@ def test_lease_is_renewed_while_held(tmp_path):
         assert body["expires_at"] > first and body["pid"] == os.getpid()
 
 
+@pytest.mark.slow
 def test_a_lease_is_renewed_again_after_storage_was_unreachable(s3_server, s3_root, monkeypatch, capsys):
     """An S3 outage fails some renewals (botocore's connection errors, which are not ``OSError``); the
     heartbeat says so and renews the lease once storage is back, so a run that outlives an outage keeps it."""
