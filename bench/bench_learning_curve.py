@@ -30,6 +30,7 @@ import pyarrow.compute as pc
 import torch
 
 from musiclib import catalog
+from musiclib.core import storage
 from musiclib.core.config import Layout, parse
 from musiclib.embed import embedder, logmel
 from musiclib.probe import fewshot, report
@@ -55,19 +56,26 @@ def prepare_shards(cfg: PretrainConfig) -> list[str]:
     return shards.committed_shards(layout.shards)
 
 
-def decode_labeled(root: str, max_chunks: int) -> tuple[pa.Table, list[pa.Table]]:
-    """The catalog's labeled tracks and their decoded chunks, in batches of 16 (decoded once per run)."""
+def decode_labeled(root: str, max_chunks: int, cache: str) -> tuple[pa.Table, list[pa.Table]]:
+    """The catalog's labeled tracks and their decoded chunks, in batches of 16: decoded once, and kept in
+    ``cache`` (a Parquet file) when given, for the next run on the same root."""
     uri = Layout(root).catalog
     tracks, base = catalog.labeled(catalog.read(uri)), catalog.base_dir(uri)
-    cols = ["track_id", "audio_uri"]
-    return tracks, [
-        embedder.decode_batch(tracks.slice(i, 16).select(cols), base, max_chunks)
-        for i in range(0, tracks.num_rows, 16)
-    ]
+    if cache and storage.exists(cache):
+        decoded = storage.read_parquet([cache])
+    else:
+        cols = ["track_id", "audio_uri"]
+        decoded = pa.concat_tables(
+            embedder.decode_batch(tracks.slice(i, 16).select(cols), base, max_chunks)
+            for i in range(0, tracks.num_rows, 16)
+        )
+        if cache:
+            storage.write_parquet(decoded, cache)
+    return tracks, [decoded.slice(i, 16) for i in range(0, len(decoded), 16)]
 
 
-def embed(encoder: torch.nn.Module, decoded: list[pa.Table], name: str) -> pa.Table:
-    chunk_batch = embedder.chunks_per_forward(0, False, encoder.config)
+def embed(encoder: torch.nn.Module, decoded: list[pa.Table], name: str, chunk_batch: int = 0) -> pa.Table:
+    chunk_batch = chunk_batch or embedder.chunks_per_forward(0, False, encoder.config)
     with torch.no_grad():
         return pa.concat_tables(embedder.embed_batch(encoder, b, name, chunk_batch) for b in decoded)
 
@@ -75,7 +83,7 @@ def embed(encoder: torch.nn.Module, decoded: list[pa.Table], name: str) -> pa.Ta
 def logmel_table(decoded: list[pa.Table]) -> pa.Table:
     """The log-mel floor's embeddings of the decoded tracks (mean and std per band)."""
     floor = logmel.LogMelConfig()
-    table = embed(logmel.LogMel(floor), decoded, floor.model_id)
+    table = embed(logmel.LogMel(floor), decoded, floor.model_id, chunk_batch=64)
     ok = table.column("error").is_null().to_numpy(zero_copy_only=False)
     values = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     stats = logmel.moments_to_stats(values.reshape(-1, floor.embed_dim))
@@ -130,6 +138,7 @@ def main() -> None:
     parser.add_argument("--floor", action="store_true", help="also evaluate the log-mel floor")
     parser.add_argument("--fused", action="store_true", help="also evaluate learned + log-mel, fused")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--cache", default="", help="a Parquet file keeping the decoded labeled tracks")
     parser.add_argument("--out", required=True, help="JSON lines, appended")
     args = parser.parse_args()
     if args.threads:
@@ -144,7 +153,7 @@ def main() -> None:
     training_data = data.load_training_data(uris, labels.plan_labels(uris, cfg.p_s, cfg.seed))
     device = torch.device("cpu")
     model, optimizer, augment = pretraining.build(cfg, device)
-    tracks, decoded = decode_labeled(args.root, args.max_chunks)
+    tracks, decoded = decode_labeled(args.root, args.max_chunks, args.cache)
     probes = TuneConfig(budgets=args.budgets.split(","), probes=args.probes.split(","))
     floor = logmel_table(decoded) if args.fused or args.floor else None
 

@@ -62,7 +62,9 @@ def _one_step(cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor, 
     conv = next(m for m in model.modules() if isinstance(m, nn.Conv1d))
     conv.register_forward_hook(lambda _m, _i, o: dtypes.append(o.dtype))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    stats = train_step(model, nn.Identity(), optimizer, Batch(views, labels), cfg, device)
+    stats = train_step(
+        model, nn.Identity(), optimizer, Batch(views, labels, torch.arange(len(labels))), cfg, device
+    )
     update = torch.cat([(b - p.detach()).flatten().cpu() for b, p in zip(before, model.parameters())])
     return stats.cpu(), update, dtypes[0]
 
@@ -113,7 +115,11 @@ def test_the_augmentation_chain_and_the_step_never_wait_for_the_gpu():
     synchronising call in them."""
     cfg = PretrainConfig(width=0.25, num_workers=1, batch_size=8, p_chain=1.0, p_filter=1.0, p_pitch=1.0)
     model, optimizer, chain = build(cfg, CUDA)
-    batch = Batch(0.1 * torch.randn(16, audio.CHUNK_SAMPLES).pin_memory(), torch.ones(8, 2).pin_memory())
+    batch = Batch(
+        0.1 * torch.randn(16, audio.CHUNK_SAMPLES).pin_memory(),
+        torch.ones(8, 2).pin_memory(),
+        torch.arange(8),
+    )
     train_step(model, chain, optimizer, batch, cfg, CUDA)  # the first builds FFT plans, kernels, Adam state
     torch.cuda.set_sync_debug_mode("error")
     try:

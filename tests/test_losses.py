@@ -1,4 +1,5 @@
-"""SemiSupCon against a float64 reference written straight from the formula, on random inputs."""
+"""SemiSupCon against a float64 reference written straight from the formula, on random inputs, with and
+without a queue of past projections."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from musiclib.train.losses import semisupcon_anchor_losses, semisupcon_loss, target_matrix
+from musiclib.train.losses import pair_targets, semisupcon_anchor_losses, semisupcon_loss, target_matrix
 
 
 def reference_loss(
@@ -138,3 +139,72 @@ def test_target_matrix_hand_built():
     assert dice[0, 4].item() == 1.0  # same clip, capped at 1
     assert dice[1, 3].item() == 0.0 and dice[2].sum().item() == 0.0
     assert torch.all(torch.diagonal(dice) == 0)
+
+
+def reference_with_queue(
+    z: np.ndarray,
+    ids: list[int],
+    tracks: list[int],
+    tags: list[set[str]],
+    queue: np.ndarray,
+    queue_tracks: list[int],
+    queue_tags: list[set[str]],
+    tau: float,
+    threshold: int,
+) -> list[float]:
+    """l_i over the batch (j != i) and the queue, from the definition, in float64 loops: a batch view is a
+    positive when it is the same clip, a queue entry when it is the same track, either when two labeled
+    clips share ``threshold`` tags."""
+
+    def unit(v: np.ndarray) -> np.ndarray:
+        return v / np.linalg.norm(v)
+
+    def target(same: bool, a: set[str], b: set[str]) -> float:
+        shares = bool(a) and bool(b) and len(a & b) >= threshold
+        return 1.0 if same or shares else 0.0
+
+    losses = []
+    for i in range(len(z)):
+        candidates = [
+            (unit(z[j]), target(ids[i] == ids[j], tags[i], tags[j])) for j in range(len(z)) if j != i
+        ]
+        candidates += [
+            (unit(q), target(tracks[i] == t, tags[i], g)) for q, t, g in zip(queue, queue_tracks, queue_tags)
+        ]
+        s = [float(unit(z[i]) @ v) / tau for v, _ in candidates]
+        denom = sum(math.exp(x) for x in s)
+        num = sum(p * -math.log(math.exp(x) / denom) for x, (_, p) in zip(s, candidates))
+        losses.append(num / max(sum(p for _, p in candidates), 1.0))
+    return losses
+
+
+def test_the_queue_adds_its_entries_as_candidates_with_track_and_label_targets():
+    """With a queue, each anchor's loss equals the reference that takes the same negatives and positives:
+    the batch's other views and the queue's past projections (a past view of the same track is positive)."""
+    rng = np.random.default_rng(4)
+    vocab = ["a", "b", "c", "d"]
+    n_clips, q = 5, 7
+    z, clips, tags, labels = random_batch(rng, n_clips, vocab, labeled=0.6)
+    tracks = [10 + c for c in clips]  # clip c comes from track 10 + c
+    queue = rng.normal(size=(q, z.shape[1]))
+    queue_tracks = [10, 12, 99, 13, 98, 97, 10]  # three past views of batch tracks
+    queue_tags = [
+        set(rng.choice(vocab, size=int(rng.integers(0, 3)), replace=False).tolist()) for _ in range(q)
+    ]
+    queue_labels = torch.tensor([[t in g for t in vocab] for g in queue_tags], dtype=torch.float64)
+    ids, t = torch.tensor(clips), torch.tensor(tracks)
+    targets = target_matrix(ids, labels, threshold=1)
+    queue_targets = pair_targets(t, labels, torch.tensor(queue_tracks), queue_labels, threshold=1)
+    got = semisupcon_anchor_losses(
+        torch.from_numpy(z), targets, 0.2, queue=torch.from_numpy(queue), queue_targets=queue_targets
+    )
+    expected = reference_with_queue(z, clips, tracks, tags, queue, queue_tracks, queue_tags, 0.2, 1)
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-10)
+    empty = semisupcon_anchor_losses(
+        torch.from_numpy(z),
+        targets,
+        0.2,
+        queue=torch.zeros(0, z.shape[1]),
+        queue_targets=queue_targets[:, :0],
+    )
+    torch.testing.assert_close(empty, semisupcon_anchor_losses(torch.from_numpy(z), targets, 0.2))

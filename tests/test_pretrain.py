@@ -29,6 +29,7 @@ from musiclib.train.labels import (
 )
 from musiclib.train.pretraining import (
     PretrainConfig,
+    ProjectionQueue,
     build,
     check_resume,
     checkpoint_state,
@@ -278,7 +279,10 @@ def _gather_setup(encoder: str, world: int) -> tuple[torch.nn.Module, torch.Tens
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
         return model, torch.randn(2, 6, 5, dtype=torch.float64), labels  # [view, clip, feature]
-    cfg = PretrainConfig(width=0.0625, num_workers=world, batch_size=6, sync_bn=encoder == "sync-bn")
+    family = {"encoder": "melcnn", "n_mels": 32, "hop": 1024} if encoder.startswith("melcnn") else {}
+    cfg = PretrainConfig(
+        width=0.0625, num_workers=world, batch_size=6, sync_bn=encoder.endswith("sync-bn"), **family
+    )
     model = build(cfg, torch.device("cpu"))[0].double()  # build seeds torch: the same weights and input
     return model, 0.1 * torch.randn(2, 6, CHUNK, dtype=torch.float64), labels
 
@@ -286,7 +290,7 @@ def _gather_setup(encoder: str, world: int) -> tuple[torch.nn.Module, torch.Tens
 def _gather_worker(rank: int, world: int, port: int, out: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     results = {}
-    for encoder in ("mlp", "sync-bn", "plain-bn"):
+    for encoder in ("mlp", "sync-bn", "plain-bn", "melcnn-sync-bn"):
         model, x, labels = _gather_setup(encoder, world)
         n = x.shape[1] // world
         local = slice(rank * n, (rank + 1) * n)
@@ -325,7 +329,7 @@ def _one_worker(encoder: str) -> tuple[torch.nn.Module, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("encoder", ["mlp", "sync-bn"])
+@pytest.mark.parametrize("encoder", ["mlp", "sync-bn", "melcnn-sync-bn"])
 def test_global_gather_matches_one_worker_on_the_whole_batch(two_workers, encoder):
     two = two_workers[encoder]
     model, loss = _one_worker(encoder)
@@ -333,7 +337,8 @@ def test_global_gather_matches_one_worker_on_the_whole_batch(two_workers, encode
     for got, param in zip(two["grads"], model.parameters(), strict=True):
         torch.testing.assert_close(got, param.grad)
     state = model.state_dict()
-    assert len(two["running"]) == (22 if encoder == "sync-bn" else 0)  # SampleCNN: 11 BatchNorm layers
+    # SampleCNN: 11 BatchNorm layers; the log-mel CNN: one per band, then four
+    assert len(two["running"]) == {"mlp": 0, "sync-bn": 22, "melcnn-sync-bn": 10}[encoder]
     for name, value in two["running"].items():
         torch.testing.assert_close(value, state[name])
 
@@ -382,6 +387,19 @@ def test_a_time_budget_ends_training_at_a_checkpoint_and_spans_resumes():
     assert learning_rate(10, cosine, trained_s=30.0) == pytest.approx(5e-4)  # half the budget: half the lr
     assert learning_rate(50, cosine, trained_s=6.0) == pytest.approx(5e-4)  # half the steps
     assert learning_rate(10, PretrainConfig(steps=100, cosine=True, lr=1e-3), 30.0) > 9e-4  # no budget
+
+
+def test_the_queue_keeps_the_last_projections_of_the_global_batch_first_in_first_out():
+    queue = ProjectionQueue(5, 2, 3, torch.device("cpu"))
+    for step in range(3):  # 3 pushes of 2 views: the first view pushed is gone, then the second
+        z = torch.full((2, 2), float(step))
+        queue.push(z, torch.tensor([10 * step, 10 * step + 1]), torch.ones(2, 3) * step)
+    assert queue.filled == 5 and sorted(queue.tracks.tolist()) == [1, 10, 11, 20, 21]
+    cfg = PretrainConfig(width=0.0625, steps=3, batch_size=4, p_pitch=0.0, log_every=1, queue=6)
+    model, optimizer, augment = build(cfg, torch.device("cpu"))
+    seen = []
+    fit(model, optimizer, augment, fake_data(4, 4), cfg, torch.device("cpu"), 0, lambda *a: seen.append(a))
+    assert len(seen) == 3 and all(np.isfinite(m["loss"]) for _, m, _ in seen)
 
 
 def test_a_run_is_reproducible_from_its_seed():

@@ -33,6 +33,13 @@ class TrainingData:
     offsets: np.ndarray  # [n + 1] start of each track in ``samples``
     segments: np.ndarray  # [n] segment length of each track
     labels: np.ndarray  # [n, V] float32 multi-hot; all zeros for an unlabeled track
+    # [n] each track's index among all usable tracks, the same on every worker (a queue of past views
+    # tells a track's own views by it); None: 0 to n - 1
+    tracks: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        if self.tracks is None:
+            self.tracks = np.arange(len(self.segments))
 
     @cached_property
     def labeled(self) -> np.ndarray:
@@ -77,6 +84,7 @@ def load_training_data(shard_uris: list[str], plan: LabelPlan, rank: int = 0, wo
         offsets=np.concatenate([[0], np.cumsum([len(c) for c in chunks])]),
         segments=np.asarray(table.column("segment_samples").to_pylist(), np.int64),
         labels=label_matrix(kept, plan.vocabulary).astype(np.float32),
+        tracks=mine,  # the table's rows follow ``mine``: shards in order, rows in order within each
     )
 
 
@@ -115,10 +123,12 @@ def view_starts(n_samples: int, segment: int, mode: str, rng: np.random.Generato
 
 @dataclass
 class Batch:
-    """Views ``[2B, T]`` (all first views, then all second views) and the clips' labels ``[B, V]``."""
+    """Views ``[2B, T]`` (all first views, then all second views), the clips' labels ``[B, V]`` and their
+    tracks ``[B]`` (``TrainingData.tracks``)."""
 
     views: torch.Tensor
     labels: torch.Tensor
+    tracks: torch.Tensor
 
     @property
     def n_clips(self) -> int:
@@ -138,7 +148,7 @@ def sample_batch(data: TrainingData, n_clips: int, b_s: float, mode: str, rng: n
     x = torch.from_numpy(views.reshape(2 * n_clips, chunk)).float().div_(audio.INT16_SCALE)
     labels = data.labels[idx]
     labels[n_lab:] = 0.0  # the unlabeled share: a labeled track drawn there contributes its audio only
-    return Batch(views=x, labels=torch.from_numpy(labels))
+    return Batch(views=x, labels=torch.from_numpy(labels), tracks=torch.from_numpy(data.tracks[idx]))
 
 
 def batches(
@@ -153,7 +163,7 @@ def batches(
         while not stop.is_set():
             batch = sample_batch(data, n_clips, b_s, mode, rng)
             if pin:
-                batch = Batch(batch.views.pin_memory(), batch.labels.pin_memory())
+                batch = Batch(batch.views.pin_memory(), batch.labels.pin_memory(), batch.tracks.pin_memory())
             while not stop.is_set():
                 with contextlib.suppress(queue.Full):
                     q.put(batch, timeout=0.1)

@@ -9,12 +9,37 @@ and the loss is the mean of l_i over anchors. P_ij is 1 for two views of the sam
 are positives when they share at least ``threshold`` tags, or, in the weighted mode, by their Dice overlap
 (capped at 1 together with the same-clip term). Unlabeled clips have only their own views as positives,
 so with no labels in the batch the loss is exactly NT-Xent (SimCLR / CLMR).
+
+With a queue (MoCo's, holding past projections without gradients, as SupCon's memory banks do), every
+anchor also contrasts against the queue's entries: they join the sums over j and k, with targets by the
+same rules, a past view of the anchor's own track counting as one of its views.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+
+def pair_targets(
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    other_ids: torch.Tensor,
+    other_labels: torch.Tensor,
+    threshold: int = 1,
+    weighted: bool = False,
+) -> torch.Tensor:
+    """Targets ``[N, M]`` (float64) between N views and M others: 1 for the same clip or track (equal ids),
+    else the label term, shared tags at or above ``threshold`` (or their Dice overlap), capped at 1."""
+    labels, other_labels = labels.to(torch.float64), other_labels.to(torch.float64)
+    same = (ids[:, None] == other_ids[None, :]).to(torch.float64)
+    shared = labels @ other_labels.T  # number of tags two clips have in common
+    if weighted:
+        denom = (labels.sum(dim=1)[:, None] + other_labels.sum(dim=1)[None, :]).clamp_min(1.0)
+        label_term = 2.0 * shared / denom
+    else:
+        label_term = (shared >= threshold).to(torch.float64)  # threshold >= 1, so unlabeled rows get 0
+    return (same + label_term).clamp_max(1.0)
 
 
 def target_matrix(
@@ -26,38 +51,41 @@ def target_matrix(
     vector of each view's clip, all zeros for an unlabeled clip (which then has only its own views as
     positives, since it shares no tag with anything).
     """
-    labels = labels.to(torch.float64)
-    same_clip = (clip_ids[:, None] == clip_ids[None, :]).to(torch.float64)
-    shared = labels @ labels.T  # number of tags two clips have in common
-    if weighted:
-        sizes = labels.sum(dim=1)
-        denom = (sizes[:, None] + sizes[None, :]).clamp_min(1.0)
-        label_term = 2.0 * shared / denom
-    else:
-        label_term = (shared >= threshold).to(torch.float64)  # threshold >= 1, so unlabeled rows get 0
-    targets = (same_clip + label_term).clamp_max(1.0)
+    targets = pair_targets(clip_ids, labels, clip_ids, labels, threshold, weighted)
     targets.fill_diagonal_(0.0)
     return targets
 
 
 def semisupcon_anchor_losses(
-    z: torch.Tensor, targets: torch.Tensor, tau: float = 0.1, anchors: torch.Tensor | None = None
+    z: torch.Tensor,
+    targets: torch.Tensor,
+    tau: float = 0.1,
+    anchors: torch.Tensor | None = None,
+    queue: torch.Tensor | None = None,
+    queue_targets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Per-anchor loss l_i for the rows ``anchors`` of the batch (all rows when None).
 
     ``z`` ``[N, d]`` holds every view the anchors contrast against (the global batch with several workers),
     ``targets`` the full ``[N, N]`` P. Only the anchors' rows of the similarity matrix are computed, so each
-    worker pays for its own anchors. The log-softmax is a log-sum-exp, stable for any tau.
+    worker pays for its own anchors. ``queue`` ``[Q, d]`` (no gradient flows into it) adds Q candidates to
+    every anchor, with ``queue_targets`` ``[A, Q]`` (``pair_targets``). The log-softmax is a log-sum-exp,
+    stable for any tau.
     """
     n = z.shape[0]
     rows = torch.arange(n, device=z.device) if anchors is None else anchors
     zn = F.normalize(z, dim=1)
     sim = zn[rows] @ zn.T / tau  # [A, N]
     self_mask = rows[:, None] == torch.arange(n, device=z.device)[None, :]
+    p = targets[rows]
+    if queue is not None and queue_targets is not None and len(queue):
+        sim = torch.cat([sim, zn[rows] @ F.normalize(queue.detach(), dim=1).T / tau], dim=1)
+        self_mask = torch.cat([self_mask, self_mask.new_zeros(len(rows), len(queue))], dim=1)
+        p = torch.cat([p, queue_targets], dim=1)
     sim = sim.masked_fill(self_mask, float("-inf"))
     log_prob = sim - torch.logsumexp(sim, dim=1, keepdim=True)
     log_prob = log_prob.masked_fill(self_mask, 0.0)  # the diagonal has P = 0; avoid 0 * -inf
-    p = targets[rows].to(log_prob.dtype)
+    p = p.to(log_prob.dtype)
     return -(p * log_prob).sum(dim=1) / p.sum(dim=1).clamp_min(1.0)
 
 

@@ -33,7 +33,7 @@ from musiclib.core.config import DEFAULT_ROOT, ConfigError, RayConfig, check
 from musiclib.train.augment import AugmentConfig, SpecAugment, ViewAugment
 from musiclib.train.data import Batch, TrainingData, batches
 from musiclib.train.gather import distributed, gather, gather_constant
-from musiclib.train.losses import semisupcon_anchor_losses, target_matrix
+from musiclib.train.losses import pair_targets, semisupcon_anchor_losses, target_matrix
 from musiclib.train.models import ContrastiveModel, EncoderConfig, sync_batchnorm
 
 VIEW_MODES = ("adjacent", "crops")
@@ -67,6 +67,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
     warmup: int = 0  # linear warm-up steps
     cosine: bool = False  # cosine decay to zero after the warm-up
     tau: float = 0.1
+    queue: int = 0  # past projections every anchor also contrasts against (a MoCo-style queue; 0: none)
     label_threshold: int = 1  # two labeled clips are positives when they share at least this many tags
     weighted: bool = False  # Dice-weighted positives instead of the threshold
     b_s: float = 0.5  # fraction of labeled clips in a batch
@@ -109,8 +110,8 @@ class PretrainConfig(AugmentConfig, RayConfig):
             problems.append("--steps must be >= 1, --lr and --tau > 0, --minutes >= 0")
         if not 0 <= self.warmup < self.steps:
             problems.append(f"--warmup {self.warmup} must be in [0, steps)")
-        if self.label_threshold < 1:
-            problems.append("--label-threshold must be >= 1")
+        if self.label_threshold < 1 or self.queue < 0:
+            problems.append("--label-threshold must be >= 1 and --queue >= 0")
         if not (0.0 <= self.b_s <= 1.0 and 0.0 <= self.p_s <= 1.0):
             problems.append(f"--b-s {self.b_s} and --p-s {self.p_s} must be in [0, 1]")
         if self.views not in VIEW_MODES:
@@ -183,24 +184,59 @@ def resume_conflicts(saved: dict[str, Any], cfg: PretrainConfig) -> list[str]:
 # --------------------------------------------------------------------------- the step
 
 
-def global_loss(
-    z: torch.Tensor, labels: torch.Tensor, tau: float, threshold: int, weighted: bool
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """SemiSupCon over the global batch for this worker's anchors.
+class ProjectionQueue:
+    """The last ``size`` projections of the global batch, without gradients, with their tracks and labels
+    (first in, first out): more negatives, and positives, for a small batch. Every worker pushes the
+    gathered global batch, so every worker holds the same queue. Not checkpointed: a resumed run starts
+    with it empty."""
 
-    ``z`` ``[2B, d]`` holds this worker's views (first views, then second views) and ``labels`` ``[B, V]``
-    its clips' labels. Returns the mean loss of the local anchors (what this worker backpropagates: with
-    DDP averaging gradients, the update is that of the global mean), the per-anchor losses, and which
-    anchors are labeled. The mean over workers of the returned loss is the loss of the global batch.
+    def __init__(self, size: int, dim: int, n_tags: int, device: torch.device):
+        self.z = torch.zeros(size, dim, device=device)
+        self.tracks = torch.full((size,), -1, dtype=torch.long, device=device)
+        self.labels = torch.zeros(size, n_tags, device=device)
+        self.filled = self.next = 0
+
+    def push(self, z: torch.Tensor, tracks: torch.Tensor, labels: torch.Tensor) -> None:
+        rows = (self.next + torch.arange(len(z), device=z.device)) % len(self.z)
+        self.z[rows], self.tracks[rows], self.labels[rows] = z.detach(), tracks, labels
+        self.next = (self.next + len(z)) % len(self.z)
+        self.filled = min(self.filled + len(z), len(self.z))
+
+
+def global_loss(
+    z: torch.Tensor,
+    labels: torch.Tensor,
+    tau: float,
+    threshold: int,
+    weighted: bool,
+    tracks: torch.Tensor | None = None,
+    queue: ProjectionQueue | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SemiSupCon over the global batch for this worker's anchors (and the ``queue``, when given).
+
+    ``z`` ``[2B, d]`` holds this worker's views (first views, then second views), ``labels`` ``[B, V]`` its
+    clips' labels and ``tracks`` ``[B]`` their tracks (needed with a queue). Returns the mean loss of the
+    local anchors (what this worker backpropagates: with DDP averaging gradients, the update is that of
+    the global mean), the per-anchor losses, and which anchors are labeled. The mean over workers of the
+    returned loss is the loss of the global batch. The global batch then joins the queue.
     """
     rank, _ = distributed()
     n_views, n_clips = z.shape[0], labels.shape[0]
     clip_ids = torch.arange(n_clips, device=z.device).repeat(2) + rank * n_clips
     view_labels = labels.repeat(2, 1)
-    z_all = gather(z)
-    targets = target_matrix(gather_constant(clip_ids), gather_constant(view_labels), threshold, weighted)
+    z_all, labels_all = gather(z), gather_constant(view_labels)
+    targets = target_matrix(gather_constant(clip_ids), labels_all, threshold, weighted)
     anchors = torch.arange(n_views, device=z.device) + rank * n_views
-    per_anchor = semisupcon_anchor_losses(z_all, targets, tau, anchors)
+    if queue is None or tracks is None:
+        per_anchor = semisupcon_anchor_losses(z_all, targets, tau, anchors)
+    else:
+        tracks_all = gather_constant(tracks.repeat(2))
+        q = slice(0, queue.filled)
+        queue_targets = pair_targets(
+            tracks_all[anchors], labels_all[anchors], queue.tracks[q], queue.labels[q], threshold, weighted
+        )
+        per_anchor = semisupcon_anchor_losses(z_all, targets, tau, anchors, queue.z[q], queue_targets)
+        queue.push(z_all, tracks_all, labels_all)
     return per_anchor.mean(), per_anchor.detach(), view_labels.sum(dim=1) > 0
 
 
@@ -211,6 +247,7 @@ def train_step(
     batch: Batch,
     cfg: PretrainConfig,
     device: torch.device,
+    queue: ProjectionQueue | None = None,
 ) -> torch.Tensor:
     """One optimisation step; returns ``[loss, labeled sum, labeled count, unlabeled sum, unlabeled count]``.
 
@@ -223,7 +260,10 @@ def train_step(
         device.type, dtype=torch.bfloat16, enabled=device.type == "cuda" and cfg.precision == "bf16"
     ):
         z = model(x)
-    loss, per_anchor, is_labeled = global_loss(z.float(), labels, cfg.tau, cfg.label_threshold, cfg.weighted)
+    tracks = batch.tracks.to(device, non_blocking=True)
+    loss, per_anchor, is_labeled = global_loss(
+        z.float(), labels, cfg.tau, cfg.label_threshold, cfg.weighted, tracks, queue
+    )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -378,6 +418,10 @@ def fit(
     seed_augmentations(seed)
     stream = batches(data, n_clips, cfg.b_s, cfg.views, seed, cfg.prefetch, pin=device.type == "cuda")
     model.train()
+    queue = None
+    if cfg.queue:
+        dim = cfg.encoder_config().proj_dim
+        queue = ProjectionQueue(cfg.queue, dim, data.labels.shape[1], device)
     sums = torch.zeros(5, device=device)
     wait = steps_done = 0
     trained_s = start_seconds
@@ -390,7 +434,7 @@ def fit(
         lr = learning_rate(step, cfg, trained_s)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums += train_step(model, augment, optimizer, batch, cfg, device)
+        sums += train_step(model, augment, optimizer, batch, cfg, device, queue)
         steps_done += 1
         done = step + 1
         trained_s += time.perf_counter() - t_wait
