@@ -1,6 +1,6 @@
 """Few-shot probe AP as pretraining goes, from the random encoder (step 0) on: when does training pay?
 
-    PYTHONPATH=. .venv/bin/python bench/bench_learning_curve.py --root data/demo --eval-root data/demo-eval \
+    .venv/bin/python -m bench.bench_learning_curve --root data/demo --eval-root data/demo-eval \
         --every 20 --out curve.jsonl --pretrain "--steps 100 --lr 1e-3 --warmup 10 --cosine true"
 
 Trains in this process with the pretrain job's own code (``pretraining.build``, ``pretraining.fit``; the

@@ -16,7 +16,7 @@ The data path, and where each stage lives (the jobs in ``jobs/`` wire Ray around
 - ``shards``: the train split decoded once into int16 shards for pretraining.
 - ``augment``, ``losses``, ``gather``, ``pretraining``: the views' augmentations, the SemiSupCon loss,
   the cross-worker gather, and the config, batches, step, loop and checkpoints (job ``pretrain``).
-- ``models``: the SampleCNN encoder, its export as a version of the models dataset, ``resolve``.
+- ``models``: the SampleCNN encoder, its export as a version of the models dataset, ``model_id_or_latest``.
 - ``embedder``: decode, encode and average per track, the version a run writes (resume, carry-over),
   the embeddings table and its reader (job ``embed``).
 - ``fewshot``, ``probes``, ``metrics``, ``report``, ``sweep``: support sets, linear probes, AP and ROC-AUC,
@@ -33,7 +33,7 @@ Shared by every stage: ``storage`` (local and S3 objects, atomic writes), ``vers
 datasets on it: version ids, manifests, ``publish``, ``_latest``, leases), ``config``
 (dataclass configs, ``--field value`` overrides, the ``Layout`` under one root), ``ray_env`` (how jobs
 start or join Ray; the only Ray import outside ``jobs/``), ``progress`` (what a job prints: progress
-lines, Ray kept quiet, end-of-job summaries), and ``datasets`` (generated data: the demo catalog, audio
+lines, Ray kept quiet, end-of-job summaries), ``lifecycle`` (every job's start, summary and result), and ``datasets`` (generated data: the demo catalog, audio
 files in every format, embeddings that follow their tags, clustered vectors, the benchmark corpora).
 """
 

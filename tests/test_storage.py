@@ -115,7 +115,9 @@ def test_a_write_killed_midway_leaves_readers_the_old_content(tmp_path):
     read, and the object after the kill, is the old content (a write in place would show a partial one)."""
     target = tmp_path / "t.bin"
     storage.write_bytes(str(target), b"old")
-    script = "import sys; from musiclib.core import storage; storage.write_bytes(sys.argv[1], b'x' * (128 << 20))"
+    script = (
+        "import sys; from musiclib.core import storage; storage.write_bytes(sys.argv[1], b'x' * (128 << 20))"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen([sys.executable, "-c", script, str(target)], env=env)
     reads = []
