@@ -121,17 +121,17 @@ def run(cfg: TagConfig) -> lifecycle.Summary[tag_table.Run]:
         previous = tag_table.current_run(table) if table else None
         inputs = tags.find_inputs(layout, cfg.probe_run_id)
         run_id = tags.derive_run_id(cfg, layout, inputs, previous)
-        if table is not None and (run := tag_table.already_complete(table, run_id, "tag")) is not None:
+        if table is not None and (done := tag_table.already_complete(table, run_id, "tag")) is not None:
             return job.done(
-                run,
-                read=f"the same inputs as run {run.run_id}",
-                wrote=f"nothing: run {run.run_id} (snapshot {run.snapshot_id}, {run.rows} rows) was already complete",
+                done,
+                read=f"the same inputs as run {done.run_id}",
+                wrote=f"nothing: run {done.run_id} (snapshot {done.snapshot_id}, {done.rows} rows) was already complete",
                 outputs={"tags": cfg.where.describe()},
             )
         table = table or tag_table.open_table(cfg.where, create_with=tags.SCHEMA)
         with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
-            run = write_run(cfg, layout, table, inputs, run_id)
-    return tagged(job, cfg, layout, table, run, inputs)
+            written = write_run(cfg, layout, table, inputs, run_id)
+    return tagged(job, cfg, layout, table, written, inputs)
 
 
 def main(argv: list[str] | None = None) -> tag_table.Run:

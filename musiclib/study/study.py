@@ -168,14 +168,17 @@ def job_config(cls: type[T], text: str, **settings: Any) -> T:
 def pretrain_config(cfg: StudyConfig, work_root: str, encoder: str, seed: int) -> PretrainConfig:
     """The pretrain job's config for one trained encoder and seed (its run named after both)."""
     p_s, b_s = label_settings(cfg, encoder)
-    settings = {"p_s": p_s, "b_s": b_s, "width": cfg.width, "steps": cfg.steps, "batch_size": cfg.batch_size}
     return job_config(
         PretrainConfig,
         cfg.pretrain_options,
         root=work_root,
         run_name=f"study-{encoder}-s{seed}",
         seed=seed,
-        **settings,
+        p_s=p_s,
+        b_s=b_s,
+        width=cfg.width,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
     )
 
 
