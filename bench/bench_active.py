@@ -1,8 +1,8 @@
 """Simulate "what to label next": active suggestions against random selection, same labels, head vs tail.
 
-    .venv/bin/python bench/bench_active.py                      # synthetic corpus (embeddings follow tags)
-    .venv/bin/python bench/bench_active.py --root data/demo     # the demo's real embeddings (after make demo)
-    .venv/bin/python bench/bench_active.py --scoring 100000     # the job's per-block scoring, its floor
+    .venv/bin/python -m bench.bench_active                      # synthetic corpus (embeddings follow tags)
+    .venv/bin/python -m bench.bench_active --root data/demo     # the demo's real embeddings (after make demo)
+    .venv/bin/python -m bench.bench_active --scoring 100000     # the job's per-block scoring, its floor
 
 On a fully labeled corpus (labels of the training pool hidden until revealed), each repetition starts from
 ``--start-k`` positives per tag and runs ``--rounds`` of: fit the probe set as the tune job's final fit
@@ -19,19 +19,15 @@ shares of the AP that all training labels give, for the head and the tail tags.
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 import time
 
 import numpy as np
 import pandas as pd
 import threadpoolctl
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from musiclib import catalog  # noqa: E402
-from musiclib.core.config import Layout  # noqa: E402
-from musiclib.datasets import tagged_embeddings  # noqa: E402
+from musiclib import catalog
+from musiclib.core.config import Layout
+from musiclib.datasets import tagged_embeddings
 from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot, metrics, probes
 from musiclib.tag import suggest
@@ -44,7 +40,7 @@ def load(args: argparse.Namespace) -> fewshot.ProbeData:
     """The labeled corpus: a demo root's catalog and latest embeddings, or a synthetic one."""
     if args.root:
         layout = Layout(args.root)
-        model_id = models.resolve(layout.models, "")
+        model_id = models.model_id_or_latest(layout.models, "")
         cat = catalog.read(layout.catalog)
         emb = embeddings_table.read(layout.embeddings, model_id)
         return fewshot.prepare(cat, emb, model_id)

@@ -1,7 +1,7 @@
 """Nearest-neighbour index candidates on clustered 512-d unit vectors: recall@10, latency, build, memory.
 
-    python bench/bench_ann.py --n 100000 --candidates faiss-ivf,hnswlib,usearch
-    python bench/bench_ann.py --n 1000000 --candidates faiss-ivf --params faiss-ivf=32,64
+    python -m bench.bench_ann --n 100000 --candidates faiss-ivf,hnswlib,usearch
+    python -m bench.bench_ann --n 1000000 --candidates faiss-ivf --params faiss-ivf=32,64
 
 faiss-cpu is a project dependency; hnswlib and usearch, the candidates it was chosen over, are not:
 ``.venv/bin/pip install hnswlib==0.8.0 usearch==2.26.6`` to compare them again (a candidate that cannot

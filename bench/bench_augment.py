@@ -1,7 +1,7 @@
 """The augmentation chain's cost per batch, against the training step it feeds, and the batched noise, filters
 and pitch shift against torch-audiomentations' one-example-at-a-time versions, on the same batch.
 
-    python bench/bench_augment.py --batch-size 96 --width 1.0
+    python -m bench.bench_augment --batch-size 96 --width 1.0
 
 On CUDA when there is a GPU, else on the CPU. Seconds per batch of ``2 * batch_size`` views (median of
 ``repeats`` after a warm-up): coloured noise with probability 1, one filter per view with probability 1
@@ -18,19 +18,16 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch_audiomentations as ta
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE  # noqa: E402
-from musiclib.core.config import parse  # noqa: E402
-from musiclib.train.augment import AugmentConfig, ColoredNoise, OneFilter, PitchShift, ViewAugment  # noqa: E402
-from musiclib.train.data import Batch  # noqa: E402
-from musiclib.train.pretraining import PretrainConfig, build, train_step  # noqa: E402
+from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE
+from musiclib.core.config import parse
+from musiclib.train.augment import AugmentConfig, ColoredNoise, OneFilter, PitchShift, ViewAugment
+from musiclib.train.data import Batch
+from musiclib.train.pretraining import PretrainConfig, build, train_step
 
 
 @dataclass

@@ -1,14 +1,14 @@
 """Rendered bench corpus: where the time of one track goes, and the render rate per core.
 
-    python bench/bench_corpus.py [--tracks 12] [--seconds 30] [--soundfont PATH] [--pyfluidsynth DIR]
-    python bench/bench_corpus.py --catalog data/bench-rendered/catalog/tracks.parquet   # its tags' shape
-    python bench/bench_corpus.py --catalog ... --spectral   # and how far one spectral statistic gets
+    python -m bench.bench_corpus [--tracks 12] [--seconds 30] [--soundfont PATH] [--pyfluidsynth]
+    python -m bench.bench_corpus --catalog data/bench-rendered/catalog/tracks.parquet   # its tags' shape
+    python -m bench.bench_corpus --catalog ... --spectral   # and how far one spectral statistic gets
 
 One process, tracks drawn as ``make bench-corpus`` draws them: parse (music21, no cache between
 tracks), arrange (MIDI), render (the ``fluidsynth`` program, as the corpus does), encode (Opus). Times
 are CPU seconds (this process and its children), so the rate, seconds of audio per second of one core,
-holds on a loaded machine. With ``--pyfluidsynth DIR`` (a folder holding
-the ``pyfluidsynth`` module, which the project does not need) the same MIDI files are also rendered in
+holds on a loaded machine. With ``--pyfluidsynth`` (the ``pyfluidsynth`` module, which the project does
+not need, importable: its folder on ``PYTHONPATH``) the same MIDI files are also rendered in
 process through libfluidsynth's player, the soundfont loaded once, to compare with the program, which
 loads it for every track. With ``--catalog`` it prints the shape of a catalog's tag distribution
 instead: tracks per tag, the share of tag assignments held by the top fifth of tags, the median tag.
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import resource
-import sys
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -128,7 +127,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=30.0)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--soundfont", default=rendered.SOUNDFONT)
-    parser.add_argument("--pyfluidsynth", default="", help="folder holding the pyfluidsynth module")
+    parser.add_argument(
+        "--pyfluidsynth", action="store_true", help="also render with pyfluidsynth, in process"
+    )
     parser.add_argument("--catalog", default="", help="print this catalog's tag distribution instead")
     parser.add_argument("--spectral", action="store_true", help="with --catalog: single-statistic AUCs")
     args = parser.parse_args()
@@ -161,7 +162,6 @@ def main() -> None:
     print(f"  all      {total / args.tracks:6.3f} s/track: {audio_s / total:.0f} s of audio per core-second")
     print(f"  fluidsynth program: {audio_s / stages['render']:.0f} s of audio per core-second")
     if args.pyfluidsynth:
-        sys.path.append(args.pyfluidsynth)
         seconds = render_in_process(midis, args.soundfont, args.seconds)
         print(f"  pyfluidsynth in process: {audio_s / seconds:.0f} s of audio per core-second")
 

@@ -1,6 +1,6 @@
 """Benchmark of the embed job: tracks/s against the plain loop and the decode floor, and peak memory by catalog size.
 
-    python bench/bench_embed.py --root /tmp/bench_embed --distinct 100 --sizes 1000,10000
+    python -m bench.bench_embed --root /tmp/bench_embed --distinct 100 --sizes 1000,10000
 
 One run, on the same files and model: (1) the decode-only floor (``decode_batch`` in one process), (2) the
 plain single-process loop (decode, chunk, forward: ``embedder.embed_catalog``; on the GPU when there is one,
@@ -15,24 +15,20 @@ Bigger catalogs reuse the ``distinct`` demo audio files under new track ids.
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import pyarrow as pa
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs import embed as job  # noqa: E402
-from musiclib import catalog  # noqa: E402
+from jobs import embed as job
+from musiclib import catalog
 from musiclib.core import storage
-from musiclib.core.config import Layout, parse  # noqa: E402
+from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
-from musiclib.datasets import demo  # noqa: E402
+from musiclib.datasets import demo
 from musiclib.embed import embedder
 from musiclib.train import models
 
@@ -86,6 +82,8 @@ def process_label(pid: int) -> str:
         return "?"
     if argv[0].startswith("ray::"):
         return argv[0].split()[0]
+    if len(argv) > 2 and argv[1] == "-m":  # a module run as a program: python -m jobs.embed
+        return argv[2]
     scripts = [a for a in argv[1:] if a.endswith(".py")]
     return os.path.basename(scripts[0] if scripts else argv[0])
 
@@ -183,7 +181,7 @@ def decode_floor(catalog_uri: str, batch_size: int) -> float:
 def run_job(root: str, cfg: BenchConfig) -> embedder.Summary:
     """The Ray job on a root, from a clean embeddings folder."""
     storage.delete(Layout(root).embeddings, recursive=True)
-    return job.run(job.EmbedConfig(root=root, batch_size=cfg.batch_size, actors=cfg.actors))
+    return job.run(job.EmbedConfig(root=root, batch_size=cfg.batch_size, actors=cfg.actors)).result
 
 
 def fastest(runs: list[embedder.Summary]) -> embedder.Summary:
@@ -198,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
     roots = {n: make_root(cfg, audio, n) for n in sorted({cfg.throughput_tracks, *cfg.sizes})}
     small = roots[cfg.throughput_tracks]
     catalog_uri = Layout(small).catalog
-    model_id = models.resolve(Layout(small).models)
+    model_id = models.model_id_or_latest(Layout(small).models)
     device = "cuda" if torch.cuda.is_available() else "cpu"  # where the job's encoder actors run
     encoder = models.fold_batchnorm(
         models.load_encoder(Layout(small).models, model_id, device)[0]

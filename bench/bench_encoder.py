@@ -2,7 +2,7 @@
 (int16 chunks in, embeddings out, host-to-device copies included), in float32 and under bf16 autocast, with
 BatchNorm as trained and folded into the convolutions (``models.fold_batchnorm``, what the embed job runs).
 
-    python bench/bench_encoder.py --chunks 8192 --width 1.0
+    python -m bench.bench_encoder --chunks 8192 --width 1.0
 
 On CUDA when there is a GPU, else on the CPU. This is the "GPU rate" of the sizing rule in the README
 (decode cores per GPU). Prints one JSON line per setting.
@@ -15,15 +15,12 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from musiclib import audio  # noqa: E402
-from musiclib.core.config import parse  # noqa: E402
+from musiclib import audio
+from musiclib.core.config import parse
 from musiclib.embed import embedder
 from musiclib.train import models
 

@@ -1,6 +1,6 @@
 """Few-shot probe AP as pretraining goes, against training minutes: when does training pay, and how fast?
 
-    PYTHONPATH=. .venv/bin/python bench/bench_learning_curve.py --root data/bench-rendered \
+    .venv/bin/python -m bench.bench_learning_curve --root data/bench-rendered \
         --pretrain "--encoder melcnn --width 0.25 --batch-size 64 --lr 1e-3" --minutes 10 --every 1 \
         --out curve.jsonl
 

@@ -1,6 +1,6 @@
 """Load test of the embed and tag jobs on a two-node local Ray cluster against a real S3 server.
 
-    python bench/bench_load.py --sizes 1000,100000
+    python -m bench.bench_load --sizes 1000,100000
 
 One run: a SeaweedFS S3 server on 127.0.0.1 (``cluster/s3server.py``) holds ``distinct`` demo tracks and,
 for each size, a catalog that references them under new track ids (``bench_embed.make_audio`` and
@@ -25,27 +25,21 @@ from __future__ import annotations
 import os
 import re
 import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_embed import BenchConfig as EmbedBenchConfig  # noqa: E402
-from bench_embed import PeakMemory, format_pss, make_audio, make_root, ray_pss, ray_pss_bytes  # noqa: E402
-
-from cluster import local  # noqa: E402
-from cluster.s3server import SeaweedS3  # noqa: E402
-from musiclib import catalog  # noqa: E402
+from bench.bench_embed import BenchConfig as EmbedBenchConfig
+from bench.bench_embed import PeakMemory, format_pss, make_audio, make_root, ray_pss, ray_pss_bytes
+from cluster import local
+from cluster.s3server import SeaweedS3
+from musiclib import catalog
 from musiclib.core import storage, versions
-from musiclib.core.config import Layout, parse  # noqa: E402
+from musiclib.core.config import Layout, parse
 from musiclib.embed import embedder
 from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot
@@ -195,8 +189,9 @@ def main(argv: list[str] | None = None) -> None:
                 split, "split", pc.if_else(keep, table["split"], pa.nulls(n, pa.string()))
             )
             catalog.write(table, Layout(root).catalog)
-        model_id = models.resolve(Layout(roots[cfg.plain_tracks]).models)  # the same weights in every root
-        assert all(models.resolve(Layout(r).models) == model_id for r in roots.values())
+        # the same weights in every root
+        model_id = models.model_id_or_latest(Layout(roots[cfg.plain_tracks]).models)
+        assert all(models.model_id_or_latest(Layout(r).models) == model_id for r in roots.values())
         print(f"catalogs on {server.endpoint}: {', '.join(roots.values())}; model {model_id}", flush=True)
 
         small = Layout(roots[cfg.plain_tracks]).catalog

@@ -1,6 +1,6 @@
 """Tag metrics: ``musiclib.probe.metrics`` against scikit-learn's functions on one tag of a small split.
 
-    python bench/bench_metrics.py [--n 200] [--repeat 200]
+    python -m bench.bench_metrics [--n 200] [--repeat 200]
 
 A sweep calls these for every tag, repetition, split and configuration, so the cost per call on a few
 hundred tracks is what matters. Prints microseconds per call and the ratio; results in docs/BENCHMARKS.md.

@@ -1,7 +1,7 @@
 """bf16 autocast against fp32 in pretraining, on a GPU: step time, the loss curve of the same run in each, and
 how far one step's gradients agree.
 
-    python bench/bench_precision.py --root data/demo --steps 300
+    python -m bench.bench_precision --root data/demo --steps 300
 
 Needs CUDA and the training shards of ``--root`` (the pretrain job writes them). Both runs start from the
 same seeded weights and draw the same batches and augmentations (pitch shift off, to keep them short).
@@ -15,19 +15,16 @@ import json
 import sys
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from musiclib.core.config import Layout, parse  # noqa: E402
-from musiclib.train.data import load_training_data, sample_batch  # noqa: E402
-from musiclib.train.labels import plan_labels  # noqa: E402
-from musiclib.train.pretraining import PretrainConfig, build, fit, global_loss, train_step  # noqa: E402
-from musiclib.train.shards import committed_shards  # noqa: E402
+from musiclib.core.config import Layout, parse
+from musiclib.train.data import load_training_data, sample_batch
+from musiclib.train.labels import plan_labels
+from musiclib.train.pretraining import PretrainConfig, build, fit, global_loss, train_step
+from musiclib.train.shards import committed_shards
 
 
 @dataclass

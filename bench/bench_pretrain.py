@@ -1,6 +1,6 @@
 """Pretraining step throughput: the Ray Train job against a plain single-process loop, in one run.
 
-    python bench/bench_pretrain.py --root data/demo --width 0.25 --num-workers 2 --batch-size 16 --steps 40
+    python -m bench.bench_pretrain --root data/demo --width 0.25 --num-workers 2 --batch-size 16 --steps 40
 
 Both sides run ``musiclib.train.pretraining.fit`` on the same model, global batch and training shards; the plain
 loop gets as many torch threads as the Ray job has CPUs in total. Each side trains ``--steps`` steps and is
@@ -13,19 +13,16 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
 import torch
 
+from jobs import pretrain as job
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
 from musiclib.train.data import load_training_data
 from musiclib.train.labels import plan_labels
 from musiclib.train.pretraining import PretrainConfig, build, fit
 from musiclib.train.shards import committed_shards
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs import pretrain as job  # noqa: E402
 
 
 def plain_loop(cfg: PretrainConfig) -> dict[str, float]:

@@ -1,6 +1,6 @@
 """Ray Data's two Parquet readers on a catalog file: why the embed job reads with the first one.
 
-    .venv/bin/python bench/bench_ray_read.py --catalog /tmp/bench_embed/catalog-1000/catalog/tracks.parquet
+    .venv/bin/python -m bench.bench_ray_read --catalog /tmp/bench_embed/catalog-1000/catalog/tracks.parquet
 
 Times ``ray.data.read_parquet(catalog).materialize()`` on a warm local Ray (``ray_session``), alternating
 the default reader (``use_datasource_v2``, Ray 2.60) and the first one, ``repeats`` times each, and prints
@@ -9,16 +9,12 @@ every time and the fastest of each.
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from musiclib.core import storage  # noqa: E402
-from musiclib.core.config import parse  # noqa: E402
-from musiclib.core.ray_env import ray_session  # noqa: E402
+from musiclib.core import storage
+from musiclib.core.config import parse
+from musiclib.core.ray_env import ray_session
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """What one Ray Data task costs the driver: the embed job's pipeline shape with no audio, by block size.
 
-    .venv/bin/python bench/bench_ray_tasks.py --rows 1000,10000 --block-rows 16,64
+    .venv/bin/python -m bench.bench_ray_tasks --rows 1000,10000 --block-rows 16,64
 
 For each catalog size and block size, in a new process with its own local Ray (4 logical CPUs): a
 Parquet catalog of ``rows`` ids is read, re-blocked to ``block_rows`` rows, passed through a task that
@@ -22,19 +22,14 @@ import tempfile
 import time
 import tracemalloc
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from bench_embed import smaps_rollup  # noqa: E402
-
-from musiclib.core.config import parse  # noqa: E402
-from musiclib.core.ray_env import ray_session  # noqa: E402
+from bench.bench_embed import smaps_rollup
+from musiclib.core.config import parse
+from musiclib.core.ray_env import ray_session
 
 
 @dataclass
@@ -129,7 +124,8 @@ def main(argv: list[str] | None = None) -> None:
         for block_rows in cfg.block_rows:
             one = {"--rows": rows, "--block-rows": block_rows, "--payload-bytes": cfg.payload_bytes}
             subprocess.run(
-                [sys.executable, __file__, *(str(x) for kv in one.items() for x in kv)], check=True
+                [sys.executable, "-m", "bench.bench_ray_tasks", *(str(x) for kv in one.items() for x in kv)],
+                check=True,
             )
 
 

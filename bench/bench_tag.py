@@ -1,11 +1,11 @@
 """The tag job's wall time on a demo-sized root: the job as an operator runs it, in its own process.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_tag.py [--tracks 300] [--tags 17] [--runs 2] [--repo PATH]
-    PYTHONPATH=. .venv/bin/python bench/bench_tag.py --phases     # this checkout, in-process, per phase
+    .venv/bin/python -m bench.bench_tag [--tracks 300] [--tags 17] [--runs 2] [--repo PATH]
+    .venv/bin/python -m bench.bench_tag --phases     # this checkout, in-process, per phase
 
 Builds a root of synthetic embeddings that follow their tags (``musiclib.datasets.tagged_embeddings``, the
-demo's size by default) and a probe set fitted as the tune job fits it, then runs ``jobs/tag.py`` from
-``--repo`` (default: this checkout) ``--runs`` times, each on a fresh copy of the root, and prints the
+demo's size by default) and a probe set fitted as the tune job fits it, then runs ``python -m jobs.tag``
+in ``--repo`` (default: this checkout) ``--runs`` times, each on a fresh copy of the root, and prints the
 wall time of each run and of its no-op re-run. Comparing two checkouts (``--repo``) on the same machine
 gives what a change of the tag job costs; on a loaded machine Ray's start varies more than that, so
 ``--phases`` runs the job once in this process and times the table's own parts (opening the table,
@@ -104,14 +104,7 @@ def main() -> None:
         for i in range(args.runs):
             root = str(Path(tmp) / f"run{i}")
             shutil.copytree(template, root)
-            cmd = [
-                sys.executable,
-                str(Path(args.repo) / "jobs" / "tag.py"),
-                "--root",
-                root,
-                "--num-cpus",
-                "2",
-            ]
+            cmd = [sys.executable, "-m", "jobs.tag", "--root", root, "--num-cpus", "2"]
             first, again = timed(cmd, args.repo), timed(cmd, args.repo)
             print(f"{args.repo}: run {i}: tag {first:.1f} s, no-op re-run {again:.1f} s", flush=True)
 

@@ -1,12 +1,13 @@
 """The tag job's scoring pipeline alone on one local Ray: its peak memory on small and large embedding files.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_tag_memory.py [--repo PATH] [--sizes 1x1000,10x10000]
-    PYTHONPATH=. .venv/bin/python bench/bench_tag_memory.py --rss      # one block in one process
+    .venv/bin/python -m bench.bench_tag_memory [--repo PATH] [--sizes 1x1000,10x10000]
+    .venv/bin/python -m bench.bench_tag_memory --rss      # one block in one process
 
 For each size (FILES x ROWS: embedding files of ROWS tracks, random ``--dim``-d embeddings, a random probe
 set of ``--tags`` tags), a fresh process starts a local Ray (``--num-cpus``, as the load bench's two nodes
 have) and runs ``jobs/tag.py``'s ``score_with_ray`` from ``--repo`` (default: this checkout) at that
-checkout's defaults, sampling the summed PSS of the process and all its descendants (the driver, Ray's
+checkout's defaults (the process runs this file as a script, ``jobs`` and ``musiclib`` from ``--repo`` on
+its ``PYTHONPATH``), sampling the summed PSS of the process and all its descendants (the driver, Ray's
 daemons and workers; ``bench_embed.PeakMemory``). It prints the peak, every process at the peak, and
 every process once the pipeline is done. Comparing two checkouts shows whether the pipeline's memory grows
 with the files it reads. ``--rss`` scores and writes one block of ROWS tracks (the last size) in this
@@ -71,18 +72,17 @@ def probe_set_of(dim: int, n_tags: int):
 def pipeline(args: argparse.Namespace, n_files: int, rows: int) -> None:
     """One size, in this (fresh) process: ``score_with_ray`` of ``--repo`` under a memory sampler."""
     import ray
+    from bench_embed import PeakMemory, format_pss, ray_pss  # beside this file: the script's folder
 
-    from jobs import tag as tag_job  # before bench_embed, which puts this checkout first on the path
-    from musiclib.tag.tags import TagConfig
-
-    from bench_embed import PeakMemory, format_pss, ray_pss  # isort: skip
+    from jobs import tag as tag_job  # from --repo: the process's PYTHONPATH
+    from musiclib.tag.tags import Inputs, TagConfig
 
     uris = files_of(args.folder, n_files, rows, args.dim)
     probe_set = probe_set_of(args.dim, args.tags)
     probe_uri = os.path.join(args.folder, "probe_set.safetensors")
     probe_set.save(probe_uri)
     ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    inputs = tag_job.Inputs("bench-probes", probe_uri, probe_set, uris, "v1", None)
+    inputs = Inputs("bench-probes", probe_uri, probe_set, uris, "v1")
     out = os.path.join(args.folder, f"out-{os.getpid()}")
     began = time.perf_counter()
     with PeakMemory(interval=0.2) as peak:
@@ -133,7 +133,6 @@ def main() -> None:
     parser.add_argument("--one", default="", help=argparse.SUPPRESS)  # a child process: one size
     args = parser.parse_args()
     args.repo = str(Path(args.repo).resolve())
-    sys.path[:0] = [args.repo, str(BENCH)]
     sizes = [tuple(int(v) for v in size.split("x")) for size in args.sizes.split(",")]
     if args.rss:
         rss(args, sizes[-1][1])
@@ -150,7 +149,11 @@ def main() -> None:
                 "--one",
                 f"{n_files}x{rows}",
             ]
-            subprocess.run(argv, cwd=args.repo, check=True)  # a local Ray's workers import from the cwd
+            env = {
+                **os.environ,
+                "PYTHONPATH": args.repo,
+            }  # the driver and a local Ray's workers import from it
+            subprocess.run(argv, cwd=args.repo, env=env, check=True)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,9 @@
 """Benchmark the tune job: the all-tags torch probe against a per-tag scikit-learn loop, and the default sweep.
 
-    .venv/bin/python bench/bench_tune.py probe [--n-train 2000 --dim 512 --n-tags 50]
-    .venv/bin/python bench/bench_tune.py sweep --root data/demo      # the demo catalog's embeddings
-    .venv/bin/python bench/bench_tune.py sweep --n-tracks 300 --n-tags 16 --dim 128   # synthetic root
-    .venv/bin/python bench/bench_tune.py startup [--repeats 3]
+    .venv/bin/python -m bench.bench_tune probe [--n-train 2000 --dim 512 --n-tags 50]
+    .venv/bin/python -m bench.bench_tune sweep --root data/demo      # the demo catalog's embeddings
+    .venv/bin/python -m bench.bench_tune sweep --n-tracks 300 --n-tags 16 --dim 128   # synthetic root
+    .venv/bin/python -m bench.bench_tune startup [--repeats 3]
 
 ``probe`` fits both on the same standardised support set, in one process, and prints the speed ratio and
 the macro AP of each on the same test tracks (targets: >= 10x, AP within 0.01). ``sweep`` runs the default
@@ -26,13 +26,11 @@ import numpy as np
 import threadpoolctl
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-
-from jobs import tune as tune_job  # noqa: E402
-from musiclib import catalog  # noqa: E402
-from musiclib.core.config import Layout, parse  # noqa: E402
-from musiclib.datasets import tagged_embeddings  # noqa: E402
-from musiclib.probe import fewshot, metrics, probes, sweep  # noqa: E402
+from jobs import tune as tune_job
+from musiclib import catalog
+from musiclib.core.config import Layout, parse
+from musiclib.datasets import tagged_embeddings
+from musiclib.probe import fewshot, metrics, probes, sweep
 from musiclib.train import models
 
 
@@ -71,7 +69,7 @@ def plain_loop(root: str) -> tuple[float, int]:
     """The default sweep's configurations run one after another in this process, without Ray: seconds, count."""
     cfg = parse(sweep.TuneConfig, ["--root", root])
     layout = Layout(root)
-    data = sweep.load_data(cfg, layout, models.resolve(layout.models))
+    data = sweep.load_data(cfg, layout, models.model_id_or_latest(layout.models))
     configs = sweep.configurations(cfg)
     torch.set_num_threads(1)
     start = time.perf_counter()

@@ -1,6 +1,6 @@
 """embed: Ray Data backfill of track embeddings across the catalog.
 
-    python jobs/embed.py --root data/demo [--model-id ID] [--only-new true] [--batch-size 0] ...
+    python -m jobs.embed --root data/demo [--model-id ID] [--only-new true] [--batch-size 0] ...
 
 Streams the catalog's rows (``track_id``, ``audio_uri``) → decodes each track into up to ``max_chunks``
 int16 chunks in CPU tasks → runs the encoder on an actor pool (one GPU per actor when the cluster has
@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import sys
 import time
 from collections.abc import Iterator
 
@@ -31,7 +30,7 @@ import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
 from musiclib import catalog
-from musiclib.core import progress, ray_env, storage, versions
+from musiclib.core import lifecycle, ray_env, storage, versions
 from musiclib.core.config import Layout, as_dict, parse
 from musiclib.core.ray_env import ray_session, retry_transient_storage
 from musiclib.embed import embedder
@@ -132,16 +131,18 @@ def data_context(checkpoint_dir: str, task_retries: int) -> Iterator[None]:
 # --------------------------------------------------------------------------- the job
 
 
-def run(cfg: EmbedConfig) -> embedder.Summary:
-    """Embed the catalog (or its new tracks), publish the version, and return the summary of the version's new rows.
+def run(cfg: EmbedConfig) -> lifecycle.Summary[embedder.Summary]:
+    """Embed the catalog (or its new tracks) and publish the version; the summary's result counts the
+    version's new rows (``embedder.Summary``).
 
     The whole run holds the dataset's lease, taken before Ray starts: a second run of the same model
     fails at once, naming the run that holds it, instead of writing into the same version. Ray is
     started (or joined, ``--ray-address``) only when there is something to embed.
     """
+    job = lifecycle.Job("embed", cfg.root)
     start = time.perf_counter()
     layout = Layout(cfg.root)
-    model_id = models.resolve(layout.models, cfg.model_id)
+    model_id = models.model_id_or_latest(layout.models, cfg.model_id)
     dataset = embeddings_table.dataset_uri(layout.embeddings, model_id)
     with versions.lease(dataset):
         version, committed = embedder.begin_version(dataset, cfg.only_new)
@@ -150,7 +151,18 @@ def run(cfg: EmbedConfig) -> embedder.Summary:
             with ray_session(cfg.ray_address, cfg.num_cpus):
                 new = write_version(cfg, model_id, dataset, version)
         embedder.end_version(dataset, version)
-    return embedder.summarize(new, time.perf_counter() - start)
+    done = embedder.summarize(new, time.perf_counter() - start)
+    print(f"embed: {done}")  # the rate line bench/bench_load.py reads
+    latest = versions.read_latest_manifest(dataset)
+    failed = sum(done.errors.values())
+    return job.done(
+        done,
+        read=f"{done.tracks} catalog tracks to embed, {done.audio_s / 3600:.2f} h of audio",
+        wrote=f"{done.tracks - failed} embeddings at {done.tracks / max(done.wall_s, 1e-9):.1f} tracks/s; "
+        f"version {latest.version} holds {latest.rows} tracks",
+        skipped=done.errors,
+        outputs={"version": versions.version_uri(dataset, latest.version)},
+    )
 
 
 def sized(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> EmbedConfig:
@@ -188,27 +200,9 @@ def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str) -
     return embedder.commit_version(dataset, version, carried, config)
 
 
-def main(argv: list[str] | None = None) -> None:
-    cfg = parse(EmbedConfig, argv)
-    started = progress.start("embed")
-    done = run(cfg)
-    print(f"embed: {done}")  # the rate line bench/bench_load.py reads
-    dataset = embeddings_table.dataset_uri(
-        Layout(cfg.root).embeddings, models.resolve(Layout(cfg.root).models, cfg.model_id)
-    )
-    latest = versions.read_latest_manifest(dataset)
-    failed = sum(done.errors.values())
-    progress.summary(
-        "embed",
-        cfg.root,
-        started,
-        read=f"{done.tracks} catalog tracks to embed, {done.audio_s / 3600:.2f} h of audio",
-        wrote=f"{done.tracks - failed} embeddings at {done.tracks / max(done.wall_s, 1e-9):.1f} tracks/s; "
-        f"version {latest.version} holds {latest.rows} tracks",
-        skipped=done.errors,
-        outputs={"version": versions.version_uri(dataset, latest.version)},
-    )
+def main(argv: list[str] | None = None) -> embedder.Summary:
+    return run(parse(EmbedConfig, argv)).result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,13 +1,14 @@
 """index: build the nearest-neighbour index over a model's latest embeddings and store it beside them.
 
-    python jobs/index.py --root data/demo [--model-id M] [--kind auto|exact|ivf] [--nprobe 32]
+    python -m jobs.index --root data/demo [--model-id M] [--kind auto|exact|ivf] [--nprobe 32]
 
-A driver job (no Ray): reads the latest embeddings of the model (``models.resolve``), builds the index in
-this process (``index.build``: exact below ``--exact-below`` tracks, else faiss IVF) and publishes
-``<root>/index/<model_id>/<version>/`` (``index.safetensors``, ``ids.parquet``) as a versioned dataset.
-The version id is a digest of the embeddings version and the build settings: a re-run on the same
-embeddings finds it complete and writes nothing; new embeddings give a new version. ``musiclib.tag.tags seed``
-and ``similar`` use the index when it matches the latest embeddings.
+A driver job (no Ray): reads the latest embeddings of the model (``models.model_id_or_latest``), builds
+the index in this process (``index.build``: exact below ``--exact-below`` tracks, else faiss IVF)
+and publishes ``<root>/index/<model_id>/<version>/`` (``index.safetensors``, ``ids.parquet``) as a
+versioned dataset. The version id (``neighbors.derive_run_id``) is a digest of the embeddings version and
+the build settings: a re-run on the same embeddings finds it complete and writes nothing; new embeddings
+give a new version. ``musiclib.tag.tags seed`` and ``similar`` use the index when it matches the latest
+embeddings.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict
 
-from musiclib.core import progress, versions
+from musiclib.core import lifecycle, versions
 from musiclib.core.config import ConfigError, Layout, parse
 from musiclib.embed import table as embeddings_table
 from musiclib.tag import neighbors
@@ -24,20 +25,20 @@ from musiclib.tag.neighbors import IndexConfig
 from musiclib.train import models
 
 
-def main(argv: list[str] | None = None) -> versions.Manifest:
-    cfg = parse(IndexConfig, argv)
-    started = progress.start("index")
+def run(cfg: IndexConfig) -> lifecycle.Summary[versions.Manifest]:
+    """Build the index over the model's latest embeddings and publish it (a re-run on the same embeddings
+    finds its version and writes nothing); the summary's result is the version's manifest."""
+    job = lifecycle.Job("index", cfg.root)
     layout = Layout(cfg.root)
-    model_id = models.resolve(layout.models, cfg.model_id)
+    model_id = models.model_id_or_latest(layout.models, cfg.model_id)
     embeddings = embeddings_table.dataset_uri(layout.embeddings, model_id)
     if versions.latest_version(embeddings) is None:
         raise ConfigError(f"no embeddings of {model_id} under {layout.embeddings}: run embed first")
     emb = versions.read_latest_manifest(embeddings)
     dataset = neighbors.dataset_uri(cfg.root, model_id)
-    version = neighbors.version_id(cfg, emb.version)
+    version = neighbors.derive_run_id(cfg, emb.version)
     with versions.lease(dataset):  # one index build at a time per model
-        done = versions.already_complete(dataset, version, "index")
-        if done is not None:
+        if (done := job.already_complete(dataset, version)) is not None:
             return done
         ids, vectors, errors = neighbors.usable_embeddings(emb.file_uris())
         if len(ids) == 0:
@@ -49,16 +50,17 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
         index = build(vectors, cfg.kind, cfg.exact_below, cfg.nlist, cfg.nprobe, cfg.train_size)
         extra = {"model_id": model_id, "embedding_version": emb.version, "kind": index.kind, "dim": index.dim}
         manifest = neighbors.write_version(dataset, version, index, ids, asdict(cfg), extra)
-    progress.summary(
-        "index",
-        cfg.root,
-        started,
+    return job.done(
+        manifest,
         read=f"embeddings {emb.version} of {model_id}: {len(ids) + len(errors)} rows",
         wrote=f"{index.kind} index of {len(ids)} tracks x {index.dim} dimensions, version {version}",
-        skipped=Counter(e.removeprefix("embedding error: ") for e in errors.values()),
+        skipped=Counter(errors.values()),
         outputs={"index": versions.version_uri(dataset, version)},
     )
-    return manifest
+
+
+def main(argv: list[str] | None = None) -> versions.Manifest:
+    return run(parse(IndexConfig, argv)).result
 
 
 if __name__ == "__main__":

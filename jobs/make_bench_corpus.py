@@ -1,7 +1,7 @@
 """make_bench_corpus: write a labeled benchmark catalog that sounds like music.
 
-    python jobs/make_bench_corpus.py --root data/bench [--kind rendered] [--n-tracks 2000] [--seconds 30] [--seed 0]
-    python jobs/make_bench_corpus.py --root data/bench-soundtracks --kind soundtracks
+    python -m jobs.make_bench_corpus --root data/bench-rendered [--kind rendered] [--n-tracks 2000] [--seed 0]
+    python -m jobs.make_bench_corpus --root data/bench-soundtracks --kind soundtracks
 
 ``rendered``: real scores from music21's corpus arranged for GM instruments and rendered with FluidSynth
 (``musiclib.datasets.rendered``); ``soundtracks``: recorded music from Debian game-soundtrack packages, one
@@ -19,17 +19,17 @@ import time
 from collections import Counter
 
 from musiclib import catalog
-from musiclib.core import progress, storage
+from musiclib.core import lifecycle, storage
 from musiclib.core.config import Layout, as_dict, parse
 from musiclib.datasets import rendered, soundtracks
 from musiclib.datasets.rendered import BenchCorpusConfig
 from musiclib.datasets.system_packages import SystemPackageError
 
 
-def main(argv: list[str] | None = None) -> str:
-    cfg = parse(BenchCorpusConfig, argv)
-    job = f"bench-corpus-{cfg.kind}"
-    started = progress.start(job)
+def run(cfg: BenchCorpusConfig) -> lifecycle.Summary[str]:
+    """Write the bench corpus (unless one with this config is there) and validate it; the summary's result is
+    its URI."""
+    job = lifecycle.Job(f"bench-corpus-{cfg.kind}", cfg.root)
     uri = Layout(cfg.root).catalog
     record_uri = storage.join(storage.parent(uri), "_bench.json")
     wanted = {k: v for k, v in as_dict(cfg).items() if k not in ("root", "workers")}
@@ -61,10 +61,8 @@ def main(argv: list[str] | None = None) -> str:
     hours = sum(table["duration_s"]) / 3600
     print(f"{len(counts)} tags, tracks per tag (all splits):")
     print("  " + ", ".join(f"{t} {n}" for t, n in counts.most_common()))
-    progress.summary(
-        job,
-        cfg.root,
-        started,
+    return job.done(
+        uri,
         read="music21's corpus" if cfg.kind == "rendered" else "Debian soundtrack packages",
         wrote=("" if seconds else "nothing; the catalog holds ")
         + f"{n_rows} tracks ({hours:.1f} h of audio, {len(counts)} tags), "
@@ -72,7 +70,10 @@ def main(argv: list[str] | None = None) -> str:
         skipped=skipped,
         outputs={"catalog": uri},
     )
-    return uri
+
+
+def main(argv: list[str] | None = None) -> str:
+    return run(parse(BenchCorpusConfig, argv)).result
 
 
 if __name__ == "__main__":

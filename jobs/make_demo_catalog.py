@@ -1,6 +1,6 @@
 """make_demo_catalog: write the demo catalog of synthesised tracks with audible tags and few labels.
 
-    python jobs/make_demo_catalog.py --root data/demo [--n-tracks 300] [--faults true] [--workers 2]
+    python -m jobs.make_demo_catalog --root data/demo [--n-tracks 300] [--faults true] [--workers 2]
 
 Writes ``<root>/catalog/tracks.parquet`` and its audio (``musiclib.datasets.demo.make_catalog``), validates it,
 and prints the tag vocabulary of the labeled training tracks, head and tail. Idempotent: the config is
@@ -14,15 +14,16 @@ import time
 from collections import Counter
 
 from musiclib import catalog
-from musiclib.core import progress, storage
+from musiclib.core import lifecycle, storage
 from musiclib.core.config import Layout, as_dict, parse
 from musiclib.datasets import demo
 from musiclib.datasets.demo import DemoCatalogConfig
 
 
-def main(argv: list[str] | None = None) -> str:
-    cfg = parse(DemoCatalogConfig, argv)
-    started = progress.start("demo-catalog")
+def run(cfg: DemoCatalogConfig) -> lifecycle.Summary[str]:
+    """Write the demo catalog (unless one with this config is there) and validate it; the summary's result is
+    its URI."""
+    job = lifecycle.Job("demo-catalog", cfg.root)
     uri = Layout(cfg.root).catalog
     record_uri = storage.join(storage.parent(uri), "_demo.json")
     wanted = {k: v for k, v in as_dict(cfg).items() if k not in ("root", "workers")}
@@ -53,17 +54,18 @@ def main(argv: list[str] | None = None) -> str:
     labeled = sum(bool(tags) for tags in table["tags"])
     faulty = sum(f is not None for f in table["fault"])
     splits = Counter(table["split"])
-    progress.summary(
-        "demo-catalog",
-        cfg.root,
-        started,
+    return job.done(
+        uri,
         read="nothing: the tracks are synthesised" if seconds else f"{record_uri}: same config, reused",
         wrote=("" if seconds else "nothing; the catalog holds ")
         + f"{n_rows} tracks ({labeled} labeled, {faulty} faulty), "
         f"{'/'.join(catalog.SPLITS)} {'/'.join(str(splits[s]) for s in catalog.SPLITS)}",
         outputs={"catalog": uri},
     )
-    return uri
+
+
+def main(argv: list[str] | None = None) -> str:
+    return run(parse(DemoCatalogConfig, argv)).result
 
 
 if __name__ == "__main__":

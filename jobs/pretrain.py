@@ -1,6 +1,6 @@
 """pretrain: SemiSupCon contrastive pretraining of a SampleCNN on Ray Train, resumable, multi-worker.
 
-    python jobs/pretrain.py --root data/demo --width 0.25 --num-workers 2 --steps 300
+    python -m jobs.pretrain --root data/demo --width 0.25 --num-workers 2 --steps 300
 
 1. Check the config (seconds, before Ray starts), and, when the run has a checkpoint, that only fields a
    resume may change (``RESUMABLE_FIELDS``: ``--steps``, logging, checkpointing, retries) differ from it.
@@ -30,7 +30,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
 from musiclib import catalog
-from musiclib.core import progress, storage, versions
+from musiclib.core import lifecycle, progress, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import is_transient_storage_failure, ray_session, retry_transient_storage
 from musiclib.train import models
@@ -56,7 +56,7 @@ from musiclib.train.shards import (
     shard_report,
 )
 
-TASK_RETRIES = 3  # shard tasks run again after storage errors that outlast the decoder's retries
+SHARD_RETRIES = 3  # shard tasks run again after storage errors that outlast the decoder's retries
 STORAGE_WAIT_S = 10.0  # first wait before a run whose controller lost storage starts again; doubles
 
 
@@ -204,32 +204,33 @@ def export(
     return models.export_encoder(model.encoder, layout.models, card)
 
 
-def main(argv: list[str] | None = None) -> str:
-    cfg = parse(PretrainConfig, argv)
-    started = progress.start("pretrain")
+def run(cfg: PretrainConfig) -> lifecycle.Summary[str]:
+    """Prepare the shards, train (or resume) and export the encoder; the summary's result is its model id."""
+    job = lifecycle.Job("pretrain", cfg.root)
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
     run_uri = storage.join(layout.runs, cfg.run_name)
     check_resume(cfg, run_uri)
     torch.manual_seed(cfg.seed)
     with versions.lease(run_uri), ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True):
-        with versions.lease(layout.shards), retry_transient_storage(TASK_RETRIES):
+        with versions.lease(layout.shards), retry_transient_storage(SHARD_RETRIES):
             shards = prepare_shards(cfg, layout)
         labels = label_facts(plan_labels(committed_shards(layout.shards), cfg.p_s, cfg.seed), cfg)
         print(f"pretrain: {describe_labels(labels)}")
         result = train(cfg, layout)
         model_id = export(cfg, layout, result, shards, labels)
-    progress.summary(
-        "pretrain",
-        cfg.root,
-        started,
+    return job.done(
+        model_id,
         read=f"{shards['tracks']} train tracks in {shards['shards']} shards, {shards['usable']} usable",
         wrote=f"encoder {model_id} after {(result.metrics or {}).get('step', cfg.steps)} steps",
         skipped=shards["bad"],
         outputs={"model": storage.join(layout.models, model_id), "run": run_uri},
     )
-    return model_id
+
+
+def main(argv: list[str] | None = None) -> str:
+    return run(parse(PretrainConfig, argv)).result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

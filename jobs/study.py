@@ -1,13 +1,13 @@
 """study: which encoder buys the most per label? No, few and all labels in pretraining, against two floors.
 
-    python jobs/study.py --root data/bench [--encoders clmr,supervised] [--seeds 0,1,2] [--steps 100] ...
+    python -m jobs.study --root data/bench-rendered [--encoders clmr,supervised] [--seeds 0,1,2] ...
 
 1. Check the config (every pass-through option by its own job's config) and the catalog, before Ray.
 2. Under the study's lease, in one Ray session, for each encoder and seed (``study.variants``) whose rows
    are not written yet, under the study's own work root (``study.work_root``: the catalog's audio, its own
    shards, runs, models, embeddings and probe runs):
-   - a trained encoder: the pretrain job (``jobs/pretrain.py``) with the encoder's label settings
-     (``study.label_settings``), then the embed job; the random encoder: the seed's initial weights
+   - a trained encoder: the pretrain job (``jobs.pretrain.run``) with the encoder's label settings
+     (``study.pretrain_config``), then the embed job; the random encoder: the seed's initial weights
      exported, then the embed job; the log-mel floor: the embed stage's decode and average with
      ``logmel.LogMel`` as the encoder, mapped by Ray Data;
    - the tune job's few-shot sweep on its embeddings; per budget, the configuration chosen on the
@@ -18,25 +18,21 @@ Running the same command again skips the variants already evaluated (and a finis
 
 from __future__ import annotations
 
-import sys
 import time
 from contextlib import nullcontext
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
 
+from jobs import embed, pretrain, tune
 from musiclib import catalog
-from musiclib.core import progress, ray_env, storage, versions
+from musiclib.core import lifecycle, ray_env, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
 from musiclib.embed import logmel
 from musiclib.study import study
 from musiclib.study.study import StudyConfig
 from musiclib.train import models
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script, it imports the other jobs
-from jobs import embed, pretrain, tune  # noqa: E402
 
 
 def embed_logmel(cfg: StudyConfig, work: Layout) -> str:
@@ -72,32 +68,32 @@ def make_encoder(cfg: StudyConfig, work: Layout, encoder: str, seed: int) -> tup
     if encoder == "random":
         model_id = models.export_random_encoder(work.models, models.EncoderConfig(width=cfg.width), seed)
     else:
-        model_id = pretrain.main(study.pretrain_argv(cfg, work.root, encoder, seed))
+        model_id = pretrain.run(study.pretrain_config(cfg, work.root, encoder, seed)).result
     seconds["pretrain_s"] = time.perf_counter() - start
     start = time.perf_counter()
-    embed.main(study.embed_argv(cfg, work.root, model_id))
+    embed.run(study.embed_config(cfg, work.root, model_id))
     seconds["embed_s"] = time.perf_counter() - start
     return model_id, seconds
 
 
-def evaluate(cfg: StudyConfig, work: Layout, model_id: str, slots: list[str]) -> tuple[pd.DataFrame, float]:
+def evaluate(cfg: StudyConfig, work: Layout, model_id: str, local: bool) -> tuple[pd.DataFrame, float]:
     """The tune job's sweep on a model's embeddings: its results table and its seconds."""
     start = time.perf_counter()
-    manifest = tune.main(study.tune_argv(cfg, work.root, model_id) + slots)
+    manifest = tune.run(study.tune_config(cfg, work.root, model_id, local)).result
     results_uri = storage.join(versions.version_uri(work.probes, manifest.version), "results.parquet")
     return storage.read_parquet([results_uri]).to_pandas(), time.perf_counter() - start
 
 
-def main(argv: list[str] | None = None) -> versions.Manifest:
-    cfg = parse(StudyConfig, argv)
-    started = progress.start("study")
+def run(cfg: StudyConfig) -> lifecycle.Summary[versions.Manifest]:
+    """Evaluate every encoder and seed not evaluated yet, then write and publish the study run (a finished
+    study is only made current); the summary's result is the run's manifest."""
+    job = lifecycle.Job("study", cfg.root)
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
-    run_id = cfg.run_id or study.derive_run_id(cfg, layout)
+    run_id = study.derive_run_id(cfg, layout)
     work = Layout(study.work_root(cfg.root, run_id))
-    with versions.lease(Layout(cfg.root).study):  # one study at a time writes the study runs
-        done = versions.already_complete(Layout(cfg.root).study, run_id, "study")
-        if done is not None:
+    with versions.lease(layout.study):  # one study at a time writes the study runs
+        if (done := job.already_complete(layout.study, run_id)) is not None:
             return done
         todo = [(e, s) for e, s in study.variants(cfg) if not storage.exists(study.rows_uri(work.root, e, s))]
         print(f"study: run {run_id}: {len(study.variants(cfg))} encoder x seed variants, {len(todo)} to run")
@@ -107,11 +103,10 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
             ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True) if todo else nullcontext()
         )
         with session as local:
-            slots = study.trial_slots(cfg, local)
             for encoder, seed in todo:
                 print(f"study: {encoder}, seed {seed}")
                 model_id, seconds = make_encoder(cfg, work, encoder, seed)
-                results, seconds["tune_s"] = evaluate(cfg, work, model_id, slots)
+                results, seconds["tune_s"] = evaluate(cfg, work, model_id, bool(local))
                 rows = study.variant_rows(results, encoder, seed, model_id).assign(**seconds)
                 storage.write_parquet(
                     pa.Table.from_pandas(rows, preserve_index=False), study.rows_uri(work.root, encoder, seed)
@@ -124,11 +119,9 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
         )
         facts = study.facts(cfg, run_id, layout.catalog, work.root, rows)
         manifest = study.finish(cfg, run_id, rows, facts)
-    out = versions.version_uri(Layout(cfg.root).study, run_id)
-    progress.summary(
-        "study",
-        cfg.root,
-        started,
+    out = versions.version_uri(layout.study, run_id)
+    return job.done(
+        manifest,
         read=f"catalog {layout.catalog}",
         wrote=f"{len(todo)} encoder x seed variants evaluated ({len(study.variants(cfg)) - len(todo)} before); run {run_id}",
         outputs={
@@ -136,8 +129,11 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
             for name, file in zip(("results", "report", "plot"), study.OUTPUTS, strict=True)
         },
     )
-    return manifest
+
+
+def main(argv: list[str] | None = None) -> versions.Manifest:
+    return run(parse(StudyConfig, argv)).result
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -1,6 +1,6 @@
 """suggest: per tag, rank the unlabeled tracks whose labels would help its probe most; write a version.
 
-    python jobs/suggest.py --root data/demo [--tags bell,drone] [--per-tag 20] [--probe-run-id tune-...]
+    python -m jobs.suggest --root data/demo [--tags bell,drone] [--per-tag 20] [--probe-run-id tune-...]
 
 1. Resolve, before Ray: the probe set the tag job applies (``--probe-run-id``, else the latest tune run),
    the tags asked for (an unknown tag, or one without a probe, is a one-line error and nothing is
@@ -24,14 +24,12 @@ import pyarrow.compute as pc
 import ray
 
 from musiclib import catalog
-from musiclib.core import progress, ray_env, storage, versions
+from musiclib.core import lifecycle, ray_env, storage, versions
 from musiclib.core.config import Layout, parse
-from musiclib.core.ray_env import ray_session, retry_transient_storage
+from musiclib.core.ray_env import TASK_RETRIES, ray_session, retry_transient_storage
 from musiclib.probe.probes import ProbeSet
-from musiclib.tag import suggest
+from musiclib.tag import suggest, tags
 from musiclib.tag.suggest import SuggestConfig
-
-TASK_RETRIES = 6  # read and scoring tasks run again after S3 errors (backing off ~1 min in all)
 
 
 class CandidateBlock:
@@ -59,12 +57,14 @@ class CandidateBlock:
         return suggest.block_candidates(ids, x, self.probe_set, self.columns, self.pool)
 
 
-def candidates_with_ray(cfg: SuggestConfig, inputs: suggest.Inputs) -> pa.Table:
-    """Every tag's pool of most uncertain unlabeled tracks, merged on the driver block by block."""
+def candidates_with_ray(
+    cfg: SuggestConfig, inputs: tags.Inputs, wanted: list[str], labeled: frozenset[str]
+) -> pa.Table:
+    """Every wanted tag's pool of most uncertain unlabeled tracks, merged on the driver block by block."""
     ds = ray_env.read_parquet(inputs.embedding_files, ["track_id", "embedding", "error"])
     blocks = ds.map_batches(
         CandidateBlock,
-        fn_constructor_args=(inputs.probe_uri, inputs.tags, cfg.pool, inputs.labeled),
+        fn_constructor_args=(inputs.probe_uri, wanted, cfg.pool, labeled),
         batch_size=cfg.batch_size,
         batch_format="pyarrow",
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
@@ -76,11 +76,11 @@ def candidates_with_ray(cfg: SuggestConfig, inputs: suggest.Inputs) -> pa.Table:
 
 
 def write_version(
-    cfg: SuggestConfig, dataset: str, inputs: suggest.Inputs, version: str, pool: pa.Table
+    cfg: SuggestConfig, dataset: str, inputs: tags.Inputs, wanted: list[str], version: str, pool: pa.Table
 ) -> versions.Manifest:
     """Pick each tag's batch from its pool, write the table and publish it as ``version``."""
     thresholds = dict(zip(inputs.probe_set.tags, inputs.probe_set.thresholds.tolist()))
-    table = suggest.select(pool, inputs.tags, thresholds, cfg.per_tag, cfg.max_similarity)
+    table = suggest.select(pool, wanted, thresholds, cfg.per_tag, cfg.max_similarity)
     uri = storage.join(versions.version_uri(dataset, version), suggest.ROWS_FILE)
     rows = storage.write_parquet(table, uri)
     provenance = {
@@ -92,38 +92,37 @@ def write_version(
     return versions.publish(dataset, version, [uri], [rows], config=asdict(cfg), extra=provenance)
 
 
-def main(argv: list[str] | None = None) -> versions.Manifest:
-    cfg = parse(SuggestConfig, argv)
-    started = progress.start("suggest")
+def run(cfg: SuggestConfig) -> lifecycle.Summary[versions.Manifest]:
+    """Rank each wanted tag's most uncertain unlabeled tracks and publish them as a version (a re-run with the
+    same inputs finds it and writes nothing); the summary's result is the version's manifest."""
+    job = lifecycle.Job("suggest", cfg.root)
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
-    dataset = Layout(cfg.root).suggestions
+    dataset = layout.suggestions
     with versions.lease(dataset):  # one suggest run at a time writes the suggestions
-        inputs = suggest.resolve(cfg, layout)
-        version = suggest.version_id(cfg, layout, inputs)
-        manifest = versions.already_complete(dataset, version, "suggest")
-        if manifest is not None:
-            progress.already_done("suggest", cfg.root, started, dataset, manifest)
-            return manifest
+        inputs = tags.find_inputs(layout, cfg.probe_run_id)
+        wanted, labeled = suggest.targets(cfg, layout, inputs)
+        version = suggest.derive_run_id(cfg, layout, inputs, wanted)
+        if (done := job.already_complete(dataset, version)) is not None:
+            return done
         with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
-            pool = candidates_with_ray(cfg, inputs)
-        manifest = write_version(cfg, dataset, inputs, version, pool)
+            pool = candidates_with_ray(cfg, inputs, wanted, labeled)
+        manifest = write_version(cfg, dataset, inputs, wanted, version, pool)
     errors = storage.read_parquet(inputs.embedding_files, ["error"])["error"]
     table = suggest.read_version(manifest)
-    progress.summary(
-        "suggest",
-        cfg.root,
-        started,
+    return job.done(
+        manifest,
         read=f"embeddings {inputs.embedding_version} of {inputs.probe_set.model_id}, "
         f"probe run {inputs.probe_run_id}",
-        wrote=f"{len(table)} suggestions for {len(inputs.tags)} tags ({cfg.per_tag} asked per tag) "
+        wrote=f"{len(table)} suggestions for {len(wanted)} tags ({cfg.per_tag} asked per tag) "
         f"in version {manifest.version}",
-        skipped=+Counter(
-            {"labeled": len(inputs.labeled), "embedding error": len(errors) - errors.null_count}
-        ),
+        skipped=+Counter({"labeled": len(labeled), "embedding error": len(errors) - errors.null_count}),
         outputs={"suggestions": versions.version_uri(dataset, manifest.version)},
     )
-    return manifest
+
+
+def main(argv: list[str] | None = None) -> versions.Manifest:
+    return run(parse(SuggestConfig, argv)).result
 
 
 if __name__ == "__main__":

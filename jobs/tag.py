@@ -1,6 +1,6 @@
 """tag: apply the chosen probe set to every track's embedding and commit a snapshot of the tag table.
 
-    python jobs/tag.py --root data/demo [--probe-run-id tune-...] [--only-new true] [--catalog-uri URI]
+    python -m jobs.tag --root data/demo [--probe-run-id tune-...] [--only-new true] [--catalog-uri URI]
 
 Ray Data reads each embedding file, scores it with the probe set (one matrix product for all tags, with
 its normalisation) and writes its long-form rows as one Parquet file into the Iceberg table's data folder,
@@ -16,7 +16,7 @@ any other probe run are never kept, so one snapshot holds the scores of one prob
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -24,50 +24,11 @@ import ray
 from pyiceberg.table import Table
 
 from musiclib import catalog
-from musiclib.core import progress, ray_env, storage, versions
+from musiclib.core import lifecycle, ray_env, storage, versions
 from musiclib.core.config import Layout, parse
-from musiclib.core.ray_env import ray_session, retry_transient_storage
-from musiclib.probe.probes import ProbeSet
+from musiclib.core.ray_env import TASK_RETRIES, ray_session, retry_transient_storage
 from musiclib.tag import tag_table, tags
-from musiclib.tag.tags import TagConfig
-
-TASK_RETRIES = 6  # read and scoring tasks run again after S3 errors (backing off ~1 min in all)
-
-
-@dataclass
-class Inputs:
-    """Everything a tag run depends on, resolved and checked before Ray starts."""
-
-    probe_run_id: str
-    probe_uri: str
-    probe_set: ProbeSet
-    embedding_files: list[str]
-    embedding_version: str
-    previous: tag_table.Run | None  # the table's current snapshot, if any
-
-
-def resolve(cfg: TagConfig, layout: Layout, previous: tag_table.Run | None) -> Inputs:
-    """Find the probe set and its model's embeddings; a clear error when either is missing or empty."""
-    applied = tags.applied_probes(layout, cfg.probe_run_id)
-    emb = applied.embeddings
-    return Inputs(
-        applied.run_id, applied.probe_uri, applied.probe_set, emb.file_uris(), emb.version, previous
-    )
-
-
-def version_id(cfg: TagConfig, layout: Layout, inputs: Inputs) -> str:
-    """``--run-id``, else ``tags-<digest>`` of the probe set, embeddings, catalog and mode."""
-    if cfg.run_id:
-        return cfg.run_id
-    parts = [
-        storage.file_checksum(inputs.probe_uri),
-        inputs.probe_set.model_id,
-        inputs.embedding_version,
-        storage.file_checksum(layout.catalog),
-        cfg.only_new,
-        inputs.previous.run_id if cfg.only_new and inputs.previous else None,
-    ]
-    return versions.digest_version("tags", parts)
+from musiclib.tag.tags import Inputs, TagConfig
 
 
 def score_with_ray(
@@ -126,10 +87,10 @@ def write_run(cfg: TagConfig, layout: Layout, table: Table, inputs: Inputs, run_
     return tag_table.commit(table, run_id, files, provenance, keep)
 
 
-def print_summary(
-    layout: Layout, table: Table, run: tag_table.Run, inputs: Inputs, cfg: TagConfig, started: float
-) -> None:
-    """The end-of-job summary: counts per tag, new long-tail tags, what was read, written and skipped."""
+def tagged(
+    job: lifecycle.Job, cfg: TagConfig, layout: Layout, table: Table, run: tag_table.Run, inputs: Inputs
+) -> lifecycle.Summary[tag_table.Run]:
+    """The end of a run that wrote its snapshot: counts per tag and the long tail's new tags, then the summary."""
     rows = tag_table.read(
         table,
         columns=("track_id", "tag", "score", "source", "predicted", "reason"),
@@ -139,42 +100,42 @@ def print_summary(
     tail = [t for t in reversed(vocab.tail) if t in inputs.probe_set.tags][: cfg.summary_tags]
     errors = rows.filter(pc.field("source") == "error")
     print(tags.summarize(rows.filter(pc.field("source") != "error"), tail))
-    progress.summary(
-        "tag",
-        cfg.root,
-        started,
+    return job.done(
+        run,
         read=f"embeddings {inputs.embedding_version} of {inputs.probe_set.model_id}, probe run {inputs.probe_run_id}",
         wrote=f"{len(pc.unique(rows.filter(pc.field('source') == 'model')['track_id']))} tracks tagged, "
         f"{len(rows) - len(errors)} rows in snapshot {run.snapshot_id} (run {run.run_id})",
-        skipped=Counter(r.removeprefix("embedding error: ") for r in errors["reason"].to_pylist()),
+        skipped=Counter(r.removeprefix(tags.EMBEDDING_ERROR) for r in errors["reason"].to_pylist()),
         outputs={"tags": cfg.where.describe()},
     )
 
 
-def main(argv: list[str] | None = None) -> tag_table.Run:
-    cfg = parse(TagConfig, argv)
-    started = progress.start("tag")
+def run(cfg: TagConfig) -> lifecycle.Summary[tag_table.Run]:
+    """Score every embedding with the probe set and commit the run as one snapshot; the summary's result is
+    the run. A re-run with the same inputs finds its snapshot and writes nothing."""
+    job = lifecycle.Job("tag", cfg.root)
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
     with versions.lease(layout.tags):  # one tag run at a time: runs would delete each other's files
         table = tag_table.open_table(cfg.where)
-        inputs = resolve(cfg, layout, tag_table.current_run(table) if table else None)
-        run_id = version_id(cfg, layout, inputs)
-        if table is not None and (run := tag_table.already_complete(table, run_id, "tag")) is not None:
-            progress.summary(
-                "tag",
-                cfg.root,
-                started,
-                read=f"the same inputs as run {run.run_id}",
-                wrote=f"nothing: run {run.run_id} (snapshot {run.snapshot_id}, {run.rows} rows) was already complete",
+        previous = tag_table.current_run(table) if table else None
+        inputs = tags.find_inputs(layout, cfg.probe_run_id)
+        run_id = tags.derive_run_id(cfg, layout, inputs, previous)
+        if table is not None and (done := tag_table.already_complete(table, run_id, "tag")) is not None:
+            return job.done(
+                done,
+                read=f"the same inputs as run {done.run_id}",
+                wrote=f"nothing: run {done.run_id} (snapshot {done.snapshot_id}, {done.rows} rows) was already complete",
                 outputs={"tags": cfg.where.describe()},
             )
-            return run
         table = table or tag_table.open_table(cfg.where, create_with=tags.SCHEMA)
         with ray_session(cfg.ray_address, cfg.num_cpus), retry_transient_storage(TASK_RETRIES):
-            run = write_run(cfg, layout, table, inputs, run_id)
-    print_summary(layout, table, run, inputs, cfg, started)
-    return run
+            written = write_run(cfg, layout, table, inputs, run_id)
+    return tagged(job, cfg, layout, table, written, inputs)
+
+
+def main(argv: list[str] | None = None) -> tag_table.Run:
+    return run(parse(TagConfig, argv)).result
 
 
 if __name__ == "__main__":

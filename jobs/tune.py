@@ -1,6 +1,6 @@
 """tune: sweep few-shot linear probes over label budgets with Ray Tune, report what each budget buys.
 
-    python jobs/tune.py --root data/demo [--budgets 1,5,all] [--probes logreg,centroid] ...
+    python -m jobs.tune --root data/demo [--budgets 1,5,all] [--probes logreg,centroid] ...
 
 1. Check the config and the catalog, load the labels joined with the model's embeddings (before Ray).
 2. Under the probes' lease: a run already complete is only made current. Otherwise the configurations
@@ -27,7 +27,7 @@ import ray
 from ray import tune
 
 from musiclib import catalog
-from musiclib.core import progress, storage, versions
+from musiclib.core import lifecycle, progress, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
 from musiclib.probe import fewshot, sweep
@@ -35,10 +35,10 @@ from musiclib.probe.sweep import TuneConfig
 from musiclib.train import models
 
 
-def run_trial(
+def report_trial(
     config: dict[str, Any], data: fewshot.ProbeData, repetitions: int, seed: int, run_dir: str
 ) -> None:
-    """The Tune trainable: one trial's configurations (``sweep.run_trial``), reported to Tune."""
+    """The Tune trainable: runs one trial's configurations (``sweep.run_trial``) and reports them to Tune."""
     import torch
 
     torch.set_num_threads(1)
@@ -68,7 +68,7 @@ def run_sweep(
         return {"wall_s": 0.0, "compute_s": 0.0, "slots": 1, "startup_s": 0.0, "steady_overhead": 0.0}
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, data=data, repetitions=cfg.repetitions, seed=cfg.seed, run_dir=run_dir
+            report_trial, data=data, repetitions=cfg.repetitions, seed=cfg.seed, run_dir=run_dir
         ),
         {"cpu": 1},
     )
@@ -103,19 +103,18 @@ def run_sweep(
     }
 
 
-def main(argv: list[str] | None = None) -> versions.Manifest:
-    cfg = parse(TuneConfig, argv)
-    started = progress.start("tune")
+def run(cfg: TuneConfig) -> lifecycle.Summary[versions.Manifest]:
+    """Run the sweep's unfinished trials on Ray Tune, write the run's outputs and publish it (a run already
+    complete is only made current); the summary's result is the run's manifest."""
+    job = lifecycle.Job("tune", cfg.root)
     layout = Layout(cfg.root)
     catalog.validate(layout.catalog)
-    model_id = models.resolve(layout.models, cfg.model_id)
+    model_id = models.model_id_or_latest(layout.models, cfg.model_id)
     data = sweep.load_data(cfg, layout, model_id)
-    run_id = cfg.run_id or sweep.derive_run_id(cfg, layout, model_id)
+    run_id = sweep.derive_run_id(cfg, layout, model_id)
     run_dir = versions.version_uri(layout.probes, run_id)
     with versions.lease(layout.probes):  # one sweep at a time writes the probe runs
-        done = versions.already_complete(layout.probes, run_id, "tune")
-        if done is not None:
-            progress.already_done("tune", cfg.root, started, layout.probes, done)
+        if (done := job.already_complete(layout.probes, run_id)) is not None:
             return done
         configs = sweep.configurations(cfg)
         todo = [c for c in configs if not storage.exists(sweep.trial_uri(run_dir, c))]
@@ -131,25 +130,20 @@ def main(argv: list[str] | None = None) -> versions.Manifest:
         )
         results = sweep.collect(run_dir, configs)
         manifest = sweep.finish(cfg, layout, data, run_id, results, {**timing, "tune_overhead": overhead})
-    progress.summary(
-        "tune",
-        cfg.root,
-        started,
+    files = (storage.join(run_dir, name) for name in sweep.OUTPUTS[1:])  # all but results.parquet
+    return job.done(
+        manifest,
         read=f"{sum(len(x) for x in data.x.values())} labeled tracks "
         f"({', '.join(f'{s} {len(x)}' for s, x in data.x.items())}), {len(data.tags)} tags, embeddings of {model_id}",
         wrote=f"{len(configs)} configurations ({len(configs) - len(todo)} done before) x {cfg.repetitions} "
         f"repetitions; run {run_id}",
-        skipped=Counter(reason.removeprefix("embedding error: ") for reason in data.excluded.values()),
-        outputs={
-            name: storage.join(run_dir, file)
-            for name, file in (
-                ("report", "report.md"),
-                ("plot", "budget_curve.png"),
-                ("probes", "probe_set.safetensors"),
-            )
-        },
+        skipped=Counter(data.excluded.values()),
+        outputs=dict(zip(("report", "plot", "probes"), files, strict=True)),
     )
-    return manifest
+
+
+def main(argv: list[str] | None = None) -> versions.Manifest:
+    return run(parse(TuneConfig, argv)).result
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ modules; a stage imports only the stages before it, ``tests/test_layout.py``):
 - ``train.augment``, ``train.losses``, ``train.gather``, ``train.pretraining``: the views' augmentations,
   the SemiSupCon loss, the cross-worker gather, and the config, step, loop and checkpoints (job
   ``pretrain``).
-- ``train.models``: the SampleCNN encoder, its export as a version of the models dataset, ``resolve``.
+- ``train.models``: the SampleCNN encoder, its export as a version of the models dataset, ``model_id_or_latest``.
 - ``embed.embedder``: decode, encode and average per track, the version a run writes (resume, carry-over)
   (job ``embed``); ``embed.table``: the embeddings table the later stages read (no torch);
   ``embed.logmel``: the hand-crafted log-mel floor as an encoder.
@@ -41,7 +41,8 @@ modules; a stage imports only the stages before it, ``tests/test_layout.py``):
 pass), ``versions`` (versioned datasets on it: version ids, manifests, ``publish``, ``_latest``, leases),
 ``config`` (dataclass configs, ``--field value`` overrides, the ``Layout`` under one root), ``ray_env``
 (how jobs start or join Ray), ``progress`` (what a job prints: progress lines, Ray kept quiet, end-of-job
-summaries) and ``outputs`` (what the query tools print: where a root's outputs are, tables). ``datasets``:
+summaries), ``lifecycle`` (every job's start, summary and result) and ``outputs`` (what the query tools
+print: where a root's outputs are, tables). ``datasets``:
 the demo catalog, audio files in every format, embeddings that follow their tags, clustered vectors, the
 benchmark corpora.
 """

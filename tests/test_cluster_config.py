@@ -124,7 +124,8 @@ def test_rayjob_manifest(job):
     assert env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"  # the job's own ray.init may add to it
     assert not set(env["env_vars"]) & set(_submit_module().SECRETS)
     argv = shlex.split(spec["entrypoint"])
-    assert argv[0] == "python" and argv[1].endswith(f"jobs/{job}.py")
+    assert argv[:3] == ["python", "-m", f"jobs.{job}"]
+    assert "ENV PYTHONPATH=/app" in (PROJECT / "cluster" / "Dockerfile").read_text()  # where jobs/ is
     assert argv[argv.index("--root") + 1].startswith("s3://")
     for container in _containers(spec["submitterPodTemplate"]):
         _check_container(container, secret_env=False)
@@ -160,7 +161,7 @@ def test_runtime_env_carries_settings_but_never_credentials():
 def test_entrypoints_and_bad_job_names():
     submit = _submit_module()
     assert submit.entrypoint("tag", "s3://b/c", ["--batch-size", "4"]) == (
-        "python jobs/tag.py --root s3://b/c --batch-size 4"
+        "python -m jobs.tag --root s3://b/c --batch-size 4"
     )
     for job in submit.JOBS:
         assert (PROJECT / "jobs" / f"{job}.py").is_file(), job

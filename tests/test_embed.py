@@ -164,7 +164,7 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
     part = storage.join(versions.version_uri(dataset, "v2"), "part-00000.parquet")
     versions.publish(dataset, "v2", [part], [storage.write_parquet(rows, part)], move_latest=False)
     storage.write_json(storage.join(dataset, embedder.PENDING), {"version": "v2", "only_new": True})
-    assert job.run(config(root)).tracks == 0
+    assert job.run(config(root)).result.tracks == 0
     assert versions.latest_version(dataset) == "v2"
     assert not storage.exists(storage.join(dataset, embedder.PENDING))
 
@@ -309,7 +309,7 @@ def test_catalog_durations_are_nan_where_unknown(tmp_path):
 def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_local, capsys):
     root = str(tmp_path)
     model_id = make_root(root)
-    summary = job.run(config(root))
+    summary = job.run(config(root)).result
     out = check_complete(root, model_id)
     assert_matches_reference(out, reference(root, model_id))
     assert summary.tracks == 14 and summary.errors["truncated"] == 1
@@ -347,13 +347,13 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
     errors = {f.path: storage.read_parquet([storage.join(dataset, f.path)], ["error"]) for f in kept}
     retried = {p: t["error"].to_pylist().count("missing") for p, t in errors.items()}
 
-    summary = job.run(config(root, only_new=True))
+    summary = job.run(config(root, only_new=True)).result
     check_complete(root, model_id)
     final = versions.read_latest_manifest(dataset)
     untouched = {(f.path, f.sha256) for f in kept if not retried[f.path]}
     assert untouched and untouched <= {(f.path, f.sha256) for f in final.files}
     assert summary.tracks == lost.rows + sum(retried.values())  # missing audio is looked for again
-    assert job.run(config(root, only_new=True)).tracks == 0
+    assert job.run(config(root, only_new=True)).result.tracks == 0
     assert versions.latest_version(dataset) == final.version
 
 
@@ -390,7 +390,7 @@ def test_killed_run_resumes_without_duplicates_or_recompute(tmp_path, ray_local)
     before = {u: storage.file_checksum(u) for u in storage.list_files(versions.version_uri(dataset, version))}
     assert before, "no shard was written before the kill"
 
-    summary = job.run(config(root))
+    summary = job.run(config(root)).result
     out = check_complete(root, model_id)
     assert versions.latest_version(dataset) == version
     after = {u: storage.file_checksum(u) for u in storage.list_files(versions.version_uri(dataset, version))}
@@ -413,7 +413,7 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_local)
         storage.resolve(base, lost["audio_uri"]), storage.read_bytes(storage.resolve(base, good["audio_uri"]))
     )
 
-    summary = job.run(config(root, only_new=True))
+    summary = job.run(config(root, only_new=True)).result
     assert summary.tracks == 1 and summary.errors == {}
     out = embeddings_table.read(Layout(root).embeddings, model_id)
     ids = out["track_id"].to_pylist()
@@ -423,5 +423,5 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_local)
     assert {t: e for t, e in errors.items() if t != lost["track_id"]} == {
         r["track_id"]: r["fault"] for r in cat if r["track_id"] != lost["track_id"]
     }
-    assert job.run(config(root, only_new=True)).tracks == 0
+    assert job.run(config(root, only_new=True)).result.tracks == 0
     assert versions.latest_version(dataset) is not None

@@ -1,6 +1,6 @@
 """Fault injection: each job killed, its workers killed, its storage taken away, denied and throttled.
 
-Every case runs a job the way an operator does (``python jobs/<job>.py ...`` in its own process, with its
+Every case runs a job the way an operator does (``python -m jobs.<job> ...`` in its own process, with its
 own local Ray, or on a two-node Ray cluster for the loss of a node), injects one fault, and checks the
 outcome against what an uninterrupted run gives: the same tracks, each exactly once, the same tags.
 While a job writes, a ``Reader`` thread polls the dataset's latest committed version the way any
@@ -71,7 +71,8 @@ def rng_for(case: str) -> random.Random:
 
 
 def job_command(job: str, *args: str) -> list[str]:
-    return [PY, str(REPO / "jobs" / f"{job}.py"), *args]
+    """A job as an operator runs it: ``python -m jobs.<job>``, started in the repository root (``start``)."""
+    return [PY, "-m", f"jobs.{job}", *args]
 
 
 def start(cmd: list[str], log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
@@ -411,7 +412,7 @@ def test_pretrain_driver_killed_after_a_checkpoint_resumes_from_it(tmp_path):
     assert registered_steps(layout), tail(tmp_path / "killed.log")
 
     run(cmd, tmp_path / "again.log", timeout=400)
-    model_id = models.resolve(layout.models)
+    model_id = models.model_id_or_latest(layout.models)
     card = storage.read_json(storage.join(layout.models, model_id, "card.json"))
     assert card["steps"] == 40 and card["metrics"]["start_step"] >= 4, (SEED, after, card["metrics"])
     check_shards(layout)
@@ -447,7 +448,9 @@ def test_pretrain_survives_a_killed_train_worker(tmp_path):
     finally:
         kill(proc)
     assert proc.returncode == 0, f"failed after killing {killed}\n{text[-4000:]}"
-    card = storage.read_json(storage.join(layout.models, models.resolve(layout.models), "card.json"))
+    card = storage.read_json(
+        storage.join(layout.models, models.model_id_or_latest(layout.models), "card.json")
+    )
     assert card["steps"] == 24 and card["metrics"]["start_step"] >= 4, card["metrics"]  # resumed, not step 0
     check_shards(layout)
 
@@ -485,7 +488,9 @@ def test_pretrain_goes_on_with_fewer_workers_after_losing_a_node(tmp_path, monke
         cluster.shutdown()
     assert proc.returncode == 0, text[-4000:]
     assert "worker 0 of 2:" in text and "worker 0 of 1:" in text.split("worker 0 of 2:")[-1], text[-4000:]
-    card = storage.read_json(storage.join(layout.models, models.resolve(layout.models), "card.json"))
+    card = storage.read_json(
+        storage.join(layout.models, models.model_id_or_latest(layout.models), "card.json")
+    )
     assert card["steps"] == 24 and card["metrics"]["start_step"] >= 4, card["metrics"]
     check_shards(layout)
 
@@ -904,7 +909,9 @@ def test_pretrain_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, t
     assert proc.returncode == 0, f"failed after a {outage:.1f} s outage\n{text[-4000:]}"
     restarted = "controller failed on storage" in text
     print(f"pretrain, S3 down {outage:.1f} s: controller restarted by the job: {restarted}")
-    card = storage.read_json(storage.join(layout.models, models.resolve(layout.models), "card.json"))
+    card = storage.read_json(
+        storage.join(layout.models, models.model_id_or_latest(layout.models), "card.json")
+    )
     assert card["steps"] == 40
     check_shards(layout)
 

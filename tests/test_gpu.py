@@ -147,7 +147,7 @@ def test_pretrain_and_embed_jobs_train_and_embed_on_the_gpu(tmp_path):
         model_id = pretrain_job.main(argv)
         cfg = embed_job.EmbedConfig(root=root, batch_size=4)
         assert embedder.encoder_resources(cfg, ray.cluster_resources()) == (1.0, 1)
-        summary = embed_job.run(cfg)
+        summary = embed_job.run(cfg).result
     finally:
         ray.shutdown()
     layout = Layout(root)

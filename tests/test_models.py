@@ -36,8 +36,10 @@ def test_export_and_load_round_trip(tmp_path):
     root = str(tmp_path / "models")
     model_id = models.export_encoder(enc, root, card={"data": "unit test"})
     assert model_id == models.export_encoder(enc, root)  # same weights, same id
-    assert models.resolve(root) == model_id == versions.latest_version(root)  # published as the latest
-    assert models.resolve(root, "another-id") == "another-id"
+    assert (
+        models.model_id_or_latest(root) == model_id == versions.latest_version(root)
+    )  # published as the latest
+    assert models.model_id_or_latest(root, "another-id") == "another-id"
     loaded, card = models.load_encoder(root, model_id)
     assert card["config"]["width"] == 0.125 and card["architecture"] == "SampleCNN"
     x = torch.randn(2, CHUNK_SAMPLES)
@@ -50,7 +52,7 @@ def test_export_and_load_round_trip(tmp_path):
 
 def test_missing_model_is_a_clear_error(tmp_path):
     with pytest.raises(storage.StorageError, match="run pretrain first"):
-        models.resolve(str(tmp_path))
+        models.model_id_or_latest(str(tmp_path))
     with pytest.raises(storage.StorageError, match="no exported model"):
         models.load_encoder(str(tmp_path), "samplecnn-w1-000000000000")
 
@@ -88,7 +90,7 @@ def test_random_encoder_is_seeded_exported_latest_and_leaves_torch_rng_alone(tmp
     model_id = models.export_random_encoder(root, models.EncoderConfig(width=0.0625), seed=0)
     assert torch.rand(1) == before  # the caller's random stream is untouched
     assert (
-        models.resolve(root)
+        models.model_id_or_latest(root)
         == model_id
         == models.export_random_encoder(root, models.EncoderConfig(width=0.0625), seed=0)
     )

@@ -23,12 +23,12 @@ ROOT_DIR = Path(__file__).resolve().parents[1]
 LINE_BUDGET = 150  # the whole chain's console output without --verbose (issue: a person can follow it)
 
 CHAIN = [
-    ["jobs/pretrain.py", "--width", "0.0625", "--num-workers", "2", "--batch-size", "8", "--steps", "4"]
+    ["-m", "jobs.pretrain", "--width", "0.0625", "--num-workers", "2", "--batch-size", "8", "--steps", "4"]
     + ["--checkpoint-every", "4", "--log-every", "2", "--p-pitch", "0"],
-    ["jobs/embed.py", "--batch-size", "8", "--max-chunks", "2"],
-    ["jobs/tune.py", "--budgets", "2,all", "--probes", "logreg,centroid", "--norms", "l2", "--c-grid", "1"]
+    ["-m", "jobs.embed", "--batch-size", "8", "--max-chunks", "2"],
+    ["-m", "jobs.tune", "--budgets", "2,all", "--probes", "logreg,centroid", "--norms", "l2", "--c-grid", "1"]
     + ["--repetitions", "2"],
-    ["jobs/tag.py"],
+    ["-m", "jobs.tag"],
     ["-m", "musiclib.tag.tags", "outputs"],
 ]
 
@@ -40,12 +40,11 @@ def run_chain(cwd: Path, root: str) -> str:
     env.pop("RAY_ADDRESS", None)
     out = ""
     for job in CHAIN:
-        script = [str(ROOT_DIR / job[0]), *job[1:]] if job[0].endswith(".py") else job
         run = subprocess.run(
-            [sys.executable, *script, "--root", root], cwd=cwd, env=env, capture_output=True, timeout=600
+            [sys.executable, *job, "--root", root], cwd=cwd, env=env, capture_output=True, timeout=600
         )
         text = (run.stdout + run.stderr).decode()  # bytes: text mode would hide carriage returns
-        assert run.returncode == 0, f"{job[0]} failed:\n{text}"
+        assert run.returncode == 0, f"{job[1]} failed:\n{text}"
         out += text
     return out
 
@@ -73,7 +72,7 @@ def test_demo_chain_end_to_end(tmp_path):
     assert "report.md" in out and "budget_curve.png" in out and "tag table" in out
     assert not any("Reporting training result" in line or "Total Progress" in line for line in lines), out
 
-    model_id = models.resolve(layout.models, "")
+    model_id = models.model_id_or_latest(layout.models, "")
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "fault"])
     good = set(cat.filter(pc.is_null(cat["fault"]))["track_id"].to_pylist())
     emb = embeddings_table.read(layout.embeddings, model_id, columns=["track_id", "error"])

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from musiclib.core import progress, storage, versions
+from musiclib.core import lifecycle, progress, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.datasets import demo
 from musiclib.tag import tags
@@ -118,6 +118,26 @@ def test_summary_is_printed_written_and_tabled(tmp_path):
     assert table[1].split() == ["embed", "1m", "15s", "4", "296", "embeddings"]
     assert table[2].split() == ["tag", "0", "s", "0", "10", "tracks", "tagged"]
     assert table[3].split() == ["total", "1m", "15s"]
+
+
+def test_a_job_ends_in_its_summary_and_returns_its_result(tmp_path, capsys):
+    """``lifecycle.Job``: the summary printed and written once, the result handed back; a re-run whose
+    version is committed ends in the "nothing written" summary with that version's manifest."""
+    root = str(tmp_path)
+    done = lifecycle.Job("index", root).done("v9", read="r", wrote="w", skipped={"corrupt": 2})
+    assert done.result == "v9" and done.record["skipped"] == {"corrupt": 2}
+    assert json.loads((tmp_path / "summaries" / "index.json").read_text()) == done.record
+    assert "== index done in" in capsys.readouterr().out
+
+    dataset = str(tmp_path / "index" / "m")
+    assert lifecycle.Job("index", root).already_complete(dataset, "v1") is None  # not committed: run it
+    uri = storage.join(versions.version_uri(dataset, "v1"), "index.safetensors")
+    storage.write_bytes(uri, b"x")
+    versions.publish(dataset, "v1", [uri], [1])
+    again = lifecycle.Job("index", root).already_complete(dataset, "v1")
+    assert again is not None and again.result.version == "v1"
+    assert again.record["wrote"].startswith("nothing: version v1")
+    assert json.loads((tmp_path / "summaries" / "index.json").read_text()) == again.record
 
 
 def test_outputs_shows_the_chain_table(tmp_path, capsys):

@@ -17,7 +17,10 @@ from musiclib import audio, catalog
 from musiclib.core import config, storage, versions
 from musiclib.datasets.audio_files import encode
 from musiclib.embed import logmel
+from musiclib.embed.embedder import EmbedConfig
+from musiclib.probe.sweep import TuneConfig
 from musiclib.study import study
+from musiclib.train.pretraining import PretrainConfig
 
 
 def test_logmel_features_equal_a_direct_torchaudio_computation(tmp_path):
@@ -146,14 +149,70 @@ def test_config_lists_every_problem_and_refuses_options_the_study_sets(tmp_path)
 def test_each_trained_encoder_gets_its_label_settings():
     cfg = study.StudyConfig(label_share=0.05, batch_label_share=0.25)
 
-    def p_s_b_s(encoder: str) -> tuple[str, str]:
-        argv = study.pretrain_argv(cfg, "/r", encoder, 1)
-        return argv[argv.index("--p-s") + 1], argv[argv.index("--b-s") + 1]
+    def p_s_b_s(encoder: str) -> tuple[float, float]:
+        pretrain = study.pretrain_config(cfg, "/r", encoder, 1)
+        return pretrain.p_s, pretrain.b_s
 
-    assert p_s_b_s("clmr") == ("0.0", "0.0")
-    assert p_s_b_s("semisupcon-low") == ("0.05", "0.25")
-    assert p_s_b_s("semisupcon-all") == ("1.0", "0.25")
-    assert p_s_b_s("supervised") == ("1.0", "1.0")
+    assert p_s_b_s("clmr") == (0.0, 0.0)
+    assert p_s_b_s("semisupcon-low") == (0.05, 0.25)
+    assert p_s_b_s("semisupcon-all") == (1.0, 0.25)
+    assert p_s_b_s("supervised") == (1.0, 1.0)
+
+
+def test_the_study_builds_each_jobs_config_with_its_settings_and_the_pass_through_options():
+    """The study calls the jobs with configs, not command lines: its own settings, then the options."""
+    cfg = study.StudyConfig(width=0.5, steps=30, batch_size=16, pretrain_options="--lr 2e-3 --num-workers 1")
+    pretrain = study.pretrain_config(cfg, "/r/work", "semisupcon-low", 2)
+    assert isinstance(pretrain, PretrainConfig)
+    assert (pretrain.root, pretrain.run_name, pretrain.seed) == ("/r/work", "study-semisupcon-low-s2", 2)
+    assert (pretrain.width, pretrain.steps, pretrain.batch_size) == (0.5, 30, 16)
+    assert (pretrain.lr, pretrain.num_workers) == (2e-3, 1)  # the pass-through options
+    assert pretrain.p_pitch == PretrainConfig.p_pitch  # an option not given keeps the job's default
+
+    tune = study.tune_config(
+        study.StudyConfig(num_cpus=3, tune_options="--repetitions 2"), "/w", "m", local=True
+    )
+    assert isinstance(tune, TuneConfig) and (tune.root, tune.model_id, tune.repetitions) == ("/w", "m", 2)
+    assert tune.max_concurrent == 3  # one trial per core of the study's own local Ray
+    assert study.tune_config(study.StudyConfig(), "/w", "m", local=False).max_concurrent == 0  # the cluster's
+    chosen = study.StudyConfig(tune_options="--max-concurrent 1")
+    assert study.tune_config(chosen, "/w", "m", local=True).max_concurrent == 1  # the options decide
+
+
+def test_the_study_refuses_a_pass_through_option_it_sets_itself():
+    problems = study.option_problems(
+        "pretrain", PretrainConfig, "--seed 3 --width 0.5 --nope 1", lambda: pytest.fail("built")
+    )
+    assert problems == [
+        "--pretrain-options: --nope is not a pretrain option",
+        "--pretrain-options: --seed is set by the study",
+        "--pretrain-options: --width is set by the study",
+    ]
+    assert study.option_problems("tune", TuneConfig, "--repetitions 2", lambda: None) == []
+    assert study.option_problems("embed", EmbedConfig, "--model-id m", None) == [
+        "--embed-options: --model-id is set by the study"
+    ]
+
+
+def test_every_job_has_run_and_main_only_parses_and_runs():
+    """Every job module has ``run(config)`` (the study and tests call it) and ``main(argv)``, which parses the
+    config and returns ``run``'s result; none edits ``sys.path`` (jobs run as ``python -m jobs.<job>``)."""
+    import ast
+    import importlib
+    import inspect
+
+    project = Path(__file__).resolve().parents[1]
+    names = sorted(p.stem for p in (project / "jobs").glob("*.py") if p.stem != "__init__")
+    assert {"pretrain", "embed", "tune", "tag", "suggest", "index", "study"} <= set(names)
+    for name in names:
+        module = importlib.import_module(f"jobs.{name}")
+        assert callable(getattr(module, "run", None)), name
+        assert list(inspect.signature(module.run).parameters) == ["cfg"], name
+        main = ast.parse(inspect.getsource(module.main)).body[0]
+        assert len(main.body) == 1 and ".result" in ast.unparse(main.body[0]), name  # run(parse(...)).result
+    for folder in ("jobs", "bench", "musiclib", "cluster"):
+        for path in (project / folder).rglob("*.py"):
+            assert "sys.path" not in path.read_text(), path
 
 
 def test_work_catalog_points_at_the_same_audio_and_lists_the_labeled_tracks(tmp_path):
@@ -221,10 +280,14 @@ def test_tiny_study_writes_every_output(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_study_runs_as_a_script():
-    """``make study`` runs ``python jobs/study.py``: the jobs it calls must import from a script too."""
+def test_the_study_runs_as_a_module():
+    """``make study`` runs ``python -m jobs.study`` from the repository root: it imports the other jobs."""
     project = Path(__file__).resolve().parents[1]
     run = subprocess.run(
-        [sys.executable, "jobs/study.py", "--help"], cwd=project, capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "jobs.study", "--help"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert run.returncode == 0 and "--encoders" in run.stdout, run.stdout + run.stderr

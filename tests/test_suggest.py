@@ -15,7 +15,7 @@ from musiclib.core import storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import tagged_embeddings
 from musiclib.probe import fewshot
-from musiclib.tag import suggest
+from musiclib.tag import suggest, tags
 
 
 @functools.cache
@@ -122,12 +122,13 @@ def test_labeled_and_failed_tracks_are_never_candidates(tmp_path, corpus):
     root = str(tmp_path)
     cat, emb = write_synthetic_root(root, n_tracks=120)
     publish_probe_set(root, cat, emb)
-    inputs = suggest.resolve(suggest.SuggestConfig(root=root), Layout(root))
-    block = suggest_job.CandidateBlock(inputs.probe_uri, inputs.tags, 1000, inputs.labeled)(emb)
+    inputs = tags.find_inputs(Layout(root))
+    wanted, labeled = suggest.targets(suggest.SuggestConfig(root=root), Layout(root), inputs)
+    block = suggest_job.CandidateBlock(inputs.probe_uri, wanted, 1000, labeled)(emb)
     got = set(block["track_id"].to_pylist())
     failed = {t for t, e in zip(emb["track_id"].to_pylist(), emb["error"].to_pylist()) if e}
     unlabeled = {t for t, g in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) if not g}
-    assert got == unlabeled - failed and failed and inputs.labeled
+    assert got == unlabeled - failed and failed and labeled
 
 
 def test_bad_tags_and_config_fail_before_any_write(tmp_path, monkeypatch):

@@ -64,6 +64,24 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
             print(f"  --{f.name.replace('_', '-')} {hints[f.name]} (default {default!r})")
         print("  --verbose (a flag: Ray's INFO output on the console too; its log files always have it)")
         raise SystemExit(0)
+    return build(cls, overrides(cls, argv))
+
+
+def build(cls: type[T], values: dict[str, Any]) -> T:
+    """``cls`` from ``values`` (the other fields their defaults), locations made absolute, then checked by
+    its ``validate()`` if it has one: what ``parse`` does with the command line, for a caller with values."""
+    cfg = absolute_uris(cls(**values))
+    check = getattr(cfg, "validate", None)
+    if callable(check):
+        check()
+    return cfg
+
+
+def overrides(cls: type, argv: list[str]) -> dict[str, Any]:
+    """The fields ``argv`` sets (``--field value`` or ``field=value``), read as their types; a ``ConfigError``
+    for an unknown field or a value that does not read. Nothing is checked beyond that (``parse`` checks)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
     i = 0
     while i < len(argv):
@@ -86,11 +104,7 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
             )
         values[key] = _convert(key, raw, hints[key])
         i += 1
-    cfg = absolute_uris(cls(**values))
-    check = getattr(cfg, "validate", None)
-    if callable(check):
-        check()
-    return cfg
+    return values
 
 
 def take_flags(args: list[str], flags: dict[str, Any], usage: str) -> None:

@@ -7,10 +7,10 @@
   ``--verbose`` on any job (or ``MUSICLIB_VERBOSE=1``) leaves Ray as it is.
 - ``Throttle`` and ``eta``: progress lines of a loop whose length is known (pretraining steps, tune trials),
   at most one per interval, and the last one always.
-- ``summary(...)``: the end of every job: what it read, wrote and skipped (and why), how long it took and
-  where its outputs are; printed, and written as JSON to ``<root>/summaries/<job>.json`` so that
-  ``python -m musiclib.tag.tags outputs`` (``outputs.print_outputs``) can show the whole chain as one table
-  from what was written.
+- ``summary(...)``: the end of every job (through ``lifecycle.Job``): what it read, wrote and skipped (and
+  why), how long it took and where its outputs are; printed, and written as JSON to
+  ``<root>/summaries/<job>.json`` so that ``python -m musiclib.tag.tags outputs`` (``outputs.print_outputs``) can show the whole chain
+  as one table from what was written.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     import ray.data
 
 FORWARDED = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+TASK_RETRIES = 6  # tag and suggest tasks run again after S3 errors (Ray Data backs off ~1 min in all)
 
 
 def forwarded_env() -> dict[str, str]:

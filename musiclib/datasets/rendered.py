@@ -164,7 +164,7 @@ TAGS: tuple[str, ...] = (
 class BenchCorpusConfig:
     """Write a benchmark corpus: tracks rendered from scores (``rendered``) or Debian game soundtracks."""
 
-    root: str = "data/bench"
+    root: str = "data/bench-rendered"
     kind: str = "rendered"  # rendered | soundtracks
     n_tracks: int = 2000  # rendered only
     seconds: float = 30.0  # rendered: each track's length; soundtracks: the shortest file kept

@@ -100,7 +100,7 @@ class EmbedConfig(RayConfig):
             elif self.validate_catalog:
                 catalog.validate(self.catalog_uri)
             models_root = Layout(self.root).models
-            model_id = models.resolve(models_root, self.model_id)
+            model_id = models.model_id_or_latest(models_root, self.model_id)
             if not storage.exists(storage.join(models_root, model_id, "encoder.safetensors")):
                 problems.append(f"no exported model {model_id!r} under {models_root}")
         except storage.StorageError as exc:

@@ -76,8 +76,8 @@ class ProbeData:
     """Embeddings and human labels of one model, split for the few-shot protocol; plain arrays only.
 
     ``train`` is the labeled training pool support sets are drawn from; ``valid`` and ``test`` hold the
-    labeled tracks of those splits. ``excluded`` maps track ids to why they cannot be used (embedding
-    error, no embedding); ``head``/``tail`` split tags by training-label count.
+    labeled tracks of those splits. ``excluded`` maps track ids to why they cannot be used (the embed
+    job's error, ``no vector`` or ``no embedding``); ``head``/``tail`` split tags by training-label count.
     """
 
     tags: list[str]
@@ -105,7 +105,7 @@ def prepare(
     vectors: dict[str, list[float]] = {}
     for tid, vec, err in zip(emb["track_id"], emb["embedding"], emb["error"], strict=True):
         if err is not None or vec is None:
-            excluded[tid] = f"embedding error: {err or 'no vector'}"
+            excluded[tid] = err or "no vector"  # the embed job's reason
         else:
             vectors[tid] = vec
     rows: dict[str, list[tuple[str, list[str]]]] = {s: [] for s in ("train", "valid", "test")}

@@ -184,7 +184,10 @@ def load_data(cfg: TuneConfig, layout: Layout, model_id: str) -> fewshot.ProbeDa
 
 
 def derive_run_id(cfg: TuneConfig, layout: Layout, model_id: str) -> str:
-    """``tune-<digest>`` of the sweep config, the model and the embedding version: same inputs, same run."""
+    """``--run-id``, else ``tune-<digest>`` of the sweep config, the model and the embedding version: same
+    inputs, same run."""
+    if cfg.run_id:
+        return cfg.run_id
     emb_version = versions.latest_version(embeddings_table.dataset_uri(layout.embeddings, model_id))
     cat_sum = storage.file_checksum(layout.catalog) if storage.exists(layout.catalog) else ""
     operational = ("root", "run_id", "ray_address", "num_cpus", "max_concurrent", "max_failures")

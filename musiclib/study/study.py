@@ -7,7 +7,8 @@ initialised encoder (each seed's initial weights, those the trained ones start f
 floor (``musiclib.embed.logmel``). Each is embedded by the embed stage and evaluated by the tune job's few-shot
 protocol; ``variant_rows`` keeps, per budget, the configuration chosen on the validation split and its
 per-repetition macro scores; ``summarize`` pools seeds and repetitions and compares every encoder with a
-reference. ``jobs/study.py`` runs the chain; outputs go to ``<root>/study/<run_id>/``.
+reference. ``jobs/study.py`` runs the chain, calling the jobs' ``run`` with the configs built here
+(``pretrain_config``, ``embed_config``, ``tune_config``); outputs go to ``<root>/study/<run_id>/``.
 
     python -m musiclib.study.study study-runs [--root ROOT] [--budget 20]   # every run of a root, side by side
     python -m musiclib.study.study study-plot OUT.png [--root ROOT] [--run-id RUN]   # a run's study.png
@@ -22,7 +23,7 @@ import shlex
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import matplotlib
 
@@ -39,14 +40,17 @@ from musiclib.core.config import (  # noqa: E402
     ConfigError,
     Layout,
     RayConfig,
+    build,
     check,
-    parse,
+    overrides,
     take_flags,
 )
 from musiclib.embed.embedder import EmbedConfig  # noqa: E402
 from musiclib.probe import report
 from musiclib.probe.sweep import TuneConfig  # noqa: E402
 from musiclib.train.pretraining import PretrainConfig  # noqa: E402
+
+T = TypeVar("T")
 
 ENCODERS = {
     "clmr": "CLMR: self-supervised only, no labels (p_s = 0)",
@@ -111,12 +115,12 @@ class StudyConfig(RayConfig):
             )
         if self.max_chunks < 1:
             problems.append(f"--max-chunks must be at least 1, got {self.max_chunks}")
-        for job, cls, argv in (
-            ("pretrain", PretrainConfig, lambda: pretrain_argv(self, self.root, "clmr", 0)),
+        for job, cls, make in (
+            ("pretrain", PretrainConfig, lambda: pretrain_config(self, self.root, "clmr", 0)),
             ("embed", EmbedConfig, None),
-            ("tune", TuneConfig, lambda: tune_argv(self, self.root, "")),
+            ("tune", TuneConfig, lambda: tune_config(self, self.root, "", local=False)),
         ):
-            problems += option_problems(job, cls, getattr(self, f"{job}_options"), argv)
+            problems += option_problems(job, cls, getattr(self, f"{job}_options"), make)
         try:
             if not storage.exists(Layout(self.root).catalog):
                 problems.append(f"catalog not found: {Layout(self.root).catalog}")
@@ -130,9 +134,9 @@ def options(text: str) -> list[str]:
     return shlex.split(text)
 
 
-def option_problems(job: str, cls: type, text: str, argv: Callable[[], list[str]] | None) -> list[str]:
+def option_problems(job: str, cls: type, text: str, make: Callable[[], Any] | None) -> list[str]:
     """What is wrong with one job's pass-through options: unreadable, unknown, set by the study, or (given
-    ``argv``, the whole arguments of a run) refused by the job's own ``validate``."""
+    ``make``, which builds the job's config as a run does) refused by the job's own ``validate``."""
     flag = f"--{job}-options"
     try:
         args = options(text)
@@ -144,9 +148,9 @@ def option_problems(job: str, cls: type, text: str, argv: Callable[[], list[str]
     problems += [
         f"{flag}: --{n.replace('_', '-')} is set by the study" for n in sorted(names & SET_BY_STUDY[job])
     ]
-    if argv is not None and not names - fields:
+    if make is not None and not names - fields:
         try:
-            parse(cls, argv())
+            make()
         except ConfigError as exc:
             problems.append(f"the {job} job refuses the study's settings with {flag}: {exc}")
     return problems
@@ -168,34 +172,47 @@ def variants(cfg: StudyConfig) -> list[tuple[str, int]]:
     return [(e, s) for e in cfg.encoders for s in (cfg.seeds if e in TRAINED else cfg.seeds[:1])]
 
 
-def pretrain_argv(cfg: StudyConfig, work_root: str, encoder: str, seed: int) -> list[str]:
-    """The pretrain job's arguments for one trained encoder and seed (its run named after both)."""
+def job_config(cls: type[T], text: str, **settings: Any) -> T:
+    """A job's config: the study's ``settings``, then the job's pass-through options ``text`` (the study's
+    own are refused before, ``SET_BY_STUDY``), checked by the job's ``validate`` as its command line is."""
+    return build(cls, {**settings, **overrides(cls, options(text))})
+
+
+def pretrain_config(cfg: StudyConfig, work_root: str, encoder: str, seed: int) -> PretrainConfig:
+    """The pretrain job's config for one trained encoder and seed (its run named after both)."""
     p_s, b_s = label_settings(cfg, encoder)
-    return [
-        "--root", work_root, "--run-name", f"study-{encoder}-s{seed}", "--seed", str(seed),
-        "--p-s", str(p_s), "--b-s", str(b_s), "--width", str(cfg.width), "--steps", str(cfg.steps),
-        "--batch-size", str(cfg.batch_size), *options(cfg.pretrain_options),
-    ]  # fmt: skip
+    return job_config(
+        PretrainConfig,
+        cfg.pretrain_options,
+        root=work_root,
+        run_name=f"study-{encoder}-s{seed}",
+        seed=seed,
+        p_s=p_s,
+        b_s=b_s,
+        width=cfg.width,
+        steps=cfg.steps,
+        batch_size=cfg.batch_size,
+    )
 
 
-def embed_argv(cfg: StudyConfig, work_root: str, model_id: str) -> list[str]:
-    """The embed job's arguments: the labeled tracks only (the probes use no other embedding)."""
-    return [
-        "--root", work_root, "--catalog", labeled_catalog(work_root), "--model-id", model_id,
-        "--max-chunks", str(cfg.max_chunks), *options(cfg.embed_options),
-    ]  # fmt: skip
+def embed_config(cfg: StudyConfig, work_root: str, model_id: str) -> EmbedConfig:
+    """The embed job's config: the labeled tracks only (the probes use no other embedding)."""
+    return job_config(
+        EmbedConfig,
+        cfg.embed_options,
+        root=work_root,
+        catalog=labeled_catalog(work_root),
+        model_id=model_id,
+        max_chunks=cfg.max_chunks,
+    )
 
 
-def tune_argv(cfg: StudyConfig, work_root: str, model_id: str) -> list[str]:
-    return ["--root", work_root, "--model-id", model_id, *options(cfg.tune_options)]
-
-
-def trial_slots(cfg: StudyConfig, local: bool) -> list[str]:
-    """Extra tune options: in a local Ray the study started (at least 4 logical CPUs), one trial per core,
-    as the tune job takes when it starts Ray itself; none when the options or a cluster decide."""
-    if not local or "--max-concurrent" in options(cfg.tune_options):
-        return []
-    return ["--max-concurrent", str(cfg.num_cpus or os.cpu_count() or 1)]
+def tune_config(cfg: StudyConfig, work_root: str, model_id: str, local: bool) -> TuneConfig:
+    """The tune job's config on one model's embeddings. In a ``local`` Ray the study started (at least 4
+    logical CPUs), one trial per core, as the tune job takes when it starts Ray itself; on a cluster, or
+    with ``--max-concurrent`` in the tune options, those decide."""
+    slots = {"max_concurrent": cfg.num_cpus or os.cpu_count() or 1} if local else {}
+    return job_config(TuneConfig, cfg.tune_options, root=work_root, model_id=model_id, **slots)
 
 
 # --------------------------------------------------------------------------- where things go
@@ -218,7 +235,10 @@ def rows_uri(work: str, encoder: str, seed: int) -> str:
 
 
 def derive_run_id(cfg: StudyConfig, layout: Layout) -> str:
-    """``study-<digest>`` of the config and the catalog: the same study names the same run."""
+    """``--run-id``, else ``study-<digest>`` of the config and the catalog: the same study names the same
+    run."""
+    if cfg.run_id:
+        return cfg.run_id
     keys = {
         k: v
         for k, v in dataclasses.asdict(cfg).items()

@@ -78,7 +78,7 @@ def dataset_uri(root: str, model_id: str) -> str:
     return storage.join(Layout(root).index, model_id)
 
 
-def version_id(cfg: IndexConfig, embedding_version: str) -> str:
+def derive_run_id(cfg: IndexConfig, embedding_version: str) -> str:
     """``index-<digest>`` of the embeddings version and the build settings: rebuilt only when either changes."""
     settings = [cfg.kind, cfg.exact_below, cfg.nlist, cfg.nprobe, cfg.train_size]
     return versions.digest_version("index", [embedding_version, settings])
@@ -146,7 +146,7 @@ def load(root: str, model_id: str = "") -> Neighbors:
     catalogs and slower for large ones (``make index`` builds the index).
     """
     layout = Layout(root)
-    model_id = models.resolve(layout.models, model_id)
+    model_id = models.model_id_or_latest(layout.models, model_id)
     embeddings = embeddings_table.dataset_uri(layout.embeddings, model_id)
     if versions.latest_version(embeddings) is None:
         raise NeighborsError(f"no embeddings of {model_id} under {layout.embeddings}: run embed first")

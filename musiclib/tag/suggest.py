@@ -209,24 +209,11 @@ def select(
 # --------------------------------------------------------------------------- inputs of the job
 
 
-@dataclass
-class Inputs:
-    """What a suggestion version depends on, resolved and checked before Ray starts."""
-
-    probe_run_id: str
-    probe_uri: str
-    probe_set: probes.ProbeSet
-    tags: list[str]  # the tags to suggest for, in the probe set's order
-    labeled: frozenset[str]  # tracks with human labels: never suggested
-    embedding_files: list[str]
-    embedding_version: str
-
-
-def resolve(cfg: SuggestConfig, layout: Layout) -> Inputs:
-    """The probe set the tag job applies, the tags asked for and the model's latest embeddings; a clear
-    one-line error for an unknown tag, a tag without a probe, or missing inputs."""
-    applied = tags.applied_probes(layout, cfg.probe_run_id)
-    run_id, probe_set = applied.run_id, applied.probe_set
+def targets(cfg: SuggestConfig, layout: Layout, inputs: tags.Inputs) -> tuple[list[str], frozenset[str]]:
+    """The tags to suggest for (those asked, else every tag with a probe, in the probe set's order) and the
+    catalog's labeled tracks (never suggested); a clear one-line error for an unknown tag or a tag without
+    a probe."""
+    probe_set = inputs.probe_set
     cat = catalog.read(layout.catalog, columns=["track_id", "tags", "split"])
     vocabulary = set(catalog.vocabulary(cat, split=None).tags) | set(probe_set.tags)
     with_probe = [t for j, t in enumerate(probe_set.tags) if probe_set.weights[:, j].any()]
@@ -234,16 +221,17 @@ def resolve(cfg: SuggestConfig, layout: Layout) -> Inputs:
         if tag not in vocabulary:
             raise ConfigError(f"unknown tag {tag!r}: no track of {layout.catalog} carries it")
         if tag not in with_probe:
-            raise ConfigError(f"tag {tag!r} has no probe in probe run {run_id}: label more tracks, run tune")
+            raise ConfigError(
+                f"tag {tag!r} has no probe in probe run {inputs.probe_run_id}: label more tracks, run tune"
+            )
     wanted = [t for t in with_probe if not cfg.tags or t in cfg.tags]
-    emb = applied.embeddings
     labeled = frozenset(
         t for t, labels in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) if labels
     )
-    return Inputs(run_id, applied.probe_uri, probe_set, wanted, labeled, emb.file_uris(), emb.version)
+    return wanted, labeled
 
 
-def version_id(cfg: SuggestConfig, layout: Layout, inputs: Inputs) -> str:
+def derive_run_id(cfg: SuggestConfig, layout: Layout, inputs: tags.Inputs, wanted: list[str]) -> str:
     """``--run-id``, else ``suggest-<digest>`` of the probe set, embeddings, catalog and selection."""
     if cfg.run_id:
         return cfg.run_id
@@ -251,7 +239,7 @@ def version_id(cfg: SuggestConfig, layout: Layout, inputs: Inputs) -> str:
         "probe_set": storage.file_checksum(inputs.probe_uri),
         "embeddings": [inputs.probe_set.model_id, inputs.embedding_version],
         "catalog": storage.file_checksum(layout.catalog),
-        "selection": [inputs.tags, cfg.per_tag, cfg.max_similarity, cfg.pool_factor],
+        "selection": [wanted, cfg.per_tag, cfg.max_similarity, cfg.pool_factor],
     }
     return versions.digest_version("suggest", parts)
 

@@ -63,6 +63,9 @@ SCHEMA = pa.schema(
 )
 
 
+EMBEDDING_ERROR = "embedding error: "  # an error row's reason: this, then the embed job's reason
+
+
 @dataclass
 class TagConfig(RayConfig):
     """Write predicted tags, with scores and provenance, beside the catalog."""
@@ -129,7 +132,7 @@ def embedding_errors(files: list[str], catalog_ids: list[str], tagged_at: str) -
             "model_id": [None] * n,
             "probe_run_id": [None] * n,
             "tagged_at": [tagged_at] * n,
-            "reason": [f"embedding error: {e}" for e in failed["error"].to_pylist()]
+            "reason": [EMBEDDING_ERROR + e for e in failed["error"].to_pylist()]
             + ["no embedding"] * len(missing),
         },
         schema=SCHEMA,
@@ -281,16 +284,18 @@ def summarize(table: pa.Table, long_tail: Sequence[str], n_top: int = 10) -> str
 
 
 @dataclass(frozen=True)
-class Applied:
-    """The probe run the tag stage applies and the latest embeddings of its model (tag and suggest jobs)."""
+class Inputs:
+    """What a run of the tag stage (the tag and suggest jobs) applies, found and checked before Ray starts:
+    a probe run's probe set and the latest embeddings of its model."""
 
-    run_id: str
+    probe_run_id: str
     probe_uri: str
     probe_set: ProbeSet
-    embeddings: versions.Manifest
+    embedding_files: list[str]
+    embedding_version: str
 
 
-def applied_probes(layout: Layout, probe_run_id: str = "") -> Applied:
+def find_inputs(layout: Layout, probe_run_id: str = "") -> Inputs:
     """``probe_run_id`` (else the latest probe run) and its model's latest embeddings; a one-line
     ``ConfigError`` when either is missing, has no thresholds, or holds no rows."""
     from musiclib.probe.probes import ProbeSet
@@ -313,7 +318,23 @@ def applied_probes(layout: Layout, probe_run_id: str = "") -> Applied:
             f"the embeddings of {probe_set.model_id} hold no rows: version {emb.version} of {dataset} "
             f"lists {len(emb.files)} file(s); run embed on a non-empty catalog"
         )
-    return Applied(run_id, probe_uri, probe_set, emb)
+    return Inputs(run_id, probe_uri, probe_set, emb.file_uris(), emb.version)
+
+
+def derive_run_id(cfg: TagConfig, layout: Layout, inputs: Inputs, previous: tag_table.Run | None) -> str:
+    """``--run-id``, else ``tags-<digest>`` of the probe set, embeddings, catalog and mode (with
+    ``--only-new``, the table's current run ``previous`` too)."""
+    if cfg.run_id:
+        return cfg.run_id
+    parts = [
+        storage.file_checksum(inputs.probe_uri),
+        inputs.probe_set.model_id,
+        inputs.embedding_version,
+        storage.file_checksum(layout.catalog),
+        cfg.only_new,
+        previous.run_id if cfg.only_new and previous else None,
+    ]
+    return versions.digest_version("tags", parts)
 
 
 def current_snapshot(where: Where) -> str | None:

@@ -419,7 +419,7 @@ def _model_file(models_root: str, model_id: str, name: str) -> bytes:
         raise storage.StorageError(f"no exported model {model_id!r} under {models_root}: {exc}") from exc
 
 
-def resolve(models_root: str, model_id: str = "") -> str:
+def model_id_or_latest(models_root: str, model_id: str = "") -> str:
     """``model_id``, or when empty the latest exported model; a clear error when nothing was exported yet."""
     model_id = model_id or versions.latest_version(models_root) or ""
     if not model_id:

@@ -1,0 +1,1 @@
+"""The jobs: thin Ray entrypoints around musiclib, one module per job, run as ``python -m jobs.<job>``."""
