@@ -95,13 +95,14 @@ def with_vectors(table: pa.Table, x: np.ndarray) -> pa.Table:
     return table.set_column(table.column_names.index("embedding"), "embedding", column)
 
 
-def fused(learned: pa.Table, floor: pa.Table) -> pa.Table:
-    """Each part standardised over the tracks and scaled to unit total variance, side by side."""
+def fused(learned: pa.Table, floor: pa.Table, equal_parts: bool = True) -> pa.Table:
+    """Each part standardised over the tracks, side by side; with ``equal_parts`` each part scaled to unit
+    total variance, else each dimension to unit variance."""
     parts = []
     for table in (learned, floor):
         x = table.column("embedding").combine_chunks().flatten().to_numpy(zero_copy_only=False)
         x = x.reshape(len(table), -1).astype(np.float64)
-        x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6) / np.sqrt(x.shape[1])
+        x = (x - x.mean(0)) / np.maximum(x.std(0), 1e-6) / (np.sqrt(x.shape[1]) if equal_parts else 1.0)
         parts.append(x)
     return with_vectors(learned, np.concatenate(parts, axis=1))
 
@@ -139,6 +140,7 @@ def main() -> None:
     parser.add_argument("--fused", action="store_true", help="also evaluate learned + log-mel, fused")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--cache", default="", help="a Parquet file keeping the decoded labeled tracks")
+    parser.add_argument("--skip-random", action="store_true", help="no evaluation before training")
     parser.add_argument("--out", required=True, help="JSON lines, appended")
     args = parser.parse_args()
     if args.threads:
@@ -182,6 +184,7 @@ def main() -> None:
         }
         if floor is not None and args.fused:
             line["fused"] = probe_scores(tracks, fused(emb, floor), probes)
+            line["fused_dims"] = probe_scores(tracks, fused(emb, floor, equal_parts=False), probes)
         line["eval_s"] = round(time.perf_counter() - start, 1)
         write(line)
 
@@ -198,7 +201,8 @@ def main() -> None:
             while due[0] * 60 <= metrics["trained_s"]:
                 due[0] += args.every
 
-    evaluate(0, {})
+    if not args.skip_random:
+        evaluate(0, {})
     pretraining.fit(model, optimizer, augment, training_data, cfg, device, report=on_log)
 
 

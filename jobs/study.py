@@ -59,17 +59,20 @@ def embed_logmel(cfg: StudyConfig, work: Layout) -> str:
 
 
 def make_encoder(cfg: StudyConfig, work: Layout, encoder: str, seed: int) -> tuple[str, dict[str, float]]:
-    """Train (or initialise) and embed one encoder under the work root; its model id and the stages' seconds."""
+    """Train (or initialise) and embed one encoder under the work root; its model id, and the stages'
+    seconds and the pretraining steps (0 untrained)."""
     seconds = {}
     start = time.perf_counter()
     if encoder == "logmel":
         model_id = embed_logmel(cfg, work)
-        return model_id, {"pretrain_s": 0.0, "embed_s": time.perf_counter() - start}
-    if encoder == "random":
-        model_id = models.export_random_encoder(work.models, models.EncoderConfig(width=cfg.width), seed)
+        return model_id, {"pretrain_s": 0.0, "embed_s": time.perf_counter() - start, "steps": 0}
+    pretrain_cfg = study.pretrain_config(cfg, work.root, "clmr" if encoder == "random" else encoder, seed)
+    if encoder == "random":  # the weights pretraining with this seed starts from
+        model_id = models.export_random_encoder(work.models, pretrain_cfg.encoder_config(), seed)
     else:
-        model_id = pretrain.run(study.pretrain_config(cfg, work.root, encoder, seed)).result
+        model_id = pretrain.run(pretrain_cfg).result
     seconds["pretrain_s"] = time.perf_counter() - start
+    seconds["steps"] = models.load_card(work.models, model_id).get("steps", 0)
     start = time.perf_counter()
     embed.run(study.embed_config(cfg, work.root, model_id))
     seconds["embed_s"] = time.perf_counter() - start

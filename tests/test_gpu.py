@@ -23,7 +23,7 @@ from musiclib.embed import table as embeddings_table
 from musiclib.train import models
 from musiclib.train.augment import OneFilter, PitchShift, apply_filters, transpose
 from musiclib.train.data import Batch
-from musiclib.train.pretraining import PretrainConfig, build, train_step
+from musiclib.train.pretraining import PretrainConfig, ProjectionQueue, build, train_step
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -59,7 +59,7 @@ def _one_step(cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor, 
     model = build(cfg, device)[0]
     before = [p.detach().clone() for p in model.parameters()]
     dtypes: list[torch.dtype] = []
-    conv = next(m for m in model.modules() if isinstance(m, nn.Conv1d))
+    conv = next(m for m in model.modules() if isinstance(m, nn.Conv1d | nn.Conv2d))
     conv.register_forward_hook(lambda _m, _i, o: dtypes.append(o.dtype))
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     stats = train_step(
@@ -69,12 +69,14 @@ def _one_step(cfg: PretrainConfig, device: torch.device) -> tuple[torch.Tensor, 
     return stats.cpu(), update, dtypes[0]
 
 
-def test_train_step_on_cuda_is_the_cpu_step_in_fp32_and_runs_bf16_autocast_by_default(monkeypatch):
+@pytest.mark.parametrize("family", ["samplecnn", "melcnn"])
+def test_train_step_on_cuda_is_the_cpu_step_in_fp32_and_runs_bf16_autocast_by_default(monkeypatch, family):
     """``--precision fp32`` on CUDA computes the CPU's step (TF32 off); the default runs the convolutions in
-    bf16, whose loss stays within a few percent. Its update is not compared: at initialisation the
-    embeddings differ by less than bf16 resolves (docs/BENCHMARKS.md, GPU)."""
+    bf16 (the log-mel front end stays in float32), whose loss stays within a few percent. Its update is not
+    compared: at initialisation the embeddings differ by less than bf16 resolves (docs/BENCHMARKS.md, GPU)."""
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    cfg = PretrainConfig(width=0.25, num_workers=1, batch_size=8, p_pitch=0.0)
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    cfg = PretrainConfig(encoder=family, width=0.25, num_workers=1, batch_size=8, p_pitch=0.0)
     cpu_stats, cpu_update, cpu_dtype = _one_step(cfg, CPU)
     fp32_stats, fp32_update, fp32_dtype = _one_step(replace(cfg, precision="fp32"), CUDA)
     bf16_stats, _, bf16_dtype = _one_step(cfg, CUDA)
@@ -85,10 +87,11 @@ def test_train_step_on_cuda_is_the_cpu_step_in_fp32_and_runs_bf16_autocast_by_de
     torch.testing.assert_close(bf16_stats[[2, 4]], cpu_stats[[2, 4]])  # labeled and unlabeled counts
 
 
-def test_encoder_outputs_on_the_gpu_match_the_cpu():
+@pytest.mark.parametrize("family", ["samplecnn", "melcnn"])
+def test_encoder_outputs_on_the_gpu_match_the_cpu(family):
     """``forward_chunks`` (what the embed job's actors run) gives the CPU's embeddings on CUDA."""
     torch.manual_seed(0)
-    encoder = models.SampleCNN(models.EncoderConfig(width=1.0)).eval()
+    encoder = models.build_encoder(models.EncoderConfig(family=family, width=1.0)).eval()
     chunks = (np.random.default_rng(0).standard_normal((10, audio.CHUNK_SAMPLES)) * 3000).astype(np.int16)
     on_cpu = embedder.forward_chunks(encoder, chunks, chunk_batch=4)
     on_gpu = embedder.forward_chunks(encoder.to(CUDA), chunks, chunk_batch=4, device=CUDA)
@@ -109,21 +112,33 @@ def test_the_augmentations_on_the_gpu_match_the_cpu():
     assert row_cosines(on_gpu.numpy(), apply_filters(x, draw).numpy()).min() > 0.9999
 
 
-def test_the_augmentation_chain_and_the_step_never_wait_for_the_gpu():
+@pytest.mark.parametrize("family", ["samplecnn", "melcnn"])
+def test_the_augmentation_chain_and_the_step_never_wait_for_the_gpu(family):
     """Every per-view decision is drawn on the host and the step's statistics are masked sums, so the CPU
     queues the next batch's chain and step while the GPU still runs this one: torch raises on any
-    synchronising call in them."""
-    cfg = PretrainConfig(width=0.25, num_workers=1, batch_size=8, p_chain=1.0, p_filter=1.0, p_pitch=1.0)
+    synchronising call in them (the log-mel views' augmentations and the queue included)."""
+    spec = {"p_mix": 1.0, "p_crop": 1.0, "p_freq_mask": 1.0, "p_time_mask": 1.0, "queue": 32}
+    cfg = PretrainConfig(
+        encoder=family,
+        width=0.25,
+        num_workers=1,
+        batch_size=8,
+        p_chain=1.0,
+        p_filter=1.0,
+        p_pitch=1.0,
+        **spec,
+    )
     model, optimizer, chain = build(cfg, CUDA)
+    queue = ProjectionQueue(cfg.queue, cfg.encoder_config().proj_dim, 2, CUDA)
     batch = Batch(
         0.1 * torch.randn(16, audio.CHUNK_SAMPLES).pin_memory(),
         torch.ones(8, 2).pin_memory(),
-        torch.arange(8),
+        torch.arange(8).pin_memory(),
     )
-    train_step(model, chain, optimizer, batch, cfg, CUDA)  # the first builds FFT plans, kernels, Adam state
+    train_step(model, chain, optimizer, batch, cfg, CUDA, queue)  # builds FFT plans, kernels, Adam state
     torch.cuda.set_sync_debug_mode("error")
     try:
-        train_step(model, chain, optimizer, batch, cfg, CUDA)
+        train_step(model, chain, optimizer, batch, cfg, CUDA, queue)
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -66,7 +66,18 @@ OUTPUTS = ("results.parquet", "study.md", "study.png")
 METRIC_NAMES = {"ap": "average precision (AP)", "roc_auc": "ROC-AUC"}
 # Options the study sets itself, per job: they may not appear in that job's pass-through options.
 SET_BY_STUDY = {
-    "pretrain": {"root", "run_name", "seed", "p_s", "b_s", "width", "steps", "batch_size"},
+    "pretrain": {
+        "root",
+        "run_name",
+        "seed",
+        "p_s",
+        "b_s",
+        "encoder",
+        "width",
+        "minutes",
+        "steps",
+        "batch_size",
+    },
     "embed": {"root", "catalog", "model_id", "max_chunks", "only_new"},
     "tune": {"root", "model_id", "run_id"},
 }
@@ -76,9 +87,11 @@ SET_BY_STUDY = {
 class StudyConfig(RayConfig):
     """Compare encoders trained with no, few and all labels (and two untrained references) by few-shot probes.
 
-    The defaults fit a developer's machine (2 CPU cores, docs/STUDY.md); a GPU cluster scales the same
-    study with ``--width 1 --steps 10000 --batch-size 96`` and ``--pretrain-options "--num-workers 8
-    --use-gpu true"`` (any option of the pretrain, embed and tune jobs passes through).
+    Every trained encoder of a study is of one family (``--encoder``) and trains for the same time
+    (``--minutes``, at most ``--steps``): encoders are compared at equal compute. The defaults fit a
+    developer's machine (2 CPU cores, docs/STUDY.md); a GPU cluster scales the same study with ``--width 1
+    --minutes 0 --steps 10000 --batch-size 96`` and ``--pretrain-options "--num-workers 8 --use-gpu true"``
+    (any option of the pretrain, embed and tune jobs passes through).
     """
 
     root: str = DEFAULT_ROOT
@@ -89,11 +102,17 @@ class StudyConfig(RayConfig):
     )  # pretraining seeds (untrained references: the first)
     label_share: float = 0.1  # p_s of semisupcon-low: the share of the labeled tracks whose labels it sees
     batch_label_share: float = PretrainConfig.b_s  # b_s of both SemiSupCon encoders: labeled clips per batch
+    encoder: str = "melcnn"  # the family of every trained encoder and of the random one (samplecnn, melcnn)
     width: float = 0.25
-    steps: int = 70
-    batch_size: int = 32
+    minutes: float = 5.0  # training time of each pretraining (0: --steps alone)
+    steps: int = 2000  # at most this many steps each
+    batch_size: int = 64
     max_chunks: int = 2  # chunks of 2.7 s embedded per track, spread over it
-    pretrain_options: str = "--num-workers 2 --lr 5e-4 --warmup 10 --cosine true --p-pitch 0 --log-every 20"
+    # one worker with both cores (what two synchronised workers compute, faster on 2 cores: BENCHMARKS.md)
+    pretrain_options: str = (
+        "--num-workers 1 --cpus-per-worker 2 --lr 1e-3 --warmup 10 --cosine true --p-chain 0 --p-pitch 0 "
+        "--log-every 20"
+    )
     embed_options: str = ""
     # every budget, normalisation and repetition of the tune job; its all-tags linear probe and centroids
     # (per-tag scikit-learn fits, --probes logreg, cost minutes per sweep on thousands of labeled tracks)
@@ -189,7 +208,9 @@ def pretrain_config(cfg: StudyConfig, work_root: str, encoder: str, seed: int) -
         seed=seed,
         p_s=p_s,
         b_s=b_s,
+        encoder=cfg.encoder,
         width=cfg.width,
+        minutes=cfg.minutes,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
     )
@@ -322,6 +343,17 @@ def summarize(rows: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
     return stats
 
 
+def steps_run(rows: pd.DataFrame) -> str:
+    """The pretraining steps each trained encoder ran (their range over seeds), from the rows' ``steps``."""
+    trained = rows[rows["encoder"].isin(TRAINED)].groupby(["encoder", "seed"])["steps"].first()
+    if trained.empty:
+        return "none"
+    return ", ".join(
+        f"{e} {s.min()}" + (f"-{s.max()}" if s.max() != s.min() else "")
+        for e, s in trained.groupby("encoder")
+    )
+
+
 def facts(cfg: StudyConfig, run_id: str, catalog_uri: str, work: str, rows: pd.DataFrame) -> dict[str, Any]:
     """The facts study.md opens with: the run, its scale, the protocol, and the seconds each encoder took."""
     stage_s = rows.groupby(["encoder", "seed"])[["pretrain_s", "embed_s", "tune_s"]].first().sum(axis=1)
@@ -330,7 +362,13 @@ def facts(cfg: StudyConfig, run_id: str, catalog_uri: str, work: str, rows: pd.D
         "catalog": catalog_uri,
         "encoders": f"{', '.join(cfg.encoders)}; trained ones with seeds {', '.join(map(str, cfg.seeds))}, "
         "untrained references with the first",
-        "pretraining": f"SampleCNN width {cfg.width}, {cfg.steps} steps of {cfg.batch_size} clips, "
+        "pretraining": f"{cfg.encoder} width {cfg.width}, "
+        + (
+            f"{cfg.minutes:g} minutes of training (at most {cfg.steps} steps)"
+            if cfg.minutes
+            else f"{cfg.steps} steps"
+        )
+        + f" of {cfg.batch_size} clips (steps run: {steps_run(rows)}), "
         f"label share of semisupcon-low {cfg.label_share}, labeled share of a SemiSupCon batch "
         f"{cfg.batch_label_share}; options: {cfg.pretrain_options or 'none'}",
         "embedding": f"the labeled tracks, up to {cfg.max_chunks} chunks of 2.7 s each; "
@@ -435,8 +473,8 @@ def finish(cfg: StudyConfig, run_id: str, rows: pd.DataFrame, facts: dict[str, A
 
 
 SETTINGS = (
-    "width", "steps", "batch_size", "max_chunks", "label_share", "batch_label_share", "pretrain_options",
-    "tune_options",
+    "encoder", "width", "minutes", "steps", "batch_size", "max_chunks", "label_share", "batch_label_share",
+    "pretrain_options", "tune_options",
 )  # fmt: skip
 
 
@@ -446,6 +484,7 @@ def compare_runs(dataset: str, budget: str = "20") -> pd.DataFrame:
     (only to report). ``best_on_valid`` marks each encoder's run with the highest validation AP, so a
     setting is chosen across runs on validation, as the probes' configurations are within one."""
     defaults = {f.name: f.default for f in dataclasses.fields(StudyConfig)}  # runs older than a setting
+    defaults |= {"encoder": "samplecnn", "minutes": 0.0}  # the settings of every run before these options
     rows = []
     for run_id in versions.committed_versions(dataset):
         manifest = versions.read_manifest(dataset, run_id)
