@@ -33,8 +33,6 @@ def test_config_is_validated_before_any_work(tmp_path):
         tune_job.main(["--root", str(tmp_path), "--max-failures", "-2"])
     with pytest.raises(ConfigError, match="--representations: unknown or empty \\['mfcc'\\]"):
         tune_job.main(["--root", str(tmp_path), "--representations", "embedding,mfcc"])
-    with pytest.raises(ConfigError, match="fused needs standardize in --norms"):
-        tune_job.main(["--root", str(tmp_path), "--norms", "l2"])
     root = str(tmp_path / "r")
     write_synthetic_root(root, n_tracks=80)
     with pytest.raises(ConfigError, match="no training labels for jazz"):
@@ -138,6 +136,8 @@ def test_trials_hold_every_configuration_once_longest_first():
     for group in groups:  # the learned embedding with every normalisation, fused with standardize alone
         got = sorted((c["representation"], c["norm"]) for c in group)
         assert got == sorted([("embedding", n) for n in probes.NORMS] + [("fused", "standardize")])
+    l2 = sweep.configurations(sweep.TuneConfig(budgets=["all"], probes=["centroid"], norms=["l2"]))
+    assert [(c["representation"], c["norm"]) for c in l2] == [("embedding", "l2"), ("fused", "standardize")]
     order = [g[0]["probe"] for g in groups]
     assert order == sorted(order, key=sweep.LONGEST_FIRST.index) and order[0] == "logreg"
 

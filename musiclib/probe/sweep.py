@@ -4,8 +4,8 @@ A sweep is budgets x probes x hyperparameters x representations x normalisations
 as one trial per budget x probe x hyperparameters with its representations and normalisations inside
 (``group_by_trial``, ``run_trial``). The representation is what the probes read (``REPRESENTATIONS`` of
 the embeddings table): the learned embedding, the log-mel statistics, or both side by side (``fused``,
-only with the ``standardize`` normalisation: its parts are standardised and weighted to equal total
-variance, ``probes.fit_normalizer``); it is chosen per budget on the validation split like every other
+always with the ``standardize`` normalisation, whatever ``--norms`` lists: its parts are standardised and
+weighted to equal total variance, ``probes.fit_normalizer``); it is chosen per budget on the validation split like every other
 setting. Embeddings without the ``logmel`` column offer only the learned embedding (``narrow``). Each
 configuration's rows go to ``<run>/trials/<configuration>.parquet``, so a restarted sweep skips what is
 written. ``finish`` turns the rows into the run's outputs (results, report, budget curve, the refit probe
@@ -43,8 +43,9 @@ class TuneConfig(RayConfig):
     budgets: list[str] = field(default_factory=lambda: ["1", "2", "5", "10", "20", "50", "100", "all"])
     probes: list[str] = field(default_factory=lambda: list(probes.PROBES))
     norms: list[str] = field(default_factory=lambda: list(probes.NORMS))
-    # what the probes read; fused takes the standardize normalisation alone; those the embeddings cannot
-    # give (no logmel column: embeddings written before the embed job computed it) are left out
+    # what the probes read; --norms apply to embedding and logmel, fused is always standardised (its parts
+    # must be); those the embeddings cannot give (no logmel column: written before embed computed it) are
+    # left out
     representations: list[str] = field(default_factory=lambda: ["embedding", "fused"])
     tags: list[str] = field(default_factory=list)  # empty: every tag of the training labels
     c_grid: list[float] = field(default_factory=lambda: [0.1, 1.0])  # logreg inverse regularisation
@@ -78,10 +79,6 @@ class TuneConfig(RayConfig):
             unknown = sorted(set(values) - set(known))
             if unknown or not values:
                 problems.append(f"--{name}: unknown or empty {unknown}; choose from {', '.join(known)}")
-        if "fused" in self.representations and "standardize" not in self.norms:
-            problems.append(
-                "--representations fused needs standardize in --norms: its parts are standardised"
-            )
         if self.class_weight not in ("balanced", "none"):
             problems.append("--class-weight: use 'balanced' or 'none'")
         if min(self.c_grid + self.lr_grid, default=0) <= 0 or min(self.weight_decay_grid, default=0) < 0:
@@ -99,7 +96,8 @@ class TuneConfig(RayConfig):
 
 def configurations(cfg: TuneConfig) -> list[dict[str, Any]]:
     """Every point of the grid: budget x probe x representation x normalisation x that probe's
-    hyperparameters; ``fused`` only with ``standardize``."""
+    hyperparameters; ``fused`` takes ``standardize`` whatever ``--norms`` lists (its parts must be
+    standardised to weigh them, ``probes.fit_normalizer``)."""
     grids: dict[str, list[dict[str, Any]]] = {
         "logreg": [{"C": c, "class_weight": cfg.class_weight} for c in cfg.c_grid],
         "linear": [
@@ -109,11 +107,10 @@ def configurations(cfg: TuneConfig) -> list[dict[str, Any]]:
         "centroid": [{}],
     }
     out = []
-    grid = itertools.product(cfg.budgets, cfg.probes, cfg.representations, cfg.norms)
-    for budget, probe, representation, norm in grid:
-        if representation == "fused" and norm != "standardize":
-            continue
-        for params in grids[probe]:
+    grid = itertools.product(cfg.budgets, cfg.probes, cfg.representations)
+    for budget, probe, representation in grid:
+        norms = ["standardize"] if representation == "fused" else cfg.norms
+        for norm, params in itertools.product(norms, grids[probe]):
             if params.get("class_weight") == "none":
                 params = {**params, "class_weight": None}
             out.append(
