@@ -29,7 +29,7 @@ from musiclib.core import storage
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
 from musiclib.datasets import demo
-from musiclib.embed import embedder
+from musiclib.embed import chunking, embedder
 from musiclib.train import models
 
 
@@ -174,7 +174,7 @@ def decode_floor(catalog_uri: str, batch_size: int) -> float:
     n = 0
     base = catalog.base_dir(catalog_uri)
     for batch in catalog.iter_batches(catalog_uri, columns=["track_id", "audio_uri"], batch_size=batch_size):
-        n += len(embedder.decode_batch(pa.Table.from_batches([batch]), base))
+        n += len(chunking.decode_batch(pa.Table.from_batches([batch]), base))
     return n / (time.perf_counter() - start)
 
 

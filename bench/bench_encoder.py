@@ -1,4 +1,4 @@
-"""The encoder's own rate, without decoding: hours of audio per second through ``embedder.forward_chunks``
+"""The encoder's own rate, without decoding: hours of audio per second through ``chunking.forward_chunks``
 (int16 chunks in, embeddings out, host-to-device copies included), in float32 and under bf16 autocast, with
 BatchNorm as trained and folded into the convolutions (``models.fold_batchnorm``, what the embed job runs).
 
@@ -21,7 +21,7 @@ import torch
 
 from musiclib import audio
 from musiclib.core.config import parse
-from musiclib.embed import embedder
+from musiclib.embed import chunking
 from musiclib.train import models
 
 
@@ -32,6 +32,17 @@ class BenchConfig:
     chunks: int = 8192  # 2.7 s chunks per timed pass
     width: float = 1.0
     chunk_batches: tuple[int, ...] = (64, 256)  # forward batch sizes to try
+
+
+def timed_pass(module: torch.nn.Module, chunks: np.ndarray, chunk_batch: int, device: torch.device) -> float:
+    """Seconds of one pass of ``chunks`` through ``module`` as the embed job's actors run it."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    chunking.forward_chunks(module, chunks, chunk_batch, device)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -46,14 +57,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     settings = itertools.product(encoders.items(), cfg.chunk_batches, (False, True))
     for (batchnorm, encoder), chunk_batch, bf16 in settings:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            embedder.forward_chunks(encoder, chunks[: 2 * chunk_batch], chunk_batch, device)  # warm-up
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            embedder.forward_chunks(encoder, chunks, chunk_batch, device)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
+            chunking.forward_chunks(encoder, chunks[: 2 * chunk_batch], chunk_batch, device)  # warm-up
+            seconds = timed_pass(encoder, chunks, chunk_batch, device)
         result = {
             "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
             "width": cfg.width,

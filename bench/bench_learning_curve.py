@@ -32,7 +32,7 @@ import torch
 from musiclib import catalog
 from musiclib.core import storage
 from musiclib.core.config import Layout, parse
-from musiclib.embed import embedder, logmel
+from musiclib.embed import chunking, embedder, logmel
 from musiclib.probe import fewshot, report
 from musiclib.probe.sweep import TuneConfig, configurations
 from musiclib.train import data, labels, pretraining, shards
@@ -66,7 +66,7 @@ def decode_labeled(root: str, max_chunks: int, cache: str) -> tuple[pa.Table, li
     else:
         cols = ["track_id", "audio_uri"]
         decoded = pa.concat_tables(
-            embedder.decode_batch(tracks.slice(i, 16).select(cols), base, max_chunks)
+            chunking.decode_batch(tracks.slice(i, 16).select(cols), base, max_chunks)
             for i in range(0, tracks.num_rows, 16)
         )
         if cache:

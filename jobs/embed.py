@@ -4,7 +4,8 @@
 
 Streams the catalog's rows (``track_id``, ``audio_uri``) → decodes each track into up to ``max_chunks``
 int16 chunks in CPU tasks → runs the encoder on an actor pool (one GPU per actor when the cluster has
-GPUs) → writes Parquet shards in the embeddings schema → publishes them as a new version of
+GPUs; beside each track's embedding, the log-mel statistics of the same chunks) → writes Parquet shards
+in the embeddings schema → publishes them as a new version of
 ``<root>/embeddings/<model_id>/`` (``versions.publish``: manifest last, then ``_latest``).
 
 Resume. A run records its version in ``_pending.json`` and writes with Ray Data job-level checkpointing
@@ -33,7 +34,7 @@ from musiclib import catalog
 from musiclib.core import lifecycle, ray_env, storage, versions
 from musiclib.core.config import Layout, as_dict, parse
 from musiclib.core.ray_env import ray_session, retry_transient_storage
-from musiclib.embed import embedder
+from musiclib.embed import chunking, embedder, logmel
 from musiclib.embed import table as embeddings_table
 from musiclib.embed.embedder import EmbedConfig
 from musiclib.train import models
@@ -42,16 +43,20 @@ from musiclib.train import models
 
 
 class EncoderActor:
-    """Holds the encoder, BatchNorm folded (``models.fold_batchnorm``), on its device and embeds decoded tracks."""
+    """Holds the encoder, BatchNorm folded (``models.fold_batchnorm``), and the log-mel floor on its
+    device, and embeds decoded tracks (the embedding and the log-mel statistics of the same chunks)."""
 
     def __init__(self, models_root: str, model_id: str, chunk_batch: int, device: str):
         self.encoder = models.fold_batchnorm(models.load_encoder(models_root, model_id, device)[0])
+        self.floor = logmel.LogMel().to(device)
         self.model_id = model_id
         self.chunk_batch = chunk_batch
         self.device = device
 
     def __call__(self, decoded: pa.Table) -> pa.Table:
-        return embedder.embed_batch(self.encoder, decoded, self.model_id, self.chunk_batch, self.device)
+        return embedder.embed_batch(
+            self.encoder, decoded, self.model_id, self.chunk_batch, self.device, self.floor
+        )
 
 
 def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
@@ -68,7 +73,7 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
     if len(skip):
         rows = rows.map_batches(embedder.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
     decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
-        embedder.decode_batch,
+        chunking.decode_batch,
         fn_kwargs={
             "base_dir": catalog.base_dir(cfg.catalog_uri),
             "max_chunks": cfg.max_chunks,

@@ -5,7 +5,8 @@
 1. Resolve, before Ray: the probe set the tag job applies (``--probe-run-id``, else the latest tune run),
    the tags asked for (an unknown tag, or one without a probe, is a one-line error and nothing is
    written), the catalog's labeled tracks (never suggested) and the model's latest embeddings.
-2. Ray Data streams the embedding shards through the probe set: one matrix product per block gives every
+2. Ray Data streams the embedding shards through the probe set, in its representation (the ``logmel``
+   column read only when its probes read the statistics): one matrix product per block gives every
    tag's margin from its threshold, and each block keeps only its most uncertain tracks per tag
    (``suggest.block_candidates``). The driver merges them into each tag's pool as they arrive.
 3. On the driver, each tag's batch is picked from its pool without near-duplicates (``suggest.select``)
@@ -27,6 +28,7 @@ from musiclib import catalog
 from musiclib.core import lifecycle, ray_env, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import TASK_RETRIES, ray_session, retry_transient_storage
+from musiclib.embed import table as embeddings_table
 from musiclib.probe.probes import ProbeSet
 from musiclib.tag import suggest, tags
 from musiclib.tag.suggest import SuggestConfig
@@ -42,17 +44,11 @@ class CandidateBlock:
         self.labeled = pa.array(sorted(labeled), pa.string())
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        ok = pc.and_(pc.is_null(batch["error"]), pc.is_valid(batch["embedding"]))
-        ok = pc.and_(ok, pc.invert(pc.is_in(batch["track_id"], self.labeled)))
-        rows = batch.filter(ok)
-        dim = self.probe_set.weights.shape[0]
-        x = (
-            rows["embedding"]
-            .combine_chunks()
-            .flatten()
-            .to_numpy(zero_copy_only=False)
-            .reshape(len(rows), dim)
+        ok = pc.and_(
+            embeddings_table.usable_mask(batch), pc.invert(pc.is_in(batch["track_id"], self.labeled))
         )
+        rows = batch.filter(ok)
+        x = embeddings_table.matrix(rows, self.probe_set.representation)
         ids = np.asarray(rows["track_id"].to_pylist(), dtype=str)
         return suggest.block_candidates(ids, x, self.probe_set, self.columns, self.pool)
 
@@ -61,7 +57,9 @@ def candidates_with_ray(
     cfg: SuggestConfig, inputs: tags.Inputs, wanted: list[str], labeled: frozenset[str]
 ) -> pa.Table:
     """Every wanted tag's pool of most uncertain unlabeled tracks, merged on the driver block by block."""
-    ds = ray_env.read_parquet(inputs.embedding_files, ["track_id", "embedding", "error"])
+    ds = ray_env.read_parquet(
+        inputs.embedding_files, embeddings_table.columns(inputs.probe_set.representation)
+    )
     blocks = ds.map_batches(
         CandidateBlock,
         fn_constructor_args=(inputs.probe_uri, wanted, cfg.pool, labeled),

@@ -2,11 +2,12 @@
 
     python -m jobs.tag --root data/demo [--probe-run-id tune-...] [--only-new true] [--catalog-uri URI]
 
-Ray Data reads each embedding file, scores it with the probe set (one matrix product for all tags, with
-its normalisation) and writes its long-form rows as one Parquet file into the Iceberg table's data folder,
-all in one task (``tags.write_model_rows``, ``--concurrency`` tasks at once); the catalog's human
-labels are carried over unchanged; tracks whose embedding carries an error get a row with the reason.
-Then one snapshot commits the run (``tag_table.commit``): readers see it whole or not at all.
+Ray Data reads each embedding file (the columns of the probe set's representation: the ``logmel`` column
+only when its probes read the log-mel statistics), scores it with the probe set (one matrix product for
+all tags, with its normalisation) and writes its long-form rows as one Parquet file into the Iceberg
+table's data folder, all in one task (``tags.write_model_rows``, ``--concurrency`` tasks at once); the
+catalog's human labels are carried over unchanged; tracks whose embedding carries an error get a row with
+the reason. Then one snapshot commits the run (``tag_table.commit``): readers see it whole or not at all.
 The run id is derived from the inputs (or ``--run-id``) and stored in the snapshot: a re-run with the
 same inputs finds it and writes nothing. ``--only-new true`` scores only tracks without model rows of
 the same probe run (and model) in the current snapshot and keeps those rows' files as they are; rows of
@@ -27,6 +28,7 @@ from musiclib import catalog
 from musiclib.core import lifecycle, ray_env, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import TASK_RETRIES, ray_session, retry_transient_storage
+from musiclib.embed import table as embeddings_table
 from musiclib.tag import tag_table, tags
 from musiclib.tag.tags import Inputs, TagConfig
 
@@ -40,7 +42,8 @@ def score_with_ray(
     The model rows go from the task straight to Parquet, never through the object store, and the tasks
     at once are set by the config, not by the catalog: the job's memory does not grow with the catalog.
     """
-    ds = ray_env.read_parquet(inputs.embedding_files, ["track_id", "embedding", "error"], cfg.concurrency)
+    columns = embeddings_table.columns(inputs.probe_set.representation)  # logmel only when the probes read it
+    ds = ray_env.read_parquet(inputs.embedding_files, columns, cfg.concurrency)
     written = ds.map_batches(
         tags.write_model_rows,
         fn_args=(inputs.probe_set, inputs.probe_run_id, tagged_at, rows_dir),
@@ -77,6 +80,7 @@ def write_run(cfg: TagConfig, layout: Layout, table: Table, inputs: Inputs, run_
     provenance = {
         "model-id": inputs.probe_set.model_id,
         "probe-run-id": inputs.probe_run_id,
+        "representation": inputs.probe_set.representation,
         "embedding-version": inputs.embedding_version,
         "tagged-at": tagged_at,
         "carried-over-tracks": len(skip),

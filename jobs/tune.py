@@ -2,16 +2,19 @@
 
     python -m jobs.tune --root data/demo [--budgets 1,5,all] [--probes logreg,centroid] ...
 
-1. Check the config and the catalog, load the labels joined with the model's embeddings (before Ray).
+1. Check the config and the catalog, load the labels joined with the model's embeddings (and their log-mel
+   statistics: the ``logmel`` and ``fused`` representations), before Ray. Embeddings written before the
+   embed job computed the statistics offer the learned embedding alone (one line says so).
 2. Under the probes' lease: a run already complete is only made current. Otherwise the configurations
    without a trial file (``musiclib.probe.sweep``) run as Ray Tune trials, one per budget x probe x
-   hyperparameters with its normalisations and repetitions inside (a single fit takes milliseconds).
+   hyperparameters with its representations, normalisations and repetitions inside (a single fit takes
+   milliseconds).
    Embeddings and labels go to the object store once (``tune.with_parameters``); actors are reused.
 3. Write results.parquet, report.md, budget_curve.png and probe_set.safetensors under
    ``<root>/probes/<run_id>/`` and publish the run (``sweep.finish``; ``_latest`` moves last).
 A trial whose worker dies runs again (``--max-failures``); its configurations write the same rows to the
-same files. Every choice is made on the validation split; the test split only reports the chosen
-configurations.
+same files. Every choice, the representation included, is made on the validation split; the test split
+only reports the chosen configurations. The final probe set records its representation.
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ def run(cfg: TuneConfig) -> lifecycle.Summary[versions.Manifest]:
     catalog.validate(layout.catalog)
     model_id = models.model_id_or_latest(layout.models, cfg.model_id)
     data = sweep.load_data(cfg, layout, model_id)
+    cfg = sweep.narrow(cfg, data)
     run_id = sweep.derive_run_id(cfg, layout, model_id)
     run_dir = versions.version_uri(layout.probes, run_id)
     with versions.lease(layout.probes):  # one sweep at a time writes the probe runs

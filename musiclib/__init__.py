@@ -7,7 +7,7 @@ modules; a stage imports only the stages before it, ``tests/test_layout.py``):
     catalog      catalog.py
     audio        audio.py, train/shards.py
     model        train/: labels, data, augment, losses, gather, models, pretraining
-    embeddings   embed/: embedder, table, logmel
+    embeddings   embed/: chunking, logmel, embedder, table
     probes       probe/: fewshot, probes, metrics, report, sweep
     tags         tag/: tags, tag_table, suggest, index, neighbors
     study        study/: study (every encoder compared on one catalog, beside the path)
@@ -24,9 +24,11 @@ modules; a stage imports only the stages before it, ``tests/test_layout.py``):
   the SemiSupCon loss, the cross-worker gather, and the config, step, loop and checkpoints (job
   ``pretrain``).
 - ``train.models``: the SampleCNN encoder, its export as a version of the models dataset, ``model_id_or_latest``.
-- ``embed.embedder``: decode, encode and average per track, the version a run writes (resume, carry-over)
-  (job ``embed``); ``embed.table``: the embeddings table the later stages read (no torch);
-  ``embed.logmel``: the hand-crafted log-mel floor as an encoder.
+- ``embed.chunking``: tracks decoded to int16 chunks, a module over every chunk, outputs averaged per
+  track; ``embed.logmel``: the hand-crafted log-mel floor (each band's mean and std over a track);
+  ``embed.embedder``: encode and average per track beside the floor's statistics, the version a run
+  writes (resume, carry-over) (job ``embed``); ``embed.table``: the embeddings table the later stages
+  read, as the learned embedding, the statistics or both (``fused``) (no torch).
 - ``probe.fewshot``, ``probe.probes``, ``probe.metrics``, ``probe.report``, ``probe.sweep``: support sets,
   linear probes, AP and ROC-AUC, the budget report, and the sweep's config, grid and outputs (job ``tune``).
 - ``tag.tags``, ``tag.tag_table``: the tag table's rows, its config and a query tool (job ``tag``); the

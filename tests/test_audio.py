@@ -16,7 +16,7 @@ import pytest
 from musiclib import audio
 from musiclib.core import storage
 from musiclib.datasets import audio_files
-from musiclib.embed import embedder
+from musiclib.embed import chunking
 
 FORMATS = [("wav", 44100), ("flac", 22050), ("ogg", 44100), ("opus", 48000), ("mp3", 44100), ("m4a", 32000)]
 
@@ -200,9 +200,9 @@ def test_unreachable_endpoint_is_transient_after_retries(monkeypatch, fast_retri
     assert time.perf_counter() - start >= 0.02 * (2 ** (audio.RETRY_ATTEMPTS - 1) - 1)  # every backoff waited
     assert not issubclass(storage.TransientError, audio.AudioError)  # no per-track reason: the task fails
     with pytest.raises(storage.TransientError):
-        embedder.decode_track("s3://bucket/track.flac")
+        chunking.decode_track("s3://bucket/track.flac")
     with pytest.raises(storage.TransientError):
-        embedder.decode_batch(pa.table({"track_id": ["a"], "audio_uri": ["s3://bucket/track.flac"]}), "/")
+        chunking.decode_batch(pa.table({"track_id": ["a"], "audio_uri": ["s3://bucket/track.flac"]}), "/")
 
 
 class _S3Errors(http.server.BaseHTTPRequestHandler):
@@ -257,7 +257,7 @@ def s3_errors(monkeypatch, fast_retries):
 def test_denied_object_is_forbidden_at_once(s3_errors):
     assert _reason("s3://bucket/403-denied.flac") == "forbidden"
     assert s3_errors["/bucket/403-denied.flac"] == 1  # not retried
-    assert embedder.decode_track("s3://bucket/403-denied.flac") == (None, None, "forbidden")
+    assert chunking.decode_track("s3://bucket/403-denied.flac") == (None, None, "forbidden")
 
 
 def test_throttled_or_failing_storage_is_retried_then_transient(s3_errors):
@@ -294,7 +294,7 @@ def test_bad_catalog_rows_become_error_rows(tmp_path):
             ],
         }
     )
-    out = embedder.decode_batch(rows, str(tmp_path), max_chunks=4)
+    out = chunking.decode_batch(rows, str(tmp_path), max_chunks=4)
     assert out.column("track_id").to_pylist() == [
         "ok",
         "http",
@@ -309,12 +309,12 @@ def test_bad_catalog_rows_become_error_rows(tmp_path):
         None, "bad_uri", "bad_uri", "bad_uri", "bad_uri", "bad_uri", "bad_id", "missing"
     ]  # fmt: skip
     assert out.column("n_chunks").to_pylist()[0] == 2
-    assert embedder.decode_track(f"file://localhost{good}")[2] is None
-    numbers = embedder.decode_batch(pa.table({"track_id": [7], "audio_uri": [8]}), str(tmp_path))
+    assert chunking.decode_track(f"file://localhost{good}")[2] is None
+    numbers = chunking.decode_batch(pa.table({"track_id": [7], "audio_uri": [8]}), str(tmp_path))
     assert numbers.to_pylist()[0] | {"chunks": None} == {
         "track_id": "7", "chunks": None, "n_chunks": 0, "duration_s": None, "error": "bad_id"
     }  # fmt: skip
-    numbers = embedder.decode_batch(pa.table({"track_id": ["t"], "audio_uri": [8]}), str(tmp_path))
+    numbers = chunking.decode_batch(pa.table({"track_id": ["t"], "audio_uri": [8]}), str(tmp_path))
     assert numbers.column("error").to_pylist() == ["bad_uri"]
 
 
@@ -359,7 +359,7 @@ def test_allowed_prefixes_confine_local_paths(tmp_path):
         assert err.value.reason == "forbidden", outside
     assert audio.load_chunks(str(private / "b.flac"))[0].shape == chunks.shape  # None: no restriction
     rows = pa.table({"track_id": ["a", "b"], "audio_uri": ["music/a.flac", "private/b.flac"]})
-    out = embedder.decode_batch(rows, str(tmp_path), allowed_prefixes=allowed)
+    out = chunking.decode_batch(rows, str(tmp_path), allowed_prefixes=allowed)
     assert out.column("error").to_pylist() == [None, "forbidden"]
 
 

@@ -18,9 +18,9 @@ import torch
 from jobs import embed as job
 from musiclib import audio, catalog
 from musiclib.core import storage, versions
-from musiclib.core.config import Layout
+from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import demo
-from musiclib.embed import embedder
+from musiclib.embed import chunking, embedder, logmel
 from musiclib.embed import table as embeddings_table
 from musiclib.train import models
 
@@ -51,6 +51,7 @@ def check_complete(root: str, model_id: str) -> pa.Table:
     got = dict(zip(ids, out.column("error").to_pylist()))
     assert got == expected
     assert out.schema.field("embedding").type == pa.list_(pa.float32(), 128)
+    assert out.schema == embeddings_table.schema(128, 2 * logmel.LogMelConfig().n_mels)
     return out.sort_by("track_id")
 
 
@@ -67,6 +68,19 @@ def reference(root: str, model_id: str) -> dict[str, np.ndarray]:
                 x = torch.from_numpy(audio.from_int16(audio.to_int16(chunks)))
                 ref[row["track_id"]] = encoder(x).double().mean(0).numpy()
     return ref
+
+
+def assert_logmel_is_the_floor(root: str, out: pa.Table, max_chunks: int = 64) -> None:
+    """The ``logmel`` column equals the study's log-mel floor (``logmel.embed_rows``) on the same tracks."""
+    cat = catalog.read(Layout(root).catalog, columns=["track_id", "audio_uri"])
+    floor = logmel.embed_rows(cat, catalog.base_dir(Layout(root).catalog), max_chunks)
+    want = dict(zip(floor["track_id"].to_pylist(), floor["embedding"].to_pylist(), strict=True))
+    assert sum(v is not None for v in want.values()) >= 4
+    for row in out.to_pylist():
+        if want[row["track_id"]] is None:
+            assert row["logmel"] is None and row["error"] is not None
+        else:
+            np.testing.assert_allclose(row["logmel"], want[row["track_id"]], rtol=1e-5, atol=1e-5)
 
 
 def assert_matches_reference(out: pa.Table, ref: dict[str, np.ndarray]) -> None:
@@ -91,6 +105,7 @@ def test_decode_and_embed_batch_match_the_encoder(tmp_path):
     assert table.column("track_id").to_pylist() == cat.column("track_id").to_pylist()
     assert table.column("error").to_pylist() == cat.column("fault").to_pylist()
     assert_matches_reference(table, reference(root, model_id))
+    assert_logmel_is_the_floor(root, table)
     assert summary.tracks == len(cat) and sum(summary.errors.values()) == 6
     assert summary.errors["missing"] == 1 and "6 (corrupt=1, empty=1" in str(summary)
 
@@ -99,8 +114,8 @@ def test_forward_chunks_is_independent_of_chunk_batch():
     torch.manual_seed(1)
     encoder = models.SampleCNN(models.EncoderConfig(width=0.25)).eval()
     chunks = audio.to_int16(np.random.default_rng(0).uniform(-0.5, 0.5, (5, audio.CHUNK_SAMPLES)))
-    a = embedder.forward_chunks(encoder, chunks, chunk_batch=2)
-    b = embedder.forward_chunks(encoder, chunks, chunk_batch=64)
+    a = chunking.forward_chunks(encoder, chunks, chunk_batch=2)
+    b = chunking.forward_chunks(encoder, chunks, chunk_batch=64)
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
     assert a.shape == (5, 128) and a.dtype == np.float32
 
@@ -181,18 +196,16 @@ def test_begin_version_resumes_an_unfinished_run_of_the_same_mode(tmp_path):
     assert embedder.begin_version(dataset, only_new=False)[0] not in (first, recompute)
 
 
-def embedding_rows(ids: list[str], errors: list[str | None]) -> pa.Table:
-    """Rows of the embeddings table: a vector of ones where there is no error."""
-    n = len(ids)
-    columns = {
-        "track_id": ids,
-        "embedding": [None if e else [1.0] * 4 for e in errors],
-        "n_chunks": [1] * n,
-        "duration_s": [3.0] * n,
-        "model_id": ["m"] * n,
-        "error": errors,
-    }
-    return pa.table(columns, schema=embeddings_table.schema(4))
+def embedding_rows(ids: list[str], errors: list[str | None], logmel: bool = True) -> pa.Table:
+    """Rows of the embeddings table: vectors of ones where there is no error (without the ``logmel``
+    column, as written before the embed stage computed it, for ``logmel=False``)."""
+    decoded = pa.table(
+        {"track_id": ids, "n_chunks": [1] * len(ids), "duration_s": [3.0] * len(ids), "error": errors},
+        schema=pa.schema([("track_id", pa.string()), ("n_chunks", pa.int32()), ("duration_s", pa.float64()),
+                          ("error", pa.string())]),
+    )  # fmt: skip
+    stats = np.ones((len(ids), 2)) if logmel else None
+    return embeddings_table.from_decoded(decoded, "m", np.ones((len(ids), 4)), stats)
 
 
 def test_commit_version_publishes_only_what_changed(tmp_path):
@@ -230,6 +243,36 @@ def test_commit_version_publishes_only_what_changed(tmp_path):
         ("c", None),
         ("d", None),
     ]
+
+
+def test_a_version_without_logmel_is_embedded_again_whole(tmp_path, capsys):
+    """A version written before the embed stage computed the log-mel statistics stays readable, offers the
+    learned embedding alone, and is never mixed into a version with them: an incremental run keeps none
+    of it."""
+    dataset = str(tmp_path / "ds")
+    old = storage.join(versions.version_uri(dataset, "v1"), "old.parquet")
+    versions.publish(
+        dataset, "v1", [old], [storage.write_parquet(embedding_rows(["a", "b"], [None, None], False), old)]
+    )
+    assert embeddings_table.offered([old]) == ("embedding",)
+    assert embeddings_table.matrix(storage.read_parquet([old])).shape == (2, 4)
+    with pytest.raises(
+        ConfigError, match="no logmel column .*'fused' needs: run embed with --only-new false"
+    ):
+        embeddings_table.matrix(storage.read_parquet([old]), "fused")
+    carried = embedder.carry_over(dataset, True, versions.version_uri(dataset, "v2"))
+    assert (
+        carried.kept == []
+        and len(carried.skip) == 0
+        and "every track is embedded again" in capsys.readouterr().out
+    )
+    new = storage.join(versions.version_uri(dataset, "v2"), "new.parquet")
+    versions.publish(
+        dataset, "v2", [new], [storage.write_parquet(embedding_rows(["a", "b"], [None, "corrupt"]), new)]
+    )
+    assert embeddings_table.offered([new]) == embeddings_table.REPRESENTATIONS
+    carried = embedder.carry_over(dataset, True, versions.version_uri(dataset, "v3"))
+    assert [e.path for e in carried.kept] == ["v2/new.parquet"] and list(carried.skip) == ["a", "b"]
 
 
 def test_encoder_resources_follow_the_cluster_unless_configured():
@@ -312,6 +355,7 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_local, ca
     summary = job.run(config(root)).result
     out = check_complete(root, model_id)
     assert_matches_reference(out, reference(root, model_id))
+    assert_logmel_is_the_floor(root, out)
     assert summary.tracks == 14 and summary.errors["truncated"] == 1
     manifest = versions.read_latest_manifest(embeddings_table.dataset_uri(Layout(root).embeddings, model_id))
     assert len(manifest.files) > 1 and manifest.config["model_id"] == model_id

@@ -18,7 +18,7 @@ from torch import nn
 from musiclib import audio, catalog
 from musiclib.core.config import Layout
 from musiclib.datasets import demo
-from musiclib.embed import embedder
+from musiclib.embed import chunking, embedder
 from musiclib.embed import table as embeddings_table
 from musiclib.train import models
 from musiclib.train.augment import OneFilter, PitchShift, apply_filters, transpose
@@ -93,8 +93,8 @@ def test_encoder_outputs_on_the_gpu_match_the_cpu(family):
     torch.manual_seed(0)
     encoder = models.build_encoder(models.EncoderConfig(family=family, width=1.0)).eval()
     chunks = (np.random.default_rng(0).standard_normal((10, audio.CHUNK_SAMPLES)) * 3000).astype(np.int16)
-    on_cpu = embedder.forward_chunks(encoder, chunks, chunk_batch=4)
-    on_gpu = embedder.forward_chunks(encoder.to(CUDA), chunks, chunk_batch=4, device=CUDA)
+    on_cpu = chunking.forward_chunks(encoder, chunks, chunk_batch=4)
+    on_gpu = chunking.forward_chunks(encoder.to(CUDA), chunks, chunk_batch=4, device=CUDA)
     assert on_gpu.dtype == np.float32 and on_gpu.shape == on_cpu.shape
     assert row_cosines(on_gpu, on_cpu).min() > 0.9999
 

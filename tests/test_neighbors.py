@@ -18,7 +18,7 @@ from musiclib.core import storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import clustered_vectors, tagged_embeddings
 from musiclib.embed import table as embeddings_table
-from musiclib.probe import fewshot
+from musiclib.probe import fewshot, probes
 from musiclib.tag import index, neighbors, tags
 
 
@@ -219,3 +219,52 @@ def test_concurrent_confirmations_lose_nothing(root):
     labels = dict(zip(*catalog.read(uri, ["track_id", "tags"]).to_pydict().values(), strict=True))
     assert {f"new{i}" for i in range(8)} <= set(labels["t00005"])
     assert all(f"new{i}" in labels[f"t0002{i}"] for i in range(8))
+
+
+def publish_probe_run(
+    root: str, cat: pa.Table, emb: pa.Table, run_id: str, representation: str
+) -> probes.ProbeSet:
+    """A probe set of model ``synthetic`` reading ``representation``, published as a probe run."""
+    config = {"budget": "all", "probe": "logreg", "representation": representation, "norm": "standardize"}
+    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, "synthetic"), config)
+    uri = storage.join(versions.version_uri(Layout(root).probes, run_id), "probe_set.safetensors")
+    probe_set.save(uri)
+    versions.publish(Layout(root).probes, run_id, [uri], [len(probe_set.tags)])
+    return probe_set
+
+
+def test_nearest_tracks_are_measured_where_the_latest_probe_run_looks(tmp_path, capsys):
+    """Without a probe run: the learned embedding. With one chosen on fused: the embedding and the
+    statistics side by side after its normalisation; the index is rebuilt for that space, and a probe run
+    the embeddings cannot feed (no logmel column) is one line."""
+    root = str(tmp_path)
+    cat, emb = tagged_embeddings.write_root(root, n_tracks=300, n_errors=3, seed=1, logmel_dim=4)
+    plain = index_job.main(["--root", root])
+    assert plain.extra["representation"] == "embedding" and plain.extra["probe_run_id"] == ""
+
+    probe_set = publish_probe_run(root, cat, emb, "tune-fused", "fused")
+    found = neighbors.load(root)  # the index was built in another space: not used
+    assert (
+        isinstance(found.index, index.ExactIndex)
+        and "fused, normalised as probe run tune-fused" in found.source
+    )
+    ok = emb.slice(0, 297)
+    x = np.hstack([np.asarray(ok[c].to_pylist()) for c in ("embedding", "logmel")])
+    z = (x - probe_set.norm.mean) / probe_set.norm.scale
+    capsys.readouterr()  # the index job's summary
+    rows = cli(capsys, "similar", "t00010", "--root", root, "--n", "5")
+    sims, order = reference(z, z[[10]], 6)
+    assert [r[0] for r in rows[1:]] == list(np.asarray(ok["track_id"].to_pylist())[order[0][1:]])
+    np.testing.assert_allclose([float(r[1]) for r in rows[1:]], sims[0][1:], atol=1e-3)
+
+    fused = index_job.main(["--root", root])
+    assert fused.version != plain.version and fused.extra["representation"] == "fused"
+    assert fused.extra["probe_run_id"] == "tune-fused" and fused.extra["dim"] == z.shape[1]
+    assert neighbors.load(root).source.startswith("index ")
+
+    embeddings_table.publish_table(Layout(root).embeddings, "synthetic", "v2", emb.drop_columns(["logmel"]))
+    with pytest.raises(SystemExit, match="no logmel column") as exit_info:
+        tags.main(["similar", "t00010", "--root", root])
+    assert "\n" not in str(exit_info.value)
+    with pytest.raises(ConfigError, match="'fused' needs"):
+        index_job.main(["--root", root])

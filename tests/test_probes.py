@@ -116,3 +116,47 @@ def test_sigmoid_scores_match_the_formula_without_overflow(recwarn):
         reference = 1.0 / (1.0 + np.exp(-logits))
     np.testing.assert_allclose(scores, reference, atol=1e-12)
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_fused_normalisation_equals_its_definition_in_float64():
+    """Each dimension standardised on the support set, each part then divided by the square root of its
+    size: the two parts carry equal total variance, however unequal their sizes and scales."""
+    rng = np.random.default_rng(3)
+    learned = 40.0 * rng.normal(size=(60, 48)) + 7.0  # a wide part of large values
+    stats = 0.1 * rng.normal(size=(60, 6)) - 5.0  # a narrow part of small spread
+    x = np.hstack([learned, stats]).astype(np.float32).astype(np.float64)  # the float32 inputs, exactly
+    learned, stats = x[:, :48], x[:, 48:]
+    norm = probes.fit_normalizer("standardize", x.astype(np.float32), parts=[48, 6])
+    reference = np.hstack(
+        [(p - p.mean(axis=0)) / p.std(axis=0) / np.sqrt(p.shape[1]) for p in (learned, stats)]
+    )
+    z = norm(x.astype(np.float32))
+    np.testing.assert_allclose(z, reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(
+        [z[:, :48].var(axis=0).sum(), z[:, 48:].var(axis=0).sum()], [1.0, 1.0], rtol=1e-4
+    )
+    assert not (norm.pre_l2 or norm.post_l2)  # folded into mean and scale: one normalise, one product
+    with pytest.raises(ValueError, match="need the standardize normalisation"):
+        probes.fit_normalizer("l2", x, parts=[48, 6])
+    with pytest.raises(ValueError, match="need the standardize normalisation and 54 dimensions"):
+        probes.fit_normalizer("standardize", x, parts=[48, 5])
+
+
+@pytest.mark.parametrize("probe", probes.PROBES)
+def test_a_fused_probe_set_round_trips_with_its_representation(tmp_path, probe):
+    """The representation is in the saved config; applying the loaded set is the normalisation and the
+    product by hand, in float64; a set saved without one reads the learned embedding."""
+    x, y = _separable(dim=20)
+    fitted = probes.fit(
+        probe, x, y, TAGS, norm="standardize", params=PARAMS[probe], representation="fused", parts=[16, 4]
+    )
+    fitted.save(str(tmp_path / "fused.safetensors"))
+    loaded = probes.ProbeSet.load(str(tmp_path / "fused.safetensors"))
+    assert loaded.representation == "fused" and loaded.config["representation"] == "fused"
+    z = (x.astype(np.float64) - loaded.norm.mean) / loaded.norm.scale
+    if loaded.norm.post_l2:
+        z /= np.linalg.norm(z, axis=1, keepdims=True)
+    logits = z @ loaded.weights.astype(np.float64) + loaded.biases
+    expected = 1 / (1 + np.exp(-logits)) if loaded.link == "sigmoid" else logits
+    np.testing.assert_allclose(loaded.apply(x), expected, rtol=1e-4, atol=1e-5)
+    assert probes.ProbeSet([], np.zeros((1, 0)), np.zeros(0), loaded.norm).representation == "embedding"

@@ -7,6 +7,7 @@ import functools
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from conftest import SYNTHETIC_MODEL, publish_probe_set, write_synthetic_root
 
@@ -14,6 +15,7 @@ from jobs import suggest as suggest_job
 from musiclib.core import storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import tagged_embeddings
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot
 from musiclib.tag import suggest, tags
 
@@ -131,6 +133,37 @@ def test_labeled_and_failed_tracks_are_never_candidates(tmp_path, corpus):
     assert got == unlabeled - failed and failed and labeled
 
 
+FUSED = {"budget": "all", "probe": "logreg", "representation": "fused", "norm": "standardize"}
+
+
+def test_a_fused_probe_set_suggests_from_the_vectors_it_scores(tmp_path):
+    """With a probe set chosen on fused, the scoring actor (without Ray) reads the embedding and the
+    statistics side by side: its candidates, margins and diversity vectors are those of that matrix."""
+    root = str(tmp_path)
+    cat, emb = write_synthetic_root(root, n_tracks=120, logmel_dim=5)
+    publish_probe_set(root, cat, emb, config=FUSED)
+    inputs = tags.find_inputs(Layout(root))
+    assert inputs.probe_set.representation == "fused"
+    wanted, labeled = suggest.targets(suggest.SuggestConfig(root=root), Layout(root), inputs)
+    block = suggest_job.CandidateBlock(inputs.probe_uri, wanted, 1000, labeled)(
+        emb.select(embeddings_table.columns("fused"))
+    )
+    rows = emb.filter(
+        pc.and_(pc.is_null(emb["error"]), pc.invert(pc.is_in(emb["track_id"], pa.array(sorted(labeled)))))
+    )
+    x = np.hstack([np.array(rows[c].to_pylist(), np.float32) for c in ("embedding", "logmel")])
+    columns = np.array([inputs.probe_set.tags.index(t) for t in wanted])
+    want = suggest.block_candidates(
+        np.array(rows["track_id"].to_pylist()), x, inputs.probe_set, columns, 1000
+    )
+    assert block.equals(want) and block.schema.field("vector").type.list_size == 16 + 5
+    z = (x.astype(np.float64) - inputs.probe_set.norm.mean) / inputs.probe_set.norm.scale
+    first = {t: i for i, t in enumerate(rows["track_id"].to_pylist())}[block["track_id"][0].as_py()]
+    np.testing.assert_allclose(
+        block["vector"][0].as_py(), z[first] / np.linalg.norm(z[first]), rtol=1e-4, atol=1e-5
+    )
+
+
 def test_bad_tags_and_config_fail_before_any_write(tmp_path, monkeypatch):
     root = str(tmp_path)
     cat, emb = write_synthetic_root(root, n_tracks=120)
@@ -170,13 +203,18 @@ def test_simulation_rounds_add_labels(corpus):
         assert all(0 < a <= (2 * len(data.tags) if reveal == "track" else 2) for a in added)
     with pytest.raises(ValueError, match="'greedy'"):
         suggest.simulate(data, "greedy", "tag", 1, 2, 1, 0, probe)
+    cat, emb = tagged_embeddings.make(n_tracks=200, n_tags=6, dim=8, noise=1.0, seed=3, logmel_dim=5)
+    fused = fewshot.prepare(cat, emb, "synthetic")  # the simulation in the representation of its config
+    rows = suggest.simulate(fused, "active", "track", start_k=1, per_tag=2, rounds=1, seed=0, config=FUSED)
+    assert len(rows) == 2 * len(fused.tags) and all(0 <= r["ap"] <= 1 for r in rows)
 
 
 @pytest.mark.slow
 def test_suggest_job_writes_a_version_and_reruns_as_a_no_op(tmp_path, capsys):
+    """On a probe set chosen on fused: the job reads the statistics beside the embeddings."""
     root = str(tmp_path)
-    cat, emb = write_synthetic_root(root, n_tracks=120)
-    publish_probe_set(root, cat, emb)
+    cat, emb = write_synthetic_root(root, n_tracks=120, logmel_dim=5)
+    publish_probe_set(root, cat, emb, config=FUSED)
     first = suggest_job.main(["--root", root, "--per-tag", "4", "--num-cpus", "4", "--batch-size", "32"])
     table = suggest.read_latest(root)
     labeled = {t for t, g in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) if g}

@@ -31,8 +31,7 @@ def check_table(root: str, cat, emb, probe_set: probes.ProbeSet) -> None:
     iceberg = tag_table.require_table(Where(root))
     table = tag_table.read(iceberg).to_pandas()
     ok = emb.filter(pc.is_null(emb["error"]))
-    x = np.array(ok["embedding"].to_pylist(), np.float32)
-    expected = probe_set.apply(x)
+    expected = probe_set.apply(embeddings_table.matrix(ok, probe_set.representation))
     model = table[table["source"] == "model"].set_index(["track_id", "tag"]).sort_index()
     assert len(model) == len(ok) * len(probe_set.tags)
     for i, tid in enumerate(ok["track_id"].to_pylist()[:40]):
@@ -148,6 +147,59 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
 @pytest.mark.slow
 def test_tags_s3(s3_root, ray_local):
     first_run_checks(s3_root + "/musiclib")
+
+
+FUSED = {**LOGREG, "representation": "fused"}
+
+
+@pytest.mark.slow
+def test_tags_of_a_fused_probe_set(tmp_path, ray_local):
+    """The tag job on embeddings with log-mel statistics and a probe set chosen on fused: every score is
+    the probe set applied to the embedding and the statistics side by side."""
+    root = str(tmp_path / "root")
+    cat, emb = write_synthetic_root(root, n_tracks=120, logmel_dim=6)
+    probe_set = publish_probe_set(root, cat, emb, config=FUSED)
+    assert probe_set.representation == "fused" and probe_set.weights.shape[0] == 16 + 6
+    run = tag_job.main(["--root", root, "--num-cpus", "2"])
+    check_table(root, cat, emb, probe_set)
+    assert run.properties["representation"] == "fused"
+
+
+def test_write_model_rows_scores_fused_rows_as_by_hand(tmp_path):
+    """A block of the fused representation's columns: the scores are the embedding and the statistics side
+    by side, normalised and multiplied by hand in float64."""
+    cat, emb = tagged_embeddings.make(n_tracks=60, n_tags=5, dim=8, n_errors=3, seed=1, logmel_dim=4)
+    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, "synthetic"), FUSED)
+    block = emb.select(embeddings_table.columns("fused"))
+    written = tags.write_model_rows(block, probe_set, "tune-x", "2026-11-23T00:00:00", str(tmp_path))
+    fs, path = storage.arrow_filesystem(written["file"][0].as_py())
+    rows = pq.read_table(path, filesystem=fs)
+    ok = emb.filter(pc.is_null(emb["error"]))
+    x = np.hstack([np.array(ok[c].to_pylist(), np.float64) for c in ("embedding", "logmel")])
+    z = (x - probe_set.norm.mean) / probe_set.norm.scale
+    expected = 1 / (1 + np.exp(-(z @ probe_set.weights.astype(np.float64) + probe_set.biases)))
+    assert rows["track_id"].to_pylist() == list(np.repeat(ok["track_id"].to_pylist(), 5))
+    np.testing.assert_allclose(rows["score"].to_numpy().reshape(-1, 5), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_a_fused_probe_set_on_embeddings_without_logmel_fails_before_ray(tmp_path, monkeypatch):
+    """Embeddings written before the embed job computed the statistics cannot feed a fused probe set: one
+    line says so, and nothing is written."""
+    root = str(tmp_path / "root")
+    cat, emb = write_synthetic_root(root, n_tracks=80, logmel_dim=6)
+    publish_probe_set(root, cat, emb, config=FUSED)
+    embeddings_table.publish_table(
+        Layout(root).embeddings, SYNTHETIC_MODEL, "v2", emb.drop_columns(["logmel"])
+    )
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray started")
+
+    monkeypatch.setattr(tag_job, "ray_session", no_ray)
+    with pytest.raises(ConfigError, match="version v2\\) have no logmel column") as err:
+        tag_job.main(["--root", root])
+    assert "'fused' needs" in str(err.value) and "\n" not in str(err.value)
+    assert tag_table.open_table(Where(root)) is None
 
 
 def test_write_model_rows_scores_one_block_into_one_file(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pandas as pd
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -30,6 +31,8 @@ def test_config_is_validated_before_any_work(tmp_path):
             tune_job.main(["--root", str(tmp_path), *argv])
     with pytest.raises(ConfigError, match="--max-failures"):
         tune_job.main(["--root", str(tmp_path), "--max-failures", "-2"])
+    with pytest.raises(ConfigError, match="--representations: unknown or empty \\['mfcc'\\]"):
+        tune_job.main(["--root", str(tmp_path), "--representations", "embedding,mfcc"])
     root = str(tmp_path / "r")
     write_synthetic_root(root, n_tracks=80)
     with pytest.raises(ConfigError, match="no training labels for jazz"):
@@ -128,15 +131,84 @@ def test_trials_hold_every_configuration_once_longest_first():
     configs = sweep.configurations(sweep.TuneConfig(budgets=["1", "all"]))
     groups = sweep.group_by_trial(configs)
     assert sorted(fewshot.trial_key(c) for g in groups for c in g) == sorted(map(fewshot.trial_key, configs))
-    assert all(len(g) == len(probes.NORMS) and len({c["probe"] for c in g}) == 1 for g in groups)
+    assert len(set(map(fewshot.trial_key, configs))) == len(configs)
+    assert all(len({c["probe"] for c in g}) == 1 for g in groups)
+    for group in groups:  # the learned embedding with every normalisation, fused with standardize alone
+        got = sorted((c["representation"], c["norm"]) for c in group)
+        assert got == sorted([("embedding", n) for n in probes.NORMS] + [("fused", "standardize")])
+    l2 = sweep.configurations(sweep.TuneConfig(budgets=["all"], probes=["centroid"], norms=["l2"]))
+    assert [(c["representation"], c["norm"]) for c in l2] == [("embedding", "l2"), ("fused", "standardize")]
     order = [g[0]["probe"] for g in groups]
     assert order == sorted(order, key=sweep.LONGEST_FIRST.index) and order[0] == "logreg"
+
+
+def disagreeing_data() -> fewshot.ProbeData:
+    """Two tags whose log-mel statistics follow the labels on train and valid and oppose them on test, with
+    a learned embedding of noise: the fused representation wins on valid and loses on test."""
+    rng = np.random.default_rng(0)
+    sizes = {"train": 160, "valid": 80, "test": 80}
+    y = {s: rng.random((n, 2)) < 0.4 for s, n in sizes.items()}
+    x = {s: rng.normal(size=(n, 12)).astype(np.float32) for s, n in sizes.items()}
+    sign = {"train": 1.0, "valid": 1.0, "test": -1.0}
+    logmel = {
+        s: (sign[s] * 2.0 * y[s].astype(np.float32) + 0.7 * rng.normal(size=(n, 2)) - 5.0).astype(np.float32)
+        for s, n in sizes.items()
+    }
+    ids = {s: [f"{s}{i}" for i in range(n)] for s, n in sizes.items()}
+    counts = {"a": int(y["train"][:, 0].sum()), "b": int(y["train"][:, 1].sum())}
+    return fewshot.ProbeData(["a", "b"], ["a"], ["b"], counts, x, y, ids, "m", {}, logmel)
+
+
+def test_the_fused_representation_is_chosen_on_valid_only(tmp_path):
+    """Valid and test disagree on the representation: the one best on valid (fused) is chosen and reported
+    with its poorer test score, and the final probe set reads it."""
+    data = disagreeing_data()
+    cfg = sweep.TuneConfig(budgets=["all"], probes=["logreg"], norms=["standardize"], c_grid=[1.0])
+    configs = sweep.configurations(cfg)
+    assert [c["representation"] for c in configs] == ["embedding", "fused"]
+    results = pd.DataFrame([r for c in configs for r in fewshot.run_config(data, c, 1, 0)])
+    summary = report.trial_summary(results).set_index("representation")
+    assert summary.loc["fused", "valid_ap_all_mean"] > summary.loc["embedding", "valid_ap_all_mean"] + 0.2
+    assert summary.loc["fused", "test_ap_all_mean"] < summary.loc["embedding", "test_ap_all_mean"] - 0.1
+    best = report.best_per_budget(report.trial_summary(results))
+    assert (
+        list(best["representation"]) == ["fused"]
+        and best.iloc[0]["trial"] == "all-logreg-fused-standardize-C=1.0,class_weight=balanced"
+    )
+    assert best.iloc[0]["test_ap_all_mean"] == pytest.approx(summary.loc["fused", "test_ap_all_mean"])
+
+    layout = Layout(str(tmp_path))
+    manifest = sweep.finish(cfg, layout, data, "tune-x", results, {})
+    run_dir = versions.version_uri(layout.probes, "tune-x")
+    probe_set = probes.ProbeSet.load(storage.join(run_dir, "probe_set.safetensors"))
+    assert probe_set.representation == "fused" and manifest.extra["best"]["representation"] == "fused"
+    assert probe_set.weights.shape == (14, 2)  # 12 learned dimensions, then 2 statistics
+    text = open(storage.join(run_dir, "report.md")).read()
+    assert "| all | logreg / standardize / C=1.0,class_weight=balanced | fused | 160 |" in text
+
+
+def test_embeddings_without_logmel_offer_the_learned_embedding_alone(tmp_path, capsys):
+    """Embeddings written before the embed job computed the statistics: tune says in one line that fused
+    is not offered and sweeps the rest; asked for nothing they can give, it stops."""
+    root = str(tmp_path)
+    write_synthetic_root(root, n_tracks=80)
+    layout = Layout(root)
+    cfg = sweep.TuneConfig(root=root)
+    data = sweep.load_data(cfg, layout, SYNTHETIC_MODEL)
+    assert data.representations == ("embedding",) and data.logmel == {}
+    assert sweep.narrow(cfg, data).representations == ["embedding"]
+    line = capsys.readouterr().out.strip()
+    assert "\n" not in line and "no logmel column" in line and "fused not offered" in line
+    with pytest.raises(ConfigError, match="none offered by these embeddings"):
+        sweep.narrow(sweep.TuneConfig(root=root, representations=["logmel"]), data)
+    with pytest.raises(ConfigError, match="no logmel column"):
+        data.features("fused")
 
 
 @pytest.mark.slow
 def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkeypatch):
     root = str(tmp_path / "root")
-    write_synthetic_root(root)
+    write_synthetic_root(root, logmel_dim=6)  # embeddings with log-mel statistics: fused is offered
     layout = Layout(root)
     older = storage.join(versions.version_uri(layout.probes, "tune-older"), "note.txt")
     storage.write_bytes(older, b"an earlier run")
@@ -161,8 +233,9 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
     }  # fmt: skip
 
     results = pq.read_table(storage.join(run_dir, "results.parquet")).to_pandas()
-    n_configs = 2 * 3
+    n_configs = 2 * 3 * 2  # budgets x probes x representations (the learned embedding, fused)
     assert results["trial"].nunique() == n_configs
+    assert set(results["representation"]) == {"embedding", "fused"}
     reps = results.groupby("trial")["rep"].nunique()
     assert (reps[results.groupby("trial")["budget"].first() != "all"] == 2).all()
     assert results.groupby("trial")["tag"].nunique().eq(8).all()
@@ -171,6 +244,7 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
 
     text = open(storage.join(run_dir, "report.md")).read()
     assert "## Chosen configuration per budget" in text and "overhead" not in text  # timings: the manifest
+    assert "| representation |" in text
     for budget in ("2", "all"):
         assert any(line.startswith(f"| {budget} | ") and " / " in line for line in text.splitlines())
     assert "Cheapest budget within 0.05" in text and "excluded tracks: 3" in text
@@ -186,7 +260,12 @@ def test_small_sweep_writes_every_output_and_resumes(tmp_path, ray_local, monkey
     summary = report.trial_summary(results)
     chosen = summary.loc[summary[summary["budget"] == "all"]["valid_ap_all_mean"].idxmax()]
     assert manifest.extra["best"]["trial"] == chosen["trial"]
-    assert {k: probe_set.config[k] for k in ("probe", "norm")} == {"probe": chosen.probe, "norm": chosen.norm}
+    assert {k: probe_set.config[k] for k in ("probe", "representation", "norm")} == {
+        "probe": chosen.probe,
+        "representation": chosen.representation,
+        "norm": chosen.norm,
+    }
+    assert probe_set.representation == chosen.representation
 
     # a finished run is a no-op; an interrupted one redoes only the missing trials
     assert tune_job.main(["--root", root, *SMALL]).created_at == manifest.created_at

@@ -381,6 +381,13 @@ def parquet_rows(uri: str) -> int:
         return pq.read_metadata(f).num_rows
 
 
+def parquet_schema(uri: str) -> pa.Schema:
+    """The schema of a Parquet file, from its footer (the data is not read)."""
+    fs, path = arrow_filesystem(uri)
+    with fs.open_input_file(path) as f:
+        return pq.read_schema(f)
+
+
 def read_json(uri: str) -> Any:
     return json.loads(read_bytes(uri))
 

@@ -1,7 +1,8 @@
 """A catalog and embeddings whose vectors follow the tags: the tune and tag jobs' inputs without audio.
 
 ``make`` draws Zipf-like tag frequencies (a head and a long tail) and embeds each track as the sum of its
-tags' prototypes plus noise; ``write_root`` lays them out under a project root as the embed job would.
+tags' prototypes plus noise (and, with ``logmel_dim``, gives it log-mel statistics made the same way from
+other prototypes); ``write_root`` lays them out under a project root as the embed job would.
 """
 
 from __future__ import annotations
@@ -26,12 +27,15 @@ def make(
     n_errors: int = 0,
     seed: int = 0,
     model_id: str = "synthetic",
+    logmel_dim: int = 0,
 ) -> tuple[pa.Table, pa.Table]:
     """A catalog and an embeddings table whose embeddings are correlated with the tags (tests, benchmarks).
 
     Tag frequencies fall off like Zipf (a head and a long tail); each track's embedding is the sum of its
     tags' prototypes plus Gaussian noise. Unlabeled tracks get an empty ``tags`` list; the last
-    ``n_errors`` tracks get an embedding error instead of a vector.
+    ``n_errors`` tracks get an embedding error instead of a vector. ``logmel_dim`` > 0 adds the ``logmel``
+    column, drawn as the embedding is from its own prototypes (and an offset, as log-mel values have);
+    0 gives a table as written before the embed job computed the statistics.
     """
     rng = np.random.default_rng(seed)
     names = [f"tag{j:02d}" for j in range(n_tags)]
@@ -60,18 +64,19 @@ def make(
         schema=catalog.SCHEMA,
     )
     errors = [None] * (n_tracks - n_errors) + ["decode: corrupt header"] * n_errors
-    emb = pa.table(
+    decoded = pa.table(
         {
             "track_id": ids,
-            "embedding": [None if e else v.tolist() for v, e in zip(vectors, errors, strict=True)],
             "n_chunks": np.full(n_tracks, 4, np.int32),
             "duration_s": np.full(n_tracks, 30.0),
-            "model_id": [model_id] * n_tracks,
-            "error": errors,
-        },
-        schema=embeddings_table.schema(dim),
+            "error": pa.array(errors, pa.string()),
+        }
     )
-    return cat, emb
+    stats = None
+    if logmel_dim:
+        floor = rng.normal(size=(n_tags, logmel_dim)).astype(np.float32)
+        stats = truth.astype(np.float32) @ floor + noise * rng.normal(size=(n_tracks, logmel_dim)) - 5.0
+    return cat, embeddings_table.from_decoded(decoded, model_id, vectors, stats)
 
 
 def write_root(root: str, model_id: str = "synthetic", **kwargs: Any) -> tuple[pa.Table, pa.Table]:

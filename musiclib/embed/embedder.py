@@ -2,12 +2,11 @@
 
 The pieces the embed job maps with Ray Data, kept Ray-free so tests and GPU machines call them directly:
 
-1. ``decode_batch``: catalog rows (``track_id``, ``audio_uri``) to up to N chunks per track as int16
-   (half the bytes of float32 between tasks), or the reason the track cannot be used; a bad row (null
-   or non-string id or URI) is a reason too, never a failed job. Storage that stays unreachable raises
-   ``storage.TransientError``, so Ray retries the task.
+1. ``chunking.decode_batch`` (its own module, below the encoder and the log-mel floor): catalog rows to up to
+   N chunks per track as int16, or the reason the track cannot be used.
 2. ``embed_batch``: the encoder on every chunk of a batch of decoded tracks, in fixed-size forward batches,
-   averaged per track into one row of the embeddings table (``embeddings_table.schema``).
+   averaged per track into one row of the embeddings table (``embeddings_table.schema``), with the log-mel
+   statistics of the same chunks beside it (``logmel.track_stats``: no second decode).
 3. ``drop_written``: the anti-join that skips tracks already embedded, by binary search in a sorted id array.
 4. ``embed_catalog``: the plain single-process loop (decode, chunk, forward), the reference the tests compare
    the job against and the baseline the benchmark measures it by.
@@ -22,7 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,20 +33,10 @@ import torch
 from musiclib import audio, catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, Layout, RayConfig, check
+from musiclib.embed import chunking, logmel
 from musiclib.embed import table as embeddings_table
 from musiclib.train import models
-from musiclib.train.models import EncoderConfig, SampleCNN
-
-DECODED_SCHEMA = pa.schema(
-    [
-        pa.field("track_id", pa.string(), nullable=False),
-        pa.field("chunks", pa.large_list(pa.int16())),  # n_chunks * CHUNK_SAMPLES samples, row-major
-        pa.field("n_chunks", pa.int32()),
-        pa.field("duration_s", pa.float64()),
-        pa.field("error", pa.string()),
-    ]
-)
-
+from musiclib.train.models import EncoderConfig
 
 # --------------------------------------------------------------------------- config
 
@@ -164,127 +153,34 @@ def chunks_per_forward(chunk_batch: int, on_gpu: bool, encoder: EncoderConfig) -
     return 64 if on_gpu else max(1, CPU_FORWARD_BYTES // (4 * encoder.widest_activation()))
 
 
-# --------------------------------------------------------------------------- decoding
-
-
-def decode_track(
-    uri: object,
-    max_chunks: int = 64,
-    base_dir: str | None = None,
-    allowed_prefixes: Sequence[str] | None = None,
-) -> tuple[np.ndarray | None, float | None, str | None]:
-    """One track to ``(int16 chunks [n, CHUNK_SAMPLES], duration_s, None)`` or ``(None, None, reason)``.
-
-    ``uri`` is a catalog's ``audio_uri``, relative ones resolved against ``base_dir``; with
-    ``allowed_prefixes`` only URIs under them are read (``audio.load_chunks``). Every way a track can be
-    unusable becomes a reason from ``audio.REASONS``: the decoder's own ``AudioError`` (``bad_uri`` for
-    a row that names no readable URI) and anything else it throws (``corrupt``), so one bad file never
-    stops a job over millions. Only ``storage.TransientError`` (storage unreachable after retries)
-    propagates: it says nothing about the track, and the task is retried.
-    """
-    try:
-        source = audio.locate(uri, base_dir)
-        chunks, duration = audio.load_chunks(source, max_chunks=max_chunks, allowed_prefixes=allowed_prefixes)
-    except storage.TransientError:
-        raise
-    except audio.AudioError as exc:
-        return None, None, exc.reason
-    except Exception:  # whatever else a broken file makes FFmpeg, numpy or torch throw
-        return None, None, "corrupt"
-    if len(chunks) == 0:
-        return None, None, "too_short"
-    return audio.to_int16(chunks), duration, None
-
-
-def decode_batch(
-    rows: pa.Table, base_dir: str, max_chunks: int = 64, allowed_prefixes: Sequence[str] | None = None
-) -> pa.Table:
-    """Catalog rows to ``DECODED_SCHEMA`` rows, one per input row, in the same order (see ``decode_track``).
-
-    Relative ``audio_uri`` values are resolved against the catalog's folder ``base_dir``. A row whose
-    ``track_id`` is null or not a string is not decoded: it gets ``bad_id``, with the id as a string
-    (empty for null), so a catalog too big to validate first still cannot fail the job.
-    """
-    ids = rows.column("track_id").to_pylist()
-    uris = rows.column("audio_uri").to_pylist()
-    out: dict[str, list] = {name: [] for name in DECODED_SCHEMA.names}
-    for track_id, uri in zip(ids, uris, strict=True):
-        if isinstance(track_id, str):
-            chunks, duration, error = decode_track(uri, max_chunks, base_dir, allowed_prefixes)
-        else:
-            chunks, duration, error = None, None, "bad_id"
-            track_id = "" if track_id is None else str(track_id)
-        out["track_id"].append(track_id)
-        out["chunks"].append(None if chunks is None else chunks.reshape(-1))
-        out["n_chunks"].append(0 if chunks is None else len(chunks))
-        out["duration_s"].append(duration)
-        out["error"].append(error)
-    return pa.table(out, schema=DECODED_SCHEMA)
-
-
 # --------------------------------------------------------------------------- the encoder
 
 
-def forward_chunks(
-    encoder: SampleCNN, chunks: np.ndarray, chunk_batch: int = 64, device: str | torch.device = "cpu"
-) -> np.ndarray:
-    """Encoder outputs of int16 chunks ``[n, samples]`` as float32 ``[n, dim]``, ``chunk_batch`` chunks per forward.
-
-    Fixed-size forward batches keep the accelerator's memory bounded whatever the tracks' lengths. The
-    chunks travel as int16 (half the bytes of float32) and become float on the device; on CUDA from
-    pinned memory, asynchronously, and the outputs come back in one copy at the end, so the host never
-    waits on the device between batches.
-    """
-    device = torch.device(device)
-    if len(chunks) == 0:
-        return np.zeros((0, encoder.config.embed_dim), np.float32)
-    host = torch.empty(chunks.shape, dtype=torch.int16, pin_memory=device.type == "cuda")
-    host.numpy()[...] = chunks  # a writable copy: Arrow's buffers are read-only
-    outputs = []
-    with torch.inference_mode():
-        for lo in range(0, len(host), chunk_batch):
-            x = host[lo : lo + chunk_batch].to(device, non_blocking=True).float() / audio.INT16_SCALE
-            outputs.append(encoder(x).float())
-        return torch.cat(outputs).cpu().numpy()
-
-
 def embed_batch(
-    encoder: SampleCNN,
+    encoder: models.Encoder,
     decoded: pa.Table,
     model_id: str,
     chunk_batch: int = 64,
     device: str | torch.device = "cpu",
+    floor: logmel.LogMel | None = None,
 ) -> pa.Table:
-    """Decoded rows to embeddings-table rows: the mean of each track's chunk embeddings, null when ``error`` is set.
+    """Decoded rows to embeddings-table rows: the mean of each track's chunk embeddings and, from the same
+    chunks, its log-mel statistics (``logmel.track_stats`` with ``floor``, default ``logmel.LogMel()``);
+    both null when ``error`` is set.
 
     All chunks of the batch go through the encoder together (tracks are short compared with a forward
-    batch), then each track's rows of the output are averaged.
+    batch), then each track's rows of the output are averaged; then the same through the floor.
     """
-    samples = audio.CHUNK_SAMPLES
-    n_chunks = decoded.column("n_chunks").to_numpy(zero_copy_only=False).astype(np.int64)
-    ok = ~decoded.column("error").is_valid().to_numpy(zero_copy_only=False)
-    flat = decoded.column("chunks").filter(pa.array(ok)).combine_chunks()
-    all_chunks = flat.flatten().to_numpy(zero_copy_only=False).reshape(-1, samples) if len(flat) else None
-    dim = encoder.config.embed_dim
-    means = np.zeros((len(decoded), dim), np.float32)
-    if all_chunks is not None:
-        outputs = forward_chunks(encoder, all_chunks, chunk_batch, device)
-        bounds = np.concatenate([[0], np.cumsum(n_chunks[ok])])
-        per_track = np.add.reduceat(outputs, bounds[:-1], axis=0) / n_chunks[ok][:, None]
-        means[ok] = per_track
-    flat_values = pa.array(means.reshape(-1), pa.float32())
-    embedding = pa.FixedSizeListArray.from_arrays(flat_values, dim, mask=pa.array(~ok))
-    return pa.table(
-        {
-            "track_id": decoded.column("track_id"),
-            "embedding": embedding,
-            "n_chunks": decoded.column("n_chunks"),
-            "duration_s": decoded.column("duration_s"),
-            "model_id": pa.array([model_id] * len(decoded), pa.string()),
-            "error": decoded.column("error"),
-        },
-        schema=embeddings_table.schema(dim),
-    )
+    floor = logmel.LogMel().to(device) if floor is None else floor
+    ok, samples, n_chunks = chunking.decoded_chunks(decoded)
+    means = np.zeros((len(decoded), encoder.config.embed_dim), np.float32)
+    stats = np.zeros((len(decoded), floor.config.embed_dim), np.float32)
+    if len(samples):
+        means[ok] = chunking.track_means(
+            chunking.forward_chunks(encoder, samples, chunk_batch, device), n_chunks
+        )
+        stats[ok] = logmel.track_stats(floor, samples, n_chunks, chunk_batch, device)
+    return embeddings_table.from_decoded(decoded, model_id, means, stats)
 
 
 # --------------------------------------------------------------------------- resume
@@ -294,8 +190,9 @@ def drop_written(rows: pa.Table, written: np.ndarray) -> pa.Table:
     """Rows whose ``track_id`` is not in the sorted array ``written``: an anti-join by binary search.
 
     O(rows * log(written)) per batch with no per-batch hash table, so skipping millions of embedded
-    tracks costs each batch a few microseconds per row. Ids are compared as ``decode_batch`` writes them
-    (a null id as ``""``, a number as its string), so an unvalidated catalog cannot break the join.
+    tracks costs each batch a few microseconds per row. Ids are compared as ``chunking.decode_batch``
+    writes them (a null id as ``""``, a number as its string), so an unvalidated catalog cannot break the
+    join.
     """
     if len(written) == 0 or len(rows) == 0:
         return rows
@@ -348,33 +245,34 @@ def summarize(files: list[str], wall_s: float) -> Summary:
 
 def iter_embedded(
     catalog_uri: str,
-    encoder: SampleCNN,
+    encoder: models.Encoder,
     model_id: str,
     batch_size: int = 16,
     max_chunks: int = 64,
     chunk_batch: int = 0,
     device: str | torch.device = "cpu",
 ) -> Iterator[pa.Table]:
-    """Embeddings rows of a catalog, ``batch_size`` tracks at a time, in one process: decode, chunk, forward.
+    """Embeddings rows of a catalog, ``batch_size`` tracks at a time, in one process: decode, chunk, forward
+    (the encoder, then the log-mel floor on the same chunks).
 
     ``chunk_batch`` 0 picks what the job picks on the same device (``chunks_per_forward``).
     """
     base = catalog.base_dir(catalog_uri)
     chunk_batch = chunks_per_forward(chunk_batch, torch.device(device).type == "cuda", encoder.config)
+    floor = logmel.LogMel().to(device)
     for batch in catalog.iter_batches(catalog_uri, columns=["track_id", "audio_uri"], batch_size=batch_size):
-        decoded = decode_batch(pa.Table.from_batches([batch]), base, max_chunks)
-        yield embed_batch(encoder, decoded, model_id, chunk_batch, device)
+        decoded = chunking.decode_batch(pa.Table.from_batches([batch]), base, max_chunks)
+        yield embed_batch(encoder, decoded, model_id, chunk_batch, device, floor)
 
 
-def embed_catalog(catalog_uri: str, encoder: SampleCNN, model_id: str, **kwargs) -> tuple[pa.Table, Summary]:
+def embed_catalog(
+    catalog_uri: str, encoder: models.Encoder, model_id: str, **kwargs
+) -> tuple[pa.Table, Summary]:
     """The whole catalog's embeddings as one table, and its summary (``kwargs`` as for ``iter_embedded``)."""
     start = time.perf_counter()
     tables = list(iter_embedded(catalog_uri, encoder, model_id, **kwargs))
-    table = (
-        pa.concat_tables(tables)
-        if tables
-        else embeddings_table.schema(encoder.config.embed_dim).empty_table()
-    )
+    empty = embeddings_table.schema(encoder.config.embed_dim, logmel.LogMelConfig().embed_dim).empty_table()
+    table = pa.concat_tables(tables) if tables else empty
     summary = Summary()
     summary.add(table)
     summary.wall_s = time.perf_counter() - start
@@ -426,13 +324,18 @@ def carry_over(dataset: str, only_new: bool, out_dir: str) -> CarryOver:
 
     Rows whose error may since have gone away (``audio.RETRIED``: an object that was missing) are not
     kept: a file holding any is copied into ``out_dir`` without them, so those tracks are embedded again
-    and every track still appears exactly once.
+    and every track still appears exactly once. A latest version without the ``logmel`` column (written
+    before the embed stage computed it) keeps nothing: one version never mixes the two schemas.
     """
     none = CarryOver([], np.array([], dtype=object), set())
     if not only_new or versions.latest_version(dataset) is None:
         return none
+    latest = versions.read_latest_manifest(dataset)
+    if "fused" not in embeddings_table.offered(latest.file_uris()):
+        print(f"{dataset}: the latest version has no logmel column; every track is embedded again")
+        return none
     kept, ids, retried = [], [], set()
-    for entry in versions.read_latest_manifest(dataset).files:
+    for entry in latest.files:
         uri = storage.join(dataset, entry.path)
         rows = storage.read_parquet([uri], ["track_id", "error"])
         retry = pc.fill_null(pc.is_in(rows["error"], pa.array(audio.RETRIED)), False)

@@ -1,11 +1,13 @@
-"""The study's hand-crafted floor: the mean and standard deviation of a track's log-mel spectrogram.
+"""The hand-made floor: the mean and standard deviation of each log-mel band over a track.
 
 ``LogMel`` is encoder-like (``config.embed_dim``; chunks ``[B, T]`` to ``[B, 2 * n_mels]``), so the embed
-stage's own code runs it (``embedder.embed_batch``, which averages each track's chunk outputs). Per chunk
-it gives each mel band's mean log-mel value and mean squared value over the chunk's frames; the embed
-stage's average over a track's equal-length chunks makes them means over the track's frames, and
-``moments_to_stats`` turns those two moments into the band's mean and standard deviation. The track is
-what the encoders see too: up to ``max_chunks`` chunks of 2.7 s spread evenly over it.
+stage's own forward pass runs it (``chunking.forward_chunks``). Per chunk it gives each mel band's mean
+log-mel value and mean squared value over the chunk's frames; the average over a track's equal-length
+chunks (``chunking.track_means``) makes them means over the track's frames, and ``moments_to_stats`` turns
+those two moments into the band's mean and standard deviation (``track_stats``). The embed stage
+computes them beside every encoder's output, from the same decoded chunks (the embeddings table's
+``logmel`` column); ``embed_rows`` gives them as the embeddings of their own (the study's floor). The
+track is what the encoders see too: up to ``max_chunks`` chunks of 2.7 s spread evenly over it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ import torchaudio
 from torch import nn
 
 from musiclib.audio import SAMPLE_RATE
-from musiclib.embed import embedder
+from musiclib.embed import chunking
+from musiclib.embed import table as embeddings_table
 
 LOG_OFFSET = 1e-6  # log(mel power + LOG_OFFSET): silence stays finite
 
@@ -65,22 +68,31 @@ def moments_to_stats(moments: np.ndarray) -> np.ndarray:
     return np.concatenate([mean, np.sqrt(np.maximum(square - mean**2, 0.0))], axis=1).astype(np.float32)
 
 
+def track_stats(
+    floor: LogMel,
+    samples: np.ndarray,
+    n_chunks: np.ndarray,
+    chunk_batch: int = 64,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """The statistics ``[tracks, 2 * n_mels]`` of consecutive tracks' int16 chunks ``samples`` (``n_chunks``
+    each, as ``chunking.decoded_chunks`` gives them): per chunk the moments, per track their mean, then
+    each band's mean and standard deviation."""
+    moments = chunking.forward_chunks(floor, samples, chunk_batch, device)
+    return moments_to_stats(chunking.track_means(moments, n_chunks))
+
+
 def embed_rows(
     rows: pa.Table, base_dir: str, max_chunks: int, config: LogMelConfig = LogMelConfig()
 ) -> pa.Table:
     """Catalog rows (``track_id``, ``audio_uri``) to embeddings-table rows of the log-mel floor.
 
-    The embed stage's decode and average (``embedder.decode_batch``, ``embedder.embed_batch``) with
-    ``LogMel`` as the encoder; a track that cannot be used keeps its reason and a null embedding.
+    The embed stage's decode (``chunking.decode_batch``) and statistics (``track_stats``, what the embed
+    job's ``logmel`` column holds), with the statistics as the embedding and no ``logmel`` column of their
+    own; a track that cannot be used keeps its reason and a null embedding.
     """
-    decoded = embedder.decode_batch(rows, base_dir, max_chunks)
-    table = embedder.embed_batch(LogMel(config), decoded, config.model_id)  # type: ignore[arg-type]
-    ok = table.column("error").is_null().to_numpy(zero_copy_only=False)
-    means = np.zeros((len(table), config.embed_dim), np.float32)
-    if ok.any():
-        values = table.column("embedding").filter(pa.array(ok)).combine_chunks().flatten()
-        means[ok] = moments_to_stats(values.to_numpy(zero_copy_only=False).reshape(-1, config.embed_dim))
-    embedding = pa.FixedSizeListArray.from_arrays(
-        pa.array(means.reshape(-1)), config.embed_dim, mask=pa.array(~ok)
-    )
-    return table.set_column(table.column_names.index("embedding"), "embedding", embedding)
+    decoded = chunking.decode_batch(rows, base_dir, max_chunks)
+    ok, samples, n_chunks = chunking.decoded_chunks(decoded)
+    stats = np.zeros((len(decoded), config.embed_dim), np.float32)
+    stats[ok] = track_stats(LogMel(config), samples, n_chunks)
+    return embeddings_table.from_decoded(decoded, config.model_id, stats)

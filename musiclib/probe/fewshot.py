@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from musiclib import catalog
+from musiclib.embed import table as embeddings_table
 from musiclib.probe import metrics, probes
 
 EVAL_SPLITS = ("valid", "test")  # configurations are chosen on valid; test only reports the chosen ones
@@ -76,8 +77,10 @@ class ProbeData:
     """Embeddings and human labels of one model, split for the few-shot protocol; plain arrays only.
 
     ``train`` is the labeled training pool support sets are drawn from; ``valid`` and ``test`` hold the
-    labeled tracks of those splits. ``excluded`` maps track ids to why they cannot be used (the embed
-    job's error, ``no vector`` or ``no embedding``); ``head``/``tail`` split tags by training-label count.
+    labeled tracks of those splits. ``x`` holds the learned embeddings, ``logmel`` the log-mel statistics
+    of the same tracks when the embeddings table has them (else it is empty); ``features`` gives either or
+    both side by side. ``excluded`` maps track ids to why they cannot be used (the embed job's error,
+    ``no vector`` or ``no embedding``); ``head``/``tail`` split tags by training-label count.
     """
 
     tags: list[str]
@@ -89,6 +92,28 @@ class ProbeData:
     track_ids: dict[str, list[str]]
     model_id: str
     excluded: dict[str, str] = field(default_factory=dict)
+    logmel: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def representations(self) -> tuple[str, ...]:
+        """The representations the data offers: all of them with log-mel statistics, else the embedding."""
+        return embeddings_table.REPRESENTATIONS if self.logmel else ("embedding",)
+
+    def features(self, representation: str) -> dict[str, np.ndarray]:
+        """Each split's vectors in ``representation`` (``fused``: the embedding, then the statistics, as
+        ``embeddings_table.matrix`` gives them); a one-line ``ConfigError`` when the data lacks them."""
+        embeddings_table.require(representation, self.representations, f"the embeddings of {self.model_id}")
+        if representation == "embedding":
+            return self.x
+        if representation == "logmel":
+            return self.logmel
+        return {split: np.hstack([x, self.logmel[split]]) for split, x in self.x.items()}
+
+    def parts(self, representation: str) -> list[int]:
+        """The sizes of the parts ``features(representation)`` holds side by side (``fused``); else none."""
+        if representation != "fused":
+            return []
+        return [self.x["train"].shape[1], self.logmel["train"].shape[1]]
 
 
 def prepare(
@@ -97,17 +122,21 @@ def prepare(
     """Join human labels (catalog ``tags``) with embeddings on ``track_id``; only labeled tracks are kept.
 
     Rows whose embedding carries an error, and labeled tracks without an embedding, are excluded and
-    recorded with the reason. The vocabulary is the tags of the usable labeled training tracks.
+    recorded with the reason. The vocabulary is the tags of the usable labeled training tracks. The
+    log-mel statistics come along when ``embeddings`` has the ``logmel`` column.
     """
     cat = catalog_table.select(["track_id", "tags", "split"]).to_pydict()
-    emb = embeddings.select(["track_id", "embedding", "error"]).to_pydict()
+    has_logmel = embeddings_table.LOGMEL in embeddings.column_names
+    emb = embeddings.select(embeddings_table.columns("fused" if has_logmel else "embedding")).to_pydict()
+    stats = emb.get(embeddings_table.LOGMEL, [()] * len(emb["track_id"]))
     excluded: dict[str, str] = {}
     vectors: dict[str, list[float]] = {}
-    for tid, vec, err in zip(emb["track_id"], emb["embedding"], emb["error"], strict=True):
-        if err is not None or vec is None:
+    floor: dict[str, list[float]] = {}
+    for tid, vec, stat, err in zip(emb["track_id"], emb["embedding"], stats, emb["error"], strict=True):
+        if err is not None or vec is None or stat is None:
             excluded[tid] = err or "no vector"  # the embed job's reason
         else:
-            vectors[tid] = vec
+            vectors[tid], floor[tid] = vec, stat
     rows: dict[str, list[tuple[str, list[str]]]] = {s: [] for s in ("train", "valid", "test")}
     for tid, tags, split in zip(cat["track_id"], cat["tags"], cat["split"], strict=True):
         if not tags or split not in rows:
@@ -118,18 +147,31 @@ def prepare(
             excluded[tid] = "no embedding"
     train = pa.table({"tags": [t for _, t in rows["train"]], "split": ["train"] * len(rows["train"])})
     vocab = catalog.vocabulary(train, split="train", head_fraction=head_fraction)
-    dim = len(next(iter(vectors.values()))) if vectors else 0
-    x, y, ids = {}, {}, {}
+    x, y, ids, logmel = {}, {}, {}, {}
     for split, items in rows.items():
         ids[split] = [tid for tid, _ in items]
-        x[split] = np.array([vectors[tid] for tid in ids[split]], dtype=np.float32).reshape(len(items), dim)
+        x[split] = _stack([vectors[tid] for tid in ids[split]], vectors)
+        if has_logmel:
+            logmel[split] = _stack([floor[tid] for tid in ids[split]], floor)
         y[split] = catalog.label_matrix([t for _, t in items], vocab.tags)
-    return ProbeData(vocab.tags, vocab.head, vocab.tail, vocab.counts, x, y, ids, model_id, excluded)
+    return ProbeData(vocab.tags, vocab.head, vocab.tail, vocab.counts, x, y, ids, model_id, excluded, logmel)
+
+
+def _stack(rows: list[list[float]], every: dict[str, list[float]]) -> np.ndarray:
+    """``rows`` as a float32 matrix as wide as the vectors in ``every`` (0 wide when there are none)."""
+    dim = len(next(iter(every.values()))) if every else 0
+    return np.array(rows, dtype=np.float32).reshape(len(rows), dim)
 
 
 def hyperparameters(config: dict[str, Any]) -> dict[str, Any]:
-    """The probe's own settings in a sweep configuration: everything but budget, probe and normalisation."""
-    return {k: v for k, v in config.items() if k not in ("budget", "probe", "norm")}
+    """The probe's own settings in a sweep configuration: everything but budget, probe, representation and
+    normalisation."""
+    return {k: v for k, v in config.items() if k not in ("budget", "probe", "representation", "norm")}
+
+
+def representation_of(config: dict[str, Any]) -> str:
+    """What a configuration's probes read; configurations without one read the learned embedding."""
+    return config.get("representation", "embedding")
 
 
 def params_text(params: dict[str, Any]) -> str:
@@ -138,15 +180,19 @@ def params_text(params: dict[str, Any]) -> str:
 
 
 def trial_key(config: dict[str, Any]) -> str:
-    """A stable, readable id of one sweep configuration (budget, probe, normalisation, hyperparameters)."""
+    """A stable, readable id of one sweep configuration (budget, probe, representation when it is not the
+    learned embedding, normalisation, hyperparameters)."""
     params = params_text(hyperparameters(config))
-    return f"{config['budget']}-{config['probe']}-{config['norm']}" + (f"-{params}" if params else "")
+    representation = representation_of(config)
+    shown = "" if representation == "embedding" else f"{representation}-"
+    return f"{config['budget']}-{config['probe']}-{shown}{config['norm']}" + (f"-{params}" if params else "")
 
 
 def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: int) -> list[dict[str, Any]]:
     """Evaluate one configuration over all tags and all repetitions; one row per (repetition, tag).
 
-    ``config`` holds ``budget`` ("all" or an integer), ``probe``, ``norm`` and the probe's hyperparameters.
+    ``config`` holds ``budget`` ("all" or an integer), ``probe``, ``representation`` (default: the learned
+    embedding), ``norm`` and the probe's hyperparameters.
     Each repetition draws a support set from the training pool, fits the probe for every tag at once,
     and scores the validation split (``valid_*``: what configurations are chosen on) and the test split
     (``test_*``: what is reported for the chosen ones). Rows carry the fit time so the sweep can measure
@@ -154,17 +200,26 @@ def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: 
     """
     budget = parse_budget(config["budget"])
     params = hyperparameters(config)
-    key, text = trial_key(config), params_text(params)
+    key, text, representation = trial_key(config), params_text(params), representation_of(config)
+    features = data.features(representation)
     group = {t: "head" for t in data.head} | {t: "tail" for t in data.tail}
     rows = []
     for rep, support in enumerate(support_sets(data.y["train"], budget, repetitions, seed)):
         start = time.perf_counter()
-        x, y = data.x["train"][support], data.y["train"][support]
+        x, y = features["train"][support], data.y["train"][support]
         probe = probes.fit(
-            config["probe"], x, y, data.tags, norm=config["norm"], params=params, seed=seed + rep
+            config["probe"],
+            x,
+            y,
+            data.tags,
+            norm=config["norm"],
+            params=params,
+            seed=seed + rep,
+            representation=representation,
+            parts=data.parts(representation),
         )
         scored = {
-            split: metrics.evaluate(data.y[split], probe.apply(data.x[split]), data.tags)
+            split: metrics.evaluate(data.y[split], probe.apply(features[split]), data.tags)
             for split in EVAL_SPLITS
         }
         seconds = time.perf_counter() - start
@@ -173,6 +228,7 @@ def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: 
                 "trial": key,
                 "budget": budget_name(budget),
                 "probe": config["probe"],
+                "representation": representation,
                 "norm": config["norm"],
                 "params": text,
                 "rep": rep,
@@ -192,24 +248,28 @@ def run_config(data: ProbeData, config: dict[str, Any], repetitions: int, seed: 
 def final_probe_set(
     data: ProbeData, config: dict[str, Any], target_precision: float | None = None, seed: int = 0
 ) -> probes.ProbeSet:
-    """Refit a configuration on every labeled training track and choose each tag's threshold.
+    """Refit a configuration on every labeled training track, in its representation, and choose each
+    tag's threshold.
 
     Thresholds come from the validation split (target precision, else maximum F1); a tag with no
     validation positive falls back to its training scores, so every tag can be written back.
     """
-    params = hyperparameters(config)
+    params, representation = hyperparameters(config), representation_of(config)
+    features = data.features(representation)
     probe = probes.fit(
         config["probe"],
-        data.x["train"],
+        features["train"],
         data.y["train"],
         data.tags,
         config["norm"],
         params,
         seed,
         data.model_id,
+        representation,
+        data.parts(representation),
     )
-    valid_scores = probe.apply(data.x["valid"]) if len(data.x["valid"]) else None
-    train_scores = probe.apply(data.x["train"])
+    valid_scores = probe.apply(features["valid"]) if len(features["valid"]) else None
+    train_scores = probe.apply(features["train"])
     thresholds = np.empty(len(data.tags), np.float32)
     for j in range(len(data.tags)):
         t = (

@@ -5,9 +5,12 @@ Three probes (Ma & Lerch 2024), each ending as one linear map ``z @ W + b`` on n
 - ``linear``: one torch linear layer for all tags at once, trained with BCE (lr, weight decay, epochs).
 - ``centroid``: the class-centroid (prototype) baseline; scores are cosine similarities to each tag's
   mean positive embedding.
-Normalisation (``none``, ``l2``, ``standardize``) is fitted on the support set only. A :class:`ProbeSet`
-holds plain arrays and saves to safetensors, so loading one never unpickles anything, and ``apply`` is
-one matrix product for all tags. torch and scikit-learn are imported by the fits that use them, so
+Normalisation (``none``, ``l2``, ``standardize``) is fitted on the support set only; on vectors made of
+parts side by side (the ``fused`` representation: the learned embedding and the log-mel statistics) each
+part is standardised and weighted to carry the same total variance (``fit_normalizer``). A
+:class:`ProbeSet` holds plain arrays and saves to safetensors, so loading one never unpickles anything,
+and ``apply`` is one matrix product for all tags. torch and scikit-learn are imported by the fits that
+use them, so
 applying a saved probe set (the tag job's tasks) loads neither.
 """
 
@@ -54,15 +57,27 @@ def _l2(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), _EPS)
 
 
-def fit_normalizer(kind: str, x: np.ndarray, cosine: bool = False) -> Normalizer:
-    """Fit a normaliser on the support set; ``cosine`` adds a final L2 step (the centroid probe's scores)."""
+def fit_normalizer(kind: str, x: np.ndarray, cosine: bool = False, parts: Sequence[int] = ()) -> Normalizer:
+    """Fit a normaliser on the support set; ``cosine`` adds a final L2 step (the centroid probe's scores).
+
+    ``parts`` are the sizes of the parts ``x`` holds side by side (the ``fused`` representation; empty:
+    one part). Each dimension is standardised, then each part's dimensions are divided by the square root
+    of the part's size, so every part carries the same total variance (a 1,024-d embedding does not drown
+    128 statistics). Folded into ``scale``: a probe set still applies as one normalise and one product.
+    """
     if kind not in NORMS:
         raise ValueError(f"unknown normalisation {kind!r}; expected one of {NORMS}")
+    if parts and (kind != "standardize" or sum(parts) != x.shape[1]):
+        raise ValueError(
+            f"parts {list(parts)} need the standardize normalisation and {x.shape[1]} dimensions"
+        )
     dim = x.shape[1]
     mean, scale = np.zeros(dim, np.float32), np.ones(dim, np.float32)
     if kind == "standardize":
         mean = x.mean(axis=0).astype(np.float32)
         scale = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
+    if parts:
+        scale = scale * np.repeat(np.sqrt(np.asarray(parts, np.float32)), parts)
     return Normalizer(mean, scale, pre_l2=kind == "l2", post_l2=cosine)
 
 
@@ -165,6 +180,7 @@ class ProbeSet:
     """A fitted probe for every tag as plain arrays: normalisation, ``W``, ``b``, thresholds, tags, model id.
 
     ``link`` is ``sigmoid`` (logreg, linear: scores are probabilities) or ``identity`` (centroid: cosine).
+    ``config`` records the fit, the representation it reads included (``representation``).
     """
 
     tags: list[str]
@@ -175,6 +191,12 @@ class ProbeSet:
     thresholds: np.ndarray | None = None  # [n_tags]; score >= threshold predicts the tag
     model_id: str = ""
     config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def representation(self) -> str:
+        """What the probes read (``embeddings_table.REPRESENTATIONS``); probe sets saved before there was
+        a choice read the learned embedding."""
+        return self.config.get("representation", "embedding")
 
     def apply(self, x: np.ndarray) -> np.ndarray:
         """Scores ``[n_tracks, n_tags]``: normalise, then one matrix product for all tags, then the link."""
@@ -248,12 +270,17 @@ def fit(
     params: dict[str, Any] | None = None,
     seed: int = 0,
     model_id: str = "",
+    representation: str = "embedding",
+    parts: Sequence[int] = (),
 ) -> ProbeSet:
-    """Fit one probe type for all tags on a support set ``x [n, dim]``, ``y [n, n_tags]`` (bool)."""
+    """Fit one probe type for all tags on a support set ``x [n, dim]``, ``y [n, n_tags]`` (bool).
+
+    ``x`` is the ``representation`` of the tracks, made of ``parts`` side by side (``fit_normalizer``).
+    """
     params = dict(params or {})
     if probe not in PROBES:
         raise ValueError(f"unknown probe {probe!r}; expected one of {PROBES}")
-    normalizer = fit_normalizer(norm, x, cosine=probe == "centroid")
+    normalizer = fit_normalizer(norm, x, cosine=probe == "centroid", parts=parts)
     z = normalizer(x)
     if probe == "logreg":
         w, b = fit_logreg(
@@ -270,6 +297,6 @@ def fit(
         )
     else:
         w, b = fit_centroid(z, y)
-    config = {"probe": probe, "norm": norm, **params}
+    config = {"probe": probe, "representation": representation, "norm": norm, **params}
     link = "identity" if probe == "centroid" else "sigmoid"
     return ProbeSet(list(tags), w, b, normalizer, link=link, model_id=model_id, config=config)

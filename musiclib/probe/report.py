@@ -40,7 +40,11 @@ def budget_order(budget: str) -> float:
 
 def trial_summary(results: pd.DataFrame) -> pd.DataFrame:
     """One row per trial: macro AP and ROC-AUC per split (valid, test) and tag group (all, head, tail), as
-    mean and std over repetitions, in columns ``<split>_<metric>_<group>_<mean|std>``."""
+    mean and std over repetitions, in columns ``<split>_<metric>_<group>_<mean|std>``, beside the trial's
+    budget, probe, representation (results of sweeps before there was a choice: the learned embedding),
+    normalisation and hyperparameters."""
+    if "representation" not in results:
+        results = results.assign(representation="embedding")
     columns = [f"{split}_{metric}" for split in SPLITS for metric in METRICS]
     per_rep = []
     for group in GROUPS:
@@ -51,7 +55,7 @@ def trial_summary(results: pd.DataFrame) -> pd.DataFrame:
     summary = reps.groupby("trial").agg(["mean", "std"])
     summary.columns = [f"{m}_{stat}" for m, stat in summary.columns]
     summary = summary.fillna({c: 0.0 for c in summary.columns if c.endswith("_std")})
-    info = results.groupby("trial")[["budget", "probe", "norm", "params"]].first()
+    info = results.groupby("trial")[["budget", "probe", "representation", "norm", "params"]].first()
     info["n_support"] = results.groupby("trial")["n_support"].mean()
     info["fit_s"] = results.groupby("trial")["fit_s"].sum()
     out = info.join(summary).reset_index()
@@ -109,8 +113,9 @@ def plot_budget_curve(best: pd.DataFrame, uri: str, repetitions: int | None = No
 
     ``best`` holds the configurations chosen on the validation split (``best_per_budget``). Lines are means
     over repetitions (``repetitions`` of them, when given, named in the caption), shaded bands plus or
-    minus one standard deviation; ``all`` (every labeled training track) sits at the right end. Sized to
-    stay readable at the width of a README (fonts of 11 pt on a 9 inch figure).
+    minus one standard deviation; ``all`` (every labeled training track) sits at the right end. The
+    caption names the representation each budget chose. Sized to stay readable at the width of a README
+    (fonts of 11 pt on a 9 inch figure).
     """
     labels = list(best["budget"])
     xs = np.arange(len(labels))
@@ -132,11 +137,13 @@ def plot_budget_curve(best: pd.DataFrame, uri: str, repetitions: int | None = No
             ax.grid(alpha=0.3)
             ax.legend(loc="best")
         reps = f"{repetitions} repetitions" if repetitions else "repetitions"
+        chosen = ", ".join(f"{b} {r}" for b, r in zip(best["budget"], best["representation"], strict=True))
         fig.text(
             0.5,
             0.01,
             f"Lines: mean over {reps} (new support sets each); bands: ± 1 standard deviation. "
-            "Each budget's probe chosen on the validation split; 'all': every labeled training track.",
+            "Each budget's probe chosen on the validation split; 'all': every labeled training track. "
+            f"Representation chosen per budget: {chosen}.",
             ha="center",
             fontsize=9,
             wrap=True,
@@ -194,9 +201,12 @@ def render_markdown(
     lines += [f"- {k}: {v}" for k, v in facts.items() if k != "run_id"]
     lines += ["", "## Chosen configuration per budget", ""]
     lines += [
-        "| budget | configuration | support tracks | valid macro AP | test macro AP | test macro ROC-AUC "
-        "| test head AP | test tail AP |",
-        "|---|---|---|---|---|---|---|---|",
+        "The representation is what the probes read: the learned `embedding`, the `logmel` statistics, or "
+        "both side by side, each part standardised (`fused`).",
+        "",
+        "| budget | configuration | representation | support tracks | valid macro AP | test macro AP "
+        "| test macro ROC-AUC | test head AP | test tail AP |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in best.itertuples():
         cells = [
@@ -206,7 +216,11 @@ def render_markdown(
             _fmt(r.test_ap_head_mean, r.test_ap_head_std),
             _fmt(r.test_ap_tail_mean, r.test_ap_tail_std),
         ]
-        lines.append(f"| {r.budget} | {_config_name(r)} | {r.n_support:.0f} | " + " | ".join(cells) + " |")
+        lines.append(
+            f"| {r.budget} | {_config_name(r)} | {r.representation} | {r.n_support:.0f} | "
+            + " | ".join(cells)
+            + " |"
+        )
     lines += [
         "",
         "## Each probe per budget (test macro AP, mean ± std over repetitions, of the probe's "

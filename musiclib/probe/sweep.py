@@ -1,7 +1,12 @@
 """The tune stage without Ray: the sweep's config, its grid of trials, the run id, and the run's outputs.
 
-A sweep is budgets x probes x hyperparameters x normalisations (``configurations``), run as one trial per
-budget x probe x hyperparameters with its normalisations inside (``group_by_trial``, ``run_trial``); each
+A sweep is budgets x probes x hyperparameters x representations x normalisations (``configurations``), run
+as one trial per budget x probe x hyperparameters with its representations and normalisations inside
+(``group_by_trial``, ``run_trial``). The representation is what the probes read (``REPRESENTATIONS`` of
+the embeddings table): the learned embedding, the log-mel statistics, or both side by side (``fused``,
+always with the ``standardize`` normalisation, whatever ``--norms`` lists: its parts are standardised and
+weighted to equal total variance, ``probes.fit_normalizer``); it is chosen per budget on the validation split like every other
+setting. Embeddings without the ``logmel`` column offer only the learned embedding (``narrow``). Each
 configuration's rows go to ``<run>/trials/<configuration>.parquet``, so a restarted sweep skips what is
 written. ``finish`` turns the rows into the run's outputs (results, report, budget curve, the refit probe
 set) and publishes the run as a version of ``<root>/probes``. ``jobs/tune.py`` runs the trials on Ray Tune.
@@ -11,7 +16,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import pandas as pd
@@ -29,7 +34,8 @@ OUTPUTS = ("results.parquet", "report.md", "budget_curve.png", "probe_set.safete
 
 @dataclass
 class TuneConfig(RayConfig):
-    """Few-shot probe sweep: label budgets x probes x hyperparameters x normalisations, R repetitions each."""
+    """Few-shot probe sweep: label budgets x probes x hyperparameters x representations x normalisations, R
+    repetitions each."""
 
     root: str = DEFAULT_ROOT
     model_id: str = ""  # empty: the latest exported model
@@ -37,6 +43,10 @@ class TuneConfig(RayConfig):
     budgets: list[str] = field(default_factory=lambda: ["1", "2", "5", "10", "20", "50", "100", "all"])
     probes: list[str] = field(default_factory=lambda: list(probes.PROBES))
     norms: list[str] = field(default_factory=lambda: list(probes.NORMS))
+    # what the probes read; --norms apply to embedding and logmel, fused is always standardised (its parts
+    # must be); those the embeddings cannot give (no logmel column: written before embed computed it) are
+    # left out
+    representations: list[str] = field(default_factory=lambda: ["embedding", "fused"])
     tags: list[str] = field(default_factory=list)  # empty: every tag of the training labels
     c_grid: list[float] = field(default_factory=lambda: [0.1, 1.0])  # logreg inverse regularisation
     class_weight: str = "balanced"  # logreg: "balanced" or "none"
@@ -64,6 +74,7 @@ class TuneConfig(RayConfig):
         for name, values, known in (
             ("probes", self.probes, probes.PROBES),
             ("norms", self.norms, probes.NORMS),
+            ("representations", self.representations, embeddings_table.REPRESENTATIONS),
         ):
             unknown = sorted(set(values) - set(known))
             if unknown or not values:
@@ -84,7 +95,9 @@ class TuneConfig(RayConfig):
 
 
 def configurations(cfg: TuneConfig) -> list[dict[str, Any]]:
-    """Every point of the grid: budget x probe x normalisation x that probe's hyperparameters."""
+    """Every point of the grid: budget x probe x representation x normalisation x that probe's
+    hyperparameters; ``fused`` takes ``standardize`` whatever ``--norms`` lists (its parts must be
+    standardised to weigh them, ``probes.fit_normalizer``)."""
     grids: dict[str, list[dict[str, Any]]] = {
         "logreg": [{"C": c, "class_weight": cfg.class_weight} for c in cfg.c_grid],
         "linear": [
@@ -94,14 +107,17 @@ def configurations(cfg: TuneConfig) -> list[dict[str, Any]]:
         "centroid": [{}],
     }
     out = []
-    for budget, probe, norm in itertools.product(cfg.budgets, cfg.probes, cfg.norms):
-        for params in grids[probe]:
+    grid = itertools.product(cfg.budgets, cfg.probes, cfg.representations)
+    for budget, probe, representation in grid:
+        norms = ["standardize"] if representation == "fused" else cfg.norms
+        for norm, params in itertools.product(norms, grids[probe]):
             if params.get("class_weight") == "none":
                 params = {**params, "class_weight": None}
             out.append(
                 {
                     "budget": fewshot.budget_name(fewshot.parse_budget(budget)),
                     "probe": probe,
+                    "representation": representation,
                     "norm": norm,
                     **params,
                 }
@@ -110,16 +126,17 @@ def configurations(cfg: TuneConfig) -> list[dict[str, Any]]:
 
 
 def group_by_trial(configs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
-    """One Tune trial per budget x probe x hyperparameters; its normalisations run inside it.
+    """One Tune trial per budget x probe x hyperparameters; its representations and normalisations run
+    inside it.
 
     A single fit takes milliseconds, so a trial per normalisation would be mostly Tune bookkeeping; inside
-    one trial the normalisations are also compared on the very same support sets.
+    one trial the representations and normalisations are also compared on the very same support sets.
     Trials are ordered longest first (a scikit-learn fit per tag, then one torch fit, then one matrix
     product), so the last trials of a sweep are short and no slot idles long while another finishes.
     """
     groups: dict[str, list[dict[str, Any]]] = {}
     for config in configs:
-        key = fewshot.trial_key({**config, "norm": "*"})
+        key = fewshot.trial_key({**config, "representation": "*", "norm": "*"})
         groups.setdefault(key, []).append(config)
     return sorted(groups.values(), key=lambda group: LONGEST_FIRST.index(group[0]["probe"]))
 
@@ -156,10 +173,14 @@ def run_trial(
 
 
 def load_data(cfg: TuneConfig, layout: Layout, model_id: str) -> fewshot.ProbeData:
-    """Human labels joined with the model's embeddings; an unknown ``--tags`` entry is an error, and so is a
+    """Human labels joined with the model's embeddings (and their log-mel statistics, when a representation
+    asked for needs them and the table has them); an unknown ``--tags`` entry is an error, and so is a
     validation split on which no tag can be scored (configurations are chosen there)."""
     table = catalog.read(layout.catalog, columns=["track_id", "tags", "split"])
-    emb = embeddings_table.read(layout.embeddings, model_id, columns=["track_id", "embedding", "error"])
+    offered = embeddings_table.offered(embeddings_table.files(layout.embeddings, model_id))
+    wanted = [r for r in cfg.representations if r != "embedding" and r in offered]
+    columns = embeddings_table.columns("fused" if wanted else "embedding")
+    emb = embeddings_table.read(layout.embeddings, model_id, columns=columns)
     data = fewshot.prepare(table, emb, model_id, cfg.head_fraction)
     if cfg.tags:
         unknown = sorted(set(cfg.tags) - set(data.tags))
@@ -181,6 +202,23 @@ def load_data(cfg: TuneConfig, layout: Layout, model_id: str) -> fewshot.ProbeDa
             f"with embeddings of {model_id}: configurations are chosen on the validation split"
         )
     return data
+
+
+def narrow(cfg: TuneConfig, data: fewshot.ProbeData) -> TuneConfig:
+    """The config with only the representations ``data`` offers, saying in one line which were left out
+    (embeddings without the ``logmel`` column); a ``ConfigError`` when none is left."""
+    kept = [r for r in cfg.representations if r in data.representations]
+    left_out = [r for r in cfg.representations if r not in kept]
+    if left_out:
+        print(
+            f"tune: the embeddings of {data.model_id} have no logmel column (written before the embed job "
+            f"computed it): {', '.join(left_out)} not offered; embed with --only-new false to add it"
+        )
+    if not kept:
+        raise ConfigError(
+            f"--representations {','.join(cfg.representations)}: none offered by these embeddings"
+        )
+    return replace(cfg, representations=kept)
 
 
 def derive_run_id(cfg: TuneConfig, layout: Layout, model_id: str) -> str:
@@ -217,6 +255,7 @@ def facts(cfg: TuneConfig, data: fewshot.ProbeData, run_id: str, results: pd.Dat
             or "none"
             for split in fewshot.EVAL_SPLITS
         },
+        "representations": ", ".join(cfg.representations),
         "repetitions": cfg.repetitions,
         "trials": f"{results['trial'].nunique()}",
         "final probe set": f"{final} (chosen on valid) refit on {len(data.x['train'])} labeled training tracks",

@@ -1,10 +1,15 @@
 """Nearest tracks by cosine similarity over embeddings: the index dataset, ``similar``, seeding a tag.
 
+Nearest is measured where the probes look (``Space``): in the representation of the latest probe run of
+the model (the learned embedding, the log-mel statistics, or both side by side) after that probe set's
+normalisation, so the tracks ``seed`` finds for a tag are near in the space its probe scores in (and
+``suggest`` keeps apart); with no probe run of the model, in the learned embedding as it is.
+
 The index itself (exact search, faiss IVF, its safetensors file) is ``musiclib.tag.index``; ``Neighbors``
 pairs an index with the track ids of its rows (``ids.parquet`` beside it) and answers ``similar`` and
 ``seed``. The index job (``jobs/index.py``) writes ``<root>/index/<model_id>/`` as a versioned dataset
-keyed by the embeddings version; ``load`` uses it when it matches the latest embeddings and otherwise
-searches the embeddings exactly.
+keyed by the embeddings version and the space; ``load`` uses it when both match the latest embeddings
+and probe run, and otherwise searches the embeddings exactly.
 
 ``command`` is the query tool's ``similar`` and ``seed`` (``python -m musiclib.tag.tags``); ``seed TAG
 --confirm ID,ID`` writes the tag into the catalog (``catalog.add_labels``), where the tune and tag jobs
@@ -22,9 +27,10 @@ import pyarrow.compute as pc
 
 from musiclib import catalog
 from musiclib.core import storage, versions
-from musiclib.core.config import DEFAULT_ROOT, Layout, check, take_flags
+from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, check, take_flags
 from musiclib.core.outputs import print_table
 from musiclib.embed import table as embeddings_table
+from musiclib.probe import probes
 from musiclib.tag.index import (
     EXACT_BELOW,
     NPROBE,
@@ -73,25 +79,62 @@ class IndexConfig:
         check("index", problems)
 
 
+@dataclass
+class Space:
+    """Where nearest tracks are measured: ``representation`` after the normaliser ``norm`` of probe run
+    ``probe_run_id`` (cosine over ``norm(x)``), or the learned embedding as it is (no probe run)."""
+
+    representation: str = "embedding"
+    norm: probes.Normalizer | None = None
+    probe_run_id: str = ""
+
+    def vectors(self, rows: pa.Table) -> np.ndarray:
+        """The vectors of usable rows (holding ``embeddings_table.columns(representation)``) in this space."""
+        x = embeddings_table.matrix(rows, self.representation)
+        return x if self.norm is None else self.norm(x)
+
+    def describe(self) -> str:
+        if not self.probe_run_id:
+            return "the learned embedding (no probe run of the model)"
+        return f"{self.representation}, normalised as probe run {self.probe_run_id}"
+
+
+def find_space(layout: Layout, model_id: str) -> Space:
+    """The space of the latest probe run when it is of ``model_id``, else the learned embedding."""
+    run_id = versions.latest_version(layout.probes)
+    if run_id is None:
+        return Space()
+    uri = storage.join(versions.version_uri(layout.probes, run_id), "probe_set.safetensors")
+    probe_set = probes.ProbeSet.load(uri)
+    if probe_set.model_id != model_id:
+        return Space()
+    return Space(probe_set.representation, probe_set.norm, run_id)
+
+
 def dataset_uri(root: str, model_id: str) -> str:
     """``<root>/index/<model_id>``: one versioned dataset per model, beside its embeddings."""
     return storage.join(Layout(root).index, model_id)
 
 
-def derive_run_id(cfg: IndexConfig, embedding_version: str) -> str:
-    """``index-<digest>`` of the embeddings version and the build settings: rebuilt only when either changes."""
+def derive_run_id(cfg: IndexConfig, embedding_version: str, space: Space) -> str:
+    """``index-<digest>`` of the embeddings version, the space (representation and probe run) and the build
+    settings: rebuilt only when one of them changes."""
     settings = [cfg.kind, cfg.exact_below, cfg.nlist, cfg.nprobe, cfg.train_size]
-    return versions.digest_version("index", [embedding_version, settings])
+    return versions.digest_version(
+        "index", [embedding_version, space.representation, space.probe_run_id, settings]
+    )
 
 
-def usable_embeddings(files: list[str]) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
-    """``(track_ids, vectors, errors)`` of embedding files: rows with a vector, and why the others have none."""
-    rows = storage.read_parquet(files, ["track_id", "embedding", "error"])
+def usable_embeddings(files: list[str], space: Space) -> tuple[np.ndarray, np.ndarray, dict[str, str]]:
+    """``(track_ids, vectors, errors)`` of embedding files: rows with their vectors in ``space``, and why
+    the others have none; a one-line ``ConfigError`` when the files cannot give the space's representation."""
+    embeddings_table.require(space.representation, embeddings_table.offered(files), "these embeddings")
+    rows = storage.read_parquet(files, embeddings_table.columns(space.representation))
     ok = embeddings_table.usable_mask(rows)
     bad = rows.filter(pc.invert(ok))
     errors = dict(zip(bad["track_id"].to_pylist(), (e or "no vector" for e in bad["error"].to_pylist())))
     good = rows.filter(ok)
-    return np.asarray(good["track_id"].to_pylist(), dtype=object), embeddings_table.matrix(good), errors
+    return np.asarray(good["track_id"].to_pylist(), dtype=object), space.vectors(good), errors
 
 
 def write_version(
@@ -139,11 +182,12 @@ class Neighbors:
 
 
 def load(root: str, model_id: str = "") -> Neighbors:
-    """The index of the latest embeddings of ``model_id`` (default: the latest model) under ``root``.
+    """The index of the latest embeddings of ``model_id`` (default: the latest model) under ``root``, in the
+    space of the latest probe run (``find_space``).
 
-    Uses the index job's latest version when it was built from the current embeddings; otherwise (no
-    index yet, or embeddings newer than it) searches the embeddings exactly, which is right for small
-    catalogs and slower for large ones (``make index`` builds the index).
+    Uses the index job's latest version when it was built from the current embeddings in that space;
+    otherwise (no index yet, embeddings or a probe run newer than it) searches the embeddings exactly,
+    which is right for small catalogs and slower for large ones (``make index`` builds the index).
     """
     layout = Layout(root)
     model_id = models.model_id_or_latest(layout.models, model_id)
@@ -151,20 +195,29 @@ def load(root: str, model_id: str = "") -> Neighbors:
     if versions.latest_version(embeddings) is None:
         raise NeighborsError(f"no embeddings of {model_id} under {layout.embeddings}: run embed first")
     emb = versions.read_latest_manifest(embeddings)
+    space = find_space(layout, model_id)
     dataset = dataset_uri(root, model_id)
     if versions.latest_version(dataset) is not None:
         manifest = versions.read_latest_manifest(dataset)
-        if manifest.extra.get("embedding_version") == emb.version:
+        extra = manifest.extra  # indexes built before there were spaces: the learned embedding, no probe run
+        built = (extra.get("representation", "embedding"), extra.get("probe_run_id", ""))
+        if extra.get("embedding_version") == emb.version and built == (
+            space.representation,
+            space.probe_run_id,
+        ):
             folder = versions.version_uri(dataset, manifest.version)
             index = from_bytes(storage.read_bytes(storage.join(folder, INDEX_FILE)), f"index {folder}")
             ids = storage.read_parquet([storage.join(folder, IDS_FILE)])["track_id"].to_pylist()
             if len(ids) != len(index):
                 raise NeighborsError(f"index {folder}: {len(ids)} track ids for {len(index)} vectors")
             return Neighbors(index, np.asarray(ids, dtype=object), model_id, f"index {folder}")
-    ids, vectors, _ = usable_embeddings(emb.file_uris())
+    ids, vectors, _ = usable_embeddings(emb.file_uris(), space)
     if len(ids) == 0:
         raise NeighborsError(f"no track has an embedding of {model_id} in version {emb.version}")
-    source = f"exact search over embeddings {emb.version} of {model_id} (no index built from them)"
+    source = (
+        f"exact search over embeddings {emb.version} of {model_id} in {space.describe()} "
+        "(no index built from them)"
+    )
     return Neighbors(ExactIndex(normalize(vectors)), ids, model_id, source)
 
 
@@ -254,7 +307,7 @@ def command(args: list[str], root: str, n: int) -> None:
             rows = similar(found, labels, layout.catalog, args[1], n)
         else:
             rows = seed(found, labels, layout.catalog, args[1], examples, n)
-    except (NeighborsError, catalog.CatalogError, storage.StorageError) as exc:
+    except (NeighborsError, ConfigError, catalog.CatalogError, storage.StorageError) as exc:
         raise SystemExit(str(exc).splitlines()[0]) from exc
     print(f"# {found.source}")
     print("  ".join(rows.column_names))

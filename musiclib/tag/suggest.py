@@ -3,7 +3,8 @@
 A track is worth labeling for a tag when the tag's probe (the probe set the tag job applies) is unsure
 about it: its score lies near the tag's threshold. The uncertainty is ``exp(-margin)``, where the margin
 is ``|logit - logit(threshold)|`` for probability probes and ``|score - threshold|`` for the centroid
-probe, so a track on the threshold scores 1. Scoring is one matrix product per block of embeddings; each
+probe, so a track on the threshold scores 1. Scoring is one matrix product per block of embeddings, in the
+probe set's representation (the learned embedding, the log-mel statistics or both, ``probes``); each
 block keeps only its ``pool`` most uncertain tracks per tag (``block_candidates``), the driver merges
 blocks into the global pool (``merge_candidates``) and picks a batch of ``per_tag`` from it greedily by
 uncertainty, never two tracks whose cosine similarity in the probe's normalised space reaches
@@ -267,9 +268,9 @@ def _subset(data: fewshot.ProbeData, rows: np.ndarray, columns: np.ndarray) -> f
     """``data`` whose training pool is only ``rows`` (the labels revealed so far), for the tags ``columns``."""
     tag_names = [data.tags[j] for j in columns]
     y = {split: labels[:, columns] for split, labels in data.y.items()}
-    return dataclasses.replace(
-        data, tags=tag_names, x={**data.x, "train": data.x["train"][rows]}, y={**y, "train": y["train"][rows]}
-    )
+    x = {**data.x, "train": data.x["train"][rows]}
+    logmel = {**data.logmel, "train": data.logmel["train"][rows]} if data.logmel else {}
+    return dataclasses.replace(data, tags=tag_names, x=x, logmel=logmel, y={**y, "train": y["train"][rows]})
 
 
 def suggest_indices(
@@ -315,10 +316,11 @@ def simulate(
     """Replay active labeling on a labeled corpus; one row per (round, tag) with the test AP.
 
     Start from a support set of ``start_k`` positives per tag drawn from the training pool (every tag of
-    those tracks known); each round, fit the probe set as the tune job's final fit does (``config``,
-    thresholds on the validation split), score the test split, then reveal ``per_tag`` suggestions per
-    tag (``active``) or random tracks (``random``). ``reveal="track"``: a revealed track brings all its
-    tags, the union of every tag's suggestions is revealed and random draws ``per_tag`` x tags tracks;
+    those tracks known); each round, fit the probe set as the tune job's final fit does (``config``, its
+    representation included; thresholds on the validation split), score the test split, then reveal
+    ``per_tag`` suggestions per tag (``active``) or random tracks (``random``). ``reveal="track"``: a
+    revealed track brings all its tags, the union of every tag's suggestions is revealed and random draws
+    ``per_tag`` x tags tracks;
     ``n_labels`` counts labeled tracks. ``reveal="tag"``: each tag is asked about its own tracks only
     ("is this track X?"), every tag has its own probe and pool, and ``n_labels`` counts that tag's labels.
     """
@@ -331,12 +333,15 @@ def simulate(
     labeled = np.repeat(start[:, None], n_tags, axis=1)  # [tracks, tags]: which labels are known
     groups = [np.arange(n_tags)] if reveal == "track" else [np.array([j]) for j in range(n_tags)]
     group = {t: "head" for t in data.head} | {t: "tail" for t in data.tail}
+    features = data.features(fewshot.representation_of(config))
     rows = []
     for r in range(rounds + 1):
         for cols in groups:
             known = np.flatnonzero(labeled[:, cols[0]])
             probe_set = fewshot.final_probe_set(_subset(data, known, cols), config, seed=seed)
-            ap = metrics.evaluate(data.y["test"][:, cols], probe_set.apply(data.x["test"]), probe_set.tags).ap
+            ap = metrics.evaluate(
+                data.y["test"][:, cols], probe_set.apply(features["test"]), probe_set.tags
+            ).ap
             rows += [
                 {"strategy": strategy, "reveal": reveal, "seed": seed, "round": r, "tag": data.tags[j]}
                 | {"n_labels": len(known), "group": group[data.tags[j]], "ap": float(a)}
@@ -347,7 +352,7 @@ def simulate(
                 new = _next(
                     strategy,
                     probe_set,
-                    data.x["train"],
+                    features["train"],
                     pool,
                     per_tag * len(cols),
                     per_tag,

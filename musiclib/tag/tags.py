@@ -153,7 +153,8 @@ def write_model_rows(
 ) -> pa.Table:
     """Score a block of embedding rows and write their model rows as one Parquet file in ``folder``.
 
-    Rows with an error or no embedding, and tracks in ``skip``, get none. ``batch_size`` tracks are scored
+    The block holds the columns of the probe set's representation (``embeddings_table.columns``). Rows
+    with an error or no vector, and tracks in ``skip``, get none. ``batch_size`` tracks are scored
     at a time, each batch one row group, so memory follows the batch, not the block. The file is named
     by a digest of its track ids: a retried task rewrites its own file. Returns the file and its track
     count (``WRITTEN``; no row when nothing was scored).
@@ -173,11 +174,12 @@ def write_model_rows(
 
 
 def model_rows(table: pa.Table, probe_set: ProbeSet, probe_run_id: str, tagged_at: str) -> pa.Table:
-    """Score a batch of embedding rows (no errors) with every tag: one matrix product, then long form."""
+    """Score a batch of embedding rows (no errors) with every tag: one matrix product on the probe set's
+    representation (``embeddings_table.matrix``), then long form."""
     n, n_tags = len(table), len(probe_set.tags)
     if n == 0:
         return SCHEMA.empty_table()
-    scores = probe_set.apply(embeddings_table.matrix(table))
+    scores = probe_set.apply(embeddings_table.matrix(table, probe_set.representation))
     rows = n * n_tags  # track-major: track i's tags are rows i * n_tags ... (i + 1) * n_tags - 1
     return pa.table(
         {
@@ -286,7 +288,7 @@ def summarize(table: pa.Table, long_tail: Sequence[str], n_top: int = 10) -> str
 @dataclass(frozen=True)
 class Inputs:
     """What a run of the tag stage (the tag and suggest jobs) applies, found and checked before Ray starts:
-    a probe run's probe set and the latest embeddings of its model."""
+    a probe run's probe set and the latest embeddings of its model, which hold its representation."""
 
     probe_run_id: str
     probe_uri: str
@@ -297,7 +299,8 @@ class Inputs:
 
 def find_inputs(layout: Layout, probe_run_id: str = "") -> Inputs:
     """``probe_run_id`` (else the latest probe run) and its model's latest embeddings; a one-line
-    ``ConfigError`` when either is missing, has no thresholds, or holds no rows."""
+    ``ConfigError`` when either is missing, has no thresholds, holds no rows, or the embeddings cannot give
+    the probe set's representation (a ``fused`` probe set on embeddings without the ``logmel`` column)."""
     from musiclib.probe.probes import ProbeSet
 
     run_id = probe_run_id or versions.latest_version(layout.probes)
@@ -318,6 +321,8 @@ def find_inputs(layout: Layout, probe_run_id: str = "") -> Inputs:
             f"the embeddings of {probe_set.model_id} hold no rows: version {emb.version} of {dataset} "
             f"lists {len(emb.files)} file(s); run embed on a non-empty catalog"
         )
+    what = f"the embeddings of {probe_set.model_id} (version {emb.version})"
+    embeddings_table.require(probe_set.representation, embeddings_table.offered(emb.file_uris()), what)
     return Inputs(run_id, probe_uri, probe_set, emb.file_uris(), emb.version)
 
 
