@@ -7,11 +7,12 @@
    are not written yet, under the study's own work root (``study.work_root``: the catalog's audio, its own
    shards, runs, models, embeddings and probe runs):
    - a trained encoder: the pretrain job (``jobs.pretrain.run``) with the encoder's label settings
-     (``study.pretrain_config``), then the embed job; the random encoder: the seed's initial weights
-     exported, then the embed job; the log-mel floor: the embed stage's decode and average with
-     ``logmel.LogMel`` as the encoder, mapped by Ray Data;
-   - the tune job's few-shot sweep on its embeddings; per budget, the configuration chosen on the
-     validation split and its test scores per repetition become the variant's rows.
+     (``study.pretrain_config``: the same family and time budget for all), then the embed job; the random
+     encoder: the seed's initial weights exported, then the embed job; the log-mel floor: the log-mel
+     statistics the embed job wrote beside the random encoder's embeddings; the fused representation:
+     ``study.FUSED_WITH``'s embeddings of the same seed beside their log-mel statistics;
+   - the tune job's few-shot sweep on what the variant reads (``study.REPRESENTATION``); per budget, the
+     configuration chosen on the validation split and its test scores per repetition become the rows.
 3. Write results.parquet, study.md and study.png under ``<root>/study/<run_id>/`` and publish the run.
 Running the same command again skips the variants already evaluated (and a finished study entirely).
 """
@@ -26,36 +27,12 @@ import pyarrow as pa
 
 from jobs import embed, pretrain, tune
 from musiclib import catalog
-from musiclib.core import lifecycle, ray_env, storage, versions
+from musiclib.core import lifecycle, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
-from musiclib.embed import logmel
 from musiclib.study import study
 from musiclib.study.study import StudyConfig
 from musiclib.train import models
-
-
-def embed_logmel(cfg: StudyConfig, work: Layout) -> str:
-    """Publish the log-mel floor's embeddings of the labeled tracks (once); return its model id."""
-    floor = logmel.LogMelConfig()
-    dataset = storage.join(work.embeddings, floor.model_id)
-    with versions.lease(dataset):
-        labeled = study.labeled_catalog(work.root)
-        version = versions.digest_version("logmel", [cfg.max_chunks, storage.file_checksum(labeled)])
-        if versions.already_complete(dataset, version, "study") is None:
-            out = versions.version_uri(dataset, version)
-            storage.delete(out, recursive=True)  # what a killed run left: written again whole
-            fs, path = storage.arrow_filesystem(out)
-            rows = ray_env.read_parquet(labeled, ["track_id", "audio_uri"])
-            rows.map_batches(
-                logmel.embed_rows,
-                fn_kwargs={"base_dir": catalog.base_dir(labeled), "max_chunks": cfg.max_chunks},
-                batch_size=16,
-                batch_format="pyarrow",
-            ).write_parquet(path, filesystem=fs)
-            files = storage.list_files(out, ".parquet")
-            versions.publish(dataset, version, files, [storage.parquet_rows(u) for u in files])
-    return floor.model_id
 
 
 def make_encoder(cfg: StudyConfig, work: Layout, encoder: str, seed: int) -> tuple[str, dict[str, float]]:
@@ -63,11 +40,18 @@ def make_encoder(cfg: StudyConfig, work: Layout, encoder: str, seed: int) -> tup
     seconds and the pretraining steps (0 untrained)."""
     seconds = {}
     start = time.perf_counter()
-    if encoder == "logmel":
-        model_id = embed_logmel(cfg, work)
-        return model_id, {"pretrain_s": 0.0, "embed_s": time.perf_counter() - start, "steps": 0}
-    pretrain_cfg = study.pretrain_config(cfg, work.root, "clmr" if encoder == "random" else encoder, seed)
-    if encoder == "random":  # the weights pretraining with this seed starts from
+    if encoder == "fused":  # the embeddings of the trained encoder it reads, already evaluated
+        rows = storage.read_parquet(
+            [study.rows_uri(work.root, study.FUSED_WITH, seed)], ["model_id", "steps"]
+        )
+        return rows["model_id"][0].as_py(), {
+            "pretrain_s": 0.0,
+            "embed_s": 0.0,
+            "steps": rows["steps"][0].as_py(),
+        }
+    untrained = encoder in ("random", "logmel")  # the floor reads the random encoder's log-mel column
+    pretrain_cfg = study.pretrain_config(cfg, work.root, "clmr" if untrained else encoder, seed)
+    if untrained:  # the weights pretraining with this seed starts from
         model_id = models.export_random_encoder(work.models, pretrain_cfg.encoder_config(), seed)
     else:
         model_id = pretrain.run(pretrain_cfg).result
@@ -79,10 +63,12 @@ def make_encoder(cfg: StudyConfig, work: Layout, encoder: str, seed: int) -> tup
     return model_id, seconds
 
 
-def evaluate(cfg: StudyConfig, work: Layout, model_id: str, local: bool) -> tuple[pd.DataFrame, float]:
-    """The tune job's sweep on a model's embeddings: its results table and its seconds."""
+def evaluate(
+    cfg: StudyConfig, work: Layout, model_id: str, local: bool, encoder: str
+) -> tuple[pd.DataFrame, float]:
+    """The tune job's sweep on a model's embeddings, as ``encoder`` reads them: its results and seconds."""
     start = time.perf_counter()
-    manifest = tune.run(study.tune_config(cfg, work.root, model_id, local)).result
+    manifest = tune.run(study.tune_config(cfg, work.root, model_id, local, encoder)).result
     results_uri = storage.join(versions.version_uri(work.probes, manifest.version), "results.parquet")
     return storage.read_parquet([results_uri]).to_pandas(), time.perf_counter() - start
 
@@ -109,7 +95,7 @@ def run(cfg: StudyConfig) -> lifecycle.Summary[versions.Manifest]:
             for encoder, seed in todo:
                 print(f"study: {encoder}, seed {seed}")
                 model_id, seconds = make_encoder(cfg, work, encoder, seed)
-                results, seconds["tune_s"] = evaluate(cfg, work, model_id, bool(local))
+                results, seconds["tune_s"] = evaluate(cfg, work, model_id, bool(local), encoder)
                 rows = study.variant_rows(results, encoder, seed, model_id).assign(**seconds)
                 storage.write_parquet(
                     pa.Table.from_pandas(rows, preserve_index=False), study.rows_uri(work.root, encoder, seed)

@@ -383,6 +383,9 @@ def test_a_time_budget_ends_training_at_a_checkpoint_and_spans_resumes():
     fit(model, optimizer, augment, data, cfg, torch.device("cpu"), 7, lambda *a: seen.append(a), 29.9)
     (step, metrics, due), *_ = seen
     assert len(seen) == 1 and due and 8 <= step < 1000 and metrics["trained_s"] >= 30.0
+    before = [p.detach().clone() for p in model.parameters()]
+    assert fit(model, optimizer, augment, data, cfg, torch.device("cpu"), step, None, 30.0) == {}
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # not one step
     cosine = PretrainConfig(steps=100, minutes=1.0, cosine=True, lr=1e-3)
     assert learning_rate(10, cosine, trained_s=30.0) == pytest.approx(5e-4)  # half the budget: half the lr
     assert learning_rate(50, cosine, trained_s=6.0) == pytest.approx(5e-4)  # half the steps

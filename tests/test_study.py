@@ -121,7 +121,9 @@ def test_runs_are_compared_on_validation_and_the_test_split_only_reports(tmp_pat
     study.print_runs(dataset, "20")
     printed = capsys.readouterr().out
     # unrecorded: the default, or for options newer than the run the settings every earlier run had
-    assert "study-b: encoder samplecnn, width 0.25, minutes 0.0, steps 70" in printed and "--lr 2e-3" in printed
+    assert (
+        "study-b: encoder samplecnn, width 0.25, minutes 0.0, steps 70" in printed and "--lr 2e-3" in printed
+    )
     assert table.loc["study-a", "batch_label_share"] == study.StudyConfig().batch_label_share
 
 

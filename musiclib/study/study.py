@@ -59,8 +59,12 @@ ENCODERS = {
     "supervised": "supervised contrastive on the labeled clips alone (p_s = 1, b_s = 1)",
     "random": "no training: the randomly initialised encoder (the first seed's initial weights)",
     "logmel": "hand-crafted floor: mean and std of each log-mel band over the track",
+    "fused": "semisupcon-low's embedding beside the log-mel statistics, each standardised (tune's fused)",
 }
 TRAINED = ("clmr", "semisupcon-low", "semisupcon-all", "supervised")
+FUSED_WITH = "semisupcon-low"  # the trained encoder whose embeddings the fused variant reads, seed by seed
+# what each variant's probes read (the tune job's representations); every other encoder: its embedding
+REPRESENTATION = {"logmel": "logmel", "fused": "fused"}
 REFERENCE = "clmr"  # every other encoder's difference is taken from this one when it is in the study
 OUTPUTS = ("results.parquet", "study.md", "study.png")
 METRIC_NAMES = {"ap": "average precision (AP)", "roc_auc": "ROC-AUC"}
@@ -79,7 +83,7 @@ SET_BY_STUDY = {
         "batch_size",
     },
     "embed": {"root", "catalog", "model_id", "max_chunks", "only_new"},
-    "tune": {"root", "model_id", "run_id"},
+    "tune": {"root", "model_id", "run_id", "representations"},
 }
 
 
@@ -124,6 +128,8 @@ class StudyConfig(RayConfig):
         unknown = [e for e in self.encoders if e not in ENCODERS]
         if unknown or not self.encoders:
             problems.append(f"--encoders: unknown or empty {unknown}; choose from {', '.join(ENCODERS)}")
+        elif "fused" in self.encoders and FUSED_WITH not in self.encoders[: self.encoders.index("fused")]:
+            problems.append(f"--encoders: fused reads {FUSED_WITH}'s embeddings: list {FUSED_WITH} before it")
         if not self.seeds or len(set(self.seeds)) != len(self.seeds) or min(self.seeds, default=0) < 0:
             problems.append(f"--seeds {self.seeds}: give one or more distinct non-negative seeds")
         if not 0.0 < self.label_share < 1.0:
@@ -186,9 +192,11 @@ def label_settings(cfg: StudyConfig, encoder: str) -> tuple[float, float]:
 
 
 def variants(cfg: StudyConfig) -> list[tuple[str, int]]:
-    """Every (encoder, seed) the study evaluates: the trained ones with every seed, the two untrained
-    references once (the first seed), their spread is that of the probes' repetitions alone."""
-    return [(e, s) for e in cfg.encoders for s in (cfg.seeds if e in TRAINED else cfg.seeds[:1])]
+    """Every (encoder, seed) the study evaluates: the trained ones (and the fused representation of one of
+    them) with every seed, the two untrained references once (the first seed), their spread is that of
+    the probes' repetitions alone."""
+    seeded = (*TRAINED, "fused")
+    return [(e, s) for e in cfg.encoders for s in (cfg.seeds if e in seeded else cfg.seeds[:1])]
 
 
 def job_config(cls: type[T], text: str, **settings: Any) -> T:
@@ -228,12 +236,23 @@ def embed_config(cfg: StudyConfig, work_root: str, model_id: str) -> EmbedConfig
     )
 
 
-def tune_config(cfg: StudyConfig, work_root: str, model_id: str, local: bool) -> TuneConfig:
-    """The tune job's config on one model's embeddings. In a ``local`` Ray the study started (at least 4
-    logical CPUs), one trial per core, as the tune job takes when it starts Ray itself; on a cluster, or
-    with ``--max-concurrent`` in the tune options, those decide."""
+def tune_config(
+    cfg: StudyConfig, work_root: str, model_id: str, local: bool, encoder: str = "clmr"
+) -> TuneConfig:
+    """The tune job's config on one model's embeddings, read as the ``encoder`` variant reads them (its
+    ``REPRESENTATION``). In a ``local`` Ray the study started (at least 4 logical CPUs), one trial per core,
+    as the tune job takes when it starts Ray itself; on a cluster, or with ``--max-concurrent`` in the tune
+    options, those decide."""
     slots = {"max_concurrent": cfg.num_cpus or os.cpu_count() or 1} if local else {}
-    return job_config(TuneConfig, cfg.tune_options, root=work_root, model_id=model_id, **slots)
+    representation = REPRESENTATION.get(encoder, "embedding")
+    return job_config(
+        TuneConfig,
+        cfg.tune_options,
+        root=work_root,
+        model_id=model_id,
+        representations=[representation],
+        **slots,
+    )
 
 
 # --------------------------------------------------------------------------- where things go

@@ -413,6 +413,8 @@ def fit(
     from its seed, and workers draw independent augmentations.
     """
     rank, world = distributed()
+    if out_of_time(start_seconds, cfg, world, device):  # resumed after its time budget was spent
+        return {}
     n_clips = cfg.batch_size // world
     seed = [cfg.seed, rank, start_step]  # a resumed run draws new batches, not the first ones again
     seed_augmentations(seed)
