@@ -208,3 +208,29 @@ def test_the_queue_adds_its_entries_as_candidates_with_track_and_label_targets()
         queue_targets=queue_targets[:, :0],
     )
     torch.testing.assert_close(empty, semisupcon_anchor_losses(torch.from_numpy(z), targets, 0.2))
+
+
+def test_weighted_targets_weigh_each_tag():
+    """Dice targets with tag weights: 2 * (weights of the shared tags) / (weights of each clip's tags), from the
+    definition in float64, capped at 1 with the same-clip term; all weights 1 is plain Dice."""
+    rng = np.random.default_rng(5)
+    vocab = ["rock", "jazz", "calm", "piano", "vocal"]
+    weight = dict(zip(vocab, rng.uniform(0.0, 3.0, len(vocab)), strict=True))
+    _, clips, view_tags, multi_hot = random_batch(rng, 6, vocab, labeled=0.8)
+    w = torch.tensor([weight[t] for t in vocab], dtype=torch.float64)
+    got = target_matrix(torch.tensor(clips), multi_hot, weighted=True, tag_weights=w)
+    for i, a in enumerate(view_tags):
+        for j, b in enumerate(view_tags):
+            label = (
+                0.0
+                if not a or not b
+                else 2
+                * sum(weight[t] for t in a & b)
+                / (sum(weight[t] for t in a) + sum(weight[t] for t in b))
+            )
+            want = 0.0 if i == j else min(1.0, (clips[i] == clips[j]) + label)
+            assert abs(float(got[i, j]) - want) < 1e-12
+    plain = target_matrix(torch.tensor(clips), multi_hot, weighted=True)
+    torch.testing.assert_close(
+        target_matrix(torch.tensor(clips), multi_hot, weighted=True, tag_weights=w * 0 + 1), plain
+    )

@@ -97,6 +97,8 @@ def test_config_rejects_bad_values_with_clear_messages():
     assert "--precision 'fp16'" in message
     with pytest.raises(ConfigError, match="p_noise"):
         parse(PretrainConfig, ["--p-noise", "2"])
+    with pytest.raises(ConfigError, match="--idf .* needs --weighted true"):
+        parse(PretrainConfig, ["--idf", "true"])
     cfg = parse(PretrainConfig, ["--gain-db", "-6,3", "--width", "0.25"])
     assert cfg.augment_config().gain_db == (-6.0, 3.0) and cfg.encoder_config().width == 0.25
 
@@ -177,6 +179,13 @@ def test_positive_share_is_the_mean_target_over_distinct_labeled_pairs():
         assert positive_share(plan, threshold, weighted=False) == pytest.approx(expected, rel=1e-12)
     dice = np.mean([2 * len(a & b) / (len(a) + len(b)) for a, b in pairs], dtype=np.float64)
     assert positive_share(plan, 1, weighted=True) == pytest.approx(dice, rel=1e-12)
+    labeled = [tags for tags in kept.values() if tags]
+    idf = {g: np.log(len(labeled) / sum(g in tags for tags in labeled)) for g in vocabulary}
+    assert plan.tag_weights(idf=True) == pytest.approx([idf[g] for g in vocabulary], rel=1e-12)
+    weighted = np.mean(
+        [2 * sum(idf[g] for g in a & b) / (sum(idf[g] for g in a) + sum(idf[g] for g in b)) for a, b in pairs]
+    )
+    assert positive_share(plan, 1, weighted=True, idf=True) == pytest.approx(weighted, rel=1e-12)
     assert positive_share(LabelPlan({"a": ["g0"], "b": []}, ["g0"], 1), 1, False) is None
     dense = LabelPlan({f"t{i}": ["g0", f"g{i % 5 + 1}"] for i in range(10)}, vocabulary, 10)
     facts = label_facts(dense, PretrainConfig(root="x", label_threshold=1))

@@ -36,10 +36,14 @@ class TrainingData:
     # [n] each track's index among all usable tracks, the same on every worker (a queue of past views
     # tells a track's own views by it); None: 0 to n - 1
     tracks: np.ndarray | None = None
+    # [V] each tag's weight in Dice targets with --idf, from every worker's labels (LabelPlan.tag_weights)
+    idf: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         if self.tracks is None:
             self.tracks = np.arange(len(self.segments))
+        if self.idf is None:
+            self.idf = np.ones(self.labels.shape[1])
 
     @cached_property
     def labeled(self) -> np.ndarray:
@@ -85,6 +89,7 @@ def load_training_data(shard_uris: list[str], plan: LabelPlan, rank: int = 0, wo
         segments=np.asarray(table.column("segment_samples").to_pylist(), np.int64),
         labels=label_matrix(kept, plan.vocabulary).astype(np.float32),
         tracks=mine,  # the table's rows follow ``mine``: shards in order, rows in order within each
+        idf=plan.tag_weights(idf=True),
     )
 
 

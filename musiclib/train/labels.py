@@ -27,6 +27,7 @@ class LabelSettings(Protocol):
     b_s: float
     label_threshold: int
     weighted: bool
+    idf: bool
 
 
 def _unit_hash(seed: int, key: str) -> float:
@@ -56,6 +57,14 @@ class LabelPlan:
     def labeled_used(self) -> int:
         return sum(1 for g in self.kept.values() if g)
 
+    def tag_weights(self, idf: bool) -> np.ndarray:
+        """Each vocabulary tag's weight in Dice targets: 1, or with ``idf`` ``log(labeled tracks / tracks with
+        the tag)``, so a tag every labeled track carries says nothing and a rare one says most."""
+        counts = label_matrix(list(self.kept.values()), self.vocabulary).sum(axis=0)
+        if not idf:
+            return np.ones(len(self.vocabulary))
+        return np.log(max(self.labeled_used, 1) / np.maximum(counts, 1))
+
 
 def plan_labels(shard_uris: list[str], p_s: float, seed: int) -> LabelPlan:
     """The label plan over every usable track in the shards (reads only the small metadata columns)."""
@@ -71,7 +80,9 @@ def plan_labels(shard_uris: list[str], p_s: float, seed: int) -> LabelPlan:
 POSITIVES_WARNING = 0.5  # above this mean label target, labels barely tell labeled clips apart
 
 
-def positive_share(plan: LabelPlan, threshold: int, weighted: bool, max_tracks: int = 2000) -> float | None:
+def positive_share(
+    plan: LabelPlan, threshold: int, weighted: bool, max_tracks: int = 2000, idf: bool = False
+) -> float | None:
     """The mean label target ``P_ij`` between two distinct labeled tracks the plan keeps (``target_matrix``):
     the share of labeled pairs that count as positives, or their mean Dice weight. Near 1, almost every
     pair of labeled clips is a positive and the labels add little contrast (dense multi-label catalogs at
@@ -82,7 +93,8 @@ def positive_share(plan: LabelPlan, threshold: int, weighted: bool, max_tracks: 
     if len(labeled) > max_tracks:
         labeled = sorted(np.random.default_rng(0).choice(labeled, max_tracks, replace=False).tolist())
     labels = torch.from_numpy(label_matrix([plan.kept[t] for t in labeled], plan.vocabulary))
-    targets = target_matrix(torch.arange(len(labeled)), labels, threshold, weighted)
+    weights = torch.from_numpy(plan.tag_weights(idf))
+    targets = target_matrix(torch.arange(len(labeled)), labels, threshold, weighted, weights)
     return float(targets.sum()) / (len(labeled) * (len(labeled) - 1))
 
 
@@ -94,8 +106,10 @@ def label_facts(plan: LabelPlan, cfg: LabelSettings) -> dict[str, Any]:
         "labeled_tracks_in_catalog": plan.labeled_in_catalog,
         "labeled_tracks_used": plan.labeled_used,
         "tags_used": len(plan.vocabulary),
-        "positives": "Dice-weighted" if cfg.weighted else f"--label-threshold {cfg.label_threshold}",
-        "mean_label_target": positive_share(plan, cfg.label_threshold, cfg.weighted),
+        "positives": ("Dice-weighted" + (", tags by idf" if cfg.idf else ""))
+        if cfg.weighted
+        else f"--label-threshold {cfg.label_threshold}",
+        "mean_label_target": positive_share(plan, cfg.label_threshold, cfg.weighted, idf=cfg.idf),
     }
 
 

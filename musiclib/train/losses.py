@@ -7,7 +7,7 @@ zero diagonal. For each anchor i
 
 and the loss is the mean of l_i over anchors. P_ij is 1 for two views of the same clip; two labeled clips
 are positives when they share at least ``threshold`` tags, or, in the weighted mode, by their Dice overlap
-(capped at 1 together with the same-clip term). Unlabeled clips have only their own views as positives,
+(capped at 1 together with the same-clip term; tags may weigh differently, e.g. rare ones more). Unlabeled clips have only their own views as positives,
 so with no labels in the batch the loss is exactly NT-Xent (SimCLR / CLMR).
 
 With a queue (MoCo's, holding past projections without gradients, as SupCon's memory banks do), every
@@ -28,14 +28,20 @@ def pair_targets(
     other_labels: torch.Tensor,
     threshold: int = 1,
     weighted: bool = False,
+    tag_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Targets ``[N, M]`` (float64) between N views and M others: 1 for the same clip or track (equal ids),
-    else the label term, shared tags at or above ``threshold`` (or their Dice overlap), capped at 1."""
+    else the label term, shared tags at or above ``threshold`` (or their Dice overlap, each tag counting
+    ``tag_weights`` when given: ``2 sum_shared w / (sum_a w + sum_b w)``), capped at 1."""
     labels, other_labels = labels.to(torch.float64), other_labels.to(torch.float64)
     same = (ids[:, None] == other_ids[None, :]).to(torch.float64)
     shared = labels @ other_labels.T  # number of tags two clips have in common
     if weighted:
-        denom = (labels.sum(dim=1)[:, None] + other_labels.sum(dim=1)[None, :]).clamp_min(1.0)
+        w = torch.ones(labels.shape[1], dtype=torch.float64, device=labels.device)
+        if tag_weights is not None:
+            w = tag_weights.to(torch.float64)
+        shared = (labels * w) @ other_labels.T
+        denom = ((labels @ w)[:, None] + (other_labels @ w)[None, :]).clamp_min(1e-12)  # 0 / eps: unlabeled
         label_term = 2.0 * shared / denom
     else:
         label_term = (shared >= threshold).to(torch.float64)  # threshold >= 1, so unlabeled rows get 0
@@ -43,7 +49,11 @@ def pair_targets(
 
 
 def target_matrix(
-    clip_ids: torch.Tensor, labels: torch.Tensor, threshold: int = 1, weighted: bool = False
+    clip_ids: torch.Tensor,
+    labels: torch.Tensor,
+    threshold: int = 1,
+    weighted: bool = False,
+    tag_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The positives matrix P ``[N, N]`` for N views, with a zero diagonal.
 
@@ -51,7 +61,7 @@ def target_matrix(
     vector of each view's clip, all zeros for an unlabeled clip (which then has only its own views as
     positives, since it shares no tag with anything).
     """
-    targets = pair_targets(clip_ids, labels, clip_ids, labels, threshold, weighted)
+    targets = pair_targets(clip_ids, labels, clip_ids, labels, threshold, weighted, tag_weights)
     targets.fill_diagonal_(0.0)
     return targets
 

@@ -70,6 +70,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
     queue: int = 0  # past projections every anchor also contrasts against (a MoCo-style queue; 0: none)
     label_threshold: int = 1  # two labeled clips are positives when they share at least this many tags
     weighted: bool = False  # Dice-weighted positives instead of the threshold
+    idf: bool = False  # with --weighted: each tag counts log(labeled tracks / its tracks), rare tags most
     b_s: float = 0.5  # fraction of labeled clips in a batch
     p_s: float = 1.0  # fraction of the catalog's labeled tracks whose labels are used
     # "adjacent": two adjacent 2.7 s chunks of a random 5.4 s window; "crops": two independent random crops
@@ -112,6 +113,8 @@ class PretrainConfig(AugmentConfig, RayConfig):
             problems.append(f"--warmup {self.warmup} must be in [0, steps)")
         if self.label_threshold < 1 or self.queue < 0:
             problems.append("--label-threshold must be >= 1 and --queue >= 0")
+        if self.idf and not self.weighted:
+            problems.append("--idf weighs tags in Dice targets: it needs --weighted true")
         if not (0.0 <= self.b_s <= 1.0 and 0.0 <= self.p_s <= 1.0):
             problems.append(f"--b-s {self.b_s} and --p-s {self.p_s} must be in [0, 1]")
         if self.views not in VIEW_MODES:
@@ -211,11 +214,13 @@ def global_loss(
     weighted: bool,
     tracks: torch.Tensor | None = None,
     queue: ProjectionQueue | None = None,
+    tag_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """SemiSupCon over the global batch for this worker's anchors (and the ``queue``, when given).
 
     ``z`` ``[2B, d]`` holds this worker's views (first views, then second views), ``labels`` ``[B, V]`` its
-    clips' labels and ``tracks`` ``[B]`` their tracks (needed with a queue). Returns the mean loss of the
+    clips' labels and ``tracks`` ``[B]`` their tracks (needed with a queue); ``tag_weights`` ``[V]`` weigh
+    the tags of Dice targets. Returns the mean loss of the
     local anchors (what this worker backpropagates: with DDP averaging gradients, the update is that of
     the global mean), the per-anchor losses, and which anchors are labeled. The mean over workers of the
     returned loss is the loss of the global batch. The global batch then joins the queue.
@@ -225,7 +230,7 @@ def global_loss(
     clip_ids = torch.arange(n_clips, device=z.device).repeat(2) + rank * n_clips
     view_labels = labels.repeat(2, 1)
     z_all, labels_all = gather(z), gather_constant(view_labels)
-    targets = target_matrix(gather_constant(clip_ids), labels_all, threshold, weighted)
+    targets = target_matrix(gather_constant(clip_ids), labels_all, threshold, weighted, tag_weights)
     anchors = torch.arange(n_views, device=z.device) + rank * n_views
     if queue is None or tracks is None:
         per_anchor = semisupcon_anchor_losses(z_all, targets, tau, anchors)
@@ -233,7 +238,13 @@ def global_loss(
         tracks_all = gather_constant(tracks.repeat(2))
         q = slice(0, queue.filled)
         queue_targets = pair_targets(
-            tracks_all[anchors], labels_all[anchors], queue.tracks[q], queue.labels[q], threshold, weighted
+            tracks_all[anchors],
+            labels_all[anchors],
+            queue.tracks[q],
+            queue.labels[q],
+            threshold,
+            weighted,
+            tag_weights,
         )
         per_anchor = semisupcon_anchor_losses(z_all, targets, tau, anchors, queue.z[q], queue_targets)
         queue.push(z_all, tracks_all, labels_all)
@@ -248,6 +259,7 @@ def train_step(
     cfg: PretrainConfig,
     device: torch.device,
     queue: ProjectionQueue | None = None,
+    tag_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One optimisation step; returns ``[loss, labeled sum, labeled count, unlabeled sum, unlabeled count]``.
 
@@ -262,7 +274,7 @@ def train_step(
         z = model(x)
     tracks = batch.tracks.to(device, non_blocking=True)
     loss, per_anchor, is_labeled = global_loss(
-        z.float(), labels, cfg.tau, cfg.label_threshold, cfg.weighted, tracks, queue
+        z.float(), labels, cfg.tau, cfg.label_threshold, cfg.weighted, tracks, queue, tag_weights
     )
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
@@ -424,6 +436,7 @@ def fit(
     if cfg.queue:
         dim = cfg.encoder_config().proj_dim
         queue = ProjectionQueue(cfg.queue, dim, data.labels.shape[1], device)
+    tag_weights = torch.from_numpy(data.idf).to(device) if cfg.idf else None
     sums = torch.zeros(5, device=device)
     wait = steps_done = 0
     trained_s = start_seconds
@@ -436,7 +449,7 @@ def fit(
         lr = learning_rate(step, cfg, trained_s)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        sums += train_step(model, augment, optimizer, batch, cfg, device, queue)
+        sums += train_step(model, augment, optimizer, batch, cfg, device, queue, tag_weights)
         steps_done += 1
         done = step + 1
         trained_s += time.perf_counter() - t_wait
