@@ -8,13 +8,21 @@ KIND ?= rendered
 BENCH_ROOT ?= data/bench-$(KIND)
 ARGS ?=
 STAMP := $(VENV)/.installed
+.DEFAULT_GOAL := help
 
 .PHONY: setup test lint demo demo-catalog pretrain embed tune tag suggest study index clean s3 docs-images
 
 -include cluster/cluster.mk
 
-# uv installs the same packages as pip, from PyPI, downloading in parallel (faster than pip on a new
-# machine: docs/BENCHMARKS.md, "make setup"). --compile-bytecode as pip does: where
+.PHONY: help
+# List the targets: each with the first line of the comment above it, up to its first colon or full stop.
+help:
+	@awk '/^# /{if (!d) {d = substr($$0, 3); sub(/(: |\. |\.$$).*/, "", d)}; next} \
+		/^[a-z][a-z0-9-]*( [a-z0-9-]+)*:/ && d {split($$0, t, ":"); printf "  %-18s %s\n", t[1], d} {d = ""}' \
+		$(MAKEFILE_LIST)
+
+# .venv, installed by uv: the same packages as pip, from PyPI, downloading in parallel (faster than pip on
+# a new machine: docs/BENCHMARKS.md, "make setup"). --compile-bytecode as pip does: where
 # PYTHONDONTWRITEBYTECODE is set (CI), every process would otherwise compile torch and Ray at each import.
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
@@ -22,21 +30,25 @@ $(STAMP): pyproject.toml
 	$(PY) -m uv pip install -q --compile-bytecode --python $(PY) -e '.[test]'
 	@touch $(STAMP)
 
+# Create .venv and install the project with its test extra (every other target does it first).
 setup: $(STAMP)
 
+# Every test, as CI runs them (after the system packages the corpus tests need).
 test: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra --durations=15
 
-# The edit-test loop: every test but those marked slow (they start Ray or a server, or wait long); CI runs
-# make test, all of them.
 .PHONY: test-fast
+# Every test but those marked slow (they start Ray or a server, or wait long): the edit-test loop. CI runs
+# make test, all of them.
 test-fast: $(STAMP) system-deps
 	$(PY) -m pytest -q -ra -m "not slow" --durations=10
 
+# Lint and check formatting with ruff.
 lint: $(STAMP)
 	$(PY) -m ruff check musiclib jobs tests bench cluster
 	$(PY) -m ruff format --check musiclib jobs tests bench cluster
 
+# Generate the demo catalog under ROOT: ARGS="--n-tracks 300 --faults true" changes it.
 demo-catalog: $(STAMP)
 	$(PY) -m jobs.make_demo_catalog --root $(ROOT) $(ARGS)
 
@@ -50,15 +62,19 @@ demo-catalog: $(STAMP)
 PRETRAIN_DEMO ?= --width 0.25 --num-workers 1 --cpus-per-worker 2 --batch-size 20 --steps 100 --lr 1e-3 \
 	--warmup 10 --cosine true --log-every 20 --checkpoint-every 50 --p-pitch 0
 
+# Pretrain the encoder on ROOT's catalog: PRETRAIN_DEMO's settings, then ARGS (jobs/pretrain.py).
 pretrain: $(STAMP)
 	$(PY) -m jobs.pretrain --root $(ROOT) $(PRETRAIN_DEMO) $(ARGS)
 
+# Embed every catalog track with the latest model (jobs/embed.py).
 embed: $(STAMP)
 	$(PY) -m jobs.embed --root $(ROOT) $(ARGS)
 
+# Sweep few-shot probes over label budgets and write the report and probe set (jobs/tune.py).
 tune: $(STAMP)
 	$(PY) -m jobs.tune --root $(ROOT) $(ARGS)
 
+# Apply the chosen probes and commit the tags to the Iceberg tag table (jobs/tag.py).
 tag: $(STAMP)
 	$(PY) -m jobs.tag --root $(ROOT) $(ARGS)
 
@@ -72,46 +88,47 @@ suggest: $(STAMP)
 study: $(STAMP)
 	$(PY) -m jobs.study --root $(BENCH_ROOT) $(ARGS)
 
-# The nearest-neighbour index over the latest embeddings (musiclib.tag.tags similar / seed use it); a re-run
-# on the same embeddings is a no-op.
+# The nearest-neighbour index over the latest embeddings: musiclib.tag.tags similar and seed use it; a
+# re-run on the same embeddings is a no-op.
 index: $(STAMP)
 	$(PY) -m jobs.index --root $(ROOT) $(ARGS)
 
-# The whole pipeline on the embedded default (local Ray, local files, the generated demo catalog).
+# The whole pipeline on the embedded default: local Ray, local files, the generated demo catalog.
 demo: $(STAMP)
 	$(MAKE) --no-print-directory demo-catalog pretrain embed tune tag ROOT=$(ROOT)
 	@echo "--- what each job did (summaries in $(ROOT)/summaries/), and where the outputs are"
 	@$(PY) -m musiclib.tag.tags outputs --root $(ROOT)
 	@echo "query: $(PY) -m musiclib.tag.tags top TAG --root $(ROOT)   (or: show TRACK_ID, sql \"SELECT ... FROM tags\", history)"
 
-# The README's figures: the budget curve of the latest probe run under ROOT (after make demo) and the plot of
-# the latest study under BENCH_ROOT (after make study).
+# The figures in the docs: the README's budget curve of the latest probe run under ROOT (after make demo)
+# and docs/study.png, the plot of the latest study under BENCH_ROOT (after make study).
 docs-images: $(STAMP)
 	$(PY) -m musiclib.probe.report budget-curve docs/budget_curve.png --root $(ROOT)
 	$(PY) -m musiclib.study.study study-plot docs/study.png --root $(BENCH_ROOT)
 
+# Delete ROOT and everything under it.
 clean:
 	rm -rf $(ROOT)
 
-# A real S3 server (SeaweedFS, from the test extra) on 127.0.0.1:$(S3_PORT), in the foreground until Ctrl-C, with its
-# data under $(S3_DIR); it prints the AWS variables to export and a bucket to try, e.g. ROOT=s3://musiclib/demo.
 S3_PORT ?= 8333
 S3_DIR ?= data/s3
+# A real S3 server on 127.0.0.1: SeaweedFS (from the test extra) on S3_PORT, data under S3_DIR, in the
+# foreground until Ctrl-C; it prints the AWS variables to export and a bucket, e.g. ROOT=s3://musiclib/demo.
 s3: $(STAMP)
 	$(PY) cluster/s3server.py --dir $(S3_DIR) --port $(S3_PORT)
 
-# Load test, not in CI (long: docs/BENCHMARKS.md, load): embed and tag on the two-node local Ray cluster against
-# SeaweedFS, catalogs of 1k and 100k tracks (bench/bench_load.py; results in docs/BENCHMARKS.md).
-# ARGS="--sizes 1000,5000".
 .PHONY: bench-load
+# The load test, long and not in CI: embed and tag on a two-node local Ray cluster against SeaweedFS, by
+# default catalogs of 1k and 100k tracks (bench/bench_load.py; results in docs/BENCHMARKS.md, "load").
+# ARGS="--sizes 1000,5000" sets them.
 bench-load: $(STAMP)
 	$(PY) -m bench.bench_load $(ARGS)
 
-# System packages (apt, as root; idempotent: nothing runs when they are there; without root it names the
-# command). The tests need FluidSynth and a 6 MB GM soundfont. bench-corpus installs the rest itself: the
-# 142 MB FluidR3 soundfont, or for KIND=soundtracks the game music (~300 MB).
 SYSTEM_DEPS := fluidsynth timgm6mb-soundfont
 .PHONY: system-deps bench-corpus
+# The system packages the tests need: FluidSynth and a small GM soundfont (apt, as root; nothing runs when
+# they are there; without root it names the command). bench-corpus installs the rest itself: the full
+# FluidR3 soundfont, or for KIND=soundtracks the game music (their sizes: docs/CORPUS.md).
 system-deps: $(STAMP)
 	$(PY) -m musiclib.datasets.system_packages $(SYSTEM_DEPS)
 

@@ -13,10 +13,12 @@ SUBMIT_ENV = ROOT='$(ROOT)' JOB_ID='$(JOB_ID)' RAY_ADDRESS='$(RAY_ADDRESS)' RUNT
 
 .PHONY: submit status logs stop
 
+# Submit a job to the cluster's job server and follow its logs: JOB=pretrain|embed|tune|tag, ROOT, ARGS.
 submit: $(STAMP)
 	@test -n "$(JOB)" || { echo "usage: make submit JOB=pretrain|embed|tune|tag [ROOT=...] [ARGS=...]" >&2; exit 2; }
 	$(SUBMIT_ENV) $(PY) cluster/submit.py submit $(JOB) $(ARGS)
 
+# A submitted job's status, its logs, or stop it: JOB_ID=<submission id>.
 status logs stop: $(STAMP)
 	@test -n "$(JOB_ID)" || { echo "usage: make $@ JOB_ID=<submission id>" >&2; exit 2; }
 	$(SUBMIT_ENV) $(PY) cluster/submit.py $@ $(JOB_ID)

@@ -38,7 +38,7 @@ def run(cfg: IndexConfig) -> lifecycle.Summary[versions.Manifest]:
         raise ConfigError(f"no embeddings of {model_id} under {layout.embeddings}: run embed first")
     emb = versions.read_latest_manifest(embeddings)
     space = neighbors.find_space(layout, model_id)
-    dataset = neighbors.dataset_uri(cfg.root, model_id)
+    dataset = neighbors.index_uri(layout, model_id)
     version = neighbors.derive_run_id(cfg, emb.version, space)
     with versions.lease(dataset):  # one index build at a time per model
         if (done := job.already_complete(dataset, version)) is not None:

@@ -113,7 +113,7 @@ def root(tmp_path) -> str:
 
 def test_index_job_builds_once_per_embeddings_version(root, capsys):
     first = index_job.main(["--root", root, "--kind", "ivf", "--nlist", "8"])
-    dataset = neighbors.dataset_uri(root, "synthetic")
+    dataset = neighbors.index_uri(Layout(root), "synthetic")
     assert first.extra["embedding_version"] == "v1" and first.rows == 2 * 297
     found = neighbors.load(root)
     assert isinstance(found.index, index.IVFIndex) and found.source.startswith("index ")
@@ -176,7 +176,7 @@ def test_bad_input_is_one_line_naming_it_and_writes_nothing(root, capsys):
             tags.main([*argv, "--root", root])
         assert message in str(exit_info.value) and "\n" not in str(exit_info.value)
     assert storage.read_bytes(layout.catalog) == before
-    assert versions.latest_version(neighbors.dataset_uri(root, "synthetic")) is None
+    assert versions.latest_version(neighbors.index_uri(Layout(root), "synthetic")) is None
 
 
 def test_confirmed_labels_reach_tune_and_tag(root, capsys):

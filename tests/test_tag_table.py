@@ -143,7 +143,7 @@ def test_duckdb_reads_what_pyiceberg_wrote(table_root, capsys):
         return  # DuckDB reads S3 only through its httpfs extension, downloaded at run time
     # the README's query: DuckDB over the current snapshot's data files, listed by pyiceberg, no musiclib
     catalog_ = SqlCatalog("musiclib", uri=f"sqlite:///{table_root}/tags/iceberg.db")
-    files = [t.file.file_path for t in catalog_.load_table("musiclib.tag.tags").scan().plan_files()]
+    files = [t.file.file_path for t in catalog_.load_table("musiclib.tags").scan().plan_files()]
     got = duckdb.sql(f"SELECT * FROM read_parquet({files}) ORDER BY track_id, tag").to_arrow_table()
     assert got.cast(tags.SCHEMA).equals(
         rows("b", 7).sort_by([("track_id", "ascending"), ("tag", "ascending")])

@@ -3,7 +3,8 @@
 Only non-secret S3 settings travel to workers in the runtime env. Credentials never do: local workers
 inherit the driver's environment, and cluster nodes have their own (an IAM role on AWS, a Kubernetes
 Secret on KubeRay, the shell that ran ``ray start``). A runtime env is stored by the cluster and shown
-on its dashboard, so a secret put there would leak. Ray is imported here only, never by the math.
+on its dashboard, so a secret put there would leak. In ``musiclib``, Ray is imported here and in
+``progress`` only, inside functions, never by the math.
 """
 
 from __future__ import annotations

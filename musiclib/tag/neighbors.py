@@ -111,9 +111,10 @@ def find_space(layout: Layout, model_id: str) -> Space:
     return Space(probe_set.representation, probe_set.norm, run_id)
 
 
-def dataset_uri(root: str, model_id: str) -> str:
-    """``<root>/index/<model_id>``: one versioned dataset per model, beside its embeddings."""
-    return storage.join(Layout(root).index, model_id)
+def index_uri(layout: Layout, model_id: str) -> str:
+    """Where a model's index dataset lives, ``<root>/index/<model_id>``: one version per embeddings
+    version and space, beside the model's embeddings."""
+    return storage.join(layout.index, model_id)
 
 
 def derive_run_id(cfg: IndexConfig, embedding_version: str, space: Space) -> str:
@@ -196,7 +197,7 @@ def load(root: str, model_id: str = "") -> Neighbors:
         raise NeighborsError(f"no embeddings of {model_id} under {layout.embeddings}: run embed first")
     emb = versions.read_latest_manifest(embeddings)
     space = find_space(layout, model_id)
-    dataset = dataset_uri(root, model_id)
+    dataset = index_uri(layout, model_id)
     if versions.latest_version(dataset) is not None:
         manifest = versions.read_latest_manifest(dataset)
         extra = manifest.extra  # indexes built before there were spaces: the learned embedding, no probe run

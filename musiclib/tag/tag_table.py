@@ -1,7 +1,7 @@
 """The tag table as an Apache Iceberg table: one snapshot per tag run, readable by any Iceberg engine.
 
 Spark, Trino, Athena and DuckDB read Iceberg, so the tag job publishes its rows as an Iceberg table
-(``musiclib.tag.tags`` by default) through pyiceberg. A tag run writes its Parquet data files first, then
+(``musiclib.tags`` by default) through pyiceberg. A tag run writes its Parquet data files first, then
 commits one snapshot that lists them: readers see the previous snapshot or the new one, never a
 half-written run, and the files of a run killed before its commit are never read. A full run replaces
 every data file; ``--only-new`` keeps the model files of the same probe run as they are and adds the
@@ -44,7 +44,7 @@ from sqlalchemy.exc import ArgumentError
 
 from musiclib.core import storage
 
-DEFAULT_TABLE = "musiclib.tag.tags"
+DEFAULT_TABLE = "musiclib.tags"
 DEFAULT_CATALOG = os.environ.get("MUSICLIB_TAG_CATALOG", "")
 CATALOG_NAME = "musiclib"  # pyiceberg reads PYICEBERG_CATALOG__MUSICLIB__* for this catalog
 S3_CATALOG_DIR = "~/.musiclib/iceberg"  # where an S3 root's default SQLite catalog lives
