@@ -288,7 +288,8 @@ def _gather_setup(encoder: str, world: int) -> tuple[torch.nn.Module, torch.Tens
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 4)).double()
         return model, torch.randn(2, 6, 5, dtype=torch.float64), labels  # [view, clip, feature]
-    family = {"encoder": "melcnn", "n_mels": 32, "hop": 1024} if encoder.startswith("melcnn") else {}
+    melcnn = {"encoder": "melcnn", "n_mels": 32, "hop": 1024}
+    family = melcnn if encoder.startswith("melcnn") else {"encoder": "samplecnn"}
     cfg = PretrainConfig(
         width=0.0625, num_workers=world, batch_size=6, sync_bn=encoder.endswith("sync-bn"), **family
     )

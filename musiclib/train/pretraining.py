@@ -50,7 +50,8 @@ class PretrainConfig(AugmentConfig, RayConfig):
 
     root: str = DEFAULT_ROOT
     run_name: str = "pretrain"
-    encoder: str = "samplecnn"  # "samplecnn" (raw waveform, the papers') or "melcnn" (log-mel CNN)
+    # "melcnn" (log-mel CNN: far ahead at CPU scale, docs/STUDY.md) or "samplecnn" (the papers' raw waveform)
+    encoder: str = "melcnn"
     width: float = 1.0  # channel multiplier of the encoder; 0.25 trains on CPU in minutes
     n_mels: int = 64  # melcnn: log-mel bands
     n_fft: int = 1024  # melcnn: STFT size
