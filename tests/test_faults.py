@@ -556,7 +556,7 @@ def test_tune_driver_killed_after_a_trial_resumes_to_the_same_results(tmp_path):
         kill_when(proc, lambda: trials() >= after, rng, max_delay=0.5)
         written = trials()
         assert versions.read_manifest(layout.probes, "tune-killed") is None, "published before the kill"
-        n_trials = len(sweep.configurations(parse(sweep.TuneConfig, ["--root", root, *TUNE_ARGS])))
+        n_trials = len(sweep.configurations(tune_config(root)[0]))
         assert 0 < written < n_trials, f"seed {SEED}: {written} of {n_trials} trial files at the kill"
         text = run(cmd, tmp_path / "again.log")
     reader.check()
@@ -581,11 +581,19 @@ def direct_trials(data: fewshot.ProbeData, cfg: sweep.TuneConfig) -> list[dict]:
     return DIRECT_TRIALS[key]
 
 
+def tune_config(root: str) -> tuple[sweep.TuneConfig, fewshot.ProbeData]:
+    """The tune cases' config, narrowed as the job narrows it to the representations the synthetic
+    embeddings offer, and the data it reads."""
+    cfg = parse(sweep.TuneConfig, ["--root", root, *TUNE_ARGS])
+    data = sweep.load_data(cfg, Layout(root), SYNTHETIC_MODEL)
+    return sweep.narrow(cfg, data), data
+
+
 def check_tune_results(root: str, run_id: str) -> None:
     """The run's published results equal the trials computed directly from the data it read."""
     layout = Layout(root)
-    cfg = parse(sweep.TuneConfig, ["--root", root, *TUNE_ARGS])
-    rows = direct_trials(sweep.load_data(cfg, layout, SYNTHETIC_MODEL), cfg)
+    cfg, data = tune_config(root)
+    rows = direct_trials(data, cfg)
     manifest = versions.read_manifest(layout.probes, run_id)
     results = storage.read_parquet([u for u in manifest.file_uris() if u.endswith("results.parquet")])
     keys, values = ["trial", "rep", "tag", "n_support"], ["valid_ap", "test_ap", "valid_roc_auc"]

@@ -112,10 +112,11 @@ class StudyConfig(RayConfig):
     steps: int = 2000  # at most this many steps each
     batch_size: int = 64
     max_chunks: int = 2  # chunks of 2.7 s embedded per track, spread over it
-    # one worker with both cores (what two synchronised workers compute, faster on 2 cores: BENCHMARKS.md)
+    # one worker with both cores (what two synchronised workers compute, faster on 2 cores: BENCHMARKS.md);
+    # labeled clips are positives when they share 3 tags (chosen on validation: docs/STUDY.md)
     pretrain_options: str = (
         "--num-workers 1 --cpus-per-worker 2 --lr 1e-3 --warmup 10 --cosine true --p-chain 0 --p-pitch 0 "
-        "--log-every 20"
+        "--label-threshold 3 --log-every 20"
     )
     embed_options: str = ""
     # every budget, normalisation and repetition of the tune job; its all-tags linear probe and centroids
