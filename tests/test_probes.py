@@ -119,8 +119,9 @@ def test_sigmoid_scores_match_the_formula_without_overflow(recwarn):
 
 
 def test_fused_normalisation_equals_its_definition_in_float64():
-    """Each dimension standardised on the support set, each part then divided by the square root of its
-    size: the two parts carry equal total variance, however unequal their sizes and scales."""
+    """Each dimension standardised on the support set, each part then scaled by the square root of its
+    equal share of the dimensions over its size: the two parts carry equal total variance, however
+    unequal their sizes and scales, and the whole that of plain standardisation."""
     rng = np.random.default_rng(3)
     learned = 40.0 * rng.normal(size=(60, 48)) + 7.0  # a wide part of large values
     stats = 0.1 * rng.normal(size=(60, 6)) - 5.0  # a narrow part of small spread
@@ -128,12 +129,12 @@ def test_fused_normalisation_equals_its_definition_in_float64():
     learned, stats = x[:, :48], x[:, 48:]
     norm = probes.fit_normalizer("standardize", x.astype(np.float32), parts=[48, 6])
     reference = np.hstack(
-        [(p - p.mean(axis=0)) / p.std(axis=0) / np.sqrt(p.shape[1]) for p in (learned, stats)]
+        [(p - p.mean(axis=0)) / p.std(axis=0) * np.sqrt(54 / 2 / p.shape[1]) for p in (learned, stats)]
     )
     z = norm(x.astype(np.float32))
-    np.testing.assert_allclose(z, reference, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(z, reference, rtol=1e-4, atol=1e-4)
     np.testing.assert_allclose(
-        [z[:, :48].var(axis=0).sum(), z[:, 48:].var(axis=0).sum()], [1.0, 1.0], rtol=1e-4
+        [z[:, :48].var(axis=0).sum(), z[:, 48:].var(axis=0).sum()], [27.0, 27.0], rtol=1e-4
     )
     assert not (norm.pre_l2 or norm.post_l2)  # folded into mean and scale: one normalise, one product
     with pytest.raises(ValueError, match="need the standardize normalisation"):

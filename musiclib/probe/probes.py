@@ -61,9 +61,10 @@ def fit_normalizer(kind: str, x: np.ndarray, cosine: bool = False, parts: Sequen
     """Fit a normaliser on the support set; ``cosine`` adds a final L2 step (the centroid probe's scores).
 
     ``parts`` are the sizes of the parts ``x`` holds side by side (the ``fused`` representation; empty:
-    one part). Each dimension is standardised, then each part's dimensions are divided by the square root
-    of the part's size, so every part carries the same total variance (a 1,024-d embedding does not drown
-    128 statistics). Folded into ``scale``: a probe set still applies as one normalise and one product.
+    one part). Each dimension is standardised, then each part is scaled to the same total variance (a
+    1,024-d embedding does not drown 128 statistics), the whole keeping the total of plain
+    standardisation (one per dimension), so probe learning rates tuned for standardised inputs still fit.
+    Folded into ``scale``: a probe set still applies as one normalise and one product.
     """
     if kind not in NORMS:
         raise ValueError(f"unknown normalisation {kind!r}; expected one of {NORMS}")
@@ -77,7 +78,8 @@ def fit_normalizer(kind: str, x: np.ndarray, cosine: bool = False, parts: Sequen
         mean = x.mean(axis=0).astype(np.float32)
         scale = np.maximum(x.std(axis=0), 1e-6).astype(np.float32)
     if parts:
-        scale = scale * np.repeat(np.sqrt(np.asarray(parts, np.float32)), parts)
+        share = np.asarray(parts, np.float64) * len(parts) / dim  # each part's size over its equal share
+        scale = scale * np.repeat(np.sqrt(share), parts).astype(np.float32)
     return Normalizer(mean, scale, pre_l2=kind == "l2", post_l2=cosine)
 
 
