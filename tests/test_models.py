@@ -99,18 +99,29 @@ def test_random_encoder_is_seeded_exported_latest_and_leaves_torch_rng_alone(tmp
     assert encoder.config.width == 0.0625
 
 
-def test_fold_batchnorm_computes_the_same_function():
+@pytest.mark.parametrize(
+    "config",
+    [
+        models.EncoderConfig(width=0.125),
+        models.EncoderConfig(family="melcnn", width=0.125, n_mels=32, hop=1024),
+    ],
+    ids=["samplecnn", "melcnn"],
+)
+def test_fold_batchnorm_computes_the_same_function(config):
     """The folded copy equals conv → BatchNorm (eval) → … in float64, with non-trivial BatchNorm statistics."""
     torch.manual_seed(0)
-    encoder = models.SampleCNN(models.EncoderConfig(width=0.125)).double().eval()
-    for bn in (m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm1d)):
+    encoder = models.build_encoder(config).double().eval()
+    batchnorms = (torch.nn.BatchNorm1d, torch.nn.BatchNorm2d)
+    conv_bns = [m for m in encoder.modules() if isinstance(m, batchnorms)]
+    for bn in conv_bns:
         bn.running_mean.normal_()
         bn.running_var.uniform_(0.5, 2.0)
         bn.weight.data.normal_()
         bn.bias.data.normal_()
     folded = models.fold_batchnorm(encoder)
-    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in folded.modules())
-    assert any(isinstance(m, torch.nn.BatchNorm1d) for m in encoder.modules())  # the original is untouched
+    folded_kind = torch.nn.BatchNorm1d if config.family == "samplecnn" else torch.nn.BatchNorm2d
+    assert not any(isinstance(m, folded_kind) for m in folded.modules())
+    assert any(isinstance(m, batchnorms) for m in encoder.modules())  # the original is untouched
     x = torch.randn(3, CHUNK_SAMPLES, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(folded(x), encoder(x), rtol=1e-9, atol=1e-9)
@@ -174,21 +185,6 @@ def test_melcnn_export_and_load_round_trip_with_its_preprocessing(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), enc(x))
     assert models.export_random_encoder(root, MEL, seed=0) != models.export_random_encoder(root, MEL, seed=1)
-
-
-def test_melcnn_fold_batchnorm_computes_the_same_function():
-    torch.manual_seed(0)
-    encoder = models.build_encoder(MEL).double().eval()
-    for bn in (m for m in encoder.modules() if isinstance(m, torch.nn.BatchNorm1d | torch.nn.BatchNorm2d)):
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.weight.data.normal_()
-        bn.bias.data.normal_()
-    folded = models.fold_batchnorm(encoder)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.modules())
-    x = torch.randn(3, CHUNK_SAMPLES, dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(folded(x), encoder(x), rtol=1e-9, atol=1e-9)
 
 
 def test_melcnn_sync_batchnorm_converts_every_batchnorm_and_keeps_the_state_dict():
