@@ -60,9 +60,9 @@ class LabelPlan:
     def tag_weights(self, idf: bool) -> np.ndarray:
         """Each vocabulary tag's weight in Dice targets: 1, or with ``idf`` ``log(labeled tracks / tracks with
         the tag)``, so a tag every labeled track carries says nothing and a rare one says most."""
-        counts = label_matrix(list(self.kept.values()), self.vocabulary).sum(axis=0)
         if not idf:
             return np.ones(len(self.vocabulary))
+        counts = label_matrix(list(self.kept.values()), self.vocabulary).sum(axis=0)
         return np.log(max(self.labeled_used, 1) / np.maximum(counts, 1))
 
 

@@ -7,8 +7,9 @@ zero diagonal. For each anchor i
 
 and the loss is the mean of l_i over anchors. P_ij is 1 for two views of the same clip; two labeled clips
 are positives when they share at least ``threshold`` tags, or, in the weighted mode, by their Dice overlap
-(capped at 1 together with the same-clip term; tags may weigh differently, e.g. rare ones more). Unlabeled clips have only their own views as positives,
-so with no labels in the batch the loss is exactly NT-Xent (SimCLR / CLMR).
+(capped at 1 together with the same-clip term; tags may weigh differently, e.g. rare ones more).
+Unlabeled clips have only their own views as positives, so with no labels in the batch the loss is
+exactly NT-Xent (SimCLR / CLMR).
 
 With a queue (MoCo's, holding past projections without gradients, as SupCon's memory banks do), every
 anchor also contrasts against the queue's entries: they join the sums over j and k, with targets by the
@@ -35,15 +36,15 @@ def pair_targets(
     ``tag_weights`` when given: ``2 sum_shared w / (sum_a w + sum_b w)``), capped at 1."""
     labels, other_labels = labels.to(torch.float64), other_labels.to(torch.float64)
     same = (ids[:, None] == other_ids[None, :]).to(torch.float64)
-    shared = labels @ other_labels.T  # number of tags two clips have in common
     if weighted:
         w = torch.ones(labels.shape[1], dtype=torch.float64, device=labels.device)
         if tag_weights is not None:
             w = tag_weights.to(torch.float64)
-        shared = (labels * w) @ other_labels.T
+        shared = (labels * w) @ other_labels.T  # the weight of the tags two clips have in common
         denom = ((labels @ w)[:, None] + (other_labels @ w)[None, :]).clamp_min(1e-12)  # 0 / eps: unlabeled
         label_term = 2.0 * shared / denom
     else:
+        shared = labels @ other_labels.T  # number of tags two clips have in common
         label_term = (shared >= threshold).to(torch.float64)  # threshold >= 1, so unlabeled rows get 0
     return (same + label_term).clamp_max(1.0)
 
