@@ -9,45 +9,30 @@ new tracks' files. Each snapshot's summary carries the run's id and provenance (
 properties), so a re-run with the same inputs finds its snapshot and writes nothing, and earlier runs
 stay readable by snapshot (time travel).
 
-The catalog (``--catalog-uri``, else ``MUSICLIB_TAG_CATALOG``):
-
-- empty, local root: a SQLite file beside the table, ``sqlite:///<root>/tags/iceberg.db``;
-- empty, S3 root: a SQLite file on the machine that runs the job, ``~/.musiclib/iceberg/<bucket>/<key>/
-  iceberg.db``: fine for one machine, but other machines do not see it, so a cluster names a shared one;
-- ``http://…`` or ``https://…``: an Iceberg REST catalog; ``glue``: AWS Glue; any other URI is a
-  SQLAlchemy URL (``postgresql://…``, ``sqlite:///…``).
-
-The data and metadata files live under ``<root>/tags/warehouse`` (the catalog's warehouse). S3 settings
-come from the standard AWS variables; credentials are found by the AWS SDK on the machine that uses
-them and never pass through musiclib. A catalog's own secrets (a REST token, say) go in pyiceberg's
-variables, ``PYICEBERG_CATALOG__MUSICLIB__<PROPERTY>``; a password inside the URI is never printed.
+The catalog is chosen by ``--catalog-uri`` (``musiclib.core.iceberg``). The data and metadata files live
+under ``<root>/tags/warehouse`` (the catalog's warehouse).
 """
 
 from __future__ import annotations
 
 import datetime as _dt
 import json
-import os
 import random
 import time
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, ValidationException
 from pyiceberg.expressions import BooleanExpression
 from pyiceberg.io.pyarrow import parquet_file_to_data_file
 from pyiceberg.table import ALWAYS_TRUE, Table
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
 
-from musiclib.core import storage
+from musiclib.core import iceberg, storage
+from musiclib.core.iceberg import DEFAULT_CATALOG, masked
 
 DEFAULT_TABLE = "musiclib.tags"
-DEFAULT_CATALOG = os.environ.get("MUSICLIB_TAG_CATALOG", "")
-CATALOG_NAME = "musiclib"  # pyiceberg reads PYICEBERG_CATALOG__MUSICLIB__* for this catalog
-S3_CATALOG_DIR = "~/.musiclib/iceberg"  # where an S3 root's default SQLite catalog lives
 PREFIX = "musiclib."  # snapshot summary properties musiclib writes
 RUN_ID = PREFIX + "run-id"
 COMMIT_ATTEMPTS = 8  # optimistic commits re-planned after a concurrent writer won
@@ -66,39 +51,12 @@ class Where:
         return storage.join(self.root, "tags", "warehouse")
 
     def resolved_catalog(self) -> str:
-        """The catalog URI in use: the one given, else the default for the root (see the module doc)."""
-        if self.catalog_uri:
-            return self.catalog_uri
-        scheme, path = storage.split_uri(self.root)
-        if scheme == "s3":
-            return "sqlite:///" + os.path.join(os.path.expanduser(S3_CATALOG_DIR), path, "iceberg.db")
-        return "sqlite:///" + os.path.join(path, "tags", "iceberg.db")
+        """The catalog URI in use: the one given, else the root's default (``iceberg.resolved``)."""
+        return iceberg.resolved(self.catalog_uri, self.root)
 
     def describe(self) -> str:
         """``<table> in <catalog>``, safe to print (``masked``)."""
         return f"{self.table} in {masked(self.resolved_catalog())}"
-
-
-def catalog_problem(catalog_uri: str) -> str | None:
-    """Why a ``--catalog-uri`` names no catalog, or None. A value with ``@`` (maybe a password) is not echoed."""
-    if catalog_uri in ("", "glue") or catalog_uri.startswith(("http://", "https://")):
-        return None
-    try:
-        make_url(catalog_uri)
-    except ArgumentError:
-        shown = "a value with '@'" if "@" in catalog_uri else repr(catalog_uri)
-        return (
-            f"--catalog-uri must be https://... (a REST catalog), glue, or a SQLAlchemy URL such as "
-            f"sqlite:///path/iceberg.db or postgresql://host/db; got {shown}"
-        )
-    return None
-
-
-def masked(catalog_uri: str) -> str:
-    """A catalog URI with the password of a SQLAlchemy URL replaced by ``***``."""
-    if "://" in catalog_uri and not catalog_uri.startswith(("http://", "https://")):
-        return make_url(catalog_uri).render_as_string(hide_password=True)
-    return catalog_uri
 
 
 @dataclass(frozen=True)
@@ -128,23 +86,7 @@ class Run:
 
 def _catalog(where: Where, create: bool) -> Catalog | None:
     """The pyiceberg catalog; None for a SQLite catalog whose file does not exist and is not to be made."""
-    uri = where.resolved_catalog()
-    props: dict[str, str] = {"warehouse": where.warehouse}
-    if uri.startswith(("http://", "https://")):
-        props |= {"type": "rest", "uri": uri}
-    elif uri == "glue":
-        props |= {"type": "glue"}
-    else:
-        props |= {"type": "sql", "uri": uri}
-        if uri.startswith("sqlite:///"):
-            path = make_url(uri).database or ""
-            if not create and not os.path.exists(path):
-                return None
-            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    if storage.split_uri(where.root)[0] == "s3":
-        s3 = storage.s3_settings()  # endpoint and region only: credentials stay with the AWS SDK
-        props |= {k: v for k, v in (("s3.endpoint", s3["endpoint_url"]), ("s3.region", s3["region"])) if v}
-    return load_catalog(CATALOG_NAME, **props)
+    return iceberg.open_catalog(where.catalog_uri, where.root, where.warehouse, create)
 
 
 def open_table(where: Where, create_with: pa.Schema | None = None) -> Table | None:

@@ -40,10 +40,11 @@ from pyiceberg.table import Table
 
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, take_flags
+from musiclib.core.iceberg import DEFAULT_CATALOG, catalog_problem
 from musiclib.core.outputs import print_outputs, print_table
 from musiclib.embed import table as embeddings_table
 from musiclib.tag import tag_table
-from musiclib.tag.tag_table import DEFAULT_CATALOG, DEFAULT_TABLE, Where
+from musiclib.tag.tag_table import DEFAULT_TABLE, Where
 
 if TYPE_CHECKING:  # the query tool starts without torch
     from musiclib.probe.probes import ProbeSet
@@ -71,7 +72,7 @@ class TagConfig(RayConfig):
     """Write predicted tags, with scores and provenance, beside the catalog."""
 
     root: str = DEFAULT_ROOT
-    catalog_uri: str = DEFAULT_CATALOG  # the Iceberg catalog (empty: the root's default, see tag_table)
+    catalog_uri: str = DEFAULT_CATALOG  # the Iceberg catalog (empty: the root's default, see core.iceberg)
     table: str = DEFAULT_TABLE  # the Iceberg table, <namespace>.<name>
     probe_run_id: str = ""  # empty: the latest published tune run
     run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same snapshot
@@ -87,7 +88,7 @@ class TagConfig(RayConfig):
         namespace, _, name = self.table.rpartition(".")
         if not namespace or not name:
             problems.append(f"--table must be <namespace>.<name>, got {self.table!r}")
-        if problem := tag_table.catalog_problem(self.catalog_uri):
+        if problem := catalog_problem(self.catalog_uri):
             problems.append(problem)
         check("tag", problems)
 
@@ -375,7 +376,7 @@ def main(argv: list[str] | None = None) -> None:
 
         neighbors.command(args, storage.normalize_uri(flags["--root"]), int(flags["--n"]))
         return
-    if problem := tag_table.catalog_problem(flags["--catalog-uri"]):
+    if problem := catalog_problem(flags["--catalog-uri"]):
         raise SystemExit(problem)
     where = Where(storage.normalize_uri(flags["--root"]), flags["--catalog-uri"], flags["--table"])
     if args == ["outputs"]:
