@@ -39,6 +39,9 @@ CHUNK_SECONDS = 2.7
 CHUNK_SAMPLES = 59535  # 2.7 s at 22050 Hz, the SampleCNN input
 SILENCE_PEAK = 1e-4  # -80 dBFS: quieter than this everywhere is silence, not music
 MAX_FULL_DECODE_S = 3600.0  # a full decode longer than this is refused; read windows instead
+# A decode error this close to the header's end keeps what decoded: encoders pad their last packet, and
+# some files end in a packet FFmpeg rejects after all their audio has decoded. Further out: ``truncated``.
+END_TOLERANCE_S = CHUNK_SECONDS
 _MARGIN_S = 0.05  # extra audio decoded around a window so resampling has no edge effects inside it
 RETRY_ATTEMPTS = 4  # tries of a storage call that fails transiently before storage.TransientError
 RETRY_BACKOFF_S = 0.5  # wait after the first failed try, doubling after each: 3.5 s in all by default
@@ -305,8 +308,11 @@ def _decode_native(
         if pos == 0:
             raise AudioError("corrupt", f"{name}: no decodable audio ({exc})") from exc
         total = _info(container).duration_s
-        of = f" of the {total:.1f} s in its header" if total else ""
-        raise AudioError("truncated", f"{name}: decoding stopped at {pos / sr:.1f} s{of} ({exc})") from exc
+        if total is None or pos < (total - END_TOLERANCE_S) * sr:
+            of = f" of the {total:.1f} s in its header" if total else ""
+            raise AudioError(
+                "truncated", f"{name}: decoding stopped at {pos / sr:.1f} s{of} ({exc})"
+            ) from exc
     return (np.concatenate(pieces) if pieces else np.zeros(0, np.float32)), sr
 
 

@@ -12,6 +12,7 @@ import pytest
 from musiclib import audio
 from musiclib.core import storage
 from musiclib.datasets import audio_files
+from musiclib.train import shards
 
 MAX_CHUNKS = 4
 LONG_S = 1.5 * MAX_CHUNKS * audio.CHUNK_SECONDS
@@ -78,3 +79,26 @@ def test_a_window_past_the_audio_moves_back_only_within_the_slack():
         audio.read_windows(data, [7.5], 3.0, slack_s=0.4)
     with pytest.raises(audio.AudioError, match="truncated"):
         audio.read_windows(data, [7.5], 3.0)
+
+
+def test_a_bad_last_packet_keeps_the_audio_before_it():
+    """A real Ogg Vorbis file can end in a packet FFmpeg rejects after all its audio has decoded."""
+    sr = 44100
+    good = audio_files.encode(_music(sr, 31.7), sr, "ogg")
+    bad = audio_files.spoil_ogg_packet(good)
+    full, kept = audio.load(good), audio.load(bad)
+    assert 0 < len(full) - len(kept) < 0.1 * audio.SAMPLE_RATE  # only the last packet is lost
+    edge = round(0.05 * audio.SAMPLE_RATE)  # resampling sees a different end within its filter's reach
+    np.testing.assert_allclose(kept[:-edge], full[: len(kept) - edge], atol=1e-4)
+    for path_max_chunks in (64, MAX_CHUNKS):  # decoded whole, and window by window
+        chunks, _ = audio.load_chunks(bad, max_chunks=path_max_chunks)
+        assert np.abs(chunks[-1]).max() > 0.1
+    pcm, _ = shards.decode_for_training(bad, max_seconds=10.0, segment_seconds=2.0)
+    assert len(pcm) == 5 * 2 * audio.SAMPLE_RATE
+
+
+def test_a_bad_packet_in_the_middle_is_truncated():
+    sr = 44100
+    bad = audio_files.spoil_ogg_packet(audio_files.encode(_music(sr, 31.7), sr, "ogg"), page=4)
+    with pytest.raises(audio.AudioError, match="truncated"):
+        audio.load_chunks(bad)

@@ -63,3 +63,38 @@ def encode(x: np.ndarray, sr: int, ext: str, bitrate: int = 128_000) -> bytes:
         for packet in stream.encode(None):
             out.mux(packet)
     return buf.getvalue()
+
+
+def _ogg_crc(page: bytes) -> int:
+    """The Ogg page checksum: CRC-32, polynomial 0x04C11DB7, unreflected, initial value 0 (RFC 3533)."""
+    crc = 0
+    for byte in page:
+        crc ^= byte << 24
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x04C11DB7) if crc & 0x80000000 else crc << 1
+            crc &= 0xFFFFFFFF
+    return crc
+
+
+def spoil_ogg_packet(data: bytes, page: int = -1) -> bytes:
+    """An Ogg Vorbis file whose ``page``-th page ends in a packet the decoder rejects, its checksum valid.
+
+    The packet's first bit is set (a Vorbis audio packet starts with 0), so the demuxer delivers it and
+    FFmpeg's decoder refuses it, as with real files that end in a bad packet after all their audio.
+    """
+    out = bytearray(data)
+    starts = [i for i in range(len(out) - 3) if out[i : i + 4] == b"OggS"]
+    start = starts[page]
+    n_segments = out[start + 26]
+    lacing = out[start + 27 : start + 27 + n_segments]
+    body = start + 27 + n_segments
+    ends, size = [], 0
+    for value in lacing:
+        size += value
+        if value < 255:
+            ends.append(size)
+    out[body + (ends[-2] if len(ends) > 1 else 0)] |= 1
+    end = starts[starts.index(start) + 1] if start != starts[-1] else len(out)
+    out[start + 22 : start + 26] = b"\0\0\0\0"
+    out[start + 22 : start + 26] = _ogg_crc(bytes(out[start:end])).to_bytes(4, "little")
+    return bytes(out)
