@@ -23,15 +23,17 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import ray
 import ray.data
 from ray.data.checkpoint import CheckpointConfig
 
 from musiclib import catalog
-from musiclib.core import lifecycle, ray_env, storage, versions
+from musiclib.core import lifecycle, progress, ray_env, storage, versions
 from musiclib.core.config import Layout, as_dict, parse
 from musiclib.core.ray_env import ray_session, retry_transient_storage
 from musiclib.embed import chunking, embedder, logmel
@@ -46,21 +48,26 @@ class EncoderActor:
     """Holds the encoder, BatchNorm folded (``models.fold_batchnorm``), and the log-mel floor on its
     device, and embeds decoded tracks (the embedding and the log-mel statistics of the same chunks)."""
 
-    def __init__(self, models_root: str, model_id: str, chunk_batch: int, device: str):
+    def __init__(self, models_root: str, model_id: str, chunk_batch: int, device: str, counter: Any):
         self.encoder = models.fold_batchnorm(models.load_encoder(models_root, model_id, device)[0])
         self.floor = logmel.LogMel().to(device)
         self.model_id = model_id
         self.chunk_batch = chunk_batch
         self.device = device
+        self.counter = counter
 
     def __call__(self, decoded: pa.Table) -> pa.Table:
-        return embedder.embed_batch(
+        out = embedder.embed_batch(
             self.encoder, decoded, self.model_id, self.chunk_batch, self.device, self.floor
         )
+        failed = decoded.num_rows - pc.sum(pc.is_null(decoded.column("error"))).as_py()
+        self.counter.add.remote({"tracks": decoded.num_rows, "errors": failed})
+        return out
 
 
-def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.data.Dataset:
-    """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming.
+def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray, counter: Any) -> ray.data.Dataset:
+    """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming;
+    the encoder actors count the tracks they finish on ``counter`` (``progress.counting``).
 
     A decode task that meets storage it cannot reach (``storage.TransientError``, after the decoder's own
     backoff) is retried ``task_retries`` times (``data_context``); then the job fails, and the next run
@@ -91,6 +98,7 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> ray.dat
             "model_id": model_id,
             "chunk_batch": cfg.chunk_batch,
             "device": "cuda" if gpus > 0 else "cpu",
+            "counter": counter,
         },
         compute=ray.data.ActorPoolStrategy(min_size=1 if gpus > 0 else actors, max_size=actors),
         batch_size=cfg.batch_size,
@@ -198,8 +206,15 @@ def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str) -
     carried = embedder.carry_over(dataset, cfg.only_new, out_dir)
     cfg = sized(cfg, model_id, carried.skip)
     fs, out_path = storage.arrow_filesystem(out_dir)
-    with data_context(embedder.checkpoint_uri(dataset, version), cfg.task_retries):
-        ds = build_pipeline(cfg, model_id, carried.skip)
+    ids = (
+        catalog.read(cfg.catalog_uri, columns=["track_id"]).column("track_id").to_numpy(zero_copy_only=False)
+    )
+    total = int((~np.isin(ids, carried.skip)).sum())
+    with (
+        data_context(embedder.checkpoint_uri(dataset, version), cfg.task_retries),
+        progress.counting("embed", total, "tracks", "tracks") as counter,
+    ):
+        ds = build_pipeline(cfg, model_id, carried.skip, counter)
         ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
     config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
     return embedder.commit_version(dataset, version, carried, config)

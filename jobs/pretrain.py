@@ -80,13 +80,22 @@ def prepare_shards(cfg: PretrainConfig, layout: Layout) -> dict[str, Any]:
             "max_seconds": cfg.max_track_seconds,
             "segment_seconds": cfg.segment_seconds,
         }
-        ds = ray.data.from_items(groups, override_num_blocks=len(groups))
-        ds.map(lambda group: prepare_shard(group, **kwargs)).take_all()
+        total = sum(len(group["track_id"]) for group in groups)
+        with progress.counting("pretrain: shards", total, "tracks", "tracks") as counter:
+            ds = ray.data.from_items(groups, override_num_blocks=len(groups))
+            ds.map(lambda group: counted_shard(group, counter, kwargs)).take_all()
     report = shard_report(committed_shards(layout.shards))
     print(f"pretrain: shards ready: {report}")
     if report["usable"] == 0:
         raise SystemExit("pretrain: no usable training track in the shards (see the counts above)")
     return report
+
+
+def counted_shard(group: dict[str, list], counter: Any, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """``prepare_shard`` in a Ray task, its tracks counted on the stage's progress ``counter``."""
+    result = prepare_shard(group, **kwargs)
+    counter.add.remote({"tracks": len(group["track_id"])})
+    return result
 
 
 def say(line: str) -> None:

@@ -16,6 +16,7 @@ The version id is derived from the inputs (or ``--run-id``): a re-run with the s
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from dataclasses import asdict
 
@@ -25,7 +26,7 @@ import pyarrow.compute as pc
 import ray
 
 from musiclib import catalog
-from musiclib.core import lifecycle, ray_env, storage, versions
+from musiclib.core import lifecycle, progress, ray_env, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import TASK_RETRIES, ray_session, retry_transient_storage
 from musiclib.embed import table as embeddings_table
@@ -68,8 +69,13 @@ def candidates_with_ray(
         compute=ray.data.ActorPoolStrategy(size=cfg.concurrency),
     )
     pool = suggest.candidates_schema(inputs.probe_set.weights.shape[0]).empty_table()
+    throttle, started, blocks_done = progress.Throttle(), time.monotonic(), 0
     for block in blocks.iter_batches(batch_size=None, batch_format="pyarrow"):
         pool = suggest.merge_candidates(pool, block, cfg.pool)
+        blocks_done += 1
+        if throttle.due():
+            rate = blocks_done / max(time.monotonic() - started, 1e-9)
+            print(progress.progress_line("suggest", blocks_done, None, "blocks", rate), flush=True)
     return pool
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,7 +19,7 @@ import torch
 
 from jobs import embed as job
 from musiclib import audio, catalog
-from musiclib.core import storage, versions
+from musiclib.core import progress, storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import demo
 from musiclib.embed import chunking, embedder, logmel
@@ -353,6 +355,10 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_local, ca
     root = str(tmp_path)
     model_id = make_root(root)
     summary = job.run(config(root)).result
+    lines = [
+        line for line in capsys.readouterr().out.splitlines() if re.match(r"embed: \d+/\d+ tracks", line)
+    ]
+    assert lines and lines[-1].startswith("embed: 14/14 tracks (100%)") and "errors 6" in lines[-1], lines
     out = check_complete(root, model_id)
     assert_matches_reference(out, reference(root, model_id))
     assert_logmel_is_the_floor(root, out)
@@ -469,3 +475,25 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_local)
     }
     assert job.run(config(root, only_new=True)).result.tracks == 0
     assert versions.latest_version(dataset) is not None
+
+
+@pytest.mark.slow
+def test_progress_lines_come_from_the_stage_counters_while_it_runs(ray_local, monkeypatch):
+    """A stage longer than the interval prints lines as it goes, from what its workers count."""
+    import ray
+
+    monkeypatch.setattr(progress, "INTERVAL_S", 0.2)
+    out = io.StringIO()
+
+    @ray.remote(num_cpus=1)
+    def work(counter, n: int) -> None:
+        for _ in range(n):
+            time.sleep(0.3)
+            counter.add.remote({"tracks": 1})
+
+    with progress.counting("embed", 8, "tracks", "tracks", stream=out) as counter:
+        ray.get([work.remote(counter, 4) for _ in range(2)])
+    lines = out.getvalue().splitlines()
+    done = [int(line.split()[1].split("/")[0]) for line in lines]
+    assert len(lines) >= 3 and done[0] < 8 and done == sorted(done) and done[-1] == 8, lines
+    assert lines[-1].startswith("embed: 8/8 tracks (100%)")

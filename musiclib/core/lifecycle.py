@@ -1,9 +1,9 @@
 """One way every job starts and ends: named when it starts, summarised when it ends, its result returned.
 
-A job's ``run(cfg)`` opens a ``Job`` first (its progress lines carry the job's name, ``progress.start``) and
-returns through ``Job.done`` or ``Job.already_complete``: the summary is printed and written to
-``<root>/summaries/<job>.json`` (``progress.summary``), and the ``Summary`` returned carries the job's result
-(a model id, a manifest, a snapshot) for its caller, the study or a test. A job's ``main(argv)`` parses its
+A job's ``run(cfg)`` opens a ``Job`` first (its clock starts) and returns through ``Job.done`` or
+``Job.already_complete``: the summary is printed and written to ``<root>/summaries/<job>.json``
+(``progress.summary``), and the ``Summary`` returned carries the job's result (a model id, a manifest, a
+snapshot) for its caller, the study or a test. A job's ``main(argv)`` parses its
 config and returns ``run(cfg).result``.
 
     def run(cfg: TuneConfig) -> Summary[versions.Manifest]:
@@ -17,6 +17,7 @@ config and returns ``run(cfg).result``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
@@ -39,7 +40,7 @@ class Job:
 
     def __init__(self, name: str, root: str) -> None:
         self.name, self.root = name, root
-        self.started = progress.start(name)
+        self.started = time.perf_counter()
 
     def done(
         self,

@@ -1,10 +1,11 @@
 """What a person watching a job sees: Ray kept quiet, one progress line per stage, a summary at the end.
 
 - ``quiet_ray()`` (called by ``ray_env.ray_session`` before Ray starts): Ray's INFO chatter goes to its log
-  files only, warnings and errors still reach the console. Ray Data's non-interactive progress (a block of
-  lines every few seconds when stdout is not a terminal, e.g. in ``make logs`` of a submitted job) becomes
-  one line per ``INTERVAL_S``: done / total, rate and ETA. In a terminal Ray Data draws its own tqdm bars.
-  ``--verbose`` on any job (or ``MUSICLIB_VERBOSE=1``) leaves Ray as it is.
+  files only, warnings and errors still reach the console. ``--verbose`` on any job (or
+  ``MUSICLIB_VERBOSE=1``) leaves Ray as it is.
+- ``counting(...)``: the progress of a Ray Data stage from the job's own counters: its tasks and actors add
+  to a counter actor, and a driver thread prints one line per ``INTERVAL_S`` (tracks done / total, rate,
+  ETA), whatever Ray Data logs. In a terminal Ray Data also draws its own bars.
 - ``Throttle`` and ``eta``: progress lines of a loop whose length is known (pretraining steps, tune trials),
   at most one per interval, and the last one always.
 - ``summary(...)``: the end of every job (through ``lifecycle.Job``): what it read, wrote and skipped (and
@@ -15,13 +16,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import logging
 import os
-import re
 import sys
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TextIO
 
 from musiclib.core import storage, versions
@@ -31,7 +33,6 @@ INTERVAL_S = 30.0  # seconds between two progress lines of one stage when stdout
 JOBS = ("demo-catalog", "pretrain", "embed", "tune", "tag")  # the chain, in order
 SUMMARIES = "summaries"  # <root>/summaries/<job>.json
 
-_job = ""  # the job whose lines these are (``start``)
 _logs_dir = ""  # where Ray's log files of this session are (``ray_env.ray_session``)
 
 
@@ -51,13 +52,6 @@ def set_verbose(on: bool) -> None:
 def worker_env() -> dict[str, str]:
     """``--verbose`` for the runtime env of the job's workers, which may run on other machines."""
     return {VERBOSE_ENV: "1"} if verbose() else {}
-
-
-def start(job: str) -> float:
-    """Name the job whose progress lines follow; return its start time (``time.perf_counter``)."""
-    global _job
-    _job = job
-    return time.perf_counter()
 
 
 def set_logs_dir(path: str) -> None:
@@ -118,75 +112,107 @@ def progress_line(label: str, done: int, total: int | None, unit: str, rate: flo
 # --------------------------------------------------------------------------- Ray's console output
 
 
-class DataProgress(logging.Handler):
-    """The console handler of the ``ray.data`` logger when not verbose.
-
-    Records at WARNING and above are printed as Ray prints them. Ray Data's non-interactive progress block
-    (a line per operator between two rulers) becomes one ``progress_line``: rows out of the last operator
-    before the write, of that operator's estimated total (else of the rows read by the first), with a rate
-    and an ETA; the end of an execution gives a line "finished in". Every other INFO record goes to Ray
-    Data's log file only (``ray-data.log`` in the session's log folder), where its file handler writes it.
-    """
-
-    START = re.compile(r"^=+ Running Dataset")
-    RULER = re.compile(r"^=+$")
-    OPERATOR = re.compile(r"^(\S.*): (\d+)/(\d+|\?)$")
-    FINISHED = re.compile(r"execution finished in ([\d.]+) seconds")
+class DataWarnings(logging.Handler):
+    """The console handler of the ``ray.data`` logger when not verbose: warnings and errors are printed as
+    Ray prints them; INFO records (its progress blocks included) go to Ray Data's log file only
+    (``ray-data.log`` in the session's log folder), where its file handler writes them."""
 
     def __init__(self, stream: TextIO | None = None):
-        super().__init__(logging.INFO)
+        super().__init__(logging.WARNING)
         self.stream = stream
-        self.warnings = logging.StreamHandler(stream)
-        self.warnings.setFormatter(
+        self.setFormatter(
             logging.Formatter("%(asctime)s\t%(levelname)s %(filename)s:%(lineno)s -- %(message)s")
         )
-        self.started: float | None = None
-        self.operators: list[tuple[str, int, int]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        if record.levelno >= logging.WARNING:
-            self.warnings.stream = self.stream or sys.stderr
-            self.warnings.emit(record)
-            return
-        message = record.getMessage()
-        if self.START.match(message):
-            self.operators = []
-            if self.started is None:
-                self.started = time.monotonic()
-        elif self.RULER.match(message):
-            self._print_progress()
-        elif (op := self.OPERATOR.match(message)) and op.group(1) != "Total Progress":
-            total = int(op.group(3)) if op.group(3) != "?" else 0
-            self.operators.append((op.group(1), int(op.group(2)), total))
-        elif (finished := self.FINISHED.search(message)) and self.started is not None:
-            self._print(f"{_job or 'ray data'}: finished in {duration(float(finished.group(1)))}")
-            self.started = None
-
-    def _print_progress(self) -> None:
-        ops = [op for op in self.operators if not op[0].startswith("Write")]
-        if not ops or self.started is None:
-            return
-        _, done, total = ops[-1]
-        if total <= 1:  # Ray's placeholder until it can estimate the operator's output
-            total = ops[0][2]
-        if done == 0:
-            return
-        rate = done / max(time.monotonic() - self.started, 1e-9)
-        self._print(progress_line(_job or "ray data", done, total, "rows", rate))
-
-    def _print(self, line: str) -> None:
-        stream = self.stream or sys.stdout
-        stream.write(line + "\n")
+        stream = self.stream or sys.stderr
+        stream.write(self.format(record) + "\n")
         stream.flush()
+
+
+# --------------------------------------------------------------------------- Ray Data stages
+
+
+def _counter_class() -> Any:
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class Counts:
+        """Counts that a stage's tasks and actors add to (``add.remote({...})``), read by the driver."""
+
+        def __init__(self) -> None:
+            self.counts: dict[str, int] = {}
+
+        def add(self, counts: dict[str, int]) -> None:
+            for key, n in counts.items():
+                self.counts[key] = self.counts.get(key, 0) + int(n)
+
+        def read(self) -> dict[str, int]:
+            return dict(self.counts)
+
+    return Counts
+
+
+@contextlib.contextmanager
+def counting(
+    label: str, total: int | None, unit: str, key: str, stream: TextIO | None = None
+) -> Iterator[Any]:
+    """A counter actor for a Ray Data stage's workers, and one progress line per ``INTERVAL_S`` from it.
+
+    Workers call ``counter.add.remote({key: n, ...})``; ``key`` counts toward ``total``, other keys are
+    shown beside it. A driver thread reads the counts and prints the line (the first once something is
+    done), and a last line when the block ends. Lines come from the job's counters, not from Ray Data's log
+    output, which may never reach a console that is not a terminal.
+    """
+    import ray
+
+    counter = _counter_class().remote()
+    ray.get(counter.read.remote())  # started before the stage, so its counts arrive as they are added
+    started = time.monotonic()
+    stop = threading.Event()
+    shown: dict[str, int] = {}
+
+    def line(counts: dict[str, int]) -> None:
+        done = counts.get(key, 0)
+        rate = done / max(time.monotonic() - started, 1e-9)
+        others = {k: v for k, v in sorted(counts.items()) if k != key}
+        out = stream or sys.stdout
+        out.write(progress_line(label, done, total, unit, rate, **others) + "\n")
+        out.flush()
+        shown.clear()
+        shown.update(counts)
+
+    def watch() -> None:
+        throttle = Throttle(INTERVAL_S)
+        while not stop.wait(min(1.0, INTERVAL_S)):
+            counts = ray.get(counter.read.remote())
+            if counts.get(key, 0) and counts != shown and throttle.due():
+                line(counts)
+
+    thread = threading.Thread(target=watch, name=f"{label}-progress", daemon=True)
+    thread.start()
+    try:
+        yield counter
+    finally:
+        stop.set()
+        thread.join()
+        counts = ray.get(counter.read.remote())
+        if counts.get(key, 0) and counts != shown:
+            line(counts)
+        ray.kill(counter)
+
+
+# --------------------------------------------------------------------------- Ray's console output
 
 
 def quiet_ray() -> int:
     """Quiet Ray's INFO chatter on the console unless verbose; return the level for ``ray.init``.
 
-    Ray Data's console handler is replaced by ``DataProgress`` (its file handler stays, so the detail is
-    in the log files). Ray Data's non-interactive progress block is logged at most every ``INTERVAL_S``.
-    Ray Tune's new output engine prints an experiment box and result paths even at ``verbose=0``; its
-    former engine, silent at ``verbose=0``, is used instead (the job prints its own trial progress).
+    Ray Data's console handler is replaced by ``DataWarnings`` (its file handler stays, so the detail is
+    in the log files); Ray Data's non-interactive progress block is logged there at most every
+    ``INTERVAL_S``. Ray Tune's new output engine prints an experiment box and result paths even at
+    ``verbose=0``; its former engine, silent at ``verbose=0``, is used instead (the job prints its own
+    trial progress).
     """
     if verbose():
         return logging.INFO
@@ -196,9 +222,9 @@ def quiet_ray() -> int:
 
     logger = logging.getLogger("ray.data")
     for handler in list(logger.handlers):
-        if handler.get_name() == "console" or isinstance(handler, DataProgress):
+        if handler.get_name() == "console" or isinstance(handler, DataWarnings):
             logger.removeHandler(handler)
-    logger.addHandler(DataProgress())
+    logger.addHandler(DataWarnings())
     return logging.WARNING
 
 
