@@ -28,7 +28,9 @@ from musiclib.train.shards import committed_shards
 def plain_loop(cfg: PretrainConfig) -> dict[str, float]:
     """The single-process baseline: same data, model and ``fit``; no Ray, no DDP."""
     torch.set_num_threads(cfg.num_workers * cfg.cpus_per_worker)
-    device = torch.device("cuda" if cfg.use_gpu else "cpu")
+    device = torch.device(
+        "cuda" if cfg.device == "gpu" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
+    )
     uris = committed_shards(Layout(cfg.root).shards)
     data = load_training_data(uris, plan_labels(uris, cfg.p_s, cfg.seed))
     model, optimizer, augment = build(cfg, device)

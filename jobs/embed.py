@@ -35,7 +35,7 @@ from ray.data.checkpoint import CheckpointConfig
 from musiclib import catalog
 from musiclib.core import lifecycle, progress, ray_env, storage, versions
 from musiclib.core.config import Layout, as_dict, parse
-from musiclib.core.ray_env import ray_session, retry_transient_storage
+from musiclib.core.ray_env import Device, ray_session, retry_transient_storage
 from musiclib.embed import chunking, embedder, logmel
 from musiclib.embed import table as embeddings_table
 from musiclib.embed.embedder import EmbedConfig
@@ -65,7 +65,9 @@ class EncoderActor:
         return out
 
 
-def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray, counter: Any) -> ray.data.Dataset:
+def build_pipeline(
+    cfg: EmbedConfig, model_id: str, skip: np.ndarray, device: Device, counter: Any
+) -> ray.data.Dataset:
     """Catalog rows → skip ``skip`` ids → decode (CPU tasks) → encode (actor pool), lazily and streaming;
     the encoder actors count the tracks they finish on ``counter`` (``progress.counting``).
 
@@ -90,7 +92,7 @@ def build_pipeline(cfg: EmbedConfig, model_id: str, skip: np.ndarray, counter: A
         batch_format="pyarrow",
         num_cpus=cfg.decode_cpus,
     )
-    gpus, actors = embedder.encoder_resources(cfg, ray.cluster_resources())
+    gpus, actors = embedder.encoder_resources(cfg, device, ray.cluster_resources())
     return decoded.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         EncoderActor,
         fn_constructor_kwargs={
@@ -160,9 +162,13 @@ def run(cfg: EmbedConfig) -> lifecycle.Summary[embedder.Summary]:
     with versions.lease(dataset):
         version, committed = embedder.begin_version(dataset, cfg.only_new)
         new: list[str] = []
+        device = "none needed, nothing to embed"
         if not committed:
             with ray_session(cfg.ray_address, cfg.num_cpus):
-                new = write_version(cfg, model_id, dataset, version)
+                chosen = ray_env.cluster_device(cfg.device)
+                device = chosen.reason
+                print(f"embed: device {device}")
+                new = write_version(cfg, model_id, dataset, version, chosen)
         embedder.end_version(dataset, version)
     done = embedder.summarize(new, time.perf_counter() - start)
     print(f"embed: {done}")  # the rate line bench/bench_load.py reads
@@ -171,14 +177,14 @@ def run(cfg: EmbedConfig) -> lifecycle.Summary[embedder.Summary]:
     return job.done(
         done,
         read=f"{done.tracks} catalog tracks to embed, {done.audio_s / 3600:.2f} h of audio",
-        wrote=f"{done.tracks - failed} embeddings at {done.tracks / max(done.wall_s, 1e-9):.1f} tracks/s; "
-        f"version {latest.version} holds {latest.rows} tracks",
+        wrote=f"{done.tracks - failed} embeddings at {done.tracks / max(done.wall_s, 1e-9):.1f} tracks/s "
+        f"(device {device}); version {latest.version} holds {latest.rows} tracks",
         skipped=done.errors,
         outputs={"version": versions.version_uri(dataset, latest.version)},
     )
 
 
-def sized(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> EmbedConfig:
+def sized(cfg: EmbedConfig, model_id: str, skip: np.ndarray, device: Device) -> EmbedConfig:
     """The config with ``--batch-size 0`` and ``--chunk-batch 0`` made numbers for this catalog and cluster.
 
     Tracks per task come from the catalog's durations and Ray Data's block size target
@@ -193,18 +199,18 @@ def sized(cfg: EmbedConfig, model_id: str, skip: np.ndarray) -> EmbedConfig:
         batch = embedder.tracks_per_task(
             durations, len(durations) - len(skip), cfg.max_chunks, block_bytes, cluster.get("CPU", 1)
         )
-    gpus, _ = embedder.encoder_resources(cfg, cluster)
+    gpus, _ = embedder.encoder_resources(cfg, device, cluster)
     encoder = models.EncoderConfig(**models.load_card(Layout(cfg.root).models, model_id)["config"])
     chunk_batch = embedder.chunks_per_forward(cfg.chunk_batch, gpus > 0, encoder)
     print(f"embed: {batch} tracks per decode task and encoder call, {chunk_batch} chunks per forward")
     return dataclasses.replace(cfg, batch_size=batch, chunk_batch=chunk_batch)
 
 
-def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str) -> list[str]:
+def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str, device: Device) -> list[str]:
     """Run the pipeline into the version's folder and commit it; return the URIs of the files it embedded."""
     out_dir = versions.version_uri(dataset, version)
     carried = embedder.carry_over(dataset, cfg.only_new, out_dir)
-    cfg = sized(cfg, model_id, carried.skip)
+    cfg = sized(cfg, model_id, carried.skip, device)
     fs, out_path = storage.arrow_filesystem(out_dir)
     ids = (
         catalog.read(cfg.catalog_uri, columns=["track_id"]).column("track_id").to_numpy(zero_copy_only=False)
@@ -214,7 +220,7 @@ def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str) -
         data_context(embedder.checkpoint_uri(dataset, version), cfg.task_retries),
         progress.counting("embed", total, "tracks", "tracks") as counter,
     ):
-        ds = build_pipeline(cfg, model_id, carried.skip, counter)
+        ds = build_pipeline(cfg, model_id, carried.skip, device, counter)
         ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
     config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
     return embedder.commit_version(dataset, version, carried, config)

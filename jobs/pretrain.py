@@ -17,6 +17,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import tempfile
 import time
@@ -30,7 +31,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
 from musiclib import catalog
-from musiclib.core import lifecycle, progress, storage, versions
+from musiclib.core import lifecycle, progress, ray_env, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import is_transient_storage_failure, ray_session, retry_transient_storage
 from musiclib.train import models
@@ -176,7 +177,7 @@ def trainer(cfg: PretrainConfig, layout: Layout) -> TorchTrainer:
         train_loop_config=cfg.as_dict(),
         scaling_config=ScalingConfig(
             num_workers=(cfg.min_workers, cfg.num_workers) if cfg.min_workers else cfg.num_workers,
-            use_gpu=cfg.use_gpu,
+            use_gpu=cfg.device == "gpu",
             resources_per_worker={"CPU": cfg.cpus_per_worker},
         ),
         run_config=RunConfig(
@@ -222,6 +223,10 @@ def run(cfg: PretrainConfig) -> lifecycle.Summary[str]:
     check_resume(cfg, run_uri)
     torch.manual_seed(cfg.seed)
     with versions.lease(run_uri), ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True):
+        device = ray_env.cluster_device(cfg.device)
+        print(f"pretrain: device {device.reason}")
+        cfg = dataclasses.replace(cfg, device=device.name)
+        check_resume(cfg, run_uri)  # again, with the device chosen
         with versions.lease(layout.shards), retry_transient_storage(SHARD_RETRIES):
             shards = prepare_shards(cfg, layout)
         labels = label_facts(plan_labels(committed_shards(layout.shards), cfg.p_s, cfg.seed), cfg)
@@ -231,7 +236,8 @@ def run(cfg: PretrainConfig) -> lifecycle.Summary[str]:
     return job.done(
         model_id,
         read=f"{shards['tracks']} train tracks in {shards['shards']} shards, {shards['usable']} usable",
-        wrote=f"encoder {model_id} after {(result.metrics or {}).get('step', cfg.steps)} steps",
+        wrote=f"encoder {model_id} after {(result.metrics or {}).get('step', cfg.steps)} steps "
+        f"(device {device.reason})",
         skipped=shards["bad"],
         outputs={"model": storage.join(layout.models, model_id), "run": run_uri},
     )

@@ -19,7 +19,7 @@ import torch
 
 from jobs import embed as job
 from musiclib import audio, catalog
-from musiclib.core import progress, storage, versions
+from musiclib.core import progress, ray_env, storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import demo
 from musiclib.embed import chunking, embedder, logmel
@@ -277,22 +277,38 @@ def test_a_version_without_logmel_is_embedded_again_whole(tmp_path, capsys):
     assert [e.path for e in carried.kept] == ["v2/new.parquet"] and list(carried.skip) == ["a", "b"]
 
 
-def test_encoder_resources_follow_the_cluster_unless_configured():
+def test_encoder_resources_follow_the_device_unless_configured():
     auto = job.EmbedConfig()
-    assert embedder.encoder_resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
-    assert embedder.encoder_resources(auto, {"CPU": 4.0}) == (0.0, 2)
-    assert embedder.encoder_resources(auto, {"CPU": 1.0}) == (0.0, 1)
-    assert embedder.encoder_resources(job.EmbedConfig(cpus_per_actor=4), {"CPU": 16.0}) == (0.0, 2)
-    assert embedder.encoder_resources(job.EmbedConfig(gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == (
-        0.5,
-        4,
-    )
-    assert embedder.encoder_resources(
-        job.EmbedConfig(actors=3, gpus_per_actor=0), {"CPU": 8.0, "GPU": 2.0}
-    ) == (
-        0.0,
-        3,
-    )
+
+    def resources(cfg: job.EmbedConfig, now: dict, most: dict | None = None) -> tuple[float, int]:
+        return embedder.encoder_resources(cfg, ray_env.choose_device(cfg.device, now, most or {}), now)
+
+    assert resources(auto, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 4)
+    assert resources(auto, {"CPU": 4.0}, {"CPU": 64.0, "GPU": 3.0}) == (1.0, 3)  # GPU nodes to scale to
+    assert resources(auto, {"CPU": 4.0}) == (0.0, 2)
+    assert resources(auto, {"CPU": 1.0}) == (0.0, 1)
+    assert resources(job.EmbedConfig(device="cpu"), {"CPU": 16.0, "GPU": 4.0}) == (0.0, 8)
+    assert resources(job.EmbedConfig(cpus_per_actor=4), {"CPU": 16.0}) == (0.0, 2)
+    assert resources(job.EmbedConfig(gpus_per_actor=0.5), {"CPU": 8.0, "GPU": 2.0}) == (0.5, 4)
+    assert resources(job.EmbedConfig(actors=3, gpus_per_actor=0), {"CPU": 8.0, "GPU": 2.0}) == (0.0, 3)
+
+
+def test_the_device_is_a_stated_decision():
+    """A cluster whose GPU groups start at zero nodes gets a GPU request, not a silent CPU run."""
+    scaled = ray_env.choose_device("auto", {"CPU": 8.0}, {"CPU": 72.0, "GPU": 4.0})
+    assert scaled.gpu and scaled.gpus == 4.0 and "autoscaler can start up to 4" in scaled.reason
+    present = ray_env.choose_device("auto", {"CPU": 8.0, "GPU": 2.0}, {})
+    assert present.gpu and present.gpus == 2.0
+    fallback = ray_env.choose_device("auto", {"CPU": 8.0}, {"CPU": 72.0})
+    assert not fallback.gpu and "CPU fallback" in fallback.reason
+    assert not ray_env.choose_device("cpu", {"CPU": 8.0, "GPU": 2.0}, {}).gpu
+    assert ray_env.choose_device("gpu", {"CPU": 8.0}, {"GPU": 1.0}).gpu
+    with pytest.raises(ConfigError, match="--device gpu: the cluster has no GPU"):
+        ray_env.choose_device("gpu", {"CPU": 8.0}, {})
+    with pytest.raises(ConfigError, match="--device must be one of auto, cpu, gpu"):
+        job.EmbedConfig(device="cuda").validate()
+    with pytest.raises(ConfigError, match="--device cpu with --gpus-per-actor"):
+        job.EmbedConfig(device="cpu", gpus_per_actor=1.0).validate()
 
 
 def test_tracks_per_task_fill_a_block_of_the_longer_tracks():

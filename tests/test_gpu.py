@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from musiclib import audio, catalog
+from musiclib.core import ray_env
 from musiclib.core.config import Layout
 from musiclib.datasets import demo
 from musiclib.embed import chunking, embedder
@@ -154,14 +155,15 @@ def test_pretrain_and_embed_jobs_train_and_embed_on_the_gpu(tmp_path):
 
     root = str(tmp_path)
     demo.make_catalog(root, n_tracks=24, min_seconds=6.0, max_seconds=8.0)
-    argv = ["--root", root, "--width", "0.25", "--num-workers", "1", "--use-gpu", "true", "--batch-size", "8"]
+    argv = ["--root", root, "--width", "0.25", "--num-workers", "1", "--device", "gpu", "--batch-size", "8"]
     argv += ["--steps", "4", "--log-every", "2", "--checkpoint-every", "2", "--p-pitch", "0"]
     ray.init(address="local", num_cpus=8, include_dashboard=False)
     try:
         assert ray.cluster_resources().get("GPU", 0) >= 1
         model_id = pretrain_job.main(argv)
         cfg = embed_job.EmbedConfig(root=root, batch_size=4)
-        assert embedder.encoder_resources(cfg, ray.cluster_resources()) == (1.0, 1)
+        device = ray_env.cluster_device(cfg.device)
+        assert device.gpu and embedder.encoder_resources(cfg, device, ray.cluster_resources()) == (1.0, 1)
         summary = embed_job.run(cfg).result
     finally:
         ray.shutdown()

@@ -469,6 +469,15 @@ def test_check_resume_reads_the_newest_checkpoint_of_the_run(tmp_path):
     assert "--steps" in str(err.value).splitlines()[-1]  # the message says what may change
 
 
+def test_resume_compares_the_device_once_it_is_chosen():
+    saved = PretrainConfig(device="cpu").as_dict()
+    assert resume_conflicts(saved, PretrainConfig(device="auto")) == []  # before the job has chosen
+    assert resume_conflicts(saved, PretrainConfig(device="cpu")) == []
+    assert resume_conflicts(saved, PretrainConfig(device="gpu")) == [
+        "--device: 'cpu' in the checkpoint, 'gpu' now"
+    ]
+
+
 # --------------------------------------------------------------------------- the Ray job
 
 

@@ -86,9 +86,7 @@ def test_summary_is_printed_written_and_tabled(tmp_path):
     assert text.startswith("== embed done in 1m 15s\n")
     assert "skipped  4 (corrupt 3, empty 1)" in text and f"version  {root}/embeddings/m/v1" in text
     assert json.loads((tmp_path / "summaries" / "embed.json").read_text()) == record
-    progress.summary(
-        "tag", root, time.perf_counter(), read="x", wrote="10 tracks tagged", out=io.StringIO()
-    )
+    progress.summary("tag", root, time.perf_counter(), read="x", wrote="10 tracks tagged", out=io.StringIO())
     runs = progress.read_summaries(root)
     assert [r["job"] for r in runs] == ["embed", "tag"]
     table = progress.chain_table(runs).splitlines()

@@ -13,6 +13,7 @@ import contextlib
 import os
 import sys
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -151,3 +152,58 @@ def read_parquet(
         return ray.data.read_parquet(paths, filesystem=fs, **per_file).select_columns(columns)
     finally:
         ctx.use_datasource_v2, ctx.enable_progress_bars = previous
+
+
+DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class Device:
+    """Where a job runs its model, and why, in one line the job prints first and keeps in its summary."""
+
+    gpu: bool
+    reason: str
+    gpus: float = 0.0  # GPUs the cluster has, or can scale to when it has none yet
+
+    @property
+    def name(self) -> str:
+        return "gpu" if self.gpu else "cpu"
+
+
+def choose_device(requested: str, now: dict[str, float], most: dict[str, float]) -> Device:
+    """The device for ``--device`` on a cluster with resources ``now`` that may scale to ``most``.
+
+    ``auto`` asks for GPUs when the cluster has them or its autoscaler can start them (GPU worker groups
+    that start at zero nodes), so the request itself makes the autoscaler start one; only a cluster with
+    no GPU and none to scale to runs on the CPU, and says so. ``gpu`` on such a cluster is an error
+    (``ConfigError``), never a silent CPU run; ``cpu`` never asks for one.
+    """
+    from musiclib.core.config import ConfigError
+
+    gpus_now, gpus_most = now.get("GPU", 0.0), most.get("GPU", 0.0)
+    if requested == "cpu":
+        return Device(False, "cpu, as --device cpu asks")
+    if gpus_now > 0:
+        return Device(True, f"gpu: the cluster has {gpus_now:g} GPU(s)", gpus_now)
+    if gpus_most > 0:
+        return Device(
+            True,
+            f"gpu: none started yet, the autoscaler can start up to {gpus_most:g}; requesting them",
+            gpus_most,
+        )
+    if requested == "gpu":
+        raise ConfigError(
+            "--device gpu: the cluster has no GPU and its autoscaler can start none (--device cpu?)"
+        )
+    return Device(False, "cpu: the cluster has no GPU and its autoscaler can start none (CPU fallback)")
+
+
+def cluster_device(requested: str) -> Device:
+    """``choose_device`` for the Ray cluster this process is connected to (``ray_session``)."""
+    import ray
+
+    try:
+        most = ray._private.state.state.get_max_resources_from_cluster_config() or {}
+    except Exception:  # a Ray without an autoscaler config (a local Ray) answers nothing to scale to
+        most = {}
+    return choose_device(requested, ray.cluster_resources(), {k: float(v) for k, v in most.items()})

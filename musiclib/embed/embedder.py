@@ -33,6 +33,7 @@ import torch
 from musiclib import audio, catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, Layout, RayConfig, check
+from musiclib.core.ray_env import DEVICES, Device
 from musiclib.embed import chunking, logmel
 from musiclib.embed import table as embeddings_table
 from musiclib.train import models
@@ -55,7 +56,8 @@ class EmbedConfig(RayConfig):
     decode_cpus: float = 1.0  # CPUs per decode task
     actors: int = 0  # most encoder actors; 0: one per GPU, or half the CPUs on a cluster without GPUs
     cpus_per_actor: float = 1.0
-    gpus_per_actor: float | None = None  # None: 1 when the cluster has GPUs, else 0
+    device: str = "auto"  # auto: GPUs when the cluster has or can scale to them, else CPU; or cpu, gpu
+    gpus_per_actor: float | None = None  # None: 1 on the GPU (--device), else 0
     shard_rows: int = 10000  # fewest rows per output Parquet file
     validate_catalog: bool = True  # check every row before Ray starts; false: bad rows become error rows
     allowed_prefixes: list[str] = field(default_factory=list)  # audio only under these; empty: anywhere
@@ -83,6 +85,12 @@ class EmbedConfig(RayConfig):
             problems.append("--decode-cpus must be positive and --cpus-per-actor not negative")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
+        if self.device not in DEVICES:
+            problems.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        elif self.device == "cpu" and self.gpus_per_actor:
+            problems.append("--device cpu with --gpus-per-actor above 0: choose one")
+        elif self.device == "gpu" and self.gpus_per_actor == 0:
+            problems.append("--device gpu with --gpus-per-actor 0: choose one")
         try:
             if not storage.exists(self.catalog_uri):
                 problems.append(f"catalog not found: {self.catalog_uri}")
@@ -97,21 +105,23 @@ class EmbedConfig(RayConfig):
         check("embed", problems)
 
 
-def encoder_resources(cfg: EmbedConfig, cluster: dict[str, float]) -> tuple[float, int]:
-    """GPUs per encoder actor and the most actors, from the config or, where it says 0 / None, the cluster.
+def encoder_resources(cfg: EmbedConfig, device: Device, cluster: dict[str, float]) -> tuple[float, int]:
+    """GPUs per encoder actor and the most actors, from the config or, where it says 0 / None, the device
+    (``ray_env.choose_device``: the GPUs the cluster has or can scale to) and the ``cluster``'s CPUs.
 
-    With GPUs: up to one actor per GPU, added as the backlog grows. Without: the encoder shares the CPUs
-    with decoding and its forward pass costs more than decoding there, so a fixed pool holding half the
-    CPUs starts at once (autoscaling from one actor, on a small node whose CPUs the decoders held, kept
+    With GPUs: up to one actor per GPU, added as the backlog grows (the first actor's request is what
+    starts a GPU node on a cluster that scales from zero). Without: the encoder shares the CPUs with
+    decoding and its forward pass costs more than decoding there, so a fixed pool holding half the CPUs
+    starts at once (autoscaling from one actor, on a small node whose CPUs the decoders held, kept
     requesting a second actor that never started; measured in docs/BENCHMARKS.md).
     """
     gpus = cfg.gpus_per_actor
     if gpus is None:
-        gpus = 1.0 if cluster.get("GPU", 0) > 0 else 0.0
+        gpus = 1.0 if device.gpu else 0.0
     if cfg.actors:
         return gpus, cfg.actors
     if gpus > 0:
-        return gpus, max(1, int(cluster.get("GPU", 0) // gpus))
+        return gpus, max(1, int(device.gpus // gpus))
     return gpus, max(1, int(cluster.get("CPU", 1) / 2 // max(cfg.cpus_per_actor, 1.0)))
 
 

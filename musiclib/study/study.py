@@ -94,7 +94,7 @@ class StudyConfig(RayConfig):
     Every trained encoder of a study is of one family (``--encoder``) and trains for the same time
     (``--minutes``, at most ``--steps``): encoders are compared at equal compute. The defaults fit a
     developer's machine (2 CPU cores, docs/STUDY.md); a GPU cluster scales the same study with ``--width 1
-    --minutes 0 --steps 10000 --batch-size 96`` and ``--pretrain-options "--num-workers 8 --use-gpu true"``
+    --minutes 0 --steps 10000 --batch-size 96`` and ``--pretrain-options "--num-workers 8 --device gpu"``
     (any option of the pretrain, embed and tune jobs passes through).
     """
 

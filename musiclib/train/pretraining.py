@@ -30,6 +30,7 @@ from torch import nn
 from musiclib import audio
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, RayConfig, check
+from musiclib.core.ray_env import DEVICES
 from musiclib.train.augment import AugmentConfig, SpecAugment, ViewAugment
 from musiclib.train.data import Batch, TrainingData, batches
 from musiclib.train.gather import distributed, gather, gather_constant
@@ -59,7 +60,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
     num_workers: int = 2
     # elastic below num_workers: a run that loses workers (a node) goes on with as few as this; 0: fixed size
     min_workers: int = 0
-    use_gpu: bool = False
+    device: str = "auto"  # auto: one GPU per worker when the cluster has or can scale to GPUs; cpu, gpu
     cpus_per_worker: int = 1
     batch_size: int = 96  # clips per step over all workers; each clip gives two views
     steps: int = 10000
@@ -108,6 +109,8 @@ class PretrainConfig(AugmentConfig, RayConfig):
                 f"({', '.join(map(str, sizes))}) with at least 2 clips per worker; the smallest that is: "
                 f"{lcm * math.ceil(2 * self.num_workers / lcm)}"
             )
+        if self.device not in DEVICES:
+            problems.append(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.steps < 1 or self.lr <= 0 or self.tau <= 0 or self.minutes < 0:
             problems.append("--steps must be >= 1, --lr and --tau > 0, --minutes >= 0")
         if not 0 <= self.warmup < self.steps:
@@ -159,7 +162,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
 # The fields a resumed run may change: how long it trains, how it logs, checkpoints, retries and feeds the
 # step, how few workers it may go on with, and where the run lives. Every other field changes what a step
 # computes (``num_workers`` sets the per-worker batch, the BatchNorm statistics without ``sync_bn`` and the
-# batch streams; ``use_gpu`` the precision), so resuming with another value would train a model no config
+# batch streams; ``device`` the precision), so resuming with another value would train a model no config
 # describes. With ``--cosine``, more ``--steps`` stretch the decay to the new end from the resumed step.
 RESUMABLE_FIELDS = frozenset(
     {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "prefetch", "min_workers"}
@@ -177,6 +180,8 @@ def resume_conflicts(saved: dict[str, Any], cfg: PretrainConfig) -> list[str]:
     current = cfg.as_dict()
     lines = []
     for name in sorted((saved.keys() | current.keys()) - RESUMABLE_FIELDS):
+        if name == "device" and current[name] == "auto":
+            continue  # compared again once the job has chosen the device (jobs/pretrain.py)
         if name in saved and name in current and saved[name] == current[name]:
             continue
         was = repr(saved[name]) if name in saved else "not recorded"
