@@ -62,7 +62,7 @@ class CatalogError(ConfigError):
 
 
 def _table_name(uri: str) -> tuple[str, str] | None:
-    """``(<namespace>.<table>, root)`` of an Iceberg catalog ``iceberg:<namespace>.<table>@<root>``; None for
+    """``(<namespace>.<table>, root)`` of a catalog ``iceberg:<namespace>.<table>@<root>``; None for
     a file or folder."""
     if not uri.startswith(ICEBERG_TABLE):
         return None
