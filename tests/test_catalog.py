@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 
 import pyarrow as pa
 import pyarrow.dataset as pads
@@ -177,6 +178,14 @@ def test_a_hive_partitioned_folder_reads_as_one_catalog(root):
     assert catalog.base_dir(folder) == folder
     assert catalog.vocabulary(folder).counts == {"rock": 2, "guitar": 1}
     assert len(catalog.files(folder)) == 3 and all(f.endswith(".parquet") for f in catalog.files(folder))
+    first = catalog.version(folder)
+    assert catalog.version(folder) == first
+    extra = storage.join(folder, "split=valid", "extra.parquet")
+    storage.write_bytes(extra, b"1")
+    added = catalog.version(folder)
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    storage.write_bytes(extra, b"2")  # same size: the ETag (local: the modification time) tells them apart
+    assert len({first, added, catalog.version(folder)}) == 3
 
 
 def test_version_changes_with_the_files_and_only_with_them(tmp_path):
