@@ -78,7 +78,7 @@ def build_pipeline(
     encode keeps them separate operators (Ray would otherwise fuse the decoding into the encoder actors,
     starving the accelerator).
     """
-    rows = ray_env.read_parquet(cfg.catalog_uri, ["track_id", "audio_uri"])
+    rows = ray_env.read_parquet(catalog.files(cfg.catalog_uri), ["track_id", "audio_uri"])
     if len(skip):
         rows = rows.map_batches(embedder.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
     decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(

@@ -207,7 +207,12 @@ def export(
         "run": cfg.run_name,
         "steps": state["step"],
         "pretrain_config": cfg.as_dict(),
-        "data": {"catalog": layout.catalog, "shards_uri": layout.shards, **shards},
+        "data": {
+            "catalog": layout.catalog,
+            "catalog_version": catalog.version(layout.catalog),
+            "shards_uri": layout.shards,
+            **shards,
+        },
         "labels": labels,
         "metrics": {k: v for k, v in (result.metrics or {}).items() if isinstance(v, int | float)},
     }
@@ -217,7 +222,7 @@ def export(
 def run(cfg: PretrainConfig) -> lifecycle.Summary[str]:
     """Prepare the shards, train (or resume) and export the encoder; the summary's result is its model id."""
     job = lifecycle.Job("pretrain", cfg.root)
-    layout = Layout(cfg.root)
+    layout = Layout(cfg.root, cfg.catalog)
     catalog.validate(layout.catalog)
     run_uri = storage.join(layout.runs, cfg.run_name)
     check_resume(cfg, run_uri)

@@ -77,7 +77,7 @@ def run(cfg: StudyConfig) -> lifecycle.Summary[versions.Manifest]:
     """Evaluate every encoder and seed not evaluated yet, then write and publish the study run (a finished
     study is only made current); the summary's result is the run's manifest."""
     job = lifecycle.Job("study", cfg.root)
-    layout = Layout(cfg.root)
+    layout = Layout(cfg.root, cfg.catalog)
     catalog.validate(layout.catalog)
     run_id = study.derive_run_id(cfg, layout)
     work = Layout(study.work_root(cfg.root, run_id))

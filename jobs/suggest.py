@@ -100,7 +100,7 @@ def run(cfg: SuggestConfig) -> lifecycle.Summary[versions.Manifest]:
     """Rank each wanted tag's most uncertain unlabeled tracks and publish them as a version (a re-run with the
     same inputs finds it and writes nothing); the summary's result is the version's manifest."""
     job = lifecycle.Job("suggest", cfg.root)
-    layout = Layout(cfg.root)
+    layout = Layout(cfg.root, cfg.catalog)
     catalog.validate(layout.catalog)
     dataset = layout.suggestions
     with versions.lease(dataset):  # one suggest run at a time writes the suggestions

@@ -118,7 +118,7 @@ def run(cfg: TagConfig) -> lifecycle.Summary[tag_table.Run]:
     """Score every embedding with the probe set and commit the run as one snapshot; the summary's result is
     the run. A re-run with the same inputs finds its snapshot and writes nothing."""
     job = lifecycle.Job("tag", cfg.root)
-    layout = Layout(cfg.root)
+    layout = Layout(cfg.root, cfg.catalog)
     catalog.validate(layout.catalog)
     with versions.lease(layout.tags):  # one tag run at a time: runs would delete each other's files
         table = tag_table.open_table(cfg.where)

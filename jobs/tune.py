@@ -110,7 +110,7 @@ def run(cfg: TuneConfig) -> lifecycle.Summary[versions.Manifest]:
     """Run the sweep's unfinished trials on Ray Tune, write the run's outputs and publish it (a run already
     complete is only made current); the summary's result is the run's manifest."""
     job = lifecycle.Job("tune", cfg.root)
-    layout = Layout(cfg.root)
+    layout = Layout(cfg.root, cfg.catalog)
     catalog.validate(layout.catalog)
     model_id = models.model_id_or_latest(layout.models, cfg.model_id)
     data = sweep.load_data(cfg, layout, model_id)

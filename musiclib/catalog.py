@@ -3,7 +3,20 @@
 Columns: ``track_id`` (string, unique), ``audio_uri`` (string: absolute URI, or a path relative to the
 catalog's folder), ``duration_s`` (float, optional), ``tags`` (list of strings, the human labels; empty
 when unlabeled), ``split`` (``train``/``valid``/``test`` or null), and any free metadata columns.
-A catalog URI names a Parquet file or a folder of Parquet files.
+
+A catalog (a job's ``--catalog``; default ``<root>/catalog/tracks.parquet``) is one of:
+
+- a Parquet file, local or S3;
+- a folder of Parquet files, local or S3, read as one table: every ``*.parquet`` under it (names starting
+  with ``.`` or ``_`` left out), Hive-partitioned folders (``split=train/part-0.parquet``) giving their
+  partition columns;
+- an Iceberg table, ``iceberg:<namespace>.<table>``, its current snapshot, in the Iceberg catalog of the
+  job's root (``MUSICLIB_TAG_CATALOG``, else the root's default: ``core.iceberg``); ``@<root>`` after the
+  name names another root's. Tables with row-level deletes are refused (compact them first).
+
+Relative ``audio_uri`` values resolve against ``base_dir``: the file's folder, the folder itself, or the
+table's location. ``version`` is the catalog's identity, which the jobs' run ids digest: the table's
+snapshot id, or the files' paths, sizes and ETags (local: modification times).
 
 The human labels as every stage takes them: by track (``track_labels``), as a multi-hot matrix
 (``label_matrix``); ``add_labels`` writes confirmed labels into a one-file catalog by compare-and-swap.
@@ -11,6 +24,8 @@ The human labels as every stage takes them: by track (``track_labels``), as a mu
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -23,7 +38,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from musiclib.core import storage
-from musiclib.core.config import ConfigError
+from musiclib.core.config import ICEBERG_TABLE, ConfigError
 
 SPLITS = ("train", "valid", "test")
 REQUIRED = ("track_id", "audio_uri", "tags", "split")
@@ -46,25 +61,108 @@ class CatalogError(ConfigError):
     """
 
 
-def dataset(uri: str) -> pads.Dataset:
-    """A lazy pyarrow dataset over the catalog: one Parquet file, or every ``*.parquet`` under a folder."""
-    fs, path = storage.arrow_filesystem(uri)
+def _table_name(uri: str) -> tuple[str, str] | None:
+    """``(<namespace>.<table>, root)`` of a catalog ``iceberg:<namespace>.<table>@<root>``; None for
+    a file or folder."""
+    if not uri.startswith(ICEBERG_TABLE):
+        return None
+    name, _, root = uri.removeprefix(ICEBERG_TABLE).partition("@")
+    namespace, _, table = name.rpartition(".")
+    if not namespace or not table or not root:
+        raise CatalogError(f"catalog {uri!r}: name an Iceberg table as iceberg:<namespace>.<table>")
+    return name, root
+
+
+def _iceberg_files(uri: str, name: str, root: str) -> tuple[int, str, list[str], pa.Schema]:
+    """The current snapshot of the Iceberg table: its id, location, data files and schema.
+
+    The files are read as Parquet, like a folder's: one reader for every kind of catalog, and the same
+    file list for Ray Data. pyiceberg is imported here only, so that reading a file catalog stays light.
+    """
+    from pyiceberg.exceptions import NoSuchNamespaceError, NoSuchTableError
+
+    from musiclib.core import iceberg
+
+    where = iceberg.masked(iceberg.resolved(iceberg.DEFAULT_CATALOG, root))
     try:
-        kind = fs.get_file_info(path).type
-        if kind == pafs.FileType.NotFound:
-            raise CatalogError(f"catalog not found: {uri}")
-        if kind == pafs.FileType.Directory:
-            infos = fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            path = sorted(i.path for i in infos if i.is_file and i.path.endswith(".parquet"))
-            if not path:
-                raise CatalogError(f"no Parquet files in catalog folder {uri}")
-        return pads.dataset(path, filesystem=fs, format="parquet")
+        found = iceberg.open_catalog(
+            iceberg.DEFAULT_CATALOG, root, storage.join(root, "tags", "warehouse"), create=False
+        )
+        table = None if found is None else found.load_table(name)
+    except (NoSuchTableError, NoSuchNamespaceError) as exc:
+        raise CatalogError(f"catalog {uri}: no table {name} in the Iceberg catalog {where}") from exc
+    except Exception as exc:  # the catalog's database or service is unreachable or refuses
+        raise CatalogError(f"catalog {uri}: cannot open the Iceberg catalog {where}: {exc}") from exc
+    if table is None:
+        raise CatalogError(
+            f"catalog {uri}: no Iceberg catalog at {where}; set MUSICLIB_TAG_CATALOG to the one holding {name}"
+        )
+    snapshot = table.current_snapshot()
+    if snapshot is None:
+        raise CatalogError(f"catalog {uri}: the table has no snapshot (no tracks written yet)")
+    tasks = list(table.scan(snapshot_id=snapshot.snapshot_id).plan_files())
+    if any(t.delete_files for t in tasks):
+        raise CatalogError(
+            f"catalog {uri}: snapshot {snapshot.snapshot_id} has row-level deletes; rewrite its data files "
+            f"(compaction) first"
+        )
+    files = sorted(storage.normalize_uri(t.file.file_path) for t in tasks)
+    return snapshot.snapshot_id, storage.normalize_uri(table.location()), files, table.schema().as_arrow()
+
+
+def files(uri: str) -> list[str]:
+    """The Parquet files the catalog is read from, as URIs: the file, the folder's files, or the table's."""
+    if table := _table_name(uri):
+        return _iceberg_files(uri, *table)[2]
+    return [f for f, _, _ in _file_versions(uri)]
+
+
+def _file_versions(uri: str) -> list[tuple[str, int, str]]:
+    try:
+        found = storage.file_versions(uri, suffix=".parquet")
+    except storage.NotFound as exc:
+        raise CatalogError(f"catalog not found: {uri}") from exc
+    except storage.StorageError as exc:
+        raise CatalogError(f"cannot open catalog {uri}: {exc}") from exc
+    if not found:
+        raise CatalogError(f"no Parquet files in catalog folder {uri}")
+    return found
+
+
+def version(uri: str) -> str:
+    """The catalog's identity: ``snapshot <id> of <table>`` for an Iceberg table, else a digest of its files'
+    paths, sizes and ETags (local: modification times). Same catalog, same identity; a file changed, added
+    or removed gives a new one, without reading the data."""
+    if table := _table_name(uri):
+        return f"snapshot {_iceberg_files(uri, *table)[0]} of {table[0]}"
+    return hashlib.sha256(json.dumps(_file_versions(uri)).encode()).hexdigest()
+
+
+def dataset(uri: str) -> pads.Dataset:
+    """A lazy pyarrow dataset over the catalog (a file, a folder of files, Hive-partitioned or not, or an
+    Iceberg table's current snapshot)."""
+    try:
+        if table := _table_name(uri):
+            _, location, paths, schema = _iceberg_files(uri, *table)
+            fs, _ = storage.arrow_filesystem(paths[0] if paths else location)
+            return pads.dataset(
+                [storage.split_uri(p)[1] for p in paths], schema=schema, filesystem=fs, format="parquet"
+            )
+        paths = [storage.split_uri(p)[1] for p in files(uri)]
+        fs, path = storage.arrow_filesystem(uri)
+        if fs.get_file_info(path).type == pafs.FileType.Directory:
+            return pads.dataset(
+                paths, filesystem=fs, format="parquet", partitioning="hive", partition_base_dir=path
+            )
+        return pads.dataset(paths, filesystem=fs, format="parquet")
     except (FileNotFoundError, OSError, pa.ArrowInvalid) as exc:
         raise CatalogError(f"cannot open catalog {uri}: {exc}") from exc
 
 
 def base_dir(uri: str) -> str:
-    """Folder that relative ``audio_uri`` values are resolved against."""
+    """Where relative ``audio_uri`` values are resolved: the file's folder, the folder, the table's location."""
+    if table := _table_name(uri):
+        return _iceberg_files(uri, *table)[1]
     fs, path = storage.filesystem(uri)
     return uri if fs.isdir(path) else storage.parent(uri)
 
@@ -342,6 +440,8 @@ def add_labels(uri: str, tag: str, track_ids: Sequence[str], split: str = "train
     between, read it again and redo the change. The tune and tag jobs read the new labels on their next
     run. Nothing is written when an id is unknown, the tag is unusable, or every track already has it.
     """
+    if _table_name(uri):
+        raise CatalogError(f"catalog {uri} is an Iceberg table: labels are written to one-file catalogs only")
     fs, path = storage.filesystem(uri)
     if fs.isdir(path):
         raise CatalogError(f"catalog {uri} is a folder: labels are written to one-file catalogs only")

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pyarrow as pa
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 
+from jobs import pretrain as pretrain_job
+from jobs import suggest as suggest_job
+from jobs import tag as tag_job
+from jobs import tune as tune_job
 from musiclib import catalog
-from musiclib.core import storage
+from musiclib.core import config, iceberg, storage
+from musiclib.core.config import ConfigError, Layout
+from musiclib.tag.suggest import SuggestConfig
 
 
 def _table(**overrides) -> pa.Table:
@@ -51,8 +62,6 @@ def test_missing_columns_and_unknown_tags(tmp_path):
     with pytest.raises(catalog.CatalogError, match="outside the vocabulary: flute"):
         catalog.validate(_table(), vocabulary={"rock", "guitar"})
     uri = str(tmp_path / "t.parquet")
-    import pyarrow.parquet as pq
-
     pq.write_table(_table().drop_columns(["tags"]), uri)
     with pytest.raises(catalog.CatalogError, match="lacks required column.*tags"):
         catalog.validate(uri)
@@ -137,3 +146,134 @@ def test_uris_a_job_cannot_read_are_problems():
     msg = str(err.value)
     assert "unsupported URI scheme 'http'" in msg and "without a bucket" in msg
     assert "another host" in msg and "bad audio_uri None: empty" in msg
+
+
+# --------------------------------------------------------------------------- catalog sources and versions
+
+
+def _write_hive(table: pa.Table, folder: str) -> None:
+    """``table`` as a Hive-partitioned export by ``split`` (``split=train/...``), the column only in paths."""
+    fs, path = storage.arrow_filesystem(folder)
+    pads.write_dataset(
+        table, path, filesystem=fs, format="parquet", partitioning=["split"], partitioning_flavor="hive"
+    )
+
+
+def _by_id(table: pa.Table) -> list[dict]:
+    return sorted(
+        table.select(["track_id", "audio_uri", "tags", "split"]).to_pylist(), key=lambda r: r["track_id"]
+    )
+
+
+def test_a_hive_partitioned_folder_reads_as_one_catalog(root):
+    """The partition column comes from the paths (null from the default partition); a writer's temporaries
+    and markers are not read; the folder is where relative audio resolves."""
+    folder = storage.join(root, "export")
+    _write_hive(_table(), folder)
+    storage.write_bytes(storage.join(folder, "_SUCCESS"), b"")
+    catalog.write(_table(track_id=["a", "b", "x", "y"]), storage.join(folder, "_temporary", "0.parquet"))
+    assert [p for p in storage.list_files(folder) if "=__HIVE_DEFAULT_PARTITION__" in p]
+    assert catalog.validate(folder) == 4
+    assert _by_id(catalog.read(folder)) == _by_id(_table())
+    assert catalog.base_dir(folder) == folder
+    assert catalog.vocabulary(folder).counts == {"rock": 2, "guitar": 1}
+    assert len(catalog.files(folder)) == 3 and all(f.endswith(".parquet") for f in catalog.files(folder))
+    first = catalog.version(folder)
+    assert catalog.version(folder) == first
+    extra = storage.join(folder, "split=valid", "extra.parquet")
+    storage.write_bytes(extra, b"1")
+    added = catalog.version(folder)
+    time.sleep(0.05)  # past the file system's timestamp granularity
+    storage.write_bytes(extra, b"2")  # same size: the ETag (local: the modification time) tells them apart
+    assert len({first, added, catalog.version(folder)}) == 3
+
+
+def test_version_changes_with_the_files_and_only_with_them(tmp_path):
+    """Same files, same identity; a rewritten, touched, added or removed Parquet file gives a new one."""
+    folder = str(tmp_path / "export")
+    _write_hive(_table(), folder)
+    first = catalog.version(folder)
+    catalog.read(folder)
+    (tmp_path / "export" / "_SUCCESS").write_bytes(b"")
+    (tmp_path / "export" / "notes.txt").write_text("not a catalog file")
+    assert catalog.version(folder) == first
+    extra = str(tmp_path / "export" / "split=valid" / "more.parquet")
+    os.makedirs(os.path.dirname(extra))
+    pq.write_table(_table(track_id=["e", "f", "g", "h"]).drop_columns(["split"]), extra)
+    added = catalog.version(folder)
+    assert added != first and catalog.validate(folder) == 8
+    os.utime(extra, ns=(1_000_000_000, 1_000_000_000))  # same bytes, another modification time
+    assert catalog.version(folder) not in (first, added)
+    os.remove(extra)
+    assert catalog.version(folder) == first
+    one = str(tmp_path / "tracks.parquet")
+    catalog.write(_table(), one)
+    assert catalog.version(one) == catalog.version(one) != first
+    before = catalog.version(one)
+    catalog.write(_table(split=["valid"] * 4), one)
+    assert catalog.version(one) != before
+
+
+def _iceberg_catalog(root: str):
+    """The root's default Iceberg catalog (a SQLite file under it), as a team's own would hold its tables."""
+    return iceberg.open_catalog("", root, storage.join(root, "tags", "warehouse"), create=True)
+
+
+def test_an_iceberg_table_is_a_catalog_by_name(tmp_path):
+    """``iceberg:<namespace>.<table>`` reads the table's current snapshot from the root's Iceberg catalog;
+    its identity is the snapshot id, which a commit changes."""
+    root = str(tmp_path / "root")
+    found = _iceberg_catalog(root)
+    found.create_namespace("team")
+    table = found.create_table("team.tracks", schema=catalog.conform(_table()).schema)
+    table.append(catalog.conform(_table()))
+    cfg = config.absolute_uris(SuggestConfig(root=root, catalog="iceberg:team.tracks"))
+    uri = Layout(cfg.root, cfg.catalog).catalog
+    assert uri == f"iceberg:team.tracks@{root}"
+    assert catalog.validate(uri) == 4 and _by_id(catalog.read(uri)) == _by_id(_table())
+    first = table.current_snapshot().snapshot_id
+    assert catalog.version(uri) == f"snapshot {first} of team.tracks" == catalog.version(uri)
+    assert catalog.base_dir(uri) == storage.normalize_uri(table.location())
+    assert catalog.files(uri) == sorted(
+        storage.normalize_uri(t.file.file_path) for t in table.scan().plan_files()
+    )
+    table.append(catalog.conform(_table(track_id=["e", "f", "g", "h"])))
+    assert catalog.version(uri) != f"snapshot {first} of team.tracks" and catalog.validate(uri) == 8
+    with pytest.raises(catalog.CatalogError, match="is an Iceberg table: labels are written to one-file"):
+        catalog.add_labels(uri, "rock", ["a"])
+
+
+def test_a_catalog_that_cannot_be_read_is_one_line(tmp_path):
+    root = str(tmp_path / "root")
+    no_catalog = f"iceberg:team.tracks@{root}"
+    found = _iceberg_catalog(root)
+    found.create_namespace("team")
+    partial = found.create_table("team.partial", schema=pa.schema([("track_id", pa.string())]))
+    partial.append(pa.table({"track_id": ["a"]}))
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "_SUCCESS").write_bytes(b"")
+    for uri, message in (
+        (str(tmp_path / "absent.parquet"), "catalog not found"),
+        (str(tmp_path / "absent"), "catalog not found"),
+        (str(tmp_path / "empty"), "no Parquet files in catalog folder"),
+        (f"iceberg:team.absent@{root}", "no table team.absent in the Iceberg catalog sqlite:///"),
+        (f"iceberg:nobody.tracks@{root}", "no table nobody.tracks"),
+        (f"iceberg:team.partial@{root}", "lacks required column\\(s\\): audio_uri, tags, split"),
+        (f"iceberg:tracks@{root}", "name an Iceberg table as iceberg:<namespace>.<table>"),
+        (no_catalog.replace("root", "other"), "no Iceberg catalog at sqlite:///.*set MUSICLIB_TAG_CATALOG"),
+    ):
+        with pytest.raises(catalog.CatalogError, match=message) as err:
+            catalog.validate(uri)
+        assert "\n" not in str(err.value), str(err.value)
+
+
+@pytest.mark.parametrize("job", [pretrain_job, tune_job, tag_job, suggest_job])
+def test_every_job_refuses_a_missing_catalog_before_ray(tmp_path, job):
+    root = str(tmp_path / "root")
+    for given, message in (
+        (str(tmp_path / "absent"), "catalog not found"),
+        ("iceberg:team.tracks", "no Iceberg catalog at"),
+    ):
+        with pytest.raises(ConfigError, match=message) as err:
+            job.main(["--root", root, "--catalog", given])
+        assert "\n" not in str(err.value)

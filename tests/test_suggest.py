@@ -8,16 +8,20 @@ import functools
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 import pytest
 from conftest import SYNTHETIC_MODEL, publish_probe_set, write_synthetic_root
 
 from jobs import suggest as suggest_job
-from musiclib.core import storage, versions
-from musiclib.core.config import ConfigError, Layout
+from musiclib import catalog
+from musiclib.core import iceberg, storage, versions
+from musiclib.core.config import ConfigError, Layout, parse
 from musiclib.datasets import tagged_embeddings
 from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot
 from musiclib.tag import suggest, tags
+from musiclib.tag.suggest import SuggestConfig
 
 
 @functools.cache
@@ -172,8 +176,6 @@ def test_bad_tags_and_config_fail_before_any_write(tmp_path, monkeypatch):
     i = next(i for i, s in enumerate(cat["split"].to_pylist()) if s == "valid" and tags[i])
     tags[i] = [*tags[i], "rare_valid_only"]
     cat = cat.set_column(cat.schema.get_field_index("tags"), "tags", pa.array(tags, pa.list_(pa.string())))
-    from musiclib import catalog
-
     catalog.write(cat, Layout(root).catalog)
     publish_probe_set(root, cat, emb)
     monkeypatch.setattr(suggest_job, "ray_session", lambda *a, **k: pytest.fail("Ray started"))
@@ -229,3 +231,57 @@ def test_suggest_job_writes_a_version_and_reruns_as_a_no_op(tmp_path, capsys):
     suggest.main(["show", "tag00", "--root", root, "--n", "2"])
     out = capsys.readouterr().out.splitlines()
     assert out[0] == "tag  track_id  rank  score  reason" and len(out) == 3
+
+
+@pytest.mark.slow
+def test_suggest_reads_a_hive_partitioned_catalog_folder(tmp_path, capsys):
+    """``--catalog FOLDER``: the labels come from the export (its split from the paths), a re-run with the
+    same files writes nothing, and one more file in the export names another run."""
+    root = str(tmp_path / "root")
+    cat, emb = write_synthetic_root(root, n_tracks=120)
+    publish_probe_set(root, cat, emb)
+    export = str(tmp_path / "export")
+    pads.write_dataset(cat, export, format="parquet", partitioning=["split"], partitioning_flavor="hive")
+    storage.delete(Layout(root).catalog)  # the job reads the export, not the root's catalog
+    argv = ["--root", root, "--catalog", export, "--per-tag", "4", "--num-cpus", "2"]
+    first = suggest_job.main(argv)
+    labeled = {t for t, g in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) if g}
+    table = suggest.read_latest(root)
+    assert len(table) and not labeled & set(table["track_id"].to_pylist())
+    again = suggest_job.main(argv)
+    assert (again.version, again.created_at) == (first.version, first.created_at)
+    assert "nothing: version" in capsys.readouterr().out
+    cfg = parse(SuggestConfig, argv)
+    layout = Layout(cfg.root, cfg.catalog)
+    inputs = tags.find_inputs(layout)
+    wanted, _ = suggest.targets(cfg, layout, inputs)
+    assert suggest.derive_run_id(cfg, layout, inputs, wanted) == first.version
+    extra = cat.slice(0, 1).drop_columns(["split"])
+    extra = extra.set_column(extra.schema.get_field_index("track_id"), "track_id", pa.array(["new-track"]))
+    pq.write_table(extra, storage.join(export, "split=train", "more.parquet"))
+    assert suggest.derive_run_id(cfg, layout, inputs, wanted) != first.version
+
+
+def test_suggest_reads_its_labels_from_an_iceberg_table(tmp_path):
+    """``--catalog iceberg:<namespace>.<table>``: the labeled tracks are the table's, and a new snapshot of
+    the table names another version (driver side, before Ray)."""
+    root = str(tmp_path / "root")
+    cat, emb = write_synthetic_root(root, n_tracks=120)
+    publish_probe_set(root, cat, emb)
+    storage.delete(Layout(root).catalog)
+    found = iceberg.open_catalog("", root, storage.join(root, "tags", "warehouse"), create=True)
+    found.create_namespace("team")
+    table = found.create_table("team.tracks", schema=catalog.conform(cat).schema)
+    table.append(catalog.conform(cat))
+    cfg = parse(SuggestConfig, ["--root", root, "--catalog", "iceberg:team.tracks"])
+    layout = Layout(cfg.root, cfg.catalog)
+    inputs = tags.find_inputs(layout)
+    wanted, labeled = suggest.targets(cfg, layout, inputs)
+    assert labeled == {t for t, g in zip(cat["track_id"].to_pylist(), cat["tags"].to_pylist()) if g}
+    before = suggest.derive_run_id(cfg, layout, inputs, wanted)
+    assert suggest.derive_run_id(cfg, layout, inputs, wanted) == before
+    new = cat.slice(0, 1)
+    table.append(
+        catalog.conform(new.set_column(0, catalog.SCHEMA.field("track_id"), pa.array(["new-track"])))
+    )
+    assert suggest.derive_run_id(cfg, layout, inputs, wanted) != before

@@ -12,6 +12,7 @@ T = TypeVar("T")
 
 DEFAULT_ROOT = os.environ.get("MUSICLIB_ROOT", "data/demo")
 URI_FIELDS = ("root", "catalog", "allowed_prefixes")  # config fields that name storage locations
+ICEBERG_TABLE = "iceberg:"  # a track catalog that is an Iceberg table: iceberg:<namespace>.<table>[@<root>]
 
 
 class ConfigError(ValueError):
@@ -128,6 +129,8 @@ def absolute_uris(cfg: T) -> T:
     from musiclib.core import storage
 
     def absolute(name: str, value: str) -> str:
+        if name == "catalog" and value.startswith(ICEBERG_TABLE):
+            return value  # a table name, not a storage location (musiclib.catalog reads it)
         try:
             return storage.normalize_uri(value)
         except storage.StorageError as exc:
@@ -170,9 +173,11 @@ class RayConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Layout:
-    """Where each job reads and writes under one root URI (local folder or ``s3://bucket/prefix``)."""
+    """Where each job reads and writes under one root URI (local folder or ``s3://bucket/prefix``), and the
+    track catalog it reads (``tracks``, a job's ``--catalog``; empty: the root's own)."""
 
     root: str
+    tracks: str = ""
 
     def _at(self, *parts: str) -> str:
         from musiclib.core import storage
@@ -181,7 +186,11 @@ class Layout:
 
     @property
     def catalog(self) -> str:
-        return self._at("catalog", "tracks.parquet")
+        """The track catalog: ``tracks`` (an Iceberg table without ``@<root>`` is looked up in this root's
+        Iceberg catalog, ``musiclib.catalog``), else ``<root>/catalog/tracks.parquet``."""
+        if self.tracks.startswith(ICEBERG_TABLE) and "@" not in self.tracks:
+            return f"{self.tracks}@{self.root}"
+        return self.tracks or self._at("catalog", "tracks.parquet")
 
     @property
     def models(self) -> str:

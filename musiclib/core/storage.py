@@ -414,6 +414,34 @@ def list_files(uri: str, suffix: str = "") -> list[str]:
     return sorted(prefix + p for p in found if p.endswith(suffix))
 
 
+def file_versions(uri: str, suffix: str = "") -> list[tuple[str, int, str]]:
+    """``(uri, size, version)`` of the file ``uri``, or of each file under the folder ``uri`` whose name ends
+    in ``suffix``, sorted; the version is the S3 ETag, or the local modification time. Under a folder, names
+    starting with ``.`` or ``_`` (a writer's temporaries, ``_SUCCESS``) are left out. ``NotFound`` when
+    nothing is at ``uri``: what a reader of a file or folder of files needs to know that it changed."""
+    fs, path = filesystem(uri)
+    scheme, _ = split_uri(uri)
+    prefix = "s3://" if scheme == "s3" else ""
+    try:
+        if not fs.exists(path):
+            raise NotFound(f"not found: {uri}")
+        if fs.isdir(path):
+            found = fs.find(path, detail=True)
+            base = path.rstrip("/") + "/"
+            infos = [
+                i
+                for p, i in found.items()
+                if p.endswith(suffix) and not any(c[:1] in (".", "_") for c in p[len(base) :].split("/"))
+            ]
+        else:
+            infos = [fs.info(path)]
+    except NotFound:
+        raise
+    except Exception as exc:  # network, permissions
+        raise StorageError(f"cannot list {uri}: {type(exc).__name__}: {exc}") from exc
+    return sorted((prefix + i["name"], int(i["size"]), str(i.get("ETag") or i.get("mtime"))) for i in infos)
+
+
 def delete(uri: str, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):

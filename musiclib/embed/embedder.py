@@ -47,7 +47,7 @@ class EmbedConfig(RayConfig):
     """Embed every catalog track with an exported encoder and publish the embeddings."""
 
     root: str = DEFAULT_ROOT
-    catalog: str = ""  # default: <root>/catalog/tracks.parquet
+    catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
     model_id: str = ""  # default: the latest exported model under <root>/models
     only_new: bool = True  # embed only tracks absent from the latest embeddings; false: recompute all
     max_chunks: int = 64  # chunks of 2.7 s per track, spread evenly over it
@@ -65,7 +65,7 @@ class EmbedConfig(RayConfig):
 
     @property
     def catalog_uri(self) -> str:
-        return self.catalog or Layout(self.root).catalog
+        return Layout(self.root, self.catalog).catalog
 
     def validate(self) -> None:
         """Fail fast, before Ray starts: bad numbers, unreachable storage, a missing catalog or model."""
@@ -92,15 +92,15 @@ class EmbedConfig(RayConfig):
         elif self.device == "gpu" and self.gpus_per_actor == 0:
             problems.append("--device gpu with --gpus-per-actor 0: choose one")
         try:
-            if not storage.exists(self.catalog_uri):
-                problems.append(f"catalog not found: {self.catalog_uri}")
-            elif self.validate_catalog:
+            if self.validate_catalog:
                 catalog.validate(self.catalog_uri)
+            else:
+                catalog.files(self.catalog_uri)
             models_root = Layout(self.root).models
             model_id = models.model_id_or_latest(models_root, self.model_id)
             if not storage.exists(storage.join(models_root, model_id, "encoder.safetensors")):
                 problems.append(f"no exported model {model_id!r} under {models_root}")
-        except storage.StorageError as exc:
+        except (storage.StorageError, catalog.CatalogError) as exc:
             problems.append(str(exc))
         check("embed", problems)
 

@@ -38,6 +38,7 @@ class TuneConfig(RayConfig):
     repetitions each."""
 
     root: str = DEFAULT_ROOT
+    catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
     model_id: str = ""  # empty: the latest exported model
     run_id: str = ""  # empty: derived from this config and the inputs, so a restart resumes the same run
     budgets: list[str] = field(default_factory=lambda: ["1", "2", "5", "10", "20", "50", "100", "all"])
@@ -222,15 +223,15 @@ def narrow(cfg: TuneConfig, data: fewshot.ProbeData) -> TuneConfig:
 
 
 def derive_run_id(cfg: TuneConfig, layout: Layout, model_id: str) -> str:
-    """``--run-id``, else ``tune-<digest>`` of the sweep config, the model and the embedding version: same
-    inputs, same run."""
+    """``--run-id``, else ``tune-<digest>`` of the sweep config, the model, the embedding version and the
+    catalog's version (``catalog.version``): same inputs, same run."""
     if cfg.run_id:
         return cfg.run_id
     emb_version = versions.latest_version(embeddings_table.dataset_uri(layout.embeddings, model_id))
-    cat_sum = storage.file_checksum(layout.catalog) if storage.exists(layout.catalog) else ""
-    operational = ("root", "run_id", "ray_address", "num_cpus", "max_concurrent", "max_failures")
+    # the catalog counts by its version identity, not by where it is named
+    operational = ("root", "catalog", "run_id", "ray_address", "num_cpus", "max_concurrent", "max_failures")
     keys = {k: v for k, v in asdict(cfg).items() if k not in operational}
-    return versions.digest_version("tune", [keys, model_id, emb_version, cat_sum])
+    return versions.digest_version("tune", [keys, model_id, emb_version, catalog.version(layout.catalog)])
 
 
 def collect(run_dir: str, configs: list[dict[str, Any]]) -> pd.DataFrame:

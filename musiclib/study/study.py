@@ -72,6 +72,7 @@ METRIC_NAMES = {"ap": "average precision (AP)", "roc_auc": "ROC-AUC"}
 SET_BY_STUDY = {
     "pretrain": {
         "root",
+        "catalog",
         "run_name",
         "seed",
         "p_s",
@@ -83,7 +84,7 @@ SET_BY_STUDY = {
         "batch_size",
     },
     "embed": {"root", "catalog", "model_id", "max_chunks", "only_new"},
-    "tune": {"root", "model_id", "run_id", "representations"},
+    "tune": {"root", "catalog", "model_id", "run_id", "representations"},
 }
 
 
@@ -99,6 +100,7 @@ class StudyConfig(RayConfig):
     """
 
     root: str = DEFAULT_ROOT
+    catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
     run_id: str = ""  # empty: derived from this config and the catalog, so a restart resumes the same run
     encoders: list[str] = field(default_factory=lambda: list(ENCODERS))
     seeds: list[int] = field(
@@ -149,9 +151,8 @@ class StudyConfig(RayConfig):
         ):
             problems += option_problems(job, cls, getattr(self, f"{job}_options"), make)
         try:
-            if not storage.exists(Layout(self.root).catalog):
-                problems.append(f"catalog not found: {Layout(self.root).catalog}")
-        except storage.StorageError as exc:
+            catalog.files(Layout(self.root, self.catalog).catalog)
+        except catalog.CatalogError as exc:
             problems.append(str(exc))
         check("study", problems)
 
@@ -284,9 +285,9 @@ def derive_run_id(cfg: StudyConfig, layout: Layout) -> str:
     keys = {
         k: v
         for k, v in dataclasses.asdict(cfg).items()
-        if k not in ("root", "run_id", "ray_address", "num_cpus")
+        if k not in ("root", "catalog", "run_id", "ray_address", "num_cpus")
     }
-    return versions.digest_version("study", [keys, storage.file_checksum(layout.catalog)])
+    return versions.digest_version("study", [keys, catalog.version(layout.catalog)])
 
 
 def copy_catalog(source: str, work: str) -> None:

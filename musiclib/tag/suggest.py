@@ -69,6 +69,7 @@ class SuggestConfig(RayConfig):
     """Suggest, per tag, the unlabeled tracks to label next (uncertain and not near-duplicates)."""
 
     root: str = DEFAULT_ROOT
+    catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
     tags: list[str] = field(default_factory=list)  # empty: every tag the probe set has a probe for
     per_tag: int = 20  # suggestions per tag
     probe_run_id: str = ""  # empty: the latest published tune run (the one the tag job applies)
@@ -233,13 +234,13 @@ def targets(cfg: SuggestConfig, layout: Layout, inputs: tags.Inputs) -> tuple[li
 
 
 def derive_run_id(cfg: SuggestConfig, layout: Layout, inputs: tags.Inputs, wanted: list[str]) -> str:
-    """``--run-id``, else ``suggest-<digest>`` of the probe set, embeddings, catalog and selection."""
+    """``--run-id``, else ``suggest-<digest>`` of the probe set, embeddings, catalog version and selection."""
     if cfg.run_id:
         return cfg.run_id
     parts = {
         "probe_set": storage.file_checksum(inputs.probe_uri),
         "embeddings": [inputs.probe_set.model_id, inputs.embedding_version],
-        "catalog": storage.file_checksum(layout.catalog),
+        "catalog": catalog.version(layout.catalog),
         "selection": [wanted, cfg.per_tag, cfg.max_similarity, cfg.pool_factor],
     }
     return versions.digest_version("suggest", parts)

@@ -38,6 +38,7 @@ import pyarrow.compute as pc
 from pyiceberg.expressions import EqualTo
 from pyiceberg.table import Table
 
+from musiclib import catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, take_flags
 from musiclib.core.iceberg import DEFAULT_CATALOG, catalog_problem
@@ -72,6 +73,7 @@ class TagConfig(RayConfig):
     """Write predicted tags, with scores and provenance, beside the catalog."""
 
     root: str = DEFAULT_ROOT
+    catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
     catalog_uri: str = DEFAULT_CATALOG  # the Iceberg catalog (empty: the root's default, see core.iceberg)
     table: str = DEFAULT_TABLE  # the Iceberg table, <namespace>.<name>
     probe_run_id: str = ""  # empty: the latest published tune run
@@ -328,7 +330,7 @@ def find_inputs(layout: Layout, probe_run_id: str = "") -> Inputs:
 
 
 def derive_run_id(cfg: TagConfig, layout: Layout, inputs: Inputs, previous: tag_table.Run | None) -> str:
-    """``--run-id``, else ``tags-<digest>`` of the probe set, embeddings, catalog and mode (with
+    """``--run-id``, else ``tags-<digest>`` of the probe set, embeddings, catalog version and mode (with
     ``--only-new``, the table's current run ``previous`` too)."""
     if cfg.run_id:
         return cfg.run_id
@@ -336,7 +338,7 @@ def derive_run_id(cfg: TagConfig, layout: Layout, inputs: Inputs, previous: tag_
         storage.file_checksum(inputs.probe_uri),
         inputs.probe_set.model_id,
         inputs.embedding_version,
-        storage.file_checksum(layout.catalog),
+        catalog.version(layout.catalog),
         cfg.only_new,
         previous.run_id if cfg.only_new and previous else None,
     ]

@@ -50,6 +50,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
     """SemiSupCon pretraining of an encoder on the catalog's train split (augmentation fields inherited)."""
 
     root: str = DEFAULT_ROOT
+    catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
     run_name: str = "pretrain"
     # "melcnn" (log-mel CNN: far ahead at CPU scale, docs/STUDY.md) or "samplecnn" (the papers' raw waveform)
     encoder: str = "melcnn"
