@@ -68,10 +68,10 @@ class DemoCatalogConfig:
     """Generate the demo catalog (synthesised music, tags on a fraction of tracks, optional faulty files)."""
 
     root: str = DEFAULT_ROOT
-    n_tracks: int = 300
-    seed: int = 0
+    n_tracks: int = 300  # tracks generated
+    seed: int = 0  # the tracks' tags, audio and splits
     faults: bool = False  # add one track per decoder failure (corrupt, empty, missing, ...)
-    labeled_fraction: float = 0.5
+    labeled_fraction: float = 0.5  # share of the tracks whose tags are kept as labels
     workers: int = 2  # processes synthesising and encoding; does not change the result
 
     def validate(self) -> None:

@@ -75,7 +75,7 @@ class SuggestConfig(RayConfig):
     run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same version
     max_similarity: float = 0.9  # cosine similarity at which two tracks count as near-duplicates
     pool_factor: int = 5  # each tag's batch is picked from its pool_factor * per_tag most uncertain tracks
-    batch_size: int = 1024
+    batch_size: int = 1024  # tracks scored at a time
     concurrency: int = 1  # scoring actors
 
     def validate(self) -> None:
