@@ -15,6 +15,7 @@ adds one track per decoder failure; its ``fault`` column names the reason ``musi
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import math
 import multiprocessing
@@ -82,6 +83,10 @@ class DemoCatalogConfig:
             problems.append(f"--labeled-fraction must be in [0, 1], got {self.labeled_fraction}")
         if self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
+        if importlib.util.find_spec("soundfile") is None:  # found before minutes of synthesis, not after
+            problems.append(
+                "its Ogg Vorbis files need soundfile, of the demo extra: pip install 'musiclib-tagger[demo]'"
+            )
         check("demo catalog", problems)
 
 
