@@ -70,6 +70,9 @@ def test_the_query_tool_help_exits_zero(capsys):
     assert cli.main(["tags", "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("usage: musiclib tags COMMAND") and "seed TAG" in out and "--catalog-uri" in out
+    with pytest.raises(SystemExit) as exit:
+        cli.main(["suggestions", "--help"])
+    assert exit.value.code == 0 and capsys.readouterr().out.startswith("usage: musiclib suggestions")
 
 
 def test_bad_options_are_one_message_and_a_traceback_only_when_verbose(capsys, monkeypatch):

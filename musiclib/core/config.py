@@ -159,9 +159,8 @@ def help_text(cls: type) -> str:
     its type, default and help."""
     hints = typing.get_type_hints(cls)
     helps = {**SHARED_HELP, **field_help(cls)}
-    program = _program()
     lines = [
-        f"usage: {program} [--field value ...] [--config FILE.yaml] [--verbose]",
+        f"usage: {program()} [--field value ...] [--config FILE.yaml] [--verbose]",
         "",
         inspect.cleandoc(cls.__doc__ or cls.__name__),
         "",
@@ -183,7 +182,7 @@ def help_text(cls: type) -> str:
     return "\n".join(lines)
 
 
-def _program() -> str:
+def program() -> str:
     """How this program was started, for its usage line: ``musiclib tag``, ``python -m jobs.tag``."""
     main = sys.modules.get("__main__")
     spec = getattr(main, "__spec__", None)

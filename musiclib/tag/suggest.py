@@ -31,7 +31,7 @@ from scipy.special import expit, logit
 
 from musiclib import catalog
 from musiclib.core import storage, versions
-from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
+from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, program
 from musiclib.core.outputs import print_table
 from musiclib.probe import fewshot, metrics, probes
 from musiclib.tag import tags
@@ -368,7 +368,7 @@ def simulate(
 
 def main(argv: list[str] | None = None) -> None:
     """``show TAG``: the latest suggestions for a tag, best first."""
-    parser = argparse.ArgumentParser(prog="python -m musiclib.tag.suggest")
+    parser = argparse.ArgumentParser(prog=program())
     parser.add_argument("command", choices=["show"])
     parser.add_argument("tag")
     parser.add_argument("--root", default=DEFAULT_ROOT)
