@@ -2,6 +2,7 @@
 PYTHON ?= python3.11
 VENV := .venv
 PY := $(VENV)/bin/python
+MUSICLIB := $(VENV)/bin/musiclib
 ROOT ?= data/demo
 # The bench corpus (make bench-corpus) and the root the study runs on: data/bench-rendered by default.
 KIND ?= rendered
@@ -50,7 +51,7 @@ lint: $(STAMP)
 
 # Generate the demo catalog under ROOT: ARGS="--n-tracks 300 --faults true" changes it.
 demo-catalog: $(STAMP)
-	$(PY) -m jobs.make_demo_catalog --root $(ROOT) $(ARGS)
+	$(MUSICLIB) demo-catalog --root $(ROOT) $(ARGS)
 
 # On CPU the demo trains the quarter-width log-mel CNN for 300 steps of 32 clips, without the waveform
 # augmentations: on the validation split of a labeled demo catalog it wins against the SampleCNN the demo
@@ -63,41 +64,41 @@ PRETRAIN_DEMO ?= --encoder melcnn --width 0.25 --num-workers 1 --cpus-per-worker
 
 # Pretrain the encoder on ROOT's catalog: PRETRAIN_DEMO's settings, then ARGS (jobs/pretrain.py).
 pretrain: $(STAMP)
-	$(PY) -m jobs.pretrain --root $(ROOT) $(PRETRAIN_DEMO) $(ARGS)
+	$(MUSICLIB) pretrain --root $(ROOT) $(PRETRAIN_DEMO) $(ARGS)
 
 # Embed every catalog track with the latest model (jobs/embed.py).
 embed: $(STAMP)
-	$(PY) -m jobs.embed --root $(ROOT) $(ARGS)
+	$(MUSICLIB) embed --root $(ROOT) $(ARGS)
 
 # Sweep few-shot probes over label budgets and write the report and probe set (jobs/tune.py).
 tune: $(STAMP)
-	$(PY) -m jobs.tune --root $(ROOT) $(ARGS)
+	$(MUSICLIB) tune --root $(ROOT) $(ARGS)
 
 # Apply the chosen probes and commit the tags to the Iceberg tag table (jobs/tag.py).
 tag: $(STAMP)
-	$(PY) -m jobs.tag --root $(ROOT) $(ARGS)
+	$(MUSICLIB) tag --root $(ROOT) $(ARGS)
 
 # What to label next per tag (after tune): ARGS="--tags bell,drone --per-tag 20".
 suggest: $(STAMP)
-	$(PY) -m jobs.suggest --root $(ROOT) $(ARGS)
+	$(MUSICLIB) suggest --root $(ROOT) $(ARGS)
 
 # The encoder study (jobs/study.py, docs/STUDY.md): CLMR, SemiSupCon with few and all labels, supervised only,
 # the random encoder and a log-mel floor, by the tune job's few-shot protocol, on the bench corpus; outputs under
 # BENCH_ROOT/study/<run_id>/ (make study BENCH_ROOT=data/demo for the demo catalog).
 study: $(STAMP)
-	$(PY) -m jobs.study --root $(BENCH_ROOT) $(ARGS)
+	$(MUSICLIB) study --root $(BENCH_ROOT) $(ARGS)
 
 # The nearest-neighbour index over the latest embeddings: musiclib.tag.tags similar and seed use it; a
 # re-run on the same embeddings is a no-op.
 index: $(STAMP)
-	$(PY) -m jobs.index --root $(ROOT) $(ARGS)
+	$(MUSICLIB) index --root $(ROOT) $(ARGS)
 
 # The whole pipeline on the embedded default: local Ray, local files, the generated demo catalog.
 demo: $(STAMP)
 	$(MAKE) --no-print-directory demo-catalog pretrain embed tune tag ROOT=$(ROOT)
 	@echo "--- what each job did (summaries in $(ROOT)/summaries/), and where the outputs are"
-	@$(PY) -m musiclib.tag.tags outputs --root $(ROOT)
-	@echo "query: $(PY) -m musiclib.tag.tags top TAG --root $(ROOT)   (or: show TRACK_ID, sql \"SELECT ... FROM tags\", history)"
+	@$(MUSICLIB) tags outputs --root $(ROOT)
+	@echo "query: $(MUSICLIB) tags top TAG --root $(ROOT)   (or: show TRACK_ID, sql \"SELECT ... FROM tags\", history)"
 
 # The figures in the docs: the README's budget curve of the latest probe run under ROOT (after make demo)
 # and docs/study.png, the plot of the latest study under BENCH_ROOT (after make study).
@@ -135,4 +136,4 @@ system-deps: $(STAMP)
 # from scores) or KIND=soundtracks (Debian game soundtracks, one tag each), written under BENCH_ROOT (default
 # data/bench-KIND). ARGS="--n-tracks 500 --seed 1" sets any option of the job.
 bench-corpus: system-deps
-	$(PY) -m jobs.make_bench_corpus --root $(BENCH_ROOT) --kind $(KIND) $(ARGS)
+	$(MUSICLIB) bench-corpus --root $(BENCH_ROOT) --kind $(KIND) $(ARGS)

@@ -40,7 +40,8 @@ PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
 DEFAULT_RUNTIME_ENV = "cluster/runtime_env.yaml"
 
-# Each job runs as ``python -m jobs.<job> --root ROOT ARGS...`` in the working directory.
+# Each job runs as ``python -m musiclib.cli <job> --root ROOT ARGS...`` in the working directory: the
+# musiclib command, from the uploaded project (the nodes install only the pins, not the project).
 JOBS = ("pretrain", "embed", "tune", "tag", "suggest", "index", "study")
 
 # What the working directory upload leaves out (gitignore-style patterns).
@@ -107,7 +108,7 @@ def entrypoint(job: str, root: str, args: list[str]) -> str:
     """The shell command the job server runs in the working directory."""
     if job not in JOBS:
         raise SubmitError(f"unknown job {job!r}: choose one of {', '.join(JOBS)}")
-    return shlex.join(["python", "-m", f"jobs.{job}", "--root", root, *args])
+    return shlex.join(["python", "-m", "musiclib.cli", job, "--root", root, *args])
 
 
 # --------------------------------------------------------------------------- the ray CLI

@@ -1,1 +1,2 @@
-"""The jobs: thin Ray entrypoints around musiclib, one module per job, run as ``python -m jobs.<job>``."""
+"""The jobs: thin Ray entrypoints around musiclib, one module per job: ``musiclib <job>`` (installed, this
+package is ``musiclib.jobs``), or ``python -m jobs.<job>`` from a checkout."""

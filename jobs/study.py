@@ -25,7 +25,6 @@ from contextlib import nullcontext
 import pandas as pd
 import pyarrow as pa
 
-from jobs import embed, pretrain, tune
 from musiclib import catalog
 from musiclib.core import lifecycle, storage, versions
 from musiclib.core.config import Layout, parse
@@ -33,6 +32,8 @@ from musiclib.core.ray_env import ray_session
 from musiclib.study import study
 from musiclib.study.study import StudyConfig
 from musiclib.train import models
+
+from . import embed, pretrain, tune
 
 
 def make_encoder(cfg: StudyConfig, work: Layout, encoder: str, seed: int) -> tuple[str, dict[str, float]]:

@@ -12,7 +12,8 @@ modules; a stage imports only the stages before it, ``tests/test_layout.py``):
     tags         tag/: tags, tag_table, suggest, index, neighbors
     study        study/: study (every encoder compared on one catalog, beside the path)
 
-    and ``datasets/``, generated data beside the path (it may import any stage; none imports it).
+    and ``datasets/``, generated data beside the path (it may import any stage; none imports it), and
+    ``cli.py``, the ``musiclib`` command above every stage (it runs the jobs; nothing imports it).
 
 - ``catalog``: the catalog's schema, validation and tag vocabulary; its human labels by track and as a
   multi-hot matrix; confirmed labels written by compare-and-swap.

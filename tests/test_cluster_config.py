@@ -17,6 +17,8 @@ import pytest
 import ray
 import yaml
 
+from musiclib import cli
+
 PROJECT = Path(__file__).resolve().parent.parent
 CLUSTER = PROJECT / "cluster"
 KUBERAY = CLUSTER / "kuberay"
@@ -124,11 +126,17 @@ def test_rayjob_manifest(job):
     assert env["env_vars"]["RAY_OVERRIDE_JOB_RUNTIME_ENV"] == "1"  # the job's own ray.init may add to it
     assert not set(env["env_vars"]) & set(_submit_module().SECRETS)
     argv = shlex.split(spec["entrypoint"])
-    assert argv[:3] == ["python", "-m", f"jobs.{job}"]
-    assert "ENV PYTHONPATH=/app" in (PROJECT / "cluster" / "Dockerfile").read_text()  # where jobs/ is
+    assert argv[:2] == ["musiclib", job] and job in cli.JOBS  # the tool the image installs
     assert argv[argv.index("--root") + 1].startswith("s3://")
     for container in _containers(spec["submitterPodTemplate"]):
         _check_container(container, secret_env=False)
+
+
+def test_the_image_installs_the_tool():
+    """The image installs musiclib as a package (no PYTHONPATH to a source tree) and checks its command."""
+    text = (CLUSTER / "Dockerfile").read_text()
+    assert "pip install --no-cache-dir --no-deps /tmp/musiclib" in text and "musiclib --help" in text
+    assert "PYTHONPATH" not in text
 
 
 # --------------------------------------------------------------------------- the submit path
@@ -161,10 +169,10 @@ def test_runtime_env_carries_settings_but_never_credentials():
 def test_entrypoints_and_bad_job_names():
     submit = _submit_module()
     assert submit.entrypoint("tag", "s3://b/c", ["--batch-size", "4"]) == (
-        "python -m jobs.tag --root s3://b/c --batch-size 4"
+        "python -m musiclib.cli tag --root s3://b/c --batch-size 4"
     )
     for job in submit.JOBS:
-        assert (PROJECT / "jobs" / f"{job}.py").is_file(), job
+        assert job in cli.JOBS and (PROJECT / "jobs" / f"{cli.JOBS[job][0]}.py").is_file(), job
     with pytest.raises(submit.SubmitError, match="unknown job"):
         submit.entrypoint("train", "data/demo", [])
 

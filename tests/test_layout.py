@@ -15,6 +15,7 @@ LIBRARY = Path(__file__).resolve().parents[1] / "musiclib"
 STAGES = ("core", "catalog", "audio", "train", "embed", "probe", "tag", "study")  # the data path, in order
 MODULE_STAGES = ("catalog", "audio")  # stages that are one module at the top; every other is a package
 BESIDE = "datasets"  # generated data beside the path: may import any stage, no stage may import it
+ENTRY = "cli"  # the musiclib command, above every stage: may import any module, no module may import it
 
 
 def module_name(path: Path, library: Path) -> str:
@@ -79,15 +80,17 @@ def circle(graph: dict[str, set[str]]) -> list[str] | None:
 
 
 def backward_imports(graph: dict[str, set[str]]) -> list[str]:
-    """Imports of a later stage, or of ``datasets``, by a stage module: ``module -> target`` each."""
+    """Imports of a later stage, or of ``datasets``, by a stage module, and of the command by any module:
+    ``module -> target`` each."""
     wrong = []
     for module, targets in sorted(graph.items()):
         here = stage(module)
-        if here is None or here == BESIDE:
+        wrong += [f"{module} -> {target}" for target in sorted(targets) if stage(target) == ENTRY]
+        if here is None or here in (BESIDE, ENTRY):
             continue
         for target in sorted(targets):
             there = stage(target)
-            if there == BESIDE or (there is not None and STAGES.index(there) > STAGES.index(here)):
+            if there == BESIDE or (there not in (None, ENTRY) and STAGES.index(there) > STAGES.index(here)):
                 wrong.append(f"{module} -> {target}")
     return wrong
 
@@ -96,7 +99,7 @@ def layout_problems(library: Path = LIBRARY) -> list[str]:
     """What breaks the shape: a top-level entry other than the module stages and the packages, a stage
     package without ``__init__.py``, a package nested in a stage."""
     packages = [s for s in STAGES if s not in MODULE_STAGES] + [BESIDE]
-    expected = {"__init__.py"} | {f"{s}.py" for s in MODULE_STAGES} | set(packages)
+    expected = {"__init__.py", f"{ENTRY}.py"} | {f"{s}.py" for s in MODULE_STAGES} | set(packages)
     found = {p.name for p in library.iterdir() if p.name != "__pycache__" and not p.name.startswith(".")}
     problems = [f"musiclib/{n} is not a stage" for n in sorted(found - expected)]
     problems += [
@@ -133,6 +136,7 @@ def library(tmp_path) -> Path:
     (root / "__init__.py").write_text("")
     (root / "catalog.py").write_text("from musiclib.core import storage\n")
     (root / "audio.py").write_text("")
+    (root / "cli.py").write_text("from musiclib.tag import tags\n")
     (root / "core" / "storage.py").write_text("import os\n")
     (root / "tag" / "tags.py").write_text("def f():\n    from musiclib.core import storage\n")
     return root
@@ -153,6 +157,12 @@ def test_the_checks_see_what_breaks_the_layout(library):
     (library / "core" / "storage.py").write_text("from ..datasets import demo\n")
     (library / "datasets" / "demo.py").write_text("from musiclib.tag.tags import f\n")
     assert backward_imports(import_graph(library)) == ["musiclib.core.storage -> musiclib.datasets.demo"]
+
+    (library / "datasets" / "demo.py").write_text("from musiclib import cli\n")
+    assert backward_imports(import_graph(library)) == [
+        "musiclib.core.storage -> musiclib.datasets.demo",
+        "musiclib.datasets.demo -> musiclib.cli",
+    ]
 
     (library / "neighbors.py").write_text("")
     (library / "tag" / "index").mkdir()

@@ -3,14 +3,19 @@ and synchronisation."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torchaudio
 
 from musiclib.audio import CHUNK_SAMPLES
 from musiclib.core import storage, versions
+from musiclib.datasets import audio_files
+from musiclib.embed import chunking
 from musiclib.train import models
 
 
@@ -40,8 +45,13 @@ def test_export_and_load_round_trip(tmp_path):
         models.model_id_or_latest(root) == model_id == versions.latest_version(root)
     )  # published as the latest
     assert models.model_id_or_latest(root, "another-id") == "another-id"
-    loaded, card = models.load_encoder(root, model_id)
+    loaded, prep = models.load_encoder(root, model_id)
+    card = models.load_card(root, model_id)
     assert card["config"]["width"] == 0.125 and card["architecture"] == "SampleCNN"
+    assert prep == models.Preprocessing.of(enc.config) and prep.frontend is None
+    assert models.load_encoder(storage.join(root, model_id))[1] == prep  # the model's folder alone
+    old_card = {"config": card["config"], "preprocessing": {"scale": "int16 audio divided by 32767"}}
+    assert models.Preprocessing.from_card(old_card) == prep  # a card written before the fields were
     x = torch.randn(2, CHUNK_SAMPLES)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), enc(x))
@@ -177,10 +187,11 @@ def test_melcnn_export_and_load_round_trip_with_its_preprocessing(tmp_path):
     root = str(tmp_path / "models")
     model_id = models.export_encoder(enc, root)
     assert model_id.startswith("melcnn-w0.125-")
-    loaded, card = models.load_encoder(root, model_id)
+    loaded, prep = models.load_encoder(root)  # the latest model of the root
+    card = models.load_card(root, model_id)
     assert isinstance(loaded, models.MelCNN) and card["architecture"] == "MelCNN"
     assert card["config"]["n_mels"] == 32 and card["config"]["hop"] == 1024
-    assert "MelSpectrogram" in card["preprocessing"]["frontend"] and "32767" in card["preprocessing"]["scale"]
+    assert prep.int16_scale == 32767 and prep.frontend["n_mels"] == 32 and prep.frontend["hop_length"] == 1024
     x = torch.randn(2, CHUNK_SAMPLES)
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), enc(x))
@@ -202,3 +213,75 @@ def test_encoder_config_problems_name_the_option():
     assert "--n-mels 40" in models.EncoderConfig(family="melcnn", n_mels=40).problems()[0]
     assert "--hop" in models.EncoderConfig(family="melcnn", hop=4096, n_fft=1024).problems()[0]
     assert models.EncoderConfig(family="samplecnn", n_mels=40).problems() == []  # SampleCNN has no front end
+
+
+def _stereo(seconds: float, sr: int) -> np.ndarray:
+    """A stereo test signal: a different chord in each channel, with a little noise."""
+    t = np.arange(int(seconds * sr)) / sr
+    rng = np.random.default_rng(0)
+    left = 0.3 * np.sin(2 * np.pi * 220 * t) + 0.2 * np.sin(2 * np.pi * 330 * t)
+    right = 0.3 * np.sin(2 * np.pi * 440 * t) + 0.05 * rng.standard_normal(len(t))
+    return np.stack([left, right]).astype(np.float32)
+
+
+def test_the_card_says_enough_to_preprocess_without_musiclib(tmp_path):
+    """From card.json alone (torchaudio and numpy, no musiclib code) a track becomes the encoder's input and
+    the front end's output that the model computes; the same as ``Preprocessing.chunks``."""
+    torch.manual_seed(0)
+    root = str(tmp_path / "models")
+    model_id = models.export_encoder(models.build_encoder(MEL).eval(), root)
+    card = json.loads((tmp_path / "models" / model_id / "card.json").read_text())
+    prep = card["preprocessing"]
+    x, sr, max_chunks = _stereo(12.0, 44100), 44100, 3  # 4 full chunks: 3 of them, spread
+
+    mono = x.mean(axis=0)
+    resampler = {k: v for k, v in prep["resampler"].items() if k != "function"}
+    y = torchaudio.functional.resample(torch.from_numpy(mono), sr, prep["sample_rate"], **resampler).numpy()
+    y = np.clip(np.round(y * prep["int16_scale"]), -32768, 32767) / prep["int16_scale"]
+    n, length = len(y), prep["chunk_samples"]
+    starts = np.round(np.linspace(0, n - length, max_chunks)).astype(int) if n // length > max_chunks else []
+    chunks = torch.tensor(np.stack([y[s : s + length] for s in starts]), dtype=torch.float32)
+    front = prep["frontend"]
+    mel = torchaudio.transforms.MelSpectrogram(
+        sample_rate=prep["sample_rate"],
+        n_fft=front["n_fft"],
+        win_length=front["win_length"],
+        hop_length=front["hop_length"],
+        center=front["center"],
+        pad_mode=front["pad_mode"],
+        power=front["power"],
+        n_mels=front["n_mels"],
+        f_min=front["f_min"],
+        f_max=front["f_max"],
+        mel_scale=front["mel_scale"],
+        norm=front["mel_norm"],
+    )
+    offset = float(front["log"].rsplit("+ ", 1)[1].rstrip(")"))
+
+    encoder, preprocessing = models.load_encoder(root, model_id)
+    ours = dataclasses.replace(preprocessing, max_chunks=max_chunks).chunks(x, sr)
+    torch.testing.assert_close(ours, chunks)
+    torch.testing.assert_close(encoder.frontend(chunks), torch.log(mel(chunks) + offset))
+
+
+def test_the_readme_embeds_a_wav_file_as_the_embed_job_does(tmp_path):
+    """The README's snippet, run as written on a tiny exported encoder, gives the embedding the embed job's
+    path (decode, int16 chunks, forward, mean per track) gives the same file."""
+    torch.manual_seed(0)
+    root = tmp_path / "models"
+    model_id = models.export_encoder(models.build_encoder(MEL).eval(), str(root))
+    wav = tmp_path / "track.wav"
+    wav.write_bytes(audio_files.encode(_stereo(9.0, 44100), 44100, "wav"))
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    snippet = (
+        readme.split("## An exported encoder, anywhere", 1)[1].split("```python\n", 1)[1].split("```")[0]
+    )
+    assert 'load_encoder("data/demo/models")' in snippet and 'load("track.wav")' in snippet
+    namespace: dict = {}
+    exec(snippet.replace("data/demo/models", str(root)).replace("track.wav", str(wav)), namespace)
+
+    encoder, _ = models.load_encoder(str(root), model_id)
+    chunks, _, error = chunking.decode_track(str(wav))
+    assert error is None and len(chunks) == 3
+    expected = chunking.track_means(chunking.forward_chunks(encoder, chunks), np.array([len(chunks)]))[0]
+    np.testing.assert_allclose(namespace["embedding"].numpy(), expected, rtol=1e-5, atol=1e-6)

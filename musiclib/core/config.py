@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import sys
+import textwrap
 import typing
 from typing import Any, TypeVar
 
@@ -13,6 +15,9 @@ T = TypeVar("T")
 DEFAULT_ROOT = os.environ.get("MUSICLIB_ROOT", "data/demo")
 URI_FIELDS = ("root", "catalog", "allowed_prefixes")  # config fields that name storage locations
 ICEBERG_TABLE = "iceberg:"  # a track catalog that is an Iceberg table: iceberg:<namespace>.<table>[@<root>]
+SHARED_HELP = {  # the help of fields many configs have, where their source has no comment
+    "root": "where every dataset lives: a local folder or s3://bucket/prefix (default: MUSICLIB_ROOT, else data/demo)",
+}
 
 
 class ConfigError(ValueError):
@@ -20,6 +25,7 @@ class ConfigError(ValueError):
 
 
 def _convert(name: str, raw: str, hint: Any) -> Any:
+    flag = "--" + name.replace("_", "-")
     origin = typing.get_origin(hint)
     args = [a for a in typing.get_args(hint) if a is not type(None)]
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
@@ -40,15 +46,18 @@ def _convert(name: str, raw: str, hint: Any) -> Any:
         if hint in (int, float, str):
             return hint(raw)
     except ValueError as exc:
-        raise ConfigError(f"--{name}: cannot read {raw!r} as {hint.__name__}") from exc
-    raise ConfigError(f"--{name}: unsupported field type {hint}")
+        raise ConfigError(f"{flag}: cannot read {raw!r} as {hint.__name__}") from exc
+    raise ConfigError(f"{flag}: unsupported field type {hint}")
 
 
 def parse(cls: type[T], argv: list[str] | None = None) -> T:
-    """Build ``cls`` from its defaults and ``argv`` overrides, then run its ``validate()`` if it has one.
+    """Build ``cls`` from its defaults, a ``--config FILE.yaml`` and ``argv`` overrides, then run its
+    ``validate()`` if it has one.
 
-    ``--help`` prints the fields with their defaults and exits. ``--verbose``, which every job takes, is
-    not a field: it lets Ray's INFO output through to the console (``progress.verbose``).
+    ``--help`` prints every field with its type, default and help (``help_text``) and exits. ``--config``
+    names a YAML mapping of fields to values (local or S3); options on the command line override it.
+    ``--verbose``, which every job takes, is not a field: it lets Ray's INFO output through to the console
+    (``progress.verbose``).
     """
     from musiclib.core import progress
 
@@ -56,16 +65,132 @@ def parse(cls: type[T], argv: list[str] | None = None) -> T:
     if "--verbose" in argv:
         argv.remove("--verbose")
         progress.set_verbose(True)
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
     if "--help" in argv or "-h" in argv:
-        print(f"{cls.__name__}: {(cls.__doc__ or '').strip()}")
-        for f in fields.values():
-            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-            print(f"  --{f.name.replace('_', '-')} {hints[f.name]} (default {default!r})")
-        print("  --verbose (a flag: Ray's INFO output on the console too; its log files always have it)")
+        print(help_text(cls))
         raise SystemExit(0)
-    return build(cls, overrides(cls, argv))
+    return build(cls, overrides(cls, config_file_args(cls, argv) + argv))
+
+
+def config_file_args(cls: type, argv: list[str]) -> list[str]:
+    """The options a ``--config FILE.yaml`` in ``argv`` sets, as ``--field value`` arguments (removed from
+    ``argv``): lists become comma-separated, so a file and the command line read alike."""
+    if "--config" not in argv or "config" in {f.name for f in dataclasses.fields(cls)}:
+        return []
+    import yaml
+
+    from musiclib.core import storage
+
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise ConfigError("--config needs a value: a YAML file of field: value lines")
+    uri = argv[i + 1]
+    del argv[i : i + 2]
+    try:
+        values = yaml.safe_load(storage.read_bytes(storage.normalize_uri(uri)))
+    except (storage.StorageError, yaml.YAMLError) as exc:
+        raise ConfigError(f"--config {uri}: {exc}") from exc
+    if not isinstance(values, dict):
+        raise ConfigError(
+            f"--config {uri}: a YAML mapping of field: value lines, got {type(values).__name__}"
+        )
+    args = []
+    for key, value in values.items():
+        if isinstance(value, list | tuple):
+            value = ",".join(str(v) for v in value)
+        args += [f"--{str(key).replace('_', '-')}", "none" if value is None else str(value)]
+    return args
+
+
+def type_name(hint: Any) -> str:
+    """A field's type as a reader writes it: ``int``, ``list[str]``, ``float | None``."""
+    return hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", "")
+
+
+def _as_option(value: Any) -> str:
+    """A default as it is written on the command line."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if value is None:
+        return "none"
+    if isinstance(value, list | tuple):
+        return ",".join(str(v) for v in value) or "''"
+    if isinstance(value, str):
+        return repr(value)
+    return str(value)
+
+
+def field_help(cls: type) -> dict[str, str]:
+    """Each field's help, read from the source of ``cls`` and the dataclasses it inherits from: the comment
+    after the field, or else the comment lines right above it."""
+    import ast
+    import io
+    import tokenize
+
+    helps: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            source = textwrap.dedent(inspect.getsource(klass))
+        except (OSError, TypeError):  # no source: a class made at run time
+            continue
+        comments: dict[int, tuple[str, bool]] = {}  # line: (text, alone on its line)
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+            if tok.type == tokenize.COMMENT:
+                alone = not tok.line[: tok.start[1]].strip()
+                comments[tok.start[0]] = (tok.string.lstrip("#").strip(), alone)
+        body = ast.parse(source).body[0].body  # type: ignore[attr-defined]
+        for node in body:
+            if not (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)):
+                continue
+            lines = range(node.lineno, (node.end_lineno or node.lineno) + 1)
+            text = [comments[n][0] for n in lines if n in comments and not comments[n][1]]
+            above = node.lineno - 1
+            while not text and above in comments and comments[above][1]:
+                above -= 1
+            if not text:
+                text = [comments[n][0] for n in range(above + 1, node.lineno)]
+            if text:
+                helps[node.target.id] = " ".join(text)
+    return helps
+
+
+def help_text(cls: type) -> str:
+    """What ``--help`` prints: the usage line, what the config is for, then every field as an option with
+    its type, default and help."""
+    hints = typing.get_type_hints(cls)
+    helps = {**SHARED_HELP, **field_help(cls)}
+    lines = [
+        f"usage: {program()} [--field value ...] [--config FILE.yaml] [--verbose]",
+        "",
+        inspect.cleandoc(cls.__doc__ or cls.__name__),
+        "",
+        "options (also field=value; lists are comma-separated; none for an empty optional value):",
+    ]
+    own = vars(cls).get("__annotations__", {})
+    for f in sorted(dataclasses.fields(cls), key=lambda f: f.name not in own):  # inherited ones last
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        lines.append(
+            f"  --{f.name.replace('_', '-')} {type_name(hints[f.name])}, default {_as_option(default)}"
+        )
+        lines += textwrap.wrap(helps.get(f.name, ""), 104, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    lines += [
+        "  --config FILE.yaml",
+        "      options from a YAML mapping (field: value, lists as YAML lists); the command line overrides it",
+        "  --verbose",
+        "      Ray's INFO output on the console too (its log files always have it), and tracebacks of errors",
+    ]
+    return "\n".join(lines)
+
+
+def program() -> str:
+    """How this program was started, for its usage line: ``musiclib tag``, ``python -m jobs.tag``."""
+    main = sys.modules.get("__main__")
+    spec = getattr(main, "__spec__", None)
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    if spec is not None and spec.name not in ("musiclib.cli", "__main__") and name.endswith(".py"):
+        return f"python -m {spec.name}"
+    return name or "python -m <job>"
 
 
 def build(cls: type[T], values: dict[str, Any]) -> T:
@@ -79,32 +204,43 @@ def build(cls: type[T], values: dict[str, Any]) -> T:
 
 
 def overrides(cls: type, argv: list[str]) -> dict[str, Any]:
-    """The fields ``argv`` sets (``--field value`` or ``field=value``), read as their types; a ``ConfigError``
-    for an unknown field or a value that does not read. Nothing is checked beyond that (``parse`` checks)."""
+    """The fields ``argv`` sets (``--field value`` or ``field=value``), read as their types; one
+    ``ConfigError`` naming every unknown field and every value that does not read. Nothing is checked beyond
+    that (``parse`` checks)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
     values: dict[str, Any] = {}
+    problems: list[str] = []
     i = 0
     while i < len(argv):
         arg = argv[i]
+        i += 1
         if arg.startswith("--"):
             key, eq, raw = arg[2:].partition("=")
             if not eq:
-                if i + 1 >= len(argv):
-                    raise ConfigError(f"{arg} needs a value")
-                raw = argv[i + 1]
+                if i >= len(argv):
+                    problems.append(f"{arg} needs a value")
+                    continue
+                raw = argv[i]
                 i += 1
         elif "=" in arg:
             key, _, raw = arg.partition("=")
         else:
-            raise ConfigError(f"unexpected argument {arg!r}: use --field value or field=value")
+            problems.append(f"unexpected argument {arg!r}: use --field value or field=value")
+            continue
         key = key.replace("-", "_")
         if key not in fields:
-            raise ConfigError(
-                f"unknown option --{key} for {cls.__name__}; known: {', '.join(sorted(fields))}"
-            )
-        values[key] = _convert(key, raw, hints[key])
-        i += 1
+            known = ", ".join(f"--{f.replace('_', '-')}" for f in sorted(fields))
+            problems.append(f"unknown option --{key.replace('_', '-')} for {cls.__name__}; known: {known}")
+            continue
+        try:
+            values[key] = _convert(key, raw, hints[key])
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if len(problems) == 1:
+        raise ConfigError(problems[0])
+    if problems:
+        raise ConfigError(f"{len(problems)} problems with the options:\n  " + "\n  ".join(problems))
     return values
 
 

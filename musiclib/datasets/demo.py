@@ -15,6 +15,7 @@ adds one track per decoder failure; its ``fault`` column names the reason ``musi
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import math
 import multiprocessing
@@ -68,10 +69,10 @@ class DemoCatalogConfig:
     """Generate the demo catalog (synthesised music, tags on a fraction of tracks, optional faulty files)."""
 
     root: str = DEFAULT_ROOT
-    n_tracks: int = 300
-    seed: int = 0
+    n_tracks: int = 300  # tracks generated
+    seed: int = 0  # the tracks' tags, audio and splits
     faults: bool = False  # add one track per decoder failure (corrupt, empty, missing, ...)
-    labeled_fraction: float = 0.5
+    labeled_fraction: float = 0.5  # share of the tracks whose tags are kept as labels
     workers: int = 2  # processes synthesising and encoding; does not change the result
 
     def validate(self) -> None:
@@ -82,6 +83,10 @@ class DemoCatalogConfig:
             problems.append(f"--labeled-fraction must be in [0, 1], got {self.labeled_fraction}")
         if self.workers < 1:
             problems.append(f"--workers must be at least 1, got {self.workers}")
+        if importlib.util.find_spec("soundfile") is None:  # found before minutes of synthesis, not after
+            problems.append(
+                "its Ogg Vorbis files need soundfile, of the demo extra: pip install 'musiclib-tagger[demo]'"
+            )
         check("demo catalog", problems)
 
 

@@ -168,9 +168,9 @@ class BenchCorpusConfig:
     kind: str = "rendered"  # rendered | soundtracks
     n_tracks: int = 2000  # rendered only
     seconds: float = 30.0  # rendered: each track's length; soundtracks: the shortest file kept
-    seed: int = 0
+    seed: int = 0  # rendered: the scores, instruments and splits drawn
     workers: int = 2  # processes rendering; does not change the result
-    soundfont: str = SOUNDFONT
+    soundfont: str = SOUNDFONT  # rendered: the General MIDI soundfont FluidSynth plays
     styles: list[str] = dataclasses.field(
         default_factory=list
     )  # rendered: only these collections (empty: all)

@@ -55,7 +55,7 @@ class EmbedConfig(RayConfig):
     chunk_batch: int = 0  # chunks per encoder forward; 0: 64 on a GPU, fewer on CPU (chunks_per_forward)
     decode_cpus: float = 1.0  # CPUs per decode task
     actors: int = 0  # most encoder actors; 0: one per GPU, or half the CPUs on a cluster without GPUs
-    cpus_per_actor: float = 1.0
+    cpus_per_actor: float = 1.0  # CPUs per encoder actor
     device: str = "auto"  # auto: GPUs when the cluster has or can scale to them, else CPU; or cpu, gpu
     gpus_per_actor: float | None = None  # None: 1 on the GPU (--device), else 0
     shard_rows: int = 10000  # fewest rows per output Parquet file

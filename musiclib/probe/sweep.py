@@ -41,8 +41,10 @@ class TuneConfig(RayConfig):
     catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
     model_id: str = ""  # empty: the latest exported model
     run_id: str = ""  # empty: derived from this config and the inputs, so a restart resumes the same run
+    # labeled positives per tag (all: every one)
     budgets: list[str] = field(default_factory=lambda: ["1", "2", "5", "10", "20", "50", "100", "all"])
-    probes: list[str] = field(default_factory=lambda: list(probes.PROBES))
+    probes: list[str] = field(default_factory=lambda: list(probes.PROBES))  # logreg, linear, centroid
+    # normalisations of embedding and logmel
     norms: list[str] = field(default_factory=lambda: list(probes.NORMS))
     # what the probes read; --norms apply to embedding and logmel, fused is always standardised (its parts
     # must be); those the embeddings cannot give (no logmel column: written before embed computed it) are
@@ -52,11 +54,11 @@ class TuneConfig(RayConfig):
     c_grid: list[float] = field(default_factory=lambda: [0.1, 1.0])  # logreg inverse regularisation
     class_weight: str = "balanced"  # logreg: "balanced" or "none"
     lr_grid: list[float] = field(default_factory=lambda: [0.05])  # linear probe (full-batch Adam)
-    weight_decay_grid: list[float] = field(default_factory=lambda: [1e-4])
-    epochs: int = 50
-    repetitions: int = 5
-    seed: int = 0
-    head_fraction: float = 0.2
+    weight_decay_grid: list[float] = field(default_factory=lambda: [1e-4])  # linear probe
+    epochs: int = 50  # linear probe: full-batch epochs
+    repetitions: int = 5  # support sets drawn per budget (each a repetition)
+    seed: int = 0  # the support sets' draws
+    head_fraction: float = 0.2  # share of the tags, most frequent first, reported as head (the rest: tail)
     tolerance: float = 0.02  # per-tag AP distance to the full-label result that counts as "as good"
     target_precision: float | None = None  # thresholds: reach this precision on valid, else max F1
     max_concurrent: int = 0  # 0: one trial per core (local Ray) or per CPU of the cluster

@@ -102,18 +102,18 @@ class StudyConfig(RayConfig):
     root: str = DEFAULT_ROOT
     catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
     run_id: str = ""  # empty: derived from this config and the catalog, so a restart resumes the same run
-    encoders: list[str] = field(default_factory=lambda: list(ENCODERS))
+    encoders: list[str] = field(default_factory=lambda: list(ENCODERS))  # the variants compared
     seeds: list[int] = field(
         default_factory=lambda: [0, 1, 2]
     )  # pretraining seeds (untrained references: the first)
     label_share: float = 0.1  # p_s of semisupcon-low: the share of the labeled tracks whose labels it sees
     batch_label_share: float = PretrainConfig.b_s  # b_s of both SemiSupCon encoders: labeled clips per batch
     encoder: str = "melcnn"  # the family of every trained encoder and of the random one (samplecnn, melcnn)
-    width: float = 0.25
+    width: float = 0.25  # channel multiplier of every encoder
     # training time of each pretraining (0: --steps alone); sized to the 90-minute target (STUDY.md)
     minutes: float = 3.0
     steps: int = 2000  # at most this many steps each
-    batch_size: int = 64
+    batch_size: int = 64  # pretraining clips per step
     max_chunks: int = 2  # chunks of 2.7 s embedded per track, spread over it
     # one worker with both cores (what two synchronised workers compute, faster on 2 cores: BENCHMARKS.md);
     # labeled clips are positives when they share 3 tags (chosen on validation: docs/STUDY.md)
@@ -121,7 +121,7 @@ class StudyConfig(RayConfig):
         "--num-workers 1 --cpus-per-worker 2 --lr 1e-3 --warmup 10 --cosine true --p-chain 0 --p-pitch 0 "
         "--label-threshold 3 --log-every 20"
     )
-    embed_options: str = ""
+    embed_options: str = ""  # more options of the embed job, as on its command line
     # every budget, normalisation and repetition of the tune job; its all-tags linear probe and centroids
     # (per-tag scikit-learn fits, --probes logreg, cost minutes per sweep on thousands of labeled tracks)
     tune_options: str = "--probes linear,centroid"

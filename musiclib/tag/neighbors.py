@@ -60,11 +60,11 @@ class IndexConfig:
     root: str = DEFAULT_ROOT
     model_id: str = ""  # empty: the latest exported model
     kind: str = "auto"  # auto: exact below --exact-below tracks, else ivf
-    exact_below: int = EXACT_BELOW
+    exact_below: int = EXACT_BELOW  # auto: catalogs with fewer tracks are searched exactly
     nlist: int = 0  # IVF cells; 0: 4 * sqrt(tracks)
     nprobe: int = NPROBE  # cells scanned per query
     train_size: int = 100_000  # vectors sampled for k-means
-    threads: int = 0
+    threads: int = 0  # faiss threads (0: every core)
 
     def validate(self) -> None:
         problems = []

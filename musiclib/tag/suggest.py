@@ -31,7 +31,7 @@ from scipy.special import expit, logit
 
 from musiclib import catalog
 from musiclib.core import storage, versions
-from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
+from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, program
 from musiclib.core.outputs import print_table
 from musiclib.probe import fewshot, metrics, probes
 from musiclib.tag import tags
@@ -76,7 +76,7 @@ class SuggestConfig(RayConfig):
     run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same version
     max_similarity: float = 0.9  # cosine similarity at which two tracks count as near-duplicates
     pool_factor: int = 5  # each tag's batch is picked from its pool_factor * per_tag most uncertain tracks
-    batch_size: int = 1024
+    batch_size: int = 1024  # tracks scored at a time
     concurrency: int = 1  # scoring actors
 
     def validate(self) -> None:
@@ -369,7 +369,7 @@ def simulate(
 
 def main(argv: list[str] | None = None) -> None:
     """``show TAG``: the latest suggestions for a tag, best first."""
-    parser = argparse.ArgumentParser(prog="python -m musiclib.tag.suggest")
+    parser = argparse.ArgumentParser(prog=program())
     parser.add_argument("command", choices=["show"])
     parser.add_argument("tag")
     parser.add_argument("--root", default=DEFAULT_ROOT)

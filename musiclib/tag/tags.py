@@ -355,16 +355,52 @@ def current_snapshot(where: Where) -> str | None:
 
 
 USAGE = (
-    "usage: python -m musiclib.tag.tags show TRACK_ID | top TAG | sql QUERY | history | outputs "
+    "usage: musiclib tags show TRACK_ID | top TAG | sql QUERY | history | outputs "
     "[--root ROOT] [--n N] [--run RUN_ID] [--catalog-uri URI] [--table NAMESPACE.NAME]"
     " | similar TRACK_ID | seed TAG [--examples ID,ID] [--confirm ID,ID] [--split train] [--model-id M]"
 )
+HELP = f"""usage: musiclib tags COMMAND [ARGUMENT] [options]   (or: python -m musiclib.tag.tags ...)
+
+Query the tag table's current snapshot (or an earlier run's), and the embeddings.
+
+commands:
+  show TRACK_ID      every tag of a track
+  top TAG            the tracks with the highest scores for a tag
+  sql QUERY          a DuckDB query over the snapshot, as the table `tags`
+  history            the runs of the table: snapshot, time, run id, rows
+  outputs            what each job did, and where its outputs are
+  similar TRACK_ID   the nearest tracks in the embeddings
+  seed TAG           candidates for a new tag near --examples (default: the tag's labeled tracks);
+                     --confirm writes the tag as a label of the examples and the confirmed tracks
+
+options:
+  --root str, default {DEFAULT_ROOT!r}
+      where the datasets live: a local folder or s3://bucket/prefix
+  --n int, default 10
+      rows of top, similar and seed
+  --run str, default ''
+      the run (snapshot) to read; empty: the current one
+  --catalog-uri str, default {DEFAULT_CATALOG!r}
+      the Iceberg catalog (empty: the root's default)
+  --table str, default {DEFAULT_TABLE!r}
+      the Iceberg table, <namespace>.<name>
+  --examples list[str], default ''
+      seed: the tracks the new tag starts from, comma-separated
+  --confirm list[str], default ''
+      seed: the tracks that get the tag as a human label, comma-separated
+  --split str, default 'train'
+      seed --confirm: the split of confirmed tracks that have none
+  --model-id str, default ''
+      similar, seed: the model whose embeddings are searched (empty: the latest)"""
 
 
 def main(argv: list[str] | None = None) -> None:
     """``show``, ``top``, ``sql``, ``history`` or ``outputs`` against the current snapshot under ``--root``;
     ``similar`` and ``seed`` over the embeddings (``neighbors.command``)."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if "--help" in args or "-h" in args:
+        print(HELP)
+        return
     flags = {
         "--root": DEFAULT_ROOT,
         "--n": "10",

@@ -69,28 +69,28 @@ class PolarityInversion(nn.Module):
 class AugmentConfig:
     """Probabilities and ranges of the view augmentations (defaults from the SemiSupCon paper)."""
 
-    p_chain: float = 0.8
-    p_gain: float = 0.4
-    gain_db: tuple[float, float] = (-15.0, 5.0)
-    p_polarity: float = 0.6
-    p_noise: float = 0.6
-    noise_snr_db: tuple[float, float] = (3.0, 30.0)
-    p_filter: float = 0.3
+    p_chain: float = 0.8  # a view goes through the augmentation chain at all
+    p_gain: float = 0.4  # gain change
+    gain_db: tuple[float, float] = (-15.0, 5.0)  # its range in dB
+    p_polarity: float = 0.6  # polarity inversion
+    p_noise: float = 0.6  # white noise added
+    noise_snr_db: tuple[float, float] = (3.0, 30.0)  # its signal-to-noise ratio range in dB
+    p_filter: float = 0.3  # one random filter: band-pass, band-stop, high-pass or low-pass
     band_hz: tuple[float, float] = (200.0, 4000.0)  # centre frequency of band-pass and band-stop
-    highpass_hz: tuple[float, float] = (200.0, 2400.0)
-    lowpass_hz: tuple[float, float] = (150.0, 7500.0)
-    p_pitch: float = 0.6
-    pitch_semitones: float = 4.0
-    p_delay: float = 0.6
-    delay_ms: tuple[float, float] = (100.0, 500.0)
+    highpass_hz: tuple[float, float] = (200.0, 2400.0)  # cutoff range of the high-pass filter
+    lowpass_hz: tuple[float, float] = (150.0, 7500.0)  # cutoff range of the low-pass filter
+    p_pitch: float = 0.6  # pitch shift
+    pitch_semitones: float = 4.0  # its largest shift, up or down, in semitones
+    p_delay: float = 0.6  # a delayed copy mixed in at half volume
+    delay_ms: tuple[float, float] = (100.0, 500.0)  # its delay range in ms
     # log-mel views of a melcnn encoder (SpecAugment); off at 0
     p_mix: float = 0.0  # mixed with another view of the batch, in the power domain
     mix_ratio: float = 0.4  # the other view's share is drawn in [0, mix_ratio]
     p_crop: float = 0.0  # a random resized crop, stretched back to the view's size
     crop_scale: tuple[float, float] = (0.6, 1.0)  # the crop's side, as a share of each side of the view
-    p_freq_mask: float = 0.0
+    p_freq_mask: float = 0.0  # a band range masked
     freq_mask: float = 0.15  # a masked band range is up to this share of the bands
-    p_time_mask: float = 0.0
+    p_time_mask: float = 0.0  # a time range masked
     time_mask: float = 0.15  # a masked time range is up to this share of the frames
 
     def validate(self) -> None:

@@ -17,20 +17,24 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torchaudio
+import torchaudio.functional as AF
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from musiclib.audio import CHUNK_SAMPLES, SAMPLE_RATE
+from musiclib import audio
+from musiclib.audio import CHUNK_SAMPLES, INT16_SCALE, SAMPLE_RATE
 from musiclib.core import storage, versions
 
 CHANNELS = (128, 128, 128, 256, 256, 256, 256, 256, 256, 512)  # stem, then the nine blocks' outputs
@@ -331,23 +335,84 @@ def _weights_digest(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()[:12]
 
 
-def preprocessing(config: EncoderConfig) -> dict[str, Any]:
-    """What a track goes through before and after the encoder, for the card: enough to embed a track
-    anywhere (``load_encoder`` returns it too)."""
-    steps = {
-        "decode": f"mono (channels averaged), resampled to {config.sample_rate} Hz",
-        "scale": "float samples in [-1, 1] (int16 audio divided by 32767)",
-        "chunks": f"{config.chunk_samples} samples ({config.chunk_samples / config.sample_rate:.2f} s) each, "
-        "up to max_chunks of them spread evenly over the track (musiclib.audio.load_chunks)",
-        "track": "the mean of the chunks' embeddings",
-    }
-    if config.family == "melcnn":
-        steps["frontend"] = (
-            f"inside the model: torchaudio MelSpectrogram(sample_rate={config.sample_rate}, "
-            f"n_fft={config.n_fft}, hop_length={config.hop}, n_mels={config.n_mels}, power 2, centred), "
-            f"then log(x + {LOG_OFFSET:g}), then a BatchNorm per band"
-        )
-    return steps
+@dataclass(frozen=True)
+class Preprocessing:
+    """What a track goes through before the encoder, as the embed job does it: the card's ``preprocessing``,
+    complete enough to redo it anywhere (``load_encoder`` returns it).
+
+    The audio is decoded (FFmpeg through PyAV; integer samples divided by their type's maximum), down-mixed
+    to mono by averaging the channels and resampled to ``sample_rate`` (``resampler``). It is then rounded
+    to int16 and back: ``clip(round(x * int16_scale), -32768, 32767) / int16_scale``, as the embed job ships
+    it. It is cut into chunks of ``chunk_samples``: consecutive from the start, a tail shorter than a chunk
+    dropped; a track with more than ``max_chunks`` full chunks gives ``max_chunks`` of them starting at
+    ``round(linspace(0, samples - chunk_samples, max_chunks))``. The encoder maps each float32 chunk
+    ``[chunks, chunk_samples]`` to an embedding, and the track's embedding is their mean (``track``). A
+    ``melcnn`` computes its log-mel ``frontend`` inside the model, from those chunks.
+    """
+
+    sample_rate: int = SAMPLE_RATE
+    chunk_samples: int = CHUNK_SAMPLES
+    max_chunks: int = 64  # the embed job's default (--max-chunks)
+    channels: str = "mean"
+    resampler: dict[str, Any] = field(default_factory=dict)
+    int16_scale: float = INT16_SCALE
+    track: str = "mean"
+    frontend: dict[str, Any] | None = None
+
+    @classmethod
+    def of(cls, config: EncoderConfig) -> Preprocessing:
+        """The preprocessing of an encoder of ``config``, read from the modules that do it."""
+        defaults = inspect.signature(AF.resample).parameters
+        resampler = {"function": "torchaudio.functional.resample"} | {
+            name: defaults[name].default for name in ("resampling_method", "lowpass_filter_width", "rolloff")
+        }
+        frontend = None
+        if config.family == "melcnn":
+            mel = LogMel(config).mel
+            spec, scale = mel.spectrogram, mel.mel_scale
+            frontend = {
+                "transform": "torchaudio.transforms.MelSpectrogram, inside the model",
+                "n_fft": spec.n_fft,
+                "win_length": spec.win_length,
+                "hop_length": spec.hop_length,
+                "window": "hann (periodic)",
+                "center": spec.center,
+                "pad_mode": spec.pad_mode,
+                "power": spec.power,
+                "n_mels": scale.n_mels,
+                "f_min": scale.f_min,
+                "f_max": scale.f_max,
+                "mel_scale": scale.mel_scale,
+                "mel_norm": scale.norm,
+                "log": f"natural log of (power + {LOG_OFFSET:g})",
+                "then": "a BatchNorm per band (its statistics are in the weights)",
+            }
+        return cls(config.sample_rate, config.chunk_samples, resampler=resampler, frontend=frontend)
+
+    @classmethod
+    def from_card(cls, card: dict[str, Any]) -> Preprocessing:
+        """The card's preprocessing; a card written before it was recorded gets its encoder's (the same)."""
+        recorded = card.get("preprocessing") or {}
+        if "sample_rate" not in recorded:
+            return cls.of(EncoderConfig(**card["config"]))
+        return cls(**{k: v for k, v in recorded.items() if k in {f.name for f in fields(cls)}})
+
+    def chunks(self, waveform: np.ndarray, sample_rate: int) -> torch.Tensor:
+        """Float audio ``[samples]`` or ``[channels, samples]`` at ``sample_rate`` to the encoder's input."""
+        x = np.asarray(waveform, dtype=np.float32)
+        mono = x.mean(axis=0) if x.ndim == 2 else x
+        x = audio.resample(mono, sample_rate, self.sample_rate)
+        return self._input(audio.chunk(x, self.chunk_samples, self.max_chunks))
+
+    def load(self, source: audio.Source) -> torch.Tensor:
+        """An audio file (path, URI or bytes) to the encoder's input, decoded as the embed job decodes it
+        (``audio.load_chunks``: long files are read window by window)."""
+        chunks, _ = audio.load_chunks(source, self.max_chunks, self.sample_rate, self.chunk_samples)
+        return self._input(chunks)
+
+    def _input(self, chunks: np.ndarray) -> torch.Tensor:
+        rounded = np.clip(np.round(chunks * self.int16_scale), -32768, 32767)
+        return torch.from_numpy((rounded / self.int16_scale).astype(np.float32))
 
 
 ARCHITECTURES = {"samplecnn": "SampleCNN", "melcnn": "MelCNN"}
@@ -373,7 +438,7 @@ def export_encoder(encoder: Encoder, models_root: str, card: dict[str, Any] | No
         "model_id": model_id,
         "architecture": ARCHITECTURES[config.family],
         "config": asdict(config),
-        "preprocessing": preprocessing(config),
+        "preprocessing": asdict(Preprocessing.of(config)),
         "parameters": count_parameters(encoder),
         "code_version": versions.code_version(),
         **(card or {}),
@@ -398,13 +463,24 @@ def export_random_encoder(models_root: str, config: EncoderConfig, seed: int = 0
     return export_encoder(encoder, models_root, {"note": f"random initialisation, seed {seed}"})
 
 
-def load_encoder(models_root: str, model_id: str, device: str | torch.device = "cpu") -> tuple[Encoder, dict]:
-    """Load an exported encoder in eval mode and its card; safetensors only, nothing is unpickled."""
+def load_encoder(
+    uri: str, model_id: str = "", device: str | torch.device = "cpu"
+) -> tuple[Encoder, Preprocessing]:
+    """An exported encoder in eval mode and its preprocessing; safetensors only, nothing is unpickled.
+
+    ``uri`` is a model's folder (``<root>/models/<model_id>``, local or S3), or a models root with
+    ``model_id`` (empty: the latest model exported there).
+    """
+    uri = storage.normalize_uri(uri)
+    if not model_id and storage.exists(storage.join(uri, "card.json")):
+        models_root, model_id = storage.parent(uri), uri.rsplit("/", 1)[-1]
+    else:
+        models_root, model_id = uri, model_id_or_latest(uri, model_id)
     card = load_card(models_root, model_id)
     state = st_load(_model_file(models_root, model_id, "encoder.safetensors"))
     encoder = build_encoder(EncoderConfig(**card["config"]))
     encoder.load_state_dict(state)
-    return encoder.to(device).eval(), card
+    return encoder.to(device).eval(), Preprocessing.from_card(card)
 
 
 def load_card(models_root: str, model_id: str) -> dict:

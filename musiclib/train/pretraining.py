@@ -51,25 +51,25 @@ class PretrainConfig(AugmentConfig, RayConfig):
 
     root: str = DEFAULT_ROOT
     catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
-    run_name: str = "pretrain"
+    run_name: str = "pretrain"  # the Ray Train run's name under <root>/runs (a run resumes under its name)
     # "melcnn" (log-mel CNN: far ahead at CPU scale, docs/STUDY.md) or "samplecnn" (the papers' raw waveform)
     encoder: str = "melcnn"
     width: float = 1.0  # channel multiplier of the encoder; 0.25 trains on CPU in minutes
     n_mels: int = 64  # melcnn: log-mel bands
     n_fft: int = 1024  # melcnn: STFT size
     hop: int = 512  # melcnn: samples between two log-mel frames
-    num_workers: int = 2
+    num_workers: int = 2  # DDP training workers
     # elastic below num_workers: a run that loses workers (a node) goes on with as few as this; 0: fixed size
     min_workers: int = 0
     device: str = "auto"  # auto: one GPU per worker when the cluster has or can scale to GPUs; cpu, gpu
-    cpus_per_worker: int = 1
+    cpus_per_worker: int = 1  # CPUs of each worker (its torch threads)
     batch_size: int = 96  # clips per step over all workers; each clip gives two views
-    steps: int = 10000
+    steps: int = 10000  # training steps (each one global batch)
     minutes: float = 0.0  # also stop after this many minutes of training (0: no time budget)
-    lr: float = 1e-4
+    lr: float = 1e-4  # Adam learning rate
     warmup: int = 0  # linear warm-up steps
     cosine: bool = False  # cosine decay to zero after the warm-up
-    tau: float = 0.1
+    tau: float = 0.1  # temperature of the contrastive loss
     queue: int = 0  # past projections every anchor also contrasts against (a MoCo-style queue; 0: none)
     label_threshold: int = 1  # two labeled clips are positives when they share at least this many tags
     weighted: bool = False  # Dice-weighted positives instead of the threshold
@@ -78,11 +78,11 @@ class PretrainConfig(AugmentConfig, RayConfig):
     p_s: float = 1.0  # fraction of the catalog's labeled tracks whose labels are used
     # "adjacent": two adjacent 2.7 s chunks of a random 5.4 s window; "crops": two independent random crops
     views: str = "adjacent"
-    checkpoint_every: int = 500
-    keep_checkpoints: int = 2
+    checkpoint_every: int = 500  # steps between two checkpoints
+    keep_checkpoints: int = 2  # latest checkpoints kept
     max_failures: int = 3  # failed workers, and storage lost by the controller, retried (-1: no limit)
-    log_every: int = 20
-    seed: int = 0
+    log_every: int = 20  # steps between two progress lines
+    seed: int = 0  # batches and augmentation draws (and the initial weights)
     shard_tracks: int = 32  # tracks per preparation shard
     max_track_seconds: float = 30.0  # longer tracks keep evenly spread segments totalling about this
     segment_seconds: float = 10.0  # length of each segment read from a long track
