@@ -200,6 +200,22 @@ def test_two_processes_commit_through_postgresql_and_no_snapshot_is_lost(s3_root
     assert tag_table.verify(table) == []
 
 
+def test_a_shared_catalog_keeps_each_roots_table_its_own(tmp_path):
+    """Two roots in one catalog: the second root cannot take the first one's table of the same name (a run
+    would replace its rows); with a table name of its own it gets one under its own warehouse."""
+    shared = f"sqlite:///{tmp_path}/catalog/iceberg.db"
+    write_and_commit(Where(str(tmp_path / "a"), shared), "a", rows("a", 3))
+    with pytest.raises(storage.StorageError, match="belongs to another root") as err:
+        write_and_commit(Where(str(tmp_path / "b"), shared), "b", rows("b", 4))
+    assert "--table" in str(err.value)
+    b = Where(str(tmp_path / "b"), shared, "b.tags")
+    write_and_commit(b, "b", rows("b", 4))
+    assert tag_table.require_table(b).location().startswith(b.warehouse + "/")
+    assert [
+        r.run_id for r in tag_table.runs(tag_table.require_table(Where(str(tmp_path / "a"), shared)))
+    ] == ["a"]
+
+
 def test_duckdb_reads_what_pyiceberg_wrote(where, capsys):
     write_and_commit(where, "a", rows("a", 5))
     write_and_commit(where, "b", rows("b", 7))

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import LOGREG, SYNTHETIC_MODEL, publish_probe_set, write_synthetic_root
+from conftest import LOGREG, SYNTHETIC_MODEL, free_port, publish_probe_set, write_synthetic_root
 from pyiceberg.catalog.sql import SqlCatalog
 
 from jobs import tag as tag_job
 from musiclib import catalog
-from musiclib.core import storage, versions
+from musiclib.core import iceberg, storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import demo, tagged_embeddings
 from musiclib.embed import table as embeddings_table
@@ -172,6 +172,11 @@ def test_tags_s3_with_a_postgresql_catalog(s3_root, pg_catalog, postgres_server,
     assert first.run_id in lines[-1]
     assert postgres_server.password not in out and database in out  # the catalog is named, masked
 
+    wrong = pg_catalog.replace(postgres_server.password, "not-the-password")
+    with pytest.raises(storage.StorageError, match="password authentication failed") as err:
+        tag_table.open_table(Where(root, wrong))
+    assert "not-the-password" not in str(err.value) and ":***@" in str(err.value)
+
 
 FUSED = {**LOGREG, "representation": "fused"}
 
@@ -322,6 +327,22 @@ def test_missing_catalog_or_probe_set_fails_before_ray(tmp_path):
         tag_job.main(["--root", str(tmp_path), "--catalog-uri", "user:secret@host"])
     assert "secret" not in str(err.value)
     assert not (tmp_path / "tags" / "iceberg.db").exists()  # no table made for a run that could not start
+
+
+def test_a_postgresql_catalog_uri_is_checked_and_its_password_never_shown(tmp_path):
+    """``postgresql://`` goes through psycopg 3; a URI whose driver is missing, or whose database does not
+    answer, is one line with the password masked."""
+    uri = "postgresql://tagger:hunter2@db.internal:5432/iceberg"
+    assert iceberg.catalog_problem(uri) is None
+    assert iceberg.sql_url(uri).drivername == "postgresql+psycopg"
+    assert iceberg.masked(uri) == "postgresql://tagger:***@db.internal:5432/iceberg"
+    problem = iceberg.catalog_problem("mysql://tagger:hunter2@db.internal/iceberg")
+    assert "needs the Python module MySQLdb" in problem and "hunter2" not in problem
+    closed = f"postgresql://tagger:hunter2@127.0.0.1:{free_port()}/iceberg"
+    with pytest.raises(
+        storage.StorageError, match="cannot open the Iceberg catalog postgresql://tagger:\\*\\*\\*@"
+    ):
+        iceberg.open_catalog(closed, str(tmp_path), str(tmp_path / "warehouse"), create=True)
 
 
 def test_an_s3_root_without_a_shared_catalog_is_refused(tmp_path, capsys):

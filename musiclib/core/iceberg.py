@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.table import Table
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
@@ -104,3 +105,16 @@ def open_catalog(catalog_uri: str, root: str, warehouse: str, create: bool) -> C
     except OperationalError as exc:  # a database that is down, or refuses the user: one line, no password
         reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
         raise storage.StorageError(f"cannot open the Iceberg catalog {masked(uri)}: {reason}") from None
+
+
+def owned(table: Table, warehouse: str) -> Table:
+    """``table`` when its files live under ``warehouse``; else an error: in a catalog shared by several roots,
+    a table of the same name made for another root is not this root's (a run would replace its rows)."""
+    location = table.location().removeprefix("file://")
+    if not location.startswith(warehouse.rstrip("/") + "/"):
+        name = ".".join(table.name())
+        raise storage.StorageError(
+            f"the table {name} in this catalog belongs to another root (its files are under {location}, not "
+            f"{warehouse}): give this root its own table with --table <namespace>.<name>"
+        )
+    return table
