@@ -35,8 +35,12 @@ class PostgresError(RuntimeError):
 
 def bin_dir() -> Path:
     """The newest PostgreSQL's binaries; an error naming the package when there are none."""
-    found = sorted(Path("/").glob(BIN_GLOB.lstrip("/")), key=lambda p: int(p.parent.name.split(".")[0]))
-    found = [p for p in found if (p / "initdb").exists() and (p / "postgres").exists()]
+    found = [
+        p
+        for p in Path("/").glob(BIN_GLOB.lstrip("/"))
+        if (p / "initdb").exists() and (p / "postgres").exists()
+    ]
+    found.sort(key=lambda p: [int(part) for part in p.parent.name.split(".") if part.isdigit()])
     if not found:
         raise PostgresError(f"no PostgreSQL in {BIN_GLOB}: install Debian's postgresql (make system-deps)")
     return found[-1]

@@ -1,5 +1,5 @@
 """Shared fixtures and helpers: a real S3 server (SeaweedFS on 127.0.0.1), a PostgreSQL server for Iceberg
-catalogs (``postgres_server``, ``pg_catalog``), a moto server, one local Ray per
+catalogs (``postgres_server``, ``postgres_catalog``), a moto server, one local Ray per
 module, small synthetic audio, and the synthetic root and probe set the tune, tag and suggest tests read.
 
 End-to-end tests use SeaweedFS (``s3_server``, ``s3_endpoint``, ``s3_root``): a real S3 implementation with
@@ -118,7 +118,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
-def pg_catalog(postgres_server) -> str:
+def postgres_catalog(postgres_server) -> str:
     """A fresh database on the PostgreSQL server for one test's Iceberg catalog; returns its URI."""
     return postgres_server.create_database(f"catalog_{uuid.uuid4().hex[:12]}")
 

@@ -33,7 +33,7 @@ def where(request, tmp_path) -> Where:
     root = request.getfixturevalue("s3_root") + "/lib"
     if request.param == "s3":
         return Where(root, f"sqlite:///{tmp_path}/catalog/iceberg.db")
-    return Where(root, request.getfixturevalue("pg_catalog"))
+    return Where(root, request.getfixturevalue("postgres_catalog"))
 
 
 def rows(run_id: str, n_tracks: int) -> pa.Table:
@@ -154,11 +154,11 @@ print(run.run_id, run.snapshot_id, run.parent_id, len(calls))
 
 
 @pytest.mark.slow
-def test_two_processes_commit_through_postgresql_and_no_snapshot_is_lost(s3_root, pg_catalog, tmp_path):
+def test_two_processes_commit_through_postgresql_and_no_snapshot_is_lost(s3_root, postgres_catalog, tmp_path):
     """Two processes plan a snapshot of the same table (S3 data, PostgreSQL catalog) and commit at the same
     moment: PostgreSQL lets one move the table's metadata pointer, the other's commit fails, is planned
     again on the winner's snapshot and lands after it. Both snapshots are in the history."""
-    where = Where(s3_root + "/lib", pg_catalog)
+    where = Where(s3_root + "/lib", postgres_catalog)
     first = write_and_commit(where, "first", rows("first", 3))
     gate = tmp_path / "gate"
     gate.mkdir()

@@ -147,23 +147,23 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_tags_s3_with_a_postgresql_catalog(s3_root, pg_catalog, postgres_server, ray_local, capsys):
+def test_tags_s3_with_a_postgresql_catalog(s3_root, postgres_catalog, postgres_server, ray_local, capsys):
     """An S3 root and a shared catalog in PostgreSQL: the job's table is registered in the database (where
     other machines and engines find it), ``tags sql`` reads it there, and the password is never printed."""
     root = s3_root + "/musiclib"
-    first = first_run_checks(root, pg_catalog)
-    database = pg_catalog.rpartition("/")[2]
+    first = first_run_checks(root, postgres_catalog)
+    database = postgres_catalog.rpartition("/")[2]
     with postgres_server.connect(database) as conn:
         registered = conn.execute("SELECT table_namespace, table_name, metadata_location FROM iceberg_tables")
         registered = registered.fetchall()
     assert [r[:2] for r in registered] == [("musiclib", "tags")]
     assert registered[0][2].startswith(root + "/tags/warehouse/")  # the metadata on S3, found by the database
     query = "SELECT source, count(*) AS n FROM tags GROUP BY source ORDER BY source"
-    tags.main(["sql", query, "--root", root, "--catalog-uri", pg_catalog])
-    tags.main(["history", "--root", root, "--catalog-uri", pg_catalog])
+    tags.main(["sql", query, "--root", root, "--catalog-uri", postgres_catalog])
+    tags.main(["history", "--root", root, "--catalog-uri", postgres_catalog])
     out = capsys.readouterr().out
     lines = out.splitlines()
-    table = tag_table.read(tag_table.require_table(Where(root, pg_catalog)))
+    table = tag_table.read(tag_table.require_table(Where(root, postgres_catalog)))
     counts = table.group_by("source").aggregate([("source", "count")]).sort_by("source").to_pylist()
     sql_at = lines.index("source  n")
     assert lines[sql_at + 1 : sql_at + 1 + len(counts)] == [
@@ -172,7 +172,7 @@ def test_tags_s3_with_a_postgresql_catalog(s3_root, pg_catalog, postgres_server,
     assert first.run_id in lines[-1]
     assert postgres_server.password not in out and database in out  # the catalog is named, masked
 
-    wrong = pg_catalog.replace(postgres_server.password, "not-the-password")
+    wrong = postgres_catalog.replace(postgres_server.password, "not-the-password")
     with pytest.raises(storage.StorageError, match="password authentication failed") as err:
         tag_table.open_table(Where(root, wrong))
     assert "not-the-password" not in str(err.value) and ":***@" in str(err.value)
