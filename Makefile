@@ -124,10 +124,11 @@ s3: $(STAMP)
 bench-load: $(STAMP)
 	$(PY) -m bench.bench_load $(ARGS)
 
-SYSTEM_DEPS := fluidsynth timgm6mb-soundfont
+SYSTEM_DEPS := fluidsynth timgm6mb-soundfont postgresql
 .PHONY: system-deps bench-corpus
-# The system packages the tests need: FluidSynth and a small GM soundfont (apt, as root; nothing runs when
-# they are there; without root it names the command). bench-corpus installs the rest itself: the full
+# The system packages the tests need: FluidSynth, a small GM soundfont and PostgreSQL for the Iceberg catalog
+# tests (apt, as root; nothing runs when they are there; without root it names the command). bench-corpus
+# installs the rest itself: the full
 # FluidR3 soundfont, or for KIND=soundtracks the game music (their sizes: docs/CORPUS.md).
 system-deps: $(STAMP)
 	$(PY) -m musiclib.datasets.system_packages $(SYSTEM_DEPS)

@@ -62,6 +62,9 @@ class LoadConfig:
     repeats: int = 1  # timed runs of the plain loop; the fastest counts
     embed_args: str = "--actors 1"  # options of jobs/embed.py (ARGS of make submit)
     tag_args: str = ""  # options of jobs/tag.py
+    catalog_uri: str = (
+        ""  # the Iceberg catalog of the tag tables (load_<run>.tags_<size>); empty: SQLite in folder
+    )
     probe: str = "logreg"  # probe kind of the fitted probe set (C = 1, standardised)
     sample_s: float = 0.5  # memory sampling period
     job_timeout_s: float = 7200.0  # most seconds one submitted job may take
@@ -137,9 +140,9 @@ def publish_probe_set(root: str, model_id: str, distinct: int, probe: str) -> tu
     return run_id, len(probe_set.tags)
 
 
-def check_tags(root: str, ids: pa.Array, n_tags: int) -> str:
+def check_tags(where: tag_table.Where, ids: pa.Array, n_tags: int) -> str:
     """One model row per catalog track and tag in the current tag snapshot, no untagged track; raises otherwise."""
-    table = tag_table.require_table(tag_table.Where(root))
+    table = tag_table.require_table(where)
     rows = tag_table.read(table, columns=("track_id", "tag", "source"))
     model = rows.filter(pc.equal(rows.column("source"), "model"))
     got = model.column("track_id").combine_chunks()
@@ -227,14 +230,17 @@ def main(argv: list[str] | None = None) -> None:
                 time.sleep(cfg.settle_s)
                 before = format_pss(ray_pss(cluster.node_pids))
                 print(f"before tag {n}, after {cfg.settle_s:g} s: PSS by process\n{before}", flush=True)
-                tag = submit(cluster, "tag", root, cfg.tag_args, cfg)
+                catalog_uri = cfg.catalog_uri or f"sqlite:///{os.path.abspath(cfg.folder)}/iceberg.db"
+                where = tag_table.Where(root, catalog_uri, f"load_{bucket.removeprefix('load-')}.tags_{n}")
+                tag_args = f"{cfg.tag_args} --catalog-uri {where.catalog_uri} --table {where.table}"
+                tag = submit(cluster, "tag", root, tag_args, cfg)
                 print(
                     f"TAG {n}: probe run {run_id} ({n_tags} tags), {tag.wall_s:.1f} s through make submit "
                     f"= {n / tag.wall_s:.1f} tracks/s; peak PSS {tag.peak_bytes / 2**20:.0f} MiB; {uptime()}",
                     flush=True,
                 )
                 print(f"tag {n}: PSS by process at the peak\n{format_pss(tag.at_peak)}", flush=True)
-                print(f"CHECK {n} {check_tags(root, ids, n_tags)}", flush=True)
+                print(f"CHECK {n} {check_tags(where, ids, n_tags)}", flush=True)
                 results[n] = (rate, emb.peak_bytes, tag.peak_bytes, tag.wall_s)
 
     first = cfg.sizes[0]

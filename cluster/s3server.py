@@ -260,7 +260,10 @@ def main() -> None:
         )
         print("local test credentials for this server only; paste into another shell:")
         print("export " + " ".join(f"{k}={v}" for k, v in server.env.items()))
-        print(f"bucket: s3://{args.bucket}   e.g. make demo ROOT=s3://{args.bucket}/demo")
+        catalog_uri = f"sqlite:///{server.folder}/iceberg.db"  # the tag table's catalog: fine on one machine
+        print(
+            f"bucket: s3://{args.bucket}   e.g. MUSICLIB_TAG_CATALOG={catalog_uri} make demo ROOT=s3://{args.bucket}/demo"
+        )
         print("Ctrl-C stops the server", flush=True)
         try:
             code = server.wait()

@@ -9,9 +9,12 @@
 1. the runtime env file named by ``RUNTIME_ENV`` (``cluster/runtime_env.yaml``: pip pins for a real
    cluster; ``cluster/runtime_env.local.yaml``: nothing to install, for nodes that have the packages);
 2. the project as working directory, without the virtualenv, data, git and caches;
-3. the non-secret storage settings of this shell as ``env_vars`` (S3 endpoint, region, root).
-   Credentials never travel in the runtime env: nodes take them from their own environment (an IAM
-   role on AWS, a Kubernetes Secret on KubeRay, the shell that ran ``ray start`` locally).
+3. the non-secret storage settings of this shell as ``env_vars`` (S3 endpoint, region, root, and the
+   tag table's Iceberg catalog ``MUSICLIB_TAG_CATALOG``). Credentials never travel in the runtime env:
+   nodes take them from their own environment (an IAM role on AWS, a Kubernetes Secret on KubeRay, the
+   shell that ran ``ray start`` locally). A catalog URI with a password, in ``MUSICLIB_TAG_CATALOG`` or
+   in ``--catalog-uri``, is refused: it would be stored with the job (PostgreSQL reads the password from
+   ``PGPASSWORD`` or ``~/.pgpass`` on the head node instead).
 
 Token authentication (on by default for Ray 2.59+ local clusters): the ``ray`` CLI sends the token only
 when ``RAY_AUTH_MODE=token``. When this shell has a token (``RAY_AUTH_TOKEN``, ``RAY_AUTH_TOKEN_PATH`` or
@@ -35,6 +38,7 @@ from typing import Any
 import yaml
 
 from musiclib.core import ray_env
+from musiclib.core.iceberg import masked
 
 PROJECT = Path(__file__).resolve().parent.parent
 DEFAULT_ADDRESS = "http://127.0.0.1:8265"
@@ -49,7 +53,7 @@ EXCLUDES = [".venv/", "data/", "runs/", ".git/", "**/__pycache__/", ".pytest_cac
 EXCLUDES += ["*.egg-info/", "build/", "*.pyc"]
 
 # Settings the jobs read from the environment that may travel with the job: none of them is a secret.
-FORWARDED = (*ray_env.FORWARDED, "MUSICLIB_ROOT")
+FORWARDED = (*ray_env.FORWARDED, "MUSICLIB_ROOT", "MUSICLIB_TAG_CATALOG")
 SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "RAY_AUTH_TOKEN")
 
 DEFAULT_TOKEN_FILE = Path.home() / ".ray" / "auth_token"
@@ -101,13 +105,27 @@ def build_runtime_env(path: str, environ: dict[str, str]) -> dict[str, Any]:
     secret = set(env["env_vars"]) & set(SECRETS)
     if secret:
         raise SubmitError(f"{path}: remove the secrets {sorted(secret)}; nodes supply credentials")
+    refuse_catalog_password(env["env_vars"].get("MUSICLIB_TAG_CATALOG", ""), "MUSICLIB_TAG_CATALOG")
     return env
+
+
+def refuse_catalog_password(catalog_uri: str, where: str) -> None:
+    """A catalog URI with a password must not travel with the job (runtime env and entrypoint are stored)."""
+    if masked(catalog_uri) != catalog_uri:
+        raise SubmitError(
+            f"{where} carries a password ({masked(catalog_uri)}), which would be stored with the job: give the "
+            f"head node the password instead (PGPASSWORD, ~/.pgpass, or on KubeRay the Secret "
+            f"musiclib-iceberg-catalog)"
+        )
 
 
 def entrypoint(job: str, root: str, args: list[str]) -> str:
     """The shell command the job server runs in the working directory."""
     if job not in JOBS:
         raise SubmitError(f"unknown job {job!r}: choose one of {', '.join(JOBS)}")
+    for flag, value in zip(args, args[1:]):
+        if flag == "--catalog-uri":
+            refuse_catalog_password(value, "--catalog-uri")
     return shlex.join(["python", "-m", "musiclib.cli", job, "--root", root, *args])
 
 

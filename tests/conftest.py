@@ -1,4 +1,5 @@
-"""Shared fixtures and helpers: a real S3 server (SeaweedFS on 127.0.0.1), a moto server, one local Ray per
+"""Shared fixtures and helpers: a real S3 server (SeaweedFS on 127.0.0.1), a PostgreSQL server for Iceberg
+catalogs (``postgres_server``, ``postgres_catalog``), a moto server, one local Ray per
 module, small synthetic audio, and the synthetic root and probe set the tune, tag and suggest tests read.
 
 End-to-end tests use SeaweedFS (``s3_server``, ``s3_endpoint``, ``s3_root``): a real S3 implementation with
@@ -23,6 +24,7 @@ from cluster.s3server import SeaweedS3
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from cluster.pgserver import PostgresServer
     from musiclib.probe import probes
 
 
@@ -97,6 +99,28 @@ def s3_endpoint(s3_server) -> str:
 def s3_root(s3_server, monkeypatch) -> str:
     """A fresh SeaweedFS bucket, with the standard AWS variables pointing at it; returns ``s3://bucket``."""
     return _bucket_root(s3_server.endpoint, s3_server.env, monkeypatch)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One PostgreSQL server on 127.0.0.1 for the session (Debian's ``postgresql``, ``make system-deps``),
+    with a password-authenticated role and database: what a shared Iceberg SQL catalog lives in."""
+    from cluster.pgserver import PostgresError, PostgresServer, bin_dir
+
+    try:
+        bin_dir()
+    except PostgresError as exc:
+        pytest.skip(str(exc))
+    start = time.monotonic()
+    with PostgresServer() as server:
+        print(f"PostgreSQL on 127.0.0.1:{server.port} started in {time.monotonic() - start:.1f} s")
+        yield server
+
+
+@pytest.fixture
+def postgres_catalog(postgres_server) -> str:
+    """A fresh database on the PostgreSQL server for one test's Iceberg catalog; returns its URI."""
+    return postgres_server.create_database(f"catalog_{uuid.uuid4().hex[:12]}")
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -100,8 +100,9 @@ def publish_centroid_probe_set(layout, model_id: str) -> list[str]:
     return probe_set.tags
 
 
-def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
-    """embed, then tag with a probe set, run on the two-node cluster and leave complete outputs."""
+def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server, tmp_path):
+    """embed, then tag with a probe set, run on the two-node cluster and leave complete outputs. The
+    tag table's catalog is a SQLite file named explicitly: both nodes run on this machine."""
     from musiclib import catalog
     from musiclib.core import versions
     from musiclib.core.config import Layout
@@ -123,10 +124,12 @@ def test_embed_then_tag_on_the_cluster(cluster, catalog_on_s3, s3_server):
         assert not versions.verify(manifest)
         tag_names = publish_centroid_probe_set(layout, model_id)
 
-    out = make("submit", cluster.submit_env, JOB="tag", ROOT=cluster.root, ARGS="--batch-size 64")
+    catalog_uri = f"sqlite:///{tmp_path}/iceberg.db"
+    args = f"--batch-size 64 --catalog-uri {catalog_uri}"
+    out = make("submit", cluster.submit_env, JOB="tag", ROOT=cluster.root, ARGS=args)
     assert out.returncode == 0, out.stdout[-3000:]
     with aws_env(s3_server):
-        table = tag_table.require_table(tag_table.Where(cluster.root))
+        table = tag_table.require_table(tag_table.Where(cluster.root, catalog_uri))
         assert not tag_table.verify(table)
         rows = tag_table.read(table, columns=("track_id", "tag", "source")).to_pylist()
     model_rows = sorted((r["track_id"], r["tag"]) for r in rows if r["source"] == "model")

@@ -116,6 +116,25 @@ def test_raycluster_manifest():
     assert any("decode" in str(g["rayStartParams"].get("resources", "")) for g in groups), "a decode group"
 
 
+def test_the_head_takes_the_tag_tables_catalog_from_a_secret():
+    """Job drivers and the query tool run on the head: it reads the shared Iceberg catalog from a Secret
+    (an S3 root is refused without one), never from a value written in the manifests."""
+    cluster = _load(KUBERAY / "raycluster.yaml")
+    (head,) = _containers(cluster["spec"]["headGroupSpec"]["template"])
+    (catalog,) = [e for e in head["env"] if e["name"] == "MUSICLIB_TAG_CATALOG"]
+    assert set(catalog) == {"name", "valueFrom"}
+    ref = catalog["valueFrom"]["secretKeyRef"]
+    assert ref["name"] == "musiclib-iceberg-catalog" and ref["key"] == "uri"
+    assert f"kubectl create secret generic {ref['name']}" in (KUBERAY / "raycluster.yaml").read_text()
+    tag = _load(KUBERAY / "rayjob-tag.yaml")
+    assert tag["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    assert "--catalog-uri" not in tag["spec"]["entrypoint"]  # from the head's Secret, not the command line
+    for path in KUBERAY.glob("*.yaml"):
+        assert (
+            "MUSICLIB_TAG_CATALOG: " not in path.read_text() and "value: postgresql" not in path.read_text()
+        )
+
+
 @pytest.mark.parametrize("job", JOBS)
 def test_rayjob_manifest(job):
     manifest = _load(KUBERAY / f"rayjob-{job}.yaml")
@@ -164,6 +183,20 @@ def test_runtime_env_carries_settings_but_never_credentials():
         assert {".venv/", "data/", ".git/"} <= set(env["excludes"])
     assert "torch==2.11.0" in submit.build_runtime_env("cluster/runtime_env.yaml", {})["pip"]["packages"]
     assert "pip" not in submit.build_runtime_env("cluster/runtime_env.local.yaml", {})
+
+
+def test_the_tag_catalog_travels_to_the_job_but_never_its_password():
+    submit = _submit_module()
+    env = submit.build_runtime_env("cluster/runtime_env.local.yaml", {"MUSICLIB_TAG_CATALOG": "glue"})
+    assert env["env_vars"]["MUSICLIB_TAG_CATALOG"] == "glue"
+    with_password = "postgresql://tagger:hunter2@db.internal/iceberg"
+    with pytest.raises(submit.SubmitError, match="carries a password") as err:
+        submit.build_runtime_env("cluster/runtime_env.local.yaml", {"MUSICLIB_TAG_CATALOG": with_password})
+    assert "hunter2" not in str(err.value)
+    with pytest.raises(submit.SubmitError, match="--catalog-uri carries a password"):
+        submit.entrypoint("tag", "s3://b/c", ["--catalog-uri", with_password])
+    no_password = "postgresql://tagger@db.internal/iceberg"
+    assert submit.entrypoint("tag", "s3://b/c", ["--catalog-uri", no_password]).endswith(no_password)
 
 
 def test_entrypoints_and_bad_job_names():

@@ -628,9 +628,9 @@ def test_tune_survives_a_trial_worker_killed_mid_trial(tmp_path):
     check_tune_results(root, "tune-worker")
 
 
-def commit_previous_tags(root: str) -> None:
+def commit_previous_tags(root: str, catalog_uri: str = "") -> None:
     """An earlier snapshot of the tag table (run ``tags-previous``), so that a reader has one from the start."""
-    write_and_commit(Where(root), "tags-previous", previous_rows("tags-previous", 2))
+    write_and_commit(Where(root, catalog_uri), "tags-previous", previous_rows("tags-previous", 2))
 
 
 def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
@@ -667,9 +667,11 @@ def test_tag_driver_killed_mid_run_gives_the_same_tags(tmp_path):
     check_tags(root, cat, emb, probe_set)
 
 
-def check_tags(root: str, cat: pa.Table, emb: pa.Table, probe_set: probes.ProbeSet) -> None:
+def check_tags(
+    root: str, cat: pa.Table, emb: pa.Table, probe_set: probes.ProbeSet, catalog_uri: str = ""
+) -> None:
     """The current tags: the probe set applied to every embedding once, and the human labels once."""
-    table = tag_table.read(tag_table.require_table(Where(root)))
+    table = tag_table.read(tag_table.require_table(Where(root, catalog_uri)))
     model = table.filter(pc.equal(table["source"], "model"))
     ok = emb.filter(pc.is_null(emb["error"]))
     scores = probe_set.apply(np.array(ok["embedding"].to_pylist(), np.float32))
@@ -843,8 +845,10 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     every track's tags once."""
     cat, emb = synthetic_root(s3_root, n_files=6)
     probe_set = publish_probe_set(s3_root, cat, emb)
-    commit_previous_tags(s3_root)
+    catalog_uri = f"sqlite:///{tmp_path}/iceberg.db"  # the S3 endpoint goes away, not the catalog
+    commit_previous_tags(s3_root, catalog_uri)
     cmd = job_command("tag", "--root", s3_root, "--run-id", "tags-outage", "--batch-size", "8")
+    cmd += ["--catalog-uri", catalog_uri]
     log = tmp_path / "tag.log"
     proc = start(cmd, log)
 
@@ -860,14 +864,14 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     assert not dead_threads(text), f"a background thread died: {dead_threads(text)}"
     if proc.returncode != 0:  # failed: clearly, and with nothing committed; the same command completes
         assert "Error" in text.strip().splitlines()[-1], text[-4000:]
-        table = tag_table.require_table(Where(s3_root))
+        table = tag_table.require_table(Where(s3_root, catalog_uri))
         assert [r.run_id for r in tag_table.runs(table)] == ["tags-previous"]
         run(cmd, tmp_path / "again.log")
     print(f"tag, S3 down {outage:.1f} s: first run exited {proc.returncode}")
-    table = tag_table.require_table(Where(s3_root))
+    table = tag_table.require_table(Where(s3_root, catalog_uri))
     assert [r.run_id for r in tag_table.runs(table)] == ["tags-previous", "tags-outage"]
     assert tag_table.verify(table) == []
-    check_tags(s3_root, cat, emb, probe_set)
+    check_tags(s3_root, cat, emb, probe_set, catalog_uri)
 
 
 def test_tune_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_path):

@@ -12,12 +12,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
-from conftest import LOGREG, SYNTHETIC_MODEL, publish_probe_set, write_synthetic_root
+from conftest import LOGREG, SYNTHETIC_MODEL, free_port, publish_probe_set, write_synthetic_root
 from pyiceberg.catalog.sql import SqlCatalog
 
 from jobs import tag as tag_job
 from musiclib import catalog
-from musiclib.core import storage, versions
+from musiclib.core import iceberg, storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import demo, tagged_embeddings
 from musiclib.embed import table as embeddings_table
@@ -26,9 +26,9 @@ from musiclib.tag import tag_table, tags
 from musiclib.tag.tag_table import Where
 
 
-def check_table(root: str, cat, emb, probe_set: probes.ProbeSet) -> None:
+def check_table(root: str, cat, emb, probe_set: probes.ProbeSet, catalog_uri: str = "") -> None:
     """Model scores equal the probe applied directly; thresholds as saved; human labels unchanged."""
-    iceberg = tag_table.require_table(Where(root))
+    iceberg = tag_table.require_table(Where(root, catalog_uri))
     table = tag_table.read(iceberg).to_pandas()
     ok = emb.filter(pc.is_null(emb["error"]))
     expected = probe_set.apply(embeddings_table.matrix(ok, probe_set.representation))
@@ -50,17 +50,19 @@ def check_table(root: str, cat, emb, probe_set: probes.ProbeSet) -> None:
     assert all(r.startswith("embedding error") for r in errors["reason"].to_pylist())
 
 
-def first_run_checks(root: str) -> tag_table.Run:
+def first_run_checks(root: str, catalog_uri: str = "") -> tag_table.Run:
     """Tag a fresh root, check the table against the probe set, then check a re-run is a no-op."""
     cat, emb = write_synthetic_root(root, n_tracks=120)
     probe_set = publish_probe_set(root, cat, emb)
-    first = tag_job.main(["--root", root, "--num-cpus", "2"])
-    check_table(root, cat, emb, probe_set)
+    catalog_args = ["--catalog-uri", catalog_uri] if catalog_uri else []
+    first = tag_job.main(["--root", root, "--num-cpus", "2", *catalog_args])
+    check_table(root, cat, emb, probe_set, catalog_uri)
 
     # a re-run with the same inputs is a no-op
-    again = tag_job.main(["--root", root])
+    again = tag_job.main(["--root", root, *catalog_args])
     assert again == first
-    assert [r.run_id for r in tag_table.runs(tag_table.require_table(Where(root)))] == [first.run_id]
+    runs = tag_table.runs(tag_table.require_table(Where(root, catalog_uri)))
+    assert [r.run_id for r in runs] == [first.run_id]
     return first
 
 
@@ -145,8 +147,35 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
 
 
 @pytest.mark.slow
-def test_tags_s3(s3_root, ray_local):
-    first_run_checks(s3_root + "/musiclib")
+def test_tags_s3_with_a_postgresql_catalog(s3_root, postgres_catalog, postgres_server, ray_local, capsys):
+    """An S3 root and a shared catalog in PostgreSQL: the job's table is registered in the database (where
+    other machines and engines find it), ``tags sql`` reads it there, and the password is never printed."""
+    root = s3_root + "/musiclib"
+    first = first_run_checks(root, postgres_catalog)
+    database = postgres_catalog.rpartition("/")[2]
+    with postgres_server.connect(database) as conn:
+        registered = conn.execute("SELECT table_namespace, table_name, metadata_location FROM iceberg_tables")
+        registered = registered.fetchall()
+    assert [r[:2] for r in registered] == [("musiclib", "tags")]
+    assert registered[0][2].startswith(root + "/tags/warehouse/")  # the metadata on S3, found by the database
+    query = "SELECT source, count(*) AS n FROM tags GROUP BY source ORDER BY source"
+    tags.main(["sql", query, "--root", root, "--catalog-uri", postgres_catalog])
+    tags.main(["history", "--root", root, "--catalog-uri", postgres_catalog])
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    table = tag_table.read(tag_table.require_table(Where(root, postgres_catalog)))
+    counts = table.group_by("source").aggregate([("source", "count")]).sort_by("source").to_pylist()
+    sql_at = lines.index("source  n")
+    assert lines[sql_at + 1 : sql_at + 1 + len(counts)] == [
+        f"{c['source']}  {c['source_count']}" for c in counts
+    ]
+    assert first.run_id in lines[-1]
+    assert postgres_server.password not in out and database in out  # the catalog is named, masked
+
+    wrong = postgres_catalog.replace(postgres_server.password, "not-the-password")
+    with pytest.raises(storage.StorageError, match="password authentication failed") as err:
+        tag_table.open_table(Where(root, wrong))
+    assert "not-the-password" not in str(err.value) and ":***@" in str(err.value)
 
 
 FUSED = {**LOGREG, "representation": "fused"}
@@ -298,3 +327,39 @@ def test_missing_catalog_or_probe_set_fails_before_ray(tmp_path):
         tag_job.main(["--root", str(tmp_path), "--catalog-uri", "user:secret@host"])
     assert "secret" not in str(err.value)
     assert not (tmp_path / "tags" / "iceberg.db").exists()  # no table made for a run that could not start
+
+
+def test_a_postgresql_catalog_uri_is_checked_and_its_password_never_shown(tmp_path):
+    """``postgresql://`` goes through psycopg 3; a URI whose driver is missing, or whose database does not
+    answer, is one line with the password masked."""
+    uri = "postgresql://tagger:hunter2@db.internal:5432/iceberg"
+    assert iceberg.catalog_problem(uri) is None
+    assert iceberg.sql_url(uri).drivername == "postgresql+psycopg"
+    assert iceberg.masked(uri) == "postgresql://tagger:***@db.internal:5432/iceberg"
+    problem = iceberg.catalog_problem("mysql://tagger:hunter2@db.internal/iceberg")
+    assert "needs the Python module MySQLdb" in problem and "hunter2" not in problem
+    closed = f"postgresql://tagger:hunter2@127.0.0.1:{free_port()}/iceberg"
+    with pytest.raises(
+        storage.StorageError, match="cannot open the Iceberg catalog postgresql://tagger:\\*\\*\\*@"
+    ):
+        iceberg.open_catalog(closed, str(tmp_path), str(tmp_path / "warehouse"), create=True)
+
+
+def test_an_s3_root_without_a_shared_catalog_is_refused(tmp_path, capsys):
+    """An S3 root with no catalog named would keep its table in a SQLite file on the driver's disk (lost
+    with a KubeRay head pod, unseen by Trino): the job and the query tool refuse it before any storage
+    or Ray; an explicit SQLite URI is a deliberate single-machine choice and passes validation."""
+    with pytest.raises(ConfigError) as err:
+        tag_job.main(["--root", "s3://no-such-bucket/catalog"])
+    message = str(err.value)
+    assert "needs a shared Iceberg catalog" in message and "--catalog-uri postgresql://" in message
+    assert "MUSICLIB_TAG_CATALOG" in message and "glue" in message
+    with pytest.raises(SystemExit, match="needs a shared Iceberg catalog"):
+        tags.main(["top", "drums", "--root", "s3://no-such-bucket/catalog"])
+    with pytest.raises(storage.StorageError, match="needs a shared Iceberg catalog"):
+        tag_table.open_table(Where("s3://no-such-bucket/catalog"))
+    explicit = f"sqlite:///{tmp_path}/iceberg.db"
+    cfg = tags.TagConfig(root="s3://no-such-bucket/catalog", catalog_uri=explicit)
+    cfg.validate()
+    assert cfg.where.resolved_catalog() == explicit
+    assert Where(str(tmp_path)).resolved_catalog() == f"sqlite:///{tmp_path}/tags/iceberg.db"

@@ -3,10 +3,11 @@
 The catalog (``--catalog-uri``, else ``MUSICLIB_TAG_CATALOG``):
 
 - empty, local root: a SQLite file under the root, ``sqlite:///<root>/tags/iceberg.db``;
-- empty, S3 root: a SQLite file on the machine that runs the job, ``~/.musiclib/iceberg/<bucket>/<key>/
-  iceberg.db``: fine for one machine, but other machines do not see it, so a cluster names a shared one;
+- empty, S3 root: refused (``shared_catalog_problem``): a SQLite file on the driver's disk would be lost
+  with the machine (a KubeRay head pod's restart) and unseen by Trino or Athena;
 - ``http://…`` or ``https://…``: an Iceberg REST catalog; ``glue``: AWS Glue; any other URI is a
-  SQLAlchemy URL (``postgresql://…``, ``sqlite:///…``).
+  SQLAlchemy URL: ``postgresql://…`` (through psycopg 3, the ``postgres`` extra), or ``sqlite:///…``,
+  a deliberate choice of one machine.
 
 S3 settings come from the standard AWS variables; credentials are found by the AWS SDK on the machine
 that uses them and never pass through musiclib. A catalog's own secrets (a REST token, say) go in
@@ -19,38 +20,57 @@ from __future__ import annotations
 import os
 
 from pyiceberg.catalog import Catalog, load_catalog
-from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError
+from pyiceberg.table import Table
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
 from musiclib.core import storage
 
 DEFAULT_CATALOG = os.environ.get("MUSICLIB_TAG_CATALOG", "")
 CATALOG_NAME = "musiclib"  # pyiceberg reads PYICEBERG_CATALOG__MUSICLIB__* for this catalog
-S3_CATALOG_DIR = "~/.musiclib/iceberg"  # where an S3 root's default SQLite catalog lives
+
+
+def shared_catalog_problem(catalog_uri: str, root: str) -> str | None:
+    """Why ``root``'s tables would have no catalog other machines and engines see, or None: an S3 root
+    needs one named (a local root's default SQLite file lives beside its data)."""
+    if catalog_uri or storage.split_uri(root)[0] != "s3":
+        return None
+    return (
+        f"the S3 root {root} needs a shared Iceberg catalog: pass --catalog-uri postgresql://user@host/db, "
+        f"an Iceberg REST URI (https://...) or glue, or set MUSICLIB_TAG_CATALOG "
+        f"(sqlite:///path/iceberg.db only for one machine)"
+    )
 
 
 def resolved(catalog_uri: str, root: str) -> str:
-    """The catalog URI in use: the one given, else the default for the root (see the module doc)."""
-    if catalog_uri:
-        return catalog_uri
-    scheme, path = storage.split_uri(root)
-    if scheme == "s3":
-        return "sqlite:///" + os.path.join(os.path.expanduser(S3_CATALOG_DIR), path, "iceberg.db")
-    return "sqlite:///" + os.path.join(path, "tags", "iceberg.db")
+    """The catalog URI in use: the one given, else a local root's SQLite file (an S3 root must name one)."""
+    if problem := shared_catalog_problem(catalog_uri, root):
+        raise storage.StorageError(problem)
+    return catalog_uri or "sqlite:///" + os.path.join(storage.split_uri(root)[1], "tags", "iceberg.db")
+
+
+def sql_url(catalog_uri: str) -> URL:
+    """The SQLAlchemy URL of a SQL catalog; plain ``postgresql://`` goes through psycopg 3, not psycopg2."""
+    url = make_url(catalog_uri)
+    return url.set(drivername="postgresql+psycopg") if url.drivername == "postgresql" else url
 
 
 def catalog_problem(catalog_uri: str) -> str | None:
     """Why a ``--catalog-uri`` names no catalog, or None. A value with ``@`` (maybe a password) is not echoed."""
     if catalog_uri in ("", "glue") or catalog_uri.startswith(("http://", "https://")):
         return None
+    shown = "a value with '@'" if "@" in catalog_uri else repr(catalog_uri)
     try:
-        make_url(catalog_uri)
-    except ArgumentError:
-        shown = "a value with '@'" if "@" in catalog_uri else repr(catalog_uri)
+        url = sql_url(catalog_uri)
+        url.get_dialect().import_dbapi()
+    except (ArgumentError, NoSuchModuleError):
         return (
             f"--catalog-uri must be https://... (a REST catalog), glue, or a SQLAlchemy URL such as "
             f"sqlite:///path/iceberg.db or postgresql://host/db; got {shown}"
         )
+    except ImportError as exc:
+        extra = " (pip install 'musiclib-tagger[postgres]')" if url.get_backend_name() == "postgresql" else ""
+        return f"--catalog-uri {masked(catalog_uri)} needs the Python module {exc.name}{extra}"
     return None
 
 
@@ -71,7 +91,7 @@ def open_catalog(catalog_uri: str, root: str, warehouse: str, create: bool) -> C
     elif uri == "glue":
         props |= {"type": "glue"}
     else:
-        props |= {"type": "sql", "uri": uri}
+        props |= {"type": "sql", "uri": sql_url(uri).render_as_string(hide_password=False)}
         if uri.startswith("sqlite:///"):
             path = make_url(uri).database or ""
             if not create and not os.path.exists(path):
@@ -80,4 +100,21 @@ def open_catalog(catalog_uri: str, root: str, warehouse: str, create: bool) -> C
     if storage.split_uri(root)[0] == "s3":
         s3 = storage.s3_settings()  # endpoint and region only: credentials stay with the AWS SDK
         props |= {k: v for k, v in (("s3.endpoint", s3["endpoint_url"]), ("s3.region", s3["region"])) if v}
-    return load_catalog(CATALOG_NAME, **props)
+    try:
+        return load_catalog(CATALOG_NAME, **props)
+    except OperationalError as exc:  # a database that is down, or refuses the user: one line, no password
+        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else type(exc).__name__
+        raise storage.StorageError(f"cannot open the Iceberg catalog {masked(uri)}: {reason}") from None
+
+
+def owned(table: Table, warehouse: str) -> Table:
+    """``table`` when its files live under ``warehouse``; else an error: in a catalog shared by several roots,
+    a table of the same name made for another root is not this root's (a run would replace its rows)."""
+    location = table.location().removeprefix("file://")
+    if not location.startswith(warehouse.rstrip("/") + "/"):
+        name = ".".join(table.name())
+        raise storage.StorageError(
+            f"the table {name} in this catalog belongs to another root (its files are under {location}, not "
+            f"{warehouse}): give this root its own table with --table <namespace>.<name>"
+        )
+    return table

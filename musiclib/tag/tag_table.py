@@ -100,7 +100,7 @@ def open_table(where: Where, create_with: pa.Schema | None = None) -> Table | No
         return None
     if create_with is None:
         try:
-            return catalog.load_table(where.table)
+            return iceberg.owned(catalog.load_table(where.table), where.warehouse)
         except NoSuchTableError:
             return None
     catalog.create_namespace_if_not_exists(where.table.rpartition(".")[0])
@@ -109,7 +109,7 @@ def open_table(where: Where, create_with: pa.Schema | None = None) -> Table | No
         mapping = table.schema().name_mapping.model_dump_json()
         with table.transaction() as tx:
             tx.set_properties(**{"schema.name-mapping.default": mapping})
-    return table
+    return iceberg.owned(table, where.warehouse)
 
 
 def require_table(where: Where) -> Table:

@@ -41,7 +41,7 @@ from pyiceberg.table import Table
 from musiclib import catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check, take_flags
-from musiclib.core.iceberg import DEFAULT_CATALOG, catalog_problem
+from musiclib.core.iceberg import DEFAULT_CATALOG, catalog_problem, shared_catalog_problem
 from musiclib.core.outputs import print_outputs, print_table
 from musiclib.embed import table as embeddings_table
 from musiclib.tag import tag_table
@@ -74,7 +74,7 @@ class TagConfig(RayConfig):
 
     root: str = DEFAULT_ROOT
     catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
-    catalog_uri: str = DEFAULT_CATALOG  # the Iceberg catalog (empty: the root's default, see core.iceberg)
+    catalog_uri: str = DEFAULT_CATALOG  # the Iceberg catalog (empty: a local root's SQLite file, see core.iceberg)
     table: str = DEFAULT_TABLE  # the Iceberg table, <namespace>.<name>
     probe_run_id: str = ""  # empty: the latest published tune run
     run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same snapshot
@@ -91,6 +91,8 @@ class TagConfig(RayConfig):
         if not namespace or not name:
             problems.append(f"--table must be <namespace>.<name>, got {self.table!r}")
         if problem := catalog_problem(self.catalog_uri):
+            problems.append(problem)
+        if problem := shared_catalog_problem(self.catalog_uri, self.root):
             problems.append(problem)
         check("tag", problems)
 
@@ -414,9 +416,9 @@ def main(argv: list[str] | None = None) -> None:
 
         neighbors.command(args, storage.normalize_uri(flags["--root"]), int(flags["--n"]))
         return
-    if problem := catalog_problem(flags["--catalog-uri"]):
-        raise SystemExit(problem)
     where = Where(storage.normalize_uri(flags["--root"]), flags["--catalog-uri"], flags["--table"])
+    if problem := catalog_problem(where.catalog_uri) or shared_catalog_problem(where.catalog_uri, where.root):
+        raise SystemExit(problem)
     if args == ["outputs"]:
         print_outputs(Layout(where.root), current_snapshot(where))
         return
