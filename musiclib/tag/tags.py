@@ -74,7 +74,9 @@ class TagConfig(RayConfig):
 
     root: str = DEFAULT_ROOT
     catalog: str = ""  # the track catalog (musiclib.catalog); empty: <root>/catalog/tracks.parquet
-    catalog_uri: str = DEFAULT_CATALOG  # the Iceberg catalog (empty: a local root's SQLite file, see core.iceberg)
+    catalog_uri: str = (
+        DEFAULT_CATALOG  # the Iceberg catalog (empty: a local root's SQLite file, see core.iceberg)
+    )
     table: str = DEFAULT_TABLE  # the Iceberg table, <namespace>.<name>
     probe_run_id: str = ""  # empty: the latest published tune run
     run_id: str = ""  # empty: derived from the inputs, so the same inputs give the same snapshot
