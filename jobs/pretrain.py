@@ -13,6 +13,7 @@
    placed again (a node lost), it goes on from the checkpoint with as few as that many, the global batch
    unchanged, and grows back when the cluster does.
 4. Export the encoder to ``<root>/models/<model_id>`` with a JSON card, published as the latest model.
+With ``--mlflow-uri``, an MLflow run gets the config, the metrics of every logged step and the card.
 """
 
 from __future__ import annotations

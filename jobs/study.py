@@ -15,6 +15,7 @@
      configuration chosen on the validation split and its test scores per repetition become the rows.
 3. Write results.parquet, study.md and study.png under ``<root>/study/<run_id>/`` and publish the run.
 Running the same command again skips the variants already evaluated (and a finished study entirely).
+With ``--mlflow-uri``, an MLflow run gets the config and the results, with a nested run per variant.
 """
 
 from __future__ import annotations

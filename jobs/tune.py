@@ -15,6 +15,8 @@
 A trial whose worker dies runs again (``--max-failures``); its configurations write the same rows to the
 same files. Every choice, the representation included, is made on the validation split; the test split
 only reports the chosen configurations. The final probe set records its representation.
+With ``--mlflow-uri``, an MLflow run gets the config, each budget's scores and the report, and a nested run
+per trial the trial's configurations and scores.
 """
 
 from __future__ import annotations

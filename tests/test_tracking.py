@@ -29,9 +29,13 @@ SMALL_TUNE = [
 ]  # fmt: skip
 
 
-def test_the_uri_is_checked_and_a_password_in_it_is_refused_and_never_printed():
-    for good in ("http://127.0.0.1:5000", "https://mlflow.example.com", "file:/tmp/mlruns", "sqlite:///m.db"):
+def test_the_uri_is_checked_and_a_password_in_it_is_refused_and_never_printed(monkeypatch):
+    for good in ("http://127.0.0.1:5000", "https://mlflow.example.com", "sqlite:///m.db"):
         assert tracking.problems(good) == [], good
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    assert "use sqlite:///<path>.db" in tracking.problems("file:/tmp/mlruns")[0]
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    assert tracking.problems("file:/tmp/mlruns") == []
     assert tracking.problems("databricks") == [] and tracking.problems("") == []
     assert "http(s)://host, file:, sqlite: or databricks" in tracking.problems("ftp://host/x")[0]
     assert tracking.problems("http:///no-host") == ["--mlflow-uri 'http:///no-host': no host"]
@@ -158,7 +162,10 @@ def test_tune_logs_the_sweep_and_a_nested_run_per_trial(mlflow_server, tmp_path)
         assert trial.info.status == "FINISHED" and 0 <= trial.data.metrics["valid_macro_ap"] <= 1
         assert "'probe':" in trial.data.params["trial"]
     # a complete run is only made current: nothing is logged again
-    assert tune_job.main(["--root", root, *SMALL_TUNE, "--mlflow-uri", mlflow_server]) == manifest
+    assert (
+        tune_job.main(["--root", root, *SMALL_TUNE, "--mlflow-uri", mlflow_server]).version
+        == manifest.version
+    )
     assert len(runs(mlflow_server, "tune")) == 1 + len(trials)
 
 

@@ -25,6 +25,7 @@ from musiclib.core import storage
 
 SCHEMES = ("http", "https", "file", "sqlite", "databricks")  # databricks://<profile>, or "databricks" alone
 EXPERIMENT = "musiclib"
+TRUE = ("true", "1")  # how MLflow reads a boolean variable
 PARAM_CHARS = 6000  # the longest parameter value an MLflow server stores
 
 
@@ -57,6 +58,11 @@ def problems(uri: str) -> list[str]:
         )
     elif parts.scheme in ("http", "https") and not parts.hostname:
         found.append(f"--mlflow-uri {mask(uri)!r}: no host")
+    elif parts.scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in TRUE:
+        found.append(
+            f"--mlflow-uri {uri!r}: MLflow 3 keeps runs in a database: use sqlite:///<path>.db (or set "
+            "MLFLOW_ALLOW_FILE_STORE=true for its file store)"
+        )
     if parts.password is not None:
         found.append(
             f"--mlflow-uri {mask(uri)!r}: no password in the URI (configs are recorded); set "
