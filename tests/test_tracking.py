@@ -74,6 +74,16 @@ def test_tracking_changes_no_run_id_and_a_pretraining_resumes_with_it(tmp_path):
     assert resume_conflicts(saved, PretrainConfig(root=root, mlflow_uri=uri)) == []
 
 
+def test_a_lost_metrics_request_is_printed_and_training_goes_on(monkeypatch, capsys):
+    pytest.importorskip("mlflow", reason="the MLflow client comes with the test extra: make setup")
+    from conftest import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    callback = pretrain_job.MLflowMetrics(tracking.Tracked(f"http://127.0.0.1:{free_port()}", "r1"))
+    callback.after_report(None, [{"step": 7, "loss": 1.5}], None)  # nothing listens there
+    assert "pretrain: MLflow did not take the metrics of step 7: " in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_without_the_flag_mlflow_is_not_imported():
     """Every job's config defaults to no tracking; the jobs and an untracked run import no mlflow."""

@@ -60,7 +60,7 @@ def problems(uri: str) -> list[str]:
         found.append(f"--mlflow-uri {mask(uri)!r}: no host")
     elif parts.scheme == "file" and os.environ.get("MLFLOW_ALLOW_FILE_STORE", "").lower() not in TRUE:
         found.append(
-            f"--mlflow-uri {uri!r}: MLflow 3 keeps runs in a database: use sqlite:///<path>.db (or set "
+            f"--mlflow-uri {mask(uri)!r}: MLflow 3 keeps runs in a database: use sqlite:///<path>.db (or set "
             "MLFLOW_ALLOW_FILE_STORE=true for its file store)"
         )
     if parts.password is not None:
@@ -73,24 +73,12 @@ def problems(uri: str) -> list[str]:
     return found
 
 
-def flat_params(values: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Config values as MLflow parameters: nested mappings as ``a.b``, every value as text within
-    ``PARAM_CHARS``."""
-    out: dict[str, str] = {}
-    for key, value in values.items():
-        if isinstance(value, Mapping):
-            out |= flat_params(value, f"{prefix}{key}.")
-        else:
-            out[f"{prefix}{key}"] = str(value)[:PARAM_CHARS]
-    return out
-
-
 @contextmanager
 def run(
     uri: str, name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None
 ) -> Iterator[Tracked | None]:
-    """An MLflow run named ``name`` for the block, with ``params`` logged and ``tags`` set; None without a
-    URI. A run open in this process (the study's) is its parent; an exception ends it as FAILED."""
+    """An MLflow run named ``name`` for the block, with ``params`` logged as text and ``tags`` set; None
+    without a URI. A run open in this process (the study's) is its parent; an exception ends it as FAILED."""
     if not uri:
         yield None
         return
@@ -102,7 +90,7 @@ def run(
     with mlflow.start_run(
         run_name=name, experiment_id=experiment.experiment_id, nested=nested, tags=dict(tags or {})
     ) as active:
-        mlflow.log_params(flat_params(params))
+        mlflow.log_params({key: str(value)[:PARAM_CHARS] for key, value in params.items()})
         print(f"MLflow: run {name!r} ({active.info.run_id}) at {mask(uri)}, experiment {EXPERIMENT!r}")
         yield Tracked(uri, active.info.run_id)
 
