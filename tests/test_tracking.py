@@ -50,8 +50,9 @@ def test_the_uri_is_checked_and_a_password_in_it_is_refused_and_never_printed(mo
     assert "\n  " in str(raised.value)  # one of the job's listed problems, before Ray starts
     with pytest.raises(ConfigError, match="no password in the URI"):
         parse(TuneConfig, ["--mlflow-uri", "http://u:p@127.0.0.1:5000"])
-    with pytest.raises(ConfigError, match="mlflow-uri 'ftp://x'"):
+    with pytest.raises(ConfigError, match="mlflow-uri 'ftp://x'") as raised:
         parse(study.StudyConfig, ["--mlflow-uri", "ftp://x"])
+    assert str(raised.value).count("mlflow-uri") == 1  # not again for the jobs the study runs
 
 
 def test_tracking_changes_no_run_id_and_a_pretraining_resumes_with_it(tmp_path):

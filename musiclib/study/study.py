@@ -145,10 +145,11 @@ class StudyConfig(RayConfig):
             )
         if self.max_chunks < 1:
             problems.append(f"--max-chunks must be at least 1, got {self.max_chunks}")
+        untracked = dataclasses.replace(self, mlflow_uri="")  # its URI's problems are listed once, above
         for job, cls, make in (
-            ("pretrain", PretrainConfig, lambda: pretrain_config(self, self.root, "clmr", 0)),
+            ("pretrain", PretrainConfig, lambda: pretrain_config(untracked, self.root, "clmr", 0)),
             ("embed", EmbedConfig, None),
-            ("tune", TuneConfig, lambda: tune_config(self, self.root, "", local=False)),
+            ("tune", TuneConfig, lambda: tune_config(untracked, self.root, "", local=False)),
         ):
             problems += option_problems(job, cls, getattr(self, f"{job}_options"), make)
         try:
