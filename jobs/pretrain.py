@@ -13,6 +13,7 @@
    placed again (a node lost), it goes on from the checkpoint with as few as that many, the global batch
    unchanged, and grows back when the cluster does.
 4. Export the encoder to ``<root>/models/<model_id>`` with a JSON card, published as the latest model.
+With ``--mlflow-uri``, an MLflow run gets the config, the metrics of every logged step and the card.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, LoggingConfig
 from ray.train.torch import TorchTrainer, prepare_model
 
 from musiclib import catalog
-from musiclib.core import lifecycle, progress, ray_env, storage, versions
+from musiclib.core import lifecycle, progress, ray_env, storage, tracking, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import is_transient_storage_failure, ray_session, retry_transient_storage
 from musiclib.train import models
@@ -59,6 +60,7 @@ from musiclib.train.shards import (
 
 SHARD_RETRIES = 3  # shard tasks run again after storage errors that outlast the decoder's retries
 STORAGE_WAIT_S = 10.0  # first wait before a run whose controller lost storage starts again; doubles
+TRACKING_TAGS = {"musiclib.job": "pretrain"}
 
 
 def prepare_shards(cfg: PretrainConfig, layout: Layout) -> dict[str, Any]:
@@ -142,7 +144,25 @@ def train_loop(config: dict[str, Any]) -> None:
     fit(ddp_model, optimizer, augment, data, cfg, device, start, report, trained_s)
 
 
-def train(cfg: PretrainConfig, layout: Layout) -> ray.train.Result:
+class MLflowMetrics(ray.train.UserCallback):
+    """Rank 0's metrics of every ``ray.train.report``, logged at their step to the pretrain's MLflow run.
+
+    Ray's ``MLflowLoggerCallback`` serves Tune; Ray Train V2 calls a ``UserCallback`` on its controller after
+    each report, so the train loop stays free of tracking. A failed request is printed and training goes on.
+    """
+
+    def __init__(self, tracked: tracking.Tracked) -> None:
+        self.tracked = tracked
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        step = int(metrics[0]["step"])
+        try:
+            tracking.log_metrics(self.tracked, metrics[0], step)
+        except Exception as exc:  # the tracking server is a side channel: a lost request never stops training
+            say(f"MLflow did not take the metrics of step {step}: {type(exc).__name__}: {exc}")
+
+
+def train(cfg: PretrainConfig, layout: Layout, tracked: tracking.Tracked | None = None) -> ray.train.Result:
     """Run (or resume) the Ray Train job named ``cfg.run_name`` under ``<root>/runs``.
 
     Ray Train retries failed workers itself but not its controller, which fails the run when it cannot
@@ -153,7 +173,7 @@ def train(cfg: PretrainConfig, layout: Layout) -> ray.train.Result:
     restart = 0
     while True:
         try:
-            return trainer(cfg, layout).fit()
+            return trainer(cfg, layout, tracked).fit()
         except ray.train.ControllerError as exc:
             restart += 1
             out_of_restarts = cfg.max_failures != -1 and restart > cfg.max_failures
@@ -169,8 +189,9 @@ def train(cfg: PretrainConfig, layout: Layout) -> ray.train.Result:
             time.sleep(wait)
 
 
-def trainer(cfg: PretrainConfig, layout: Layout) -> TorchTrainer:
-    """The Ray Train trainer of the run ``cfg.run_name``: the same name and storage resume it."""
+def trainer(cfg: PretrainConfig, layout: Layout, tracked: tracking.Tracked | None = None) -> TorchTrainer:
+    """The Ray Train trainer of the run ``cfg.run_name``: the same name and storage resume it; with
+    ``tracked``, every report's metrics also go to that MLflow run."""
     fs, path = storage.arrow_filesystem(layout.runs)
     return TorchTrainer(
         train_loop,
@@ -187,6 +208,7 @@ def trainer(cfg: PretrainConfig, layout: Layout) -> TorchTrainer:
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             logging_config=LoggingConfig(log_level=progress.train_log_level()),
+            callbacks=[MLflowMetrics(tracked)] if tracked else None,
         ),
     )
 
@@ -227,7 +249,11 @@ def run(cfg: PretrainConfig) -> lifecycle.Summary[str]:
     run_uri = storage.join(layout.runs, cfg.run_name)
     check_resume(cfg, run_uri)
     torch.manual_seed(cfg.seed)
-    with versions.lease(run_uri), ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True):
+    with (
+        versions.lease(run_uri),
+        ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True),
+        tracking.run(cfg.mlflow_uri, f"pretrain:{cfg.run_name}", cfg.as_dict(), TRACKING_TAGS) as tracked,
+    ):
         device = ray_env.cluster_device(cfg.device)
         print(f"pretrain: device {device.reason}")
         cfg = dataclasses.replace(cfg, device=device.name)
@@ -236,8 +262,9 @@ def run(cfg: PretrainConfig) -> lifecycle.Summary[str]:
             shards = prepare_shards(cfg, layout)
         labels = label_facts(plan_labels(committed_shards(layout.shards), cfg.p_s, cfg.seed), cfg)
         print(f"pretrain: {describe_labels(labels)}")
-        result = train(cfg, layout)
+        result = train(cfg, layout, tracked)
         model_id = export(cfg, layout, result, shards, labels)
+        tracking.log_dict(tracked, models.load_card(layout.models, model_id), "card.json")
     return job.done(
         model_id,
         read=f"{shards['tracks']} train tracks in {shards['shards']} shards, {shards['usable']} usable",

@@ -15,10 +15,12 @@
      configuration chosen on the validation split and its test scores per repetition become the rows.
 3. Write results.parquet, study.md and study.png under ``<root>/study/<run_id>/`` and publish the run.
 Running the same command again skips the variants already evaluated (and a finished study entirely).
+With ``--mlflow-uri``, an MLflow run gets the config and the results, with a nested run per variant.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from contextlib import nullcontext
 
@@ -26,7 +28,7 @@ import pandas as pd
 import pyarrow as pa
 
 from musiclib import catalog
-from musiclib.core import lifecycle, storage, versions
+from musiclib.core import lifecycle, storage, tracking, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
 from musiclib.study import study
@@ -34,6 +36,8 @@ from musiclib.study.study import StudyConfig
 from musiclib.train import models
 
 from . import embed, pretrain, tune
+
+TRACKING_TAGS = {"musiclib.job": "study"}
 
 
 def make_encoder(cfg: StudyConfig, work: Layout, encoder: str, seed: int) -> tuple[str, dict[str, float]]:
@@ -74,6 +78,13 @@ def evaluate(
     return storage.read_parquet([results_uri]).to_pandas(), time.perf_counter() - start
 
 
+def log_results(tracked: tracking.Tracked | None, rows: pd.DataFrame, out: str) -> None:
+    """The study's results on its MLflow run: the test means per encoder, budget, metric and tag group
+    (``study.summary_metrics``), and its files (the results table, study.md, study.png)."""
+    tracking.log_metrics(tracked, study.summary_metrics(rows))
+    tracking.log_files(tracked, [storage.join(out, name) for name in study.OUTPUTS])
+
+
 def run(cfg: StudyConfig) -> lifecycle.Summary[versions.Manifest]:
     """Evaluate every encoder and seed not evaluated yet, then write and publish the study run (a finished
     study is only made current); the summary's result is the run's manifest."""
@@ -92,24 +103,30 @@ def run(cfg: StudyConfig) -> lifecycle.Summary[versions.Manifest]:
         session = (
             ray_session(cfg.ray_address, cfg.num_cpus, include_dashboard=True) if todo else nullcontext()
         )
-        with session as local:
-            for encoder, seed in todo:
-                print(f"study: {encoder}, seed {seed}")
-                model_id, seconds = make_encoder(cfg, work, encoder, seed)
-                results, seconds["tune_s"] = evaluate(cfg, work, model_id, bool(local), encoder)
-                rows = study.variant_rows(results, encoder, seed, model_id).assign(**seconds)
-                storage.write_parquet(
-                    pa.Table.from_pandas(rows, preserve_index=False), study.rows_uri(work.root, encoder, seed)
-                )
-        rows = pd.concat(
-            [
-                storage.read_parquet([study.rows_uri(work.root, e, s)]).to_pandas()
-                for e, s in study.variants(cfg)
-            ]
-        )
-        facts = study.facts(cfg, run_id, layout.catalog, work.root, rows)
-        manifest = study.finish(cfg, run_id, rows, facts)
-    out = versions.version_uri(layout.study, run_id)
+        out = versions.version_uri(layout.study, run_id)
+        with tracking.run(cfg.mlflow_uri, run_id, dataclasses.asdict(cfg), TRACKING_TAGS) as tracked:
+            with session as local:
+                for encoder, seed in todo:
+                    print(f"study: {encoder}, seed {seed}")
+                    variant = {"encoder": encoder, "seed": seed}
+                    with tracking.run(cfg.mlflow_uri, f"{encoder}-s{seed}", variant, TRACKING_TAGS) as nested:
+                        model_id, seconds = make_encoder(cfg, work, encoder, seed)
+                        results, seconds["tune_s"] = evaluate(cfg, work, model_id, bool(local), encoder)
+                        rows = study.variant_rows(results, encoder, seed, model_id).assign(**seconds)
+                        tracking.log_metrics(nested, seconds)
+                    storage.write_parquet(
+                        pa.Table.from_pandas(rows, preserve_index=False),
+                        study.rows_uri(work.root, encoder, seed),
+                    )
+            rows = pd.concat(
+                [
+                    storage.read_parquet([study.rows_uri(work.root, e, s)]).to_pandas()
+                    for e, s in study.variants(cfg)
+                ]
+            )
+            facts = study.facts(cfg, run_id, layout.catalog, work.root, rows)
+            manifest = study.finish(cfg, run_id, rows, facts)
+            log_results(tracked, rows, out)
     return job.done(
         manifest,
         read=f"catalog {layout.catalog}",

@@ -15,6 +15,8 @@
 A trial whose worker dies runs again (``--max-failures``); its configurations write the same rows to the
 same files. Every choice, the representation included, is made on the validation split; the test split
 only reports the chosen configurations. The final probe set records its representation.
+With ``--mlflow-uri``, an MLflow run gets the config, each budget's scores and the report, and a nested run
+per trial the trial's configurations and scores.
 """
 
 from __future__ import annotations
@@ -24,18 +26,21 @@ import os
 import tempfile
 import time
 from collections import Counter
+from dataclasses import asdict
 from typing import Any
 
 import ray
 from ray import tune
 
 from musiclib import catalog
-from musiclib.core import lifecycle, progress, storage, versions
+from musiclib.core import lifecycle, progress, storage, tracking, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
 from musiclib.probe import fewshot, sweep
 from musiclib.probe.sweep import TuneConfig
 from musiclib.train import models
+
+TRACKING_TAGS = {"musiclib.job": "tune"}
 
 
 def report_trial(
@@ -60,9 +65,15 @@ def trial_slots(cfg: TuneConfig, local: bool, cluster_cpus: int) -> int:
 
 
 def run_sweep(
-    cfg: TuneConfig, data: fewshot.ProbeData, run_dir: str, todo: list[dict[str, Any]], slots: int
+    cfg: TuneConfig,
+    data: fewshot.ProbeData,
+    run_dir: str,
+    todo: list[dict[str, Any]],
+    slots: int,
+    tracked: tracking.Tracked | None = None,
 ) -> dict[str, float]:
-    """Run the unfinished configurations as Tune trials; return the timings the manifest records.
+    """Run the unfinished configurations as Tune trials; return the timings the manifest records. With
+    ``tracked``, Ray's ``MLflowLoggerCallback`` logs each trial as a run nested in that MLflow run.
 
     ``tune_overhead`` is ``1 - trial compute / (wall x slots)``; ``steady_overhead`` the same once the
     first trial runs (``bench/bench_tune.py`` reads them).
@@ -76,6 +87,12 @@ def run_sweep(
         {"cpu": 1},
     )
     groups = sweep.group_by_trial(todo)
+    callbacks = [progress.tune_callback(len(groups))]
+    if tracked is not None:
+        from ray.air.integrations.mlflow import MLflowLoggerCallback  # imports mlflow
+
+        tags = {"mlflow.parentRunId": tracked.run_id, **TRACKING_TAGS}
+        callbacks.append(MLflowLoggerCallback(tracked.uri, experiment_name=tracking.EXPERIMENT, tags=tags))
     tuner = tune.Tuner(
         trainable,
         param_space={"trial": tune.grid_search(groups)},
@@ -85,7 +102,7 @@ def run_sweep(
             storage_path=os.path.join(tempfile.gettempdir(), "musiclib-tune"),
             failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
             verbose=0,
-            callbacks=[progress.tune_callback(len(groups))],
+            callbacks=callbacks,
         ),
     )
     fit_started, start = time.time(), time.perf_counter()
@@ -123,17 +140,25 @@ def run(cfg: TuneConfig) -> lifecycle.Summary[versions.Manifest]:
         configs = sweep.configurations(cfg)
         todo = [c for c in configs if not storage.exists(sweep.trial_uri(run_dir, c))]
         print(f"tune: run {run_id}: {len(configs)} configurations, {len(configs) - len(todo)} already done")
-        session = ray_session(cfg.ray_address, cfg.num_cpus) if todo else contextlib.nullcontext()
-        with session as local:
-            slots = trial_slots(cfg, bool(local), int(ray.cluster_resources().get("CPU", 1))) if todo else 1
-            timing = run_sweep(cfg, data, run_dir, todo, slots)
-        overhead = (
-            1 - timing["compute_s"] / (timing["wall_s"] * timing["slots"])
-            if timing["wall_s"]
-            else float("nan")
-        )
-        results = sweep.collect(run_dir, configs)
-        manifest = sweep.finish(cfg, layout, data, run_id, results, {**timing, "tune_overhead": overhead})
+        tags = {**TRACKING_TAGS, "musiclib.model_id": model_id}
+        with tracking.run(cfg.mlflow_uri, run_id, asdict(cfg), tags) as tracked:
+            session = ray_session(cfg.ray_address, cfg.num_cpus) if todo else contextlib.nullcontext()
+            with session as local:
+                slots = (
+                    trial_slots(cfg, bool(local), int(ray.cluster_resources().get("CPU", 1))) if todo else 1
+                )
+                timing = run_sweep(cfg, data, run_dir, todo, slots, tracked)
+            overhead = (
+                1 - timing["compute_s"] / (timing["wall_s"] * timing["slots"])
+                if timing["wall_s"]
+                else float("nan")
+            )
+            results = sweep.collect(run_dir, configs)
+            manifest = sweep.finish(cfg, layout, data, run_id, results, {**timing, "tune_overhead": overhead})
+            tracking.log_metrics(
+                tracked, {**sweep.budget_metrics(results), **timing, "tune_overhead": overhead}
+            )
+            tracking.log_files(tracked, [storage.join(run_dir, name) for name in sweep.OUTPUTS[1:3]])
     files = (storage.join(run_dir, name) for name in sweep.OUTPUTS[1:])  # all but results.parquet
     return job.done(
         manifest,

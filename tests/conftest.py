@@ -170,6 +170,73 @@ def ray_only_in_slow_tests(request, monkeypatch) -> None:
     monkeypatch.setattr(ray, "init", refuse)
 
 
+MLFLOW_USER = "tests"
+MLFLOW_START_S = 600.0  # the first start imports Flask, FastAPI and SQLAlchemy: minutes on a loaded machine
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory) -> Iterator[str]:
+    """A real MLflow tracking server on 127.0.0.1 for the session, with basic auth; its URI. Its credentials
+    are in the standard ``MLFLOW_TRACKING_USERNAME`` / ``MLFLOW_TRACKING_PASSWORD`` for the session, set
+    before any Ray starts (Ray Train's controller, which logs pretraining metrics, inherits them)."""
+    import os
+    import secrets
+    import signal
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    pytest.importorskip("mlflow.server", reason="the MLflow server comes with the test extra: make setup")
+    pytest.importorskip("flask_wtf", reason="MLflow's basic auth comes with the test extra: make setup")
+    folder = tmp_path_factory.mktemp("mlflow")
+    password = secrets.token_urlsafe(16)
+    (folder / "auth.ini").write_text(
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = sqlite:///{folder}/auth.db\n"
+        f"admin_username = {MLFLOW_USER}\nadmin_password = {password}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    port = free_port()
+    env = os.environ | {
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",  # no background job runner: only tracking
+    }
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--backend-store-uri", f"sqlite:///{folder}/mlflow.db", "--workers", "1"]
+    command += ["--artifacts-destination", str(folder / "artifacts"), "--app-name", "basic-auth"]
+    uri = f"http://127.0.0.1:{port}"
+    log = folder / "server.log"
+    with open(log, "ab") as out:
+        server = subprocess.Popen(
+            command, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    start = time.monotonic()
+    try:
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if server.poll() is not None or time.monotonic() - start > MLFLOW_START_S:
+                raise RuntimeError(f"the MLflow server did not start on {uri}:\n{log.read_text()[-3000:]}")
+            time.sleep(1)
+        print(f"MLflow server on {uri} started in {time.monotonic() - start:.1f} s")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("MLFLOW_TRACKING_USERNAME", MLFLOW_USER)
+            patch.setenv("MLFLOW_TRACKING_PASSWORD", password)
+            yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn worker it started
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+
+
 @pytest.fixture(scope="module")
 def ray_local(s3_server) -> Iterator[None]:
     """One local Ray (4 logical CPUs) for the module, its workers pointed at the SeaweedFS server through

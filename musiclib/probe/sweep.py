@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 
 from musiclib import audio, catalog
-from musiclib.core import storage, versions
+from musiclib.core import storage, tracking, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, Layout, RayConfig, check
 from musiclib.embed import table as embeddings_table
 from musiclib.probe import fewshot, probes, report
@@ -63,10 +63,11 @@ class TuneConfig(RayConfig):
     target_precision: float | None = None  # thresholds: reach this precision on valid, else max F1
     max_concurrent: int = 0  # 0: one trial per core (local Ray) or per CPU of the cluster
     max_failures: int = 3  # times a trial whose worker died runs again (-1: without limit)
+    mlflow_uri: str = ""  # MLflow tracking: the sweep's config and outputs, a run per trial (empty: none)
 
     def validate(self) -> None:
         """Fail fast on a bad budget, probe, normalisation or range, before any data is read or Ray starts."""
-        problems = RayConfig.problems(self)
+        problems = RayConfig.problems(self) + tracking.problems(self.mlflow_uri)
         for b in self.budgets:
             try:
                 fewshot.parse_budget(b)
@@ -232,8 +233,21 @@ def derive_run_id(cfg: TuneConfig, layout: Layout, model_id: str) -> str:
     emb_version = versions.latest_version(embeddings_table.dataset_uri(layout.embeddings, model_id))
     # the catalog counts by its version identity, not by where it is named
     operational = ("root", "catalog", "run_id", "ray_address", "num_cpus", "max_concurrent", "max_failures")
+    operational += ("mlflow_uri",)
     keys = {k: v for k, v in asdict(cfg).items() if k not in operational}
     return versions.digest_version("tune", [keys, model_id, emb_version, catalog.version(layout.catalog)])
+
+
+def budget_metrics(results: pd.DataFrame) -> dict[str, float]:
+    """Each budget's configuration chosen on valid: its macro scores over all tags, on both splits, as tracked
+    metrics ``<split>_<metric>_all/budget_<budget>`` (mean over repetitions)."""
+    best = report.best_per_budget(report.trial_summary(results))
+    columns = [c for c in best.columns if c.endswith("_all_mean")]
+    return {
+        f"{c.removesuffix('_mean')}/budget_{row['budget']}": float(row[c])
+        for _, row in best.iterrows()
+        for c in columns
+    }
 
 
 def collect(run_dir: str, configs: list[dict[str, Any]]) -> pd.DataFrame:

@@ -34,7 +34,7 @@ import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 
 from musiclib import catalog  # noqa: E402
-from musiclib.core import storage, versions
+from musiclib.core import storage, tracking, versions
 from musiclib.core.config import (  # noqa: E402
     DEFAULT_ROOT,
     ConfigError,
@@ -82,9 +82,10 @@ SET_BY_STUDY = {
         "minutes",
         "steps",
         "batch_size",
+        "mlflow_uri",
     },
     "embed": {"root", "catalog", "model_id", "max_chunks", "only_new"},
-    "tune": {"root", "catalog", "model_id", "run_id", "representations"},
+    "tune": {"root", "catalog", "model_id", "run_id", "representations", "mlflow_uri"},
 }
 
 
@@ -125,10 +126,12 @@ class StudyConfig(RayConfig):
     # every budget, normalisation and repetition of the tune job; its all-tags linear probe and centroids
     # (per-tag scikit-learn fits, --probes logreg, cost minutes per sweep on thousands of labeled tracks)
     tune_options: str = "--probes linear,centroid"
+    # MLflow tracking: the study's run, a nested run per encoder and seed holding its pretrain and tune runs
+    mlflow_uri: str = ""
 
     def validate(self) -> None:
         """List every problem at once, the pass-through options checked by their own jobs' configs."""
-        problems = RayConfig.problems(self)
+        problems = RayConfig.problems(self) + tracking.problems(self.mlflow_uri)
         unknown = [e for e in self.encoders if e not in ENCODERS]
         if unknown or not self.encoders:
             problems.append(f"--encoders: unknown or empty {unknown}; choose from {', '.join(ENCODERS)}")
@@ -144,10 +147,11 @@ class StudyConfig(RayConfig):
             )
         if self.max_chunks < 1:
             problems.append(f"--max-chunks must be at least 1, got {self.max_chunks}")
+        untracked = dataclasses.replace(self, mlflow_uri="")  # its URI's problems are listed once, above
         for job, cls, make in (
-            ("pretrain", PretrainConfig, lambda: pretrain_config(self, self.root, "clmr", 0)),
+            ("pretrain", PretrainConfig, lambda: pretrain_config(untracked, self.root, "clmr", 0)),
             ("embed", EmbedConfig, None),
-            ("tune", TuneConfig, lambda: tune_config(self, self.root, "", local=False)),
+            ("tune", TuneConfig, lambda: tune_config(untracked, self.root, "", local=False)),
         ):
             problems += option_problems(job, cls, getattr(self, f"{job}_options"), make)
         try:
@@ -224,6 +228,7 @@ def pretrain_config(cfg: StudyConfig, work_root: str, encoder: str, seed: int) -
         minutes=cfg.minutes,
         steps=cfg.steps,
         batch_size=cfg.batch_size,
+        mlflow_uri=cfg.mlflow_uri,
     )
 
 
@@ -254,6 +259,7 @@ def tune_config(
         root=work_root,
         model_id=model_id,
         representations=[representation],
+        mlflow_uri=cfg.mlflow_uri,
         **slots,
     )
 
@@ -285,7 +291,7 @@ def derive_run_id(cfg: StudyConfig, layout: Layout) -> str:
     keys = {
         k: v
         for k, v in dataclasses.asdict(cfg).items()
-        if k not in ("root", "catalog", "run_id", "ray_address", "num_cpus")
+        if k not in ("root", "catalog", "run_id", "ray_address", "num_cpus", "mlflow_uri")
     }
     return versions.digest_version("study", [keys, catalog.version(layout.catalog)])
 
@@ -363,6 +369,12 @@ def summarize(rows: pd.DataFrame, reference: str = REFERENCE) -> pd.DataFrame:
     else:
         stats["delta"], stats["beyond_spread"] = np.nan, False
     return stats
+
+
+def summary_metrics(rows: pd.DataFrame) -> dict[str, float]:
+    """The study's test means (``summarize``) as tracked metrics: ``<encoder>/<metric>_<group>/budget_<budget>``."""
+    stats = summarize(rows)
+    return {f"{r.encoder}/{r.metric}_{r.group}/budget_{r.budget}": float(r.mean) for r in stats.itertuples()}
 
 
 def steps_run(rows: pd.DataFrame) -> str:

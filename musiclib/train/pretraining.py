@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch import nn
 
 from musiclib import audio
-from musiclib.core import storage, versions
+from musiclib.core import storage, tracking, versions
 from musiclib.core.config import DEFAULT_ROOT, ConfigError, RayConfig, check
 from musiclib.core.ray_env import DEVICES
 from musiclib.train.augment import AugmentConfig, SpecAugment, ViewAugment
@@ -89,10 +89,11 @@ class PretrainConfig(AugmentConfig, RayConfig):
     prefetch: int = 4  # batches sampled ahead by the background thread
     sync_bn: bool = True  # BatchNorm statistics of the global batch when there are several workers (CLMR)
     precision: str = "bf16"  # on CUDA: "bf16" runs the model under bf16 autocast, "fp32" does not; CPU: fp32
+    mlflow_uri: str = ""  # MLflow tracking: the config, metrics at every logged step, the card (empty: none)
 
     def validate(self) -> None:
         """Fail in seconds with a clear message, before Ray or any decoding starts."""
-        problems = RayConfig.problems(self)
+        problems = RayConfig.problems(self) + tracking.problems(self.mlflow_uri)
         if not self.root:
             problems.append("--root is empty")
         problems += self.encoder_config().problems()
@@ -167,7 +168,7 @@ class PretrainConfig(AugmentConfig, RayConfig):
 # describes. With ``--cosine``, more ``--steps`` stretch the decay to the new end from the resumed step.
 RESUMABLE_FIELDS = frozenset(
     {"steps", "log_every", "checkpoint_every", "keep_checkpoints", "max_failures", "prefetch", "min_workers"}
-    | {"cpus_per_worker", "root", "run_name", "ray_address", "num_cpus"}
+    | {"cpus_per_worker", "root", "run_name", "ray_address", "num_cpus", "mlflow_uri"}
 )
 
 
