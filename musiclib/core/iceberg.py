@@ -16,9 +16,21 @@ printed (``masked``).
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import time
+from collections.abc import Callable
 
+import pyarrow as pa
 from pyiceberg.catalog import Catalog, load_catalog
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+    ValidationException,
+)
+from pyiceberg.table import Table, Transaction
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -27,6 +39,13 @@ from musiclib.core import storage
 DEFAULT_CATALOG = os.environ.get("MUSICLIB_TAG_CATALOG", "")
 CATALOG_NAME = "musiclib"  # pyiceberg reads PYICEBERG_CATALOG__MUSICLIB__* for this catalog
 S3_CATALOG_DIR = "~/.musiclib/iceberg"  # where an S3 root's default SQLite catalog lives
+NAME_MAPPING = "schema.name-mapping.default"  # how engines read Parquet files written without field ids
+COMMIT_ATTEMPTS = 8  # optimistic commits planned again after a concurrent writer won
+
+
+def default_warehouse(root: str) -> str:
+    """``<root>/tags/warehouse``: where the catalog's tables under ``root`` keep their Iceberg files."""
+    return storage.join(root, "tags", "warehouse")
 
 
 def resolved(catalog_uri: str, root: str) -> str:
@@ -81,3 +100,49 @@ def open_catalog(catalog_uri: str, root: str, warehouse: str, create: bool) -> C
         s3 = storage.s3_settings()  # endpoint and region only: credentials stay with the AWS SDK
         props |= {k: v for k, v in (("s3.endpoint", s3["endpoint_url"]), ("s3.region", s3["region"])) if v}
     return load_catalog(CATALOG_NAME, **props)
+
+
+def create_table(catalog: Catalog, name: str, schema: pa.Schema, partition_by: tuple[str, ...] = ()) -> Table:
+    """The table ``name``, created when missing, in one commit, with identity partitions on ``partition_by``
+    and a name mapping, so engines read Parquet files written without Iceberg field ids by column name.
+
+    Of two writers that create it at once, one creates it and the other loads it.
+    """
+    catalog.create_namespace_if_not_exists(name.rpartition(".")[0])
+    try:
+        return catalog.load_table(name)
+    except NoSuchTableError:
+        pass
+    tx = catalog.create_table_transaction(name, schema)
+    if partition_by:
+        with tx.update_spec() as spec:
+            for column in partition_by:
+                spec.add_identity(column)
+    tx.set_properties(**{NAME_MAPPING: tx.table_metadata.schema().name_mapping.model_dump_json()})
+    with contextlib.suppress(TableAlreadyExistsError, CommitFailedException):  # made by another writer
+        tx.commit_transaction()
+    return catalog.load_table(name)
+
+
+def commit_optimistically(table: Table, plan: Callable[[], Transaction | None], what: str) -> bool:
+    """Commit the transaction ``plan`` makes from the table's current snapshot; False when it makes none.
+
+    Iceberg commits are optimistic: when another writer commits first, the table is refreshed and
+    ``plan`` called again on the new current snapshot, up to ``COMMIT_ATTEMPTS`` times with backoff.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        table.refresh()
+        tx = plan()
+        if tx is None:
+            return False
+        try:
+            tx.commit_transaction()
+            return True
+        except (CommitFailedException, ValidationException) as exc:
+            if attempt == COMMIT_ATTEMPTS:
+                raise storage.StorageError(
+                    f"{what} could not commit to {table.name()} after {attempt} attempts: {exc}"
+                ) from exc
+            time.sleep(random.uniform(0.05, 0.2) * 2**attempt)

@@ -33,6 +33,7 @@ import torch
 from musiclib import audio, catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, Layout, RayConfig, check
+from musiclib.core.iceberg import DEFAULT_CATALOG, catalog_problem
 from musiclib.embed import chunking, logmel
 from musiclib.embed import table as embeddings_table
 from musiclib.train import models
@@ -60,9 +61,13 @@ class EmbedConfig(RayConfig):
     validate_catalog: bool = True  # check every row before Ray starts; false: bad rows become error rows
     allowed_prefixes: list[str] = field(default_factory=list)  # audio only under these; empty: anywhere
     task_retries: int = 3  # decode tasks retried after storage errors that outlast the decoder's own retries
+    catalog_uri: str = (
+        DEFAULT_CATALOG  # the Iceberg catalog of musiclib.embeddings (empty: the root's default)
+    )
 
     @property
-    def catalog_uri(self) -> str:
+    def tracks_uri(self) -> str:
+        """The track catalog (``--catalog``, else the root's)."""
         return self.catalog or Layout(self.root).catalog
 
     def validate(self) -> None:
@@ -83,11 +88,13 @@ class EmbedConfig(RayConfig):
             problems.append("--decode-cpus must be positive and --cpus-per-actor not negative")
         if self.gpus_per_actor is not None and self.gpus_per_actor < 0:
             problems.append(f"--gpus-per-actor must not be negative, got {self.gpus_per_actor}")
+        if problem := catalog_problem(self.catalog_uri):
+            problems.append(problem)
         try:
-            if not storage.exists(self.catalog_uri):
-                problems.append(f"catalog not found: {self.catalog_uri}")
+            if not storage.exists(self.tracks_uri):
+                problems.append(f"catalog not found: {self.tracks_uri}")
             elif self.validate_catalog:
-                catalog.validate(self.catalog_uri)
+                catalog.validate(self.tracks_uri)
             models_root = Layout(self.root).models
             model_id = models.model_id_or_latest(models_root, self.model_id)
             if not storage.exists(storage.join(models_root, model_id, "encoder.safetensors")):
