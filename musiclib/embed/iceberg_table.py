@@ -31,7 +31,7 @@ from pyiceberg.io.pyarrow import parquet_file_to_data_file
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.snapshots import Snapshot
 
-from musiclib.core import iceberg, versions
+from musiclib.core import iceberg, storage, versions
 from musiclib.core.iceberg import DEFAULT_CATALOG, masked
 from musiclib.embed import table as embeddings_table
 
@@ -95,6 +95,10 @@ def register(table: Table, embeddings_root: str, model_id: str) -> Snapshot | No
             return None
         for uri in sorted(wanted - current.keys() - added.keys()):
             added[uri] = parquet_file_to_data_file(table.io, table.metadata, uri)
+            if added[uri].partition[0] != model_id:
+                raise storage.StorageError(
+                    f"{uri} holds rows of model {added[uri].partition[0]!r}, not {model_id!r}"
+                )
         tx = table.transaction()
         summary = {MODEL_ID: model_id, VERSION: manifest.version}
         with tx.update_snapshot(snapshot_properties=summary).overwrite() as snapshot:
