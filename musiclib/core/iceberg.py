@@ -12,6 +12,10 @@ S3 settings come from the standard AWS variables; credentials are found by the A
 that uses them and never pass through musiclib. A catalog's own secrets (a REST token, say) go in
 pyiceberg's variables, ``PYICEBERG_CATALOG__MUSICLIB__<PROPERTY>``; a password inside the URI is never
 printed (``masked``).
+
+Its tables (``musiclib.tags``, ``musiclib.embeddings``) keep their Iceberg files in one warehouse under the
+root (``default_warehouse``), are made in one commit with a name mapping (``create_table``: their Parquet
+files carry no field ids), and commit optimistically (``commit_optimistically``).
 """
 
 from __future__ import annotations
