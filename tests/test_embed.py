@@ -70,10 +70,10 @@ def reference(root: str, model_id: str) -> dict[str, np.ndarray]:
     return ref
 
 
-def check_iceberg(root: str, model_id: str) -> int:
+def check_iceberg(root: str, model_id: str, catalog_uri: str = "") -> int:
     """The Iceberg table lists exactly the current version's files (those with rows) and holds the rows
     musiclib's reader returns; returns its current snapshot id."""
-    table = iceberg_table.open_table(root)
+    table = iceberg_table.open_table(root, catalog_uri)
     manifest = versions.read_latest_manifest(embeddings_table.dataset_uri(Layout(root).embeddings, model_id))
     want = {u for u, f in zip(manifest.file_uris(), manifest.files, strict=True) if f.rows}
     assert set(iceberg_table.registered(table, model_id)) == want
@@ -394,18 +394,18 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_local, ca
 
 
 @pytest.mark.slow
-def test_job_on_s3(s3_root, ray_local, tmp_path, monkeypatch):
+def test_job_on_s3(s3_root, ray_local, tmp_path):
     """With the default sizes: one track per task here (10 tracks, 4 CPUs), recorded on the version's card."""
-    monkeypatch.setenv("HOME", str(tmp_path))  # the S3 root's default Iceberg catalog: ~/.musiclib/iceberg
     model_id = make_root(s3_root, n_good=4)
-    job.run(job.EmbedConfig(root=s3_root, shard_rows=1))
+    catalog_uri = f"sqlite:///{tmp_path}/iceberg.db"  # not the S3 root's default, under ~
+    job.run(job.EmbedConfig(root=s3_root, shard_rows=1, catalog_uri=catalog_uri))
     out = check_complete(s3_root, model_id)
     assert_matches_reference(out, reference(s3_root, model_id))
     manifest = versions.read_latest_manifest(
         embeddings_table.dataset_uri(Layout(s3_root).embeddings, model_id)
     )
     assert (manifest.config["batch_size"], manifest.config["chunk_batch"]) == (1, 3)  # width 0.25
-    check_iceberg(s3_root, model_id)
+    check_iceberg(s3_root, model_id, catalog_uri)
 
 
 @pytest.mark.slow
