@@ -61,9 +61,7 @@ class EmbedConfig(RayConfig):
     validate_catalog: bool = True  # check every row before Ray starts; false: bad rows become error rows
     allowed_prefixes: list[str] = field(default_factory=list)  # audio only under these; empty: anywhere
     task_retries: int = 3  # decode tasks retried after storage errors that outlast the decoder's own retries
-    catalog_uri: str = (
-        DEFAULT_CATALOG  # the Iceberg catalog of musiclib.embeddings (empty: the root's default)
-    )
+    catalog_uri: str = DEFAULT_CATALOG  # Iceberg catalog of musiclib.embeddings (empty: the root's default)
 
     @property
     def tracks_uri(self) -> str:
