@@ -30,6 +30,7 @@ from pyiceberg.expressions import EqualTo
 from pyiceberg.io.pyarrow import parquet_file_to_data_file
 from pyiceberg.table import Table, Transaction
 from pyiceberg.table.snapshots import Snapshot
+from pyiceberg.utils.concurrent import ExecutorFactory
 
 from musiclib.core import iceberg, storage, versions
 from musiclib.core.iceberg import DEFAULT_CATALOG, masked
@@ -93,12 +94,16 @@ def register(table: Table, embeddings_root: str, model_id: str) -> Snapshot | No
         current = registered(table, model_id)
         if current.keys() == wanted:
             return None
-        for uri in sorted(wanted - current.keys() - added.keys()):
-            added[uri] = parquet_file_to_data_file(table.io, table.metadata, uri)
-            if added[uri].partition[0] != model_id:
+        new = sorted(wanted - current.keys() - added.keys())
+        footers = ExecutorFactory.get_or_create().map(
+            lambda uri: parquet_file_to_data_file(table.io, table.metadata, uri), new
+        )  # read in parallel, as pyiceberg's add_files does: on S3 each costs a round trip or two
+        for uri, data_file in zip(new, footers, strict=True):
+            if data_file.partition[0] != model_id:
                 raise storage.StorageError(
-                    f"{uri} holds rows of model {added[uri].partition[0]!r}, not {model_id!r}"
+                    f"{uri} holds rows of model {data_file.partition[0]!r}, not {model_id!r}"
                 )
+            added[uri] = data_file
         tx = table.transaction()
         summary = {MODEL_ID: model_id, VERSION: manifest.version}
         with tx.update_snapshot(snapshot_properties=summary).overwrite() as snapshot:
