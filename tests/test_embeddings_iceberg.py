@@ -20,6 +20,7 @@ from pyiceberg.table import Transaction
 from musiclib.core import storage, versions
 from musiclib.embed import iceberg_table
 from musiclib.embed import table as embeddings_table
+from musiclib.tag import tag_table, tags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -181,3 +182,19 @@ def test_the_readme_query_runs_without_musiclib(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split() == ["3", "4"]  # usable tracks of the current version, and its width
+
+
+def test_the_tag_table_shares_the_catalog(tmp_path):
+    """The embed job's table first, then the tag job's, in the root's one catalog: each reads only its own."""
+    root = str(tmp_path)
+    publish(root, "m-a", "v1", {"x.parquet": rows("m-a", ["a", "b"])})
+    iceberg_table.register(
+        iceberg_table.open_table(root, create=True), storage.join(root, "embeddings"), "m-a"
+    )
+    where = tag_table.Where(root)
+    table = tag_table.open_table(where, create_with=tags.SCHEMA)
+    uri = storage.join(tag_table.run_dir(table, "r"), "part-0.parquet")
+    storage.write_parquet(tags.SCHEMA.empty_table(), uri)
+    tag_table.commit(table, "r", [uri], {})
+    assert [r.run_id for r in tag_table.runs(tag_table.require_table(where))] == ["r"]
+    check_in_step(root, "m-a")
