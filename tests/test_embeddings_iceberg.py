@@ -1,7 +1,7 @@
 """The embeddings' Iceberg table without Ray: it follows each model's current version exactly once (a crash
 between the version commit and the Iceberg commit is caught up, a re-run commits nothing), a run that
-lost its lease registers nothing, two models' writers both land, and the README's query runs without
-musiclib; local files and S3."""
+lost its lease registers nothing, two models' writers both land, the tag table shares its catalog, and
+the README's query runs without musiclib; local files and S3."""
 
 from __future__ import annotations
 
