@@ -1,12 +1,14 @@
 """embed: Ray Data backfill of track embeddings across the catalog.
 
-    python -m jobs.embed --root data/demo [--model-id ID] [--only-new true] [--batch-size 0] ...
+    python -m jobs.embed --root data/demo [--model-id ID] [--only-new true] [--catalog-uri URI] ...
 
 Streams the catalog's rows (``track_id``, ``audio_uri``) → decodes each track into up to ``max_chunks``
 int16 chunks in CPU tasks → runs the encoder on an actor pool (one GPU per actor when the cluster has
 GPUs; beside each track's embedding, the log-mel statistics of the same chunks) → writes Parquet shards
 in the embeddings schema → publishes them as a new version of
-``<root>/embeddings/<model_id>/`` (``versions.publish``: manifest last, then ``_latest``).
+``<root>/embeddings/<model_id>/`` (``versions.publish``: manifest last, then ``_latest``) → registers the
+current version's files in the Iceberg table ``musiclib.embeddings`` of ``--catalog-uri`` (the tag table's
+catalog), so any engine reads the current embeddings without musiclib (``iceberg_table``).
 
 Resume. A run records its version in ``_pending.json`` and writes with Ray Data job-level checkpointing
 keyed by ``track_id``, so a killed run started again continues the same version: tracks already written
@@ -35,8 +37,9 @@ from ray.data.checkpoint import CheckpointConfig
 from musiclib import catalog
 from musiclib.core import lifecycle, progress, ray_env, storage, versions
 from musiclib.core.config import Layout, as_dict, parse
+from musiclib.core.iceberg import masked
 from musiclib.core.ray_env import Device, ray_session, retry_transient_storage
-from musiclib.embed import chunking, embedder, logmel
+from musiclib.embed import chunking, embedder, iceberg_table, logmel
 from musiclib.embed import table as embeddings_table
 from musiclib.embed.embedder import EmbedConfig
 from musiclib.train import models
@@ -78,13 +81,13 @@ def build_pipeline(
     encode keeps them separate operators (Ray would otherwise fuse the decoding into the encoder actors,
     starving the accelerator).
     """
-    rows = ray_env.read_parquet(catalog.files(cfg.catalog_uri), ["track_id", "audio_uri"])
+    rows = ray_env.read_parquet(catalog.files(cfg.tracks_uri), ["track_id", "audio_uri"])
     if len(skip):
         rows = rows.map_batches(embedder.drop_written, fn_kwargs={"written": skip}, batch_format="pyarrow")
     decoded = rows.repartition(target_num_rows_per_block=cfg.batch_size).map_batches(
         chunking.decode_batch,
         fn_kwargs={
-            "base_dir": catalog.base_dir(cfg.catalog_uri),
+            "base_dir": catalog.base_dir(cfg.tracks_uri),
             "max_chunks": cfg.max_chunks,
             "allowed_prefixes": cfg.allowed_prefixes or None,
         },
@@ -170,6 +173,7 @@ def run(cfg: EmbedConfig) -> lifecycle.Summary[embedder.Summary]:
                 print(f"embed: device {device}")
                 new = write_version(cfg, model_id, dataset, version, chosen)
         embedder.end_version(dataset, version)
+        registered = register(cfg, model_id)
     done = embedder.summarize(new, time.perf_counter() - start)
     print(f"embed: {done}")  # the rate line bench/bench_load.py reads
     latest = versions.read_latest_manifest(dataset)
@@ -178,10 +182,26 @@ def run(cfg: EmbedConfig) -> lifecycle.Summary[embedder.Summary]:
         done,
         read=f"{done.tracks} catalog tracks to embed, {done.audio_s / 3600:.2f} h of audio",
         wrote=f"{done.tracks - failed} embeddings at {done.tracks / max(done.wall_s, 1e-9):.1f} tracks/s "
-        f"(device {device}); version {latest.version} holds {latest.rows} tracks",
+        f"(device {device}); version {latest.version} holds {latest.rows} tracks; {registered}",
         skipped=done.errors,
-        outputs={"version": versions.version_uri(dataset, latest.version)},
+        outputs={
+            "version": versions.version_uri(dataset, latest.version),
+            "table": iceberg_table.describe(cfg.root, cfg.catalog_uri),
+        },
     )
+
+
+def register(cfg: EmbedConfig, model_id: str) -> str:
+    """Register the current version's files in the Iceberg table ``musiclib.embeddings``; says what it did.
+
+    Called under the lease after every run, whatever it published, so a run killed between its version
+    commit and this one is caught up by the next (``iceberg_table.register``: a no-op when in step).
+    """
+    table = iceberg_table.open_table(cfg.root, cfg.catalog_uri, create=True)
+    snapshot = iceberg_table.register(table, Layout(cfg.root).embeddings, model_id)
+    if snapshot is None:
+        return f"{iceberg_table.TABLE} already holds it"
+    return f"registered in {iceberg_table.TABLE} (snapshot {snapshot.snapshot_id})"
 
 
 def sized(cfg: EmbedConfig, model_id: str, skip: np.ndarray, device: Device) -> EmbedConfig:
@@ -194,7 +214,7 @@ def sized(cfg: EmbedConfig, model_id: str, skip: np.ndarray, device: Device) -> 
     cluster = ray.cluster_resources()
     batch = cfg.batch_size
     if not batch:
-        durations = catalog.durations(cfg.catalog_uri)
+        durations = catalog.durations(cfg.tracks_uri)
         block_bytes = ray.data.DataContext.get_current().target_max_block_size
         batch = embedder.tracks_per_task(
             durations, len(durations) - len(skip), cfg.max_chunks, block_bytes, cluster.get("CPU", 1)
@@ -212,9 +232,7 @@ def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str, d
     carried = embedder.carry_over(dataset, cfg.only_new, out_dir)
     cfg = sized(cfg, model_id, carried.skip, device)
     fs, out_path = storage.arrow_filesystem(out_dir)
-    ids = (
-        catalog.read(cfg.catalog_uri, columns=["track_id"]).column("track_id").to_numpy(zero_copy_only=False)
-    )
+    ids = catalog.read(cfg.tracks_uri, columns=["track_id"]).column("track_id").to_numpy(zero_copy_only=False)
     total = int((~np.isin(ids, carried.skip)).sum())
     with (
         data_context(embedder.checkpoint_uri(dataset, version), cfg.task_retries),
@@ -222,7 +240,12 @@ def write_version(cfg: EmbedConfig, model_id: str, dataset: str, version: str, d
     ):
         ds = build_pipeline(cfg, model_id, carried.skip, device, counter)
         ds.write_parquet(out_path, filesystem=fs, min_rows_per_file=cfg.shard_rows)
-    config = {**as_dict(cfg), "model_id": model_id, "catalog": cfg.catalog_uri}
+    config = {
+        **as_dict(cfg),
+        "model_id": model_id,
+        "catalog": cfg.tracks_uri,
+        "catalog_uri": masked(cfg.catalog_uri),
+    }
     return embedder.commit_version(dataset, version, carried, config)
 
 

@@ -22,7 +22,7 @@ from musiclib import audio, catalog
 from musiclib.core import progress, ray_env, storage, versions
 from musiclib.core.config import ConfigError, Layout
 from musiclib.datasets import demo
-from musiclib.embed import chunking, embedder, logmel
+from musiclib.embed import chunking, embedder, iceberg_table, logmel
 from musiclib.embed import table as embeddings_table
 from musiclib.train import models
 
@@ -70,6 +70,19 @@ def reference(root: str, model_id: str) -> dict[str, np.ndarray]:
                 x = torch.from_numpy(audio.from_int16(audio.to_int16(chunks)))
                 ref[row["track_id"]] = encoder(x).double().mean(0).numpy()
     return ref
+
+
+def check_iceberg(root: str, model_id: str, catalog_uri: str = "") -> int:
+    """The Iceberg table lists exactly the current version's files (those with rows) and holds the rows
+    musiclib's reader returns; returns its current snapshot id."""
+    table = iceberg_table.open_table(root, catalog_uri)
+    manifest = versions.read_latest_manifest(embeddings_table.dataset_uri(Layout(root).embeddings, model_id))
+    want = {u for u, f in zip(manifest.file_uris(), manifest.files, strict=True) if f.rows}
+    assert set(iceberg_table.registered(table, model_id)) == want
+    assert table.current_snapshot().summary[iceberg_table.VERSION] == manifest.version
+    rows = embeddings_table.read(Layout(root).embeddings, model_id).sort_by("track_id").to_pylist()
+    assert iceberg_table.read(table, model_id).sort_by("track_id").to_pylist() == rows
+    return table.current_snapshot().snapshot_id
 
 
 def assert_logmel_is_the_floor(root: str, out: pa.Table, max_chunks: int = 64) -> None:
@@ -186,6 +199,22 @@ def test_a_committed_version_whose_run_died_is_made_current(tmp_path):
     assert not storage.exists(storage.join(dataset, embedder.PENDING))
 
 
+def test_a_version_committed_before_a_crash_is_registered_by_the_next_run(tmp_path):
+    """A crash between the version commit and the Iceberg commit: the next run registers the version
+    (here one that finds it committed, so without Ray), and registering again commits nothing."""
+    root = str(tmp_path)
+    model_id = make_root(root, n_good=1, faults=False)
+    dataset = embeddings_table.dataset_uri(Layout(root).embeddings, model_id)
+    rows = embedding_rows(["a", "b"], [None, "truncated"], model_id=model_id)
+    embeddings_table.publish_table(Layout(root).embeddings, model_id, "v1", rows)
+    storage.write_json(storage.join(dataset, embedder.PENDING), {"version": "v1", "only_new": True})
+    assert iceberg_table.open_table(root) is None
+    assert "registered in musiclib.embeddings" in job.run(config(root)).record["wrote"]
+    snapshot = check_iceberg(root, model_id)
+    assert job.register(config(root), model_id) == "musiclib.embeddings already holds it"
+    assert check_iceberg(root, model_id) == snapshot
+
+
 def test_begin_version_resumes_an_unfinished_run_of_the_same_mode(tmp_path):
     dataset = str(tmp_path / "ds")
     first, committed = embedder.begin_version(dataset, only_new=True)
@@ -198,7 +227,9 @@ def test_begin_version_resumes_an_unfinished_run_of_the_same_mode(tmp_path):
     assert embedder.begin_version(dataset, only_new=False)[0] not in (first, recompute)
 
 
-def embedding_rows(ids: list[str], errors: list[str | None], logmel: bool = True) -> pa.Table:
+def embedding_rows(
+    ids: list[str], errors: list[str | None], logmel: bool = True, model_id: str = "m"
+) -> pa.Table:
     """Rows of the embeddings table: vectors of ones where there is no error (without the ``logmel``
     column, as written before the embed stage computed it, for ``logmel=False``)."""
     decoded = pa.table(
@@ -207,7 +238,7 @@ def embedding_rows(ids: list[str], errors: list[str | None], logmel: bool = True
                           ("error", pa.string())]),
     )  # fmt: skip
     stats = np.ones((len(ids), 2)) if logmel else None
-    return embeddings_table.from_decoded(decoded, "m", np.ones((len(ids), 4)), stats)
+    return embeddings_table.from_decoded(decoded, model_id, np.ones((len(ids), 4)), stats)
 
 
 def test_commit_version_publishes_only_what_changed(tmp_path):
@@ -385,16 +416,18 @@ def test_job_local_every_track_once_with_encoder_numbers(tmp_path, ray_local, ca
 
 
 @pytest.mark.slow
-def test_job_on_s3(s3_root, ray_local):
+def test_job_on_s3(s3_root, ray_local, tmp_path):
     """With the default sizes: one track per task here (10 tracks, 4 CPUs), recorded on the version's card."""
     model_id = make_root(s3_root, n_good=4)
-    job.run(job.EmbedConfig(root=s3_root, shard_rows=1))
+    catalog_uri = f"sqlite:///{tmp_path}/iceberg.db"  # not the S3 root's default, under ~
+    job.run(job.EmbedConfig(root=s3_root, shard_rows=1, catalog_uri=catalog_uri))
     out = check_complete(s3_root, model_id)
     assert_matches_reference(out, reference(s3_root, model_id))
     manifest = versions.read_latest_manifest(
         embeddings_table.dataset_uri(Layout(s3_root).embeddings, model_id)
     )
     assert (manifest.config["batch_size"], manifest.config["chunk_batch"]) == (1, 3)  # width 0.25
+    check_iceberg(s3_root, model_id, catalog_uri)
 
 
 @pytest.mark.slow
@@ -413,14 +446,19 @@ def test_only_new_refills_a_lost_shard_without_recomputing_the_rest(tmp_path, ra
     errors = {f.path: storage.read_parquet([storage.join(dataset, f.path)], ["error"]) for f in kept}
     retried = {p: t["error"].to_pylist().count("missing") for p, t in errors.items()}
 
+    assert set(iceberg_table.registered(iceberg_table.open_table(root), model_id)) != set(
+        versions.read_latest_manifest(dataset).file_uris()
+    )  # a version committed by hand: the table lags until the next run
     summary = job.run(config(root, only_new=True)).result
     check_complete(root, model_id)
+    snapshot = check_iceberg(root, model_id)
     final = versions.read_latest_manifest(dataset)
     untouched = {(f.path, f.sha256) for f in kept if not retried[f.path]}
     assert untouched and untouched <= {(f.path, f.sha256) for f in final.files}
     assert summary.tracks == lost.rows + sum(retried.values())  # missing audio is looked for again
     assert job.run(config(root, only_new=True)).result.tracks == 0
     assert versions.latest_version(dataset) == final.version
+    assert check_iceberg(root, model_id) == snapshot  # nothing new: nothing registered
 
 
 @pytest.mark.slow
@@ -481,6 +519,7 @@ def test_only_new_tries_missing_audio_again_once_it_appears(tmp_path, ray_local)
 
     summary = job.run(config(root, only_new=True)).result
     assert summary.tracks == 1 and summary.errors == {}
+    check_iceberg(root, model_id)  # the carried-* rewrite without the retried row, not the file it replaces
     out = embeddings_table.read(Layout(root).embeddings, model_id)
     ids = out["track_id"].to_pylist()
     assert len(ids) == len(set(ids)) == len(cat)

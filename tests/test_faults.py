@@ -70,6 +70,11 @@ def rng_for(case: str) -> random.Random:
     return random.Random(f"{SEED}:{case}")
 
 
+def iceberg_args(tmp_path: Path) -> list[str]:
+    """An Iceberg catalog of the test's own, for a job on an S3 root (whose default is under ``~``)."""
+    return ["--catalog-uri", f"sqlite:///{tmp_path}/iceberg.db"]
+
+
 def job_command(job: str, *args: str) -> list[str]:
     """A job as an operator runs it: ``python -m jobs.<job>``, started in the repository root (``start``)."""
     return [PY, "-m", f"jobs.{job}", *args]
@@ -825,9 +830,8 @@ def test_embed_survives_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp
     expected = uninterrupted_embeddings(s3_root, model_id)
     dataset = embeddings_table.dataset_uri(Layout(s3_root).embeddings, model_id)
     checkpoints = count_files(storage.join(dataset, embedder.CHECKPOINTS), ".parquet", exclude=".pending.")
-    proc = start(
-        job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS), tmp_path / "embed.log"
-    )
+    cmd = job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS, *iceberg_args(tmp_path))
+    proc = start(cmd, tmp_path / "embed.log")
     try:
         outage = take_s3_away_when(proc, s3_server, lambda: checkpoints() >= 1)
         text = finish(proc, tmp_path / "embed.log")
@@ -1011,7 +1015,7 @@ def test_embed_throttled_by_s3_slowdown_finishes_with_nothing_lost(s3_server, s3
     model_id = audio_root(s3_root, n_tracks=4)
     expected = uninterrupted_embeddings(s3_root, model_id)
     with ThrottlingProxy(s3_server.endpoint) as proxy:
-        cmd = job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS)
+        cmd = job_command("embed", "--root", s3_root, "--actors", "1", *EMBED_ARGS, *iceberg_args(tmp_path))
         run(cmd, tmp_path / "embed.log", env=embed_env(proxy.endpoint))
     assert proxy.throttled >= 10, (proxy.seen, proxy.throttled)
     check_embeddings(s3_root, model_id, expected)

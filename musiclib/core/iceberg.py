@@ -13,14 +13,29 @@ S3 settings come from the standard AWS variables; credentials are found by the A
 that uses them and never pass through musiclib. A catalog's own secrets (a REST token, say) go in
 pyiceberg's variables, ``PYICEBERG_CATALOG__MUSICLIB__<PROPERTY>``; a password inside the URI is never
 printed (``masked``).
+
+Its tables (``musiclib.tags``, ``musiclib.embeddings``) keep their Iceberg files in one warehouse under the
+root (``default_warehouse``), are made in one commit with a name mapping (``create_table``: their Parquet
+files carry no field ids), and commit optimistically (``commit_optimistically``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
+import time
+from collections.abc import Callable
 
+import pyarrow as pa
 from pyiceberg.catalog import Catalog, load_catalog
-from pyiceberg.table import Table
+from pyiceberg.exceptions import (
+    CommitFailedException,
+    NoSuchTableError,
+    TableAlreadyExistsError,
+    ValidationException,
+)
+from pyiceberg.table import Table, Transaction
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError
 
@@ -28,6 +43,13 @@ from musiclib.core import storage
 
 DEFAULT_CATALOG = os.environ.get("MUSICLIB_TAG_CATALOG", "")
 CATALOG_NAME = "musiclib"  # pyiceberg reads PYICEBERG_CATALOG__MUSICLIB__* for this catalog
+NAME_MAPPING = "schema.name-mapping.default"  # how engines read Parquet files written without field ids
+COMMIT_ATTEMPTS = 8  # optimistic commits planned again after a concurrent writer won
+
+
+def default_warehouse(root: str) -> str:
+    """``<root>/tags/warehouse``: where the catalog's tables under ``root`` keep their Iceberg files."""
+    return storage.join(root, "tags", "warehouse")
 
 
 def shared_catalog_problem(catalog_uri: str, root: str) -> str | None:
@@ -118,3 +140,49 @@ def owned(table: Table, warehouse: str) -> Table:
             f"{warehouse}): give this root its own table with --table <namespace>.<name>"
         )
     return table
+
+
+def create_table(catalog: Catalog, name: str, schema: pa.Schema, partition_by: tuple[str, ...] = ()) -> Table:
+    """The table ``name``, created when missing, in one commit, with identity partitions on ``partition_by``
+    and a name mapping, so engines read Parquet files written without Iceberg field ids by column name.
+
+    Of two writers that create it at once, one creates it and the other loads it.
+    """
+    catalog.create_namespace_if_not_exists(name.rpartition(".")[0])
+    try:
+        return catalog.load_table(name)
+    except NoSuchTableError:
+        pass
+    tx = catalog.create_table_transaction(name, schema)
+    if partition_by:
+        with tx.update_spec() as spec:
+            for column in partition_by:
+                spec.add_identity(column)
+    tx.set_properties(**{NAME_MAPPING: tx.table_metadata.schema().name_mapping.model_dump_json()})
+    with contextlib.suppress(TableAlreadyExistsError, CommitFailedException):  # made by another writer
+        tx.commit_transaction()
+    return catalog.load_table(name)
+
+
+def commit_optimistically(table: Table, plan: Callable[[], Transaction | None], what: str) -> bool:
+    """Commit the transaction ``plan`` makes from the table's current snapshot; False when it makes none.
+
+    Iceberg commits are optimistic: when another writer commits first, the table is refreshed and
+    ``plan`` called again on the new current snapshot, up to ``COMMIT_ATTEMPTS`` times with backoff.
+    """
+    attempt = 0
+    while True:
+        attempt += 1
+        table.refresh()
+        tx = plan()
+        if tx is None:
+            return False
+        try:
+            tx.commit_transaction()
+            return True
+        except (CommitFailedException, ValidationException) as exc:
+            if attempt == COMMIT_ATTEMPTS:
+                raise storage.StorageError(
+                    f"{what} could not commit to {table.name()} after {attempt} attempts: {exc}"
+                ) from exc
+            time.sleep(random.uniform(0.05, 0.2) * 2**attempt)

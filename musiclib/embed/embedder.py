@@ -33,6 +33,7 @@ import torch
 from musiclib import audio, catalog
 from musiclib.core import storage, versions
 from musiclib.core.config import DEFAULT_ROOT, Layout, RayConfig, check
+from musiclib.core.iceberg import DEFAULT_CATALOG, catalog_problem, shared_catalog_problem
 from musiclib.core.ray_env import DEVICES, Device
 from musiclib.embed import chunking, logmel
 from musiclib.embed import table as embeddings_table
@@ -62,9 +63,11 @@ class EmbedConfig(RayConfig):
     validate_catalog: bool = True  # check every row before Ray starts; false: bad rows become error rows
     allowed_prefixes: list[str] = field(default_factory=list)  # audio only under these; empty: anywhere
     task_retries: int = 3  # decode tasks retried after storage errors that outlast the decoder's own retries
+    catalog_uri: str = DEFAULT_CATALOG  # Iceberg catalog of musiclib.embeddings (empty: the root's default)
 
     @property
-    def catalog_uri(self) -> str:
+    def tracks_uri(self) -> str:
+        """The track catalog (``--catalog``, else the root's)."""
         return Layout(self.root, self.catalog).catalog
 
     def validate(self) -> None:
@@ -91,11 +94,15 @@ class EmbedConfig(RayConfig):
             problems.append("--device cpu with --gpus-per-actor above 0: choose one")
         elif self.device == "gpu" and self.gpus_per_actor == 0:
             problems.append("--device gpu with --gpus-per-actor 0: choose one")
+        if problem := catalog_problem(self.catalog_uri) or shared_catalog_problem(
+            self.catalog_uri, self.root
+        ):
+            problems.append(problem)
         try:
             if self.validate_catalog:
-                catalog.validate(self.catalog_uri)
+                catalog.validate(self.tracks_uri)
             else:
-                catalog.files(self.catalog_uri)
+                catalog.files(self.tracks_uri)
             models_root = Layout(self.root).models
             model_id = models.model_id_or_latest(models_root, self.model_id)
             if not storage.exists(storage.join(models_root, model_id, "encoder.safetensors")):

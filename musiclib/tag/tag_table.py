@@ -48,7 +48,7 @@ class Where:
 
     @property
     def warehouse(self) -> str:
-        return storage.join(self.root, "tags", "warehouse")
+        return iceberg.default_warehouse(self.root)
 
     def resolved_catalog(self) -> str:
         """The catalog URI in use: the one given, else the root's default (``iceberg.resolved``)."""
@@ -103,12 +103,11 @@ def open_table(where: Where, create_with: pa.Schema | None = None) -> Table | No
             return iceberg.owned(catalog.load_table(where.table), where.warehouse)
         except NoSuchTableError:
             return None
-    catalog.create_namespace_if_not_exists(where.table.rpartition(".")[0])
-    table = catalog.create_table_if_not_exists(where.table, schema=create_with)
-    if table.metadata.name_mapping() is None:
+    table = iceberg.create_table(catalog, where.table, create_with)
+    if table.metadata.name_mapping() is None:  # a table made before musiclib set one
         mapping = table.schema().name_mapping.model_dump_json()
         with table.transaction() as tx:
-            tx.set_properties(**{"schema.name-mapping.default": mapping})
+            tx.set_properties(**{iceberg.NAME_MAPPING: mapping})
     return iceberg.owned(table, where.warehouse)
 
 
