@@ -26,12 +26,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(params=["local", "s3"])
-def lib_root(request, tmp_path, monkeypatch) -> str:
-    """A root on local files or on the S3 test server; HOME is the test's (an S3 root's SQLite catalog)."""
-    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+def lib(request, tmp_path) -> tuple[str, str]:
+    """A root on local files (its default catalog) or on the S3 test server (a SQLite catalog it names)."""
     if request.param == "s3":
-        return request.getfixturevalue("s3_root") + "/lib"
-    return str(tmp_path / "root")
+        return request.getfixturevalue("s3_root") + "/lib", f"sqlite:///{tmp_path}/iceberg.db"
+    return str(tmp_path / "root"), ""
 
 
 def rows(model_id: str, ids: list[str], dim: int = 4, failed: str = "") -> pa.Table:
@@ -57,10 +56,10 @@ def publish(
     return versions.publish(dataset, version, uris, counts, carried=list(carried))
 
 
-def check_in_step(root: str, model_id: str) -> iceberg_table.Table:
+def check_in_step(root: str, model_id: str, catalog_uri: str = "") -> iceberg_table.Table:
     """The table's files of the model are its current version's (those with rows), and its rows are what
     musiclib's reader returns."""
-    table = iceberg_table.open_table(root)
+    table = iceberg_table.open_table(root, catalog_uri)
     manifest = versions.read_latest_manifest(
         embeddings_table.dataset_uri(storage.join(root, "embeddings"), model_id)
     )
@@ -72,7 +71,8 @@ def check_in_step(root: str, model_id: str) -> iceberg_table.Table:
     return table
 
 
-def test_the_table_follows_the_current_version_exactly_once(lib_root):
+def test_the_table_follows_the_current_version_exactly_once(lib):
+    lib_root, catalog_uri = lib
     embeddings = storage.join(lib_root, "embeddings")
     first = publish(
         lib_root,
@@ -80,12 +80,12 @@ def test_the_table_follows_the_current_version_exactly_once(lib_root):
         "v1",
         {"x.parquet": rows("m-a", ["a", "b"]), "y.parquet": rows("m-a", ["c"], failed="c")},
     )
-    table = iceberg_table.open_table(lib_root, create=True)
+    table = iceberg_table.open_table(lib_root, catalog_uri, create=True)
     snapshot = iceberg_table.register(table, embeddings, "m-a")
     assert (
         snapshot.summary[iceberg_table.VERSION] == "v1" and snapshot.summary[iceberg_table.MODEL_ID] == "m-a"
     )
-    check_in_step(lib_root, "m-a")
+    check_in_step(lib_root, "m-a", catalog_uri)
     assert iceberg_table.register(table, embeddings, "m-a") is None  # a re-run commits nothing
     assert table.current_snapshot().snapshot_id == snapshot.snapshot_id
 
@@ -93,7 +93,7 @@ def test_the_table_follows_the_current_version_exactly_once(lib_root):
     # Iceberg commit: the table still says v1 until the next run registers v2
     publish(lib_root, "m-a", "v2", {"z.parquet": rows("m-a", ["c", "d"]), "empty.parquet": rows("m-a", [])},
             carried=first.files[:1])  # fmt: skip
-    lagging = iceberg_table.open_table(lib_root)
+    lagging = iceberg_table.open_table(lib_root, catalog_uri)
     assert {p.rsplit("/", 1)[-1] for p in iceberg_table.registered(lagging, "m-a")} == {
         "x.parquet",
         "y.parquet",
@@ -101,14 +101,14 @@ def test_the_table_follows_the_current_version_exactly_once(lib_root):
     snapshot = iceberg_table.register(lagging, embeddings, "m-a")
     assert snapshot.summary[iceberg_table.VERSION] == "v2"
     assert (snapshot.summary["added-data-files"], snapshot.summary["deleted-data-files"]) == ("1", "1")
-    check_in_step(lib_root, "m-a")
+    check_in_step(lib_root, "m-a", catalog_uri)
     assert iceberg_table.register(lagging, embeddings, "m-a") is None
 
     # another model, of another width, in the same table: each model reads only its own rows
     publish(lib_root, "m-b", "v1", {"w.parquet": rows("m-b", ["a", "e"], dim=8)})
     iceberg_table.register(table, embeddings, "m-b")
-    check_in_step(lib_root, "m-a")
-    check_in_step(lib_root, "m-b")
+    check_in_step(lib_root, "m-a", catalog_uri)
+    check_in_step(lib_root, "m-b", catalog_uri)
     assert sorted(set(iceberg_table.read(table, "m-b")["model_id"].to_pylist())) == ["m-b"]
 
 
