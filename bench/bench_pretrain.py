@@ -10,6 +10,7 @@ of step time spent waiting for a batch, as one JSON line at the end.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -17,6 +18,7 @@ import time
 import torch
 
 from jobs import pretrain as job
+from musiclib.core import ray_env
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import ray_session
 from musiclib.train.data import load_training_data
@@ -28,9 +30,7 @@ from musiclib.train.shards import committed_shards
 def plain_loop(cfg: PretrainConfig) -> dict[str, float]:
     """The single-process baseline: same data, model and ``fit``; no Ray, no DDP."""
     torch.set_num_threads(cfg.num_workers * cfg.cpus_per_worker)
-    device = torch.device(
-        "cuda" if cfg.device == "gpu" or (cfg.device == "auto" and torch.cuda.is_available()) else "cpu"
-    )
+    device = torch.device("cuda" if cfg.device == "gpu" else "cpu")  # the device the Ray run chose
     uris = committed_shards(Layout(cfg.root).shards)
     data = load_training_data(uris, plan_labels(uris, cfg.p_s, cfg.seed))
     model, optimizer, augment = build(cfg, device)
@@ -47,6 +47,7 @@ def main(argv: list[str]) -> dict[str, float]:
     )
     # the dashboard serves the State API that Ray Train's placement-group cleaner polls (ray_env.ray_session)
     with ray_session(num_cpus=cfg.num_workers * cfg.cpus_per_worker + 1, include_dashboard=True):
+        cfg = dataclasses.replace(cfg, device=ray_env.cluster_device(cfg.device).name)
         job.prepare_shards(cfg, Layout(cfg.root))
         ray_metrics = job.train(cfg, Layout(cfg.root)).metrics
     plain = plain_loop(cfg)

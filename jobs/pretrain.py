@@ -168,7 +168,10 @@ def train(cfg: PretrainConfig, layout: Layout, tracked: tracking.Tracked | None 
     Ray Train retries failed workers itself but not its controller, which fails the run when it cannot
     write its state to storage (an S3 outage). Such a run is started again here, after a wait, and resumes
     from its last registered checkpoint, as the same command would; at most ``--max-failures`` times.
+    ``cfg.device`` is the one chosen (``cpu`` or ``gpu``, see ``run``): the checkpoints record it.
     """
+    if cfg.device not in ("cpu", "gpu"):
+        raise ValueError(f"train needs the chosen device, cpu or gpu, not {cfg.device!r}")
     storage.makedirs(layout.runs)
     restart = 0
     while True:

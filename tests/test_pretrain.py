@@ -492,7 +492,7 @@ def test_two_worker_run_checkpoints_and_resumes_at_the_saved_step(tiny_catalog, 
     try:
         layout = Layout(root)
         job.prepare_shards(parse(PretrainConfig, argv), layout)
-        first = job.train(parse(PretrainConfig, [*argv, "--steps", "2"]), layout)
+        first = job.train(parse(PretrainConfig, [*argv, "--steps", "2", "--device", "cpu"]), layout)
         assert first.metrics["step"] == 2 and first.metrics["start_step"] == 0
         assert load_checkpoint(first.checkpoint.path)["step"] == 2
         with pytest.raises(ConfigError, match=r"--lr: 0.0001 in the checkpoint, 0.001 now"):
