@@ -178,8 +178,9 @@ def test_write_model_rows_scores_fused_rows_as_by_hand(tmp_path):
     x = np.hstack([np.array(ok[c].to_pylist(), np.float64) for c in ("embedding", "logmel")])
     z = (x - probe_set.norm.mean) / probe_set.norm.scale
     expected = 1 / (1 + np.exp(-(z @ probe_set.weights.astype(np.float64) + probe_set.biases)))
-    assert rows["track_id"].to_pylist() == list(np.repeat(ok["track_id"].to_pylist(), 5))
-    np.testing.assert_allclose(rows["score"].to_numpy().reshape(-1, 5), expected, rtol=1e-5, atol=1e-6)
+    assert rows["track_id"].to_pylist() == ok["track_id"].to_pylist() * 5  # by tag, then track
+    by_tag = expected[:, np.argsort(probe_set.tags)]  # row groups in tag order
+    np.testing.assert_allclose(rows["score"].to_numpy().reshape(5, -1).T, by_tag, rtol=1e-5, atol=1e-6)
 
 
 def test_a_fused_probe_set_on_embeddings_without_logmel_fails_before_ray(tmp_path, monkeypatch):
@@ -203,15 +204,17 @@ def test_a_fused_probe_set_on_embeddings_without_logmel_fails_before_ray(tmp_pat
 
 
 def test_write_model_rows_scores_one_block_into_one_file(tmp_path):
-    """One block: its tracks without errors, less ``skip``, scored as the probe set applied directly, in
-    row groups of ``batch_size`` tracks; the same block again rewrites the same file."""
+    """One block: its tracks without errors, less those the scored-tracks file lists, scored as the probe
+    set applied directly, one row group per tag in tag order, with the counts the summary adds up; the
+    same block again rewrites the same file."""
     cat, emb = tagged_embeddings.make(
         n_tracks=60, n_tags=5, dim=8, n_errors=3, seed=1, model_id=SYNTHETIC_MODEL
     )
     probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, SYNTHETIC_MODEL), LOGREG)
     block = emb.select(["track_id", "embedding", "error"])
     ok = block.filter(pc.is_null(block["error"]))
-    skip = pa.array(ok["track_id"].to_pylist()[:4])
+    skip = str(tmp_path / "scored.parquet")
+    storage.write_parquet(pa.table({"track_id": ok["track_id"].to_pylist()[:4] + ["other"]}), skip)
     folder = str(tmp_path / "model")
     args = (probe_set, "tune-x", "2026-11-23T00:00:00", folder)
     written = tags.write_model_rows(block, *args, skip=skip, batch_size=10)
@@ -220,20 +223,23 @@ def test_write_model_rows_scores_one_block_into_one_file(tmp_path):
     uri = written["file"][0].as_py()
     assert storage.list_files(folder, ".parquet") == [uri]
     fs, path = storage.arrow_filesystem(uri)
-    assert pq.read_metadata(path, filesystem=fs).num_row_groups == -(-len(ids) // 10)
+    assert pq.read_metadata(path, filesystem=fs).num_row_groups == len(probe_set.tags)
     rows = pq.read_table(path, filesystem=fs)
     assert rows.schema == tags.SCHEMA and len(rows) == len(ids) * len(probe_set.tags)
     assert probe_set.link == "sigmoid" and not (probe_set.norm.pre_l2 or probe_set.norm.post_l2)
     x = np.array(ok["embedding"].to_pylist()[4:], np.float64)
     z = (x - probe_set.norm.mean) / probe_set.norm.scale  # standardised, as fitted
     expected = 1 / (1 + np.exp(-(z @ probe_set.weights.astype(np.float64) + probe_set.biases)))
-    np.testing.assert_array_equal(rows["track_id"].to_numpy(zero_copy_only=False), np.repeat(ids, 5))
-    assert rows["tag"].to_pylist() == probe_set.tags * len(ids)
-    np.testing.assert_allclose(rows["score"].to_numpy().reshape(-1, 5), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(
-        rows["predicted"].to_numpy(zero_copy_only=False).reshape(-1, 5),
-        rows["score"].to_numpy().reshape(-1, 5) >= probe_set.thresholds,
-    )
+    order = np.argsort(probe_set.tags)
+    assert rows["tag"].to_pylist() == list(np.repeat(np.array(probe_set.tags)[order], len(ids)))
+    assert rows["tag"].to_pylist() == sorted(rows["tag"].to_pylist())  # the table's sort order
+    assert rows["track_id"].to_pylist() == ids * len(probe_set.tags)
+    scores = rows["score"].to_numpy().reshape(len(probe_set.tags), -1).T  # tracks x tags, in tag order
+    np.testing.assert_allclose(scores, expected[:, order], rtol=1e-5, atol=1e-6)
+    predicted = rows["predicted"].to_numpy(zero_copy_only=False).reshape(len(probe_set.tags), -1).T
+    np.testing.assert_array_equal(predicted, scores >= probe_set.thresholds[order])
+    assert written["predicted"].to_pylist() == [predicted.sum(axis=0)[np.argsort(order)].tolist()]
+    assert written["untagged"].to_pylist() == [int((~predicted.any(axis=1)).sum())]
     for column, value in (("source", "model"), ("model_id", SYNTHETIC_MODEL), ("probe_run_id", "tune-x")):
         assert set(rows[column].to_pylist()) == {value}
     assert rows["reason"].null_count == len(rows)
