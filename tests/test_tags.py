@@ -304,3 +304,60 @@ def test_missing_catalog_or_probe_set_fails_before_ray(tmp_path):
         tag_job.main(["--root", str(tmp_path), "--catalog-uri", "user:secret@host"])
     assert "secret" not in str(err.value)
     assert not (tmp_path / "tags" / "iceberg.db").exists()  # no table made for a run that could not start
+
+
+def test_top_and_the_counts_match_a_full_read(tmp_path, capsys):
+    """``top`` (one tag's rows, streamed) and the counts the scoring tasks return equal what a full read of
+    the snapshot gives, on files by tag and on a file of the older track-major layout; ``--only-new`` keeps
+    a snapshot's model files only when it recorded its counts."""
+    cat, emb = tagged_embeddings.make(n_tracks=60, n_tags=5, dim=8, seed=1, model_id=SYNTHETIC_MODEL)
+    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, SYNTHETIC_MODEL), LOGREG)
+    iceberg = tag_table.open_table(Where(str(tmp_path / "root")), create_with=tags.SCHEMA)
+    assert [iceberg.schema().find_column_name(f.source_id) for f in iceberg.sort_order().fields] == ["tag"]
+    folder = storage.join(tag_table.run_dir(iceberg, "r1"), "model")
+    block = emb.select(["track_id", "embedding", "error"])
+    args = (probe_set, "tune-x", "2026-11-23T00:00:00", folder)
+    written = [tags.write_model_rows(block.slice(i, 20), *args).to_pylist()[0] for i in (0, 20, 40)]
+    old = written[2]["file"].replace(
+        "model-", "old-"
+    )  # the same rows, track-major, as the job wrote them before
+    storage.write_parquet(storage.read_parquet([written[2]["file"]]).sort_by("track_id"), old)
+    human = storage.join(tag_table.run_dir(iceberg, "r1"), "human.parquet")
+    storage.write_parquet(tags.human_rows(cat, "2026-11-23T00:00:00"), human)
+    files = [w["file"] for w in written[:2]] + [old, human]
+    run = tag_table.commit(iceberg, "r1", files, {"model-id": SYNTHETIC_MODEL, "probe-run-id": "tune-x"})
+
+    rows = tag_table.read(iceberg).to_pandas()
+    model, labeled = rows[rows["source"] == "model"], rows[rows["source"] == "human"]
+    for tag in probe_set.tags:
+        mine = model[model["tag"] == tag].sort_values(["score", "track_id"], ascending=[False, True])
+        humans = set(labeled[labeled["tag"] == tag]["track_id"])
+        new = mine[mine["predicted"] & ~mine["track_id"].isin(humans)]
+        for n, got, want in (
+            (7, tags.top(iceberg, tag, 7), mine),
+            (4, tags.top(iceberg, tag, 4, new=True), new),
+        ):
+            assert got["track_id"].to_pylist() == want["track_id"].head(n).tolist()
+            np.testing.assert_array_equal(got["score"].to_numpy(), want["score"].head(n).to_numpy())
+            assert got["human_label"].to_pylist() == [t in humans for t in got["track_id"].to_pylist()]
+    assert tags.top(iceberg, probe_set.tags[0], 4, new=True)["human_label"].to_pylist() == [False] * 4
+
+    counts = tags.ModelCounts.of_written(written, probe_set.tags)
+    per_track = model.groupby("track_id")["predicted"].sum()
+    assert counts.tracks == model["track_id"].nunique() == 60 and counts.untagged == int(
+        (per_track == 0).sum()
+    )
+    assert (
+        counts.predicted == model[model["predicted"]].groupby("tag").size().reindex(probe_set.tags).to_dict()
+    )
+    assert (counts + counts).predicted == {t: 2 * c for t, c in counts.predicted.items()}
+
+    # --only-new: a snapshot without counts (written before them) keeps nothing; with them, its model files
+    assert tags.carried_files(iceberg, SYNTHETIC_MODEL, "tune-x") == (frozenset(), tags.ModelCounts())
+    assert "scores every track again" in capsys.readouterr().out
+    properties = {"model-id": SYNTHETIC_MODEL, "probe-run-id": "tune-x", tags.COUNTS: counts.to_json()}
+    tag_table.commit(iceberg, "r2", [], properties, keep=frozenset(files))
+    keep, carried = tags.carried_files(iceberg, SYNTHETIC_MODEL, "tune-x")
+    assert keep == frozenset(files[:3]) and carried == counts
+    assert tags.carried_files(iceberg, SYNTHETIC_MODEL, "tune-y") == (frozenset(), tags.ModelCounts())
+    assert run.snapshot_id in {r.snapshot_id for r in tag_table.runs(iceberg)}
