@@ -58,7 +58,7 @@ print(f"open {time.perf_counter() - began:.2f} s")
 query = f"SELECT count(*) AS n, avg(score) AS mean FROM tags WHERE tag = '{tag}' AND predicted"
 for name, call in (
     ("top", lambda: tags.top(table, tag)),
-    ("top --new", lambda: tags.top(table, tag, new=True)),
+    ("top, new only", lambda: tags.top(table, tag, new=True)),
     ("show", lambda: tags.show(table, track)),
     ("sql one tag", lambda: tag_table.sql(table, query)),
 ):
