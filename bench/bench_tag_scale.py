@@ -12,8 +12,8 @@ on a fresh local Ray (``--num-cpus``), which prints its own wall time and its pe
 ``--skip-validate`` leaves out the driver's ``catalog.validate`` (the catalog is valid), to see the rest.
 Then, each in a fresh process, ``python -m musiclib.tag.tags top TAG`` end to end (imports included), and
 in one process, after its imports and the table's opening, ``top``, ``show`` and a one-tag ``sql``, each
-``--repeats`` times (``--job-only``: the tag job alone, for an older checkout). The machine's load average is printed at each step. Results: docs/BENCHMARKS.md, "tag
-at scale".
+``--repeats`` times (``--job-only``: the tag job alone, for an older checkout). The machine's load average
+is printed at each step. Results: docs/BENCHMARKS.md, "tag at scale".
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ imported = peak()
 if sys.argv[1] == "--skip-validate":  # the bench's catalog is valid: the job's own memory, without the check
     catalog.validate = lambda *args, **kwargs: 0
 tag.main(sys.argv[2:])
-print(f"DRIVER {time.perf_counter() - began:.1f} s, peak RSS {peak():.0f} MiB ({imported:.0f} MiB after imports)")
+wall = time.perf_counter() - began
+print(f"DRIVER {wall:.1f} s, peak RSS {peak():.0f} MiB ({imported:.0f} MiB after imports)")
 """
 
 QUERIES = """
@@ -80,7 +81,7 @@ def tag_names(n_tags: int) -> list[str]:
 
 
 def make_root(root: str, args: argparse.Namespace, n: int) -> None:
-    """A catalog of ``n`` tracks, their random embeddings in files of ``--per-file`` and a random probe set."""
+    """A catalog of ``n`` tracks, their random embeddings in files of ``--per-file``, a random probe set."""
     from musiclib import catalog
     from musiclib.core import storage, versions
     from musiclib.core.config import Layout

@@ -5,15 +5,15 @@ Spark, Trino, Athena and DuckDB read Iceberg, so the tag job publishes its rows 
 commits one snapshot that lists them: readers see the previous snapshot or the new one, never a
 half-written run, and the files of a run killed before its commit are never read. A full run replaces
 every data file; ``--only-new`` keeps the model files of the same probe run as they are and adds the
-new tracks' files.
+new tracks' files. Each snapshot's summary carries the run's id and provenance (``musiclib.*``
+properties), so a re-run with the same inputs finds its snapshot and writes nothing, and earlier runs
+stay readable by snapshot (time travel).
 
 Layout: the table's sort order is ``tag``, and each model file holds one row group per tag, in tag order
 (``tags.write_model_rows``). A one-tag query (``top``) then reads one row group of each file, pruned by
 the row groups' statistics: one file per task keeps the commit small and the files few, where a partition
-on ``tag`` would split every task's file into one per tag (docs/BENCHMARKS.md, "tag at scale").
-Files of the older track-major layout stay readable: only the pruning is lost. Each snapshot's summary carries the run's id and provenance (``musiclib.*``
-properties), so a re-run with the same inputs finds its snapshot and writes nothing, and earlier runs
-stay readable by snapshot (time travel).
+on ``tag`` would split every task's file into one per tag (docs/BENCHMARKS.md, "tag at scale"). Files of
+the older track-major layout stay readable: only the pruning is lost.
 
 The catalog is chosen by ``--catalog-uri`` (``musiclib.core.iceberg``). The data and metadata files live
 under ``<root>/tags/warehouse`` (the catalog's warehouse).
