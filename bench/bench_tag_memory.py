@@ -109,9 +109,9 @@ def rss(args: argparse.Namespace, rows: int) -> None:
     block = storage.read_parquet(files_of(args.folder, 1, rows, args.dim))
     probe_set = probe_set_of(args.dim, args.tags)
     before = mib()
-    slices = range(0, rows, args.batch_size)
-    parts = (tags.model_rows(block.slice(i, args.batch_size), probe_set, "p", "t") for i in slices)
-    storage.write_parquet_parts(parts, tags.SCHEMA, os.path.join(args.folder, "rss.parquet"))
+    tags.write_model_rows(
+        block, probe_set, "p", "t", os.path.join(args.folder, "rss"), batch_size=args.batch_size
+    )
     after = mib()
     pa.default_memory_pool().release_unused()
     print(

@@ -207,8 +207,9 @@ def test_write_model_rows_scores_fused_rows_as_by_hand(tmp_path):
     x = np.hstack([np.array(ok[c].to_pylist(), np.float64) for c in ("embedding", "logmel")])
     z = (x - probe_set.norm.mean) / probe_set.norm.scale
     expected = 1 / (1 + np.exp(-(z @ probe_set.weights.astype(np.float64) + probe_set.biases)))
-    assert rows["track_id"].to_pylist() == list(np.repeat(ok["track_id"].to_pylist(), 5))
-    np.testing.assert_allclose(rows["score"].to_numpy().reshape(-1, 5), expected, rtol=1e-5, atol=1e-6)
+    assert rows["track_id"].to_pylist() == ok["track_id"].to_pylist() * 5  # by tag, then track
+    by_tag = expected[:, np.argsort(probe_set.tags)]  # row groups in tag order
+    np.testing.assert_allclose(rows["score"].to_numpy().reshape(5, -1).T, by_tag, rtol=1e-5, atol=1e-6)
 
 
 def test_a_fused_probe_set_on_embeddings_without_logmel_fails_before_ray(tmp_path, monkeypatch):
@@ -232,15 +233,17 @@ def test_a_fused_probe_set_on_embeddings_without_logmel_fails_before_ray(tmp_pat
 
 
 def test_write_model_rows_scores_one_block_into_one_file(tmp_path):
-    """One block: its tracks without errors, less ``skip``, scored as the probe set applied directly, in
-    row groups of ``batch_size`` tracks; the same block again rewrites the same file."""
+    """One block: its tracks without errors, less those the scored-tracks file lists, scored as the probe
+    set applied directly, one row group per tag in tag order, with the counts the summary adds up; the
+    same block again rewrites the same file."""
     cat, emb = tagged_embeddings.make(
         n_tracks=60, n_tags=5, dim=8, n_errors=3, seed=1, model_id=SYNTHETIC_MODEL
     )
     probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, SYNTHETIC_MODEL), LOGREG)
     block = emb.select(["track_id", "embedding", "error"])
     ok = block.filter(pc.is_null(block["error"]))
-    skip = pa.array(ok["track_id"].to_pylist()[:4])
+    skip = str(tmp_path / "scored.parquet")
+    storage.write_parquet(pa.table({"track_id": ok["track_id"].to_pylist()[:4] + ["other"]}), skip)
     folder = str(tmp_path / "model")
     args = (probe_set, "tune-x", "2026-11-23T00:00:00", folder)
     written = tags.write_model_rows(block, *args, skip=skip, batch_size=10)
@@ -249,20 +252,23 @@ def test_write_model_rows_scores_one_block_into_one_file(tmp_path):
     uri = written["file"][0].as_py()
     assert storage.list_files(folder, ".parquet") == [uri]
     fs, path = storage.arrow_filesystem(uri)
-    assert pq.read_metadata(path, filesystem=fs).num_row_groups == -(-len(ids) // 10)
+    assert pq.read_metadata(path, filesystem=fs).num_row_groups == len(probe_set.tags)
     rows = pq.read_table(path, filesystem=fs)
     assert rows.schema == tags.SCHEMA and len(rows) == len(ids) * len(probe_set.tags)
     assert probe_set.link == "sigmoid" and not (probe_set.norm.pre_l2 or probe_set.norm.post_l2)
     x = np.array(ok["embedding"].to_pylist()[4:], np.float64)
     z = (x - probe_set.norm.mean) / probe_set.norm.scale  # standardised, as fitted
     expected = 1 / (1 + np.exp(-(z @ probe_set.weights.astype(np.float64) + probe_set.biases)))
-    np.testing.assert_array_equal(rows["track_id"].to_numpy(zero_copy_only=False), np.repeat(ids, 5))
-    assert rows["tag"].to_pylist() == probe_set.tags * len(ids)
-    np.testing.assert_allclose(rows["score"].to_numpy().reshape(-1, 5), expected, rtol=1e-5, atol=1e-6)
-    np.testing.assert_array_equal(
-        rows["predicted"].to_numpy(zero_copy_only=False).reshape(-1, 5),
-        rows["score"].to_numpy().reshape(-1, 5) >= probe_set.thresholds,
-    )
+    order = np.argsort(probe_set.tags)
+    assert rows["tag"].to_pylist() == list(np.repeat(np.array(probe_set.tags)[order], len(ids)))
+    assert rows["tag"].to_pylist() == sorted(rows["tag"].to_pylist())  # the table's sort order
+    assert rows["track_id"].to_pylist() == ids * len(probe_set.tags)
+    scores = rows["score"].to_numpy().reshape(len(probe_set.tags), -1).T  # tracks x tags, in tag order
+    np.testing.assert_allclose(scores, expected[:, order], rtol=1e-5, atol=1e-6)
+    predicted = rows["predicted"].to_numpy(zero_copy_only=False).reshape(len(probe_set.tags), -1).T
+    np.testing.assert_array_equal(predicted, scores >= probe_set.thresholds[order])
+    assert written["predicted"].to_pylist() == [predicted.sum(axis=0)[np.argsort(order)].tolist()]
+    assert written["untagged"].to_pylist() == [int((~predicted.any(axis=1)).sum())]
     for column, value in (("source", "model"), ("model_id", SYNTHETIC_MODEL), ("probe_run_id", "tune-x")):
         assert set(rows[column].to_pylist()) == {value}
     assert rows["reason"].null_count == len(rows)
@@ -363,3 +369,60 @@ def test_an_s3_root_without_a_shared_catalog_is_refused(tmp_path, capsys):
     cfg.validate()
     assert cfg.where.resolved_catalog() == explicit
     assert Where(str(tmp_path)).resolved_catalog() == f"sqlite:///{tmp_path}/tags/iceberg.db"
+
+
+def test_top_and_the_counts_match_a_full_read(tmp_path, capsys):
+    """``top`` (one tag's rows, streamed) and the counts the scoring tasks return equal what a full read of
+    the snapshot gives, on files by tag and on a file of the older track-major layout; ``--only-new`` keeps
+    a snapshot's model files only when it recorded its counts."""
+    cat, emb = tagged_embeddings.make(n_tracks=60, n_tags=5, dim=8, seed=1, model_id=SYNTHETIC_MODEL)
+    probe_set = fewshot.final_probe_set(fewshot.prepare(cat, emb, SYNTHETIC_MODEL), LOGREG)
+    iceberg = tag_table.open_table(Where(str(tmp_path / "root")), create_with=tags.SCHEMA)
+    assert [iceberg.schema().find_column_name(f.source_id) for f in iceberg.sort_order().fields] == ["tag"]
+    folder = storage.join(tag_table.run_dir(iceberg, "r1"), "model")
+    block = emb.select(["track_id", "embedding", "error"])
+    args = (probe_set, "tune-x", "2026-11-23T00:00:00", folder)
+    written = [tags.write_model_rows(block.slice(i, 20), *args).to_pylist()[0] for i in (0, 20, 40)]
+    old = written[2]["file"].replace(
+        "model-", "old-"
+    )  # the same rows, track-major, as the job wrote them before
+    storage.write_parquet(storage.read_parquet([written[2]["file"]]).sort_by("track_id"), old)
+    human = storage.join(tag_table.run_dir(iceberg, "r1"), "human.parquet")
+    storage.write_parquet(tags.human_rows(cat, "2026-11-23T00:00:00"), human)
+    files = [w["file"] for w in written[:2]] + [old, human]
+    run = tag_table.commit(iceberg, "r1", files, {"model-id": SYNTHETIC_MODEL, "probe-run-id": "tune-x"})
+
+    rows = tag_table.read(iceberg).to_pandas()
+    model, labeled = rows[rows["source"] == "model"], rows[rows["source"] == "human"]
+    for tag in probe_set.tags:
+        mine = model[model["tag"] == tag].sort_values(["score", "track_id"], ascending=[False, True])
+        humans = set(labeled[labeled["tag"] == tag]["track_id"])
+        new = mine[mine["predicted"] & ~mine["track_id"].isin(humans)]
+        for n, got, want in (
+            (7, tags.top(iceberg, tag, 7), mine),
+            (4, tags.top(iceberg, tag, 4, new=True), new),
+        ):
+            assert got["track_id"].to_pylist() == want["track_id"].head(n).tolist()
+            np.testing.assert_array_equal(got["score"].to_numpy(), want["score"].head(n).to_numpy())
+            assert got["human_label"].to_pylist() == [t in humans for t in got["track_id"].to_pylist()]
+    assert tags.top(iceberg, probe_set.tags[0], 4, new=True)["human_label"].to_pylist() == [False] * 4
+
+    counts = tags.ModelCounts.of_written(written, probe_set.tags)
+    per_track = model.groupby("track_id")["predicted"].sum()
+    assert counts.tracks == model["track_id"].nunique() == 60 and counts.untagged == int(
+        (per_track == 0).sum()
+    )
+    assert (
+        counts.predicted == model[model["predicted"]].groupby("tag").size().reindex(probe_set.tags).to_dict()
+    )
+    assert (counts + counts).predicted == {t: 2 * c for t, c in counts.predicted.items()}
+
+    # --only-new: a snapshot without counts (written before them) keeps nothing; with them, its model files
+    assert tags.carried_files(iceberg, SYNTHETIC_MODEL, "tune-x") == (frozenset(), tags.ModelCounts())
+    assert "scores every track again" in capsys.readouterr().out
+    properties = {"model-id": SYNTHETIC_MODEL, "probe-run-id": "tune-x", tags.COUNTS: counts.to_json()}
+    tag_table.commit(iceberg, "r2", [], properties, keep=frozenset(files))
+    keep, carried = tags.carried_files(iceberg, SYNTHETIC_MODEL, "tune-x")
+    assert keep == frozenset(files[:3]) and carried == counts
+    assert tags.carried_files(iceberg, SYNTHETIC_MODEL, "tune-y") == (frozenset(), tags.ModelCounts())
+    assert run.snapshot_id in {r.snapshot_id for r in tag_table.runs(iceberg)}

@@ -23,6 +23,7 @@ from urllib.parse import urlparse
 
 import fsspec
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
@@ -359,9 +360,13 @@ def write_parquet_parts(
 
 
 def read_parquet(
-    uris: list[str], columns: list[str] | None = None, schema: pa.Schema | None = None
+    uris: list[str],
+    columns: list[str] | None = None,
+    schema: pa.Schema | None = None,
+    filters: pc.Expression | None = None,
 ) -> pa.Table:
-    """Parquet files (URIs on one filesystem) as one table, reading only ``columns``.
+    """Parquet files (URIs on one filesystem) as one table, reading only ``columns`` (and, with
+    ``filters``, only the matching rows, skipping the row groups whose statistics rule them out).
 
     No files give an empty table of ``schema`` when one is given.
     """
@@ -371,7 +376,7 @@ def read_parquet(
         return schema.empty_table() if columns is None else schema.empty_table().select(columns)
     fs, _ = arrow_filesystem(uris[0])
     paths = [split_uri(u)[1] for u in uris]
-    return pq.ParquetDataset(paths, filesystem=fs, schema=schema).read(columns=columns)
+    return pq.ParquetDataset(paths, filesystem=fs, schema=schema, filters=filters).read(columns=columns)
 
 
 def parquet_rows(uri: str) -> int:

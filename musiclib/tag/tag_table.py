@@ -9,6 +9,12 @@ new tracks' files. Each snapshot's summary carries the run's id and provenance (
 properties), so a re-run with the same inputs finds its snapshot and writes nothing, and earlier runs
 stay readable by snapshot (time travel).
 
+Layout: the table's sort order is ``tag``, and each model file holds one row group per tag, in tag order
+(``tags.write_model_rows``). A one-tag query (``top``) then reads one row group of each file, pruned by
+the row groups' statistics: one file per task keeps the commit small and the files few, where a partition
+on ``tag`` would split every task's file into one per tag (docs/BENCHMARKS.md, "tag at scale"). Files of
+the older track-major layout stay readable: only the pruning is lost.
+
 The catalog is chosen by ``--catalog-uri`` (``musiclib.core.iceberg``). The data and metadata files live
 under ``<root>/tags/warehouse`` (the catalog's warehouse).
 """
@@ -19,15 +25,18 @@ import datetime as _dt
 import json
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.dataset as ds
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, ValidationException
 from pyiceberg.expressions import BooleanExpression
-from pyiceberg.io.pyarrow import parquet_file_to_data_file
+from pyiceberg.io.pyarrow import ArrowScan, parquet_file_to_data_file
 from pyiceberg.table import ALWAYS_TRUE, Table
+from pyiceberg.transforms import IdentityTransform
 
 from musiclib.core import iceberg, storage
 from musiclib.core.iceberg import DEFAULT_CATALOG, masked
@@ -36,6 +45,8 @@ DEFAULT_TABLE = "musiclib.tags"
 PREFIX = "musiclib."  # snapshot summary properties musiclib writes
 RUN_ID = PREFIX + "run-id"
 COMMIT_ATTEMPTS = 8  # optimistic commits re-planned after a concurrent writer won
+SORTED_BY = "tag"  # the table's sort order: the column each data file's row groups follow
+FILES_AT_ONCE = 16  # data files a streaming read has in flight (``batches``)
 
 
 @dataclass(frozen=True)
@@ -92,8 +103,9 @@ def _catalog(where: Where, create: bool) -> Catalog | None:
 def open_table(where: Where, create_with: pa.Schema | None = None) -> Table | None:
     """The tag table, or None when it does not exist yet; with ``create_with`` it is made with that schema.
 
-    A new table gets a name mapping, so the Parquet files the tag job writes (plain Arrow schemas,
-    without Iceberg field ids) are read by column name.
+    A table opened with ``create_with`` gets a name mapping, so the Parquet files the tag job writes (plain
+    Arrow schemas, without Iceberg field ids) are read by column name, and the sort order ``SORTED_BY``
+    (a table made before it gets it on its next run; a metadata change, no snapshot).
     """
     catalog = _catalog(where, create=create_with is not None)
     if catalog is None:
@@ -104,10 +116,14 @@ def open_table(where: Where, create_with: pa.Schema | None = None) -> Table | No
         except NoSuchTableError:
             return None
     table = iceberg.create_table(catalog, where.table, create_with)
-    if table.metadata.name_mapping() is None:  # a table made before musiclib set one
-        mapping = table.schema().name_mapping.model_dump_json()
+    unnamed, unsorted = table.metadata.name_mapping() is None, table.sort_order().is_unsorted
+    if unnamed or unsorted:  # a table made before musiclib set them
         with table.transaction() as tx:
-            tx.set_properties(**{iceberg.NAME_MAPPING: mapping})
+            if unnamed:
+                tx.set_properties(**{iceberg.NAME_MAPPING: table.schema().name_mapping.model_dump_json()})
+            if unsorted:
+                with tx.update_sort_order() as order:
+                    order.asc(SORTED_BY, IdentityTransform())
     return iceberg.owned(table, where.warehouse)
 
 
@@ -168,6 +184,21 @@ def read(
 ) -> pa.Table:
     """Rows of a snapshot (default: the current one), filtered and projected by the scan itself."""
     return table.scan(row_filter=row_filter, selected_fields=columns, snapshot_id=snapshot_id).to_arrow()
+
+
+def batches(
+    table: Table,
+    row_filter: str | BooleanExpression = ALWAYS_TRUE,
+    columns: tuple[str, ...] = ("*",),
+    snapshot_id: int | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """``read``, streamed: ``FILES_AT_ONCE`` data files at a time, so memory follows the files in flight,
+    not the snapshot (pyiceberg's own batch reader submits every file at once and holds what it read)."""
+    scan = table.scan(row_filter=row_filter, selected_fields=columns, snapshot_id=snapshot_id)
+    tasks = list(scan.plan_files())
+    reader = ArrowScan(scan.table_metadata, scan.io, scan.projection(), scan.row_filter, scan.case_sensitive)
+    for i in range(0, len(tasks), FILES_AT_ONCE):
+        yield from reader.to_record_batches(tasks[i : i + FILES_AT_ONCE])
 
 
 def commit(
@@ -233,13 +264,21 @@ def verify(table: Table, snapshot_id: int | None = None) -> list[str]:
 def sql(table: Table, query: str, snapshot_id: int | None = None) -> pa.Table:
     """Run DuckDB SQL over a snapshot (default: the current one), registered as the view ``tags``.
 
-    pyiceberg reads the snapshot into Arrow (local or S3, honouring the table's metadata), so nothing
-    needs DuckDB's downloadable extensions.
+    pyiceberg lists the snapshot's data files; DuckDB scans them as an Arrow dataset (local or S3, through
+    ``storage``, so nothing needs DuckDB's downloadable extensions), pushing the query's columns and
+    filters into the scan, so a query reads what it needs, not the snapshot. A snapshot with delete files
+    (written by another engine) is read whole by pyiceberg, which applies them.
     """
     import duckdb  # only this command needs it: the tag job and its Ray workers do not import it
 
     con = duckdb.connect()
-    con.register("tags", read(table, snapshot_id=snapshot_id))
+    tasks = list(table.scan(snapshot_id=snapshot_id).plan_files())
+    if not tasks or any(t.delete_files for t in tasks):
+        con.register("tags", read(table, snapshot_id=snapshot_id))
+    else:
+        fs, _ = storage.arrow_filesystem(tasks[0].file.file_path)
+        paths = [storage.split_uri(t.file.file_path)[1] for t in tasks]
+        con.register("tags", ds.dataset(paths, filesystem=fs, format="parquet"))
     return con.sql(query).to_arrow_table()
 
 

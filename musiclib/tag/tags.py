@@ -26,16 +26,16 @@ is ``musiclib.core.outputs``, told where the tag table's current snapshot is.
 from __future__ import annotations
 
 import hashlib
+import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
-from pyiceberg.expressions import EqualTo
+from pyiceberg.expressions import And, EqualTo
 from pyiceberg.table import Table
 
 from musiclib import catalog
@@ -103,50 +103,162 @@ class TagConfig(RayConfig):
         return Where(self.root, self.catalog_uri, self.table)
 
 
-def carried_files(table: Table, model_id: str, probe_run_id: str) -> tuple[frozenset[str], frozenset[str]]:
-    """What ``--only-new`` keeps of the current snapshot: its model files and their tracks, when its model
-    rows come from this probe run and model; nothing otherwise.
+COUNTS = "model-counts"  # the snapshot summary property (``musiclib.model-counts``) holding ``ModelCounts``
+
+
+@dataclass
+class ModelCounts:
+    """What the summary says of a snapshot's model rows, counted by the tasks that wrote them: tracks,
+    tracks with no predicted tag, tracks predicted per tag. Kept in the snapshot's summary (``COUNTS``), so
+    an ``--only-new`` run adds its tasks' counts to those of the files it keeps and reads no rows."""
+
+    tracks: int = 0
+    untagged: int = 0
+    predicted: dict[str, int] = field(default_factory=dict)
+
+    def __add__(self, other: ModelCounts) -> ModelCounts:
+        tags = {**self.predicted, **other.predicted}
+        predicted = {t: self.predicted.get(t, 0) + other.predicted.get(t, 0) for t in tags}
+        return ModelCounts(self.tracks + other.tracks, self.untagged + other.untagged, predicted)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelCounts:
+        return cls(**json.loads(text))
+
+    @classmethod
+    def of_written(cls, rows: Sequence[dict], tags: Sequence[str]) -> ModelCounts:
+        """The sum of what the scoring tasks returned (``WRITTEN`` rows)."""
+        predicted = np.sum([r["predicted"] for r in rows], axis=0, dtype=np.int64) if rows else 0
+        return cls(
+            sum(r["tracks"] for r in rows),
+            sum(r["untagged"] for r in rows),
+            {t: int(c) for t, c in zip(tags, np.broadcast_to(predicted, len(tags)), strict=True)},
+        )
+
+
+def carried_files(table: Table, model_id: str, probe_run_id: str) -> tuple[frozenset[str], ModelCounts]:
+    """What ``--only-new`` keeps of the current snapshot: its model files and their counts, when its model
+    rows come from this probe run and model and it recorded its counts; nothing otherwise.
 
     Rows of another probe run (an older sweep of the same model included) are not kept, so their tracks
-    are scored again with the current probe set and a snapshot never mixes probe sets.
+    are scored again with the current probe set and a snapshot never mixes probe sets. A snapshot written
+    before the counts (and the files by tag) is not kept either: every track is scored again, once.
     """
     current = tag_table.current_run(table)
     if current is None or (current.properties.get("model-id"), current.properties.get("probe-run-id")) != (
         model_id,
         probe_run_id,
     ):
-        return frozenset(), frozenset()
+        return frozenset(), ModelCounts()
+    if COUNTS not in current.properties:
+        print(
+            f"tag: --only-new scores every track again: run {current.run_id} was written before the tag job "
+            "recorded its counts and wrote its files by tag"
+        )
+        return frozenset(), ModelCounts()
     keep = frozenset(f.file_path for f in tag_table.data_files(table) if "/model/" in f.file_path)
-    rows = tag_table.read(table, EqualTo("source", "model"), ("track_id",))
-    return keep, frozenset(rows["track_id"].to_pylist())
+    return keep, ModelCounts.from_json(current.properties[COUNTS])
 
 
-def embedding_errors(files: list[str], catalog_ids: list[str], tagged_at: str) -> pa.Table:
-    """Rows for tracks with an embedding error (its reason) and catalog tracks with no embedding row."""
-    emb = storage.read_parquet(files, ["track_id", "error"])
+SKIP_ROW_GROUP = 65536  # track ids per row group of the scored-tracks file: a task reads only its range
+
+
+def write_scored_tracks(files: list[str], tag: str, uri: str) -> int:
+    """The tracks of ``--only-new``'s kept model files, sorted, as one Parquet file at ``uri``; returns how
+    many. One tag's rows (one row group of each file) hold every scored track once. A Ray task runs it, so
+    the driver holds none of them; each scoring task reads the range of its own ids (``write_model_rows``)."""
+    ids = storage.read_parquet(files, ["track_id"], filters=pc.field("tag") == tag).sort_by("track_id")
+    parts = (ids.slice(i, SKIP_ROW_GROUP) for i in range(0, len(ids), SKIP_ROW_GROUP))
+    return storage.write_parquet_parts(parts, ids.schema, uri)
+
+
+def scored_among(ids: pa.ChunkedArray, skip: str) -> pa.ChunkedArray:
+    """Which of ``ids`` the scored-tracks file ``skip`` lists (``write_scored_tracks``), reading only the row
+    groups of their range."""
+    lo, hi = pc.min_max(ids).values()
+    between = (pc.field("track_id") >= lo) & (pc.field("track_id") <= hi)
+    scored = storage.read_parquet([skip], ["track_id"], filters=between)["track_id"].combine_chunks()
+    return pc.is_in(ids, value_set=scored)
+
+
+def embedding_errors(emb: pa.Table, catalog_ids: pa.Array, tagged_at: str) -> pa.Table:
+    """Rows for tracks with an embedding error (its reason) and catalog tracks with no embedding row, from
+    the embeddings' ``track_id`` and ``error`` columns."""
     failed = emb.filter(pc.is_valid(emb["error"]))
-    seen = set(emb["track_id"].to_pylist())
-    missing = [t for t in catalog_ids if t not in seen]
-    ids = failed["track_id"].to_pylist() + missing
+    missing = catalog_ids.filter(pc.invert(pc.is_in(catalog_ids, value_set=emb["track_id"].combine_chunks())))
+    ids = pa.concat_arrays([failed["track_id"].combine_chunks().cast(pa.string()), missing.cast(pa.string())])
+    reasons = pa.concat_arrays(
+        [
+            pc.binary_join_element_wise(EMBEDDING_ERROR, failed["error"].combine_chunks(), "").cast(
+                pa.string()
+            ),
+            pa.repeat(pa.scalar("no embedding"), len(missing)),
+        ]
+    )
     n = len(ids)
     return pa.table(
         {
             "track_id": ids,
-            "tag": [None] * n,
+            "tag": pa.nulls(n, pa.string()),
             "score": pa.nulls(n, pa.float32()),
-            "source": ["error"] * n,
+            "source": pa.repeat(pa.scalar("error"), n),
             "predicted": pa.nulls(n, pa.bool_()),
-            "model_id": [None] * n,
-            "probe_run_id": [None] * n,
-            "tagged_at": [tagged_at] * n,
-            "reason": [EMBEDDING_ERROR + e for e in failed["error"].to_pylist()]
-            + ["no embedding"] * len(missing),
+            "model_id": pa.nulls(n, pa.string()),
+            "probe_run_id": pa.nulls(n, pa.string()),
+            "tagged_at": pa.repeat(pa.scalar(tagged_at), n),
+            "reason": reasons,
         },
         schema=SCHEMA,
     )
 
 
-WRITTEN = pa.schema([pa.field("file", pa.string()), pa.field("tracks", pa.int64())])
+@dataclass
+class CatalogRows:
+    """The human and error rows a run wrote (``write_catalog_rows``) and what its summary says of them."""
+
+    files: list[str]
+    human: dict[str, int]  # human labels per tag
+    human_tracks: int
+    errors: dict[str, int]  # untagged tracks by reason
+    tail: list[str]  # the long tail of the train split's vocabulary, rarest first
+
+
+def write_catalog_rows(
+    catalog_uri: str, embedding_files: list[str], tagged_at: str, folder: str
+) -> CatalogRows:
+    """Write a run's human rows (the catalog's labels, by tag) and error rows (tracks whose embedding failed
+    or is missing) in ``folder``, and count them. A Ray task runs it, so the driver holds no column as long
+    as the catalog; its files are rewritten whole by a retry."""
+    cat = catalog.read(catalog_uri, columns=["track_id", "tags", "split"])
+    files = []
+    human = human_rows(cat, tagged_at)
+    emb = storage.read_parquet(embedding_files, ["track_id", "error"])
+    errors = embedding_errors(emb, cat["track_id"].combine_chunks(), tagged_at)
+    for name, rows in (("human.parquet", human), ("errors.parquet", errors)):
+        if len(rows):
+            files.append(storage.join(folder, name))
+            storage.write_parquet(rows, files[-1])
+    vocab = catalog.vocabulary(cat, split="train")
+    return CatalogRows(
+        files=files,
+        human={r["values"]: r["counts"] for r in pc.value_counts(human["tag"]).to_pylist()},
+        human_tracks=pc.count_distinct(human["track_id"]).as_py(),
+        errors={r["values"]: r["counts"] for r in pc.value_counts(errors["reason"]).to_pylist()},
+        tail=list(reversed(vocab.tail)),
+    )
+
+
+WRITTEN = pa.schema(
+    [
+        pa.field("file", pa.string()),
+        pa.field("tracks", pa.int64()),
+        pa.field("untagged", pa.int64()),  # tracks with no predicted tag
+        pa.field("predicted", pa.list_(pa.int64())),  # tracks predicted per tag, in the probe set's order
+    ]
+)
 
 
 def write_model_rows(
@@ -155,79 +267,96 @@ def write_model_rows(
     probe_run_id: str,
     tagged_at: str,
     folder: str,
-    skip: pa.Array | None = None,
+    skip: str = "",
     batch_size: int = 4096,
 ) -> pa.Table:
-    """Score a block of embedding rows and write their model rows as one Parquet file in ``folder``.
+    """Score a block of embedding rows and write their model rows as one Parquet file in ``folder``, one row
+    group per tag in tag order (``tag_table``'s layout: a one-tag read prunes the others).
 
     The block holds the columns of the probe set's representation (``embeddings_table.columns``). Rows
-    with an error or no vector, and tracks in ``skip``, get none. ``batch_size`` tracks are scored
-    at a time, each batch one row group, so memory follows the batch, not the block. The file is named
-    by a digest of its track ids: a retried task rewrites its own file. Returns the file and its track
-    count (``WRITTEN``; no row when nothing was scored).
+    with an error or no vector, and tracks the scored-tracks file ``skip`` lists (``--only-new``), get
+    none. ``batch_size`` tracks are scored at a time; the block's scores (4 bytes per track and tag, less
+    than its vectors) are held to write them by tag. The file is named by a digest of its track ids: a
+    retried task rewrites its own file. Returns the file and its counts (``WRITTEN``; no row when nothing
+    was scored).
     """
     scored = embeddings_table.usable(embeddings)
-    if skip is not None and len(skip):
-        scored = scored.filter(pc.invert(pc.is_in(scored["track_id"], skip)))
+    if skip and len(scored):
+        scored = scored.filter(pc.invert(scored_among(scored["track_id"], skip)))
     if len(scored) == 0:
         return WRITTEN.empty_table()
     name = hashlib.sha256("\n".join(scored["track_id"].to_pylist()).encode()).hexdigest()[:32]
     uri = storage.join(folder, f"model-{name}.parquet")
     batches = range(0, len(scored), batch_size)
-    parts = (model_rows(scored.slice(i, batch_size), probe_set, probe_run_id, tagged_at) for i in batches)
+    matrix = embeddings_table.matrix
+    scores = np.vstack(
+        [probe_set.apply(matrix(scored.slice(i, batch_size), probe_set.representation)) for i in batches]
+    ).astype(np.float32)
+    predicted = probe_set.predict(scores)
+    ids = scored["track_id"].combine_chunks()
+    parts = (
+        tag_rows(
+            ids, probe_set.tags[k], scores[:, k], predicted[:, k], probe_set.model_id, probe_run_id, tagged_at
+        )
+        for k in np.argsort(probe_set.tags, kind="stable")
+    )
     storage.write_parquet_parts(parts, SCHEMA, uri)
     pa.default_memory_pool().release_unused()  # an idle worker then holds no more after a large block
-    return pa.table({"file": [uri], "tracks": [len(scored)]}, schema=WRITTEN)
+    counts = {
+        "untagged": [int((~predicted.any(axis=1)).sum())],
+        "predicted": [predicted.sum(axis=0).tolist()],
+    }
+    return pa.table({"file": [uri], "tracks": [len(scored)], **counts}, schema=WRITTEN)
 
 
-def model_rows(table: pa.Table, probe_set: ProbeSet, probe_run_id: str, tagged_at: str) -> pa.Table:
-    """Score a batch of embedding rows (no errors) with every tag: one matrix product on the probe set's
-    representation (``embeddings_table.matrix``), then long form."""
-    n, n_tags = len(table), len(probe_set.tags)
-    if n == 0:
-        return SCHEMA.empty_table()
-    scores = probe_set.apply(embeddings_table.matrix(table, probe_set.representation))
-    rows = n * n_tags  # track-major: track i's tags are rows i * n_tags ... (i + 1) * n_tags - 1
+def tag_rows(
+    ids: pa.Array,
+    tag: str,
+    scores: np.ndarray,
+    predicted: np.ndarray,
+    model_id: str,
+    probe_run_id: str,
+    tagged_at: str,
+) -> pa.Table:
+    """One tag's model rows of a block: its score and prediction for each track, with provenance."""
+    n = len(ids)
     return pa.table(
         {
-            "track_id": table.column("track_id").take(np.repeat(np.arange(n), n_tags)),
-            "tag": pa.array(probe_set.tags, pa.string()).take(np.tile(np.arange(n_tags), n)),
-            "score": scores.astype(np.float32).ravel(),
-            "source": pa.repeat(pa.scalar("model"), rows),
-            "predicted": probe_set.predict(scores).ravel(),
-            "model_id": pa.repeat(pa.scalar(probe_set.model_id, pa.string()), rows),
-            "probe_run_id": pa.repeat(pa.scalar(probe_run_id, pa.string()), rows),
-            "tagged_at": pa.repeat(pa.scalar(tagged_at, pa.string()), rows),
-            "reason": pa.nulls(rows, pa.string()),
+            "track_id": ids,
+            "tag": pa.repeat(pa.scalar(tag, pa.string()), n),
+            "score": np.ascontiguousarray(scores),
+            "source": pa.repeat(pa.scalar("model"), n),
+            "predicted": np.ascontiguousarray(predicted),
+            "model_id": pa.repeat(pa.scalar(model_id, pa.string()), n),
+            "probe_run_id": pa.repeat(pa.scalar(probe_run_id, pa.string()), n),
+            "tagged_at": pa.repeat(pa.scalar(tagged_at, pa.string()), n),
+            "reason": pa.nulls(n, pa.string()),
         },
         schema=SCHEMA,
     )
 
 
 def human_rows(catalog_table: pa.Table, tagged_at: str) -> pa.Table:
-    """The catalog's human labels, one row per (track, tag), carried over exactly as labeled."""
-    ids, names = [], []
-    for tid, labels in zip(
-        catalog_table["track_id"].to_pylist(), catalog_table["tags"].to_pylist(), strict=True
-    ):
-        for tag in labels or ():
-            ids.append(tid)
-            names.append(tag)
+    """The catalog's human labels, one row per (track, tag), carried over exactly as labeled, by tag."""
+    lists = catalog_table["tags"].combine_chunks()
+    ids = catalog_table["track_id"].combine_chunks().take(pc.list_parent_indices(lists))
+    names = pc.list_flatten(lists)
     n = len(ids)
-    return pa.table(
+    rows = pa.table(
         {
             "track_id": ids,
             "tag": names,
             "score": np.ones(n, np.float32),
-            "source": ["human"] * n,
+            "source": pa.repeat(pa.scalar("human"), n),
             "predicted": np.ones(n, bool),
-            "model_id": [None] * n,
-            "probe_run_id": [None] * n,
-            "tagged_at": [tagged_at] * n,
-            "reason": [None] * n,
+            "model_id": pa.nulls(n, pa.string()),
+            "probe_run_id": pa.nulls(n, pa.string()),
+            "tagged_at": pa.repeat(pa.scalar(tagged_at), n),
+            "reason": pa.nulls(n, pa.string()),
         },
         schema=SCHEMA,
     )
+    return rows.sort_by([("tag", "ascending"), ("track_id", "ascending")])
 
 
 def read_errors(table: Table, snapshot_id: int | None = None) -> pa.Table:
@@ -241,13 +370,32 @@ def show(table: Table, track_id: str, snapshot_id: int | None = None) -> pa.Tabl
     return rows.sort_by([("source", "ascending"), ("score", "descending")])
 
 
-def top(table: Table, tag: str, n: int = 10, snapshot_id: int | None = None) -> pa.Table:
-    """The ``n`` tracks the model scores highest for ``tag``, with whether a human labeled them so."""
-    rows = tag_table.read(table, EqualTo("tag", tag), snapshot_id=snapshot_id)
-    model = rows.filter(pc.field("source") == "model")
-    human = set(rows.filter(pc.field("source") == "human")["track_id"].to_pylist())
-    best = model.sort_by([("score", "descending"), ("track_id", "ascending")]).slice(0, n)
-    return best.append_column("human_label", pa.array([t in human for t in best["track_id"].to_pylist()]))
+TOP_COLUMNS = ("track_id", "score", "predicted")
+
+
+def top(table: Table, tag: str, n: int = 10, snapshot_id: int | None = None, new: bool = False) -> pa.Table:
+    """The ``n`` tracks the model scores highest for ``tag``, with whether a human labeled them so; with
+    ``new``, only predicted tags no human gave (the summary's "most confident new" tags).
+
+    Only ``tag``'s rows are read (one row group of each file, ``tag_table``'s layout), streamed, keeping
+    the best ``n`` so far: memory follows the files in flight, not the catalog.
+    """
+    is_tag = EqualTo("tag", tag)
+    human = tag_table.read(table, And(is_tag, EqualTo("source", "human")), ("track_id",), snapshot_id)
+    labeled = human["track_id"].combine_chunks()
+    wanted = And(is_tag, EqualTo("source", "model"))
+    best = pa.table({c: pa.array([], SCHEMA.field(c).type) for c in TOP_COLUMNS})
+    order = [("score", "descending"), ("track_id", "ascending")]
+    for batch in tag_table.batches(
+        table, And(wanted, EqualTo("predicted", True)) if new else wanted, TOP_COLUMNS, snapshot_id
+    ):
+        rows = pa.Table.from_batches([batch]).select(TOP_COLUMNS).cast(best.schema)
+        if new:
+            rows = rows.filter(pc.invert(pc.is_in(rows["track_id"], value_set=labeled)))
+        both = pa.concat_tables([best, rows])
+        best = both.take(pc.select_k_unstable(both, min(n, len(both)), sort_keys=order))
+    best = best.sort_by(order)
+    return best.append_column("human_label", pc.is_in(best["track_id"], value_set=labeled))
 
 
 def history(table: Table) -> pa.Table:
@@ -264,30 +412,22 @@ def history(table: Table) -> pa.Table:
     )
 
 
-def summarize(table: pa.Table, long_tail: Sequence[str], n_top: int = 10) -> str:
+def summarize(counts: ModelCounts, cat: CatalogRows, new_tags: dict[str, pa.Table]) -> str:
     """Counts a person can check: tracks tagged, tags per track, tracks per tag (predicted vs human), and
-    the most confident new tags (predicted, no such human label) of a few long-tail tags."""
-    frame = table.to_pandas()
-    model = frame[frame["source"] == "model"]
-    human = frame[frame["source"] == "human"]
-    predicted = model[model["predicted"]]
-    per_track = predicted.groupby("track_id").size().reindex(model["track_id"].unique(), fill_value=0)
+    the most confident new tags (predicted, no such human label) of a few long-tail tags (``top``)."""
+    mean = sum(counts.predicted.values()) / counts.tracks if counts.tracks else 0.0
     lines = [
-        f"tracks tagged by the model: {model['track_id'].nunique()}",
-        f"tracks with human labels: {human['track_id'].nunique()}",
-        f"predicted tags per track: mean {per_track.mean():.2f}, none {int((per_track == 0).sum())}",
+        f"tracks tagged by the model: {counts.tracks}",
+        f"tracks with human labels: {cat.human_tracks}",
+        f"predicted tags per track: mean {mean:.2f}, none {counts.untagged}",
         "tracks per tag (predicted / human):",
     ]
-    counts = pd.DataFrame(
-        {"predicted": predicted.groupby("tag").size(), "human": human.groupby("tag").size()}
-    )
-    for tag, row in counts.fillna(0).astype(int).sort_values("predicted", ascending=False).iterrows():
-        lines.append(f"  {tag:<24} {row['predicted']:>7} / {row['human']}")
-    labeled = set(zip(human["track_id"], human["tag"], strict=True))
-    for tag in long_tail:
-        rows = predicted[predicted["tag"] == tag]
-        new = rows[[(t, tag) not in labeled for t in rows["track_id"]]].nlargest(n_top, "score")
-        listed = ", ".join(f"{t} ({s:.2f})" for t, s in zip(new["track_id"], new["score"], strict=True))
+    tags = {**{t: 0 for t in cat.human}, **counts.predicted}
+    for tag, predicted in sorted(tags.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {tag:<24} {predicted:>7} / {cat.human.get(tag, 0)}")
+    for tag, new in new_tags.items():
+        pairs = zip(new["track_id"].to_pylist(), new["score"].to_pylist(), strict=True)
+        listed = ", ".join(f"{t} ({s:.2f})" for t, s in pairs)
         lines.append(f"most confident new '{tag}' tags: {listed or 'none'}")
     return "\n".join(lines)
 
