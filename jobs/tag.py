@@ -25,11 +25,12 @@ from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
+import pyarrow as pa
 import ray
 from pyiceberg.table import Table
 
 from musiclib import catalog
-from musiclib.core import lifecycle, ray_env, storage, versions
+from musiclib.core import lifecycle, progress, ray_env, storage, versions
 from musiclib.core.config import Layout, parse
 from musiclib.core.ray_env import TASK_RETRIES, ray_session, retry_transient_storage
 from musiclib.embed import table as embeddings_table
@@ -45,16 +46,24 @@ def score_with_ray(cfg: TagConfig, inputs: Inputs, rows_dir: str, tagged_at: str
     at once are set by the config, not by the catalog: the job's memory does not grow with the catalog.
     """
     columns = embeddings_table.columns(inputs.probe_set.representation)  # logmel only when the probes read it
-    ds = ray_env.read_parquet(inputs.embedding_files, columns, cfg.concurrency)
-    written = ds.map_batches(
-        tags.write_model_rows,
-        fn_args=(inputs.probe_set, inputs.probe_run_id, tagged_at, rows_dir),
-        fn_kwargs={"skip": skip, "batch_size": cfg.batch_size},
-        batch_size=None,  # a whole file's block: one task reads, scores and writes it
-        batch_format="pyarrow",
-        compute=ray.data.TaskPoolStrategy(size=cfg.concurrency),
-    )
-    return written.take_all()
+    with progress.counting("tag", len(inputs.embedding_files), "files", "files") as counter:
+        ds = ray_env.read_parquet(inputs.embedding_files, columns, cfg.concurrency)
+        written = ds.map_batches(
+            counted_model_rows,
+            fn_args=(counter, inputs.probe_set, inputs.probe_run_id, tagged_at, rows_dir),
+            fn_kwargs={"skip": skip, "batch_size": cfg.batch_size},
+            batch_size=None,  # a whole file's block: one task reads, scores and writes it
+            batch_format="pyarrow",
+            compute=ray.data.TaskPoolStrategy(size=cfg.concurrency),
+        )
+        return written.take_all()
+
+
+def counted_model_rows(block: pa.Table, counter: Any, *args: Any, **kwargs: Any) -> pa.Table:
+    """``tags.write_model_rows`` in a Ray task, its file and tracks counted on the stage's ``counter``."""
+    written = tags.write_model_rows(block, *args, **kwargs)
+    counter.add.remote({"files": 1, "tracks": block.num_rows})
+    return written
 
 
 def remote(fn: Callable[..., Any]) -> Any:

@@ -4,6 +4,7 @@ without Ray are in ``test_tag_table.py``."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -81,6 +82,7 @@ def test_tags_local(tmp_path, ray_local, capsys, monkeypatch):
     root = str(tmp_path / "root")
     layout = Layout(root)
     first = first_run_checks(root)
+    assert re.search(r"^tag: (\d+)/\1 files \(100%\) .*\| tracks \d+", capsys.readouterr().out, re.M)
 
     # a crash after the data files, before the commit, leaves the previous snapshot current
     cat2, emb2 = tagged_embeddings.make(
