@@ -11,9 +11,10 @@ inject errors into S3 responses, never for end-to-end tests. Test modules import
 from __future__ import annotations
 
 import socket
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -263,3 +264,32 @@ def sine():
         return (amp * np.sin(2 * np.pi * freq * t)).astype(np.float32)
 
     return make
+
+
+@pytest.fixture
+def commit_at_once(monkeypatch) -> Callable[[dict[str, Callable[[], None]]], list[str]]:
+    """Runs writers in threads whose first Iceberg commits wait for each other: all plan on the same
+    snapshot, one wins and the others must plan again. Returns the writers' commit attempts, in order."""
+    from pyiceberg.table import Transaction
+
+    def run(writers: dict[str, Callable[[], None]]) -> list[str]:
+        all_planned = threading.Barrier(len(writers), timeout=60)
+        calls: list[str] = []
+        real = Transaction.commit_transaction
+
+        def commit_together(self):
+            name = threading.current_thread().name
+            calls.append(name)
+            if calls.count(name) == 1:
+                all_planned.wait()
+            return real(self)
+
+        monkeypatch.setattr(Transaction, "commit_transaction", commit_together)
+        threads = [threading.Thread(target=writer, name=name) for name, writer in writers.items()]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        return calls
+
+    return run

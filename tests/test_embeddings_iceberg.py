@@ -9,13 +9,12 @@ import os
 import re
 import subprocess
 import sys
-import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
-from pyiceberg.table import Transaction
 
 from musiclib.core import storage, versions
 from musiclib.embed import iceberg_table
@@ -124,36 +123,23 @@ def test_a_run_that_lost_its_lease_registers_nothing(tmp_path):
     assert iceberg_table.open_table(root).current_snapshot() is None
 
 
-def test_two_models_registered_at_once_both_land(tmp_path, monkeypatch):
+def test_two_models_registered_at_once_both_land(tmp_path, commit_at_once):
     """Both writers plan on the same snapshot and commit together: one wins, the other plans again on the
     winner's snapshot, and neither model's files are lost."""
     root = str(tmp_path)
     for model_id in ("m-a", "m-b"):
         publish(root, model_id, "v1", {"x.parquet": rows(model_id, ["a", "b"])})
     iceberg_table.open_table(root, create=True)
-    both_planned = threading.Barrier(2, timeout=60)
-    calls: list[str] = []
-    real = Transaction.commit_transaction
-
-    def commit_together(self):
-        calls.append(threading.current_thread().name)
-        if calls.count(threading.current_thread().name) == 1:
-            both_planned.wait()
-        return real(self)
-
-    monkeypatch.setattr(Transaction, "commit_transaction", commit_together)
     done = {}
 
-    def writer(model_id: str) -> None:
-        done[model_id] = iceberg_table.register(
-            iceberg_table.open_table(root), storage.join(root, "embeddings"), model_id
-        )
+    def writer(model_id: str) -> Callable[[], None]:
+        def register() -> None:
+            table = iceberg_table.open_table(root)
+            done[model_id] = iceberg_table.register(table, storage.join(root, "embeddings"), model_id)
 
-    threads = [threading.Thread(target=writer, args=(m,), name=m) for m in ("m-a", "m-b")]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+        return register
+
+    calls = commit_at_once({m: writer(m) for m in ("m-a", "m-b")})
     assert set(done) == {"m-a", "m-b"} and len(calls) >= 3  # a conflict happened and was retried
     check_in_step(root, "m-a")
     check_in_step(root, "m-b")

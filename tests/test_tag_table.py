@@ -8,14 +8,13 @@ import os
 import signal
 import subprocess
 import sys
-import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 import pytest
 from pyiceberg.catalog.sql import SqlCatalog
-from pyiceberg.table import Transaction
 
 from musiclib.core import storage
 from musiclib.tag import tag_table, tags
@@ -94,31 +93,16 @@ def test_a_killed_commit_leaves_the_previous_snapshot_current(where):
     assert b.parent_id == a.snapshot_id and tag_table.read(tag_table.require_table(where)).num_rows == 14
 
 
-def test_concurrent_writers_both_land(where, monkeypatch):
+def test_concurrent_writers_both_land(where, commit_at_once):
     """Two writers plan their snapshot on the same current one and commit at once: one wins, the other's
     commit fails, is planned again on the winner's snapshot and lands after it."""
     write_and_commit(where, "first", rows("first", 3))
-    both_planned = threading.Barrier(2, timeout=60)
-    calls: list[str] = []
-    real = Transaction.commit_transaction
-
-    def commit_together(self):
-        calls.append(threading.current_thread().name)
-        if calls.count(threading.current_thread().name) == 1:
-            both_planned.wait()
-        return real(self)
-
-    monkeypatch.setattr(Transaction, "commit_transaction", commit_together)
     done: dict[str, tag_table.Run] = {}
 
-    def writer(run_id: str, n: int) -> None:
-        done[run_id] = write_and_commit(where, run_id, rows(run_id, n))
+    def writer(run_id: str, n: int) -> Callable[[], None]:
+        return lambda: done.__setitem__(run_id, write_and_commit(where, run_id, rows(run_id, n)))
 
-    threads = [threading.Thread(target=writer, args=(r, n), name=r) for r, n in (("x", 4), ("y", 6))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
+    calls = commit_at_once({"x": writer("x", 4), "y": writer("y", 6)})
     assert set(done) == {"x", "y"} and len(calls) >= 3  # a conflict happened and was retried
     table = tag_table.require_table(where)
     history = tag_table.runs(table)
