@@ -27,7 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -288,28 +288,25 @@ def validate(uri_or_table: str | pa.Table, vocabulary: set[str] | None = None, m
         raise CatalogError(f"{name} lacks required column(s): {', '.join(missing)}")
     if problems := _type_problems(schema):
         raise CatalogError(f"{name} has column(s) of the wrong type:\n  " + "\n  ".join(problems))
-    if isinstance(uri_or_table, pa.Table):
-        batches: Iterator[pa.RecordBatch] = iter(conform(uri_or_table).to_batches())
-    else:
-        batches = (
-            conform(pa.Table.from_batches([b]))
-            for b in iter_batches(uri_or_table, columns=[c for c in SCHEMA.names if c in schema.names])
-        )
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        if isinstance(uri_or_table, pa.Table):
+            return iter(conform(uri_or_table).to_batches())
+        columns = [c for c in SCHEMA.names if c in schema.names]
+        return (conform(pa.Table.from_batches([b])) for b in iter_batches(uri_or_table, columns=columns))
+
     errors: list[str] = []
-    seen: set[str] = set()
+    hashes: list[np.ndarray] = []  # of every non-empty id: 8 bytes a track, not a Python string
     n = 0
-    for batch in batches:
+    for batch in batches():
         cols = batch.to_pydict()
+        hashes.append(np.array([hash(t) for t in cols["track_id"] if t], np.int64))
         for tid, auri, tags, split in zip(cols["track_id"], cols["audio_uri"], cols["tags"], cols["split"]):
             n += 1
             if len(errors) >= max_errors:
                 continue
             if not tid:
                 errors.append(f"row {n - 1}: empty track_id")
-            elif tid in seen:
-                errors.append(f"row {n - 1}: duplicate track_id {tid!r}")
-            else:
-                seen.add(tid)
             if reason := _bad_uri(auri):
                 errors.append(f"track {tid!r}: bad audio_uri {auri!r}: {reason}")
             if split is not None and split not in SPLITS:
@@ -323,10 +320,30 @@ def validate(uri_or_table: str | pa.Table, vocabulary: set[str] | None = None, m
                     errors.append(f"track {tid!r}: tag(s) outside the vocabulary: {', '.join(unknown)}")
     if n == 0:
         errors.append("no tracks")
+    errors += _duplicates(batches, np.concatenate(hashes) if hashes else np.zeros(0, np.int64))
+    errors = errors[:max_errors]
     if errors:
         more = " (first errors only)" if len(errors) >= max_errors else ""
         raise CatalogError(f"{len(errors)} problem(s) in the {name}{more}:\n  " + "\n  ".join(errors))
     return n
+
+
+def _duplicates(batches: Callable[[], Iterator[pa.RecordBatch]], hashes: np.ndarray) -> list[str]:
+    """``row i: duplicate track_id`` for each repeated id: ids whose hashes repeat are compared exactly in a
+    second pass, which only a catalog with a repeated hash needs."""
+    ordered = np.sort(hashes)
+    repeated = set(ordered[1:][ordered[1:] == ordered[:-1]].tolist())
+    if not repeated:
+        return []
+    errors, seen, n = [], set(), 0
+    for batch in batches():
+        for tid in batch.column("track_id").to_pylist():
+            n += 1
+            if tid and hash(tid) in repeated:
+                if tid in seen:
+                    errors.append(f"row {n - 1}: duplicate track_id {tid!r}")
+                seen.add(tid)
+    return errors
 
 
 @dataclass

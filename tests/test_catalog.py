@@ -56,6 +56,24 @@ def test_validation_lists_every_problem():
     assert "unknown split 'training'" in msg
 
 
+def test_a_duplicate_id_in_another_file_is_found_with_its_row(tmp_path):
+    """Ids are compared by hash over the whole catalog, then exactly: a repeat in a later file is named."""
+    folder = tmp_path / "cat"
+    folder.mkdir()
+
+    def part(name: str, ids: list[str]) -> None:
+        rows = {"track_id": ids, "audio_uri": [f"audio/{t}.flac" for t in ids], "tags": [["rock"]] * len(ids)}
+        pq.write_table(pa.table({**rows, "split": ["train"] * len(ids)}), folder / name)
+
+    part("a.parquet", [f"t{i}" for i in range(5)])
+    part("b.parquet", ["t5", "t3"])
+    with pytest.raises(catalog.CatalogError) as err:
+        catalog.validate(str(folder))
+    assert str(err.value).splitlines()[1:] == ["  row 6: duplicate track_id 't3'"]
+    part("b.parquet", ["t5", "t6"])
+    assert catalog.validate(str(folder)) == 7
+
+
 def test_missing_columns_and_unknown_tags(tmp_path):
     with pytest.raises(catalog.CatalogError, match="lacks required column.*split"):
         catalog.validate(_table().drop_columns(["split"]))
