@@ -697,7 +697,7 @@ def check_tags(
 
 
 def test_tag_survives_a_killed_scoring_task(tmp_path):
-    """SIGKILL a tag task (``ReadParquet->MapBatches(write_model_rows)``: read, score and write one embedding
+    """SIGKILL a tag task (``ReadParquet->MapBatches(counted_model_rows)``: read, score and write one embedding
     file) while it runs: Ray runs the task again, which rewrites the same file, and the job finishes with
     every track's tags once. A reader polls throughout."""
     root = str(tmp_path / "root")
@@ -705,7 +705,7 @@ def test_tag_survives_a_killed_scoring_task(tmp_path):
     probe_set = publish_probe_set(root, cat, emb)
     log = tmp_path / "tag.log"
     cmd = job_command("tag", "--root", root, "--run-id", "tags-task", "--batch-size", "1")
-    assert run_killing_workers(cmd, log, TagTableReader(root), ["write_model_rows"]) == ["tags-task"]
+    assert run_killing_workers(cmd, log, TagTableReader(root), ["counted_model_rows"]) == ["tags-task"]
     check_tags(root, cat, emb, probe_set)
 
 
@@ -857,7 +857,7 @@ def test_tag_through_the_s3_endpoint_down_for_seconds(s3_server, s3_root, tmp_pa
     proc = start(cmd, log)
 
     def scoring() -> bool:
-        return any("write_model_rows" in c for c in descendants(proc.pid).values())
+        return any("counted_model_rows" in c for c in descendants(proc.pid).values())
 
     try:
         outage = take_s3_away_when(proc, s3_server, scoring)

@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import random
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -32,10 +30,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.dataset as ds
 from pyiceberg.catalog import Catalog
-from pyiceberg.exceptions import CommitFailedException, NoSuchTableError, ValidationException
+from pyiceberg.exceptions import NoSuchTableError
 from pyiceberg.expressions import BooleanExpression
 from pyiceberg.io.pyarrow import ArrowScan, parquet_file_to_data_file
-from pyiceberg.table import ALWAYS_TRUE, Table
+from pyiceberg.table import ALWAYS_TRUE, Table, Transaction
 from pyiceberg.transforms import IdentityTransform
 
 from musiclib.core import iceberg, storage
@@ -44,7 +42,6 @@ from musiclib.core.iceberg import DEFAULT_CATALOG, masked
 DEFAULT_TABLE = "musiclib.tags"
 PREFIX = "musiclib."  # snapshot summary properties musiclib writes
 RUN_ID = PREFIX + "run-id"
-COMMIT_ATTEMPTS = 8  # optimistic commits re-planned after a concurrent writer won
 SORTED_BY = "tag"  # the table's sort order: the column each data file's row groups follow
 FILES_AT_ONCE = 16  # data files a streaming read has in flight (``batches``)
 
@@ -217,11 +214,10 @@ def commit(
     """
     added = [parquet_file_to_data_file(table.io, table.metadata, f) for f in files]
     summary = {RUN_ID: run_id} | {PREFIX + k: str(v) for k, v in properties.items()}
-    attempt = 0
-    while True:
-        table.refresh()
-        if (landed := find_run(table, run_id)) is not None:  # an attempt whose answer was lost did land
-            return landed
+
+    def plan() -> Transaction | None:
+        if find_run(table, run_id) is not None:  # an attempt whose answer was lost did land
+            return None
         current = {f.file_path: f for f in data_files(table)}
         if missing := keep - current.keys():
             raise storage.StorageError(
@@ -235,16 +231,12 @@ def commit(
                     snapshot.delete_data_file(data_file)
             for data_file in added:
                 snapshot.append_data_file(data_file)
-        try:
-            tx.commit_transaction()
-            return Run.of(table.current_snapshot())
-        except (CommitFailedException, ValidationException) as exc:
-            attempt += 1
-            if attempt == COMMIT_ATTEMPTS:
-                raise storage.StorageError(
-                    f"run {run_id} could not commit to {table.name()} after {attempt} attempts: {exc}"
-                ) from exc
-            time.sleep(random.uniform(0.05, 0.2) * 2**attempt)
+        return tx
+
+    iceberg.commit_optimistically(table, plan, f"run {run_id}")
+    landed = find_run(table, run_id)
+    assert landed is not None, "a committed run is in the table's history"
+    return landed
 
 
 def verify(table: Table, snapshot_id: int | None = None) -> list[str]:
