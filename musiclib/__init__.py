@@ -3,11 +3,11 @@
 The data path, in order, and where each stage lives (the jobs in ``jobs/`` wire Ray around these
 modules; a stage imports only the stages before it, ``tests/test_layout.py``):
 
-    core         core/: storage, versions, config, progress, outputs, ray_env (shared by every stage)
+    core         core/: storage, versions, config, progress, outputs, ray_env, iceberg, tracking (shared)
     catalog      catalog.py
     audio        audio.py, train/shards.py
     model        train/: labels, data, augment, losses, gather, models, pretraining
-    embeddings   embed/: chunking, logmel, embedder, table
+    embeddings   embed/: chunking, logmel, embedder, table, iceberg_table
     probes       probe/: fewshot, probes, metrics, report, sweep
     tags         tag/: tags, tag_table, suggest, index, neighbors
     study        study/: study (every encoder compared on one catalog, beside the path)
