@@ -552,3 +552,19 @@ def test_progress_lines_come_from_the_stage_counters_while_it_runs(ray_local, mo
     done = [int(line.split()[1].split("/")[0]) for line in lines]
     assert len(lines) >= 3 and done[0] < 8 and done == sorted(done) and done[-1] == 8, lines
     assert lines[-1].startswith("embed: 8/8 tracks (100%)")
+
+
+@pytest.mark.slow
+def test_a_lost_progress_counter_stops_the_lines_not_the_stage(ray_local):
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def work(counter) -> int:
+        counter.add.remote({"tracks": 1})
+        return 1
+
+    out = io.StringIO()
+    with progress.counting("embed", 4, "tracks", "tracks", stream=out) as counter:
+        ray.kill(counter)
+        assert ray.get([work.remote(counter) for _ in range(4)]) == [1] * 4
+    assert out.getvalue() == ""

@@ -162,11 +162,14 @@ def counting(
     Workers call ``counter.add.remote({key: n, ...})``; ``key`` counts toward ``total``, other keys are
     shown beside it. A driver thread reads the counts and prints the line (the first once something is
     done), and a last line when the block ends. Lines come from the job's counters, not from Ray Data's log
-    output, which may never reach a console that is not a terminal.
+    output, which may never reach a console that is not a terminal. The counter lives on the driver's node,
+    so losing a worker node loses no count; should it still be lost, the lines stop and the stage goes on.
     """
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    counter = _counter_class().remote()
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    counter = _counter_class().options(scheduling_strategy=here).remote()
     ray.get(counter.read.remote())  # started before the stage, so its counts arrive as they are added
     started = time.monotonic()
     stop = threading.Event()
@@ -182,10 +185,17 @@ def counting(
         shown.clear()
         shown.update(counts)
 
+    def read() -> dict[str, int] | None:
+        try:
+            return ray.get(counter.read.remote())
+        except ray.exceptions.RayError:  # the counter is gone: no more lines, the stage is not affected
+            return None
+
     def watch() -> None:
         throttle = Throttle(INTERVAL_S)
         while not stop.wait(min(1.0, INTERVAL_S)):
-            counts = ray.get(counter.read.remote())
+            if (counts := read()) is None:
+                return
             if counts.get(key, 0) and counts != shown and throttle.due():
                 line(counts)
 
@@ -196,8 +206,8 @@ def counting(
     finally:
         stop.set()
         thread.join()
-        counts = ray.get(counter.read.remote())
-        if counts.get(key, 0) and counts != shown:
+        counts = read()
+        if counts and counts.get(key, 0) and counts != shown:
             line(counts)
         ray.kill(counter)
 
