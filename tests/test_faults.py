@@ -1058,7 +1058,9 @@ def test_embed_without_write_permission_fails_before_work_and_keeps_the_previous
     dataset = embeddings_table.dataset_uri(layout.embeddings, model_id)
     before = versions.read_latest_manifest(dataset)
     env = {**embed_env(), **read_only_key}
-    cmd = job_command("embed", "--root", s3_root, "--only-new", "false", "--verbose", *EMBED_ARGS)
+    cmd = job_command(
+        "embed", "--root", s3_root, "--only-new", "false", "--verbose", *EMBED_ARGS, *iceberg_args(tmp_path)
+    )
     proc = start(cmd, tmp_path / "embed.log", env=env)
     text = finish(proc, tmp_path / "embed.log")
     last = text.strip().splitlines()[-1]
